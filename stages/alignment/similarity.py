@@ -1,0 +1,654 @@
+"""Representation similarity between two sets of activations over the same tokens.
+
+Five measures, with the definitions of ARCHITECTURE.md ("Metric definitions"):
+
+- **linear CKA** (Kornblith et al. 2019) = ‖C_xyᵀ‖_F² / (‖C_xx‖_F ‖C_yy‖_F) with centred
+  covariances. Exact over any number of tokens with `LinearCKAAccumulator`, which streams
+  n, the means and the centred products in float64 (see `_moments.py`).
+- **unbiased CKA**: CKA built on the unbiased HSIC_1 estimator of Song et al. (2012), as
+  proposed for CKA by Nguyen et al. (2021); the plain estimator is biased upwards when
+  the width is large against n, so two unrelated representations score well above 0.
+- **mutual kNN** (Huh et al. 2024, k = 10): mean over samples of |N_A(i) ∩ N_B(i)| / k,
+  neighbours by cosine similarity, the sample itself excluded.
+- **SVCCA** (Raghu et al. 2017): keep the top singular directions of each side that
+  explain 99 % of its variance — as many as that takes; a public helper keeps a single
+  one by mistake — then CCA; we report the mean canonical correlation.
+- **RSA** (Kriegeskorte et al. 2008): Spearman correlation of the two representational
+  dissimilarity matrices (1 − Pearson r between samples), upper triangle.
+
+All but linear CKA need every pair of samples, so they run on a seeded subsample of
+tokens (`subsample_rows`). Each measure has a permutation-test p-value
+(`permutation_test`): the pairing of samples between A and B is shuffled, which keeps
+both representations intact and destroys only their correspondence.
+
+`layer_similarity` builds the layer-by-layer matrices across two models from dicts
+hook → chunk iterable, reading every chunk once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import rankdata
+
+from stages.alignment._common import (
+    Array,
+    as_numpy_2d,
+    as_tensor_2d,
+    check_finite,
+    check_paired,
+    check_width,
+    lockstep,
+)
+from stages.alignment._moments import CentredMoments
+
+METRICS: tuple[str, ...] = ("linear_cka", "unbiased_cka", "mutual_knn", "svcca", "rsa")
+
+# ------------------------------------------------------------------ linear CKA, streaming
+
+
+class LinearCKAAccumulator:
+    """Exact linear CKA over a stream of paired chunks, mergeable across workers.
+
+    Memory is O(d_x² + d_y² + d_x·d_y) float64, independent of the number of tokens.
+    Feed row-aligned chunks (`update`), combine partial accumulators (`merge`), read the
+    score (`cka`). The result equals the batch computation on the concatenated rows to
+    float64 rounding, whatever the chunking.
+    """
+
+    def __init__(self, d_x: int, d_y: int) -> None:
+        self.d_x, self.d_y = int(d_x), int(d_y)
+        self._moments = CentredMoments(
+            {"x": self.d_x, "y": self.d_y}, products=[("x", "x"), ("y", "y"), ("x", "y")]
+        )
+
+    @property
+    def n_samples(self) -> int:
+        return self._moments.n
+
+    def update(self, x_chunk: Array, y_chunk: Array) -> None:
+        """Absorb a chunk of paired rows: x_chunk [n, d_x], y_chunk [n, d_y]."""
+        x = as_tensor_2d(x_chunk, "x_chunk")
+        y = as_tensor_2d(y_chunk, "y_chunk")
+        check_width(x, self.d_x, "x_chunk")
+        check_width(y, self.d_y, "y_chunk")
+        check_paired(x, y, "x_chunk", "y_chunk")
+        check_finite(x, "x_chunk")
+        check_finite(y, "y_chunk")
+        self._moments.update({"x": x, "y": y})
+
+    def merge(self, other: LinearCKAAccumulator) -> LinearCKAAccumulator:
+        """Absorb `other` (same d_x, d_y) in place and return self."""
+        if (other.d_x, other.d_y) != (self.d_x, self.d_y):
+            raise ValueError(
+                f"cannot merge a CKA accumulator of widths (d_x, d_y) = {(other.d_x, other.d_y)} "
+                f"into one of widths {(self.d_x, self.d_y)}"
+            )
+        self._moments.merge(other._moments)
+        return self
+
+    def cross_covariance(self) -> np.ndarray:
+        """C_xy = Σ (x − x̄)ᵀ(y − ȳ) / (n − 1), [d_x, d_y]; feeds the Procrustes fit."""
+        self._require(2)
+        return (self._moments.comoment[("x", "y")] / (self.n_samples - 1)).numpy()
+
+    def cka(self) -> float:
+        """‖C_xyᵀ‖_F² / (‖C_xx‖_F ‖C_yy‖_F); the 1/(n−1) factors cancel."""
+        self._require(2)
+        m = self._moments.comoment
+        return _cka_from_products(m[("x", "y")], m[("x", "x")], m[("y", "y")])
+
+    def _require(self, n: int) -> None:
+        if self.n_samples < n:
+            raise ValueError(f"linear CKA needs at least {n} samples, got {self.n_samples}")
+
+
+def _cka_from_products(c_xy: torch.Tensor, c_xx: torch.Tensor, c_yy: torch.Tensor) -> float:
+    norm_xx = float(torch.linalg.matrix_norm(c_xx))
+    norm_yy = float(torch.linalg.matrix_norm(c_yy))
+    if norm_xx == 0.0 or norm_yy == 0.0:
+        which = "x" if norm_xx == 0.0 else "y"
+        raise ValueError(f"linear CKA is undefined: representation {which} has zero variance")
+    return float(torch.linalg.matrix_norm(c_xy) ** 2) / (norm_xx * norm_yy)
+
+
+def linear_cka(x: Array, y: Array) -> float:
+    """Linear CKA of x [n, d_x] and y [n, d_y] in one batch (feature-space form)."""
+    xc, yc = _centred_pair(x, y)
+    return float(
+        np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
+    )
+
+
+# ------------------------------------------------------- measures on a subsample of tokens
+
+
+def _centred_pair(x: Array, y: Array) -> tuple[np.ndarray, np.ndarray]:
+    xa, ya = as_numpy_2d(x, "x"), as_numpy_2d(y, "y")
+    check_paired(xa, ya, "x", "y")
+    check_finite(xa, "x")
+    check_finite(ya, "y")
+    if xa.shape[0] < 2:
+        raise ValueError(f"x has shape {xa.shape}: expected at least 2 samples")
+    return xa - xa.mean(0), ya - ya.mean(0)
+
+
+# A statistic prepared once for a pair of representations: called with a permutation p of
+# the rows of y (None for the observed pairing), returns the score of x vs y[p]. Each
+# measure precomputes what does not depend on the pairing, so a permutation test costs a
+# fraction of recomputing the measure from scratch.
+PairedStatistic = Callable[[np.ndarray | None], float]
+
+
+def _prepare_linear_cka(x: Array, y: Array) -> PairedStatistic:
+    xc, yc = _centred_pair(x, y)
+    denominator = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
+    if denominator == 0.0:
+        raise ValueError("linear CKA is undefined: a representation has zero variance")
+
+    def statistic(p: np.ndarray | None) -> float:
+        yp = yc if p is None else yc[p]
+        return float(np.linalg.norm(xc.T @ yp) ** 2 / denominator)
+
+    return statistic
+
+
+def _hsic1_terms(k: np.ndarray) -> tuple[np.ndarray, float]:
+    """Row sums and total of a diagonal-zeroed Gram matrix (pairing-invariant parts)."""
+    rows = k.sum(1)
+    return rows, float(rows.sum())
+
+
+def _hsic1(
+    k: np.ndarray,
+    l_p: np.ndarray,
+    rows_k: np.ndarray,
+    sum_k: float,
+    rows_l: np.ndarray,
+    sum_l: float,
+) -> float:
+    """HSIC_1 (Song et al. 2012, eq. 5) for diagonal-zeroed Gram matrices K̃, L̃:
+
+    [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3)).
+    """
+    n = k.shape[0]
+    trace = float(np.einsum("ij,ij->", k, l_p))  # tr(K̃L̃) for symmetric matrices
+    return (
+        trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(rows_k @ rows_l)
+    ) / (n * (n - 3))
+
+
+def _gram_zero_diag(xc: np.ndarray) -> np.ndarray:
+    k = xc @ xc.T
+    np.fill_diagonal(k, 0.0)
+    return k
+
+
+def _prepare_unbiased_cka(x: Array, y: Array) -> PairedStatistic:
+    xc, yc = _centred_pair(x, y)
+    n = xc.shape[0]
+    if n < 4:
+        raise ValueError(f"unbiased CKA needs at least 4 samples (HSIC_1 divides by n-3), got {n}")
+    k, l_ = _gram_zero_diag(xc), _gram_zero_diag(yc)
+    rows_k, sum_k = _hsic1_terms(k)
+    rows_l, sum_l = _hsic1_terms(l_)
+    hsic_kk = _hsic1(k, k, rows_k, sum_k, rows_k, sum_k)
+    hsic_ll = _hsic1(l_, l_, rows_l, sum_l, rows_l, sum_l)
+    if hsic_kk <= 0.0 or hsic_ll <= 0.0:
+        raise ValueError(
+            f"unbiased CKA is undefined: HSIC_1(K,K) = {hsic_kk:.3g}, HSIC_1(L,L) = "
+            f"{hsic_ll:.3g}; expected both > 0 (too few samples or a constant representation)"
+        )
+    denominator = np.sqrt(hsic_kk * hsic_ll)
+
+    def statistic(p: np.ndarray | None) -> float:
+        if p is None:
+            return _hsic1(k, l_, rows_k, sum_k, rows_l, sum_l) / denominator
+        # Permuting the samples of y permutes rows and columns of L̃ together.
+        return _hsic1(k, l_[np.ix_(p, p)], rows_k, sum_k, rows_l[p], sum_l) / denominator
+
+    return statistic
+
+
+def _knn_indices(xc: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """Indices [n, k] of each row's k nearest rows by cosine similarity, itself excluded.
+
+    Ties are broken by torch.topk; computed in row blocks so memory is O(block · n).
+    """
+    x = torch.from_numpy(xc)
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    n = x.shape[0]
+    out = torch.empty(n, k, dtype=torch.int64)
+    for start in range(0, n, block):
+        stop = min(start + block, n)
+        sim = x[start:stop] @ x.T
+        rows = torch.arange(stop - start)
+        sim[rows, rows + start] = -torch.inf
+        out[start:stop] = torch.topk(sim, k, dim=1).indices
+    return out.numpy()
+
+
+def _prepare_mutual_knn(x: Array, y: Array, k: int = 10) -> PairedStatistic:
+    # Cosine neighbours are taken on the raw (uncentred) vectors, as in Huh et al.
+    xa, ya = as_numpy_2d(x, "x"), as_numpy_2d(y, "y")
+    check_paired(xa, ya, "x", "y")
+    check_finite(xa, "x")
+    check_finite(ya, "y")
+    n = xa.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"mutual kNN: k = {k}, expected 1 <= k < n_samples = {n}")
+    nn_x, nn_y = _knn_indices(xa, k), _knn_indices(ya, k)
+
+    def statistic(p: np.ndarray | None) -> float:
+        if p is None:
+            nn_yp = nn_y
+        else:
+            # Sample i of y[p] is sample p[i] of y; its neighbours, renamed into the
+            # permuted indexing, are inv[N_y(p[i])].
+            inv = np.empty_like(p)
+            inv[p] = np.arange(n)
+            nn_yp = inv[nn_y[p]]
+        shared = (nn_x[:, :, None] == nn_yp[:, None, :]).sum(axis=(1, 2))
+        return float(shared.mean() / k)
+
+    return statistic
+
+
+@dataclass(frozen=True)
+class SVCCAResult:
+    """SVCCA score and what it was computed from (to check that >1 direction was kept)."""
+
+    mean_correlation: float
+    canonical_correlations: np.ndarray
+    n_components_x: int
+    n_components_y: int
+
+
+def _svcca_basis(xc: np.ndarray, variance_kept: float, name: str) -> np.ndarray:
+    """Orthonormal basis [n, k] of the top-k singular directions of centred xc, with k the
+    smallest number whose singular values² reach `variance_kept` of the total.
+
+    CCA is invariant to invertible maps of each side, so the left singular vectors U_k
+    stand in for the reduced data U_k S_k.
+    """
+    u, s, _ = np.linalg.svd(xc, full_matrices=False)
+    var = s**2
+    total = var.sum()
+    if total == 0.0:
+        raise ValueError(f"SVCCA is undefined: {name} has zero variance")
+    cumulative = np.cumsum(var) / total
+    k = int(np.searchsorted(cumulative, variance_kept, side="left")) + 1
+    return u[:, : min(k, len(s))]
+
+
+def _prepare_svcca(x: Array, y: Array, variance_kept: float = 0.99) -> PairedStatistic:
+    return _svcca_prepared(x, y, variance_kept)[0]
+
+
+def _svcca_prepared(
+    x: Array, y: Array, variance_kept: float
+) -> tuple[PairedStatistic, np.ndarray, np.ndarray]:
+    if not 0.0 < variance_kept <= 1.0:
+        raise ValueError(f"SVCCA: variance_kept = {variance_kept}, expected 0 < value <= 1")
+    xc, yc = _centred_pair(x, y)
+    ux = _svcca_basis(xc, variance_kept, "x")
+    uy = _svcca_basis(yc, variance_kept, "y")
+    n, kx, ky = xc.shape[0], ux.shape[1], uy.shape[1]
+    # Centring uses one degree of freedom; two subspaces of R^(n−1) with kx + ky > n − 1
+    # must intersect, so some canonical correlations would be 1 by construction.
+    if kx + ky > n - 1:
+        raise ValueError(
+            f"SVCCA: kept {kx} + {ky} directions for n_samples = {n}; expected "
+            f"n_samples > {kx + ky}, otherwise canonical correlations are trivially 1"
+        )
+
+    def statistic(p: np.ndarray | None) -> float:
+        return float(_canonical_correlations(ux, uy if p is None else uy[p]).mean())
+
+    return statistic, ux, uy
+
+
+def _canonical_correlations(ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
+    """CCA of two orthonormal bases: the singular values of U_xᵀU_y (cosines of the
+    principal angles between the subspaces)."""
+    return np.clip(np.linalg.svd(ux.T @ uy, compute_uv=False), 0.0, 1.0)
+
+
+def svcca(x: Array, y: Array, variance_kept: float = 0.99) -> SVCCAResult:
+    """SVCCA of x [n, d_x] and y [n, d_y]; needs n > (directions kept on both sides)."""
+    _, ux, uy = _svcca_prepared(x, y, variance_kept)
+    rho = _canonical_correlations(ux, uy)
+    return SVCCAResult(float(rho.mean()), rho, ux.shape[1], uy.shape[1])
+
+
+def _rdm(xa: np.ndarray) -> np.ndarray:
+    """Representational dissimilarity matrix: 1 − Pearson r between samples (rows).
+
+    A sample with no variance across features has no defined correlation; we give it
+    correlation 0 (dissimilarity 1) to every other sample rather than NaN.
+    """
+    z = xa - xa.mean(1, keepdims=True)
+    norm = np.linalg.norm(z, axis=1, keepdims=True)
+    z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
+    return 1.0 - z @ z.T
+
+
+def _rank_matrix(rdm: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centred average ranks of the upper-triangle entries, as a symmetric matrix with zero
+    diagonal, and the norm of the upper-triangle rank vector (Spearman = Pearson of ranks)."""
+    n = rdm.shape[0]
+    iu = np.triu_indices(n, 1)
+    ranks = rankdata(rdm[iu])
+    ranks -= ranks.mean()
+    out = np.zeros_like(rdm)
+    out[iu] = ranks
+    return out + out.T, float(np.linalg.norm(ranks))
+
+
+def _prepare_rsa(x: Array, y: Array) -> PairedStatistic:
+    xa, ya = as_numpy_2d(x, "x"), as_numpy_2d(y, "y")
+    check_paired(xa, ya, "x", "y")
+    check_finite(xa, "x")
+    check_finite(ya, "y")
+    if xa.shape[0] < 3:
+        raise ValueError(f"RSA needs at least 3 samples, got {xa.shape[0]}")
+    rx, norm_x = _rank_matrix(_rdm(xa))
+    ry, norm_y = _rank_matrix(_rdm(ya))
+    if norm_x == 0.0 or norm_y == 0.0:
+        raise ValueError("RSA is undefined: all dissimilarities of one representation are equal")
+    # Permuting samples permutes rows and columns of the RDM together, which permutes the
+    # multiset of its upper-triangle entries: the ranks move with the entries, so the
+    # rank matrix is permuted rather than recomputed. The full symmetric sum counts each
+    # upper-triangle pair twice.
+    denominator = 2.0 * norm_x * norm_y
+
+    def statistic(p: np.ndarray | None) -> float:
+        ryp = ry if p is None else ry[np.ix_(p, p)]
+        return float(np.einsum("ij,ij->", rx, ryp) / denominator)
+
+    return statistic
+
+
+_PREPARE: dict[str, Callable[..., PairedStatistic]] = {
+    "linear_cka": _prepare_linear_cka,
+    "unbiased_cka": _prepare_unbiased_cka,
+    "mutual_knn": _prepare_mutual_knn,
+    "svcca": _prepare_svcca,
+    "rsa": _prepare_rsa,
+}
+
+
+def _metric_kwargs(metric: str, k: int, variance_kept: float) -> dict[str, float | int]:
+    if metric not in _PREPARE:
+        raise ValueError(f"unknown similarity metric {metric!r}; expected one of {METRICS}")
+    return {"mutual_knn": {"k": k}, "svcca": {"variance_kept": variance_kept}}.get(metric, {})
+
+
+def unbiased_cka(x: Array, y: Array) -> float:
+    """CKA with HSIC_1 (unbiased): ≈ 0 for unrelated representations at any width."""
+    return _prepare_unbiased_cka(x, y)(None)
+
+
+def mutual_knn(x: Array, y: Array, k: int = 10) -> float:
+    """Mean over samples of |N_x(i) ∩ N_y(i)| / k, cosine neighbours, self excluded."""
+    return _prepare_mutual_knn(x, y, k)(None)
+
+
+def rsa(x: Array, y: Array) -> float:
+    """Spearman correlation of the two RDMs (1 − Pearson r between samples), upper triangle."""
+    return _prepare_rsa(x, y)(None)
+
+
+# -------------------------------------------------------------------- permutation tests
+
+
+@dataclass(frozen=True)
+class PermutationTest:
+    """A similarity score with its permutation-test p-value.
+
+    p = (1 + #{null ≥ statistic}) / (1 + n_permutations) (Phipson & Smyth 2010): never 0,
+    so a p-value from 100 permutations cannot claim more than 1/101.
+    """
+
+    metric: str
+    statistic: float
+    p_value: float
+    null: np.ndarray
+    n_samples: int
+
+    @property
+    def n_permutations(self) -> int:
+        return int(self.null.shape[0])
+
+
+def permutation_test(
+    x: Array,
+    y: Array,
+    metric: str,
+    *,
+    n_permutations: int = 200,
+    seed: int = 0,
+    k: int = 10,
+    variance_kept: float = 0.99,
+) -> PermutationTest:
+    """Score x vs y with `metric` (one of METRICS) and test it against shuffled pairings.
+
+    The null permutes which row of y is paired with which row of x (seeded), keeping
+    each representation intact, so it asks: is the correspondence token-by-token
+    better than chance?
+    """
+    if n_permutations < 0:
+        raise ValueError(f"n_permutations = {n_permutations}, expected an integer >= 0")
+    statistic = _PREPARE[metric](x, y, **_metric_kwargs(metric, k, variance_kept))
+    n = int(x.shape[0])
+    return _run_permutations(metric, statistic, n, n_permutations, seed)
+
+
+def _run_permutations(
+    metric: str, statistic: PairedStatistic, n: int, n_permutations: int, seed: int
+) -> PermutationTest:
+    observed = statistic(None)
+    rng = np.random.default_rng(seed)
+    null = np.array([statistic(rng.permutation(n)) for _ in range(n_permutations)])
+    # A tolerance so that a permutation scoring the same up to rounding counts as ≥.
+    exceed = int(np.sum(null >= observed - 1e-12 * max(1.0, abs(observed))))
+    return PermutationTest(metric, observed, (1 + exceed) / (1 + n_permutations), null, n)
+
+
+def similarity_scores(
+    x: Array,
+    y: Array,
+    metrics: Sequence[str] = METRICS,
+    *,
+    n_permutations: int = 200,
+    seed: int = 0,
+    k: int = 10,
+    variance_kept: float = 0.99,
+) -> dict[str, PermutationTest]:
+    """Every requested measure of x vs y with its p-value (the same seed for each)."""
+    return {
+        m: permutation_test(
+            x, y, m, n_permutations=n_permutations, seed=seed, k=k, variance_kept=variance_kept
+        )
+        for m in metrics
+    }
+
+
+# --------------------------------------------------------------------- seeded subsample
+
+
+class _RowSample:
+    """A seeded uniform sample of n_samples rows from a stream of unknown length.
+
+    Each row gets a uniform key from one seeded generator; the sample is the rows with
+    the n_samples smallest keys (a vectorised reservoir sample). Keys depend only on the
+    seed and the row's position in the stream, so every stream sampled with the same seed
+    and chunking keeps the same tokens — which is what keeps A and B paired.
+    """
+
+    def __init__(self, keys: Sequence[str], n_samples: int, seed: int) -> None:
+        if n_samples < 1:
+            raise ValueError(f"n_samples = {n_samples}, expected an integer >= 1")
+        self.n_samples = n_samples
+        self._rng = np.random.default_rng(seed)
+        self._keys = np.empty(0)
+        self._index = np.empty(0, dtype=np.int64)
+        self._rows: dict[str, np.ndarray] = {k: np.empty((0, 0)) for k in keys}
+        self._seen = 0
+
+    def update(self, chunks: Mapping[str, torch.Tensor]) -> None:
+        n_c = next(iter(chunks.values())).shape[0]
+        keys = self._rng.random(n_c)
+        all_keys = np.concatenate([self._keys, keys])
+        if all_keys.size > self.n_samples:
+            threshold = np.partition(all_keys, self.n_samples - 1)[self.n_samples - 1]
+        else:
+            threshold = np.inf
+        keep_old = self._keys <= threshold
+        keep_new = np.flatnonzero(keys <= threshold)
+        self._keys = np.concatenate([self._keys[keep_old], keys[keep_new]])
+        self._index = np.concatenate([self._index[keep_old], self._seen + keep_new])
+        for name, chunk in chunks.items():
+            new = chunk[torch.from_numpy(keep_new)].to(torch.float64).numpy()
+            old = self._rows[name]
+            self._rows[name] = new if old.size == 0 else np.concatenate([old[keep_old], new])
+        self._seen += n_c
+
+    def result(self) -> dict[str, np.ndarray]:
+        """Sampled rows per stream, in stream order."""
+        order = np.argsort(self._index, kind="stable")
+        return {name: rows[order] for name, rows in self._rows.items()}
+
+
+def subsample_rows(
+    streams: Mapping[str, Iterable[Array]], n_samples: int, *, seed: int = 0
+) -> dict[str, np.ndarray]:
+    """The same seeded n_samples rows from each of several row-aligned chunk streams
+    (float64, stream order), reading each chunk once."""
+    sampler = _RowSample(list(streams), n_samples, seed)
+    for chunks in lockstep(streams):
+        sampler.update(chunks)
+    return sampler.result()
+
+
+# ------------------------------------------------------------------ layer-by-layer grid
+
+
+@dataclass(frozen=True)
+class LayerSimilarity:
+    """One measure between every hook of model A (rows) and every hook of model B."""
+
+    metric: str
+    hooks_a: list[str]
+    hooks_b: list[str]
+    values: np.ndarray
+    p_values: np.ndarray | None
+    n_samples: int
+
+    def to_records(self) -> list[dict[str, object]]:
+        """Long format (hook_a, hook_b, metric, value, p_value), e.g. for a parquet table."""
+        return [
+            {
+                "hook_a": ha,
+                "hook_b": hb,
+                "metric": self.metric,
+                "value": float(self.values[i, j]),
+                "p_value": None if self.p_values is None else float(self.p_values[i, j]),
+                "n_samples": self.n_samples,
+            }
+            for i, ha in enumerate(self.hooks_a)
+            for j, hb in enumerate(self.hooks_b)
+        ]
+
+
+def layer_similarity(
+    chunks_a: Mapping[str, Iterable[Array]],
+    chunks_b: Mapping[str, Iterable[Array]],
+    *,
+    metrics: Sequence[str] = METRICS,
+    n_samples: int = 2048,
+    n_permutations: int = 0,
+    seed: int = 0,
+    k: int = 10,
+    variance_kept: float = 0.99,
+) -> dict[str, LayerSimilarity]:
+    """Layer-by-layer similarity matrices between two models over shared tokens.
+
+    `chunks_a` / `chunks_b` map hook names to iterables of row-aligned chunks
+    [n_chunk, d_hook] (all hooks of both models must yield the same tokens in the same
+    order and chunking — align tokens first). Every stream is read once, in lockstep.
+
+    Linear CKA is exact over all tokens (one streaming accumulator per hook and per hook
+    pair: memory O(Σ d_a² + Σ d_b² + Σ d_a d_b) float64). The other measures — and every
+    permutation p-value, including linear CKA's — use the same seeded subsample of
+    `n_samples` tokens. `n_permutations = 0` skips the p-values (they cost n_permutations
+    evaluations per cell).
+    """
+    for m in metrics:
+        _metric_kwargs(m, k, variance_kept)  # reject unknown names before reading data
+    if not chunks_a or not chunks_b:
+        raise ValueError(
+            "layer_similarity: expected at least one hook per model, got "
+            f"{list(chunks_a)} and {list(chunks_b)}"
+        )
+    keys_a = {h: f"a:{h}" for h in chunks_a}
+    keys_b = {h: f"b:{h}" for h in chunks_b}
+    streams = {keys_a[h]: s for h, s in chunks_a.items()} | {
+        keys_b[h]: s for h, s in chunks_b.items()
+    }
+    need_sample = n_permutations > 0 or any(m != "linear_cka" for m in metrics)
+    sampler = _RowSample(list(streams), n_samples, seed) if need_sample else None
+    moments: CentredMoments | None = None
+    for chunks in lockstep(streams):
+        for name, chunk in chunks.items():
+            check_finite(chunk, f"chunk of {name}")
+        if "linear_cka" in metrics:
+            if moments is None:
+                dims = {name: c.shape[1] for name, c in chunks.items()}
+                products = (
+                    [(a, a) for a in keys_a.values()]
+                    + [(b, b) for b in keys_b.values()]
+                    + [(a, b) for a in keys_a.values() for b in keys_b.values()]
+                )
+                moments = CentredMoments(dims, products)
+            for name, c in chunks.items():
+                check_width(c, moments.dims[name], f"chunk of {name}")
+            moments.update(chunks)
+        if sampler is not None:
+            sampler.update(chunks)
+
+    sample = sampler.result() if sampler is not None else {}
+    out: dict[str, LayerSimilarity] = {}
+    hooks_a, hooks_b = list(chunks_a), list(chunks_b)
+    for metric in metrics:
+        values = np.zeros((len(hooks_a), len(hooks_b)))
+        p_values = np.ones_like(values) if n_permutations > 0 else None
+        for i, ha in enumerate(hooks_a):
+            for j, hb in enumerate(hooks_b):
+                if metric == "linear_cka":
+                    if moments is None or moments.n < 2:
+                        raise ValueError("layer_similarity: the streams yielded fewer than 2 rows")
+                    c = moments.comoment
+                    values[i, j] = _cka_from_products(
+                        c[(keys_a[ha], keys_b[hb])],
+                        c[(keys_a[ha], keys_a[ha])],
+                        c[(keys_b[hb], keys_b[hb])],
+                    )
+                if metric != "linear_cka" or n_permutations > 0:
+                    xs, ys = sample[keys_a[ha]], sample[keys_b[hb]]
+                    statistic = _PREPARE[metric](xs, ys, **_metric_kwargs(metric, k, variance_kept))
+                    test = _run_permutations(metric, statistic, xs.shape[0], n_permutations, seed)
+                    if metric != "linear_cka":
+                        values[i, j] = test.statistic
+                    if p_values is not None:
+                        p_values[i, j] = test.p_value
+        n_used = (
+            moments.n
+            if metric == "linear_cka" and moments is not None
+            else (next(iter(sample.values())).shape[0])
+        )
+        out[metric] = LayerSimilarity(metric, hooks_a, hooks_b, values, p_values, int(n_used))
+    return out
