@@ -1,0 +1,77 @@
+"""BatchTopK SAE (Bussmann et al. 2024, "BatchTopK Sparse Autoencoders").
+
+Training keeps the B·k largest ReLU pre-activations of the whole batch (so L0 = k on
+average, varying per token), with AuxK for dead latents as in TopK. Inference cannot
+depend on the batch, so a threshold θ is estimated during training as an exponential
+moving average of the smallest activation kept in each batch; at inference
+f = pre · 1[pre > θ], which is exactly SAELens' JumpReLU, so the folder is written with
+`architecture: jumprelu` and a per-latent `threshold` (as SAELens does for BatchTopK).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from stages.sae.base import BaseSAE, SAEOutput
+from stages.sae.config import SAEConfig
+from stages.sae.topk import auxk_loss
+
+
+class BatchTopKConfig(SAEConfig):
+    architecture: Literal["batchtopk"] = "batchtopk"
+    k: float = Field(gt=0, description="mean number of active latents per token")
+    auxk_coefficient: float = Field(default=1 / 32, ge=0)
+    k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
+    threshold_momentum: float = Field(default=0.01, gt=0, le=1)
+
+    def sparsity_tag(self) -> str:
+        return f"k{self.k:g}"
+
+
+class BatchTopKSAE(BaseSAE):
+    architecture = "batchtopk"
+    config_class = BatchTopKConfig
+    saelens_architecture = "jumprelu"
+    cfg: BatchTopKConfig
+    threshold: Tensor
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__(cfg)
+        # one value shared by all latents, stored per latent for the JumpReLU format
+        self.register_buffer("threshold", torch.zeros(self.d_sae))
+
+    def encode(self, x: Tensor) -> Tensor:
+        pre = self.pre_acts(x)
+        return pre.relu() * (pre > self.threshold)
+
+    def forward(
+        self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
+    ) -> SAEOutput:
+        cfg = self.cfg
+        x_c = self.sae_in(x)
+        pre = x_c @ self.W_enc + self.b_enc
+        acts = pre.relu()
+        n_keep = min(acts.numel(), max(1, round(cfg.k * x.shape[0])))
+        top_vals, top_idx = acts.flatten().topk(n_keep, sorted=False)
+        f = torch.zeros_like(acts).flatten().scatter(0, top_idx, top_vals).view_as(acts)
+        if self.training:
+            with torch.no_grad():
+                kept = top_vals[top_vals > 0]
+                if kept.numel():
+                    m = cfg.threshold_momentum
+                    first = bool((self.threshold == 0).all())
+                    new = kept.min() if first else (1 - m) * self.threshold + m * kept.min()
+                    self.threshold.copy_(new.expand_as(self.threshold))
+        x_hat = f @ self.W_dec + self.b_dec
+        terms = {"mse": self.mse(x_hat, x)}
+        aux = auxk_loss(
+            self, x_c, pre, (x - x_hat).detach(), dead_mask, cfg.k_aux,
+            cfg.auxk_coefficient, sparse=False,
+        )  # fmt: skip
+        if aux is not None:
+            terms["auxk"] = aux
+        return self.dense_output(x, x_hat, f, terms)

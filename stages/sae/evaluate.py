@@ -1,0 +1,218 @@
+"""Evaluate a trained SAE on held-out activations, inside its model, and against
+ground-truth concept labels. Formulas live in `metrics.py`; this file only streams data.
+
+- `evaluate_reconstruction(sae, source)`: MSE, FVU / explained variance, cosine, L0, L1,
+  dead / dense fractions, shrinkage, log10 feature-density histogram.
+- `evaluate_downstream(model, sae, hook_name, tokens)`: the SAE spliced into the
+  HookedTransformer at `hook_name` at every non-BOS position: CE loss recovered against
+  zero-ablation, KL(clean ‖ spliced) per token, and Gurnee's pathology check (KL from a
+  random perturbation of the same per-token norm as the SAE error, as a ratio to the
+  SAE's KL). CE and KL are averaged over next-token predictions made at positions
+  1..seq−2 (the prediction at BOS is untouched by the splice, so it is left out).
+- `evaluate_ground_truth(sae, source, labels, names)`: per concept the best single
+  latent by F1 (latent fires = act > 0), its F1 and AUROC; summary mean best-F1.
+- `evaluate_sae(...)` runs whichever apply and returns the `metrics.json` content.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.sae import metrics as M
+from stages.sae.base import BaseSAE
+from stages.sae.data import ActivationSource, iter_rows, source_name
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, Any]  # JSON-serialisable, written as metrics.json
+    log10_feature_density: Tensor  # [d_sae], written as sparsity.safetensors
+
+
+def _check_width(sae: BaseSAE, d: int, what: str) -> None:
+    if d != sae.d_in:
+        raise ValueError(f"SAE d_in = {sae.d_in}, but {what} has width {d}; they must match")
+
+
+@torch.no_grad()
+def evaluate_reconstruction(
+    sae: BaseSAE, source: ActivationSource, *, batch_size: int = 4096, max_rows: int | None = None
+) -> tuple[dict[str, Any], Tensor]:
+    """Reconstruction and sparsity metrics over `source` (the held-out split)."""
+    _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
+    sae.eval()
+    stats = M.ReconstructionStats(sae.d_in, sae.d_sae)
+    for x in iter_rows(source, batch_size, max_rows):
+        f = sae.encode(x)
+        stats.update(x, sae.decode(f), f)
+    out: dict[str, Any] = stats.compute()
+    dens = stats.density()
+    out["log10_feature_density_histogram"] = M.log10_density_histogram(dens)
+    return out, M.log10_density(dens)
+
+
+def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None):
+    def hook(act: Tensor, hook: Any) -> Tensor:
+        x = act[:, 1:]
+        shape = x.shape
+        flat = x.reshape(-1, sae.d_in) if x.ndim > 3 else x.reshape(-1, shape[-1])
+        _check_width(sae, flat.shape[-1], f"hook '{hook.name}'")
+        if kind == "zero":
+            new = torch.zeros_like(flat)
+        else:
+            x_hat = sae.decode(sae.encode(flat.float())).to(flat.dtype)
+            if kind == "sae":
+                new = x_hat
+            else:  # random direction, same per-token norm as the SAE error
+                err_norm = (x_hat - flat).norm(dim=-1, keepdim=True)
+                u = torch.randn(flat.shape, generator=gen, dtype=torch.float32).to(flat.dtype)
+                new = flat + u / u.norm(dim=-1, keepdim=True) * err_norm
+        act = act.clone()
+        act[:, 1:] = new.reshape(shape)
+        return act
+
+    return hook
+
+
+@torch.no_grad()
+def evaluate_downstream(
+    model: HookedTransformer,
+    sae: BaseSAE,
+    hook_name: str,
+    tokens: Tensor,
+    *,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[str, float]:
+    """CE loss recovered, KL(clean ‖ SAE) and the random-perturbation KL ratio."""
+    if tokens.ndim != 2 or tokens.shape[1] < 3:
+        raise ValueError(f"tokens: expected LongTensor [n, seq ≥ 3], got {tuple(tokens.shape)}")
+    if hook_name not in model.hook_dict:
+        raise KeyError(
+            f"hook '{hook_name}' is not a hook of the model (e.g. blocks.0.hook_resid_post)"
+        )
+    sae.eval()
+    gen = torch.Generator().manual_seed(seed)
+    sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_random": 0.0}
+    n = 0
+    for s in range(0, tokens.shape[0], batch_size):
+        tok = tokens[s : s + batch_size]
+        target = tok[:, 2:]
+
+        clean = model(tok, return_type="logits")[:, 1:-1]
+        sums["ce_clean"] += float(ce_full(clean, target).sum())
+        for kind in ("sae", "zero", "random"):
+            logits = model.run_with_hooks(
+                tok, return_type="logits", fwd_hooks=[(hook_name, _splice_fn(kind, sae, gen))]
+            )[:, 1:-1]
+            if kind in ("sae", "zero"):
+                sums[f"ce_{kind}"] += float(ce_full(logits, target).sum())
+            if kind in ("sae", "random"):
+                sums[f"kl_{kind}"] += float(M.kl_divergence(clean, logits).sum())
+        n += target.numel()
+    out = {k: v / n for k, v in sums.items()}
+    out["ce_loss_recovered"] = M.ce_loss_recovered(out["ce_clean"], out["ce_sae"], out["ce_zero"])
+    out["random_to_sae_kl_ratio"] = (
+        out["kl_random"] / out["kl_sae"] if out["kl_sae"] > 0 else math.nan
+    )
+    out["n_predictions"] = n
+    return out
+
+
+def ce_full(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-prediction cross-entropy from logits [..., vocab] and targets [...]."""
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    return -lp.gather(-1, target[..., None]).squeeze(-1)
+
+
+@torch.no_grad()
+def evaluate_ground_truth(
+    sae: BaseSAE,
+    source: ActivationSource,
+    labels: Tensor | np.ndarray,
+    concept_names: Sequence[str],
+    *,
+    batch_size: int = 4096,
+) -> dict[str, Any]:
+    """Best single latent per concept by F1, with its AUROC; labels [n_rows, n_concepts]."""
+    lab = torch.as_tensor(np.asarray(labels)).bool()
+    if lab.ndim != 2 or lab.shape[0] != source.n_rows or lab.shape[1] != len(concept_names):
+        raise ValueError(
+            f"concept labels: shape {tuple(lab.shape)}, expected [{source.n_rows} rows of "
+            f"'{source_name(source)}', {len(concept_names)} concepts]"
+        )
+    _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
+    sae.eval()
+    c = lab.shape[1]
+    tp = torch.zeros(c, sae.d_sae, dtype=torch.float64)
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+    row = 0
+    for x in iter_rows(source, batch_size):
+        fired = (sae.encode(x) > 0).double()
+        lb = lab[row : row + len(x)].double()
+        tp += lb.T @ fired
+        fires += fired.sum(0)
+        row += len(x)
+    pos = lab.sum(0).double()
+    f1 = M.binary_f1_counts(tp, fires[None, :] - tp, pos[:, None] - tp)
+    best_f1, best = f1.max(dim=1)
+    # second pass: activations of each concept's best latent, for AUROC
+    scores = torch.empty(source.n_rows, c, dtype=torch.float64)
+    row = 0
+    for x in iter_rows(source, batch_size):
+        scores[row : row + len(x)] = sae.encode(x)[:, best].double()
+        row += len(x)
+    concepts = {}
+    for j, name in enumerate(concept_names):
+        concepts[str(name)] = {
+            "best_latent": int(best[j]),
+            "f1": float(best_f1[j]),
+            "auroc": M.auroc(scores[:, j], lab[:, j]),
+            "n_positive": int(pos[j]),
+        }
+    with_pos = [v["f1"] for v in concepts.values() if v["n_positive"] > 0]
+    return {
+        "concepts": concepts,
+        "mean_best_f1": float(np.mean(with_pos)) if with_pos else math.nan,
+    }
+
+
+def evaluate_sae(
+    sae: BaseSAE,
+    eval_source: ActivationSource,
+    *,
+    model: HookedTransformer | None = None,
+    hook_name: str | None = None,
+    tokens: Tensor | None = None,
+    labels: Tensor | np.ndarray | None = None,
+    concept_names: Sequence[str] | None = None,
+    batch_size: int = 4096,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> EvalResult:
+    """Everything that applies: reconstruction always; downstream when model, hook_name
+    and tokens are given; ground truth when labels and concept_names are given."""
+    metrics, log_density = evaluate_reconstruction(
+        sae, eval_source, batch_size=batch_size, max_rows=max_rows
+    )
+    if model is not None:
+        if hook_name is None or tokens is None:
+            raise ValueError("evaluate_sae: with a model, give hook_name and tokens too")
+        metrics["downstream"] = evaluate_downstream(model, sae, hook_name, tokens, seed=seed)
+    if labels is not None:
+        if concept_names is None:
+            raise ValueError("evaluate_sae: labels given without concept_names")
+        metrics["ground_truth"] = evaluate_ground_truth(
+            sae, eval_source, labels, concept_names, batch_size=batch_size
+        )
+    return EvalResult(metrics, log_density)

@@ -1,0 +1,266 @@
+"""The SAE folder format (SAELens layout) — write it, read it, and fetch published SAEs.
+
+A folder holds:
+- `cfg.json`: SAELens 6 config (`architecture` ∈ standard/topk/jumprelu/gated, `d_in`,
+  `d_sae`, `dtype`, `device`, `apply_b_dec_to_input`, `normalize_activations: "none"`
+  (our normalisation is folded into the weights), `reshape_activations`, `metadata` with
+  `hook_name`, `model_name`, ... and `training_architecture` (e.g. "batchtopk"); our own
+  training config sits under `metadata.feature_atlas`;
+- `sae_weights.safetensors`: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`,
+  `b_dec`, `threshold` (jumprelu, batchtopk), `b_gate`/`r_mag`/`b_mag` (gated, no `b_enc`);
+- `sparsity.safetensors` (optional): `sparsity` = log10 feature density per latent;
+- `metrics.json` (ours): the evaluation.
+
+`sae_lens.SAE.load_from_disk(folder)` loads it (tested), and `load_sae(folder)` reads any
+SAELens-format folder into our classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from stages.sae import ARCHITECTURES, build_sae
+from stages.sae.base import BaseSAE
+
+CFG_FILENAME = "cfg.json"
+WEIGHTS_FILENAME = "sae_weights.safetensors"
+SPARSITY_FILENAME = "sparsity.safetensors"
+METRICS_FILENAME = "metrics.json"
+# the SAELens config format we write (>= 6.0 means "no legacy key renaming" to SAELens)
+SAELENS_FORMAT_VERSION = "6.0.0"
+
+# SAELens inference architecture -> our class name (batchtopk is told apart by metadata)
+_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+class SAEFormatError(ValueError):
+    """A folder does not hold a loadable SAE."""
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None  # strict JSON has no NaN / inf
+    if isinstance(obj, torch.Tensor):
+        return _json_safe(obj.tolist())
+    return obj
+
+
+def save_sae(
+    folder: str | Path,
+    sae: BaseSAE,
+    *,
+    hook_name: str,
+    model_name: str | None = None,
+    log_feature_density: torch.Tensor | None = None,
+    metrics: dict[str, Any] | None = None,
+    training_config: BaseModel | dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write `sae` (acting on raw activations) as an SAELens-format folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tc = (
+        training_config.model_dump(mode="json")
+        if isinstance(training_config, BaseModel)
+        else (training_config or sae.cfg.model_dump(mode="json"))
+    )
+    meta = {
+        "sae_lens_version": SAELENS_FORMAT_VERSION,
+        "sae_lens_training_version": None,
+        "model_name": model_name,
+        "hook_name": hook_name,
+        "hook_head_index": None,
+        "prepend_bos": True,
+        "training_architecture": sae.architecture,
+        "feature_atlas": {"training_config": tc, **sae.metadata},
+        **(metadata or {}),
+    }
+    cfg = {
+        "architecture": sae.saelens_architecture,
+        "d_in": sae.d_in,
+        "d_sae": sae.d_sae,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": bool(sae.apply_b_dec_to_input),
+        "normalize_activations": "none",
+        "reshape_activations": "none",
+        **sae.saelens_config(),
+        "metadata": meta,
+    }
+    save_file(sae.saelens_state_dict(), folder / WEIGHTS_FILENAME)
+    (folder / CFG_FILENAME).write_text(json.dumps(_json_safe(cfg), indent=2))
+    if log_feature_density is not None:
+        if log_feature_density.shape != (sae.d_sae,):
+            raise ValueError(
+                f"log_feature_density: shape {tuple(log_feature_density.shape)}, "
+                f"expected ({sae.d_sae},)"
+            )
+        save_file(
+            {"sparsity": log_feature_density.detach().float().contiguous()},
+            folder / SPARSITY_FILENAME,
+        )
+    if metrics is not None:
+        (folder / METRICS_FILENAME).write_text(json.dumps(_json_safe(metrics), indent=2))
+    return folder
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise SAEFormatError(f"{path}: missing; an SAE folder needs {WEIGHTS_FILENAME}")
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}  # noqa: SIM118
+
+
+def load_sae(folder: str | Path) -> BaseSAE:
+    """Read an SAELens-format folder (ours or published) into our SAE classes."""
+    folder = Path(folder)
+    cfg_path = folder / CFG_FILENAME
+    if not cfg_path.exists():
+        raise SAEFormatError(f"{cfg_path}: missing; an SAE folder needs {CFG_FILENAME}")
+    cfg = json.loads(cfg_path.read_text())
+    meta = cfg.get("metadata") or {}
+    arch = cfg.get("architecture", "standard")
+    if arch not in _FROM_SAELENS:
+        raise SAEFormatError(
+            f"{cfg_path}: architecture '{arch}' is not supported; expected one of "
+            f"{sorted(_FROM_SAELENS)}"
+        )
+    for key in ("d_in", "d_sae"):
+        if key not in cfg:
+            raise SAEFormatError(f"{cfg_path}: missing key '{key}'")
+    norm = cfg.get("normalize_activations", "none")
+    if norm in (False, None):
+        norm = "none"
+    if norm != "none":
+        raise SAEFormatError(
+            f"{cfg_path}: normalize_activations = '{norm}'; only 'none' (scale folded into "
+            "the weights) can be loaded, fold the normalisation first"
+        )
+    if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
+        raise SAEFormatError(f"{cfg_path}: unsupported reshape_activations")
+    state = _read_weights(folder / WEIGHTS_FILENAME)
+    ours = _FROM_SAELENS[arch]
+    if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
+        ours = "batchtopk"
+    if arch == "jumprelu" and "threshold" not in state and "log_threshold" in state:
+        state["threshold"] = state.pop("log_threshold").exp()
+    d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
+    rescale = arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False))
+    if rescale:  # topk over pre·‖W_dec‖, decode with W_dec/‖W_dec‖: fold the norms in
+        norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
+        state["W_enc"] = state["W_enc"] * norms
+        state["b_enc"] = state["b_enc"] * norms
+        state["W_dec"] = state["W_dec"] / norms[:, None]
+    raw: dict[str, Any] = {
+        "architecture": ours,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "n_training_tokens": max(1, 4096),
+        "normalize_activations": False,
+        "name": folder.name,
+    }
+    if ours == "topk":
+        raw["k"] = int(cfg.get("k", 0))
+    if ours == "batchtopk":
+        raw["k"] = float(meta.get("training_architecture_details", {}).get("k") or 1.0)
+    sae = build_sae(raw)
+    sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
+    if ours == "batchtopk" and "threshold" in state:
+        thr = state["threshold"]
+        if not torch.all(thr == thr[0]):
+            warnings.warn(f"{folder}: batchtopk threshold differs per latent", stacklevel=2)
+    unknown = set(state) - set(sae.state_dict()) - {"finetuning_scaling_factor", "scaling_factor"}
+    if unknown:
+        raise SAEFormatError(
+            f"{folder / WEIGHTS_FILENAME}: unexpected tensors {sorted(unknown)} for a {arch} SAE"
+        )
+    sae.load_saelens_state_dict(state, where=str(folder / WEIGHTS_FILENAME))
+    sae.metadata = {k: v for k, v in meta.items() if k != "feature_atlas"}
+    sae.metadata.update(meta.get("feature_atlas", {}) if isinstance(meta, dict) else {})
+    sae.eval()
+    return sae
+
+
+def load_log_feature_density(folder: str | Path) -> torch.Tensor | None:
+    path = Path(folder) / SPARSITY_FILENAME
+    if not path.exists():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor("sparsity")
+
+
+def read_metrics(folder: str | Path) -> dict[str, Any]:
+    return json.loads((Path(folder) / METRICS_FILENAME).read_text())
+
+
+def load_pretrained_sae(release: str, sae_id: str) -> BaseSAE:
+    """A published SAE from SAELens' registry (`pretrained_saes.yaml`), via SAELens'
+    own loaders (any of its download formats), converted into our classes.
+
+    Needs the `sae-lens` package and either network access to the Hugging Face Hub or an
+    HF cache already holding the files; otherwise raises naming what it needed.
+    """
+    try:
+        from sae_lens import SAE
+        from sae_lens.loading.pretrained_saes_directory import (
+            get_pretrained_saes_directory,
+            get_repo_id_and_folder_name,
+        )
+    except ImportError as e:
+        raise ImportError(
+            f"loading pretrained SAE {release}/{sae_id} needs the 'sae-lens' package "
+            "(pip install 'sae-lens>=6,<7')"
+        ) from e
+    directory = get_pretrained_saes_directory()
+    if release not in directory:
+        raise SAEFormatError(
+            f"release '{release}' is not in SAELens' pretrained SAE registry "
+            f"({len(directory)} releases, e.g. {sorted(directory)[:3]})"
+        )
+    if sae_id not in directory[release].saes_map:
+        ids = list(directory[release].saes_map)
+        raise SAEFormatError(f"release '{release}' has no SAE '{sae_id}' (e.g. {ids[:5]})")
+    repo_id, hf_folder = get_repo_id_and_folder_name(release, sae_id)
+    try:
+        sae_lens_sae = SAE.from_pretrained(release, sae_id, device="cpu")
+    except Exception as e:  # network / cache errors come in many types
+        raise ConnectionError(
+            f"could not load pretrained SAE {release}/{sae_id}: it needs the files under "
+            f"'{hf_folder}' of the Hugging Face repo '{repo_id}', downloaded from "
+            "huggingface.co or present in the HF cache (HF_HOME); the download failed "
+            f"with {type(e).__name__}: {e}"
+        ) from e
+    return from_saelens(sae_lens_sae, name=f"{release}/{sae_id}")
+
+
+def from_saelens(sae_lens_sae: Any, name: str = "saelens") -> BaseSAE:
+    """Convert an in-memory `sae_lens.SAE` (inference or training class) to ours, by
+    writing it to a temporary SAELens folder and reading that back."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name.replace("/", "__")
+        sae_lens_sae.save_model(path)
+        cfg = json.loads((path / CFG_FILENAME).read_text())
+        if cfg.get("normalize_activations") == "expected_average_only_in":
+            raise SAEFormatError(
+                f"SAE {name}: normalize_activations = expected_average_only_in without a known "
+                "scaling factor; fold it with SAELens first"
+            )
+        return load_sae(path)
+
+
+_ = ARCHITECTURES  # the registry decides which classes exist

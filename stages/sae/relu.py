@@ -1,0 +1,56 @@
+"""ReLU SAE with the L1 penalty weighted by decoder norm (Anthropic, "Circuits Updates —
+April 2024", the training recipe update).
+
+f = ReLU(W_encᵀ x + b_enc) (the input is not centred by b_dec), x̂ = W_decᵀ f + b_dec.
+Loss = ‖x − x̂‖² + λ Σ_i f_i ‖W_dec,i‖. The decoder is *not* constrained to unit norm:
+weighting the penalty by the row norm removes the incentive to shrink f and grow W_dec.
+Decoder rows start as random directions of norm `decoder_init_norm` (0.1 in the update),
+W_enc = W_decᵀ, b_enc = 0. λ is warmed up linearly (`sparsity_warmup_steps`, the update
+uses the first 5 % of training) and the learning rate decays over the last 20 %.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor
+
+from stages.sae.base import BaseSAE, SAEOutput
+from stages.sae.config import SAEConfig
+
+
+class ReLUConfig(SAEConfig):
+    architecture: Literal["relu"] = "relu"
+    l1_coefficient: float = Field(default=5.0, ge=0, description="λ in the update")
+    decoder_init_norm: float = Field(default=0.1, gt=0)
+
+    def sparsity_tag(self) -> str:
+        return f"l1c{self.l1_coefficient:g}"
+
+
+class ReLUSAE(BaseSAE):
+    architecture = "relu"
+    config_class = ReLUConfig
+    saelens_architecture = "standard"
+    unit_norm_decoder = False
+    default_apply_b_dec_to_input = False
+    cfg: ReLUConfig
+
+    def decoder_init_norm(self) -> float:
+        return self.cfg.decoder_init_norm
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.pre_acts(x).relu()
+
+    def forward(
+        self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
+    ) -> SAEOutput:
+        f = self.pre_acts(x).relu()
+        x_hat = f @ self.W_dec + self.b_dec
+        weighted = (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        terms = {
+            "mse": self.mse(x_hat, x),
+            "l1": self.cfg.l1_coefficient * sparsity_scale * weighted,
+        }
+        return self.dense_output(x, x_hat, f, terms)

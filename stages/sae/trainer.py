@@ -1,0 +1,391 @@
+"""Train one or several SAEs on one activation source, sharing each batch.
+
+    results = train_saes(source, [cfg_a, cfg_b], checkpoint_dir=Path("ckpt"))
+
+What happens, in order:
+1. every config gets `d_in` from the source (a mismatch is an error naming both);
+   configs are grouped by (batch_size, seed): each group shares one pass over the data;
+2. a sample of whole chunks gives the normalisation scale s = √d_in / E‖x‖ (if enabled)
+   and the b_dec initialisation (mean or geometric median of s·x);
+3. the loop: one batch → every SAE in the group takes an Adam step, with LR warm-up and
+   decay, sparsity-coefficient warm-up, gradient clipping, decoder re-normalisation and
+   dead-latent tracking (tokens since each latent last fired);
+4. checkpoints (safetensors + json) every `checkpoint_every` steps; with `resume=True` a
+   run restarts from its checkpoint and ends with the same weights as an uninterrupted run;
+5. at the end the scale is folded into the weights, so the returned SAEs act on raw
+   activations.
+A non-finite loss stops that SAE (the others finish), keeps its last good checkpoint and
+raises `TrainingDivergedError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from stages.sae import build_sae, parse_sae_config
+from stages.sae.base import BaseSAE
+from stages.sae.config import SAEConfig
+from stages.sae.data import ActivationSource, ShuffleLoader, sample_rows, source_name
+
+CHECKPOINT_VERSION = 1
+
+
+class TrainingDivergedError(RuntimeError):
+    """One or more SAEs produced a non-finite loss."""
+
+
+@dataclass
+class TrainResult:
+    """A trained SAE acting on raw activations, plus what training measured."""
+
+    name: str
+    config: SAEConfig
+    sae: BaseSAE
+    input_scale: float  # s used in training (already folded into the weights)
+    n_steps: int
+    n_tokens: int
+    final_terms: dict[str, float]  # mean loss terms over the last ~1 % of steps
+    train_l0: float
+    dead_fraction: float  # latents silent for ≥ dead_feature_window tokens at the end
+    log10_feature_density: torch.Tensor  # [d_sae], firing rate over the final window
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def geometric_median(x: torch.Tensor, n_iter: int = 100, tol: float = 1e-6) -> torch.Tensor:
+    """Weiszfeld's algorithm in float64."""
+    x = x.double()
+    y = x.mean(0)
+    for _ in range(n_iter):
+        w = 1.0 / (x - y).norm(dim=1).clamp_min(1e-12)
+        y_new = (w[:, None] * x).sum(0) / w.sum()
+        if (y_new - y).norm() <= tol * y.norm().clamp_min(1e-12):
+            y = y_new
+            break
+        y = y_new
+    return y.float()
+
+
+def init_b_dec(x: torch.Tensor, method: str) -> torch.Tensor:
+    """b_dec from a data sample: its mean, geometric median, or zeros."""
+    if method == "mean":
+        return x.mean(0)
+    if method == "geometric_median":
+        return geometric_median(x)
+    if method == "zeros":
+        return torch.zeros(x.shape[1])
+    raise ValueError(f"b_dec_init = '{method}', expected mean, geometric_median or zeros")
+
+
+class _Run:
+    """One SAE being trained: model, optimiser, counters, checkpoint paths."""
+
+    def __init__(self, cfg: SAEConfig, checkpoint_dir: Path | None) -> None:
+        self.cfg = cfg
+        self.name = cfg.display_name
+        self.sae = build_sae(cfg)
+        self.sae.train()
+        self.params = [p for _, p in self.sae.named_parameters()]
+        self.param_names = [n for n, _ in self.sae.named_parameters()]
+        self.opt = torch.optim.Adam(
+            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True
+        )
+        self.step = 0
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.int64)
+        window_steps = max(1, min(cfg.n_steps // 10, cfg.dead_feature_window // cfg.batch_size))
+        self.density_from_step = max(0, cfg.n_steps - window_steps)
+        self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.int64)
+        self.ckpt = checkpoint_dir / self.name / "checkpoint" if checkpoint_dir else None
+        self.last_good: tuple[Path, int] | None = None
+        self.diverged: str | None = None
+        self.recent: list[dict[str, float]] = []
+        self.history: list[dict[str, float]] = []
+        self.scale = 1.0  # input scale s this SAE trains on
+        self.scale_fix = 1.0  # s / (scale applied by the loader)
+
+    @property
+    def done(self) -> bool:
+        return self.diverged is not None or self.step >= self.cfg.n_steps
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.cfg.dead_feature_window
+
+    # ---- checkpointing ----------------------------------------------------------------
+    def save_checkpoint(self, scale: float) -> None:
+        if self.ckpt is None:
+            return
+        tensors: dict[str, torch.Tensor] = {
+            f"model.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()
+        }
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            return  # never replace a good checkpoint with a broken one
+        opt_state = self.opt.state_dict()
+        for i, st in opt_state["state"].items():
+            for k, v in st.items():
+                tensors[f"optim.{self.param_names[i]}.{k}"] = v.detach().contiguous()
+        tensors["tracker.tokens_since_fired"] = self.tokens_since_fired
+        tensors["tracker.fire_counts"] = self.fire_counts
+        meta = {
+            "version": CHECKPOINT_VERSION,
+            "step": self.step,
+            "input_scale": scale,
+            "config": self.cfg.model_dump(mode="json"),
+            "recent": self.recent,
+            "history": self.history,
+        }
+        tmp = self.ckpt.with_name("checkpoint.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(tensors, tmp / "state.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+        old = self.ckpt.with_name("checkpoint.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if self.ckpt.exists():
+            self.ckpt.rename(old)
+        tmp.rename(self.ckpt)
+        shutil.rmtree(old, ignore_errors=True)
+        self.last_good = (self.ckpt, self.step)
+
+    def try_resume(self) -> float | None:
+        """Load the checkpoint if there is one; returns its input scale."""
+        if self.ckpt is None or not (self.ckpt / "state.json").exists():
+            return None
+        meta = json.loads((self.ckpt / "state.json").read_text())
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{self.ckpt}/state.json: checkpoint version {meta.get('version')}, "
+                f"expected {CHECKPOINT_VERSION}"
+            )
+        mine = self.cfg.model_dump(mode="json")
+        if meta["config"] != mine:
+            diff = {
+                k: (meta["config"].get(k), v) for k, v in mine.items() if meta["config"].get(k) != v
+            }
+            raise ValueError(
+                f"{self.ckpt}: checkpoint was written for a different config of SAE "
+                f"'{self.name}' (key: (checkpoint, now) = {diff}); delete it or restore the config"
+            )
+        tensors = load_file(self.ckpt / "state.safetensors")
+        self.sae.load_state_dict(
+            {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
+        )
+        opt_state = self.opt.state_dict()
+        for i, pname in enumerate(self.param_names):
+            prefix = f"optim.{pname}."
+            st = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            if st:
+                if "exp_avg" in st:  # keep the parameter's memory layout
+                    p = self.params[i]
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        st[key] = torch.empty_like(p).copy_(st[key])
+                opt_state["state"][i] = st
+        self.opt.load_state_dict(opt_state)
+        self.tokens_since_fired = tensors["tracker.tokens_since_fired"].clone()
+        self.fire_counts = tensors["tracker.fire_counts"].clone()
+        self.step = int(meta["step"])
+        self.recent = list(meta.get("recent", []))
+        self.history = list(meta.get("history", []))
+        self.last_good = (self.ckpt, self.step)
+        return float(meta["input_scale"])
+
+    # ---- one optimisation step ----------------------------------------------------------
+    def train_step(self, x: torch.Tensor) -> None:
+        cfg, sae = self.cfg, self.sae
+        lr = cfg.lr_at(self.step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        out = sae(x, sparsity_scale=cfg.sparsity_scale_at(self.step), dead_mask=self.dead_mask())
+        loss = float(out.loss.detach())
+        if not math.isfinite(loss):
+            where = (
+                f"its last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
+                if self.last_good
+                else "no checkpoint had been written yet"
+            )
+            self.diverged = (
+                f"SAE '{self.name}' diverged at step {self.step}: loss = {loss}; {where}. "
+                f"Try a lower lr (now {cfg.lr}) or a smaller sparsity coefficient."
+            )
+            return
+        self.opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.before_optimizer_step()
+        if cfg.grad_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip_norm, foreach=True)
+        self.opt.step()
+        sae.after_optimizer_step()
+        with torch.no_grad():
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[out.fired] = 0
+            if self.step >= self.density_from_step:
+                self.fire_counts += out.fire_counts
+        self._record(out, x.shape[0])
+        self.step += 1
+
+    def _record(self, out: Any, batch: int) -> None:
+        l0 = float(out.l0)
+        terms = {k: float(v.detach()) for k, v in out.terms.items()}
+        self.recent.append({"l0": l0, **terms})
+        keep = max(1, self.cfg.n_steps // 100)
+        if len(self.recent) > keep:
+            self.recent.pop(0)
+        if self.step % max(1, self.cfg.n_steps // 50) == 0 or self.step == self.cfg.n_steps - 1:
+            self.history.append({"step": float(self.step), "l0": l0, **terms})
+
+
+def train_saes(
+    source: ActivationSource,
+    configs: list[SAEConfig | dict[str, Any]],
+    *,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = True,
+    buffer_rows: int | None = None,
+    n_norm_rows: int = 65536,
+    progress: bool = True,
+    stop_after_steps: int | None = None,
+) -> list[TrainResult]:
+    """Train every config on `source`; SAEs with equal (batch_size, seed) share batches.
+
+    `stop_after_steps` stops early after that many steps (leaving checkpoints behind, as an
+    interruption would); the returned results then hold the partially trained SAEs.
+    """
+    d_in, name = source.d_in, f"activation array '{source_name(source)}'"
+    cfgs = [parse_sae_config(c).with_d_in(d_in, name) for c in configs]
+    names = [c.display_name for c in cfgs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"SAE configs share the name(s) {dupes}; give each a distinct 'name'")
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    groups: dict[tuple[int, int], list[SAEConfig]] = {}
+    for c in cfgs:
+        groups.setdefault((c.batch_size, c.seed), []).append(c)
+    results: dict[str, TrainResult] = {}
+    diverged: list[str] = []
+    for (batch_size, seed), group in groups.items():
+        res, div = _train_group(
+            source, group, batch_size, seed, ckpt_dir, checkpoint_every, resume,
+            buffer_rows, n_norm_rows, progress, stop_after_steps,
+        )  # fmt: skip
+        results.update({r.name: r for r in res})
+        diverged += div
+    if diverged:
+        raise TrainingDivergedError("\n".join(diverged))
+    return [results[n] for n in names]
+
+
+def _train_group(
+    source: ActivationSource,
+    cfgs: list[SAEConfig],
+    batch_size: int,
+    seed: int,
+    ckpt_dir: Path | None,
+    checkpoint_every: int,
+    resume: bool,
+    buffer_rows: int | None,
+    n_norm_rows: int,
+    progress: bool,
+    stop_after_steps: int | None,
+) -> tuple[list[TrainResult], list[str]]:
+    t0 = time.perf_counter()
+    runs = [_Run(c, ckpt_dir) for c in cfgs]
+    scales = [r.try_resume() if resume else None for r in runs]
+
+    sample = torch.from_numpy(sample_rows(source, n_norm_rows, seed))
+    mean_norm = float(sample.norm(dim=1).mean())
+    data_scale = math.sqrt(source.d_in) / mean_norm if mean_norm > 0 else 1.0
+    for run, resumed_scale in zip(runs, scales, strict=True):
+        if resumed_scale is not None:
+            run.scale = resumed_scale
+            continue
+        run.scale = data_scale if run.cfg.normalize_activations else 1.0
+        with torch.no_grad():
+            run.sae.b_dec.copy_(init_b_dec(sample * run.scale, run.cfg.b_dec_init))
+    # the loader applies one scale; SAEs without normalisation get 1/s back per batch
+    loader_scale = data_scale if any(r.cfg.normalize_activations for r in runs) else 1.0
+    for run in runs:
+        run.scale_fix = run.scale / loader_scale
+
+    start = min(r.step for r in runs if not r.done) if any(not r.done for r in runs) else 0
+    end = max(r.cfg.n_steps for r in runs)
+    if stop_after_steps is not None:
+        end = min(end, start + stop_after_steps)
+    bar = tqdm(
+        total=end, initial=start, disable=not progress, unit="step",
+        desc=f"SAEs on {source_name(source)} ({len(runs)})",
+    )  # fmt: skip
+    loader = ShuffleLoader(
+        source, batch_size, seed=seed, buffer_rows=buffer_rows, scale=loader_scale,
+        start_batch=start,
+    )  # fmt: skip
+    try:
+        for step in range(start, end):
+            x = next(loader)
+            for run in runs:
+                if run.done or run.step != step:
+                    continue
+                xb = x if run.scale_fix == 1.0 else x * run.scale_fix
+                run.train_step(xb)
+                if run.ckpt is not None and not run.done and run.step % checkpoint_every == 0:
+                    run.save_checkpoint(run.scale)
+            bar.update(1)
+            if progress and runs[0].recent:
+                bar.set_postfix(
+                    {
+                        r.name[:24]: f"mse={r.recent[-1]['mse']:.3g},L0={r.recent[-1]['l0']:.3g}"
+                        for r in runs[:3]
+                        if r.recent
+                    }  # fmt: skip
+                )
+    finally:
+        loader.close()
+        bar.close()
+
+    seconds = time.perf_counter() - t0
+    results, diverged = [], []
+    for run in runs:
+        if run.diverged:
+            diverged.append(run.diverged)
+            continue
+        if run.ckpt is not None and run.step != (run.last_good or (None, -1))[1]:
+            run.save_checkpoint(run.scale)
+        results.append(_finish(run, seconds))
+    return results, diverged
+
+
+def _finish(run: _Run, seconds: float) -> TrainResult:
+    sae = run.sae
+    sae.eval()
+    with torch.no_grad():
+        window_tokens = max(1, (run.step - run.density_from_step)) * run.cfg.batch_size
+        density = run.fire_counts.double() / window_tokens
+        log_density = torch.log10(density + 1e-10).float()
+        dead = float(run.dead_mask().double().mean())
+    scale = run.scale
+    if scale != 1.0:
+        sae.fold_input_scale(scale)
+    terms: dict[str, float] = {}
+    for rec in run.recent:
+        for k, v in rec.items():
+            terms[k] = terms.get(k, 0.0) + v / len(run.recent)
+    train_l0 = terms.pop("l0", float("nan"))
+    sae.metadata.update({"input_scale": scale, "n_training_tokens": run.step * run.cfg.batch_size})
+    return TrainResult(
+        name=run.name, config=run.cfg, sae=sae, input_scale=scale, n_steps=run.step,
+        n_tokens=run.step * run.cfg.batch_size, final_terms=terms, train_l0=train_l0,
+        dead_fraction=dead, log10_feature_density=log_density, seconds=seconds,
+        history=run.history,
+    )  # fmt: skip
+
+
+__all__ = ["TrainResult", "TrainingDivergedError", "geometric_median", "train_saes"]
