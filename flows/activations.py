@@ -1,0 +1,91 @@
+"""DVC stage `activations@<model>`: cache hook activations into sharded zarr.
+
+    python -m flows.activations toy-a
+
+Runs the model over the whole corpus (training split, then held-out) in batches through
+TransformerLens hooks and writes `data/activations/<model>/`; see stages/activations.py
+for the layout. Interrupted and re-run, it resumes from the last complete shard.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows.common import main, transient_only
+from stages.config import flatten, load_params
+from stages.io import content_hash, write_json
+from stages.tracking import stage_run
+
+CORPUS = Path("data/corpus")
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
+def load(name: str, hooks: list[str]):
+    from stages.activations import check_hooks
+    from stages.models import load_model
+
+    model = load_model(Path("data/models") / name)
+    check_hooks(model, hooks, f"activations.hooks.{name}")  # before any work
+    return model
+
+
+@task(cache_policy=NO_CACHE)
+def windows(model, store_params):
+    from stages.activations import CacheInputs
+    from stages.corpus import read_corpus
+    from stages.models import windows_for
+
+    c = read_corpus(CORPUS)
+    tok, seq = model.tokenizer, store_params.seq_len
+    parts = {}
+    for split, cap in (("train", store_params.max_train_tokens), ("heldout", None)):
+        ix = [i for i, s in enumerate(c.splits) if s == split]
+        parts[split] = windows_for(tok, [c.texts[i] for i in ix], [c.doc_ids[i] for i in ix],
+                                   seq, max_tokens=cap)  # fmt: skip
+    labels = c.labels if c.labels.num_rows else None
+    return CacheInputs(parts["train"], parts["heldout"], labels,
+                       [k.name for k in c.concepts], c.meta["corpus_hash"])  # fmt: skip
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)
+def cache(model, name, hooks, inputs, store_params, model_hash):
+    from stages.activations import cache_activations
+
+    return cache_activations(model, name, hooks, inputs, store_params,
+                             Path("data/activations") / name, model_hash=model_hash)  # fmt: skip
+
+
+@flow(name="activations")
+def activations_flow(name: str) -> dict:
+    params = load_params()
+    if name not in params.models:
+        raise KeyError(f"model {name!r} is not in params.yaml models ({', '.join(params.models)})")
+    hooks, sp = params.hooks(name), params.activations.store
+    model_dir = Path("data/models") / name
+    logged = {**flatten(sp, "activations.store."), f"activations.hooks.{name}": hooks}
+    with stage_run(f"activations@{name}", logged, {"corpus": CORPUS, "model": model_dir}) as run:
+        model = load(name, hooks)
+        inputs = windows(quote(model), sp)
+        res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir))
+        out = Path("data/activations") / name
+        summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
+                   "n_hooks": len(hooks), "n_files": sum(1 for p in out.rglob("*") if p.is_file())}  # fmt: skip
+        metrics_file = Path("metrics/activations") / f"{name}.json"
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(metrics_file, summary)
+        run.metrics(summary)
+        run.metrics({k: res[k] for k in ("forward_s", "enqueue_wait_s", "tokens_per_s_forward")})
+        print(f"activations@{name}: {res['n_rows']:,} rows x {len(hooks)} hooks "
+              f"({res['tokens_per_s_forward']:,.0f} tokens/s in forward) -> {out}/")  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m flows.activations <model-name>")
+    main(lambda: activations_flow(sys.argv[1]), f"activations@{sys.argv[1]}")

@@ -1,0 +1,84 @@
+"""What every stage flow shares: environment, Prefect API choice, one-line errors.
+
+Prefect without a server starts a temporary one in every process (8-15 s here). So a
+stage uses, in order: `PREFECT_API_URL` if set; a server already answering on
+127.0.0.1:4200 (`atlas ui prefect`, or the one `flows.pipeline` starts for a whole
+run); otherwise Prefect's temporary server. All of them share one database under
+`.prefect/`, so every flow run shows in the Prefect UI afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PREFECT_PORT = 4200
+USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError, IndexError)
+
+
+def setup_env() -> None:
+    """Environment for Prefect and MLflow; must run before either is imported."""
+    os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if "PREFECT_API_URL" not in os.environ:
+        url = f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
+        if prefect_server_up(url):
+            os.environ["PREFECT_API_URL"] = url
+
+
+def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:
+    try:
+        with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def transient_only(task, task_run, state) -> bool:
+    """Retry condition: retry I/O-ish failures, never bad input (it would fail again)."""
+    try:
+        state.result()
+    except USER_ERRORS:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def main(run: Callable[[], object], stage: str) -> None:
+    """Entry point of `python -m flows.<stage>`: validated params, then the flow.
+
+    Bad params stop the stage with one line and exit code 2 before any work; other
+    user-facing errors end with one `error:` line and exit code 1.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic", "mlflow", "prefect"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stages.config import ParamsError, load_params
+
+    try:
+        load_params()
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    setup_env()
+    t0 = time.perf_counter()
+    try:
+        run()
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except USER_ERRORS as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {stage}: {msg}", file=sys.stderr)
+        sys.exit(1)
+    logging.getLogger("flows").info("%s finished in %.1f s", stage, time.perf_counter() - t0)

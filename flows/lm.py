@@ -1,0 +1,132 @@
+"""DVC stage `lm@<model>`: train a toy model, or check a pretrained one loads.
+
+    python -m flows.lm toy-a
+
+Toy models: a byte-level BPE tokenizer and a HookedTransformer trained on the corpus'
+training split (resumable from `data/models/<name>.partial/`), evaluated on held-out
+windows against the corpus' unigram entropy. Pretrained models: loaded by name once so
+a missing hub / cache fails here, with a message saying what was needed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows.common import main, transient_only
+from stages.config import PretrainedModel, ToyModel, flatten, load_params
+from stages.io import atomic_dir, read_json, write_json
+from stages.tracking import stage_run
+
+CORPUS = Path("data/corpus")
+SAMPLE_PROMPTS = ["The brown dog", "On Monday the weather", "Tom counts the birds: three,",
+                  "After March comes", "In May the ducks"]  # fmt: skip
+
+
+def out_dir(name: str) -> Path:
+    return Path("data/models") / name
+
+
+@task(cache_policy=NO_CACHE)
+def prepare(m: ToyModel, tok_dir: Path):
+    from stages.corpus import read_corpus
+    from stages.models import train_tokenizer, windows_for
+
+    c = read_corpus(CORPUS)
+    train_ix = [i for i, s in enumerate(c.splits) if s == "train"]
+    held_ix = [i for i, s in enumerate(c.splits) if s == "heldout"]
+    texts = [c.texts[i] for i in train_ix]
+    tok = train_tokenizer(texts, m.tokenizer.vocab_size, tok_dir)
+    train = windows_for(tok, texts, [c.doc_ids[i] for i in train_ix], m.train.seq_len)
+    held = windows_for(tok, [c.texts[i] for i in held_ix], [c.doc_ids[i] for i in held_ix],
+                       m.train.seq_len)  # fmt: skip
+    return tok, train, held, c.meta["corpus_hash"]
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
+def train(m: ToyModel, tok, train_w, held_w, ckpt: Path):
+    from stages.models import build_toy_model, train_toy_model
+
+    model = build_toy_model(m, tok)
+    return model, train_toy_model(model, m, train_w, held_w, ckpt_dir=ckpt)
+
+
+@task(cache_policy=NO_CACHE)
+def samples(model, seed: int) -> list[str]:
+    from stages.models import sample
+
+    return sample(model, SAMPLE_PROMPTS, seed)
+
+
+def _reset_if_stale(partial: Path, fingerprint: dict) -> None:
+    """A checkpoint left by a killed run is resumed only if it was made from the same inputs."""
+    fp_file = partial / "fingerprint.json"
+    if partial.exists() and (not fp_file.exists() or read_json(fp_file) != fingerprint):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(fp_file, fingerprint)
+
+
+@flow(name="lm")
+def lm_flow(name: str) -> dict:
+    params = load_params()
+    if name not in params.models:
+        raise KeyError(f"model {name!r} is not in params.yaml models ({', '.join(params.models)})")
+    m = params.models[name]
+    out = out_dir(name)
+    metrics_file = Path("metrics/lm") / f"{name}.json"
+    inputs = {"corpus": CORPUS} if isinstance(m, ToyModel) else {}
+    with stage_run(f"lm@{name}", flatten(m, f"models.{name}."), inputs) as run:
+        if isinstance(m, PretrainedModel):
+            from stages.models import load_pretrained, write_pretrained_card
+
+            model = load_pretrained(m.name, m.dtype)
+            with atomic_dir(out) as tmp:
+                write_pretrained_card(model, m, tmp)
+            summary = {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model}
+        else:
+            from stages.models import save_toy_model
+
+            partial = out.with_name(out.name + ".partial")
+            _reset_if_stale(partial, {"model": m.model_dump(mode="json"),
+                                      "corpus": read_json(CORPUS / "meta.json")["corpus_hash"]})  # fmt: skip
+            tok, train_w, held_w, corpus_hash = prepare(m, partial / "tokenizer")
+            model, res = train(m, quote(tok), quote(train_w), quote(held_w), partial / "ckpt")
+            gens = samples(quote(model), m.seed)
+            with atomic_dir(out) as tmp:
+                save_toy_model(model, m, partial / "tokenizer", tmp)
+            shutil.rmtree(partial)
+            summary = {
+                "heldout_loss": round(res.heldout_loss, 6),
+                "unigram_entropy": round(res.unigram_entropy, 6),
+                "loss_ratio_to_unigram": round(res.heldout_loss / res.unigram_entropy, 6),
+                "final_train_loss": round(res.final_train_loss, 6),
+                "steps": res.steps,
+                "tokens_seen": res.tokens_seen,
+                "n_params": sum(p.numel() for p in model.parameters()),
+            }
+            for step, loss in res.loss_curve:
+                run.metrics({"train_loss": loss}, step=step)
+            run.metrics({"train_tokens_per_s": res.tokens_per_s})
+            run.text("\n\n".join(gens), "samples.txt")
+            run.tag("corpus_hash", corpus_hash)
+            print(f"lm@{name}: held-out loss {res.heldout_loss:.3f} nats/token vs unigram "
+                  f"entropy {res.unigram_entropy:.3f}; {res.tokens_per_s:,.0f} train tokens/s")  # fmt: skip
+            for g in gens:
+                print("  sample:", g.replace("\n", " ")[:120])
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        write_json(metrics_file, summary)
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        print(f"lm@{name}: model -> {out}/, metrics -> {metrics_file}")
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m flows.lm <model-name>")
+    main(lambda: lm_flow(sys.argv[1]), f"lm@{sys.argv[1]}")

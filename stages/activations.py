@@ -1,0 +1,459 @@
+"""The activation store: one sharded zarr group per model.
+
+Layout of `data/activations/<model>/` (the one source of truth for it; read it with
+`ActivationStore`):
+
+    <hook>            float16 [n_rows, d]   one array per hook, e.g. blocks.1.hook_resid_post
+    token_ids         int32   [n_rows]
+    doc_ids           int32   [n_rows]      corpus document id
+    positions         int16   [n_rows]      position in the context window (1 .. seq_len-1)
+    char_start        int32   [n_rows]      character span of the token in its document
+    char_end          int32   [n_rows]      (empty span for the separator opening a document)
+    split             uint8   [n_rows]      0 = train, 1 = held-out (held-out rows form the tail)
+    concept_labels    uint8   [n_rows, n_concepts]   1 where the token overlaps a labelled span
+
+Rows are windows of `seq_len` tokens packed by the rule in `stages/tokens.py`, minus
+the BOS at position 0. Group attributes hold the model, hooks, dtype, corpus hash,
+params, `heldout_start`, `seq_len`, `bos_id` and `concept_names`.
+
+Arrays are sharded (`shard_rows` rows per file) so a store has tens of files, and
+every chunk carries a CRC32C checksum so a flipped byte is detected on read.
+
+Caching is resumable: rows are written shard by shard into `<out>.partial/`, a
+progress file records the shards that are complete, and a re-run after `kill -9`
+continues from there. Forward batches are aligned to the same window boundaries on
+resume, so the result is identical, array for array, to an uninterrupted run. The
+folder is renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import zarr
+from tqdm.auto import tqdm
+from zarr.codecs import Crc32cCodec, ZstdCodec
+
+from stages.config import StoreParams, hook_layer
+from stages.io import read_json, replace_dir, write_json
+from stages.tokens import Windows
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    from transformer_lens import HookedTransformer
+
+log = logging.getLogger(__name__)
+
+META_ARRAYS = ("token_ids", "doc_ids", "positions", "char_start", "char_end", "split")
+PROGRESS = "progress.json"
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def token_concept_labels(
+    doc_ids: np.ndarray,
+    char_start: np.ndarray,
+    char_end: np.ndarray,
+    labels: pa.Table,
+    concept_names: list[str],
+) -> np.ndarray:
+    """uint8 [n_rows, n_concepts]: 1 where a token's span overlaps a labelled span.
+
+    Vectorised: rows and label spans are mapped into one global character axis
+    (document d occupies [d * stride, d * stride + len)), where rows are sorted, so each
+    span's rows are found with two searchsorted calls and marked with a difference array.
+    """
+    n, k = len(doc_ids), len(concept_names)
+    out = np.zeros((n, k), np.uint8)
+    if n == 0 or k == 0 or labels.num_rows == 0:
+        return out
+    stride = np.int64(max(int(char_end.max()), int(labels.column("char_end").to_numpy().max())) + 2)
+    # The separator row opening a document has an empty span: it must match nothing.
+    empty = char_end <= char_start
+    g_start = doc_ids.astype(np.int64) * stride + char_start
+    g_end = doc_ids.astype(np.int64) * stride + char_end
+    g_end[empty] = g_start[empty]
+    if np.any(np.diff(g_start) < 0):
+        raise ValueError("rows are not in document order; cannot map labels to tokens")
+    col = {c: i for i, c in enumerate(concept_names)}
+    l_doc = labels.column("doc_id").to_numpy().astype(np.int64)
+    l_s = l_doc * stride + labels.column("char_start").to_numpy()
+    l_e = l_doc * stride + labels.column("char_end").to_numpy()
+    l_c = np.array([col.get(c, -1) for c in labels.column("concept").to_pylist()])
+    keep = l_c >= 0
+    l_s, l_e, l_c = l_s[keep], l_e[keep], l_c[keep]
+    # Rows overlapping [s, e) are those with g_end > s and g_start < e: a contiguous
+    # range, since both g_start and g_end are non-decreasing. Empty rows are cleared after.
+    i0 = np.searchsorted(g_end, l_s, side="right")
+    i1 = np.searchsorted(g_start, l_e, side="left")
+    valid = i1 > i0
+    diff = np.zeros((n + 1, k), np.int32)
+    np.add.at(diff, (i0[valid], l_c[valid]), 1)
+    np.add.at(diff, (i1[valid], l_c[valid]), -1)
+    out[:] = np.cumsum(diff[:-1], axis=0) > 0
+    out[empty] = 0
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+
+
+@dataclass
+class CacheInputs:
+    """Everything to cache for one model: packed train + held-out windows and labels."""
+
+    train: Windows
+    heldout: Windows
+    labels: pa.Table | None
+    concept_names: list[str]
+    corpus_hash: str
+
+
+def _rows(w: Windows) -> dict[str, np.ndarray]:
+    return {
+        "token_ids": w.tokens[:, 1:].reshape(-1).astype(np.int32),
+        "doc_ids": w.doc_ids[:, 1:].reshape(-1).astype(np.int32),
+        "positions": np.tile(np.arange(1, w.tokens.shape[1], dtype=np.int16), w.n),
+        "char_start": w.char_start[:, 1:].reshape(-1),
+        "char_end": w.char_end[:, 1:].reshape(-1),
+    }
+
+
+def _fingerprint(model_name: str, hooks: list[str], params: StoreParams,
+                 inputs: CacheInputs, model_hash: str) -> str:  # fmt: skip
+    h = hashlib.sha256()
+    h.update(json.dumps([model_name, hooks, params.model_dump(mode="json"), inputs.corpus_hash,
+                         model_hash, inputs.train.n, inputs.heldout.n]).encode())  # fmt: skip
+    h.update(inputs.train.tokens.tobytes())
+    h.update(inputs.heldout.tokens.tobytes())
+    return h.hexdigest()
+
+
+def _create(group: zarr.Group, name: str, shape: tuple, dtype, p: StoreParams, compress: bool):
+    rest = shape[1:]
+    return group.create_array(
+        name,
+        shape=shape,
+        chunks=(p.chunk_rows, *rest),
+        shards=(p.shard_rows, *rest),
+        dtype=dtype,
+        # Activations barely compress; row metadata compresses very well. Every chunk
+        # gets a CRC32C so corruption is detected on read.
+        compressors=[ZstdCodec(level=3), Crc32cCodec()] if compress else [Crc32cCodec()],
+        fill_value=0,
+        overwrite=True,
+    )
+
+
+def stop_layer(model: HookedTransformer, hooks: list[str]) -> int | None:
+    """The `stop_at_layer` that runs just far enough to reach every hook."""
+    layers = [hook_layer(h) for h in hooks]
+    if any(h.startswith("ln_final") for h in hooks):
+        return None
+    if any(layer is None for layer in layers):  # hook_embed / hook_pos_embed only
+        return 0 if all(h in ("hook_embed", "hook_pos_embed") for h in hooks) else None
+    top = max(layers) + 1  # type: ignore[type-var]
+    return None if top >= model.cfg.n_layers else top
+
+
+def check_hooks(model: HookedTransformer, hooks: list[str], where: str) -> None:
+    for i, h in enumerate(hooks):
+        if h not in model.hook_dict:
+            near = sorted(k for k in model.hook_dict if k.split(".")[-1] == h.split(".")[-1])[:4]
+            raise ValueError(
+                f"params.yaml: {where}[{i}] = {h!r}, expected a hook of this model"
+                + (f" (e.g. {', '.join(near)})" if near else "")
+            )
+
+
+def cache_activations(
+    model: HookedTransformer,
+    model_name: str,
+    hooks: list[str],
+    inputs: CacheInputs,
+    params: StoreParams,
+    out: Path,
+    model_hash: str = "",
+    extra_attrs: dict | None = None,
+) -> dict:
+    """Run the model over all windows and write the store at `out` (resumable, atomic).
+
+    Returns a summary dict (rows, throughput, seconds in forward vs waiting on writes).
+    """
+    out = Path(out)
+    partial = out.with_name(out.name + ".partial")
+    dtype = np.dtype(params.dtype)
+    seq_len = inputs.train.tokens.shape[1]
+    body = seq_len - 1
+    n_train_rows = inputs.train.n * body
+    n_rows = n_train_rows + inputs.heldout.n * body
+    shard = params.shard_rows
+    n_shards = -(-n_rows // shard)
+    fp = _fingerprint(model_name, hooks, params, inputs, model_hash)
+
+    progress = read_json(partial / PROGRESS) if (partial / PROGRESS).exists() else None
+    if progress is None or progress.get("fingerprint") != fp:
+        if partial.exists():
+            log.info("discarding stale partial cache %s", partial)
+            shutil.rmtree(partial)
+        progress = None
+    if progress is None:
+        group = zarr.open_group(partial, mode="w")
+        rows = {k: np.concatenate([a, b]) for (k, a), b in
+                zip(_rows(inputs.train).items(), _rows(inputs.heldout).values(), strict=True)}  # fmt: skip
+        rows["split"] = np.concatenate(
+            [np.zeros(n_train_rows, np.uint8), np.ones(n_rows - n_train_rows, np.uint8)]
+        )
+        for name in META_ARRAYS:
+            _create(group, name, (n_rows,), rows[name].dtype, params, compress=True)[:] = rows[name]
+        labels = (
+            token_concept_labels(rows["doc_ids"], rows["char_start"], rows["char_end"],
+                                 inputs.labels, inputs.concept_names)  # fmt: skip
+            if inputs.labels is not None
+            else np.zeros((n_rows, 0), np.uint8)
+        )
+        _create(group, "concept_labels", labels.shape, np.uint8, params, compress=True)[:] = labels
+        d_model = model.cfg.d_model
+        d_of = {}
+        for h in hooks:
+            d = _hook_width(model, h, seq_len)
+            d_of[h] = d
+            _create(group, h, (n_rows, d), dtype, params, compress=False)
+        group.attrs.update(
+            {
+                "format": "feature-atlas/activations/1",
+                "model": model_name,
+                "hooks": hooks,
+                "d": d_of,
+                "d_model": d_model,
+                "dtype": params.dtype,
+                "corpus_hash": inputs.corpus_hash,
+                "model_hash": model_hash,
+                "params": params.model_dump(mode="json"),
+                "n_rows": n_rows,
+                "heldout_start": n_train_rows,
+                "seq_len": seq_len,
+                "bos_excluded": True,
+                "concept_names": inputs.concept_names,
+                "bos_id": int(model.tokenizer.bos_token_id),
+                **(extra_attrs or {}),
+            }
+        )
+        progress = {"fingerprint": fp, "shards_done": 0}
+        write_json(partial / PROGRESS, progress)
+    group = zarr.open_group(partial, mode="r+")
+    arrays = {h: group[h] for h in hooks}
+
+    # Resume: restart at the forward batch holding the first row of the first unfinished
+    # shard, so batches are identical to an uninterrupted run's.
+    bs = params.batch_size
+    first_row = progress["shards_done"] * shard
+    all_tokens = np.concatenate([inputs.train.tokens, inputs.heldout.tokens])
+    start_window = (first_row // body) // bs * bs
+    if progress["shards_done"]:
+        log.info("resuming activation cache at shard %d/%d", progress["shards_done"], n_shards)
+
+    q: queue.Queue = queue.Queue(maxsize=4)
+    err: list[BaseException] = []
+
+    def writer() -> None:
+        """Fill one shard-sized buffer per hook; write a shard when full, then log progress."""
+        try:
+            cur = progress["shards_done"]
+            lo = cur * shard
+            bufs = {h: np.empty((min(shard, n_rows - lo), a.shape[1]), dtype)
+                    for h, a in arrays.items()}  # fmt: skip
+            fill = 0
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                row0, acts = item
+                n = next(iter(acts.values())).shape[0]
+                skip = max(0, lo + fill - row0)  # rows before the shard we are filling
+                pos = skip
+                while pos < n:
+                    take = min(n - pos, len(bufs[hooks[0]]) - fill)
+                    for h in hooks:
+                        bufs[h][fill : fill + take] = acts[h][pos : pos + take]
+                    fill += take
+                    pos += take
+                    if fill == len(bufs[hooks[0]]):
+                        for h in hooks:
+                            arrays[h][lo : lo + fill] = bufs[h]
+                        cur += 1
+                        write_json(partial / PROGRESS, {"fingerprint": fp, "shards_done": cur})
+                        lo, fill = cur * shard, 0
+                        if lo >= n_rows:
+                            break
+                        bufs = {h: np.empty((min(shard, n_rows - lo), a.shape[1]), dtype)
+                                for h, a in arrays.items()}  # fmt: skip
+        except BaseException as e:  # surfaced in the main thread
+            err.append(e)
+            while q.get() is not None:
+                pass
+
+    thread = threading.Thread(target=writer, name="zarr-writer", daemon=True)
+    thread.start()
+
+    stop = stop_layer(model, hooks)
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook) -> None:
+        captured[hook.name] = act
+
+    fwd_hooks = [(h, grab) for h in hooks]
+    t_forward = t_put = 0.0
+    n_windows = len(all_tokens)
+    bar = tqdm(total=n_rows - first_row, desc=f"cache {model_name}", unit="tok", unit_scale=True)
+    with torch.inference_mode():
+        for w0 in range(start_window, n_windows, bs):
+            if err:
+                break
+            batch = torch.from_numpy(all_tokens[w0 : w0 + bs].astype(np.int64))
+            t0 = time.perf_counter()
+            model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
+            acts = {
+                h: captured[h][:, 1:].reshape(-1, captured[h].shape[-1]).to(
+                    torch.float16 if dtype == np.float16 else torch.float32
+                ).numpy()
+                for h in hooks
+            }
+            t1 = time.perf_counter()
+            q.put((w0 * body, acts))
+            t_forward += t1 - t0
+            t_put += time.perf_counter() - t1
+            bar.update(min(len(batch) * body, n_rows - max(first_row, w0 * body)))
+    q.put(None)
+    thread.join()
+    bar.close()
+    if err:
+        raise err[0]
+    final = read_json(partial / PROGRESS)
+    if final["shards_done"] != n_shards:
+        raise RuntimeError(f"{partial}: {final['shards_done']}/{n_shards} shards written")
+    (partial / PROGRESS).unlink()
+    replace_dir(partial, out)
+    done_rows = n_rows - first_row
+    return {
+        "n_rows": n_rows,
+        "heldout_start": n_train_rows,
+        "rows_computed": done_rows,
+        "forward_s": t_forward,
+        "enqueue_wait_s": t_put,
+        "tokens_per_s_forward": done_rows / max(t_forward, 1e-9),
+        "resumed_from_shard": progress["shards_done"] if first_row else 0,
+    }
+
+
+def _hook_width(model: HookedTransformer, hook: str, seq_len: int) -> int:
+    """Width of a hook's activation per token (d_model, d_mlp, n_heads*d_head, ...)."""
+    cfg = model.cfg
+    tail = hook.split(".")[-1]
+    if tail in ("hook_pre", "hook_post") and ".mlp." in hook:
+        return cfg.d_mlp
+    if tail in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result"):
+        raise ValueError(
+            f"hook {hook!r} has per-head shape; cache a residual / MLP / attention output hook"
+        )
+    if tail in ("hook_attn_scores", "hook_pattern"):
+        raise ValueError(f"hook {hook!r} is an attention pattern, not a per-token activation")
+    if tail == "hook_scale":
+        return 1
+    return cfg.d_model
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+class ActivationSource:
+    """One hook's rows over a contiguous row range, read chunk-aligned (trainer protocol).
+
+    `read(start, stop)` is relative to the range; reads aligned to `chunk_rows` touch
+    one chunk each.
+    """
+
+    def __init__(self, array: zarr.Array, lo: int, hi: int, name: str):
+        self.array, self.lo, self.hi, self.name = array, lo, hi, name
+        self.n_rows = hi - lo
+        self.d_in = int(array.shape[1])
+        self.chunk_rows = int(array.chunks[0])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        if not 0 <= start <= stop <= self.n_rows:
+            raise IndexError(f"{self.name}: rows [{start}, {stop}) outside [0, {self.n_rows})")
+        return self.array[self.lo + start : self.lo + stop]
+
+    def __repr__(self) -> str:
+        return f"ActivationSource({self.name}, rows {self.lo}:{self.hi}, d_in={self.d_in})"
+
+
+class ActivationStore:
+    """Read side of the store. Every reader goes through this class."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        if not (self.path / "zarr.json").exists():
+            raise FileNotFoundError(
+                f"{self.path}: no activation store here; expected the activations stage's "
+                "output (run `dvc repro activations`)"
+            )
+        self.group = zarr.open_group(self.path, mode="r")
+        self.attrs = dict(self.group.attrs)
+        self.hooks: list[str] = list(self.attrs["hooks"])
+        self.n_rows: int = int(self.attrs["n_rows"])
+        self.heldout_start: int = int(self.attrs["heldout_start"])
+        self.seq_len: int = int(self.attrs["seq_len"])
+        self.concept_names: list[str] = list(self.attrs.get("concept_names", []))
+        self.corpus_hash: str = self.attrs["corpus_hash"]
+
+    def array(self, name: str) -> zarr.Array:
+        try:
+            return self.group[name]
+        except KeyError:
+            raise KeyError(
+                f"{self.path}: no array {name!r}; hooks cached: {self.hooks}"
+            ) from None
+
+    def d(self, hook: str) -> int:
+        return int(self.array(hook).shape[1])
+
+    def source(self, hook: str, split: str = "train") -> ActivationSource:
+        lo, hi = self.split_range(split)
+        return ActivationSource(self.array(hook), lo, hi, f"{self.path}/{hook}[{split}]")
+
+    def split_range(self, split: str) -> tuple[int, int]:
+        if split == "train":
+            return 0, self.heldout_start
+        if split == "heldout":
+            return self.heldout_start, self.n_rows
+        if split == "all":
+            return 0, self.n_rows
+        raise ValueError(f"split = {split!r}, expected 'train', 'heldout' or 'all'")
+
+    def read(self, name: str, split: str = "all") -> np.ndarray:
+        lo, hi = self.split_range(split)
+        return self.array(name)[lo:hi]
+
+    def windows(self, split: str = "heldout", max_windows: int | None = None) -> torch.Tensor:
+        """Token windows [n, seq_len] with BOS re-inserted: what the model saw."""
+        lo, hi = self.split_range(split)
+        body = self.seq_len - 1
+        n = (hi - lo) // body
+        if max_windows is not None:
+            n = min(n, max_windows)
+        toks = self.array("token_ids")[lo : lo + n * body].reshape(n, body)
+        bos = np.full((n, 1), int(self.attrs["bos_id"]), np.int32)
+        return torch.from_numpy(np.concatenate([bos, toks], axis=1).astype(np.int64))

@@ -1,0 +1,390 @@
+"""The one typed schema for `params.yaml`.
+
+Every stage calls `load_params()` before doing any work. A problem in the file stops
+the stage with one line naming the key, the value and what was expected, e.g.
+
+    params.yaml: models.toy-a.arch.d_model = -4, expected an integer >= 1
+
+DVC makes each stage depend on its own keys only (see `dvc.yaml`); this schema checks
+the whole file every time so a typo anywhere is caught before anything is written.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A bad value in params.yaml; the message is one line naming key, value, expectation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0)]
+Fraction = Annotated[float, Field(gt=0, lt=1)]
+
+# ---------------------------------------------------------------------------- corpus
+
+
+class ToyCorpus(_Strict):
+    """The embedded story generator with planted concepts (stages/corpus.py)."""
+
+    n_docs: PosInt = 8000
+    seed: int = 0
+
+
+class HFCorpus(_Strict):
+    """Any HF `datasets` source: a hub dataset id (streamed) or a builder over local files."""
+
+    path: str = Field(description="'text', 'json', 'parquet' or a hub dataset id")
+    data_files: list[str] = []
+    name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    streaming: bool = False
+    max_docs: PosInt | None = None
+
+
+class CorpusParams(_Strict):
+    source: Literal["toy", "hf"] = "toy"
+    heldout_fraction: Fraction = 0.05
+    toy: ToyCorpus = ToyCorpus()
+    hf: HFCorpus | None = None
+
+    @model_validator(mode="after")
+    def _source_has_section(self) -> CorpusParams:
+        if self.source == "hf" and self.hf is None:
+            raise ValueError("corpus.source is 'hf' but there is no corpus.hf section")
+        return self
+
+
+# ---------------------------------------------------------------------------- models
+
+# TransformerLens hook names of a standard decoder block. Checked here so a typo fails
+# before any work; the activation stage re-checks against the loaded model's hook_dict.
+_BLOCK_HOOKS = {
+    "hook_resid_pre",
+    "hook_resid_mid",
+    "hook_resid_post",
+    "hook_attn_out",
+    "hook_mlp_out",
+    "hook_attn_in",
+    "hook_q_input",
+    "hook_k_input",
+    "hook_v_input",
+    "hook_mlp_in",
+    "ln1.hook_scale",
+    "ln1.hook_normalized",
+    "ln2.hook_scale",
+    "ln2.hook_normalized",
+    "attn.hook_q",
+    "attn.hook_k",
+    "attn.hook_v",
+    "attn.hook_z",
+    "attn.hook_attn_scores",
+    "attn.hook_pattern",
+    "attn.hook_result",
+    "mlp.hook_pre",
+    "mlp.hook_post",
+}
+_GLOBAL_HOOKS = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"}
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def hook_layer(hook: str) -> int | None:
+    """Block index of a TransformerLens hook name (None for embed / final-LN hooks)."""
+    m = _HOOK_RE.match(hook)
+    return int(m.group(1)) if m else None
+
+
+def check_hook_name(hook: str, n_layers: int | None) -> str | None:
+    """Return why `hook` is not a valid hook name for a model with n_layers, or None."""
+    if hook in _GLOBAL_HOOKS:
+        return None
+    m = _HOOK_RE.match(hook)
+    if not m or m.group(2) not in _BLOCK_HOOKS:
+        return "expected a TransformerLens hook name such as 'blocks.1.hook_resid_post'"
+    if n_layers is not None and int(m.group(1)) >= n_layers:
+        return f"expected a block index < n_layers = {n_layers}"
+    return None
+
+
+class ToyArch(_Strict):
+    n_layers: PosInt = 2
+    d_model: PosInt = 128
+    n_heads: PosInt = 4
+    d_mlp: PosInt = 512
+    n_ctx: PosInt = 128
+    act_fn: Literal["gelu", "relu", "gelu_new", "silu"] = "gelu"
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> ToyArch:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"n_heads = {self.n_heads} must divide d_model = {self.d_model}"
+            )
+        return self
+
+
+class ToyTokenizer(_Strict):
+    vocab_size: Annotated[int, Field(ge=260)] = 1024
+
+
+class ToyTrain(_Strict):
+    tokens: PosInt = 600_000
+    batch_size: PosInt = 32
+    seq_len: PosInt = 128
+    lr: PosFloat = 3e-3
+    warmup_steps: NonNegInt = 30
+    weight_decay: Annotated[float, Field(ge=0)] = 0.01
+    eval_tokens: PosInt = 32_768
+
+
+class ToyModel(_Strict):
+    """A small HookedTransformer trained here by the `lm` stage (no network)."""
+
+    source: Literal["toy"]
+    seed: int = 0
+    arch: ToyArch = ToyArch()
+    tokenizer: ToyTokenizer = ToyTokenizer()
+    train: ToyTrain = ToyTrain()
+
+    @property
+    def n_layers(self) -> int | None:
+        return self.arch.n_layers
+
+    @model_validator(mode="after")
+    def _seq_fits(self) -> ToyModel:
+        if self.train.seq_len > self.arch.n_ctx:
+            raise ValueError(
+                f"train.seq_len = {self.train.seq_len} exceeds arch.n_ctx = {self.arch.n_ctx}"
+            )
+        return self
+
+
+class PretrainedModel(_Strict):
+    """A TransformerLens model loaded by name; needs the HF hub or a filled HF cache."""
+
+    source: Literal["pretrained"]
+    name: str
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @property
+    def n_layers(self) -> int | None:
+        return None  # known only once the config is loaded
+
+
+ModelParams = Annotated[ToyModel | PretrainedModel, Field(discriminator="source")]
+
+# ---------------------------------------------------------------------------- activations
+
+
+class StoreParams(_Strict):
+    seq_len: Annotated[int, Field(ge=2)] = 128
+    batch_size: PosInt = 64
+    dtype: Literal["float16", "float32"] = "float16"
+    max_train_tokens: PosInt | None = None
+    shard_rows: PosInt = 65_536
+    chunk_rows: PosInt = 8_192
+
+    @model_validator(mode="after")
+    def _chunks_tile_shards(self) -> StoreParams:
+        if self.shard_rows % self.chunk_rows:
+            raise ValueError(
+                f"chunk_rows = {self.chunk_rows} must divide shard_rows = {self.shard_rows}"
+            )
+        return self
+
+
+class ActivationParams(_Strict):
+    """`store`: how every cache is written; `hooks`: per model, which hook points."""
+
+    store: StoreParams = StoreParams()
+    hooks: dict[str, list[str]]
+
+
+# ---------------------------------------------------------------------------- root
+
+
+class Params(_Strict):
+    corpus: CorpusParams = CorpusParams()
+    models: dict[str, ModelParams]
+    activations: ActivationParams
+
+    @model_validator(mode="after")
+    def _models_consistent(self) -> Params:
+        if not self.models:
+            raise ValueError("models: expected at least one model")
+        for name, m in self.models.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+                raise _KeyError(
+                    ("models", name),
+                    name,
+                    "expected a name of letters, digits, '-', '_' or '.' (it becomes a path)",
+                )
+            hooks = self.activations.hooks.get(name)
+            loc = ("activations", "hooks", name)
+            if hooks is None:
+                raise _KeyError(loc, None, f"expected a list of hooks for model '{name}'")
+            if not hooks:
+                raise _KeyError(loc, [], "expected at least one hook")
+            if len(set(hooks)) != len(hooks):
+                raise _KeyError(loc, hooks, "expected no repeated hook")
+            for i, hook in enumerate(hooks):
+                why = check_hook_name(hook, m.n_layers)
+                if why:
+                    raise _KeyError((*loc, i), hook, why)
+            if isinstance(m, ToyModel) and self.activations.store.seq_len > m.arch.n_ctx:
+                raise _KeyError(
+                    ("activations", "store", "seq_len"),
+                    self.activations.store.seq_len,
+                    f"expected <= models.{name}.arch.n_ctx = {m.arch.n_ctx}",
+                )
+        for name in self.activations.hooks:
+            if name not in self.models:
+                raise _KeyError(
+                    ("activations", "hooks", name), name,
+                    f"expected a model listed under models ({', '.join(self.models)})",
+                )  # fmt: skip
+        return self
+
+    def hooks(self, model: str) -> list[str]:
+        return self.activations.hooks[model]
+
+
+class _KeyError(ValueError):
+    """A cross-field problem that knows exactly which key is at fault."""
+
+    def __init__(self, loc: tuple, value: Any, expected: str):
+        super().__init__(expected)
+        self.loc, self.value, self.expected = loc, value, expected
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; a model listed twice must fail."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ParamsError(
+                f"line {key_node.start_mark.line + 1}: key '{key}' appears twice "
+                f"(first on line {seen[key]}), expected each key once"
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
+)
+
+
+def _dotted(loc: tuple) -> str:
+    parts = []
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(f"[{p}]")
+        else:
+            parts.append(("." if parts else "") + str(p))
+    return "".join(parts)
+
+
+def _format_pydantic(err: ValidationError, origin: str) -> str:
+    e = err.errors()[0]
+    # Drop the discriminator tag pydantic inserts into the location (models.x.toy.seed).
+    loc = tuple(p for p in e["loc"] if p not in ("toy", "pretrained") or p == e["loc"][0])
+    ctx = e.get("ctx") or {}
+    if isinstance(ctx.get("error"), _KeyError):
+        ke = ctx["error"]
+        return f"{origin}: {_dotted(ke.loc)} = {ke.value!r}, {ke.expected}"
+    key = _dotted(loc) or "<root>"
+    kind = e["type"]
+    if kind == "extra_forbidden":
+        return f"{origin}: {key}: unknown key, expected one of the documented keys (see README)"
+    if kind == "missing":
+        return f"{origin}: {key} is missing, expected a value"
+    msg = e["msg"]
+    msg = msg.removeprefix("Value error, ")
+    expected = {
+        "greater_than_equal": f"expected a number >= {ctx.get('ge')}",
+        "greater_than": f"expected a number > {ctx.get('gt')}",
+        "less_than": f"expected a number < {ctx.get('lt')}",
+        "int_parsing": "expected an integer",
+        "int_type": "expected an integer",
+        "int_from_float": "expected an integer",
+        "float_parsing": "expected a number",
+        "float_type": "expected a number",
+        "bool_parsing": "expected true or false",
+        "string_type": "expected a string",
+        "list_type": "expected a list",
+        "dict_type": "expected a mapping",
+        "model_type": "expected a mapping",
+        "literal_error": f"expected {ctx.get('expected')}",
+        "union_tag_invalid": f"expected source {ctx.get('expected_tags')}",
+        "union_tag_not_found": "expected a 'source' key ('toy' or 'pretrained')",
+    }.get(kind, msg[:1].lower() + msg[1:])
+    if kind == "union_tag_invalid":
+        return f"{origin}: {key}.source = {ctx.get('tag')!r}, {expected}"
+    if "input" in e and not isinstance(e["input"], dict | list) or kind.endswith("_type"):
+        shown = e.get("input")
+        return f"{origin}: {key} = {shown!r}, {expected}"
+    return f"{origin}: {key}: {expected}"
+
+
+def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError with a one-line message."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_format_pydantic(err, origin)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and validate params.yaml (or `path`). Raises ParamsError on any problem."""
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: file not found, expected the pipeline's params file")
+    try:
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
+    except ParamsError as e:
+        raise ParamsError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ParamsError(f"{path}:{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    return parse_params(raw, str(path))
+
+
+def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten nested params into dotted keys (MLflow params, provenance)."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, list) and obj and any(isinstance(v, dict | list) for v in obj):
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix.rstrip(".")] = obj
+    return out

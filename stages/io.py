@@ -1,0 +1,106 @@
+"""Small I/O helpers shared by every stage: atomic outputs, JSON, content hashes.
+
+A stage never writes into its final output path directly. It writes into a sibling
+temporary folder and renames it into place when complete, so a killed stage never
+leaves a half-written artifact that a later stage would read as finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, keep_on_error: Path | None = None) -> Iterator[Path]:
+    """Yield an empty temporary folder; on success it replaces `final` in one rename.
+
+    On error the temporary folder is removed (nothing half-written is left) and
+    whatever was already at `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    replace_dir(tmp, final)
+
+
+def replace_dir(src: Path, final: Path) -> None:
+    """Move folder `src` to `final`, replacing what was there with (nearly) one rename."""
+    final = Path(final)
+    if final.exists() or final.is_symlink():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(src, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, final)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (tmp + rename), stable key order for reproducible bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str = "") -> Any:
+    path = Path(path)
+    if not path.exists():
+        hint = f"; expected {what}" if what else ""
+        raise FileNotFoundError(f"{path}: missing{hint}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def file_md5(path: Path, bufsize: int = 1 << 22) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(bufsize):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(path: Path) -> str:
+    """md5 of a file, or of a folder's (relative path, file md5) list, as DVC does.
+
+    For a folder the value equals DVC's `.dir` hash only in spirit, not bytes: it is
+    our own stable fingerprint used in provenance records.
+    """
+    path = Path(path)
+    if path.is_file():
+        return file_md5(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: missing; cannot hash an input that does not exist")
+    entries = [
+        {"relpath": p.relative_to(path).as_posix(), "md5": file_md5(p)}
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    ]
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"

@@ -1,0 +1,202 @@
+"""MLflow tracking and provenance: every stage run says exactly what produced it.
+
+One experiment (`feature-atlas`). A parent run per pipeline invocation; a child run per
+stage execution carrying flattened params, metrics, artifacts, the git commit, the DVC
+stage name and the content hash of every input.
+
+How a stage finds its parent run:
+- `FEATURE_ATLAS_PARENT_RUN_ID` when set (flows/pipeline.py sets it);
+- otherwise the `dvc repro` process that launched the stage is the invocation: its pid
+  and start time key a parent run that the first stage creates and later stages reuse;
+- run outside DVC, a stage's run has no parent.
+
+Run ids never go into DVC outputs (they would break byte-identical reruns); they live
+in MLflow, which links each run to its inputs' hashes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from stages.io import content_hash
+
+EXPERIMENT = "feature-atlas"
+PARENT_ENV = "FEATURE_ATLAS_PARENT_RUN_ID"
+INVOCATION_TAG = "atlas.invocation"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+@functools.cache
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    if mlflow.get_experiment_by_name(EXPERIMENT) is None:
+        # Artifacts beside the database, in ./mlruns, wherever the command runs from.
+        with contextlib.suppress(Exception):  # another stage may create it concurrently
+            mlflow.create_experiment(EXPERIMENT, artifact_location=(Path.cwd() / "mlruns").as_uri())
+    mlflow.set_experiment(EXPERIMENT)
+    return mlflow
+
+
+def git_commit() -> str:
+    """HEAD's commit, with '-dirty' when tracked files differ from it."""
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        return sha + ("-dirty" if dirty else "")
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "unknown"
+
+
+def _dvc_invocation() -> str | None:
+    """'<pid>-<start time>' of the `dvc` process above this one, if any."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    with contextlib.suppress(psutil.Error):
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = " ".join(proc.cmdline()[:3])
+            if "dvc" in Path(proc.cmdline()[0]).name or " -m dvc" in cmd or "/dvc " in cmd:
+                return f"{proc.pid}-{int(proc.create_time())}"
+            proc = proc.parent()
+    return None
+
+
+def _parent_run_id(mlflow) -> str | None:
+    if os.environ.get(PARENT_ENV):
+        return os.environ[PARENT_ENV]
+    key = _dvc_invocation()
+    if key is None:
+        return None
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    found = mlflow.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{INVOCATION_TAG}` = '{key}'",
+        max_results=1, output_format="list",
+    )  # fmt: skip
+    if found:
+        return found[0].info.run_id
+    run = mlflow.MlflowClient().create_run(
+        exp.experiment_id,
+        run_name=f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={INVOCATION_TAG: key, "atlas.kind": "pipeline", "git.commit": git_commit()},
+    )
+    return run.info.run_id
+
+
+def _clip(v: Any) -> str:
+    s = v if isinstance(v, str) else json.dumps(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+class StageRun:
+    """A live MLflow child run; log metrics/artifacts through it."""
+
+    # Explicit run ids throughout: MLflow's active run is thread-local, and Prefect
+    # may run a task in another thread.
+    def __init__(self, mlflow, run):
+        self.client = mlflow.MlflowClient()
+        self.run_id: str = run.info.run_id
+
+    def metrics(self, values: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in values.items() if v is not None]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: Path, subdir: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), subdir)
+        else:
+            self.client.log_artifact(self.run_id, str(path), subdir)
+
+    def text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
+    def figure(self, fig, name: str) -> None:
+        self.client.log_figure(self.run_id, fig, name)
+
+    def tag(self, key: str, value: Any) -> None:
+        self.client.set_tag(self.run_id, key, _clip(value))
+
+
+@contextlib.contextmanager
+def stage_run(
+    stage: str,
+    params: dict[str, Any],
+    inputs: dict[str, Path],
+    tags: dict[str, str] | None = None,
+) -> Iterator[StageRun]:
+    """Open a child MLflow run for one stage execution with full provenance.
+
+    `params` are logged flattened; `inputs` (name -> path) are hashed and logged as
+    `input.<name>` tags; the run is marked FAILED if the body raises.
+    """
+    mlflow = _mlflow()
+    parent = _parent_run_id(mlflow)
+    hashes = {name: content_hash(p) for name, p in inputs.items()}
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None)
+    sr = StageRun(mlflow, run)
+    try:
+        items = [(k[:250], _clip(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i : i + 100]))
+        mlflow.set_tags(
+            {
+                "atlas.kind": "stage",
+                "dvc.stage": stage,
+                "git.commit": git_commit(),
+                "params.json": _clip(params),
+                **{f"input.{k}": v for k, v in hashes.items()},
+                **{f"input_path.{k}": str(p) for k, p in inputs.items()},
+                **(tags or {}),
+            }
+        )
+        yield sr
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+
+def provenance(run_id: str) -> dict[str, Any]:
+    """Exactly which data, code and params produced a run."""
+    mlflow = _mlflow()
+    run = mlflow.get_run(run_id)
+    tags = run.data.tags
+    out = {
+        "run_id": run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "dvc_stage": tags.get("dvc.stage"),
+        "git_commit": tags.get("git.commit"),
+        "parent_run_id": tags.get("mlflow.parentRunId"),
+        "inputs": {
+            k.removeprefix("input."): {"hash": v, "path": tags.get(f"input_path.{k[6:]}")}
+            for k, v in sorted(tags.items())
+            if k.startswith("input.")
+        },
+        "params": dict(sorted(run.data.params.items())),
+        "metrics": dict(sorted(run.data.metrics.items())),
+    }
+    return out
