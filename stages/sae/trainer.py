@@ -311,8 +311,9 @@ def _train_group(
         run.scale = data_scale if run.cfg.normalize_activations else 1.0
         with torch.no_grad():
             run.sae.b_dec.copy_(init_b_dec(sample * run.scale, run.cfg.b_dec_init))
-    # the loader applies one scale; SAEs without normalisation get 1/s back per batch
-    loader_scale = data_scale if any(r.cfg.normalize_activations for r in runs) else 1.0
+    # the loader thread applies the scale when all SAEs share it; otherwise each SAE
+    # scales its own copy (an SAE gets bit-identical batches either way)
+    loader_scale = runs[0].scale if len({r.scale for r in runs}) == 1 else 1.0
     for run in runs:
         run.scale_fix = run.scale / loader_scale
 

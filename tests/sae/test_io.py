@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import torch
+
+sae_lens = pytest.importorskip("sae_lens")
+
+from stages.sae import build_sae, load_sae, save_sae  # noqa: E402
+from stages.sae.io import SAEFormatError, load_log_feature_density, load_pretrained_sae  # noqa: E402
+
+D_IN, D_SAE = 10, 24
+ARCHS = {
+    "relu": {"l1_coefficient": 1.0},
+    "topk": {"k": 4},
+    "batchtopk": {"k": 4},
+    "jumprelu": {"l0_coefficient": 0.1},
+    "gated": {"l1_coefficient": 0.1},
+}
+
+
+def trained_like(arch):
+    """An SAE with random (non-initial) weights, as training would leave it."""
+    sae = build_sae(
+        {
+            "architecture": arch,
+            "d_in": D_IN,
+            "d_sae": D_SAE,
+            "n_training_tokens": 4096,
+            **ARCHS[arch],
+        }
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, p in sae.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.2)
+        if hasattr(sae, "threshold"):
+            sae.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.3 + 0.05)
+        if arch == "batchtopk":
+            sae.threshold.fill_(0.2)
+    return sae.eval()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_saelens_loads_our_folder_and_reproduces_encode_decode(tmp_path, arch):
+    sae = trained_like(arch)
+    density = torch.log10(torch.rand(D_SAE) + 1e-3)
+    save_sae(
+        tmp_path,
+        sae,
+        hook_name="blocks.0.hook_resid_post",
+        model_name="toy",
+        log_feature_density=density,
+        metrics={"fvu": 0.1, "nan": float("nan")},
+    )
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "sparsity.safetensors",
+        "metrics.json",
+    }
+    theirs = sae_lens.SAE.load_from_disk(tmp_path)
+    x = torch.randn(50, D_IN) * 2
+    with torch.no_grad():
+        f_ours, f_theirs = sae.encode(x), theirs.encode(x)
+        assert torch.allclose(f_ours, f_theirs, atol=1e-5)
+        assert (f_ours > 0).sum() > 0
+        assert torch.allclose(sae.decode(f_ours), theirs.decode(f_theirs), atol=1e-5)
+    assert theirs.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    assert json.loads((tmp_path / "metrics.json").read_text())["nan"] is None  # strict JSON
+    assert torch.equal(load_log_feature_density(tmp_path), density)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_our_loader_round_trips(tmp_path, arch):
+    sae = trained_like(arch)
+    save_sae(tmp_path, sae, hook_name="h")
+    back = load_sae(tmp_path)
+    assert back.architecture == arch
+    assert back.apply_b_dec_to_input == sae.apply_b_dec_to_input
+    x = torch.randn(40, D_IN)
+    with torch.no_grad():
+        assert torch.allclose(back.decode(back.encode(x)), sae.decode(sae.encode(x)), atol=1e-6)
+    assert back.metadata["hook_name"] == "h"
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("standard", {}),
+        ("topk", {"k": 3, "rescale_acts_by_decoder_norm": True}),
+        ("jumprelu", {}),
+        ("gated", {}),
+    ],
+)
+def test_reading_a_folder_written_by_saelens(tmp_path, arch, extra):
+    from sae_lens.registry import get_sae_class
+
+    cls, cfg_cls = get_sae_class(arch)
+    theirs = cls(cfg_cls(d_in=D_IN, d_sae=D_SAE, **extra))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        if arch == "jumprelu":
+            theirs.threshold.abs_()
+    theirs.save_model(tmp_path)
+    ours = load_sae(tmp_path)
+    x = torch.randn(30, D_IN)
+    with torch.no_grad():
+        assert torch.allclose(ours.decode(ours.encode(x)), theirs(x), atol=1e-5)
+
+
+def test_bad_folders_are_named(tmp_path):
+    with pytest.raises(SAEFormatError, match="cfg.json: missing"):
+        load_sae(tmp_path)
+    save_sae(tmp_path, trained_like("topk"), hook_name="h")
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    cfg["normalize_activations"] = "layer_norm"
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(SAEFormatError, match="normalize_activations = 'layer_norm'"):
+        load_sae(tmp_path)
+    cfg["normalize_activations"] = "none"
+    cfg["d_sae"] = 99
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"'W_dec' has shape \(24, 10\), expected \(99, 10\)"):
+        load_sae(tmp_path)
+
+
+def test_pretrained_offline_says_what_it_needed(monkeypatch, tmp_path):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hc, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(ConnectionError, match=r"jbloom/GPT2-Small-SAEs-Reformatted.*huggingface"):
+        load_pretrained_sae("gpt2-small-res-jb", "blocks.0.hook_resid_pre")
+    with pytest.raises(SAEFormatError, match="not in SAELens' pretrained SAE registry"):
+        load_pretrained_sae("no-such-release", "x")
