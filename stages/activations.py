@@ -85,8 +85,11 @@ def token_concept_labels(
     g_start = doc_ids.astype(np.int64) * stride + char_start
     g_end = doc_ids.astype(np.int64) * stride + char_end
     g_end[empty] = g_start[empty]
-    if np.any(np.diff(g_start) < 0):
-        raise ValueError("rows are not in document order; cannot map labels to tokens")
+    # Held-out rows follow the training rows, so sort (stably) onto the global axis.
+    order = np.argsort(g_start, kind="stable")
+    g_start, g_end = g_start[order], g_end[order]
+    if np.any(np.diff(g_end) < 0):
+        raise ValueError("token spans overlap out of order; cannot map labels to tokens")
     col = {c: i for i, c in enumerate(concept_names)}
     l_doc = labels.column("doc_id").to_numpy().astype(np.int64)
     l_s = l_doc * stride + labels.column("char_start").to_numpy()
@@ -102,7 +105,7 @@ def token_concept_labels(
     diff = np.zeros((n + 1, k), np.int32)
     np.add.at(diff, (i0[valid], l_c[valid]), 1)
     np.add.at(diff, (i1[valid], l_c[valid]), -1)
-    out[:] = np.cumsum(diff[:-1], axis=0) > 0
+    out[order] = np.cumsum(diff[:-1], axis=0) > 0
     out[empty] = 0
     return out
 
@@ -143,11 +146,13 @@ def _fingerprint(model_name: str, hooks: list[str], params: StoreParams,
 
 def _create(group: zarr.Group, name: str, shape: tuple, dtype, p: StoreParams, compress: bool):
     rest = shape[1:]
+    # Row metadata is small once compressed: one shard file for the whole array.
+    shard_rows = p.shard_rows if not compress else -(-shape[0] // p.chunk_rows) * p.chunk_rows
     return group.create_array(
         name,
         shape=shape,
         chunks=(p.chunk_rows, *rest),
-        shards=(p.shard_rows, *rest),
+        shards=(max(shard_rows, p.chunk_rows), *rest),
         dtype=dtype,
         # Activations barely compress; row metadata compresses very well. Every chunk
         # gets a CRC32C so corruption is detected on read.

@@ -1,0 +1,124 @@
+"""Run the whole DVC pipeline from Prefect, so a run started here still goes through DVC.
+
+    python -m flows.pipeline                 # dvc repro (everything that changed)
+    python -m flows.pipeline lm@toy-a -f     # targets and `dvc repro` flags pass through
+    python -m flows.pipeline serve           # a deployment the Prefect UI can trigger
+
+What it adds to a plain `dvc repro`:
+- one Prefect server for the whole run (started on 127.0.0.1 if none answers, stopped
+  afterwards), so each stage's flow costs ~1 s instead of ~10 s of server start-up;
+- one MLflow parent run, passed to every stage through FEATURE_ATLAS_PARENT_RUN_ID;
+- the `dvc repro` output streamed into the Prefect flow run's logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from flows.common import DEFAULT_PREFECT_PORT, ROOT, prefect_server_up, setup_env
+
+setup_env()
+
+from prefect import flow, get_run_logger  # noqa: E402
+
+
+@contextlib.contextmanager
+def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
+    """Yield an API URL: the configured or running server, or one started for the run."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    url = f"http://127.0.0.1:{port}/api"
+    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+             "--port", str(port)],
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.time() + 60
+        while not prefect_server_up(url):
+            if proc.poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"Prefect server did not start; see {log}")
+            time.sleep(0.25)
+        os.environ["PREFECT_API_URL"] = url
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.kill()
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline(args: list[str] | None = None) -> int:
+    """`dvc repro <args>` with a parent MLflow run; returns DVC's exit code."""
+    import mlflow
+
+    from stages.tracking import EXPERIMENT, _mlflow, git_commit
+
+    logger = get_run_logger()
+    ml = _mlflow()
+    exp = ml.get_experiment_by_name(EXPERIMENT)
+    parent = ml.MlflowClient().create_run(
+        exp.experiment_id,
+        run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+        tags={"atlas.kind": "pipeline", "git.commit": git_commit(),
+              "dvc.args": " ".join(args or [])},  # fmt: skip
+    )
+    run_id = parent.info.run_id
+    env = {**os.environ, "FEATURE_ATLAS_PARENT_RUN_ID": run_id}
+    cmd = ["dvc", "repro", *(args or [])]
+    logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
+            logger.info(line.rstrip())
+    code = proc.wait()
+    status = "FINISHED" if code == 0 else "FAILED"
+    client = mlflow.MlflowClient()
+    client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
+    client.set_terminated(run_id, status)
+    if code:
+        raise RuntimeError(f"dvc repro exited with {code}")
+    return code
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["serve"]:
+        # Keeps running: the Prefect UI's "Run" button on deployment 'dvc-repro'
+        # triggers a full `dvc repro` through this same flow.
+        pipeline.serve(name="dvc-repro")
+        return 0
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    # Prefect read its settings at import; point this process at the server too.
+    with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
+        try:
+            pipeline(argv)
+        except RuntimeError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    print(
+        "\nDone. Runs: `atlas ui mlflow` (MLflow) and `atlas ui prefect` (Prefect); "
+        "`atlas provenance <run-id>` tells what produced a run."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
