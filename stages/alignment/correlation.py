@@ -43,7 +43,6 @@ import torch
 from stages.alignment._common import (
     Array,
     as_tensor_2d,
-    check_finite,
     check_paired,
     check_width,
 )
@@ -64,7 +63,7 @@ class CorrelationAccumulator:
         m_b: int,
         *,
         matmul_dtype: torch.dtype = torch.float32,
-        block_rows: int = 4096,
+        block_rows: int = 8192,
     ) -> None:
         if m_a < 1 or m_b < 1:
             raise ValueError(f"(m_a, m_b) = {(m_a, m_b)}: expected at least one latent each")
@@ -75,6 +74,7 @@ class CorrelationAccumulator:
             variances=["a", "b"],
             matmul_dtype=matmul_dtype,
             block_rows=block_rows,
+            labels={"a": "a_chunk", "b": "b_chunk"},
         )
 
     @property
@@ -97,8 +97,6 @@ class CorrelationAccumulator:
         check_width(a, self.m_a, "a_chunk")
         check_width(b, self.m_b, "b_chunk")
         check_paired(a, b, "a_chunk", "b_chunk")
-        check_finite(a, "a_chunk")
-        check_finite(b, "b_chunk")
         self._moments.update({"a": a, "b": b})
 
     def merge(self, other: CorrelationAccumulator) -> CorrelationAccumulator:
@@ -130,11 +128,20 @@ class CorrelationAccumulator:
     @property
     def dead_a(self) -> np.ndarray:
         """Boolean mask of A's latents with zero variance (correlation reported as 0)."""
-        return self._variance("a") <= 0.0
+        return self._dead("a").numpy()
 
     @property
     def dead_b(self) -> np.ndarray:
-        return self._variance("b") <= 0.0
+        return self._dead("b").numpy()
+
+    def _dead(self, k: str) -> torch.Tensor:
+        """Zero variance: exactly 0 for a never-firing or exactly constant latent; we also
+        count a spread below 8 ulps of the products' dtype around the mean, which is
+        rounding noise of a constant, not signal."""
+        m = self._moments
+        eps = torch.finfo(m.matmul_dtype).eps
+        noise = m.n * (8 * eps * m.mean[k]) ** 2
+        return m.m2[k] <= noise
 
     def _variance(self, k: str) -> np.ndarray:
         if self.n_tokens < 2:
@@ -146,11 +153,9 @@ class CorrelationAccumulator:
         if self.n_tokens < 2:
             raise ValueError(f"correlation needs at least 2 tokens, got {self.n_tokens}")
         m = self._moments
-        std_a = m.m2["a"].sqrt()
-        std_b = m.m2["b"].sqrt()
-        # 1/std with 0 for dead latents: their (exactly zero) co-moments then give r = 0.
-        inv_a = torch.where(std_a > 0, 1.0 / std_a, torch.zeros_like(std_a))
-        inv_b = torch.where(std_b > 0, 1.0 / std_b, torch.zeros_like(std_b))
+        # 1/std with 0 for dead latents, so every pair they are in gets r = 0.
+        inv_a = torch.where(self._dead("a"), 0.0, m.m2["a"].rsqrt())
+        inv_b = torch.where(self._dead("b"), 0.0, m.m2["b"].rsqrt())
         r = m.comoment[("a", "b")] * inv_a[:, None] * inv_b[None, :]
         # Rounding can leave |r| a hair above 1 for (near-)duplicate latents.
         return r.clamp_(-1.0, 1.0).numpy()
@@ -160,7 +165,7 @@ def streaming_correlation(
     pairs: Iterable[tuple[Array, Array]],
     *,
     matmul_dtype: torch.dtype = torch.float32,
-    block_rows: int = 4096,
+    block_rows: int = 8192,
 ) -> CorrelationAccumulator:
     """Accumulate correlations over an iterable of (a_chunk, b_chunk) pairs; the widths
     are taken from the first pair. Use `zip(chunks_a, chunks_b)` for aligned streams."""
@@ -269,7 +274,7 @@ def null_correlation(
     *,
     seed: int = 0,
     matmul_dtype: torch.dtype = torch.float32,
-    block_rows: int = 4096,
+    block_rows: int = 8192,
 ) -> CorrelationAccumulator:
     """Correlations under the shuffled-token-order null (see `shuffled_chunk_pairs`).
 

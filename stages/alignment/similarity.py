@@ -62,7 +62,9 @@ class LinearCKAAccumulator:
     def __init__(self, d_x: int, d_y: int) -> None:
         self.d_x, self.d_y = int(d_x), int(d_y)
         self._moments = CentredMoments(
-            {"x": self.d_x, "y": self.d_y}, products=[("x", "x"), ("y", "y"), ("x", "y")]
+            {"x": self.d_x, "y": self.d_y},
+            products=[("x", "x"), ("y", "y"), ("x", "y")],
+            labels={"x": "x_chunk", "y": "y_chunk"},
         )
 
     @property
@@ -76,8 +78,6 @@ class LinearCKAAccumulator:
         check_width(x, self.d_x, "x_chunk")
         check_width(y, self.d_y, "y_chunk")
         check_paired(x, y, "x_chunk", "y_chunk")
-        check_finite(x, "x_chunk")
-        check_finite(y, "y_chunk")
         self._moments.update({"x": x, "y": y})
 
     def merge(self, other: LinearCKAAccumulator) -> LinearCKAAccumulator:
@@ -613,7 +613,7 @@ def layer_similarity(
                     + [(b, b) for b in keys_b.values()]
                     + [(a, b) for a in keys_a.values() for b in keys_b.values()]
                 )
-                moments = CentredMoments(dims, products)
+                moments = CentredMoments(dims, products, block_rows=2048)
             for name, c in chunks.items():
                 check_width(c, moments.dims[name], f"chunk of {name}")
             moments.update(chunks)

@@ -105,13 +105,17 @@ def test_dead_and_constant_latents_give_zero_not_nan(dtype):
 
 
 def test_correlation_memory_does_not_grow_with_tokens():
-    acc = CorrelationAccumulator(64, 32)
-    acc.update(np.ones((10, 64), np.float32), np.ones((10, 32), np.float32))
-    before = acc.nbytes
     rng = np.random.default_rng(0)
-    for _ in range(20):
-        acc.update(rng.random((500, 64), np.float32), rng.random((500, 32), np.float32))
-    assert acc.nbytes == before == 64 * 32 * (8 + 4) + (64 + 32) * 8 * 2
+    acc = CorrelationAccumulator(64, 32, block_rows=256)
+    acc.update(rng.random((500, 64), np.float32), rng.random((500, 32), np.float32))
+    before = acc.nbytes
+    for rows in (1000, 10, 4000, 256, 3):
+        acc.update(rng.random((rows, 64), np.float32), rng.random((rows, 32), np.float32))
+    assert acc.n_tokens == 5769
+    # float64 co-moment + float32 product scratch + means and variances (float64)
+    # + centred and squared row blocks (float32, block_rows rows): none depends on n.
+    expected = 64 * 32 * (8 + 4) + (64 + 32) * 8 * 2 + 2 * 256 * (64 + 32) * 4
+    assert acc.nbytes == before == expected
 
 
 def test_correlation_errors_name_the_shapes():
