@@ -11,6 +11,7 @@ Layout of `data/activations/<model>/` (the one source of truth for it; read it w
     char_end          int32   [n_rows]      (empty span for the separator opening a document)
     split             uint8   [n_rows]      0 = train, 1 = held-out (held-out rows form the tail)
     concept_labels    uint8   [n_rows, n_concepts]   1 where the token overlaps a labelled span
+                                            (absent when the corpus has no labels)
 
 Rows are windows of `seq_len` tokens packed by the rule in `stages/tokens.py`, minus
 the BOS at position 0. Group attributes hold the model, hooks, dtype, corpus hash,
@@ -223,13 +224,10 @@ def cache_activations(
         )
         for name in META_ARRAYS:
             _create(group, name, (n_rows,), rows[name].dtype, params, compress=True)[:] = rows[name]
-        labels = (
-            token_concept_labels(rows["doc_ids"], rows["char_start"], rows["char_end"],
-                                 inputs.labels, inputs.concept_names)  # fmt: skip
-            if inputs.labels is not None
-            else np.zeros((n_rows, 0), np.uint8)
-        )
-        _create(group, "concept_labels", labels.shape, np.uint8, params, compress=True)[:] = labels
+        if inputs.labels is not None and inputs.concept_names:  # a corpus without labels has none
+            labels = token_concept_labels(rows["doc_ids"], rows["char_start"], rows["char_end"],
+                                          inputs.labels, inputs.concept_names)  # fmt: skip
+            _create(group, "concept_labels", labels.shape, np.uint8, params, True)[:] = labels
         d_model = model.cfg.d_model
         d_of = {}
         for h in hooks:

@@ -18,6 +18,7 @@ On disk (`data/corpus/`, one DVC output):
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import random
@@ -360,7 +361,7 @@ def build_hf_corpus(params: CorpusParams) -> Corpus:
     if local_builder:
         if not hf.data_files:
             raise ValueError(f"corpus.hf.data_files: builder '{hf.path}' needs local files")
-        missing = [f for f in hf.data_files if not any(Path().glob(f)) and not Path(f).exists()]
+        missing = [f for f in hf.data_files if not glob.glob(f)]
         if missing:
             raise FileNotFoundError(f"corpus.hf.data_files: no file matches {missing[0]!r}")
     try:

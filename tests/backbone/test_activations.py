@@ -1,0 +1,102 @@
+"""The activation store: exact values, layout, labels, resume after kill -9."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from stages.activations import ActivationStore, token_concept_labels
+from stages.tokens import Tokenised, pack_windows
+from tests.backbone import _cache_script
+
+HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+
+
+def test_pack_windows_rule():
+    tok = Tokenised(
+        ids=[np.array([5, 6, 7], np.int32), np.array([8, 9], np.int32)],
+        starts=[np.array([0, 2, 4], np.int32), np.array([0, 3], np.int32)],
+        ends=[np.array([1, 3, 5], np.int32), np.array([2, 4], np.int32)],
+    )
+    w = pack_windows(tok, [10, 11], seq_len=4, bos_id=0, sep_id=1)
+    # stream: 1 5 6 7 1 8 9 -> windows of BOS + 3
+    assert w.tokens.tolist() == [[0, 1, 5, 6], [0, 7, 1, 8]]
+    assert w.doc_ids.tolist() == [[-1, 10, 10, 10], [-1, 10, 11, 11]]
+    assert w.char_start[1].tolist() == [0, 4, 0, 0] and w.char_end[1].tolist() == [0, 5, 0, 2]
+
+
+def test_token_concept_labels_overlap_rule():
+    doc = np.array([0, 0, 0, 1, 1], np.int32)
+    cs = np.array([0, 0, 4, 0, 3], np.int32)  # row 1 is an empty separator span
+    ce = np.array([0, 3, 8, 2, 9], np.int32)
+    labels = pa.table({"doc_id": [0, 0, 1], "char_start": [4, 1, 5], "char_end": [8, 2, 7],
+                       "concept": ["dog", "colour", "dog"]})
+    out = token_concept_labels(doc, cs, ce, labels, ["dog", "colour"])
+    assert out.tolist() == [[0, 0], [0, 1], [1, 0], [0, 0], [1, 0]]
+
+
+def test_cached_values_equal_a_plain_forward(tmp_path):
+    torch.set_num_threads(1)
+    out = tmp_path / "store"
+    _cache_script.run(out)
+    model, inputs = _cache_script.tiny_setup()
+    store = ActivationStore(out)
+    assert store.hooks == HOOKS and store.seq_len == 16
+    assert store.n_rows == (96 + 16) * 15 and store.heldout_start == 96 * 15
+    tokens = torch.from_numpy(np.concatenate([inputs.train.tokens, inputs.heldout.tokens]).astype(np.int64))
+    _, cache = model.run_with_cache(tokens, names_filter=HOOKS)
+    for h in HOOKS:
+        want = cache[h][:, 1:].reshape(-1, 16).to(torch.float16).numpy()
+        got = store.read(h)
+        assert got.dtype == np.float16 and np.array_equal(got, want)
+    assert np.array_equal(store.read("split"), np.r_[np.zeros(96 * 15), np.ones(16 * 15)])
+    assert store.read("positions")[:15].tolist() == list(range(1, 16))
+    # BOS re-inserted windows are exactly what the model saw
+    assert torch.equal(store.windows("heldout"), tokens[96:])
+    src = store.source("blocks.1.hook_mlp_out", "heldout")
+    assert src.n_rows == 16 * 15 and src.d_in == 16
+    assert np.array_equal(src.read(0, 10), store.read("blocks.1.hook_mlp_out")[96 * 15 : 96 * 15 + 10])
+    n_files = sum(1 for p in out.rglob("*") if p.is_file())
+    # one file per shard per hook (14 shards of 128 rows), one per metadata array,
+    # plus the zarr.json of the group and of each array: never one file per chunk
+    assert n_files == len(HOOKS) * 14 + 6 + (1 + len(HOOKS) + 6)
+    assert not (tmp_path / "store.partial").exists()
+
+
+def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
+    ref = tmp_path / "ref"
+    _cache_script.run(ref)
+    out = tmp_path / "killed"
+    partial = tmp_path / "killed.partial"
+    env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.backbone._cache_script", str(out), "0.05"], env=env)
+    deadline = time.time() + 120
+    progress = partial / "progress.json"
+    while time.time() < deadline:
+        if progress.exists() and '"shards_done": 0' not in progress.read_text():
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed run must not leave a final-looking output"
+    done = int(progress.read_text().split('"shards_done":')[1].split("}")[0])
+    assert 1 <= done < 14
+    _cache_script.run(out)  # re-run resumes
+    a, b = ActivationStore(ref), ActivationStore(out)
+    for name in [*HOOKS, "token_ids", "doc_ids", "positions", "char_start", "char_end", "split"]:
+        assert np.array_equal(a.read(name), b.read(name)), name
+    assert not partial.exists()
+
+
+def test_missing_store_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no activation store here"):
+        ActivationStore(tmp_path / "nothing")
