@@ -114,7 +114,8 @@ class CentredMoments:
                 sums[k].add_(buf.sum(0))
                 centred[k] = buf
             for k in self.m2:
-                sq = self._buffer(("square", k), (stop - start, self.dims[k]))
+                # One squares buffer shared by all streams (used one stream at a time).
+                sq = self._buffer(("square",), (stop - start, self.dims[k]))
                 squares[k].add_(torch.mul(centred[k], centred[k], out=sq).sum(0))
             for (u, v), m in self.comoment.items():
                 if dt == f64:

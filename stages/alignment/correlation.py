@@ -12,15 +12,19 @@ Accumulators over disjoint token ranges `merge` exactly, so workers can split a 
 Dead latents: a latent with zero variance over the tokens seen (never fires, or is
 constant) has no defined correlation. We report 0 for every pair it is in — "no
 evidence of a shared feature" — rather than NaN, which would poison max/argmax and the
-Hungarian solver; `dead_a` / `dead_b` say which latents they are.
+Hungarian solver; `dead_a` / `dead_b` say which latents they are. "Zero" is exact for a
+never-firing latent; a constant non-zero one is recognised by a spread below 8 ulps of
+its mean (rounding noise of the chunk shift, not signal).
 
 Precision and speed of the chunk product (the only O(n·m_A·m_B) work): it runs in
-float32 by default, summed over at most `block_rows` = 4096 centred rows before being
-added into float64. `benchmarks/alignment_correlation.py` measures both dtypes: float32
-runs at about twice the float64 rate on this machine and its largest error on the
-correlation matrix against float64 is ~1e-6 or below (the figures are in the
-benchmark's output), far below any matching threshold; pass
-`matmul_dtype=torch.float64` when exact-to-rounding values are needed.
+float32 by default, summed over at most `block_rows` = 8192 centred rows before being
+added into float64. `benchmarks/alignment_correlation.py` measures both: the float32
+GEMM runs at about twice the float64 rate here (~150 vs ~68 GFLOP/s unloaded), and
+the float32 correlations differ from the float64 ones by at most ~1e-6 (max |Δr| over a
+1024 × 1024 matrix of SAE-like latents, 32k tokens, with dense mean-20 latents; best
+match identical for every latent). The sampling error of r over those tokens is ~5e-3,
+three orders of magnitude larger, so float32 changes no conclusion; pass
+`matmul_dtype=torch.float64` when values exact to rounding are needed.
 
 Null distribution (`shuffled_chunk_pairs`, `null_correlation`): the same pass with B's
 tokens shuffled against A's. A full random permutation of B's rows would need random

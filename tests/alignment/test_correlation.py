@@ -113,8 +113,9 @@ def test_correlation_memory_does_not_grow_with_tokens():
         acc.update(rng.random((rows, 64), np.float32), rng.random((rows, 32), np.float32))
     assert acc.n_tokens == 5769
     # float64 co-moment + float32 product scratch + means and variances (float64)
-    # + centred and squared row blocks (float32, block_rows rows): none depends on n.
-    expected = 64 * 32 * (8 + 4) + (64 + 32) * 8 * 2 + 2 * 256 * (64 + 32) * 4
+    # + centred row blocks per stream and one squares block (float32, block_rows rows,
+    # the wider stream's width): none depends on n.
+    expected = 64 * 32 * (8 + 4) + (64 + 32) * 8 * 2 + 256 * (64 + 32 + 64) * 4
     assert acc.nbytes == before == expected
 
 
