@@ -137,6 +137,24 @@ def test_correlation_errors_name_the_shapes():
         acc.correlation()
 
 
+def test_a_non_finite_chunk_is_refused_before_any_state_changes():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((100, 4)), rng.standard_normal((100, 3))
+    acc = CorrelationAccumulator(4, 3)
+    acc.update(a, b)
+    before = acc.correlation().copy()
+    bad = a.copy()
+    bad[5, 2] = np.nan
+    with pytest.raises(ValueError, match="a_chunk: contains NaN or inf"):
+        acc.update(bad, b)
+    b_inf = b.copy()
+    b_inf[0, 0] = np.inf
+    with pytest.raises(ValueError, match="b_chunk: contains NaN or inf"):
+        acc.update(a, b_inf)
+    assert acc.n_tokens == 100
+    np.testing.assert_array_equal(acc.correlation(), before)
+
+
 # ---------------------------------------------------------------------------- the null
 
 
