@@ -263,9 +263,13 @@ def sample(model: HookedTransformer, prompts: list[str], seed: int, n_tokens: in
     out = []
     for i, p in enumerate(prompts):
         torch.manual_seed(seed * 1000 + i)
+        room = model.cfg.n_ctx - model.to_tokens(p).shape[1]
+        if room <= 0:
+            continue
         out.append(
             model.generate(
-                p, max_new_tokens=n_tokens, temperature=0.7, verbose=False, stop_at_eos=True
+                p, max_new_tokens=min(n_tokens, room), temperature=0.7, verbose=False,
+                stop_at_eos=True,
             )
         )
     return out

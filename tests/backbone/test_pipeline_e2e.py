@@ -1,0 +1,190 @@
+"""End to end on the tiny configuration: real DVC, real Prefect server, real MLflow store.
+
+One `dvc repro` of corpus -> lm@M -> activations@M in a scratch project, then checks
+that the outputs, the no-op re-run, a one-hook change, MLflow provenance and Prefect
+flow runs all behave as a user would expect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from tests.backbone.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    root = tmp_path_factory.mktemp("atlas")
+    for d in ("stages", "flows"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+    }
+    env.pop("FEATURE_ATLAS_PARENT_RUN_ID", None)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        from flows.common import prefect_server_up
+
+        deadline = time.time() + 90
+        while not prefect_server_up(env["PREFECT_API_URL"]):
+            assert time.time() < deadline and server.poll() is None, "Prefect server did not start"
+            time.sleep(0.25)
+        _run(["git", "init", "-q"], root, env)
+        _run(["dvc", "init", "-q"], root, env)
+        t0 = time.perf_counter()
+        first = _run(["dvc", "repro"], root, env)
+        yield {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0}
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_outputs_exist_and_are_sane(project):
+    root = project["root"]
+    from stages.activations import ActivationStore
+    from stages.corpus import read_corpus
+
+    corpus = read_corpus(root / "data/corpus")
+    assert len(corpus.texts) == 240 and corpus.labels.num_rows > 1000
+    for m in ("tiny-a", "tiny-b"):
+        metrics = json.loads((root / f"metrics/lm/{m}.json").read_text())
+        # the model learned the grammar: held-out loss well below the unigram entropy
+        assert metrics["heldout_loss"] < 0.8 * metrics["unigram_entropy"]
+        store = ActivationStore(root / f"data/activations/{m}")
+        assert store.hooks == TINY["activations"]["hooks"][m]
+        assert store.corpus_hash == corpus.meta["corpus_hash"]
+        x = store.read("blocks.0.hook_resid_post", "train")
+        assert x.shape == (store.heldout_start, 32) and np.isfinite(x).all()
+        labels = store.read("concept_labels")
+        names = store.concept_names
+        tok = store.read("token_ids")
+        # tokens labelled 'dog' decode to dog(s) for this model's tokenizer
+        from stages.models import load_tokenizer
+
+        t = load_tokenizer(root / f"data/models/{m}")
+        dog_tokens = {t.decode([i]).strip() for i in np.unique(tok[labels[:, names.index("dog")] == 1])}
+        assert dog_tokens and dog_tokens <= {"dog", "dogs", "do", "g", "gs", "d", "og", "ogs", "s"}
+    assert not list(root.glob("data/**/*.partial"))
+    # both models share the tokenizer, so their rows align one to one
+    a, b = ActivationStore(root / "data/activations/tiny-a"), ActivationStore(root / "data/activations/tiny-b")
+    assert np.array_equal(a.read("token_ids"), b.read("token_ids"))
+
+
+def test_noop_repro_runs_nothing(project):
+    p = _run(["dvc", "repro"], project["root"], project["env"])
+    assert "Running stage" not in p.stdout
+    assert "up to date" in p.stdout
+
+
+def test_changing_one_models_hook_reruns_only_that_cache(project):
+    root, env = project["root"], project["env"]
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["activations"]["hooks"]["tiny-b"] = ["blocks.1.hook_resid_post"]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = _run(["dvc", "repro"], root, env)
+    ran = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.startswith("Running stage")]
+    assert ran == ["activations@tiny-b"]
+    from stages.activations import ActivationStore
+
+    assert ActivationStore(root / "data/activations/tiny-b").hooks == ["blocks.1.hook_resid_post"]
+
+
+def test_bad_params_stop_before_any_work(project):
+    root, env = project["root"], project["env"]
+    good = (root / "params.yaml").read_text()
+    params = yaml.safe_load(good)
+    params["models"]["tiny-a"]["arch"]["d_model"] = -4
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        before = sorted(p.name for p in (root / "data").rglob("*"))
+        p = _run([sys.executable, "-m", "flows.lm", "tiny-a"], root, env, check=False)
+        assert p.returncode == 2
+        assert p.stderr.strip().splitlines()[-1] == (
+            "error: params.yaml: models.tiny-a.arch.d_model = -4, expected a number >= 1"
+        )
+        assert sorted(p.name for p in (root / "data").rglob("*")) == before
+    finally:
+        (root / "params.yaml").write_text(good)
+
+
+def test_mlflow_runs_carry_provenance(project):
+    root, env = project["root"], project["env"]
+    code = (
+        "import json, mlflow; mlflow.set_tracking_uri(__import__('os').environ['MLFLOW_TRACKING_URI']);"
+        "rs = mlflow.search_runs(experiment_names=['feature-atlas'], output_format='list');"
+        "print(json.dumps([[r.info.run_id, r.info.run_name, r.data.tags, r.data.params, r.data.metrics] for r in rs]))"
+    )
+    runs = json.loads(_run([sys.executable, "-c", code], root, env).stdout)
+    by_name = {}
+    for run_id, name, tags, params, metrics in runs:
+        by_name.setdefault(name, []).append((run_id, tags, params, metrics))
+    assert {"corpus", "lm@tiny-a", "lm@tiny-b", "activations@tiny-a", "activations@tiny-b"} <= set(by_name)
+    parents = {n: v[-1][1].get("mlflow.parentRunId") for n, v in by_name.items() if n != "activations@tiny-b"}
+    pipeline_runs = [r for r in runs if r[2].get("atlas.kind") == "pipeline"]
+    assert pipeline_runs, "dvc repro must open a parent run"
+    assert len({p for p in parents.values() if p}) >= 1
+    run_id, tags, params, metrics = by_name["lm@tiny-a"][-1]
+    assert tags["dvc.stage"] == "lm@tiny-a" and tags["git.commit"]
+    assert len(tags["input.corpus"]) == 36  # md5 + '.dir'
+    assert params["models.tiny-a.arch.d_model"] == "32"
+    assert metrics["heldout_loss"] > 0
+    prov = _run([sys.executable, "-m", "flows.cli", "provenance", run_id], root, env)
+    out = json.loads(prov.stdout)
+    assert out["dvc_stage"] == "lm@tiny-a" and out["inputs"]["corpus"]["hash"] == tags["input.corpus"]
+
+
+def test_prefect_recorded_every_stage_as_a_flow_run(project):
+    root, env = project["root"], project["env"]
+    code = (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as c:\n"
+        "        runs = await c.read_flow_runs()\n"
+        "        flows = {f.id: f.name for f in await c.read_flows()}\n"
+        "        tasks = await c.read_task_runs()\n"
+        "        print(json.dumps({'flows': [[flows[r.flow_id], r.state_type.value] for r in runs], 'n_tasks': len(tasks)}))\n"
+        "asyncio.run(main())\n"
+    )
+    out = json.loads(_run([sys.executable, "-c", code], root, env).stdout)
+    names = [n for n, state in out["flows"] if state == "COMPLETED"]
+    assert names.count("lm") >= 2 and names.count("activations") >= 2 and "corpus" in names
+    assert out["n_tasks"] >= 10
