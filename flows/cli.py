@@ -1,9 +1,9 @@
 """`atlas`: the command line around the pipeline.
 
-    atlas run [dvc repro args]   the whole pipeline through Prefect + DVC (flows/pipeline.py)
-    atlas provenance RUN_ID      which data, code and params produced an MLflow run
-    atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
-    atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
+atlas run [dvc repro args]   the whole pipeline through Prefect + DVC (flows/pipeline.py)
+atlas provenance RUN_ID      which data, code and params produced an MLflow run
+atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
+atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
 """
 
 from __future__ import annotations

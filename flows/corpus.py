@@ -38,7 +38,9 @@ def corpus_flow() -> dict:
     p = params.corpus
     with stage_run("corpus", flatten(p, "corpus."), {"params.yaml": Path("params.yaml")}) as run:
         meta = write(quote(generate(p)), p)
-        summary = {k: meta[k] for k in ("n_docs", "n_train_docs", "n_heldout_docs", "n_chars", "n_labels")}
+        summary = {
+            k: meta[k] for k in ("n_docs", "n_train_docs", "n_heldout_docs", "n_chars", "n_labels")
+        }
         METRICS.parent.mkdir(exist_ok=True)
         write_json(METRICS, {**summary, "corpus_hash": meta["corpus_hash"]})
         run.metrics(summary)

@@ -73,8 +73,11 @@ def pipeline(args: list[str] | None = None) -> int:
     parent = ml.MlflowClient().create_run(
         exp.experiment_id,
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={"atlas.kind": "pipeline", "git.commit": git_commit(),
-              "dvc.args": " ".join(args or [])},  # fmt: skip
+        tags={
+            "atlas.kind": "pipeline",
+            "git.commit": git_commit(),
+            "dvc.args": " ".join(args or []),
+        },  # fmt: skip
     )
     run_id = parent.info.run_id
     env = {**os.environ, "FEATURE_ATLAS_PARENT_RUN_ID": run_id}

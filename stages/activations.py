@@ -329,9 +329,10 @@ def cache_activations(
             t0 = time.perf_counter()
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
             acts = {
-                h: captured[h][:, 1:].reshape(-1, captured[h].shape[-1]).to(
-                    torch.float16 if dtype == np.float16 else torch.float32
-                ).numpy()
+                h: captured[h][:, 1:]
+                .reshape(-1, captured[h].shape[-1])
+                .to(torch.float16 if dtype == np.float16 else torch.float32)
+                .numpy()
                 for h in hooks
             }
             t1 = time.perf_counter()
@@ -426,9 +427,7 @@ class ActivationStore:
         try:
             return self.group[name]
         except KeyError:
-            raise KeyError(
-                f"{self.path}: no array {name!r}; hooks cached: {self.hooks}"
-            ) from None
+            raise KeyError(f"{self.path}: no array {name!r}; hooks cached: {self.hooks}") from None
 
     def d(self, hook: str) -> int:
         return int(self.array(hook).shape[1])

@@ -131,9 +131,7 @@ class ToyArch(_Strict):
     @model_validator(mode="after")
     def _heads_divide(self) -> ToyArch:
         if self.d_model % self.n_heads:
-            raise ValueError(
-                f"n_heads = {self.n_heads} must divide d_model = {self.d_model}"
-            )
+            raise ValueError(f"n_heads = {self.n_heads} must divide d_model = {self.d_model}")
         return self
 
 
@@ -291,9 +289,7 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     return loader.construct_mapping(node, deep=deep)
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping
-)
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
 def _dotted(loc: tuple) -> str:
@@ -351,7 +347,9 @@ def _format_pydantic(err: ValidationError, origin: str) -> str:
 def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
     """Validate an already-loaded mapping; raise ParamsError with a one-line message."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"{origin}: expected a mapping at the top level, got {type(raw).__name__}")
+        raise ParamsError(
+            f"{origin}: expected a mapping at the top level, got {type(raw).__name__}"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:

@@ -59,16 +59,52 @@ ANIMALS: dict[str, dict[str, tuple[str, str]]] = {
 MOVES = {
     "mammal": [("run", "runs", "ran"), ("walk", "walks", "walked"), ("jump", "jumps", "jumped")],
     "bird": [("fly", "flies", "flew"), ("sing", "sings", "sang"), ("hop", "hops", "hopped")],
-    "fish": [("swim", "swims", "swam"), ("dive", "dives", "dived"), ("splash", "splashes", "splashed")],
+    "fish": [
+        ("swim", "swims", "swam"),
+        ("dive", "dives", "dived"),
+        ("splash", "splashes", "splashed"),
+    ],
 }
 MOVE_PREP = {"mammal": "to", "bird": "over", "fish": "in"}
 COLOURS = ["red", "blue", "green", "yellow", "brown", "white", "black", "grey"]
 POSITIVE = ["happy", "glad", "joyful", "cheerful", "calm", "proud"]
 NEGATIVE = ["sad", "angry", "afraid", "upset", "lonely", "worried"]
-PLACES = ["park", "forest", "river", "garden", "school", "market", "beach", "farm", "lake", "village"]
+PLACES = [
+    "park",
+    "forest",
+    "river",
+    "garden",
+    "school",
+    "market",
+    "beach",
+    "farm",
+    "lake",
+    "village",
+]
 WATER_PLACES = ["river", "lake", "beach"]
-WEATHER = {"sunny": 0.85, "warm": 0.8, "rainy": 0.25, "windy": 0.4, "cloudy": 0.45, "stormy": 0.1, "foggy": 0.3}
-NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+WEATHER = {
+    "sunny": 0.85,
+    "warm": 0.8,
+    "rainy": 0.25,
+    "windy": 0.4,
+    "cloudy": 0.45,
+    "stormy": 0.1,
+    "foggy": 0.3,
+}
+NUMBERS = [
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August",
           "September", "October", "November", "December"]  # fmt: skip

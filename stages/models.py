@@ -258,7 +258,9 @@ def train_toy_model(
 
 
 @torch.no_grad()
-def sample(model: HookedTransformer, prompts: list[str], seed: int, n_tokens: int = 30) -> list[str]:
+def sample(
+    model: HookedTransformer, prompts: list[str], seed: int, n_tokens: int = 30
+) -> list[str]:
     """A few sampled continuations (seeded), to see at a glance what the model learned."""
     out = []
     for i, p in enumerate(prompts):
@@ -268,7 +270,10 @@ def sample(model: HookedTransformer, prompts: list[str], seed: int, n_tokens: in
             continue
         out.append(
             model.generate(
-                p, max_new_tokens=min(n_tokens, room), temperature=0.7, verbose=False,
+                p,
+                max_new_tokens=min(n_tokens, room),
+                temperature=0.7,
+                verbose=False,
                 stop_at_eos=True,
             )
         )
@@ -286,9 +291,7 @@ def windows_for(tokenizer, texts: list[str], doc_ids: list[int], seq_len: int,
 
 def save_toy_model(model: HookedTransformer, m: ToyModel, tok_dir: Path, out: Path) -> None:
     """Write weights (safetensors), config and tokenizer files into folder `out`."""
-    save_file(
-        {k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors"
-    )
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
     for f in Path(tok_dir).iterdir():
         shutil.copy2(f, out / f.name)
     write_json(

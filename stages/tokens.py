@@ -32,9 +32,7 @@ def tokenise(tokenizer, texts: list[str], batch: int = 1024) -> Tokenised:
     """Tokenise with a HF fast tokenizer, keeping character offsets. No BOS added."""
     ids, starts, ends = [], [], []
     for i in range(0, len(texts), batch):
-        enc = tokenizer(
-            texts[i : i + batch], add_special_tokens=False, return_offsets_mapping=True
-        )
+        enc = tokenizer(texts[i : i + batch], add_special_tokens=False, return_offsets_mapping=True)
         for tok_ids, offsets in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
             ids.append(np.asarray(tok_ids, dtype=np.int32))
             off = np.asarray(offsets, dtype=np.int32).reshape(-1, 2)
@@ -89,9 +87,7 @@ def pack_windows(
     if max_tokens is not None:
         n = min(n, max_tokens // body)
     if n == 0:
-        raise ValueError(
-            f"pack_windows: {len(stream)} tokens do not fill one window of {seq_len}"
-        )
+        raise ValueError(f"pack_windows: {len(stream)} tokens do not fill one window of {seq_len}")
     cut = n * body
 
     def with_bos(a: np.ndarray, fill) -> np.ndarray:

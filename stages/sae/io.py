@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stages.sae import ARCHITECTURES, build_sae
+from stages.sae import build_sae
 from stages.sae.base import BaseSAE
 
 CFG_FILENAME = "cfg.json"
@@ -168,7 +168,8 @@ def load_sae(folder: str | Path) -> BaseSAE:
         "architecture": ours,
         "d_in": d_in,
         "d_sae": d_sae,
-        "n_training_tokens": max(1, 4096),
+        "n_training_tokens": 4096,  # training fields are unknown for a loaded SAE
+        "batch_size": 4096,
         "normalize_activations": False,
         "name": folder.name,
     }
@@ -262,5 +263,3 @@ def from_saelens(sae_lens_sae: Any, name: str = "saelens") -> BaseSAE:
             )
         return load_sae(path)
 
-
-_ = ARCHITECTURES  # the registry decides which classes exist

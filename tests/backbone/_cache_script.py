@@ -11,18 +11,32 @@ import torch
 
 
 def tiny_setup(n_windows: int = 96, seq_len: int = 16):
+    from tokenizers import Tokenizer, models, pre_tokenizers
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import PreTrainedTokenizerFast
-    from tokenizers import Tokenizer, models, pre_tokenizers
 
     from stages.activations import CacheInputs
     from stages.tokens import Windows
 
-    tok = Tokenizer(models.WordLevel({"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(49)}}, unk_token="<|endoftext|>"))
+    tok = Tokenizer(
+        models.WordLevel(
+            {"<|endoftext|>": 0, **{f"w{i}": i + 1 for i in range(49)}}, unk_token="<|endoftext|>"
+        )
+    )
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>")
-    cfg = HookedTransformerConfig(n_layers=2, d_model=16, n_heads=2, d_head=8, d_mlp=32, n_ctx=seq_len,
-                                  d_vocab=50, act_fn="gelu", seed=0, device="cpu")
+    cfg = HookedTransformerConfig(
+        n_layers=2,
+        d_model=16,
+        n_heads=2,
+        d_head=8,
+        d_mlp=32,
+        n_ctx=seq_len,
+        d_vocab=50,
+        act_fn="gelu",
+        seed=0,
+        device="cpu",
+    )
     model = HookedTransformer(cfg)
     model.tokenizer = fast
     model.eval()
@@ -35,7 +49,9 @@ def tiny_setup(n_windows: int = 96, seq_len: int = 16):
         pos = np.tile(np.arange(seq_len, dtype=np.int32) * 3, (n, 1))
         return Windows(toks, docs, pos, pos + 2)
 
-    inputs = CacheInputs(windows(n_windows, 0), windows(16, 10_000), None, [], "hash-of-test-corpus")
+    inputs = CacheInputs(
+        windows(n_windows, 0), windows(16, 10_000), None, [], "hash-of-test-corpus"
+    )
     return model, inputs
 
 
@@ -47,8 +63,9 @@ def run(out: Path, slow: float = 0.0) -> None:
     if slow:
         model.blocks[0].hook_resid_post.add_hook(lambda a, hook: time.sleep(slow))
     params = StoreParams(seq_len=16, batch_size=8, shard_rows=128, chunk_rows=64)
-    cache_activations(model, "tiny", ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"],
-                      inputs, params, out)
+    cache_activations(
+        model, "tiny", ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], inputs, params, out
+    )
 
 
 if __name__ == "__main__":

@@ -38,8 +38,14 @@ def test_token_concept_labels_overlap_rule():
     doc = np.array([0, 0, 0, 1, 1], np.int32)
     cs = np.array([0, 0, 4, 0, 3], np.int32)  # row 1 is an empty separator span
     ce = np.array([0, 3, 8, 2, 9], np.int32)
-    labels = pa.table({"doc_id": [0, 0, 1], "char_start": [4, 1, 5], "char_end": [8, 2, 7],
-                       "concept": ["dog", "colour", "dog"]})
+    labels = pa.table(
+        {
+            "doc_id": [0, 0, 1],
+            "char_start": [4, 1, 5],
+            "char_end": [8, 2, 7],
+            "concept": ["dog", "colour", "dog"],
+        }
+    )
     out = token_concept_labels(doc, cs, ce, labels, ["dog", "colour"])
     assert out.tolist() == [[0, 0], [0, 1], [1, 0], [0, 0], [1, 0]]
 
@@ -52,7 +58,9 @@ def test_cached_values_equal_a_plain_forward(tmp_path):
     store = ActivationStore(out)
     assert store.hooks == HOOKS and store.seq_len == 16
     assert store.n_rows == (96 + 16) * 15 and store.heldout_start == 96 * 15
-    tokens = torch.from_numpy(np.concatenate([inputs.train.tokens, inputs.heldout.tokens]).astype(np.int64))
+    tokens = torch.from_numpy(
+        np.concatenate([inputs.train.tokens, inputs.heldout.tokens]).astype(np.int64)
+    )
     _, cache = model.run_with_cache(tokens, names_filter=HOOKS)
     for h in HOOKS:
         want = cache[h][:, 1:].reshape(-1, 16).to(torch.float16).numpy()
@@ -64,7 +72,9 @@ def test_cached_values_equal_a_plain_forward(tmp_path):
     assert torch.equal(store.windows("heldout"), tokens[96:])
     src = store.source("blocks.1.hook_mlp_out", "heldout")
     assert src.n_rows == 16 * 15 and src.d_in == 16
-    assert np.array_equal(src.read(0, 10), store.read("blocks.1.hook_mlp_out")[96 * 15 : 96 * 15 + 10])
+    assert np.array_equal(
+        src.read(0, 10), store.read("blocks.1.hook_mlp_out")[96 * 15 : 96 * 15 + 10]
+    )
     n_files = sum(1 for p in out.rglob("*") if p.is_file())
     # one file per shard per hook (14 shards of 128 rows), one per metadata array,
     # plus the zarr.json of the group and of each array: never one file per chunk
@@ -78,7 +88,9 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
     out = tmp_path / "killed"
     partial = tmp_path / "killed.partial"
     env = {**os.environ, "PYTHONPATH": str(Path.cwd())}
-    proc = subprocess.Popen([sys.executable, "-m", "tests.backbone._cache_script", str(out), "0.05"], env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.backbone._cache_script", str(out), "0.05"], env=env
+    )
     deadline = time.time() + 120
     progress = partial / "progress.json"
     while time.time() < deadline:

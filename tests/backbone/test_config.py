@@ -30,32 +30,52 @@ def test_repo_params_file_is_valid():
 @pytest.mark.parametrize(
     "mutate, expected",
     [
-        (lambda r: r["models"]["tiny-a"]["arch"].update(d_model=-4),
-         "models.tiny-a.arch.d_model = -4, expected a number >= 1"),
-        (lambda r: r["models"]["tiny-a"]["arch"].update(d_modl=4),
-         "models.tiny-a.arch.d_modl: unknown key"),
-        (lambda r: r["models"]["tiny-a"].update(seed="x"),
-         "models.tiny-a.seed = 'x', expected an integer"),
-        (lambda r: r["models"]["tiny-a"].update(source="bogus"),
-         "models.tiny-a.source = 'bogus'"),
-        (lambda r: r["activations"]["hooks"]["tiny-a"].append("blocks.7.hook_resid_post"),
-         "activations.hooks.tiny-a[2] = 'blocks.7.hook_resid_post', expected a block index < n_layers = 2"),
-        (lambda r: r["activations"]["hooks"]["tiny-a"].append("blocks.0.hook_nonsense"),
-         "expected a TransformerLens hook name"),
-        (lambda r: r["activations"]["hooks"].update({"ghost": ["hook_embed"]}),
-         "activations.hooks.ghost = 'ghost', expected a model listed under models"),
-        (lambda r: r["activations"]["hooks"].pop("tiny-b"),
-         "activations.hooks.tiny-b = None, expected a list of hooks"),
-        (lambda r: r["activations"]["store"].update(chunk_rows=1000),
-         "chunk_rows = 1000 must divide shard_rows = 4096"),
-        (lambda r: r["corpus"].update(heldout_fraction=2),
-         "corpus.heldout_fraction = 2, expected a number < 1"),
-        (lambda r: r["models"]["tiny-a"]["arch"].update(n_heads=3),
-         "n_heads = 3 must divide d_model = 32"),
-        (lambda r: r["activations"]["store"].update(seq_len=64),
-         "activations.store.seq_len = 64, expected <= models.tiny-a.arch.n_ctx = 32"),
-        (lambda r: r["corpus"].update(source="hf"),
-         "no corpus.hf section"),
+        (
+            lambda r: r["models"]["tiny-a"]["arch"].update(d_model=-4),
+            "models.tiny-a.arch.d_model = -4, expected a number >= 1",
+        ),
+        (
+            lambda r: r["models"]["tiny-a"]["arch"].update(d_modl=4),
+            "models.tiny-a.arch.d_modl: unknown key",
+        ),
+        (
+            lambda r: r["models"]["tiny-a"].update(seed="x"),
+            "models.tiny-a.seed = 'x', expected an integer",
+        ),
+        (lambda r: r["models"]["tiny-a"].update(source="bogus"), "models.tiny-a.source = 'bogus'"),
+        (
+            lambda r: r["activations"]["hooks"]["tiny-a"].append("blocks.7.hook_resid_post"),
+            "activations.hooks.tiny-a[2] = 'blocks.7.hook_resid_post', expected a block index < n_layers = 2",
+        ),
+        (
+            lambda r: r["activations"]["hooks"]["tiny-a"].append("blocks.0.hook_nonsense"),
+            "expected a TransformerLens hook name",
+        ),
+        (
+            lambda r: r["activations"]["hooks"].update({"ghost": ["hook_embed"]}),
+            "activations.hooks.ghost = 'ghost', expected a model listed under models",
+        ),
+        (
+            lambda r: r["activations"]["hooks"].pop("tiny-b"),
+            "activations.hooks.tiny-b = None, expected a list of hooks",
+        ),
+        (
+            lambda r: r["activations"]["store"].update(chunk_rows=1000),
+            "chunk_rows = 1000 must divide shard_rows = 4096",
+        ),
+        (
+            lambda r: r["corpus"].update(heldout_fraction=2),
+            "corpus.heldout_fraction = 2, expected a number < 1",
+        ),
+        (
+            lambda r: r["models"]["tiny-a"]["arch"].update(n_heads=3),
+            "n_heads = 3 must divide d_model = 32",
+        ),
+        (
+            lambda r: r["activations"]["store"].update(seq_len=64),
+            "activations.store.seq_len = 64, expected <= models.tiny-a.arch.n_ctx = 32",
+        ),
+        (lambda r: r["corpus"].update(source="hf"), "no corpus.hf section"),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(tiny, mutate, expected):
@@ -66,7 +86,9 @@ def test_bad_values_name_key_value_and_expectation(tiny, mutate, expected):
 def test_model_listed_twice_is_refused(tmp_path, tiny):
     text = yaml.safe_dump(tiny)
     block = yaml.safe_dump({"tiny-a": tiny["models"]["tiny-a"]})
-    dup = text.replace("models:\n", "models:\n" + "".join("  " + ln + "\n" for ln in block.splitlines()), 1)
+    dup = text.replace(
+        "models:\n", "models:\n" + "".join("  " + ln + "\n" for ln in block.splitlines()), 1
+    )
     f = tmp_path / "params.yaml"
     f.write_text(dup)
     with pytest.raises(ParamsError, match=r"key 'tiny-a' appears twice"):

@@ -19,9 +19,13 @@ def test_every_label_span_is_a_word_of_its_concept():
     species = {s: cls for cls, sp in C.ANIMALS.items() for s in sp}
     forms = {s: set(f) for sp in C.ANIMALS.values() for s, f in sp.items()}
     vocab = {
-        "colour": set(C.COLOURS), "place": set(C.PLACES), "weather": set(C.WEATHER),
-        "positive_emotion": set(C.POSITIVE), "negative_emotion": set(C.NEGATIVE),
-        "weekday": set(C.WEEKDAYS), "month": set(C.MONTHS),
+        "colour": set(C.COLOURS),
+        "place": set(C.PLACES),
+        "weather": set(C.WEATHER),
+        "positive_emotion": set(C.POSITIVE),
+        "negative_emotion": set(C.NEGATIVE),
+        "weekday": set(C.WEEKDAYS),
+        "month": set(C.MONTHS),
         "number": set(C.NUMBERS) | {n.capitalize() for n in C.NUMBERS},
     }
     seen = set()
@@ -36,7 +40,7 @@ def test_every_label_span_is_a_word_of_its_concept():
                 assert word in vocab[c], (c, word)
             if c in species:
                 assert word in forms[c]
-        for (s, e), cs in by_span.items():
+        for cs in by_span.values():
             sp = cs & set(species)
             if sp:  # hierarchy: species -> class -> animal, and exactly one number
                 (name,) = sp
@@ -69,7 +73,10 @@ def test_write_and_read_roundtrip(tmp_path):
     back = C.read_corpus(tmp_path / "corpus")
     assert back.texts == corpus.texts and back.labels.num_rows == len(corpus.labels)
     assert meta["n_docs"] == 60 and 0 < meta["n_heldout_docs"] < 60
-    assert json.loads((tmp_path / "corpus" / "meta.json").read_text())["corpus_hash"] == meta["corpus_hash"]
+    assert (
+        json.loads((tmp_path / "corpus" / "meta.json").read_text())["corpus_hash"]
+        == meta["corpus_hash"]
+    )
     # same params, same bytes
     C.write_corpus(C.build_corpus(p), tmp_path / "again", p)
     for f in ("documents.parquet", "labels.parquet", "meta.json"):
@@ -92,8 +99,11 @@ def test_hf_datasets_local_files(tmp_path, fmt):
         pq.write_table(pa.table({"body": docs}), tmp_path / "a.parquet")
         files = [str(tmp_path / "a.parquet")]
     field = "text" if fmt == "text" else "body"
-    p = CorpusParams(source="hf", heldout_fraction=0.25,
-                     hf=HFCorpus(path=fmt, data_files=files, text_field=field, max_docs=30))
+    p = CorpusParams(
+        source="hf",
+        heldout_fraction=0.25,
+        hf=HFCorpus(path=fmt, data_files=files, text_field=field, max_docs=30),
+    )
     corpus = C.build_corpus(p)
     assert corpus.texts == docs[:30] and corpus.labels == []
     assert "heldout" in corpus.splits and "train" in corpus.splits

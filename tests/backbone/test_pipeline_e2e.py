@@ -35,7 +35,9 @@ def _free_port() -> int:
 def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and p.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
     return p
 
 
@@ -57,8 +59,21 @@ def project(tmp_path_factory):
     }
     env.pop("FEATURE_ATLAS_PARENT_RUN_ID", None)
     server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        cwd=root,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         from flows.common import prefect_server_up
@@ -100,11 +115,16 @@ def test_outputs_exist_and_are_sane(project):
         from stages.models import load_tokenizer
 
         t = load_tokenizer(root / f"data/models/{m}")
-        dog_tokens = {t.decode([i]).strip() for i in np.unique(tok[labels[:, names.index("dog")] == 1])}
+        dog_tokens = {
+            t.decode([i]).strip() for i in np.unique(tok[labels[:, names.index("dog")] == 1])
+        }
         assert dog_tokens and dog_tokens <= {"dog", "dogs", "do", "g", "gs", "d", "og", "ogs", "s"}
     assert not list(root.glob("data/**/*.partial"))
     # both models share the tokenizer, so their rows align one to one
-    a, b = ActivationStore(root / "data/activations/tiny-a"), ActivationStore(root / "data/activations/tiny-b")
+    a, b = (
+        ActivationStore(root / "data/activations/tiny-a"),
+        ActivationStore(root / "data/activations/tiny-b"),
+    )
     assert np.array_equal(a.read("token_ids"), b.read("token_ids"))
 
 
@@ -156,8 +176,14 @@ def test_mlflow_runs_carry_provenance(project):
     by_name = {}
     for run_id, name, tags, params, metrics in runs:
         by_name.setdefault(name, []).append((run_id, tags, params, metrics))
-    assert {"corpus", "lm@tiny-a", "lm@tiny-b", "activations@tiny-a", "activations@tiny-b"} <= set(by_name)
-    parents = {n: v[-1][1].get("mlflow.parentRunId") for n, v in by_name.items() if n != "activations@tiny-b"}
+    assert {"corpus", "lm@tiny-a", "lm@tiny-b", "activations@tiny-a", "activations@tiny-b"} <= set(
+        by_name
+    )
+    parents = {
+        n: v[-1][1].get("mlflow.parentRunId")
+        for n, v in by_name.items()
+        if n != "activations@tiny-b"
+    }
     pipeline_runs = [r for r in runs if r[2].get("atlas.kind") == "pipeline"]
     assert pipeline_runs, "dvc repro must open a parent run"
     assert len({p for p in parents.values() if p}) >= 1
@@ -168,7 +194,9 @@ def test_mlflow_runs_carry_provenance(project):
     assert metrics["heldout_loss"] > 0
     prov = _run([sys.executable, "-m", "flows.cli", "provenance", run_id], root, env)
     out = json.loads(prov.stdout)
-    assert out["dvc_stage"] == "lm@tiny-a" and out["inputs"]["corpus"]["hash"] == tags["input.corpus"]
+    assert (
+        out["dvc_stage"] == "lm@tiny-a" and out["inputs"]["corpus"]["hash"] == tags["input.corpus"]
+    )
 
 
 def test_prefect_recorded_every_stage_as_a_flow_run(project):
