@@ -77,7 +77,7 @@ def main(run: Callable[[], object], stage: str) -> None:
     except ParamsError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    except USER_ERRORS as e:
+    except (*USER_ERRORS, RuntimeError) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {stage}: {msg}", file=sys.stderr)
         sys.exit(1)

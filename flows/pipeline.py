@@ -80,8 +80,11 @@ def pipeline(args: list[str] | None = None) -> int:
         },  # fmt: skip
     )
     run_id = parent.info.run_id
-    env = {**os.environ, "FEATURE_ATLAS_PARENT_RUN_ID": run_id}
-    cmd = ["dvc", "repro", *(args or [])]
+    # Stage commands say `python -m flows.x`: make that this environment's python even
+    # when the venv is not activated (e.g. `.venv/bin/atlas run`).
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    env = {**os.environ, "FEATURE_ATLAS_PARENT_RUN_ID": run_id, "PATH": path}
+    cmd = [sys.executable, "-m", "dvc", "repro", *(args or [])]
     logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,

@@ -1,10 +1,21 @@
-"""Shared fixtures for the backbone tests: a tiny, valid params mapping."""
+"""Shared fixtures for the backbone tests: a tiny params mapping, a Prefect server,
+scratch projects that run the real flows."""
 
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
     "corpus": {"source": "toy", "heldout_fraction": 0.1, "toy": {"n_docs": 240, "seed": 3}},
@@ -51,3 +62,58 @@ TINY = {
 @pytest.fixture
 def tiny() -> dict:
     return copy.deepcopy(TINY)
+
+
+def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and p.returncode:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+        )
+    return p
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory):
+    """One real Prefect server for the session, on a free loopback port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    from flows.common import prefect_server_up
+
+    deadline = time.time() + 90
+    while not prefect_server_up(url):
+        assert time.time() < deadline and server.poll() is None, "Prefect server did not start"
+        time.sleep(0.25)
+    yield {"url": url, "home": str(home)}
+    server.terminate()
+    server.wait(timeout=20)
+
+
+def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -> dict:
+    """A copy of the pipeline (code, dvc.yaml) with its own params; returns its env."""
+    for d in ("stages", "flows"):
+        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(root),
+        "PREFECT_HOME": prefect["home"],
+        "PREFECT_API_URL": prefect["url"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        # `dvc` and the stages' `python` must be this environment's, activated or not
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        **extra_env,
+    }
+    env.pop("FEATURE_ATLAS_PARENT_RUN_ID", None)
+    return env

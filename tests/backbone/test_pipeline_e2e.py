@@ -8,10 +8,6 @@ flow runs all behave as a user would expect.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,76 +16,22 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.backbone.conftest import TINY
+from tests.backbone.conftest import TINY, scratch_project
+from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
-    p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if check and p.returncode:
-        raise AssertionError(
-            f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
-        )
-    return p
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory):
+def project(tmp_path_factory, prefect_api):
     root = tmp_path_factory.mktemp("atlas")
-    for d in ("stages", "flows"):
-        shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    port = _free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(root),
-        "PREFECT_HOME": str(root / ".prefect"),
-        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
-    }
-    env.pop("FEATURE_ATLAS_PARENT_RUN_ID", None)
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        cwd=root,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        from flows.common import prefect_server_up
-
-        deadline = time.time() + 90
-        while not prefect_server_up(env["PREFECT_API_URL"]):
-            assert time.time() < deadline and server.poll() is None, "Prefect server did not start"
-            time.sleep(0.25)
-        _run(["git", "init", "-q"], root, env)
-        _run(["dvc", "init", "-q"], root, env)
-        t0 = time.perf_counter()
-        first = _run(["dvc", "repro"], root, env)
-        yield {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0}
-    finally:
-        server.terminate()
-        server.wait(timeout=20)
+    env = scratch_project(root, TINY, prefect_api)
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    t0 = time.perf_counter()
+    first = _run(["dvc", "repro"], root, env)
+    return {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0}
 
 
 def test_outputs_exist_and_are_sane(project):
