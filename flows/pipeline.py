@@ -106,6 +106,10 @@ def pipeline(args: list[str] | None = None) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
+        if not os.environ.get("PREFECT_API_URL"):
+            print("error: serve needs a running Prefect server: start `atlas ui prefect` first",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         # Keeps running: the Prefect UI's "Run" button on deployment 'dvc-repro'
         # triggers a full `dvc repro` through this same flow.
         pipeline.serve(name="dvc-repro")
