@@ -262,4 +262,3 @@ def from_saelens(sae_lens_sae: Any, name: str = "saelens") -> BaseSAE:
                 "scaling factor; fold it with SAELens first"
             )
         return load_sae(path)
-

@@ -1,0 +1,263 @@
+"""Our SAE trainer against SAELens' trainer, side by side on the same cached activations.
+
+Same data (a float16 zarr array of synthetic activations with planted sparse features),
+same architecture (TopK + AuxK), width, k, batch size, learning rate and number of
+training tokens; each trainer runs in its own subprocess so peak memory (max RSS) is its
+own. Both read batches through the same chunk-aligned shuffling loader, so the comparison
+is of the trainers. Reported:
+
+- tokens/s for the whole fit (norm estimate included), peak RSS, FVU and L0 on held-out
+  rows (TopK: L0 = k for both, so the FVUs are at matched L0);
+- SAE matmul FLOPs per token against the measured float32 GEMM rate of this machine;
+- the loader alone (zarr → shuffled float32 batches) against the trainer's consumption.
+
+    python benchmarks/sae_vs_saelens.py             # d_in 256, d_sae 4096, k 32, 1M tokens
+    python benchmarks/sae_vs_saelens.py --quick     # a small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.sae import TopKConfig, ZarrSource, train_saes  # noqa: E402
+from stages.sae import metrics as M  # noqa: E402
+from stages.sae.data import ShuffleLoader, iter_rows  # noqa: E402
+from stages.sae.synthetic import SyntheticFeatures  # noqa: E402
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import sae_lens
+
+    return (
+        f"{cpu}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} "
+        f"threads); sae-lens {sae_lens.__version__}; python {platform.python_version()}; "
+        f"load average {os.getloadavg()[0]:.2f}"
+    )
+
+
+def gemm_rate(b: int, d: int, n: int, repeats: int = 5) -> float:
+    """Best-of float32 GEMM rate (FLOP/s) at the SAE encoder's shape [b, d] @ [d, n]."""
+    x, w = torch.randn(b, d), torch.randn(d, n)
+    out = torch.empty(b, n)
+    torch.mm(x, w, out=out)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        torch.mm(x, w, out=out)
+        best = min(best, time.perf_counter() - t)
+    return 2 * b * d * n / best
+
+
+def make_data(path: Path, d: int, n_rows: int, n_eval: int, chunk: int) -> None:
+    import zarr
+
+    gen = SyntheticFeatures(d, 8 * d, mean_active=24, probability_decay=0.999, seed=0)
+    src = gen.source(n_rows + n_eval, chunk_rows=chunk)
+    z = zarr.create_array(
+        path, shape=(n_rows + n_eval, d), chunks=(chunk, d), shards=(chunk * 16, d),
+        dtype="float16",
+    )  # fmt: skip
+    for s in range(0, n_rows + n_eval, chunk * 16):
+        z[s : s + chunk * 16] = src.read(s, min(s + chunk * 16, n_rows + n_eval)).astype(np.float16)
+
+
+def held_out(path: Path, n_rows: int) -> ZarrSource:
+    from stages.sae.data import SliceSource
+
+    src = ZarrSource.open(str(path), "")
+    return SliceSource(src, n_rows, src.n_rows)  # type: ignore[return-value]
+
+
+def evaluate(encode, decode, source) -> dict[str, float]:
+    stats = None
+    with torch.no_grad():
+        for x in iter_rows(source, 4096):
+            f = encode(x)
+            if stats is None:
+                stats = M.ReconstructionStats(x.shape[1], f.shape[1])
+            stats.update(x, decode(f), f)
+    out = stats.compute()  # type: ignore[union-attr]
+    return {"fvu": out["fvu"], "l0": out["l0"], "dead_fraction": out["dead_fraction"]}
+
+
+def worker(args: argparse.Namespace) -> dict[str, float]:
+    torch.manual_seed(0)
+    path = Path(args.data)
+    full = ZarrSource.open(str(path), "")
+    from stages.sae.data import SliceSource
+
+    train = SliceSource(full, 0, args.tokens)
+    ev = held_out(path, args.tokens)
+    common = dict(d_in=args.d, d_sae=args.n, k=args.k, lr=args.lr, batch_size=args.batch)
+    t0 = time.perf_counter()
+    if args.worker in ("ours", "ours-dense"):
+        cfg = TopKConfig(
+            **common, n_training_tokens=args.tokens, lr_warmup_steps=0, lr_decay_fraction=0.2,
+            dead_feature_window=args.dead_window, b_dec_init="geometric_median",
+            use_sparse_kernels=args.worker == "ours",
+        )  # fmt: skip
+        (r,) = train_saes(train, [cfg], progress=False, n_norm_rows=16 * args.batch)
+        seconds = time.perf_counter() - t0
+        sae = r.sae
+        res = evaluate(sae.encode, sae.decode, ev)
+    else:
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        steps = args.tokens // args.batch
+        scfg = TopKTrainingSAEConfig(
+            d_in=args.d, d_sae=args.n, k=args.k, aux_loss_coefficient=1 / 32,
+            normalize_activations="expected_average_only_in",
+        )  # fmt: skip
+        sae = TopKTrainingSAE(scfg)
+        tcfg = SAETrainerConfig(
+            total_training_samples=args.tokens + 16 * args.batch,  # + the norm estimate
+            train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr,
+            lr_decay_steps=int(0.2 * steps), lr_warm_up_steps=0, device="cpu",
+            dead_feature_window=max(1, args.dead_window // args.batch),
+            feature_sampling_window=10**9, n_batches_for_norm_estimate=16,
+        )  # fmt: skip
+        loader = ShuffleLoader(train, args.batch, seed=0)
+        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=loader)
+        trainer.n_training_samples = 16 * args.batch  # the norm-estimate batches count
+        trainer.fit()
+        loader.close()
+        seconds = time.perf_counter() - t0
+        sae.eval()
+        res = evaluate(sae.encode, sae.decode, ev)
+    res["seconds"] = seconds
+    res["tokens_per_s"] = args.tokens / seconds
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def loader_rate(path: Path, n_rows: int, batch: int, n_batches: int) -> float:
+    from stages.sae.data import SliceSource
+
+    src = SliceSource(ZarrSource.open(str(path), ""), 0, n_rows)
+    with ShuffleLoader(src, batch, seed=0, scale=0.5) as loader:
+        next(loader)
+        t = time.perf_counter()
+        for _ in range(n_batches):
+            next(loader)
+        return n_batches * batch / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--d", type=int, default=256)
+    p.add_argument("--n", type=int, default=4096)
+    p.add_argument("--k", type=int, default=32)
+    p.add_argument("--batch", type=int, default=4096)
+    p.add_argument("--tokens", type=int, default=4096 * 256)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--dead-window", type=int, default=4096 * 50)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--skip-dense", action="store_true")
+    p.add_argument("--worker", choices=["ours", "ours-dense", "saelens"])
+    p.add_argument("--data")
+    args = p.parse_args()
+    if args.quick:
+        args.d, args.n, args.k, args.batch, args.tokens = 64, 512, 8, 1024, 1024 * 40
+        args.dead_window = 1024 * 10
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+
+    print(f"machine: {machine()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "acts.zarr"
+        n_eval = 16 * 4096 if not args.quick else 8192
+        t = time.perf_counter()
+        make_data(path, args.d, args.tokens, n_eval, chunk=4096)
+        print(
+            f"data: {args.tokens} train + {n_eval} held-out rows, d_in {args.d}, float16 zarr "
+            f"(chunks 4096 rows, shards of 16 chunks), made in {time.perf_counter() - t:.0f} s"
+        )
+        print(
+            f"SAE: TopK, d_sae {args.n}, k {args.k}, batch {args.batch}, lr {args.lr}, "
+            f"{args.tokens} training tokens ({args.tokens // args.batch} steps)"
+        )
+        results = {}
+        kinds = ["ours", "saelens"] + ([] if args.skip_dense else ["ours-dense"])
+        for kind in kinds:
+            cmd = [sys.executable, __file__, "--worker", kind, "--data", str(path)] + [
+                f"--{k}={getattr(args, k.replace('-', '_'))}"
+                for k in ("d", "n", "k", "batch", "tokens", "lr", "dead-window")
+            ]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                print(out.stderr[-3000:])
+                raise SystemExit(f"worker {kind} failed")
+            results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+            r = results[kind]
+            print(
+                f"  {kind:10s}: {r['tokens_per_s']:9.0f} tokens/s  ({r['seconds']:.1f} s)  "
+                f"peak RSS {r['peak_rss_mib']:6.0f} MiB  held-out FVU {r['fvu']:.4f}  "
+                f"L0 {r['l0']:.1f}  dead {r['dead_fraction']:.3f}"
+            )
+        ours, theirs = results["ours"], results["saelens"]
+        print(
+            f"speed-up ours / SAELens: {ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x "
+            f"(target >= 1.5x); FVU ours {ours['fvu']:.4f} vs SAELens {theirs['fvu']:.4f} at "
+            f"L0 {ours['l0']:.1f} vs {theirs['l0']:.1f}"
+        )
+        if "ours-dense" in results:
+            print(
+                f"sparse TopK kernels vs dense autograd (ours): "
+                f"{ours['tokens_per_s'] / results['ours-dense']['tokens_per_s']:.2f}x"
+            )
+
+        rate = gemm_rate(args.batch, args.d, args.n)
+        dense_flops = 12 * args.d * args.n  # 6 x (2 d n): forward + backward, enc + dec
+        # ours: the dense encoder GEMM + five k-sparse products (decode, its two grads, the
+        # encoder weight grad and input grad); AuxK adds k_aux-sparse ones while latents are dead
+        executed = 2 * args.d * args.n + 10 * args.k * args.d
+        print(
+            f"float32 GEMM rate at [{args.batch}x{args.d}]@[{args.d}x{args.n}]: "
+            f"{rate / 1e9:.1f} GFLOP/s"
+        )
+        for kind in kinds:
+            tps = results[kind]["tokens_per_s"]
+            print(
+                f"  {kind:10s}: dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
+                f"{dense_flops * tps / 1e9:.1f} GFLOP/s = {100 * dense_flops * tps / rate:.0f} % "
+                "of the GEMM rate (target >= 50 %)"
+            )
+        print(
+            f"  ours executes ~{executed / 1e6:.1f} M FLOPs/token (one dense encoder GEMM + "
+            f"k-sparse decode and gradients; encoder weight grad is sparse too): "
+            f"{100 * executed * ours['tokens_per_s'] / rate:.0f} % of the GEMM rate"
+        )
+        lr_ = loader_rate(path, args.tokens, args.batch, min(200, args.tokens // args.batch))
+        print(
+            f"loader alone (zarr float16 -> shuffled, scaled float32 batches): {lr_:.0f} rows/s "
+            f"= {lr_ / ours['tokens_per_s']:.1f}x our trainer's consumption (target >= 3x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
