@@ -104,6 +104,18 @@ def pipeline(args: list[str] | None = None) -> int:
     return code
 
 
+def _drain_prefect() -> None:
+    """Send pending logs and events before the server stops; otherwise the process
+    hangs at exit retrying against a server that is gone."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogHandler
+
+    with contextlib.suppress(Exception):
+        APILogHandler.flush()
+    with contextlib.suppress(Exception):
+        EventsWorker.drain_all()
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         if not os.environ.get("PREFECT_API_URL"):
@@ -123,6 +135,8 @@ def main(argv: list[str]) -> int:
         except RuntimeError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        finally:
+            _drain_prefect()
     print(
         "\nDone. Runs: `atlas ui mlflow` (MLflow) and `atlas ui prefect` (Prefect); "
         "`atlas provenance <run-id>` tells what produced a run."

@@ -212,6 +212,33 @@ class ActivationParams(_Strict):
     hooks: dict[str, list[str]]
 
 
+# ---------------------------------------------------------------------------- saes
+
+
+class SAEEval(_Strict):
+    """Evaluation, always on the held-out split."""
+
+    max_rows: PosInt | None = 65_536  # rows for reconstruction metrics and ground truth
+    ce_windows: PosInt = 64  # windows for CE loss recovered / KL with the SAE spliced in
+
+
+class SAESweep(_Strict):
+    """Per model: which cached hooks get SAEs, and the SAEs (each trained on every hook).
+
+    Each SAE entry is one flat mapping validated by its architecture's config class in
+    `stages/sae/` (`architecture`, `name`, `expansion_factor` or `d_sae`, `k`, ...).
+    """
+
+    hooks: list[str]
+    saes: list[dict[str, Any]]
+
+
+class SAEParams(_Strict):
+    eval: SAEEval = SAEEval()
+    checkpoint_every: PosInt = 200  # optimizer steps between resumable checkpoints
+    sweep: dict[str, SAESweep]
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -219,6 +246,7 @@ class Params(_Strict):
     corpus: CorpusParams = CorpusParams()
     models: dict[str, ModelParams]
     activations: ActivationParams
+    saes: SAEParams | None = None
 
     @model_validator(mode="after")
     def _models_consistent(self) -> Params:
@@ -249,6 +277,8 @@ class Params(_Strict):
                     self.activations.store.seq_len,
                     f"expected <= models.{name}.arch.n_ctx = {m.arch.n_ctx}",
                 )
+        if self.saes is not None:
+            self._check_saes(self.saes)
         for name in self.activations.hooks:
             if name not in self.models:
                 raise _KeyError(
@@ -256,6 +286,41 @@ class Params(_Strict):
                     f"expected a model listed under models ({', '.join(self.models)})",
                 )  # fmt: skip
         return self
+
+    def _check_saes(self, saes: SAEParams) -> None:
+        from stages.sae import parse_sae_config
+
+        for name in self.models:
+            if name not in saes.sweep:
+                raise _KeyError(
+                    ("saes", "sweep", name), None, f"expected an entry for model '{name}'"
+                )
+        for name, sweep in saes.sweep.items():
+            loc = ("saes", "sweep", name)
+            if name not in self.models:
+                raise _KeyError(
+                    loc, name, f"expected a model listed under models ({', '.join(self.models)})"
+                )
+            cached = self.activations.hooks.get(name, [])
+            for i, hook in enumerate(sweep.hooks):
+                if hook not in cached:
+                    raise _KeyError(
+                        (*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}"
+                    )
+            seen = set()
+            for i, raw in enumerate(sweep.saes):
+                try:
+                    cfg = parse_sae_config(raw)
+                except ValidationError as err:
+                    e = err.errors()[0]
+                    raise _KeyError((*loc, "saes", i, *e["loc"]), e.get("input"),
+                                    e["msg"].removeprefix("Value error, ")) from None  # fmt: skip
+                except ValueError as err:
+                    raise _KeyError((*loc, "saes", i), raw.get("architecture"), str(err)) from None
+                key = cfg.display_name
+                if key in seen:
+                    raise _KeyError((*loc, "saes", i, "name"), key, "expected a unique SAE name")
+                seen.add(key)
 
     def hooks(self, model: str) -> list[str]:
         return self.activations.hooks[model]

@@ -56,6 +56,33 @@ TINY = {
             "tiny-b": ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"],
         },
     },
+    "saes": {
+        "eval": {"max_rows": 2048, "ce_windows": 8},
+        "checkpoint_every": 20,
+        "sweep": {
+            m: {
+                "hooks": ["blocks.0.hook_resid_post"],
+                "saes": [
+                    {
+                        "architecture": "topk",
+                        "expansion_factor": 4,
+                        "k": 4,
+                        "n_training_tokens": 40960,
+                        "batch_size": 512,
+                        "lr": 0.003,
+                    },
+                    {
+                        "architecture": "relu",
+                        "expansion_factor": 4,
+                        "n_training_tokens": 40960,
+                        "batch_size": 512,
+                        "lr": 0.003,
+                    },
+                ],
+            }
+            for m in ("tiny-a", "tiny-b")
+        },
+    },
 }
 
 

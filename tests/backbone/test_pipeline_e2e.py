@@ -70,6 +70,24 @@ def test_outputs_exist_and_are_sane(project):
     assert np.array_equal(a.read("token_ids"), b.read("token_ids"))
 
 
+def test_sae_stage_writes_saelens_folders_metrics_and_plots(project):
+    root = project["root"]
+    from sae_lens import SAE
+
+    for m in ("tiny-a", "tiny-b"):
+        metrics = json.loads((root / f"metrics/saes/{m}.json").read_text())
+        saes = metrics["blocks.0.hook_resid_post"]
+        assert set(saes) == {"topk-128-k4", "relu-128-l1c5"}
+        topk = saes["topk-128-k4"]
+        assert abs(topk["l0"] - 4) < 1e-6 and 0 <= topk["fvu"] < 0.8
+        assert topk["ce_loss_recovered"] > 0.3 and 0 <= topk["mean_best_f1"] <= 1
+        folder = root / f"data/saes/{m}/blocks.0.hook_resid_post/topk-128-k4"
+        sae = SAE.load_from_disk(str(folder))
+        assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 128
+        rows = json.loads((root / f"plots/saes/{m}.json").read_text())
+        assert {r["architecture"] for r in rows} == {"topk", "relu"}
+
+
 def test_noop_repro_runs_nothing(project):
     p = _run(["dvc", "repro"], project["root"], project["env"])
     assert "Running stage" not in p.stdout
@@ -79,14 +97,21 @@ def test_noop_repro_runs_nothing(project):
 def test_changing_one_models_hook_reruns_only_that_cache(project):
     root, env = project["root"], project["env"]
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["activations"]["hooks"]["tiny-b"] = ["blocks.1.hook_resid_post"]
+    params["activations"]["hooks"]["tiny-b"] = [
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+    ]
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = _run(["dvc", "repro"], root, env)
     ran = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.startswith("Running stage")]
-    assert ran == ["activations@tiny-b"]
+    # that model's cache, and what reads it; not the LMs, not the other model
+    assert ran == ["activations@tiny-b", "saes@tiny-b"]
     from stages.activations import ActivationStore
 
-    assert ActivationStore(root / "data/activations/tiny-b").hooks == ["blocks.1.hook_resid_post"]
+    assert ActivationStore(root / "data/activations/tiny-b").hooks == [
+        "blocks.0.hook_resid_post",
+        "blocks.1.hook_resid_post",
+    ]
 
 
 def test_bad_params_stop_before_any_work(project):

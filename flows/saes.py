@@ -1,0 +1,172 @@
+"""DVC stage `saes@<model>`: train and evaluate the SAE sweep of one model.
+
+    python -m flows.saes toy-a
+
+For each hook in `saes.sweep.<model>.hooks`, every SAE in the sweep is trained in one
+shared pass over the cached training rows (resumable from `data/saes/<model>.partial/`),
+evaluated on held-out rows only (reconstruction, CE loss recovered / KL with the SAE
+spliced into the model, the Gurnee perturbation ratio, concept ground truth), and
+saved in SAELens format to `data/saes/<model>/<hook>/<sae>/`. One MLflow child run per
+SAE; the L0-vs-quality Pareto data goes to `plots/saes/<model>.json` for `dvc plots`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows.common import main, transient_only
+from stages.config import flatten, load_params
+from stages.io import atomic_dir, write_json
+from stages.tracking import stage_run
+
+# The headline numbers per SAE: what metrics/ and the Pareto plot carry.
+HEADLINE = ("l0", "fvu", "explained_variance", "mse", "cosine_similarity", "shrinkage",
+            "dead_fraction", "dense_fraction")  # fmt: skip
+DOWNSTREAM = ("ce_loss_recovered", "kl_sae", "random_to_sae_kl_ratio")
+
+
+def _flat_metrics(m: dict) -> dict[str, float]:
+    out = {k: m[k] for k in HEADLINE if isinstance(m.get(k), int | float)}
+    down = m.get("downstream") or {}
+    out.update({k: down[k] for k in DOWNSTREAM if isinstance(down.get(k), int | float)})
+    gt = m.get("ground_truth") or {}
+    if isinstance(gt.get("mean_best_f1"), int | float):
+        out["mean_best_f1"] = gt["mean_best_f1"]
+    return out
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
+def train(source, configs, ckpt: Path, every: int):
+    from stages.sae import train_saes
+
+    return train_saes(source, configs, checkpoint_dir=ckpt, checkpoint_every=every)
+
+
+@task(cache_policy=NO_CACHE)
+def evaluate(result, store, model, hook: str, eval_params):
+    import torch
+
+    from stages.sae import SliceSource, evaluate_sae
+
+    torch.manual_seed(0)
+    heldout = store.source(hook, "heldout")
+    n = min(heldout.n_rows, eval_params.max_rows or heldout.n_rows)
+    heldout = SliceSource(heldout, 0, n)
+    labels = store.read("concept_labels", "heldout")[:n] if store.concept_names else None
+    return evaluate_sae(
+        result.sae, heldout, model=model, hook_name=hook,
+        tokens=store.windows("heldout", eval_params.ce_windows),
+        labels=labels, concept_names=store.concept_names or None, max_rows=n,
+    )  # fmt: skip
+
+
+def _pareto_figure(rows: list[dict], model: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"),
+                           (axes[1], "ce_loss_recovered", "CE loss recovered")):  # fmt: skip
+        for arch in sorted({r["architecture"] for r in rows}):
+            pts = sorted((r["l0"], r[key]) for r in rows if r["architecture"] == arch and key in r)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), "o-", label=arch)
+        ax.set_xscale("log")
+        ax.set_xlabel("L0 (active latents per token)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"SAE sweep on {model}: sparsity vs quality (held-out)")
+    fig.tight_layout()
+    return fig
+
+
+@flow(name="saes")
+def saes_flow(name: str) -> dict:
+    from stages.activations import ActivationStore
+    from stages.models import load_model
+    from stages.sae import parse_sae_config, save_sae
+
+    params = load_params()
+    if params.saes is None or name not in params.saes.sweep:
+        raise KeyError(f"params.yaml: saes.sweep.{name} is missing, expected the model's SAE sweep")
+    sweep, sp = params.saes.sweep[name], params.saes
+    store_dir, model_dir = Path("data/activations") / name, Path("data/models") / name
+    out, partial = Path("data/saes") / name, Path("data/saes") / f"{name}.partial"
+    logged = {**flatten(sweep, f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
+    with stage_run(f"saes@{name}", logged, {"activations": store_dir, "model": model_dir}) as run:
+        store = ActivationStore(store_dir)
+        model = load_model(model_dir)
+        configs = [parse_sae_config(raw) for raw in sweep.saes]
+        rows, metrics = [], {}
+        partial.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(out) as tmp:
+            for hook in sweep.hooks:
+                source = store.source(hook, "train")
+                results = train(quote(source), configs, partial / hook, sp.checkpoint_every)
+                for r in results:
+                    ev = evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
+                    folder = tmp / hook / r.name
+                    save_sae(folder, r.sae, hook_name=hook, model_name=name,
+                             log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
+                             training_config=r.config)  # fmt: skip
+                    flat = _flat_metrics(ev.metrics)
+                    metrics.setdefault(hook, {})[r.name] = {k: round(v, 6) for k, v in flat.items()}
+                    rows.append({"model": name, "hook": hook, "sae": r.name,
+                                 "architecture": r.config.architecture, **flat})  # fmt: skip
+                    _log_sae_run(run, name, hook, r, ev, flat)
+                    print(f"saes@{name}: {hook} {r.name}: L0 {flat.get('l0', 0):.1f}, "
+                          f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
+                          f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
+        shutil.rmtree(partial, ignore_errors=True)
+        Path("metrics/saes").mkdir(parents=True, exist_ok=True)
+        Path("plots/saes").mkdir(parents=True, exist_ok=True)
+        write_json(Path("metrics/saes") / f"{name}.json", metrics)
+        write_json(Path("plots/saes") / f"{name}.json", rows)
+        run.figure(_pareto_figure(rows, name), "pareto.png")
+        print(f"saes@{name}: {len(rows)} SAEs -> {out}/, metrics -> metrics/saes/{name}.json")
+    return metrics
+
+
+def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:
+    """One MLflow child run per SAE (under the stage's run): config, metrics, density plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    exp = client.get_run(stage.run_id).info.experiment_id
+    child = client.create_run(exp, run_name=f"{model}/{hook}/{r.name}",
+                              tags={"mlflow.parentRunId": stage.run_id, "atlas.kind": "sae",
+                                    "sae.hook": hook, "sae.model": model})  # fmt: skip
+    cid = child.info.run_id
+    for k, v in flatten(r.config, "sae.").items():
+        client.log_param(cid, k, str(v)[:6000])
+    for k, v in flat.items():
+        client.log_metric(cid, k, float(v))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    dens = ev.log10_feature_density.float().numpy()
+    ax.hist(dens[dens > -10], bins=50)
+    ax.set_xlabel("log10 feature density (held-out)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"{r.name} @ {hook}")
+    fig.tight_layout()
+    client.log_figure(cid, fig, "feature_density.png")
+    plt.close(fig)
+    client.set_terminated(cid)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m flows.saes <model-name>")
+    main(lambda: saes_flow(sys.argv[1]), f"saes@{sys.argv[1]}")
