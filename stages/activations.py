@@ -170,8 +170,8 @@ def stop_layer(model: HookedTransformer, hooks: list[str]) -> int | None:
         return None
     if any(layer is None for layer in layers):  # hook_embed / hook_pos_embed only
         return 0 if all(h in ("hook_embed", "hook_pos_embed") for h in hooks) else None
-    top = max(layers) + 1  # type: ignore[type-var]
-    return None if top >= model.cfg.n_layers else top
+    # stop_at_layer = n_layers still skips ln_final and the unembedding
+    return max(layers) + 1  # type: ignore[type-var]
 
 
 def check_hooks(model: HookedTransformer, hooks: list[str], where: str) -> None:
