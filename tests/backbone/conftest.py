@@ -19,35 +19,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 TINY = {
     "corpus": {"source": "toy", "heldout_fraction": 0.1, "toy": {"n_docs": 240, "seed": 3}},
+    # two toy models differing only in seed, like the default pair
     "models": {
-        "tiny-a": {
+        name: {
             "source": "toy",
-            "seed": 0,
+            "seed": seed,
             "arch": {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 32},
             "tokenizer": {"vocab_size": 400},
-            "train": {
-                "tokens": 24000,
-                "batch_size": 16,
-                "seq_len": 32,
-                "lr": 0.01,
-                "warmup_steps": 5,
-                "eval_tokens": 2048,
-            },
-        },
-        "tiny-b": {
-            "source": "toy",
-            "seed": 1,
-            "arch": {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 32},
-            "tokenizer": {"vocab_size": 400},
-            "train": {
-                "tokens": 24000,
-                "batch_size": 16,
-                "seq_len": 32,
-                "lr": 0.01,
-                "warmup_steps": 5,
-                "eval_tokens": 2048,
-            },
-        },
+            "train": {"tokens": 24000, "batch_size": 16, "seq_len": 32, "lr": 0.01,
+                      "warmup_steps": 5, "eval_tokens": 2048},  # fmt: skip
+        }
+        for seed, name in enumerate(("tiny-a", "tiny-b"))
     },
     "activations": {
         "store": {"seq_len": 32, "batch_size": 16, "shard_rows": 4096, "chunk_rows": 1024},
