@@ -283,7 +283,8 @@ def cache_activations(
                 item = q.get()
                 if item is None:
                     break
-                row0, acts = item
+                row0, raw = item
+                acts = {h: a[:, 1:].reshape(-1, a.shape[-1]) for h, a in raw.items()}
                 n = next(iter(acts.values())).shape[0]
                 skip = max(0, lo + fill - row0)  # rows before the shard we are filling
                 pos = skip
@@ -328,13 +329,9 @@ def cache_activations(
             batch = torch.from_numpy(all_tokens[w0 : w0 + bs].astype(np.int64))
             t0 = time.perf_counter()
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
-            acts = {
-                h: captured[h][:, 1:]
-                .reshape(-1, captured[h].shape[-1])
-                .to(torch.float16 if dtype == np.float16 else torch.float32)
-                .numpy()
-                for h in hooks
-            }
+            # Hand over the raw [batch, seq, d] tensors: dropping BOS and the float16
+            # conversion happen in the writer thread, overlapping the next forward.
+            acts = {h: captured[h].numpy() for h in hooks}
             t1 = time.perf_counter()
             q.put((w0 * body, acts))
             t_forward += t1 - t0
