@@ -231,7 +231,7 @@ def cache_activations(
         d_model = model.cfg.d_model
         d_of = {}
         for h in hooks:
-            d = _hook_width(model, h, seq_len)
+            d = _hook_width(model, h)
             d_of[h] = d
             _create(group, h, (n_rows, d), dtype, params, compress=False)
         group.attrs.update(
@@ -359,7 +359,7 @@ def cache_activations(
     }
 
 
-def _hook_width(model: HookedTransformer, hook: str, seq_len: int) -> int:
+def _hook_width(model: HookedTransformer, hook: str) -> int:
     """Width of a hook's activation per token (d_model, d_mlp, n_heads*d_head, ...)."""
     cfg = model.cfg
     tail = hook.split(".")[-1]

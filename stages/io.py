@@ -18,7 +18,7 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path, keep_on_error: Path | None = None) -> Iterator[Path]:
+def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `final` in one rename.
 
     On error the temporary folder is removed (nothing half-written is left) and

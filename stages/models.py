@@ -14,7 +14,6 @@ not care where a model came from.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -370,6 +369,3 @@ def load_model(folder: Path) -> HookedTransformer:
     model.eval()
     return model
 
-
-def model_card(folder: Path) -> dict:
-    return json.loads((Path(folder) / "config.json").read_text())
