@@ -44,8 +44,13 @@ class RowStore(Protocol):
     path: Path
     corpus_hash: str
     n_rows: int
+    hooks: list[str]
+    attrs: dict
+    concept_names: list[str]
 
     def array(self, name: str): ...
+
+    def d(self, hook: str) -> int: ...
 
     def split_range(self, split: str) -> tuple[int, int]: ...
 

@@ -1,0 +1,645 @@
+"""Align two models' features: one call from two activation stores and their SAEs.
+
+`align_pair(store_a, store_b, saes_a, saes_b, cfg)` does everything the `align` stage
+reports, reading each aligned chunk of tokens once:
+
+1. pair the two stores' rows (`tokens.align_tokens`) and pick the tokens to use
+   (`cfg.split`, topped up with training rows up to `cfg.max_tokens`);
+2. stream chunks of paired rows (chunk-aligned zarr reads; B's rows may be scattered
+   for a different tokenizer, so B's covering chunks are read and indexed in memory)
+   and feed, per chunk:
+   - exact linear CKA moments of the raw activations, every hook of A × every hook of B;
+   - a seeded subsample of rows (raw activations and latents) for the O(n²) measures;
+   - per SAE pair: the latent correlation matrix, `cfg.n_null` shuffled-token nulls
+     (chunk i of A against rows of a different chunk σ(i) of B, re-read and encoded),
+     top-activating tokens, concept-label counts, and A's self-correlation over the
+     first `cfg.self_check_tokens` tokens;
+3. match and score: max matches both ways, Hungarian, null comparison, top-token
+   Jaccard, decoder cosines after an orthogonal Procrustes map fitted on the paired raw
+   activations (the cross co-moment of step 2), CKA of the matched latents, agreement of
+   the concepts' best latents (ground truth), the self-match sanity check, and feature
+   splitting between SAEs of different widths on one hook.
+
+Memory is O(m_A·m_B) per SAE pair plus one chunk: never the dense activations of all
+tokens. `write_alignment` / `figures` (in `outputs.py`) turn the result into files.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from tqdm.auto import tqdm
+
+from stages.alignment._moments import CentredMoments
+from stages.alignment.correlation import CorrelationAccumulator, TopActivations, _random_derangement
+from stages.alignment.matching import (
+    Matches,
+    NullComparison,
+    compare_to_null,
+    decoder_cosine,
+    feature_splitting,
+    ground_truth_agreement,
+    hungarian_matches,
+    max_matches,
+    orthogonal_procrustes_map,
+    top_token_jaccard,
+)
+from stages.alignment.similarity import (
+    LayerSimilarity,
+    PermutationTest,
+    _cka_from_products,
+    _RowSample,
+    permutation_test,
+)
+from stages.alignment.tokens import RowStore, TokenAlignment, align_tokens, select_rows
+from stages.sae.base import BaseSAE
+from stages.sae.io import load_sae, read_metrics
+from stages.sae.metrics import binary_f1_counts
+
+log = logging.getLogger(__name__)
+
+# hook -> SAE name -> SAE, and hook -> SAE name -> concept -> best latent
+SAEs = Mapping[str, Mapping[str, BaseSAE]]
+BestLatents = Mapping[str, Mapping[str, Mapping[str, int]]]
+
+GRID_METRICS = ("linear_cka", "mutual_knn")  # every hook of A × every hook of B
+PAIR_METRICS = ("unbiased_cka", "svcca", "rsa")  # the compared hook pairs only
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Every knob of `align_pair` (the `align` params schema mirrors it)."""
+
+    hook_pairs: tuple[tuple[str, str], ...] | None = None  # None: hooks cached by both
+    sae_names: tuple[str, ...] | None = None  # SAEs matched by name; None: every shared name
+    split: str = "heldout"  # rows of A to use: heldout | train | all
+    max_tokens: int = 200_000  # heldout topped up with the nearest training rows
+    chunk_rows: int = 8192  # tokens per streamed chunk (rounded to the zarr chunking)
+    threshold: float = 0.5  # a feature "has a partner" when its match correlates ≥ this
+    n_null: int = 1  # shuffled-token-order null passes
+    null_quantile: float = 0.99  # matched scores beat this quantile of the null's
+    top_k: int = 20  # top-activating tokens per latent, for the Jaccard check
+    n_permutations: int = 100  # permutation p-values of the similarity measures
+    n_samples: int = 2048  # subsample for mutual kNN, RSA, unbiased CKA, SVCCA, p-values
+    knn_k: int = 10
+    self_check_tokens: int = 16_384  # tokens for the SAE-with-itself sanity check
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        ints = {"max_tokens": 2, "chunk_rows": 1, "n_null": 1, "top_k": 1, "n_permutations": 0,
+                "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2}  # fmt: skip
+        for name, low in ints.items():
+            if getattr(self, name) < low:
+                raise ValueError(
+                    f"align: {name} = {getattr(self, name)}, expected an integer >= {low}"
+                )
+        if not 0.0 < self.null_quantile < 1.0:
+            raise ValueError(f"align: null_quantile = {self.null_quantile}, expected in (0, 1)")
+        if self.split not in ("heldout", "train", "all"):
+            raise ValueError(f"align: split = {self.split!r}, expected heldout, train or all")
+
+
+@dataclass
+class SAEPairResult:
+    """Everything measured for one SAE of A against one SAE of B."""
+
+    hook_a: str
+    hook_b: str
+    name_a: str
+    name_b: str
+    correlation: np.ndarray  # [m_a, m_b] Pearson r over the aligned tokens
+    hungarian: Matches
+    max_ab: Matches
+    max_ba: Matches  # B's latents → their best A latent (a_index = the A partner)
+    null_hungarian: Matches  # the nulls' matched scores, concatenated
+    null_max: Matches
+    null_comparison: NullComparison
+    table: pa.Table  # one row per match and method (see outputs.py)
+    ground_truth: dict[str, dict[str, object]]  # concept -> best latents, matched?
+    scores: dict[str, float]
+
+    @property
+    def key(self) -> str:
+        hooks = self.hook_a if self.hook_a == self.hook_b else f"{self.hook_a}~{self.hook_b}"
+        names = self.name_a if self.name_a == self.name_b else f"{self.name_a}~{self.name_b}"
+        return f"{hooks}/{names}"
+
+
+@dataclass
+class AlignmentResult:
+    """What `align_pair` returns; `scores` is the flat dict written as DVC metrics."""
+
+    model_a: str
+    model_b: str
+    n_tokens: int
+    token_rule: str
+    grid: dict[str, LayerSimilarity]  # metric -> A hooks × B hooks
+    hook_pairs: dict[str, dict[str, PermutationTest]]  # "ha~hb" or "h" -> metric -> test
+    pairs: list[SAEPairResult]
+    splitting: dict[str, dict[str, float]]  # "a/<hook>/<narrow>><wide>" -> summary
+    timings: dict[str, float] = field(default_factory=dict)
+    config: AlignConfig | None = None
+
+    @property
+    def scores(self) -> dict[str, float]:
+        out: dict[str, float] = {"n_tokens": float(self.n_tokens)}
+        for name, tests in self.hook_pairs.items():
+            for metric, test in tests.items():
+                out[f"{metric}/{name}"] = test.statistic
+                out[f"{metric}_p/{name}"] = test.p_value
+        for pair in self.pairs:
+            out.update({f"{pair.key}/{k}": v for k, v in pair.scores.items()})
+        for name, summary in self.splitting.items():
+            out.update({f"splitting/{name}/{k}": v for k, v in summary.items()})
+        out.update({f"seconds/{k}": v for k, v in self.timings.items()})
+        return out
+
+
+# ------------------------------------------------------------------------ reading rows
+
+
+def read_rows(array, rows: np.ndarray) -> np.ndarray:
+    """array[rows] reading whole zarr chunks, in runs of consecutive chunks.
+
+    Zarr reads single rows slowly; the rows of a chunk of aligned tokens sit in a few
+    neighbouring chunks (contiguous for the same tokenizer), so read those and index.
+    """
+    c = int(array.chunks[0])
+    ids = np.unique(rows // c)
+    runs = np.split(ids, np.flatnonzero(np.diff(ids) > 1) + 1)
+    blocks = [np.asarray(array[r[0] * c : (r[-1] + 1) * c]) for r in runs]
+    buf = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    return buf[np.searchsorted(ids, rows // c) * c + rows % c]
+
+
+def _chunk_bounds(rows_a: np.ndarray, chunk_rows: int, zarr_rows: int) -> list[tuple[int, int]]:
+    """Split the pairs where A's row crosses a multiple of chunk_rows (rounded up to the
+    zarr chunking), so each step reads whole chunks of A."""
+    size = max(1, -(-chunk_rows // zarr_rows)) * zarr_rows
+    cuts = np.flatnonzero(np.diff(rows_a // size)) + 1
+    edges = [0, *cuts.tolist(), len(rows_a)]
+    return list(itertools.pairwise(edges))
+
+
+def _acts(store: RowStore, hook: str, rows: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(read_rows(store.array(hook), rows).astype(np.float32))
+
+
+# --------------------------------------------------------------------- per SAE pair
+
+
+class _ConceptCounts:
+    """Per concept, the best single latent by F1 (the rule of sae.evaluate_ground_truth)."""
+
+    def __init__(self, n_concepts: int, m: int) -> None:
+        self.tp = torch.zeros(n_concepts, m, dtype=torch.float64)
+        self.fires = torch.zeros(m, dtype=torch.float64)
+        self.pos = torch.zeros(n_concepts, dtype=torch.float64)
+
+    def update(self, latents: torch.Tensor, labels: torch.Tensor) -> None:
+        fired = (latents > 0).to(torch.float64)
+        lab = labels.to(torch.float64)
+        self.tp += lab.T @ fired
+        self.fires += fired.sum(0)
+        self.pos += lab.sum(0)
+
+    def best(self, names: Sequence[str]) -> dict[str, int]:
+        f1 = binary_f1_counts(self.tp, self.fires[None, :] - self.tp, self.pos[:, None] - self.tp)
+        best = f1.argmax(dim=1)
+        return {n: int(best[j]) for j, n in enumerate(names) if self.pos[j] > 0}
+
+
+class _PairState:
+    """Streaming accumulators of one SAE pair."""
+
+    def __init__(self, hook_a, hook_b, name_a, name_b, sae_a, sae_b, cfg, n_concepts) -> None:
+        self.hook_a, self.hook_b, self.name_a, self.name_b = hook_a, hook_b, name_a, name_b
+        self.sae_a, self.sae_b = sae_a, sae_b
+        m_a, m_b = sae_a.d_sae, sae_b.d_sae
+        self.corr = CorrelationAccumulator(m_a, m_b)
+        self.nulls = [CorrelationAccumulator(m_a, m_b) for _ in range(cfg.n_null)]
+        self.self_corr = CorrelationAccumulator(m_a, m_a)
+        self.self_tokens = cfg.self_check_tokens
+        self.top_a, self.top_b = TopActivations(m_a, cfg.top_k), TopActivations(m_b, cfg.top_k)
+        self.concepts_a = _ConceptCounts(n_concepts, m_a) if n_concepts else None
+        self.concepts_b = _ConceptCounts(n_concepts, m_b) if n_concepts else None
+
+    def update(self, fa, fb, token_index, labels_a, labels_b) -> None:
+        self.corr.update(fa, fb)
+        self.top_a.update(fa, token_index)
+        self.top_b.update(fb, token_index)
+        need = self.self_tokens - self.self_corr.n_tokens
+        if need > 0:
+            self.self_corr.update(fa[:need], fa[:need])
+        if self.concepts_a is not None:
+            self.concepts_a.update(fa, labels_a)
+            self.concepts_b.update(fb, labels_b)
+
+
+def _max_ba(corr: np.ndarray) -> Matches:
+    m = max_matches(corr.T)  # rows are B's latents here
+    return Matches(m.b_index, m.a_index, m.score, corr.shape[0], corr.shape[1], "max_ba")
+
+
+def _concat(matches: list[Matches], method: str) -> Matches:
+    first = matches[0]
+    return Matches(
+        np.concatenate([m.a_index for m in matches]),
+        np.concatenate([m.b_index for m in matches]),
+        np.concatenate([m.score for m in matches]),
+        first.n_a,
+        first.n_b,
+        method,
+    )
+
+
+def _self_check(acc: CorrelationAccumulator) -> dict[str, float]:
+    """A matched with itself: Hungarian on its live latents must give the identity, r = 1."""
+    live = np.flatnonzero(~acc.dead_a)
+    if live.size == 0:
+        return {"self_match_identity_fraction": float("nan"), "self_match_mean_corr": float("nan")}
+    m = hungarian_matches(acc.correlation()[np.ix_(live, live)])
+    return {
+        "self_match_identity_fraction": float(np.mean(m.a_index == m.b_index)),
+        "self_match_mean_corr": float(m.score.mean()),
+        "self_match_live_latents": float(live.size),
+    }
+
+
+def _finish_pair(
+    st: _PairState,
+    cfg: AlignConfig,
+    rotation: np.ndarray,
+    sample: Mapping[str, np.ndarray],
+    concept_names: Sequence[str],
+    best_a: Mapping[str, int] | None,
+    best_b: Mapping[str, int] | None,
+) -> SAEPairResult:
+    corr = st.corr.correlation()
+    hung, max_ab, max_ba = hungarian_matches(corr), max_matches(corr), _max_ba(corr)
+    null_corrs = [n.correlation() for n in st.nulls]
+    null_hung = _concat([hungarian_matches(c) for c in null_corrs], "null_hungarian")
+    null_max = _concat([max_matches(c) for c in null_corrs], "null_max")
+    versus_null = compare_to_null(hung, null_hung, cfg.null_quantile)
+    top_a, top_b = st.top_a.token_sets(), st.top_b.token_sets()
+    dec_cos = decoder_cosine(
+        st.sae_a.W_dec.detach().double(), st.sae_b.W_dec.detach().double(), rotation
+    )
+
+    rows = []
+    for m in (hung, max_ab, max_ba):
+        rows.append(
+            {
+                "latent_a": m.a_index,
+                "latent_b": m.b_index,
+                "correlation": m.score,
+                "method": np.full(len(m.score), "max_ab" if m.method == "max" else m.method),
+                "jaccard": top_token_jaccard(top_a, top_b, m),
+                "decoder_cosine_procrustes": dec_cos[m.a_index, m.b_index],
+                "above_threshold": m.score >= cfg.threshold,
+                "above_null": m.score > versus_null.threshold,
+            }
+        )
+    table = pa.table({k: np.concatenate([r[k] for r in rows]) for k in rows[0]})
+
+    dead_a, dead_b = st.corr.dead_a, st.corr.dead_b
+    above = hung.score >= cfg.threshold
+    jac_h = rows[0]["jaccard"]
+    dec_h = hungarian_matches(dec_cos)
+    scores: dict[str, float] = {
+        "m_a": float(hung.n_a),
+        "m_b": float(hung.n_b),
+        "dead_a": float(dead_a.sum()),
+        "dead_b": float(dead_b.sum()),
+        "fraction_with_partner": max_ab.fraction_with_partner(cfg.threshold),
+        "fraction_with_partner_ba": float(np.mean(max_ba.score >= cfg.threshold)),
+        "fraction_with_partner_hungarian": hung.fraction_with_partner(cfg.threshold),
+        "fraction_with_partner_live": float(np.mean(max_ab.score[~dead_a] >= cfg.threshold))
+        if (~dead_a).any()
+        else float("nan"),
+        "mean_max_corr_ab": float(max_ab.score.mean()),
+        "mean_max_corr_ba": float(max_ba.score.mean()),
+        "mean_matched_corr_hungarian": float(hung.score.mean()),
+        "median_matched_corr_hungarian": float(np.median(hung.score)),
+        "null_mean_hungarian": float(null_hung.score.mean()),
+        "null_p95_hungarian": float(np.quantile(null_hung.score, 0.95)),
+        "null_mean_max": float(null_max.score.mean()),
+        "null_p95_max": float(np.quantile(null_max.score, 0.95)),
+        "null_threshold": versus_null.threshold,
+        "fraction_above_null_hungarian": versus_null.fraction_above_null,
+        "mean_jaccard_hungarian": float(jac_h.mean()),
+        "mean_jaccard_hungarian_above_threshold": float(jac_h[above].mean())
+        if above.any()
+        else float("nan"),
+        "mean_decoder_cosine_hungarian": float(dec_cos[hung.a_index, hung.b_index].mean()),
+        "decoder_hungarian_mean_cosine": float(dec_h.score.mean()),
+        # Both matchings pair every A latent when m_a <= m_b (rows come sorted by A).
+        "decoder_activation_agreement": float(np.mean(dec_h.b_index == hung.b_index))
+        if hung.n_a <= hung.n_b
+        else float("nan"),
+    }
+    scores.update(_subspace_scores(st, hung, above, sample, cfg))
+    self_check = _self_check(st.self_corr)
+    scores.update(self_check)
+
+    gt: dict[str, dict[str, object]] = {}
+    if best_a is None and st.concepts_a is not None:
+        best_a = st.concepts_a.best(concept_names)
+    if best_b is None and st.concepts_b is not None:
+        best_b = st.concepts_b.best(concept_names)
+    if best_a and best_b and set(best_a) & set(best_b):
+        by_h = ground_truth_agreement(best_a, best_b, hung)
+        by_max = ground_truth_agreement(best_a, best_b, max_ab)
+        for c in by_h:
+            a, b = int(best_a[c]), int(best_b[c])
+            gt[c] = {"best_a": a, "best_b": b, "correlation": float(corr[a, b]),
+                     "hungarian": by_h[c], "max": by_max[c]}  # fmt: skip
+        scores["ground_truth_fraction_hungarian"] = float(np.mean(list(by_h.values())))
+        scores["ground_truth_fraction_max"] = float(np.mean(list(by_max.values())))
+        scores["ground_truth_concepts"] = float(len(gt))
+    return SAEPairResult(
+        st.hook_a, st.hook_b, st.name_a, st.name_b, corr, hung, max_ab, max_ba,
+        null_hung, null_max, versus_null, table, gt, scores,
+    )  # fmt: skip
+
+
+def _subspace_scores(st, hung, above, sample, cfg) -> dict[str, float]:
+    """Linear CKA of the matched latents (all Hungarian pairs, and those above the
+    threshold) on the row subsample, with a permutation p-value."""
+    za, zb = sample[_latent_key("a", st)], sample[_latent_key("b", st)]
+    out: dict[str, float] = {}
+    for tag, keep in (("", np.ones_like(above)), ("_above_threshold", above)):
+        a_idx, b_idx = hung.a_index[keep], hung.b_index[keep]
+        x, y = za[:, a_idx], zb[:, b_idx]
+        ok = a_idx.size > 0 and x.std(0).max(initial=0) > 0 and y.std(0).max(initial=0) > 0
+        test = (
+            permutation_test(x, y, "linear_cka", n_permutations=cfg.n_permutations, seed=cfg.seed)
+            if ok
+            else None
+        )
+        out[f"subspace_cka{tag}"] = test.statistic if test else float("nan")
+        out[f"subspace_cka{tag}_p"] = test.p_value if test else float("nan")
+    return out
+
+
+def _latent_key(side: str, st: _PairState) -> str:
+    hook, name = (st.hook_a, st.name_a) if side == "a" else (st.hook_b, st.name_b)
+    return f"z{side}:{hook}:{name}:{st.hook_a}~{st.hook_b}:{st.name_a}~{st.name_b}"
+
+
+# ------------------------------------------------------------------------- the pass
+
+
+def _hook_pairs(cfg: AlignConfig, store_a: RowStore, store_b: RowStore) -> list[tuple[str, str]]:
+    if cfg.hook_pairs is None:
+        pairs = [(h, h) for h in store_a.hooks if h in store_b.hooks]
+        if not pairs:
+            raise ValueError(
+                f"no hook cached by both models ({store_a.path}: {store_a.hooks}; "
+                f"{store_b.path}: {store_b.hooks}); set align hook_pairs explicitly"
+            )
+        return pairs
+    for ha, hb in cfg.hook_pairs:
+        for store, h in ((store_a, ha), (store_b, hb)):
+            if h not in store.hooks:
+                raise ValueError(
+                    f"align hook_pairs: {h!r} is not cached in {store.path} (hooks: {store.hooks})"
+                )
+    return [tuple(p) for p in cfg.hook_pairs]  # type: ignore[misc]
+
+
+def _sae_pairs(
+    hook_pairs: list[tuple[str, str]], saes_a: SAEs, saes_b: SAEs, names: Sequence[str] | None
+) -> list[tuple[str, str, str]]:
+    """(hook_a, hook_b, name) for every compared hook pair and SAE name both models have."""
+    out = []
+    for ha, hb in hook_pairs:
+        shared = sorted(set(saes_a.get(ha, {})) & set(saes_b.get(hb, {})))
+        chosen = shared if names is None else [n for n in names if n in shared]
+        if names is not None and len(chosen) < len(names) and (ha in saes_a or hb in saes_b):
+            missing = sorted(set(names) - set(chosen))
+            raise ValueError(
+                f"align sae_names: {missing} not trained on both {ha} (model A has "
+                f"{sorted(saes_a.get(ha, {}))}) and {hb} (model B has {sorted(saes_b.get(hb, {}))})"
+            )
+        out += [(ha, hb, n) for n in chosen]
+    return out
+
+
+def _splitting(side: str, saes: SAEs) -> dict[str, dict[str, float]]:
+    """Feature splitting for every pair of SAEs of different widths on one hook."""
+    out = {}
+    for hook, by_name in saes.items():
+        for (n1, s1), (n2, s2) in itertools.combinations(sorted(by_name.items()), 2):
+            if s1.d_sae == s2.d_sae or s1.d_in != s2.d_in:
+                continue
+            (nn, narrow), (nw, wide) = sorted([(n1, s1), (n2, s2)], key=lambda t: t[1].d_sae)
+            fs = feature_splitting(narrow.W_dec.detach().double(), wide.W_dec.detach().double())
+            out[f"{side}/{hook}/{nn}>{nw}"] = fs.summary()
+    return out
+
+
+def _concept_names(store_a: RowStore, store_b: RowStore) -> list[str]:
+    """Concepts labelled in both stores (ground truth needs the labels on both sides)."""
+    names = []
+    for s in (store_a, store_b):
+        try:
+            s.array("concept_labels")
+        except KeyError:
+            return []
+        names.append(list(s.concept_names))
+    if names[0] != names[1]:
+        raise ValueError(
+            f"concept names differ: {store_a.path} has {names[0]}, {store_b.path} has "
+            f"{names[1]}; expected stores of the same corpus"
+        )
+    return names[0]
+
+
+@torch.inference_mode()
+def align_pair(
+    store_a: RowStore,
+    store_b: RowStore,
+    saes_a: SAEs,
+    saes_b: SAEs,
+    cfg: AlignConfig | None = None,
+    *,
+    best_latents_a: BestLatents | None = None,
+    best_latents_b: BestLatents | None = None,
+    progress: bool = True,
+) -> AlignmentResult:
+    """Align model A's features with model B's (see the module docstring).
+
+    `saes_a` / `saes_b`: hook -> SAE name -> SAE (e.g. from `load_saes`). Ground truth
+    uses `best_latents_*` (hook -> name -> concept -> latent, from the SAEs'
+    metrics.json) when given, else each concept's best latent by F1 on the aligned
+    tokens, from the stores' concept labels.
+    """
+    cfg = cfg or AlignConfig()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    alignment: TokenAlignment = align_tokens(store_a, store_b)
+    chosen = select_rows(alignment, store_a, cfg.split, cfg.max_tokens)
+    timings["align_tokens"] = time.perf_counter() - t0
+
+    hook_pairs = _hook_pairs(cfg, store_a, store_b)
+    grid_a, grid_b = list(store_a.hooks), list(store_b.hooks)
+    sae_pairs = _sae_pairs(hook_pairs, saes_a, saes_b, cfg.sae_names)
+    concepts = _concept_names(store_a, store_b)
+    states = [
+        _PairState(ha, hb, n, n, saes_a[ha][n], saes_b[hb][n], cfg, len(concepts))
+        for ha, hb, n in sae_pairs
+    ]
+    for st in states:
+        for side, hook, sae, store in (("A", st.hook_a, st.sae_a, store_a),
+                                       ("B", st.hook_b, st.sae_b, store_b)):  # fmt: skip
+            if sae.d_in != store.d(hook):
+                raise ValueError(
+                    f"SAE {st.name_a!r} of model {side} has d_in = {sae.d_in} but {store.path} "
+                    f"caches {hook} with width {store.d(hook)}"
+                )
+
+    ka = {h: f"a:{h}" for h in grid_a}
+    kb = {h: f"b:{h}" for h in grid_b}
+    dims = {ka[h]: store_a.d(h) for h in grid_a} | {kb[h]: store_b.d(h) for h in grid_b}
+    products = [(k, k) for k in dims] + [(ka[a], kb[b]) for a in grid_a for b in grid_b]
+    moments = CentredMoments(dims, products, block_rows=2048)
+    sampler = _RowSample(
+        [*dims, *(_latent_key(s, st) for st in states for s in "ab")], cfg.n_samples, cfg.seed
+    )
+
+    bounds = _chunk_bounds(chosen.rows_a, cfg.chunk_rows, int(store_a.array(grid_a[0]).chunks[0]))
+    rng = np.random.default_rng(cfg.seed)
+    sigmas = [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)]
+    null_hooks = sorted({st.hook_b for st in states})
+
+    def labels(store: RowStore, rows: np.ndarray) -> torch.Tensor | None:
+        return (
+            torch.from_numpy(read_rows(store.array("concept_labels"), rows)) if concepts else None
+        )
+
+    for i, (lo, hi) in enumerate(tqdm(bounds, desc="align", unit="chunk", disable=not progress)):
+        ra, rb = chosen.rows_a[lo:hi], chosen.rows_b[lo:hi]
+        xa = {h: _acts(store_a, h, ra) for h in grid_a}
+        xb = {h: _acts(store_b, h, rb) for h in grid_b}
+        chunk = {ka[h]: x for h, x in xa.items()} | {kb[h]: x for h, x in xb.items()}
+        moments.update(chunk)
+        lab_a, lab_b = labels(store_a, ra), labels(store_b, rb)
+        token_index = torch.arange(lo, hi)
+        nulls_b = []
+        for k, sigma in enumerate(sigmas):
+            jlo, jhi = bounds[int(sigma[i])]
+            rows = chosen.rows_b[jlo:jhi]
+            rows = rows[np.random.default_rng([cfg.seed, k, i]).permutation(len(rows))]
+            nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]) for h in null_hooks})
+        for st in states:
+            fa, fb = st.sae_a.encode(xa[st.hook_a]), st.sae_b.encode(xb[st.hook_b])
+            st.update(fa, fb, token_index, lab_a, lab_b)
+            chunk[_latent_key("a", st)], chunk[_latent_key("b", st)] = fa, fb
+            for acc, xn in zip(st.nulls, nulls_b, strict=True):
+                fn = st.sae_b.encode(xn[st.hook_b])
+                acc.update(fa[: len(fn)], fn)
+        sampler.update(chunk)
+    timings["pass"] = time.perf_counter() - t0 - timings["align_tokens"]
+
+    t1 = time.perf_counter()
+    sample = sampler.result()
+    grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
+    timings["similarity"] = time.perf_counter() - t1
+
+    t1 = time.perf_counter()
+    pairs = []
+    for st in states:
+        rotation = orthogonal_procrustes_map(moments.comoment[(ka[st.hook_a], kb[st.hook_b])])
+        best_a = (best_latents_a or {}).get(st.hook_a, {}).get(st.name_a)
+        best_b = (best_latents_b or {}).get(st.hook_b, {}).get(st.name_b)
+        pairs.append(_finish_pair(st, cfg, rotation, sample, concepts, best_a, best_b))
+    splitting = _splitting("a", saes_a) | _splitting("b", saes_b)
+    timings["matching"] = time.perf_counter() - t1
+    timings["total"] = time.perf_counter() - t0
+    result = AlignmentResult(
+        str(store_a.attrs.get("model", store_a.path.name)),
+        str(store_b.attrs.get("model", store_b.path.name)),
+        len(chosen), chosen.rule, grid, by_pair, pairs, splitting, timings, cfg,
+    )  # fmt: skip
+    log.info("aligned %s vs %s on %d tokens in %.1f s", result.model_a, result.model_b,
+             len(chosen), timings["total"])  # fmt: skip
+    return result
+
+
+def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
+    """Layer grids (exact linear CKA; mutual kNN and every p-value on the subsample) and
+    the extra measures for the compared hook pairs."""
+    grid: dict[str, LayerSimilarity] = {}
+    n_sample = next(iter(sample.values())).shape[0]
+    for metric in GRID_METRICS:
+        values = np.zeros((len(grid_a), len(grid_b)))
+        p_values = np.ones_like(values)
+        for (i, ha), (j, hb) in itertools.product(enumerate(grid_a), enumerate(grid_b)):
+            test = permutation_test(
+                sample[ka[ha]], sample[kb[hb]], metric, n_permutations=cfg.n_permutations,
+                seed=cfg.seed, k=cfg.knn_k,
+            )  # fmt: skip
+            values[i, j], p_values[i, j] = test.statistic, test.p_value
+            if metric == "linear_cka":
+                c = moments.comoment
+                values[i, j] = _cka_from_products(
+                    c[(ka[ha], kb[hb])], c[(ka[ha], ka[ha])], c[(kb[hb], kb[hb])]
+                )
+        n_used = moments.n if metric == "linear_cka" else n_sample
+        grid[metric] = LayerSimilarity(metric, grid_a, grid_b, values, p_values, n_used)
+
+    by_pair: dict[str, dict[str, PermutationTest]] = {}
+    for ha, hb in hook_pairs:
+        name = ha if ha == hb else f"{ha}~{hb}"
+        i, j = grid_a.index(ha), grid_b.index(hb)
+        tests = {
+            m: PermutationTest(
+                m,
+                float(grid[m].values[i, j]),
+                float(grid[m].p_values[i, j]),
+                np.empty(0),
+                grid[m].n_samples,
+            )  # fmt: skip
+            for m in GRID_METRICS
+        }
+        for m in PAIR_METRICS:
+            tests[m] = permutation_test(
+                sample[ka[ha]], sample[kb[hb]], m, n_permutations=cfg.n_permutations,
+                seed=cfg.seed, k=cfg.knn_k,
+            )  # fmt: skip
+        by_pair[name] = tests
+    return grid, by_pair
+
+
+def load_saes(
+    root: Path,
+) -> tuple[dict[str, dict[str, BaseSAE]], dict[str, dict[str, dict[str, int]]]]:
+    """The SAEs of one model, `root` = data/saes/<model>/ (folders <hook>/<name>/), and
+    each SAE's best latent per concept from its metrics.json (`ground_truth.concepts`),
+    ready for `align_pair(..., saes_a, best_latents_a=...)`."""
+    root = Path(root)
+    saes: dict[str, dict[str, BaseSAE]] = {}
+    best: dict[str, dict[str, dict[str, int]]] = {}
+    for cfg_path in sorted(root.glob("*/*/cfg.json")):
+        folder = cfg_path.parent
+        hook, name = folder.parent.name, folder.name
+        saes.setdefault(hook, {})[name] = load_sae(folder)
+        metrics = read_metrics(folder) if (folder / "metrics.json").exists() else {}
+        concepts = (metrics.get("ground_truth") or {}).get("concepts") or {}
+        best.setdefault(hook, {})[name] = {
+            c: int(v["best_latent"]) for c, v in concepts.items() if v.get("n_positive", 1) > 0
+        }
+    if not saes:
+        raise FileNotFoundError(
+            f"{root}: no SAE folders (<hook>/<name>/cfg.json); expected the saes stage's output"
+        )
+    return saes, best

@@ -1,0 +1,171 @@
+"""align_pair end to end on tiny stores and SAEs whose answer is known.
+
+Model B is model A seen through an orthogonal rotation Q of its activation space, and
+B's SAE is A's SAE rotated by Q with its latents permuted: every latent of B is exactly
+a latent of A, so the matching must recover the permutation with correlation ≈ 1 (the
+stores hold float16), the decoder cosine after Procrustes must be ≈ 1, and every
+concept's best latent must be matched.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from stages.alignment.outputs import figures, write_alignment
+from stages.alignment.pipeline import AlignConfig, align_pair
+from tests.alignment._stores import permuted_copy, tiny_topk_sae, write_store
+
+D, M, K, N = 16, 32, 4, 3000
+HOOK = "blocks.0.hook_resid_post"
+OTHER = "blocks.1.hook_resid_post"
+CFG = AlignConfig(max_tokens=N, chunk_rows=512, n_permutations=20, n_samples=256, top_k=8,
+                  self_check_tokens=1024)  # fmt: skip
+
+
+def _orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
+    q, r = np.linalg.qr(rng.standard_normal((d, d)))
+    return q * np.sign(np.diag(r))
+
+
+def _rotated_copy(sae, perm: np.ndarray, q: np.ndarray):
+    b = permuted_copy(sae, perm)
+    qt = torch.from_numpy(q).float()
+    with torch.no_grad():
+        b.W_enc.copy_(qt.T @ b.W_enc)
+        b.W_dec.copy_(b.W_dec @ qt)
+        b.b_dec.copy_(b.b_dec @ qt)
+    return b
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((N, D)).astype(np.float32)
+    y = np.tanh(x @ rng.standard_normal((D, D))).astype(np.float32)  # a second "layer"
+    q = _orthogonal(rng, D)
+    sae_a = tiny_topk_sae(D, M, K, seed=1)
+    perm = rng.permutation(M)  # B's latent j is A's latent perm[j]
+    sae_b = _rotated_copy(sae_a, perm, q)
+    # x and x @ q hold the same float16-rounded values up to rotation; store A's rounded
+    # values so that B's latents equal A's up to the rounding of the rotated copy.
+    x = x.astype(np.float16).astype(np.float32)
+    with torch.no_grad():
+        fa = sae_a.encode(torch.from_numpy(x)).numpy()
+    concepts = ["c0", "c1", "c2"]
+    labels = (fa[:, [3, 10, 20]] > 0).astype(np.uint8)  # concept j = where latent fires
+    doc = np.repeat(np.arange(N // 30), 30)
+    end = np.tile(np.arange(1, 31), N // 30)
+    common = {"doc_ids": doc, "char_end": end, "heldout_start": N - 600,
+              "concept_labels": labels, "concept_names": concepts}  # fmt: skip
+    store_a = write_store(tmp / "a", {HOOK: x, OTHER: y}, model="A", **common)
+    store_b = write_store(tmp / "b", {HOOK: x @ q, OTHER: y @ q}, model="B", **common)
+    wide = tiny_topk_sae(D, 2 * M, K, seed=2)
+    saes_a = {HOOK: {"topk": sae_a, "wide": wide}}
+    saes_b = {HOOK: {"topk": sae_b}}
+    return store_a, store_b, saes_a, saes_b, perm, q
+
+
+def test_permuted_rotated_copy_is_matched_back(setup):
+    store_a, store_b, saes_a, saes_b, perm, _ = setup
+    result = align_pair(store_a, store_b, saes_a, saes_b, CFG, progress=False)
+    assert result.token_rule == "identical" and result.n_tokens == N
+    (pair,) = result.pairs
+    inverse = np.argsort(perm)  # A's latent i is B's latent inverse[i]
+    assert pair.scores["dead_a"] == 0
+    np.testing.assert_array_equal(pair.hungarian.b_index, inverse)
+    np.testing.assert_array_equal(pair.max_ab.b_index, inverse)
+    assert pair.hungarian.score.min() > 0.995
+    s = pair.scores
+    assert s["fraction_with_partner"] == 1.0 and s["fraction_with_partner_hungarian"] == 1.0
+    assert s["mean_matched_corr_hungarian"] > 0.995
+    # The shuffled-token null of independent-looking latents sits far below.
+    assert s["null_p95_hungarian"] < 0.3 and s["fraction_above_null_hungarian"] == 1.0
+    assert s["mean_jaccard_hungarian"] > 0.9
+    assert s["mean_decoder_cosine_hungarian"] > 0.99 and s["decoder_activation_agreement"] == 1.0
+    assert s["subspace_cka"] > 0.99
+    assert s["ground_truth_fraction_hungarian"] == 1.0 and s["ground_truth_fraction_max"] == 1.0
+    assert s["self_match_identity_fraction"] == 1.0
+    assert s["self_match_mean_corr"] == pytest.approx(1.0, abs=1e-6)
+    # Raw activations: B is a rotation of A, so CKA and mutual kNN (cosine) are 1.
+    tests = result.hook_pairs[HOOK]
+    assert tests["linear_cka"].statistic == pytest.approx(1.0, abs=1e-4)
+    assert tests["mutual_knn"].statistic == pytest.approx(1.0)
+    assert tests["linear_cka"].p_value == pytest.approx(1 / 21)
+    grid = result.grid["linear_cka"]
+    assert grid.values.shape == (2, 2) and grid.values[0, 1] < 0.99
+    # The narrow and the wide SAE of A on one hook: feature splitting is reported.
+    assert "a/blocks.0.hook_resid_post/topk>wide" in result.splitting
+
+
+def test_ground_truth_from_metrics_best_latents(setup):
+    store_a, store_b, saes_a, saes_b, perm, _ = setup
+    inverse = np.argsort(perm)
+    best_a = {HOOK: {"topk": {"c0": 3, "c1": 10}}}
+    right = {HOOK: {"topk": {"c0": int(inverse[3]), "c1": int(inverse[10])}}}
+    wrong = {HOOK: {"topk": {"c0": int(inverse[3]), "c1": int(inverse[11])}}}
+    cfg = AlignConfig(**{**CFG.__dict__, "n_permutations": 0})
+    for best_b, expected in ((right, 1.0), (wrong, 0.5)):
+        result = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False,
+                            best_latents_a=best_a, best_latents_b=best_b)  # fmt: skip
+        assert result.pairs[0].scores["ground_truth_fraction_hungarian"] == expected
+
+
+def test_different_tokenisation_streams_scattered_rows_of_b(tmp_path, setup):
+    """B merges pairs of A's tokens: only A's rows ending where B's tokens end pair up."""
+    store_a, store_b, saes_a, saes_b, perm, q = setup
+    keep = np.flatnonzero(np.arange(N) % 3 != 1)  # B has no token ending at these offsets
+    order = np.random.default_rng(1).permutation(N // 30)  # and stores documents reordered
+    rows_b = np.concatenate([keep[(keep >= 30 * d) & (keep < 30 * d + 30)] for d in order])
+    arrays = {h: store_b.read(h)[rows_b].astype(np.float32) for h in store_b.hooks}
+    b = write_store(tmp_path / "b2", arrays, doc_ids=store_b.read("doc_ids")[rows_b],
+                    char_end=store_b.read("char_end")[rows_b],
+                    concept_labels=store_b.read("concept_labels")[rows_b],
+                    concept_names=store_b.concept_names, model="B2")  # fmt: skip
+    cfg = AlignConfig(**{**CFG.__dict__, "split": "all", "n_permutations": 0})
+    result = align_pair(store_a, b, saes_a, saes_b, cfg, progress=False)
+    assert result.token_rule == "char_end" and result.n_tokens == len(keep)
+    pair = result.pairs[0]
+    np.testing.assert_array_equal(pair.max_ab.b_index, np.argsort(perm))
+    assert pair.scores["mean_matched_corr_hungarian"] > 0.995
+    assert result.hook_pairs[HOOK]["linear_cka"].statistic == pytest.approx(1.0, abs=1e-4)
+
+
+def test_sae_with_itself_is_the_identity(setup):
+    store_a, _, saes_a, _, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "n_permutations": 0, "sae_names": ("topk",)})
+    result = align_pair(store_a, store_a, saes_a, saes_a, cfg, progress=False)
+    (pair,) = result.pairs
+    np.testing.assert_array_equal(pair.hungarian.b_index, np.arange(M))
+    assert np.allclose(pair.hungarian.score, 1.0)
+    assert pair.scores["self_match_identity_fraction"] == 1.0
+
+
+def test_write_alignment_outputs(tmp_path, setup):
+    store_a, store_b, saes_a, saes_b, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "n_permutations": 5})
+    result = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False)
+    out = write_alignment(result, tmp_path / "align" / "A__B")
+    scores = json.loads((out / "scores.json").read_text())
+    assert all(isinstance(v, float | int | None) for v in scores.values())
+    assert scores[f"{HOOK}/topk/fraction_with_partner"] == 1.0
+    table = pq.read_table(out / "matches" / f"{HOOK}__topk.parquet")
+    assert set(table.column("method").to_pylist()) == {"hungarian", "max_ab", "max_ba"}
+    assert table.num_rows == 3 * M
+    assert {"latent_a", "latent_b", "correlation", "jaccard", "decoder_cosine_procrustes",
+            "above_threshold"} <= set(table.column_names)  # fmt: skip
+    sim = json.loads((out / "similarity.json").read_text())
+    assert sim["grid"]["linear_cka"]["hooks_a"] == [HOOK, OTHER]
+    null = json.loads((out / "null.json").read_text())
+    pair = null[f"{HOOK}/topk"]
+    assert sum(pair["hungarian"]["observed"]) == M
+    figs = figures(result)
+    assert {"cka_layers", "mutual_knn_layers"} <= set(figs)
+    assert any(k.startswith("matched_vs_null") for k in figs)
+    assert all(hasattr(f, "savefig") for f in figs.values())
+    assert not list((tmp_path / "align").glob(".*tmp*"))
