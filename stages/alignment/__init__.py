@@ -1,6 +1,31 @@
 """Cross-model feature alignment: pure functions on tensors and chunk streams.
 
-Three layers, each usable alone (no DVC, Prefect or MLflow in here):
+Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
+
+    from stages.activations import ActivationStore
+    from stages.alignment import AlignConfig, align_pair, figures, load_saes, write_alignment
+
+    store_a = ActivationStore(Path("data/activations/toy-a"))
+    store_b = ActivationStore(Path("data/activations/toy-b"))
+    saes_a, best_a = load_saes(Path("data/saes/toy-a"))   # hook -> name -> SAE, + concepts
+    saes_b, best_b = load_saes(Path("data/saes/toy-b"))
+    result = align_pair(store_a, store_b, saes_a, saes_b, AlignConfig(),
+                        best_latents_a=best_a, best_latents_b=best_b)
+    write_alignment(result, Path("data/alignment/toy-a__toy-b"))  # scores.json = metrics
+    for name, fig in figures(result).items(): ...                # log / save them
+
+- `align_pair(store_a, store_b, saes_a, saes_b, cfg, *, best_latents_a, best_latents_b,
+  progress) -> AlignmentResult`: token alignment, one streaming pass, matching and
+  scores (`pipeline.py`; every knob is a field of `AlignConfig`, with defaults);
+  `AlignmentResult.scores` is the flat dict of headline numbers.
+- `write_alignment(result, out_dir) -> Path` and `figures(result) -> dict[str, Figure]`
+  (`outputs.py`, which documents the files).
+- `align_tokens(store_a, store_b) -> TokenAlignment`: which rows hold the same token
+  (`tokens.py`: row by row for one tokenizer, shared character offsets otherwise).
+- `transfer_vector(v_a, sae_a, sae_b, matches, k=None, method="nnls")`: carry a steering
+  vector from A to B through matched features (`transfer.py`).
+
+Three layers below them, each usable alone:
 
 - `similarity` — how similar are two representations of the same tokens
   (linear CKA streamed exactly, unbiased CKA, mutual kNN, SVCCA, RSA, permutation
@@ -42,6 +67,15 @@ from stages.alignment.matching import (
     orthogonal_procrustes_map,
     top_token_jaccard,
 )
+from stages.alignment.outputs import figures, write_alignment
+from stages.alignment.pipeline import (
+    AlignConfig,
+    AlignmentResult,
+    SAEPairResult,
+    align_pair,
+    load_saes,
+    read_rows,
+)
 from stages.alignment.similarity import (
     METRICS,
     LayerSimilarity,
@@ -58,9 +92,25 @@ from stages.alignment.similarity import (
     svcca,
     unbiased_cka,
 )
+from stages.alignment.tokens import TokenAlignment, align_offsets, align_tokens, select_rows
+from stages.alignment.transfer import decompose_vector, transfer_vector
 
 __all__ = [
     "METRICS",
+    "AlignConfig",
+    "AlignmentResult",
+    "SAEPairResult",
+    "TokenAlignment",
+    "align_offsets",
+    "align_pair",
+    "align_tokens",
+    "decompose_vector",
+    "figures",
+    "load_saes",
+    "read_rows",
+    "select_rows",
+    "transfer_vector",
+    "write_alignment",
     "CorrelationAccumulator",
     "FeatureSplitting",
     "LayerSimilarity",
