@@ -1,0 +1,286 @@
+"""`build_report`: the whole report from the pipeline's outputs, in one call.
+
+Order of work: find the SAEs; ask the steering and alignment sections which latents
+they want dashboards for (steering components, aligned pairs); compute every
+dashboard from the cache; write the dashboards (partners link across models); draw the
+sections; write `index.html`. Written into a temporary folder and renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from stages.io import atomic_dir
+from stages.report import alignment as alignment_section
+from stages.report import steering as steering_section
+from stages.report.dashboards import (
+    DATA_FILENAME,
+    DashboardConfig,
+    Partner,
+    SAEDashboardData,
+    compute_dashboard_data,
+    feature_page_path,
+    sae_dir,
+    vocab_strings,
+    write_dashboards,
+)
+from stages.report.html import ReportContext, ReportFigure, Section, e, page, relpath, table
+from stages.report.provenance import Provenance
+from stages.report.sweep import SAERef, concept_table_section, discover_saes, sweep_section
+
+log = logging.getLogger(__name__)
+
+# (SAE key "model/hook/sae", feature, SAE key, feature, score or None)
+PartnerPair = tuple[str, int, str, int, float | None]
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Where the pipeline's outputs live (the standard layout under `data/`)."""
+
+    saes: Path
+    activations: Path
+    models: Path
+    steering: Path
+    decomposition: Path
+    alignment: Path
+
+    @classmethod
+    def under(cls, data: str | Path = "data") -> ReportPaths:
+        d = Path(data)
+        return cls(d / "saes", d / "activations", d / "models", d / "steering",
+                   d / "decomposition", d / "alignment")  # fmt: skip
+
+    @classmethod
+    def coerce(cls, value: ReportPaths | str | Path) -> ReportPaths:
+        return value if isinstance(value, ReportPaths) else cls.under(value)
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote: the caller logs `figures` to its MLflow run."""
+
+    index: Path
+    figures: list[ReportFigure]
+    dashboards: dict[str, Path]  # SAE key -> its dashboards' index.html
+    dashboard_data: dict[str, Path]  # SAE key -> dashboard_data.json
+    feature_pages: dict[str, dict[int, Path]]  # SAE key -> feature -> page
+    sections: dict[str, bool]  # section id -> whether its inputs existed
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def log_to(self, run: Any, subdir: str = "figures") -> None:
+        """Log every figure PNG to an MLflow run (anything with `.artifact(path, subdir)`,
+        e.g. `stages.tracking.StageRun`), under `subdir/<section>/`."""
+        for f in self.figures:
+            sub = Path(f.name).parent.relative_to("figures").as_posix()
+            run.artifact(f.path, f"{subdir}/{sub}" if sub != "." else subdir)
+
+
+def default_dashboard_saes(saes: list[SAERef]) -> list[SAERef]:
+    """One SAE per (model, hook): the TopK SAE with the smallest k (the sweep's first
+    TopK in the default params), else the SAE with the lowest L0. The choice depends on
+    the names and configs only, so both models of a pair get the same SAE."""
+    import json
+
+    groups: dict[tuple[str, str], list[SAERef]] = defaultdict(list)
+    for s in saes:
+        groups[(s.model, s.hook)].append(s)
+    out = []
+    for group in groups.values():
+        topk = [s for s in group if s.architecture == "topk"]
+        if topk:
+
+            def k_of(s: SAERef) -> tuple:
+                return (json.loads((s.path / "cfg.json").read_text()).get("k", 0), s.name)
+
+            out.append(min(topk, key=k_of))
+        else:
+            out.append(min(group, key=lambda s: (s.metrics.get("l0", float("inf")), s.name)))
+    return out
+
+
+def _pick(saes: list[SAERef], wanted: Sequence[str] | None) -> list[SAERef]:
+    if wanted is None:
+        return default_dashboard_saes(saes)
+    out = []
+    for w in wanted:
+        hits = [s for s in saes if w in (s.key, s.name)]
+        if not hits:
+            raise ValueError(
+                f"dashboard SAE {w!r}: no such SAE; expected 'model/hook/sae' or an SAE name "
+                f"(have e.g. {[s.key for s in saes[:3]]})"
+            )
+        out += [s for s in hits if s not in out]
+    return out
+
+
+def build_report(
+    out: str | Path = "reports",
+    *,
+    data: ReportPaths | str | Path = "data",
+    models: Sequence[str] | None = None,
+    provenance: Provenance | Mapping[str, Any] | None = None,
+    dashboard_saes: Sequence[str] | None = None,
+    dashboards: DashboardConfig | Mapping[str, Any] | None = None,
+    extra_features: Mapping[str, Mapping[int, Sequence[str] | str]] | None = None,
+    partners: Iterable[PartnerPair] | None = None,
+    dpi: int = 100,
+) -> Report:
+    """Write the report to `out` (index.html, figures/, dashboards/) and return what it
+    wrote. See the package docstring (`stages.report`) for the arguments."""
+    t_all = time.perf_counter()
+    seconds: dict[str, float] = {}
+    paths = ReportPaths.coerce(data)
+    prov = Provenance.coerce(provenance)
+    cfg = (
+        dashboards
+        if isinstance(dashboards, DashboardConfig)
+        else DashboardConfig(**(dashboards or {}))
+    )
+    out = Path(out)
+
+    saes = discover_saes(paths.saes, list(models) if models is not None else None)
+    chosen = _pick(saes, dashboard_saes)
+    chosen_keys = {s.key for s in chosen}
+
+    # which latents the other sections want dashboards for
+    extras: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for key, feats in (extra_features or {}).items():
+        for f, why in feats.items():
+            extras[key][int(f)] += [why] if isinstance(why, str) else list(why)
+    for key, feats in steering_section.wanted_features(paths.decomposition).items():
+        for f, why in feats.items():
+            extras[key][int(f)] += why
+    pairs = list(partners or []) + alignment_section.partner_pairs(paths.alignment)
+    links: dict[str, dict[int, list[Partner]]] = defaultdict(lambda: defaultdict(list))
+    for ka, fa, kb, fb, score in pairs:
+        if ka in chosen_keys or kb in chosen_keys:
+            ma, ha, sa = ka.split("/", 2)
+            mb, hb, sb = kb.split("/", 2)
+            links[ka][int(fa)].append(Partner(mb, hb, sb, int(fb), score))
+            links[kb][int(fb)].append(Partner(ma, ha, sa, int(fa), score))
+            extras[ka][int(fa)].append(f"aligned with {kb} #{fb}")
+            extras[kb][int(fb)].append(f"aligned with {ka} #{fa}")
+
+    with atomic_dir(out) as tmp:
+        ctx = ReportContext(tmp, prov, dpi=dpi)
+        # dashboards: compute all, then write (partner links need every page's path)
+        t0 = time.perf_counter()
+        computed: list[SAEDashboardData] = []
+        notes: list[str] = []
+        by_model: dict[str, list[SAERef]] = defaultdict(list)
+        for s in chosen:
+            by_model[s.model].append(s)
+        for model_name, group in by_model.items():
+            model_dir, store_dir = paths.models / model_name, paths.activations / model_name
+            missing = [p for p in (model_dir, store_dir) if not p.exists()]
+            if missing:
+                notes.append(f"{model_name}: no dashboards, missing {', '.join(map(str, missing))}")
+                continue
+            from stages.activations import ActivationStore
+            from stages.models import load_model
+
+            model = load_model(model_dir)
+            store = ActivationStore(store_dir)
+            vocab = vocab_strings(model.tokenizer, model.cfg.d_vocab)
+            for s in group:
+                if s.hook not in store.hooks:
+                    notes.append(f"{s.key}: no dashboards, hook not cached in {store_dir}")
+                    continue
+                computed.append(compute_dashboard_data(
+                    model_name=s.model, hook=s.hook, sae_path=s.path, store=store, model=model,
+                    cfg=cfg, extra={f: list(w) for f, w in extras.get(s.key, {}).items()},
+                    vocab=vocab, inputs=[paths.saes / s.model, store_dir, model_dir],
+                ))  # fmt: skip
+        seconds["dashboards_compute"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        page_of = {(d.key, f): feature_page_path(tmp, d, f) for d in computed for f in d.records}
+        feature_pages, dash_index, dash_data = {}, {}, {}
+        for d in computed:
+            feature_pages[d.key] = write_dashboards(d, tmp, provenance=prov,
+                                                    partners=links.get(d.key), partner_pages=page_of)  # fmt: skip
+            dash_index[d.key] = sae_dir(tmp, d) / "index.html"
+            dash_data[d.key] = sae_dir(tmp, d) / DATA_FILENAME
+        seconds["dashboards_write"] = time.perf_counter() - t0
+
+        # sections
+        t0 = time.perf_counter()
+        rel_index = {k: relpath(p, tmp) for k, p in dash_index.items()}
+        rel_pages = {k: relpath(p, tmp) for k, p in page_of.items()}
+        sections: list[Section] = [sweep_section(ctx, saes, paths.saes, rel_index)]
+        seconds["section_sweep"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        sections.append(concept_table_section(saes, rel_pages))
+        steer = steering_section.section(ctx, paths.steering, paths.decomposition, rel_pages)
+        sections.append(steer or _not_run("steering", "Steering", paths.steering))
+        seconds["section_steering"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        align = alignment_section.section(ctx, paths.alignment, rel_pages)
+        sections.append(align or _not_run("alignment", "Alignment across models", paths.alignment))
+        seconds["section_alignment"] = time.perf_counter() - t0
+        sections.append(_dashboards_section(computed, rel_index, notes))
+        ran = {s.id: not s.body.startswith('<p class="note"><b>Not run') for s in sections}
+        (tmp / "index.html").write_text(_index_html(sections, prov))
+
+    figures = [
+        ReportFigure(f.name, out / f.name, f.title, f.caption, f.inputs) for f in ctx.figures
+    ]
+    remap = {k: out / p.relative_to(tmp) for k, p in dash_index.items()}
+    seconds["total"] = time.perf_counter() - t_all
+    report = Report(
+        index=out / "index.html",
+        figures=figures,
+        dashboards=remap,
+        dashboard_data={k: out / p.relative_to(tmp) for k, p in dash_data.items()},
+        feature_pages={
+            k: {f: out / p.relative_to(tmp) for f, p in v.items()} for k, v in feature_pages.items()
+        },  # fmt: skip
+        sections=ran,
+        seconds=seconds,
+    )
+    log.info("report: %s (%d figures, %d dashboard sets) in %.1f s", report.index,
+             len(figures), len(computed), seconds["total"])  # fmt: skip
+    return report
+
+
+def _not_run(id_: str, title: str, path: Path) -> Section:
+    from stages.report.html import not_run
+
+    return Section(id_, title, not_run(title, str(path)))
+
+
+def _dashboards_section(computed: list[SAEDashboardData], index: dict[str, str],
+                        notes: list[str]) -> Section:  # fmt: skip
+    rows = [
+        [f'<a href="{e(index[d.key])}">{e(d.key)}</a>', e(d.architecture), str(len(d.records)),
+         str(len(d.descriptions)), str(d.d_sae), str(d.n_rows)]
+        for d in computed
+    ]  # fmt: skip
+    body = (
+        "<p>Static pages per SAE for its most active latents, its concept latents, steering "
+        "components and aligned partners: top-activating contexts with per-token shading, "
+        "samples across activation quantiles, activation histogram, density, logit-lens "
+        "tokens, best concept and matched partner. Computed from the activation cache "
+        "(the model is not re-run).</p>"
+    )
+    if rows:
+        body += table(["SAE", "architecture", "dashboards", "live latents", "d_sae",
+                       "tokens streamed"], rows, left=2)  # fmt: skip
+    else:
+        body += '<p class="note"><b>Not run.</b> No SAE to build dashboards for.</p>'
+    body += "".join(f'<p class="note">{e(n)}</p>' for n in notes)
+    return Section("dashboards", "Feature dashboards", body)
+
+
+def _index_html(sections: list[Section], prov: Provenance) -> str:
+    toc = " ".join(f'<a href="#{e(s.id)}">{e(s.title)}</a>' for s in sections)
+    header = f'<h1>Feature Atlas report</h1><nav class="toc">{toc}</nav>{prov.caption_html([])}'
+    body = "".join(f'<section id="{e(s.id)}"><h2>{e(s.title)}</h2>{s.body}</section>'
+                   for s in sections)  # fmt: skip
+    return page("Feature Atlas report", body, header=header)

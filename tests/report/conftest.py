@@ -1,0 +1,118 @@
+"""A tiny pipeline output tree (corpus → two toy models → caches → SAEs) built with the
+real writers, shared by the report tests. ~3 s to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+HOOK = "blocks.0.hook_resid_post"
+MODELS = ("tiny-a", "tiny-b")
+SAES = (
+    {"architecture": "topk", "d_sae": 64, "k": 4},
+    {"architecture": "topk", "d_sae": 64, "k": 8},
+    {"architecture": "relu", "d_sae": 64},
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _build(root: Path) -> Path:
+    from stages.activations import ActivationStore, CacheInputs, cache_activations
+    from stages.config import CorpusParams, StoreParams, ToyModel
+    from stages.corpus import build_toy_corpus
+    from stages.models import build_toy_model, save_toy_model, train_tokenizer, windows_for
+    from stages.sae import SliceSource, build_sae, evaluate_sae, save_sae
+
+    torch.set_num_threads(1)
+    data = root / "data"
+    corpus = build_toy_corpus(CorpusParams.model_validate(
+        {"heldout_fraction": 0.3, "toy": {"n_docs": 60, "seed": 0}}))  # fmt: skip
+    tok_dir = root / "tok"
+    tok_dir.mkdir()
+    tok = train_tokenizer(corpus.texts, 300, tok_dir)
+    cols = list(zip(*corpus.labels, strict=True))
+    labels = pa.table({"doc_id": pa.array(cols[0], pa.int64()), "char_start": cols[1],
+                       "char_end": cols[2], "concept": cols[3]})  # fmt: skip
+    names = [c.name for c in corpus.concepts]
+    split = np.array(corpus.splits)
+    texts = np.array(corpus.texts, dtype=object)
+    ids = np.array(corpus.doc_ids)
+
+    def windows(which: str):
+        m = split == which
+        return windows_for(tok, list(texts[m]), list(ids[m]), 32)
+
+    inputs = CacheInputs(windows("train"), windows("heldout"), labels, names, "tiny-corpus")
+    for seed, name in enumerate(MODELS):
+        m = ToyModel.model_validate({
+            "source": "toy", "seed": seed, "tokenizer": {"vocab_size": 300}, "train": {"seq_len": 32},
+            "arch": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 32}})  # fmt: skip
+        model = build_toy_model(m, tok).eval()
+        mdir = data / "models" / name
+        mdir.mkdir(parents=True)
+        save_toy_model(model, m, tok_dir, mdir)
+        sdir = data / "activations" / name
+        cache_activations(model, name, [HOOK], inputs,
+                          StoreParams(seq_len=32, batch_size=16, shard_rows=1024, chunk_rows=256),
+                          sdir)  # fmt: skip
+        store = ActivationStore(sdir)
+        heldout = store.source(HOOK, "heldout")
+        lab = store.read("concept_labels", "heldout")
+        for i, raw in enumerate(SAES):
+            sae = build_sae({**raw, "d_in": 16, "n_training_tokens": 4096, "batch_size": 64,
+                             "seed": seed * 10 + i}).eval()  # fmt: skip
+            with torch.no_grad():  # a little structure: encoder = decoder transpose, biases
+                sae.b_enc.fill_(-0.2 if raw["architecture"] == "relu" else 0.0)
+            ev = evaluate_sae(sae, SliceSource(heldout, 0, heldout.n_rows), model=model,
+                              hook_name=HOOK, tokens=store.windows("heldout", 4), labels=lab,
+                              concept_names=names)  # fmt: skip
+            save_sae(data / "saes" / name / HOOK / sae.cfg.display_name, sae, hook_name=HOOK,
+                     model_name=name, log_feature_density=ev.log10_feature_density,
+                     metrics=ev.metrics)  # fmt: skip
+    return data
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """`<tmp>/data` with corpus-derived caches, models and SAEs for tiny-a and tiny-b."""
+    return _build(tmp_path_factory.mktemp("report-world"))
+
+
+@pytest.fixture(scope="session")
+def tiny_report(tiny_data, tmp_path_factory):
+    """The report built once from `tiny_data`, with one cross-model partner pair."""
+    from stages.report import build_report
+
+    out = tmp_path_factory.mktemp("report-out") / "reports"
+    key_a = f"tiny-a/{HOOK}/{_topk4_name(tiny_data, 'tiny-a')}"
+    key_b = f"tiny-b/{HOOK}/{_topk4_name(tiny_data, 'tiny-b')}"
+    report = build_report(
+        out,
+        data=tiny_data,
+        provenance={
+            "run_id": "run-abc123",
+            "git_commit": "deadbeef",
+            "params_hash": "p-42",
+            "inputs": {str(tiny_data / "saes" / "tiny-a"): "hash-saes-a"},
+        },  # fmt: skip
+        dashboards={"n_most_active": 4, "n_contexts": 5, "max_rows": None},
+        extra_features={key_a: {7: "steering component (test)"}},
+        partners=[(key_a, 3, key_b, 5, 0.77)],
+    )
+    return report, key_a, key_b
+
+
+def _topk4_name(data: Path, model: str) -> str:
+    names = sorted(p.name for p in (data / "saes" / model / HOOK).iterdir())
+    return next(n for n in names if n.startswith("topk") and n.endswith("k4"))
