@@ -105,7 +105,7 @@ def _describe(descs: Mapping[str, Any], feature: int) -> str:
     return describe(d)
 
 
-def format_token_features(rows: list[TokenFeatures], width: int = 60) -> str:
+def format_token_features(rows: list[TokenFeatures], width: int = 100) -> str:
     """A plain-text table: one block per token, one line per active latent."""
     lines = [f"{'pos':>4}  {'token':<14} {'feature':>8} {'act':>8}  description"]
     for r in rows:

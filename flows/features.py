@@ -1,0 +1,101 @@
+"""Which features fire here? Token by token, the top active SAE latents of a text.
+
+    python -m flows.features "Mia counts the carp: six, seven" --model toy-a \\
+        --hook blocks.1.hook_resid_post [--sae topk-1024-k8] [--k 5]
+
+Loads the model (`data/models/<model>`), the SAE (`data/saes/<model>/<hook>/<sae>`) and
+its dashboard data (`reports/dashboards/<model>/<hook>/<sae>/dashboard_data.json`, for
+the descriptions), runs the text up to the hook and prints a table. Without `--sae` it
+takes the SAE the report built dashboards for (or, with no report, the sweep's TopK
+SAE with the smallest k). A plain CLI, no Prefect: `stages.report.features_of_text` is
+the same thing from Python.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def resolve_sae(data: Path, reports: Path, model: str, hook: str, sae: str | None) -> Path:
+    """The SAE folder to use; errors name the folder that is missing."""
+    hook_dir = data / "saes" / model / hook
+    if not hook_dir.is_dir():
+        have = sorted(p.name for p in (data / "saes" / model).glob("*") if p.is_dir())
+        raise FileNotFoundError(
+            f"{hook_dir}: missing; expected the saes stage's output for model {model!r} at hook "
+            f"{hook!r}"
+            + (f" (hooks with SAEs: {', '.join(have)})" if have else " (run `dvc repro saes`)")
+        )
+    if sae is not None:
+        folder = hook_dir / sae
+        if not (folder / "cfg.json").exists():
+            names = sorted(p.name for p in hook_dir.iterdir() if (p / "cfg.json").exists())
+            raise FileNotFoundError(
+                f"{folder}: no SAE there; SAEs at this hook: {', '.join(names)}"
+            )
+        return folder
+    dash = reports / "dashboards" / model / hook
+    built = sorted(p.parent.name for p in dash.glob("*/dashboard_data.json"))
+    if built:
+        return hook_dir / built[0]
+    from stages.report import default_dashboard_saes
+    from stages.report.sweep import discover_saes
+
+    refs = [s for s in discover_saes(data / "saes", [model]) if s.hook == hook]
+    if not refs:
+        raise FileNotFoundError(f"{hook_dir}: holds no SAE folder (cfg.json)")
+    return default_dashboard_saes(refs)[0].path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m flows.features",
+        description="Print, token by token, the top active SAE features of a text.",
+    )
+    ap.add_argument("text", help="the text to analyse")
+    ap.add_argument("--model", required=True, help="model name, e.g. toy-a")
+    ap.add_argument("--hook", required=True, help="hook name, e.g. blocks.1.hook_resid_post")
+    ap.add_argument(
+        "--sae", help="SAE name under data/saes/<model>/<hook>/ (default: the dashboarded one)"
+    )
+    ap.add_argument("--k", type=int, default=5, help="features per token (default 5)")
+    ap.add_argument("--data", type=Path, default=Path("data"), help="pipeline data folder")
+    ap.add_argument("--reports", type=Path, default=Path("reports"), help="report folder")
+    args = ap.parse_args(argv)
+    try:
+        from stages.models import load_model
+        from stages.report import features_of_text, format_token_features, load_dashboard_data
+        from stages.sae import load_sae
+
+        model_dir = args.data / "models" / args.model
+        if not (model_dir / "config.json").exists():
+            raise FileNotFoundError(
+                f"{model_dir}: missing; expected the lm stage's output for model {args.model!r} "
+                "(run `dvc repro lm`)"
+            )
+        folder = resolve_sae(args.data, args.reports, args.model, args.hook, args.sae)
+        dash_path = (
+            args.reports
+            / "dashboards"
+            / args.model
+            / args.hook
+            / folder.name
+            / "dashboard_data.json"
+        )
+        dashboard = load_dashboard_data(dash_path) if dash_path.exists() else None
+        model = load_model(model_dir)
+        rows = features_of_text(args.text, model, args.hook, load_sae(folder), dashboard, k=args.k)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.model} · {args.hook} · {folder.name}: top {args.k} active features per token")
+    if dashboard is None:
+        print(f"(no descriptions: {dash_path} is missing; build the report for them)")
+    print(format_token_features(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

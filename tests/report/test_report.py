@@ -1,0 +1,154 @@
+"""The report built from a tiny pipeline tree: provenance on every figure, dashboards,
+partner links, sections that did not run, features of a text, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.report.conftest import HOOK
+
+
+class _Figures(HTMLParser):
+    """Collect each <figure>'s <img> src and its caption text."""
+
+    def __init__(self):
+        super().__init__()
+        self.figs, self._in = [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "figure":
+            self.figs.append({"src": None, "caption": ""})
+            self._in = True
+        elif tag == "img" and self._in:
+            self.figs[-1]["src"] = dict(attrs)["src"]
+
+    def handle_endtag(self, tag):
+        if tag == "figure":
+            self._in = False
+
+    def handle_data(self, data):
+        if self._in:
+            self.figs[-1]["caption"] += data
+
+
+def test_every_figure_carries_provenance(tiny_report, tiny_data):
+    report, _, _ = tiny_report
+    assert report.index.exists() and len(report.figures) == 4  # Pareto + density per model
+    p = _Figures()
+    p.feed(report.index.read_text())
+    imgs = [f for f in p.figs if f["src"]]
+    assert [f["src"] for f in imgs] == [f.name for f in report.figures]
+    for fig, rec in zip(imgs, report.figures, strict=True):
+        assert rec.path.exists() and rec.path.read_bytes()[:4] == b"\x89PNG"
+        for text in (fig["caption"], rec.caption):
+            assert "run-abc123" in text and "deadbeef" in text and "p-42" in text
+            for path, h in rec.inputs.items():
+                assert path in text and h in text
+    a_figs = [r for r in report.figures if "tiny-a" in r.name]
+    # the caller's hash is used as given; a hash it did not give is computed
+    assert all(r.inputs[str(tiny_data / "saes" / "tiny-a")] == "hash-saes-a" for r in a_figs)
+    b_figs = [r for r in report.figures if "tiny-b" in r.name]
+    assert all(r.inputs[str(tiny_data / "saes" / "tiny-b")].endswith(".dir") for r in b_figs)
+
+
+def test_sections_that_did_not_run_say_so(tiny_report):
+    report, _, _ = tiny_report
+    assert report.sections == {"sweep": True, "concepts": True, "steering": False,
+                               "alignment": False, "dashboards": True}  # fmt: skip
+    html = report.index.read_text()
+    assert html.count("<b>Not run.</b>") == 2
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_dashboards_and_partner_links(tiny_report):
+    report, key_a, key_b = tiny_report
+    assert set(report.dashboards) == {key_a, key_b}  # default: the TopK with the smallest k
+    data = json.loads(report.dashboard_data[key_a].read_text())
+    assert data["model"] == "tiny-a" and data["hook"] == HOOK
+    sel = data["selected"]
+    assert "steering component (test)" in sel["7"]
+    assert any(r.startswith("aligned with tiny-b") for r in sel["3"])
+    assert sum(any(r.startswith("most active") for r in v) for v in sel.values()) == 4
+    assert any(any(r.startswith("concept ") for r in v) for v in sel.values())
+    rec = data["records"]["3"]
+    assert rec["top_contexts"] and len(rec["top_contexts"]) <= 5
+    acts = [c["act"] for c in rec["top_contexts"]]
+    assert acts == sorted(acts, reverse=True) and acts[0] == pytest.approx(rec["max_act"])
+    for c in rec["top_contexts"]:  # the highlighted token carries the context's activation
+        assert c["acts"][c["at"]] == pytest.approx(c["act"], abs=1e-4)
+    assert sum(rec["histogram"]["counts"]) == round(rec["density"] * data["n_rows"])
+    assert len(rec["logit_pos"]) == 10 and rec["logit_pos"][0][1] >= rec["logit_pos"][-1][1]
+    # every live latent has a short description
+    assert len(data["features"]) >= 10 and all("top_tokens" in d for d in data["features"].values())
+    # partner pages link to each other
+    page_a = report.feature_pages[key_a][3].read_text()
+    page_b = report.feature_pages[key_b][5].read_text()
+    assert 'href="../../../tiny-b/blocks.0.hook_resid_post/topk-64-k4/feature-5.html"' in page_a
+    assert 'href="../../../tiny-a/blocks.0.hook_resid_post/topk-64-k4/feature-3.html"' in page_b
+    for page in (page_a, page_b):
+        assert "run-abc123" in page and "deadbeef" in page
+
+
+def test_log_to_sends_every_figure():
+    from stages.report import Report, ReportFigure
+
+    class FakeRun:
+        def __init__(self):
+            self.logged = []
+
+        def artifact(self, path, subdir=None):
+            self.logged.append((Path(path).name, subdir))
+
+    figs = [ReportFigure("figures/sweep/a.png", Path("/r/figures/sweep/a.png"), "t", "c", {})]
+    run = FakeRun()
+    Report(Path("/r/index.html"), figs, {}, {}, {}, {}).log_to(run)
+    assert run.logged == [("a.png", "figures/sweep")]
+
+
+def test_features_of_text_matches_a_direct_encode(tiny_report, tiny_data):
+    from stages.models import load_model
+    from stages.report import features_of_text, format_token_features, load_dashboard_data
+    from stages.sae import load_sae
+
+    report, key_a, _ = tiny_report
+    model = load_model(tiny_data / "models" / "tiny-a")
+    sae = load_sae(tiny_data / "saes" / key_a)
+    dash = load_dashboard_data(report.dashboard_data[key_a].parent)
+    text = "Mia feels calm. The dog runs."
+    rows = features_of_text(text, model, HOOK, sae, dash, k=3)
+    _, cache = model.run_with_cache(text, names_filter=[HOOK])
+    with torch.no_grad():
+        f = sae.encode(cache[HOOK][0])
+    assert [r.token for r in rows] == model.to_str_tokens(text)[1:]  # BOS left out
+    for r in rows:
+        vals, ids = torch.topk(f[r.position], 3)
+        want = [(int(i), float(v)) for v, i in zip(vals, ids, strict=True) if v > 0]
+        assert [(a.feature, pytest.approx(a.activation, abs=1e-5)) for a in r.features] == want
+        for a in r.features:
+            d = dash["features"].get(str(a.feature))
+            assert d is None or d["top_tokens"][0] in a.description
+    table = format_token_features(rows)
+    assert table.splitlines()[0].split()[:4] == ["pos", "token", "feature", "act"]
+    with pytest.raises(ValueError, match="not a hook"):
+        features_of_text(text, model, "blocks.9.hook_resid_post", sae, dash)
+
+
+def test_features_cli(tiny_report, tiny_data, capsys):
+    from flows.features import main
+
+    report, key_a, _ = tiny_report
+    reports = report.index.parent
+    args = ["--hook", HOOK, "--data", str(tiny_data), "--reports", str(reports), "--k", "2"]
+    assert main(["The cat", "--model", "tiny-a", *args]) == 0
+    out = capsys.readouterr().out
+    assert key_a.split("/")[-1] in out and re.search(r"^\s+1\s+'T", out, re.M)
+    assert main(["x", "--model", "nope", *args]) == 2
+    assert f"{tiny_data / 'models' / 'nope'}: missing" in capsys.readouterr().err
+    assert main(["x", "--model", "tiny-a", *args, "--sae", "zz"]) == 2
+    assert "no SAE there" in capsys.readouterr().err
