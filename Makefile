@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint lock bench clean-runs
+.PHONY: install browser run test lint lock bench clean-runs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,10 +12,17 @@ $(BIN)/python:
 install: $(BIN)/python
 	$(BIN)/pip install -q -c requirements.lock -e '.[test]'
 
+# Chromium from Debian packages, for the browser test (tests/report/test_browser.py):
+# idempotent; installs only as root with apt-get, otherwise says so and the test skips.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	  || echo "make browser: chromium not installed (needs root and apt-get); the browser test will skip"; }
+
 run: install
 	$(BIN)/atlas run
 
-test: install
+test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -p no:cacheprovider
 

@@ -626,7 +626,9 @@ def write_dashboards(
         f"<p>{len(feats)} dashboarded latents of {data.d_sae} "
         f"({len(data.descriptions)} fire on the {data.n_rows} {data.split} tokens streamed). "
         f"One-line descriptions of every live latent are in <code>{DATA_FILENAME}</code>.</p>"
-        + table(["feature", "why", "density", "max act", "description"], rows, left=2)
+        + table(
+            ["feature", "why", "density", "max act", "description"], rows, left=2, also_left=(4,)
+        )
         + f'<p class="provenance">Drawn from: {prov_html}</p>'
     )
     header = f'<h1>Feature dashboards · {e(title)}</h1><nav class="toc"><a href="{e(home)}">report</a></nav>'

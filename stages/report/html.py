@@ -64,13 +64,21 @@ def page(title: str, body: str, *, header: str = "") -> str:
     )
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], left: int = 1) -> str:
-    """A table; the first `left` columns are left-aligned, cells are already HTML."""
-    head = "".join(f'<th class="{"l" if i < left else ""}">{h}</th>' for i, h in enumerate(headers))
+def table(
+    headers: Sequence[str],
+    rows: Iterable[Sequence[Any]],
+    left: int = 1,
+    also_left: Sequence[int] = (),
+) -> str:
+    """A table; the first `left` columns (and those in `also_left`) are left-aligned, the
+    rest (numbers) right-aligned. Cells are already HTML."""
+
+    def cls(i: int) -> str:
+        return "l" if i < left or i in also_left else ""
+
+    head = "".join(f'<th class="{cls(i)}">{h}</th>' for i, h in enumerate(headers))
     body = "".join(
-        "<tr>"
-        + "".join(f'<td class="{"l" if i < left else ""}">{c}</td>' for i, c in enumerate(r))
-        + "</tr>"
+        "<tr>" + "".join(f'<td class="{cls(i)}">{c}</td>' for i, c in enumerate(r)) + "</tr>"
         for r in rows
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
