@@ -143,17 +143,34 @@ def _centred_pair(x: Array, y: Array) -> tuple[np.ndarray, np.ndarray]:
 PairedStatistic = Callable[[np.ndarray | None], float]
 
 
+def _permuted(m: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """M[p][:, p], the Gram-type matrix of the samples reordered by p (two `take`s are
+    about three times faster than np.ix_ fancy indexing)."""
+    return m.take(p, axis=0).take(p, axis=1)
+
+
 def _prepare_linear_cka(x: Array, y: Array) -> PairedStatistic:
     xc, yc = _centred_pair(x, y)
+    n, d_x, d_y = xc.shape[0], xc.shape[1], yc.shape[1]
     denominator = np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc)
     if denominator == 0.0:
         raise ValueError("linear CKA is undefined: a representation has zero variance")
+    if d_x * d_y <= 128 * n:
+        # Feature space: ‖XᵀY_p‖² costs n·d_x·d_y per permutation.
 
-    def statistic(p: np.ndarray | None) -> float:
-        yp = yc if p is None else yc[p]
-        return float(np.linalg.norm(xc.T @ yp) ** 2 / denominator)
+        def statistic(p: np.ndarray | None) -> float:
+            yp = yc if p is None else yc[p]
+            return float(np.linalg.norm(xc.T @ yp) ** 2 / denominator)
 
-    return statistic
+        return statistic
+    # Wide representations (e.g. SAE latents): ‖XᵀY_p‖² = Σ K ∘ L_pp with the Gram
+    # matrices K = XXᵀ, L = YYᵀ, which costs n² per permutation whatever the width.
+    k, l_ = xc @ xc.T, yc @ yc.T
+
+    def gram_statistic(p: np.ndarray | None) -> float:
+        return float(np.vdot(k, l_ if p is None else _permuted(l_, p)) / denominator)
+
+    return gram_statistic
 
 
 def _hsic1_terms(k: np.ndarray) -> tuple[np.ndarray, float]:
@@ -174,8 +191,13 @@ def _hsic1(
 
     [tr(K̃L̃) + (1ᵀK̃1)(1ᵀL̃1)/((n−1)(n−2)) − 2/(n−2) · 1ᵀK̃L̃1] / (n(n−3)).
     """
-    n = k.shape[0]
-    trace = float(np.einsum("ij,ij->", k, l_p))  # tr(K̃L̃) for symmetric matrices
+    trace = float(np.vdot(k, l_p))  # tr(K̃L̃) for symmetric matrices
+    return _hsic1_from_trace(k.shape[0], trace, rows_k, sum_k, rows_l, sum_l)
+
+
+def _hsic1_from_trace(
+    n: int, trace: float, rows_k: np.ndarray, sum_k: float, rows_l: np.ndarray, sum_l: float
+) -> float:
     return (
         trace + sum_k * sum_l / ((n - 1) * (n - 2)) - 2.0 / (n - 2) * float(rows_k @ rows_l)
     ) / (n * (n - 3))
@@ -197,6 +219,10 @@ def _prepare_unbiased_cka(x: Array, y: Array) -> PairedStatistic:
     rows_l, sum_l = _hsic1_terms(l_)
     hsic_kk = _hsic1(k, k, rows_k, sum_k, rows_k, sum_k)
     hsic_ll = _hsic1(l_, l_, rows_l, sum_l, rows_l, sum_l)
+    sq_x, sq_y = (xc**2).sum(1), (yc**2).sum(1)
+    # tr(K̃L̃_p) with K̃ = XXᵀ − diag‖x_i‖² (same for L̃) equals ‖XᵀY_p‖² − Σ ‖x_i‖²‖y_p(i)‖²:
+    # n·d_x·d_y per permutation instead of an n² gather, for narrow representations.
+    feature_form = xc.shape[1] * yc.shape[1] <= 128 * n
     if hsic_kk <= 0.0 or hsic_ll <= 0.0:
         raise ValueError(
             f"unbiased CKA is undefined: HSIC_1(K,K) = {hsic_kk:.3g}, HSIC_1(L,L) = "
@@ -207,8 +233,11 @@ def _prepare_unbiased_cka(x: Array, y: Array) -> PairedStatistic:
     def statistic(p: np.ndarray | None) -> float:
         if p is None:
             return _hsic1(k, l_, rows_k, sum_k, rows_l, sum_l) / denominator
+        if feature_form:
+            trace = float(np.linalg.norm(xc.T @ yc[p]) ** 2 - sq_x @ sq_y[p])
+            return _hsic1_from_trace(n, trace, rows_k, sum_k, rows_l[p], sum_l) / denominator
         # Permuting the samples of y permutes rows and columns of L̃ together.
-        return _hsic1(k, l_[np.ix_(p, p)], rows_k, sum_k, rows_l[p], sum_l) / denominator
+        return _hsic1(k, _permuted(l_, p), rows_k, sum_k, rows_l[p], sum_l) / denominator
 
     return statistic
 
@@ -366,8 +395,8 @@ def _prepare_rsa(x: Array, y: Array) -> PairedStatistic:
     denominator = 2.0 * norm_x * norm_y
 
     def statistic(p: np.ndarray | None) -> float:
-        ryp = ry if p is None else ry[np.ix_(p, p)]
-        return float(np.einsum("ij,ij->", rx, ryp) / denominator)
+        ryp = ry if p is None else _permuted(ry, p)
+        return float(np.vdot(rx, ryp) / denominator)
 
     return statistic
 
