@@ -21,7 +21,8 @@ extra_features, partners, dpi) -> Report`
   `data/activations/<model>`, `data/models/<model>`, `data/steering/<model>`, ...); a
   hash not given is computed with `stages.io.content_hash`. Default: git commit only.
 - `dashboard_saes`: SAE keys (`model/hook/sae`) or SAE names to build dashboards for;
-  default one per (model, hook): the TopK SAE with the smallest k.
+  default one per (model, hook): the TopK SAE with the smallest k, plus every SAE the
+  align stage matched (so partner links have pages to point at).
 - `dashboards`: `DashboardConfig` or a dict of its fields (features per SAE, contexts,
   quantiles, rows streamed, ...).
 - `extra_features`: {SAE key: {latent: reason}} to dashboard besides the most active

@@ -1,17 +1,270 @@
-"""The alignment section (placeholder until the align stage's outputs are settled)."""
+"""The alignment section, drawn from the align stage's files (`data/alignment/<A>__<B>/`,
+layout in `stages/alignment/outputs.py`): matched-correlation histograms against the
+shuffled-token null, linear-CKA and mutual-kNN layer-by-layer heatmaps, headline scores,
+and the concept ground-truth table (does each concept's best latent in A match the
+concept's best latent in B?). Also the matched pairs, for dashboard partner links.
+
+`section(...)` returns None when no pair has been aligned (the report says "not run").
+"""
 
 from __future__ import annotations
 
+import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from stages.report.html import ReportContext, Section
+import numpy as np
 
-
-def partner_pairs(alignment_dir: Path) -> list[tuple[str, int, str, int, float | None]]:
-    """Matched latent pairs across models, for dashboard partner links."""
-    return []
+from stages.report.html import ReportContext, Section, e, fmt, table
 
 
-def section(ctx: ReportContext, alignment_dir: Path, pages: dict) -> Section | None:
-    """None when the alignment outputs are absent (the report says 'not run')."""
-    return None
+@dataclass
+class AlignedPair:
+    """One model pair's alignment folder."""
+
+    path: Path
+    model_a: str
+    model_b: str
+    meta: dict[str, Any]
+
+    def read(self, name: str) -> Any:
+        p = self.path / name
+        return json.loads(p.read_text()) if p.exists() else None
+
+
+def aligned_pairs(alignment_dir: Path) -> list[AlignedPair]:
+    """Every complete `<A>__<B>/` folder (with meta.json) under `alignment_dir`."""
+    out = []
+    root = Path(alignment_dir)
+    if not root.is_dir():
+        return out
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and "__" in p.name):
+        if not (d / "meta.json").exists() or d.name.startswith("."):
+            continue
+        meta = json.loads((d / "meta.json").read_text())
+        out.append(AlignedPair(d, meta.get("model_a", d.name.split("__")[0]),
+                               meta.get("model_b", d.name.split("__")[1]), meta))  # fmt: skip
+    return out
+
+
+def split_pair_key(key: str) -> tuple[str, str, str, str]:
+    """'<hook>/<sae>' or '<ha>~<hb>/<na>~<nb>' -> (hook_a, hook_b, sae_a, sae_b)."""
+    hooks, names = key.split("/", 1)
+    ha, _, hb = hooks.partition("~")
+    na, _, nb = names.partition("~")
+    return ha, hb or ha, na, nb or na
+
+
+def aligned_sae_keys(alignment_dir: Path) -> list[str]:
+    """SAE keys (model/hook/sae) of every SAE that has been aligned, on either side."""
+    keys: list[str] = []
+    for pair in aligned_pairs(alignment_dir):
+        for key in pair.meta.get("sae_pairs", []):
+            ha, hb, na, nb = split_pair_key(key)
+            for k in (f"{pair.model_a}/{ha}/{na}", f"{pair.model_b}/{hb}/{nb}"):
+                if k not in keys:
+                    keys.append(k)
+    return keys
+
+
+def hungarian_matches(pair: AlignedPair, key: str) -> list[dict[str, Any]]:
+    """Rows of the pair's Hungarian matching for one SAE pair, from its parquet table."""
+    import pyarrow.parquet as pq
+
+    path = pair.path / "matches" / f"{key.replace('/', '__')}.parquet"
+    if not path.exists():
+        return []
+    t = pq.read_table(path).to_pydict()
+    return [
+        {k: t[k][i] for k in t} for i in range(len(t["latent_a"])) if t["method"][i] == "hungarian"
+    ]
+
+
+def partner_pairs(
+    alignment_dir: Path, *, n_top: int = 5
+) -> tuple[
+    list[tuple[str, int, str, int, float | None]], list[tuple[str, int, str, int, float | None]]
+]:
+    """(all Hungarian matches, the n_top best-correlated per SAE pair) as
+    (SAE key A, latent A, SAE key B, latent B, correlation); SAE key = model/hook/sae."""
+    every, top = [], []
+    for pair in aligned_pairs(alignment_dir):
+        for key in pair.meta.get("sae_pairs", []):
+            ha, hb, na, nb = split_pair_key(key)
+            ka, kb = f"{pair.model_a}/{ha}/{na}", f"{pair.model_b}/{hb}/{nb}"
+            rows = [r for r in hungarian_matches(pair, key)
+                    if r["correlation"] is not None and math.isfinite(r["correlation"])]  # fmt: skip
+            these = [(ka, int(r["latent_a"]), kb, int(r["latent_b"]), float(r["correlation"]))
+                     for r in rows]  # fmt: skip
+            every += these
+            top += sorted(these, key=lambda t: -t[4])[:n_top]
+    return every, top
+
+
+def _null_figure(pair: AlignedPair, key: str, rec: dict[str, Any], threshold: float | None):
+    from matplotlib.figure import Figure
+
+    edges = np.asarray(rec.get("edges") or np.linspace(-1, 1, 101))
+    fig = Figure(figsize=(6.2, 3.4), layout="constrained")
+    ax = fig.add_subplot()
+    h = rec["hungarian"]
+    centres = (edges[:-1] + edges[1:]) / 2
+    width = edges[1] - edges[0]
+    for name, counts, colour in (("matched (Hungarian)", h["observed"], "#1f77b4"),
+                                 ("shuffled-token null", h["null"], "#ff7f0e")):  # fmt: skip
+        c = np.asarray(counts, float)
+        dens = c / max(c.sum() * width, 1e-12)
+        ax.bar(centres, dens, width=width, alpha=0.6, color=colour, label=name)
+    lo = edges[np.argmax((np.asarray(h["observed"]) + np.asarray(h["null"])) > 0)]
+    ax.set_xlim(min(lo, 0) - 0.02, 1.0)
+    if rec.get("null_threshold") is not None:
+        ax.axvline(rec["null_threshold"], color="k", ls=":", lw=1,
+                   label=f"null q{rec.get('null_quantile', 0.99):g}")  # fmt: skip
+    if threshold is not None:
+        ax.axvline(threshold, color="k", ls="--", lw=1, label=f"threshold {threshold:g}")
+    ax.set_xlabel("correlation of matched latents")
+    ax.set_ylabel("density")
+    ax.set_title(f"{pair.model_a} vs {pair.model_b}: {key}", fontsize=9)
+    ax.legend(fontsize=7)
+    return fig
+
+
+def _heatmap(g: dict[str, Any], title: str, a: str, b: str):
+    from matplotlib.figure import Figure
+
+    values = np.asarray(g["values"], dtype=float)
+    rows, cols = g["hooks_a"], g["hooks_b"]
+    fig = Figure(figsize=(2.4 + 1.3 * len(cols), 1.6 + 0.75 * len(rows)), layout="constrained")
+    ax = fig.add_subplot()
+    im = ax.imshow(values, vmin=0.0, vmax=1.0, cmap="viridis")
+    for (i, j), v in np.ndenumerate(values):
+        ax.text(j, i, "–" if not np.isfinite(v) else f"{v:.2f}", ha="center", va="center",
+                color="w" if (np.isfinite(v) and v < 0.6) else "k", fontsize=8)  # fmt: skip
+    ax.set_xticks(range(len(cols)), cols, rotation=30, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
+    ax.set_xlabel(b)
+    ax.set_ylabel(a)
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    return fig
+
+
+SCORE_COLUMNS = (
+    ("fraction_with_partner", "with partner (max)"),
+    ("mean_matched_corr_hungarian", "mean matched r"),
+    ("null_threshold", "null q"),
+    ("fraction_above_null_hungarian", "above null"),
+    ("mean_jaccard_hungarian", "top-token Jaccard"),
+    ("mean_decoder_cosine_hungarian", "decoder cos (Procrustes)"),
+    ("ground_truth_fraction_hungarian", "concepts matched"),
+)
+
+
+def section(
+    ctx: ReportContext, alignment_dir: Path, pages: dict[tuple[str, int], str]
+) -> Section | None:
+    """The alignment section, or None when no model pair has been aligned.
+
+    `pages` maps (SAE key, latent) to a dashboard page (relative to the report)."""
+    pairs = aligned_pairs(alignment_dir)
+    if not pairs:
+        return None
+    parts = []
+    for pair in pairs:
+        src = [pair.path]
+        scores = pair.read("scores.json") or {}
+        threshold = (pair.meta.get("config") or {}).get("threshold")
+        parts.append(f"<h3>{e(pair.model_a)} vs {e(pair.model_b)}</h3>")
+        parts.append(
+            f"<p class='muted'>{fmt(pair.meta.get('n_tokens'))} paired tokens "
+            f"({e(pair.meta.get('token_rule', ''))}); from <code>{e(pair.path)}</code>.</p>"
+        )
+        rows = []
+        for key in pair.meta.get("sae_pairs", []):
+            rows.append([f"<code>{e(key)}</code>"]
+                        + [fmt(scores.get(f"{key}/{s}")) for s, _ in SCORE_COLUMNS])  # fmt: skip
+        if rows:
+            parts.append(table(["SAE pair", *[h for _, h in SCORE_COLUMNS]], rows))
+        null = pair.read("null.json") or {}
+        for key in pair.meta.get("sae_pairs", []):
+            if key not in null:
+                continue
+            rec = {**null[key], "edges": null.get("edges")}
+            block, _ = ctx.figure(
+                _null_figure(pair, key, rec, threshold),
+                f"alignment/{pair.path.name}__{key.replace('/', '__')}__null",
+                title=f"Matched-correlation histogram against its null, {pair.model_a} vs "
+                f"{pair.model_b}, {key}",
+                description=(
+                    "Pearson correlation over paired tokens of each Hungarian-matched latent "
+                    "pair, against the same matching on token-shuffled activations (B's "
+                    "chunks paired with other chunks of A); dotted: the null quantile."
+                ),
+                inputs=src,
+            )
+            parts.append(block)
+        sim = pair.read("similarity.json") or {}
+        titles = {"linear_cka": "Linear CKA", "mutual_knn": "Mutual kNN (k = 10)"}
+        for metric, g in (sim.get("grid") or {}).items():
+            block, _ = ctx.figure(
+                _heatmap(
+                    g,
+                    f"{titles.get(metric, metric)} (n = {g.get('n_samples')})",
+                    pair.model_a,
+                    pair.model_b,
+                ),  # fmt: skip
+                f"alignment/{pair.path.name}__{metric}_layers",
+                title=f"{titles.get(metric, metric)}, layer by layer, {pair.model_a} vs "
+                f"{pair.model_b}",
+                description=(
+                    f"{titles.get(metric, metric)} between every cached hook of "
+                    f"{pair.model_a} (rows) and of {pair.model_b} (columns), on paired tokens."
+                ),
+                inputs=src,
+            )
+            parts.append(block)
+        gt = {k: v for k, v in (pair.read("ground_truth.json") or {}).items() if v}
+        if gt:
+            parts.append(_ground_truth_table(pair, gt, pages))
+    return Section("alignment", "Alignment across models", "".join(parts))
+
+
+def _ground_truth_table(pair: AlignedPair, gt: dict[str, dict], pages: dict) -> str:
+    """Concepts × SAE pairs: is the concept's best latent in A matched (Hungarian) to its
+    best latent in B, and how do the two correlate? Latents link to their dashboards."""
+    keys = list(gt)
+    concepts = sorted({c for v in gt.values() for c in v})
+
+    def link(k: str, f: int) -> str:
+        url = pages.get((k, int(f)))
+        return f'<a href="{e(url)}">#{f}</a>' if url else f"#{f}"
+
+    rows = []
+    for c in concepts:
+        row = [e(c)]
+        for key in keys:
+            v = gt[key].get(c)
+            if v is None:
+                row.append("–")
+                continue
+            ha, hb, na, nb = split_pair_key(key)
+            ka, kb = f"{pair.model_a}/{ha}/{na}", f"{pair.model_b}/{hb}/{nb}"
+            ok = (
+                '<span class="pos">✓</span>' if v.get("hungarian") else '<span class="neg">✗</span>'
+            )
+            row.append(f"{ok} {fmt(v.get('correlation'), 2)} <span class='muted'>"
+                       f"{link(ka, v['best_a'])}↔{link(kb, v['best_b'])}</span>")  # fmt: skip
+        rows.append(row)
+    total = ["<b>matched</b>"] + [
+        f"<b>{sum(bool(v.get('hungarian')) for v in gt[k].values())}/{len(gt[k])}</b>" for k in keys
+    ]
+    rows.append(total)
+    return (
+        f"<h4>Concept ground truth across models ({e(pair.model_a)} ↔ {e(pair.model_b)})</h4>"
+        "<p class='muted'>Per concept and SAE pair: ✓ when the concept's best latent in "
+        f"{e(pair.model_a)} is Hungarian-matched to its best latent in {e(pair.model_b)}; "
+        "the number is their correlation on paired tokens; latent ids link to dashboards.</p>"
+        + table(["concept", *[f"<code>{e(k.split('/', 1)[1])}</code>" for k in keys]], rows)
+    )

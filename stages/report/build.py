@@ -105,9 +105,10 @@ def default_dashboard_saes(saes: list[SAERef]) -> list[SAERef]:
     return out
 
 
-def _pick(saes: list[SAERef], wanted: Sequence[str] | None) -> list[SAERef]:
-    if wanted is None:
-        return default_dashboard_saes(saes)
+def _pick(saes: list[SAERef], wanted: Sequence[str] | None, aligned: Sequence[str]) -> list[SAERef]:
+    if wanted is None:  # the default SAEs, and every aligned SAE (so partner links resolve)
+        out = default_dashboard_saes(saes)
+        return out + [s for s in saes if s.key in aligned and s not in out]
     out = []
     for w in wanted:
         hits = [s for s in saes if w in (s.key, s.name)]
@@ -146,27 +147,48 @@ def build_report(
     out = Path(out)
 
     saes = discover_saes(paths.saes, list(models) if models is not None else None)
-    chosen = _pick(saes, dashboard_saes)
-    chosen_keys = {s.key for s in chosen}
+    chosen = _pick(saes, dashboard_saes, alignment_section.aligned_sae_keys(paths.alignment))
 
-    # which latents the other sections want dashboards for
+    # which latents to dashboard: most active + concept latents (plan_features), what the
+    # caller and the steering section ask for, the best aligned pairs, and then one hop:
+    # the matched partner of every latent picked so far, so each partner link has a page
     extras: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+
+    def want(key: str, f: int, why: str) -> None:
+        if why not in extras[key][int(f)]:
+            extras[key][int(f)].append(why)
+
     for key, feats in (extra_features or {}).items():
         for f, why in feats.items():
-            extras[key][int(f)] += [why] if isinstance(why, str) else list(why)
+            for w in [why] if isinstance(why, str) else why:
+                want(key, f, w)
     for key, feats in steering_section.wanted_features(paths.decomposition).items():
         for f, why in feats.items():
-            extras[key][int(f)] += why
-    pairs = list(partners or []) + alignment_section.partner_pairs(paths.alignment)
+            for w in why:
+                want(key, f, w)
+    every, top = alignment_section.partner_pairs(paths.alignment)
+    given = list(partners or [])
     links: dict[str, dict[int, list[Partner]]] = defaultdict(lambda: defaultdict(list))
-    for ka, fa, kb, fb, score in pairs:
-        if ka in chosen_keys or kb in chosen_keys:
-            ma, ha, sa = ka.split("/", 2)
-            mb, hb, sb = kb.split("/", 2)
-            links[ka][int(fa)].append(Partner(mb, hb, sb, int(fb), score))
-            links[kb][int(fb)].append(Partner(ma, ha, sa, int(fa), score))
-            extras[ka][int(fa)].append(f"aligned with {kb} #{fb}")
-            extras[kb][int(fb)].append(f"aligned with {ka} #{fa}")
+    partner_of: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
+    for ka, fa, kb, fb, score in every + given:
+        ma, ha, sa = ka.split("/", 2)
+        mb, hb, sb = kb.split("/", 2)
+        links[ka][int(fa)].append(Partner(mb, hb, sb, int(fb), score))
+        links[kb][int(fb)].append(Partner(ma, ha, sa, int(fa), score))
+        partner_of[(ka, int(fa))].append((kb, int(fb)))
+        partner_of[(kb, int(fb))].append((ka, int(fa)))
+    for ka, fa, kb, fb, score in top + given:
+        r = f" (r = {score:.2f})" if score is not None else ""
+        want(ka, fa, f"aligned with {kb} #{fb}{r}")
+        want(kb, fb, f"aligned with {ka} #{fa}{r}")
+    from stages.report.dashboards import plan_features
+
+    plans = {s.key: plan_features(s.path, cfg, extras.get(s.key)) for s in chosen}
+    for key, plan in list(plans.items()):
+        for f in list(plan):
+            for pk, pf in partner_of.get((key, f), []):
+                if pk in plans and pf not in plans[pk]:
+                    plans[pk][pf] = [f"matched partner of {key} #{f}"]
 
     with atomic_dir(out) as tmp:
         ctx = ReportContext(tmp, prov, dpi=dpi)
@@ -195,8 +217,8 @@ def build_report(
                     continue
                 computed.append(compute_dashboard_data(
                     model_name=s.model, hook=s.hook, sae_path=s.path, store=store, model=model,
-                    cfg=cfg, extra={f: list(w) for f, w in extras.get(s.key, {}).items()},
-                    vocab=vocab, inputs=[paths.saes / s.model, store_dir, model_dir],
+                    cfg=cfg, reasons=plans[s.key], vocab=vocab,
+                    inputs=[paths.saes / s.model, store_dir, model_dir],
                 ))  # fmt: skip
         seconds["dashboards_compute"] = time.perf_counter() - t0
         t0 = time.perf_counter()

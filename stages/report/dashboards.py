@@ -340,6 +340,25 @@ def select_features(
     return reasons
 
 
+def plan_features(
+    sae_path: Path, cfg: DashboardConfig, extra: Mapping[int, Sequence[str]] | None = None
+) -> dict[int, list[str]]:
+    """The latents `compute_dashboard_data` would pick for an SAE folder, from its cached
+    density and ground truth alone (no pass over the data); empty-density SAEs get the
+    concept and extra latents only."""
+    import json
+
+    from stages.sae.io import load_log_feature_density
+
+    sae_path = Path(sae_path)
+    cfg_json = json.loads((sae_path / "cfg.json").read_text())
+    mpath = sae_path / "metrics.json"
+    metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
+    dens = load_log_feature_density(sae_path)
+    dens = None if dens is None else dens.float().numpy()
+    return select_features(dens, metrics.get("ground_truth"), extra, cfg, int(cfg_json["d_sae"]))
+
+
 def compute_dashboard_data(
     *,
     model_name: str,
@@ -351,9 +370,13 @@ def compute_dashboard_data(
     extra: Mapping[int, Sequence[str]] | None = None,
     vocab: Sequence[str] | None = None,
     inputs: Sequence[str | Path] = (),
+    reasons: Mapping[int, Sequence[str]] | None = None,
 ) -> SAEDashboardData:
     """Dashboard data for one SAE folder from the cache (`store`), never re-running the
-    model; `model` supplies the unembedding (logit lens) and the tokenizer."""
+    model; `model` supplies the unembedding (logit lens) and the tokenizer.
+
+    The latents dashboarded are `select_features(...)` (most active, concept latents,
+    `extra`), or exactly `reasons` when given (see `plan_features`)."""
     from stages.sae.io import load_log_feature_density, load_sae, read_metrics
 
     sae_path = Path(sae_path)
@@ -367,7 +390,9 @@ def compute_dashboard_data(
         dens = np.log10(counts.density + 1e-10)
     else:
         dens = dens.float().numpy()
-    reasons = select_features(dens, metrics.get("ground_truth"), extra, cfg, sae.d_sae)
+    if reasons is None:
+        reasons = select_features(dens, metrics.get("ground_truth"), extra, cfg, sae.d_sae)
+    reasons = {int(f): list(w) for f, w in reasons.items()}
     selected = list(reasons)
     labels = None
     if store.concept_names and "concept_labels" in store.group:

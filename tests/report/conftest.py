@@ -80,7 +80,24 @@ def _build(root: Path) -> Path:
             save_sae(data / "saes" / name / HOOK / sae.cfg.display_name, sae, hook_name=HOOK,
                      model_name=name, log_feature_density=ev.log10_feature_density,
                      metrics=ev.metrics)  # fmt: skip
+    _align(data)
     return data
+
+
+def _align(data: Path) -> None:
+    """The align stage's files for tiny-a vs tiny-b, with the real writer."""
+    from stages.activations import ActivationStore
+    from stages.alignment.outputs import write_alignment
+    from stages.alignment.pipeline import AlignConfig, align_pair, load_saes
+
+    saes_a, best_a = load_saes(data / "saes" / "tiny-a")
+    saes_b, best_b = load_saes(data / "saes" / "tiny-b")
+    cfg = AlignConfig(max_tokens=4000, chunk_rows=512, n_permutations=5, n_samples=256, top_k=8,
+                      self_check_tokens=1024, sae_names=("topk-64-k4",))  # fmt: skip
+    result = align_pair(ActivationStore(data / "activations" / "tiny-a"),
+                        ActivationStore(data / "activations" / "tiny-b"), saes_a, saes_b, cfg,
+                        best_latents_a=best_a, best_latents_b=best_b, progress=False)  # fmt: skip
+    write_alignment(result, data / "alignment" / "tiny-a__tiny-b")
 
 
 @pytest.fixture(scope="session")

@@ -39,7 +39,8 @@ class _Figures(HTMLParser):
 
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
-    assert report.index.exists() and len(report.figures) == 4  # Pareto + density per model
+    # Pareto + density per model; alignment: a null histogram per SAE pair + 2 heatmaps
+    assert report.index.exists() and len(report.figures) == 4 + 1 + 2
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -50,19 +51,19 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
             assert "run-abc123" in text and "deadbeef" in text and "p-42" in text
             for path, h in rec.inputs.items():
                 assert path in text and h in text
-    a_figs = [r for r in report.figures if "tiny-a" in r.name]
+    a_figs = [r for r in report.figures if r.name.startswith("figures/sweep/tiny-a")]
     # the caller's hash is used as given; a hash it did not give is computed
     assert all(r.inputs[str(tiny_data / "saes" / "tiny-a")] == "hash-saes-a" for r in a_figs)
-    b_figs = [r for r in report.figures if "tiny-b" in r.name]
+    b_figs = [r for r in report.figures if r.name.startswith("figures/sweep/tiny-b")]
     assert all(r.inputs[str(tiny_data / "saes" / "tiny-b")].endswith(".dir") for r in b_figs)
 
 
 def test_sections_that_did_not_run_say_so(tiny_report):
     report, _, _ = tiny_report
     assert report.sections == {"sweep": True, "concepts": True, "steering": False,
-                               "alignment": False, "dashboards": True}  # fmt: skip
+                               "alignment": True, "dashboards": True}  # fmt: skip
     html = report.index.read_text()
-    assert html.count("<b>Not run.</b>") == 2
+    assert html.count("<b>Not run.</b>") == 1
     assert "<script" not in html and "http://" not in html and "https://" not in html
 
 
@@ -93,6 +94,25 @@ def test_dashboards_and_partner_links(tiny_report):
     assert 'href="../../../tiny-a/blocks.0.hook_resid_post/topk-64-k4/feature-3.html"' in page_b
     for page in (page_a, page_b):
         assert "run-abc123" in page and "deadbeef" in page
+
+
+def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
+    report, key_a, key_b = tiny_report
+    names = [f.name for f in report.figures if f.name.startswith("figures/alignment/")]
+    assert sorted(n.rsplit("__", 1)[-1] for n in names) == [
+        "linear_cka_layers.png", "mutual_knn_layers.png", "null.png"]  # fmt: skip
+    html = report.index.read_text()
+    assert "Concept ground truth across models" in html
+    # every dashboarded latent links to its Hungarian partner's page (one hop)
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(tiny_data / "alignment" / "tiny-a__tiny-b" / "matches" /
+                      f"{HOOK}__{key_a.rsplit('/', 1)[1]}.parquet").to_pydict()  # fmt: skip
+    partner = {a: b for a, b, m in zip(t["latent_a"], t["latent_b"], t["method"], strict=True)
+               if m == "hungarian"}  # fmt: skip
+    for f, page in report.feature_pages[key_a].items():
+        assert partner[f] in report.feature_pages[key_b]
+        assert f"feature-{partner[f]}.html" in page.read_text()
 
 
 def test_log_to_sends_every_figure():
