@@ -67,8 +67,10 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
         if not pw or not nw:
             raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r} has no "
                              "positive or no negative targets")  # fmt: skip
-        pi, ni = target_ids(model.tokenizer, pw, s.target_prefix), target_ids(
-            model.tokenizer, nw, s.target_prefix)
+        pi, ni = (
+            target_ids(model.tokenizer, pw, s.target_prefix),
+            target_ids(model.tokenizer, nw, s.target_prefix),
+        )
         if set(pi) & set(ni):
             raise ValueError(f"steering set '{s.name}': positive and negative targets share "
                              f"first tokens {sorted(set(pi) & set(ni))}")  # fmt: skip

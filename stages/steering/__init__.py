@@ -1,0 +1,93 @@
+"""Steering vectors: contrastive sets, vectors, hooks, evaluation, SAE decomposition.
+
+A library (no DVC, Prefect or MLflow in here). The pipeline stage calls, per concept::
+
+    from stages.steering import ConceptConfig, figures, read_sets, run_concept, toy_sets, write_concept
+
+    sets = toy_sets(seed=0, n_train=64, n_heldout=32)       # toy corpus; or read_sets(Path("data/prompts"))
+    saes = {"blocks.1.hook_resid_post": load_sae(folder)}  # hook -> SAE (any subset of hooks)
+    store = ActivationStore(Path("data/activations/toy-a"))
+    for s in sets.values():
+        r = run_concept(model, s, hooks, saes, store, ConceptConfig(), model_name="toy-a")
+        write_concept(r, Path("data/steering/toy-a"), Path("data/decomposition/toy-a"))
+        for name, fig in figures(r).items(): ...            # log to MLflow / save
+
+Conventions
+- Vectors are the raw mean difference mean(act(pos)) − mean(act(neg)) (not unit
+  normalised): multiplier 1 adds the natural contrast. PCA vectors are put on the same
+  scale (see `vectors.py`).
+- Read positions index the tokenised prompt with BOS at 0; -1 = last token; "mean".
+- BOS (position 0) is never steered.
+- Every result is a dataclass with `to_dict()` (JSON-serialisable).
+
+Modules and public functions
+- `prompts`: `ContrastivePair`, `EvalPrompt`, `SteeringSet`, `read_set(path)`,
+  `read_sets(folder)`, `write_set(set, path)`, `toy_sets(seed, n_train, n_heldout)`,
+  `target_ids(tokenizer, words, prefix)`. File format: `data/prompts/README.md`.
+- `vectors`: `compute_vectors(model, pairs, hooks, method="mean_diff"|"pca",
+  read_position=None, batch_size=64) -> {hook: Tensor}`, `read_activations(...)`,
+  `mean_diff`, `pca_direction`, `save_vector(folder, vectors, meta)`,
+  `load_vector(folder) -> (vectors, meta)`.
+- `apply`: `steering_hooks(hook, vector, multiplier, positions="all"|"last"|[idx],
+  mode="add"|"ablate"|"ablate_add") -> fwd_hooks`, `steer(...)`,
+  `generate_steered(model, prompts, hook, vector, multiplier, ...) -> [str]`.
+- `evaluate`: `behaviour_metric(logits, pos_mask, neg_mask)`, `metric_grid(...)`,
+  `steerability(model, set, hook, vector, multipliers) -> Steerability`,
+  `side_effects(model, hook, vector, multiplier, tokens) -> SideEffects`,
+  `layer_sweep(model, set, vectors, tokens, kl_budget=...) -> LayerSweep`.
+- `decompose`: `encode_vector`, `encode_shift`, `top_by_cosine`, `nn_decompose(v, W_dec)
+  -> Decomposition` (NN-OMP with NNLS refits; error curve), `precision_at_k`,
+  `latent_f1(sae, x, labels)`, `concept_latents(f1_row, threshold)`.
+- `downstream`: `downstream_effects(model, hook, vector, multiplier, tokens, saes)
+  -> DownstreamResult` (table + [hooks × top features] matrix).
+- `probes`: `train_probe(x, y) -> Probe`, `concept_probe(store, hook, concept, negative)`,
+  `cosine_table({name: direction})`.
+- `targeted`: `targeted_vectors(v, W_dec, decomposition, k)`, `compare_vectors(...)`.
+- `run`: `ConceptConfig`, `run_concept(...) -> ConceptResult`, `write_concept(result,
+  steering_dir, decomposition_dir)`, `figures(result)`, `figures_from_dict(json)`.
+"""
+
+from stages.steering.apply import generate_steered, steering_hooks
+from stages.steering.evaluate import layer_sweep, side_effects, steerability
+from stages.steering.prompts import (
+    ContrastivePair,
+    EvalPrompt,
+    SteeringSet,
+    read_set,
+    read_sets,
+    toy_sets,
+    write_set,
+)
+from stages.steering.run import (
+    ConceptConfig,
+    ConceptResult,
+    figures,
+    figures_from_dict,
+    run_concept,
+    write_concept,
+)
+from stages.steering.vectors import compute_vectors, load_vector, save_vector
+
+__all__ = [
+    "ConceptConfig",
+    "ConceptResult",
+    "ContrastivePair",
+    "EvalPrompt",
+    "SteeringSet",
+    "compute_vectors",
+    "figures",
+    "figures_from_dict",
+    "generate_steered",
+    "layer_sweep",
+    "load_vector",
+    "read_set",
+    "read_sets",
+    "run_concept",
+    "save_vector",
+    "side_effects",
+    "steerability",
+    "steering_hooks",
+    "toy_sets",
+    "write_concept",
+    "write_set",
+]
