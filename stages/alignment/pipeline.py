@@ -27,6 +27,7 @@ tokens. `write_alignment` / `figures` (in `outputs.py`) turn the result into fil
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -108,6 +109,20 @@ class AlignConfig:
             raise ValueError(f"align: null_quantile = {self.null_quantile}, expected in (0, 1)")
         if self.split not in ("heldout", "train", "all"):
             raise ValueError(f"align: split = {self.split!r}, expected heldout, train or all")
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, object]) -> AlignConfig:
+        """From a params.yaml mapping (lists where the dataclass has tuples)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"align: unknown keys {unknown}; expected some of {sorted(known)}")
+        values = dict(params)
+        if values.get("hook_pairs") is not None:
+            values["hook_pairs"] = tuple(tuple(p) for p in values["hook_pairs"])  # type: ignore[attr-defined]
+        if isinstance(values.get("sae_names"), list):
+            values["sae_names"] = tuple(values["sae_names"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]
 
 
 @dataclass

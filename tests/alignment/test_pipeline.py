@@ -169,3 +169,13 @@ def test_write_alignment_outputs(tmp_path, setup):
     assert any(k.startswith("matched_vs_null") for k in figs)
     assert all(hasattr(f, "savefig") for f in figs.values())
     assert not list((tmp_path / "align").glob(".*tmp*"))
+
+
+def test_config_from_params_and_errors():
+    cfg = AlignConfig.from_params({"hook_pairs": [[HOOK, OTHER]], "sae_names": ["topk"],
+                                   "max_tokens": 1000})  # fmt: skip
+    assert cfg.hook_pairs == ((HOOK, OTHER),) and cfg.sae_names == ("topk",)
+    with pytest.raises(ValueError, match="unknown keys \\['n_nulls'\\]"):
+        AlignConfig.from_params({"n_nulls": 2})
+    with pytest.raises(ValueError, match="max_tokens = 1"):
+        AlignConfig(max_tokens=1)
