@@ -162,7 +162,19 @@ def build_report(
         for f, why in feats.items():
             for w in [why] if isinstance(why, str) else why:
                 want(key, f, w)
-    for key, feats in steering_section.wanted_features(paths.decomposition).items():
+
+    def resolve(model: str, hook: str, d_sae: int | None, name: str | None) -> str | None:
+        """The SAE a steering decomposition used: named, else the one dashboard SAE of
+        that model and hook (with the right width)."""
+        if name:
+            return f"{model}/{hook}/{name}"
+        cands = [s for s in chosen if s.model == model and s.hook == hook
+                 and (d_sae is None or s.d_sae == d_sae)]  # fmt: skip
+        return cands[0].key if len(cands) == 1 else None
+
+    for key, feats in steering_section.wanted_features(
+        paths.steering, paths.decomposition, resolve
+    ).items():
         for f, why in feats.items():
             for w in why:
                 want(key, f, w)
@@ -239,7 +251,9 @@ def build_report(
         seconds["section_sweep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sections.append(concept_table_section(saes, rel_pages))
-        steer = steering_section.section(ctx, paths.steering, paths.decomposition, rel_pages)
+        steer = steering_section.section(
+            ctx, paths.steering, paths.decomposition, rel_pages, resolve
+        )
         sections.append(steer or _not_run("steering", "Steering", paths.steering))
         seconds["section_steering"] = time.perf_counter() - t0
         t0 = time.perf_counter()

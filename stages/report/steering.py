@@ -1,19 +1,206 @@
-"""The steering section (placeholder until the steering stage's outputs are settled)."""
+"""The steering section, drawn from the steering stage's files (layout in
+`stages/steering/run.py`):
+
+    data/steering/<model>/<concept>/evaluation.json        layer sweep, generations, probes
+    data/decomposition/<model>/<concept>/decomposition.json SAE decomposition, downstream,
+                                                            targeted vs raw
+
+Figures are the steering package's own (`stages.steering.figures_from_dict`: steerability
+curves, layer sweep, decomposition bars + error curve, downstream-effect heatmap,
+targeted vs raw), redrawn from the JSON and captioned here with provenance, plus a
+summary table per model whose decomposition latents link to their dashboards.
+
+`wanted_features` names the decomposition's top latents, so they get dashboards.
+`section(...)` returns None when no concept has been steered (the report says "not run").
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from stages.report.html import ReportContext, Section
+from stages.report.html import ReportContext, Section, e, fmt, table
+
+log = logging.getLogger(__name__)
+
+# (model, hook, d_sae, sae name or None) -> SAE key "model/hook/sae" of the SAE the
+# decomposition used, or None when it cannot be told
+Resolver = Callable[[str, str, int | None, str | None], str | None]
+
+TITLES = {
+    "steerability": ("Steerability curves", "Mean behaviour metric (log-odds of the positive "
+                     "targets against the negative ones, at each held-out prompt's last token) "
+                     "against the steering multiplier, one curve per hook; slope = steerability."),
+    "layer_sweep": ("Layer sweep", "Steerability (bars) and KL(clean ‖ steered) on neutral "
+                    "held-out text (line) per hook; dashed: the KL budget; the best hook is the "
+                    "most steerable within budget."),
+    "decomposition": ("Decomposition into SAE features", "Non-negative decomposition of the "
+                      "steering vector over SAE decoder rows (NN-OMP with NNLS refits): the "
+                      "largest coefficients, and the relative error against features used."),
+    "downstream": ("Downstream-effect heatmap", "Steering at one hook, the change in mean "
+                   "activation of the most affected SAE latents at later hooks (latent id in "
+                   "each cell)."),
+    "targeted": ("Targeted vs raw vs random", "Steerability and KL of the raw vector, a "
+                 "vector rebuilt from its top SAE features, and random controls."),
+}  # fmt: skip
 
 
-def wanted_features(decomposition_dir: Path) -> dict[str, dict[int, list[str]]]:
-    """SAE key -> {latent: [reason]} for the steering components to dashboard."""
-    return {}
+@dataclass
+class SteeredConcept:
+    model: str
+    concept: str
+    evaluation: dict[str, Any]
+    decomposition: dict[str, Any]
+    steering_path: Path
+    decomposition_path: Path | None
+
+
+def steered_concepts(steering_dir: Path, decomposition_dir: Path) -> list[SteeredConcept]:
+    """Every `<model>/<concept>/evaluation.json` under `steering_dir`, with its
+    decomposition when there is one."""
+    out: list[SteeredConcept] = []
+    root = Path(steering_dir)
+    if not root.is_dir():
+        return out
+    for ev_path in sorted(root.glob("*/*/evaluation.json")):
+        if any(p.startswith(".") for p in ev_path.relative_to(root).parts):
+            continue  # a stage's temporary folder
+        model, concept = ev_path.parent.parent.name, ev_path.parent.name
+        try:
+            ev = json.loads(ev_path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("steering: skipping unreadable %s (%s)", ev_path, err)
+            continue
+        dpath = Path(decomposition_dir) / model / concept / "decomposition.json"
+        dd = json.loads(dpath.read_text()) if dpath.exists() else {}
+        out.append(SteeredConcept(model, concept, ev, dd, ev_path.parent,
+                                  dpath.parent if dpath.exists() else None))  # fmt: skip
+    return out
+
+
+def _sae_key(c: SteeredConcept, resolve: Resolver | None) -> str | None:
+    dd = c.decomposition
+    if "hook" not in dd:
+        return None
+    name = dd.get("sae") or dd.get("sae_name")
+    if resolve is None:
+        return f"{c.model}/{dd['hook']}/{name}" if name else None
+    return resolve(c.model, dd["hook"], dd.get("sae_d"), name)
+
+
+def top_latents(dd: dict[str, Any], k: int = 5) -> list[tuple[int, float]]:
+    """The decomposition's k largest-coefficient latents, (latent, coefficient)."""
+    nd = dd.get("nn_decomposition") or {}
+    pairs = list(zip(nd.get("features", []), nd.get("coefficients", []), strict=False))
+    return sorted(((int(f), float(c)) for f, c in pairs), key=lambda t: -t[1])[:k]
+
+
+def wanted_features(
+    steering_dir: Path, decomposition_dir: Path, resolve: Resolver | None = None, k: int = 5
+) -> dict[str, dict[int, list[str]]]:
+    """SAE key -> {latent: [reason]}: each concept's top decomposition latents."""
+    out: dict[str, dict[int, list[str]]] = {}
+    for c in steered_concepts(steering_dir, decomposition_dir):
+        key = _sae_key(c, resolve)
+        if key is None:
+            continue
+        for rank, (f, coef) in enumerate(top_latents(c.decomposition, k)):
+            out.setdefault(key, {}).setdefault(f, []).append(
+                f"steering component #{rank + 1} of {c.concept} (coef {coef:.2f})"
+            )
+    return out
 
 
 def section(
-    ctx: ReportContext, steering_dir: Path, decomposition_dir: Path, pages: dict
+    ctx: ReportContext,
+    steering_dir: Path,
+    decomposition_dir: Path,
+    pages: dict[tuple[str, int], str],
+    resolve: Resolver | None = None,
 ) -> Section | None:
-    """None when the steering outputs are absent (the report says 'not run')."""
-    return None
+    """The steering section, or None when no concept has been steered."""
+    from stages.steering import figures_from_dict
+
+    concepts = steered_concepts(steering_dir, decomposition_dir)
+    if not concepts:
+        return None
+    parts = []
+    for model in sorted({c.model for c in concepts}):
+        mine = [c for c in concepts if c.model == model]
+        parts.append(f"<h3>{e(model)}</h3>")
+        parts.append(_summary_table(mine, pages, resolve))
+        for c in mine:
+            inputs = [Path(steering_dir) / model]
+            if c.decomposition_path is not None:
+                inputs.append(Path(decomposition_dir) / model)
+            try:
+                figs = figures_from_dict({"evaluation": c.evaluation,
+                                          "decomposition": c.decomposition})  # fmt: skip
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                parts.append(f'<p class="note">{e(model)} {e(c.concept)}: figures could not be '
+                             f"drawn from {e(c.steering_path)} ({e(type(err).__name__)}: "
+                             f"{e(err)}).</p>")  # fmt: skip
+                continue
+            parts.append(f"<h4>{e(model)} · {e(c.concept)}</h4>")
+            for name, fig in figs.items():
+                title, desc = TITLES.get(name, (name.replace("_", " ").capitalize(), ""))
+                block, _ = ctx.figure(
+                    fig,
+                    f"steering/{model}__{c.concept}__{name}",
+                    title=f"{title}, {model}, {c.concept}",
+                    description=desc,
+                    inputs=inputs,
+                )
+                parts.append(block)
+            parts.append(_generations(c))
+    return Section("steering", "Steering", "".join(parts))
+
+
+def _summary_table(concepts: list[SteeredConcept], pages: dict, resolve: Resolver | None) -> str:
+    rows = []
+    for c in concepts:
+        sw = c.evaluation.get("sweep") or {}
+        best = sw.get("best_hook")
+        st = (sw.get("steerability") or {}).get(best) or {}
+        se = (sw.get("side_effects") or {}).get(best) or {}
+        dd = c.decomposition
+        key = _sae_key(c, resolve)
+        feats = []
+        for f, coef in top_latents(dd, 5):
+            url = pages.get((key, f)) if key else None
+            label = f"#{f}"
+            feats.append((f'<a href="{e(url)}">{label}</a>' if url else label) + f" ({coef:.2f})")
+        pk = (dd.get("precision_at_k") or {}).get("nnls") or {}
+        curve = (dd.get("nn_decomposition") or {}).get("curve") or []
+        rows.append([
+            e(c.concept), f"<code>{e(best or '–')}</code>", fmt(st.get("slope")),
+            fmt(st.get("wrong_way_fraction"), 2), fmt(se.get("kl")),
+            "yes" if sw.get("within_budget") else "no",
+            f"<code>{e(dd.get('hook', '–'))}</code>", fmt(pk.get("5"), 2),
+            fmt(curve[min(4, len(curve) - 1)] if curve else None, 2), " ".join(feats) or "–",
+        ])  # fmt: skip
+    return table(
+        ["concept", "best hook", "steerability", "wrong-way", "KL", "in budget", "SAE hook",
+         "P@5 (NNLS)", "error @5", "top SAE features (coef)"],
+        rows, left=2, also_left=(6, 9),
+    )  # fmt: skip
+
+
+def _generations(c: SteeredConcept) -> str:
+    g = c.evaluation.get("generations") or {}
+    by = g.get("by_multiplier") or {}
+    if not by:
+        return ""
+    mults = sorted(by, key=float)
+    rows = []
+    for i, prompt in enumerate(g.get("prompts", [])):
+        rows.append([f"<code>{e(prompt)}</code>"]
+                    + [f"<code>{e(by[m][i] if i < len(by[m]) else '')}</code>" for m in mults])  # fmt: skip
+    return (
+        f"<p class='muted'>Greedy generations steered at <code>{e(g.get('hook', ''))}</code>:</p>"
+        + table(["prompt", *[f"×{float(m):g}" for m in mults]], rows, left=len(mults) + 1)
+    )

@@ -38,6 +38,7 @@ class SAERef:
     path: Path
     architecture: str
     metrics: dict[str, Any]
+    d_sae: int | None = None
 
     @property
     def key(self) -> str:
@@ -77,7 +78,8 @@ def discover_saes(saes_dir: Path, models: list[str] | None = None) -> list[SAERe
                 arch = meta.get("training_architecture") or cfg.get("architecture", "?")
                 mpath = sdir / "metrics.json"
                 metrics = json.loads(mpath.read_text()) if mpath.exists() else {}
-                out.append(SAERef(mdir.name, hdir.name, sdir.name, sdir, arch, metrics))
+                out.append(SAERef(mdir.name, hdir.name, sdir.name, sdir, arch, metrics,
+                                  cfg.get("d_sae")))  # fmt: skip
     return out
 
 

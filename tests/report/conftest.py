@@ -40,7 +40,7 @@ def _build(root: Path) -> Path:
         {"heldout_fraction": 0.3, "toy": {"n_docs": 60, "seed": 0}}))  # fmt: skip
     tok_dir = root / "tok"
     tok_dir.mkdir()
-    tok = train_tokenizer(corpus.texts, 300, tok_dir)
+    tok = train_tokenizer(corpus.texts, 1000, tok_dir)
     cols = list(zip(*corpus.labels, strict=True))
     labels = pa.table({"doc_id": pa.array(cols[0], pa.int64()), "char_start": cols[1],
                        "char_end": cols[2], "concept": cols[3]})  # fmt: skip
@@ -56,7 +56,7 @@ def _build(root: Path) -> Path:
     inputs = CacheInputs(windows("train"), windows("heldout"), labels, names, "tiny-corpus")
     for seed, name in enumerate(MODELS):
         m = ToyModel.model_validate({
-            "source": "toy", "seed": seed, "tokenizer": {"vocab_size": 300}, "train": {"seq_len": 32},
+            "source": "toy", "seed": seed, "tokenizer": {"vocab_size": 1000}, "train": {"seq_len": 32},
             "arch": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 32}})  # fmt: skip
         model = build_toy_model(m, tok).eval()
         mdir = data / "models" / name
@@ -81,7 +81,38 @@ def _build(root: Path) -> Path:
                      model_name=name, log_feature_density=ev.log10_feature_density,
                      metrics=ev.metrics)  # fmt: skip
     _align(data)
+    _steer(data)
     return data
+
+
+def _steer(data: Path) -> None:
+    """The steering stage's files for one concept of tiny-a, written by `write_concept`
+    from real results (vectors, layer sweep, NN decomposition at the dashboard SAE)."""
+    from stages.activations import ActivationStore
+    from stages.models import load_model
+    from stages.sae import load_sae
+    from stages.steering import compute_vectors, layer_sweep, toy_sets, write_concept
+    from stages.steering import decompose as D
+    from stages.steering.run import ConceptResult
+
+    model = load_model(data / "models" / "tiny-a")
+    store = ActivationStore(data / "activations" / "tiny-a")
+    s = toy_sets(seed=0, n_train=8, n_heldout=4, names=["emotion_polarity"])["emotion_polarity"]
+    hooks = [HOOK, "blocks.0.hook_mlp_out"]
+    vectors = compute_vectors(model, s.train_pairs, hooks)
+    sweep = layer_sweep(model, s, vectors, store.windows("heldout", 4),
+                        multipliers=(-2.0, 0.0, 2.0))  # fmt: skip
+    sae = load_sae(data / "saes" / "tiny-a" / HOOK / "topk-64-k4")
+    dec = D.nn_decompose(vectors[HOOK], sae.W_dec.detach(), max_features=6, n_candidates=32)
+    result = ConceptResult(
+        s.name, "tiny-a", vectors, {"concept": s.name, "model": "tiny-a"}, sweep,
+        {"generations": {"hook": HOOK, "prompts": ["Mia is"],
+                         "by_multiplier": {"-4.0": ["Mia is sad"], "0.0": ["Mia is"],
+                                           "4.0": ["Mia is glad"]}}},
+        {"hook": HOOK, "chosen_hook": sweep.best_hook, "sae_d": sae.d_sae,
+         "nn_decomposition": dec.to_dict()},
+    )  # fmt: skip
+    write_concept(result, data / "steering" / "tiny-a", data / "decomposition" / "tiny-a")
 
 
 def _align(data: Path) -> None:

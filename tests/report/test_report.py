@@ -39,8 +39,9 @@ class _Figures(HTMLParser):
 
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
-    # Pareto + density per model; alignment: a null histogram per SAE pair + 2 heatmaps
-    assert report.index.exists() and len(report.figures) == 4 + 1 + 2
+    # Pareto + density per model; steering: curves, layer sweep, decomposition;
+    # alignment: a null histogram per SAE pair + 2 heatmaps
+    assert report.index.exists() and len(report.figures) == 4 + 3 + 1 + 2
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -58,13 +59,43 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
     assert all(r.inputs[str(tiny_data / "saes" / "tiny-b")].endswith(".dir") for r in b_figs)
 
 
-def test_sections_that_did_not_run_say_so(tiny_report):
+def test_every_section_ran_and_nothing_is_external(tiny_report):
     report, _, _ = tiny_report
-    assert report.sections == {"sweep": True, "concepts": True, "steering": False,
+    assert report.sections == {"sweep": True, "concepts": True, "steering": True,
                                "alignment": True, "dashboards": True}  # fmt: skip
     html = report.index.read_text()
-    assert html.count("<b>Not run.</b>") == 1
+    assert "<b>Not run.</b>" not in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
+
+
+def test_sections_without_inputs_say_not_run(tiny_data, tmp_path):
+    from stages.report import ReportPaths, build_report
+
+    paths = ReportPaths.under(tiny_data)
+    paths = ReportPaths(paths.saes, paths.activations, paths.models, tmp_path / "no-steering",
+                        tmp_path / "no-decomposition", tmp_path / "no-alignment")  # fmt: skip
+    report = build_report(tmp_path / "reports", data=paths, models=["tiny-b"],
+                          dashboards={"n_most_active": 2, "concept_features": False})  # fmt: skip
+    assert report.sections["steering"] is False and report.sections["alignment"] is False
+    html = report.index.read_text()
+    assert html.count("<b>Not run.</b>") == 2 and str(tmp_path / "no-alignment") in html
+    assert list(report.dashboards) == [f"tiny-b/{HOOK}/topk-64-k4"]
+
+
+def test_steering_section_and_components(tiny_report, tiny_data):
+    report, key_a, _ = tiny_report
+    names = [f.name for f in report.figures if f.name.startswith("figures/steering/")]
+    assert [n.rsplit("__", 1)[-1] for n in names] == [
+        "steerability.png", "layer_sweep.png", "decomposition.png"]  # fmt: skip
+    dec = json.loads((tiny_data / "decomposition" / "tiny-a" / "emotion_polarity" /
+                      "decomposition.json").read_text())  # fmt: skip
+    nd = dec["nn_decomposition"]
+    top = max(zip(nd["coefficients"], nd["features"], strict=True))[1]
+    data = json.loads(report.dashboard_data[key_a].read_text())
+    why = data["selected"][str(top)]
+    assert any(r.startswith("steering component #1 of emotion_polarity") for r in why)
+    html = report.index.read_text()
+    assert f'topk-64-k4/feature-{top}.html">#{top}</a>' in html  # the summary links it
 
 
 def test_dashboards_and_partner_links(tiny_report):
