@@ -86,8 +86,8 @@ def downstream_effects(
         acts: dict[str, dict[str, Tensor]] = {"clean": {}, "steered": {}}
         for kind in ("clean", "steered"):
 
-            def grab(act: Tensor, hp, into=acts[kind]) -> None:
-                into[hp.name] = act[:, 1:].reshape(-1, act.shape[-1]).float()
+            def grab(act: Tensor, hook, into=acts[kind]) -> None:
+                into[hook.name] = act[:, 1:].reshape(-1, act.shape[-1]).float()
 
             fwd = ([(hook, steer_fn)] if kind == "steered" else []) + [(h, grab) for h in later]
             model.run_with_hooks(tok, fwd_hooks=fwd, stop_at_layer=stop)

@@ -18,6 +18,7 @@ right-padded batch, with the multiplier given per row to the steering hook.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -35,6 +36,7 @@ from stages.steering.vectors import pad_right, tokenize
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
+log = logging.getLogger(__name__)
 DEFAULT_MULTIPLIERS = (-8.0, -6.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0)
 
 
@@ -67,13 +69,16 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
         if not pw or not nw:
             raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r} has no "
                              "positive or no negative targets")  # fmt: skip
-        pi, ni = (
-            target_ids(model.tokenizer, pw, s.target_prefix),
-            target_ids(model.tokenizer, nw, s.target_prefix),
-        )
-        if set(pi) & set(ni):
-            raise ValueError(f"steering set '{s.name}': positive and negative targets share "
-                             f"first tokens {sorted(set(pi) & set(ni))}")  # fmt: skip
+        pi = target_ids(model.tokenizer, pw, s.target_prefix)
+        ni = target_ids(model.tokenizer, nw, s.target_prefix)
+        shared = set(pi) & set(ni)
+        if shared:  # a small vocabulary splits words; a shared first token says nothing
+            log.warning("steering set '%s': targets share first tokens %s; ignoring them",
+                        s.name, sorted(shared))  # fmt: skip
+            pi, ni = [t for t in pi if t not in shared], [t for t in ni if t not in shared]
+        if not pi or not ni:
+            raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r}: positive "
+                             "and negative targets have no distinct first tokens")  # fmt: skip
         pos[i, pi] = True
         neg[i, ni] = True
     return pos, neg
