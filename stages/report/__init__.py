@@ -20,6 +20,8 @@ extra_features, partners, dpi) -> Report`
   and the hashes of the inputs it was drawn from (paths as `data/saes/<model>`,
   `data/activations/<model>`, `data/models/<model>`, `data/steering/<model>`, ...); a
   hash not given is computed with `stages.io.content_hash`. Default: git commit only.
+  Inside `stage_run(...) as run`, `Provenance.from_run(run.run_id, params_hash)` takes
+  the run id, commit and the input hashes the run already logged (no second hashing).
 - `dashboard_saes`: SAE keys (`model/hook/sae`) or SAE names to build dashboards for;
   default one per (model, hook): the TopK SAE with the smallest k, plus every SAE the
   align stage matched (so partner links have pages to point at).

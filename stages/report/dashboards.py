@@ -116,8 +116,7 @@ def collect_feature_stats(
     sel = torch.as_tensor(np.asarray(selected, dtype=np.int64))
     k = max(1, min(k, n)) if n else 1
     counts = torch.zeros(d_sae, dtype=torch.int64)
-    max_act = torch.zeros(d_sae)
-    top_vals = torch.zeros(k, d_sae)
+    top_vals = torch.zeros(k, d_sae)  # descending per latent; 0 = empty slot
     top_rows = torch.zeros(k, d_sae, dtype=torch.int64)
     sel_acts = np.zeros((n, len(sel)), np.float32)
     tp = pos = None
@@ -130,26 +129,24 @@ def collect_feature_stats(
         stop = min(start + batch_rows, n)
         x = torch.from_numpy(np.asarray(source.read(start, stop), dtype=np.float32))
         f = sae.encode(x).float()
-        fired = f > 0
-        counts += fired.sum(0)
-        max_act = torch.maximum(max_act, f.max(0).values)
-        # running top-k per latent: merge the chunk's top-k into the kept top-k
-        kc = min(k, len(f))
-        cv, ci = torch.topk(f, kc, dim=0)
-        vals = torch.cat([top_vals, cv])
-        rows = torch.cat([top_rows, ci + start])
-        order = torch.topk(vals, k, dim=0).indices
-        top_vals, top_rows = vals.gather(0, order), rows.gather(0, order)
         if len(sel):
             sel_acts[start:stop] = f[:, sel].numpy()
-        if tp is not None:
-            lab = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.float64))
-            tp += lab.T @ fired.double()
-            pos += lab.sum(0)
+        fired = f > 0
+        rows, cols = torch.nonzero(fired, as_tuple=True)
+        counts += torch.bincount(cols, minlength=d_sae)
+        if tp is not None:  # float32 is exact for counts within a chunk
+            lab = torch.from_numpy(np.asarray(labels[start:stop], dtype=np.float32))
+            tp += (lab.T @ fired.float()).double()
+            pos += lab.sum(0).double()
+        # running top-k: only activations above a latent's current k-th best can enter
+        vals = f[rows, cols]
+        enter = vals > top_vals[k - 1, cols]
+        if enter.any():
+            _merge_top_k(top_vals, top_rows, cols[enter], vals[enter], rows[enter] + start)
     return FeatureStats(
         n_rows=n,
         fire_counts=counts.numpy(),
-        max_act=max_act.numpy(),
+        max_act=top_vals[0].numpy(),
         top_vals=top_vals.numpy(),
         top_rows=top_rows.numpy(),
         concept_tp=None if tp is None else tp.numpy(),
@@ -157,6 +154,28 @@ def collect_feature_stats(
         selected=sel.numpy(),
         selected_acts=sel_acts,
     )
+
+
+def _merge_top_k(top_vals, top_rows, cols, vals, rows) -> None:
+    """Merge new (latent, value, row) triples into the dense top-k [k, d_sae] in place;
+    order per latent: value descending, then row ascending (as a stable sort of rows)."""
+    k = top_vals.shape[0]
+    touched = torch.unique(cols)
+    old_v, old_r = top_vals[:, touched], top_rows[:, touched]
+    c = np.concatenate([touched.expand(k, -1).reshape(-1).numpy(), cols.numpy()])
+    v = np.concatenate([old_v.reshape(-1).numpy(), vals.numpy()])
+    r = np.concatenate([old_r.reshape(-1).numpy(), rows.numpy()])
+    live = v > 0
+    c, v, r = c[live], v[live], r[live]
+    order = np.lexsort((r, -v, c))
+    c, v, r = c[order], v[order], r[order]
+    first = np.searchsorted(c, c, side="left")  # start of each latent's run
+    rank = np.arange(len(c)) - first
+    keep = rank < k
+    top_vals[:, touched] = 0
+    top_rows[:, touched] = 0
+    top_vals[rank[keep], c[keep]] = torch.from_numpy(v[keep])
+    top_rows[rank[keep], c[keep]] = torch.from_numpy(r[keep])
 
 
 def top_activations(acts: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -51,6 +51,17 @@ class Provenance:
             inputs={_key(k): str(v) for k, v in (value.get("inputs") or {}).items()},
         )
 
+    @classmethod
+    def from_run(cls, run_id: str, params_hash: str = "none") -> Provenance:
+        """Provenance of a live MLflow stage run (`stages.tracking.stage_run`): its id,
+        git commit and the input hashes it logged (`input.<name>` / `input_path.<name>`),
+        so the report does not hash its inputs a second time."""
+        from stages.tracking import provenance
+
+        p = provenance(run_id)
+        inputs = {v["path"]: v["hash"] for v in p["inputs"].values() if v.get("path")}
+        return cls(run_id, p.get("git_commit") or "unknown", params_hash, inputs)
+
     def hash_of(self, path: str | Path) -> str:
         """Content hash of an input: the caller's value if given, else computed (memoised)."""
         key = _key(path)

@@ -203,3 +203,20 @@ def test_features_cli(tiny_report, tiny_data, capsys):
     assert f"{tiny_data / 'models' / 'nope'}: missing" in capsys.readouterr().err
     assert main(["x", "--model", "tiny-a", *args, "--sae", "zz"]) == 2
     assert "no SAE there" in capsys.readouterr().err
+
+
+def test_provenance_from_a_run_reuses_its_input_hashes(monkeypatch, tmp_path):
+    import stages.tracking
+    from stages.report import Provenance
+
+    logged = {"run_id": "r9", "git_commit": "abc-dirty",
+              "inputs": {"saes": {"hash": "h1.dir", "path": "data/saes/toy-a"}}}  # fmt: skip
+    monkeypatch.setattr(stages.tracking, "provenance", lambda run_id: logged)
+    p = Provenance.from_run("r9", params_hash="ph")
+    assert (p.run_id, p.git_commit, p.params_hash) == ("r9", "abc-dirty", "ph")
+    assert p.hash_of("data/saes/toy-a") == "h1.dir"  # not recomputed (the path does not exist)
+    assert p.hash_of(tmp_path / "nothing") == "missing"
+    (tmp_path / "f.txt").write_text("x")
+    assert p.hash_of(tmp_path / "f.txt") == "9dd4e461268c8034f5c8564e155c67a6"  # md5("x")
+    line = p.caption_line(["data/saes/toy-a"])
+    assert line == "MLflow run r9 · git abc-dirty · params ph · inputs: data/saes/toy-a (h1.dir)"
