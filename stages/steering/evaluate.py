@@ -29,7 +29,7 @@ from torch import Tensor
 from stages.activations import check_hooks
 from stages.sae.evaluate import ce_full
 from stages.sae.metrics import kl_divergence
-from stages.steering.apply import Positions, steering_hooks
+from stages.steering.apply import Positions, position_mask, steer, steering_hooks
 from stages.steering.prompts import SteeringSet, target_ids
 from stages.steering.vectors import pad_right, tokenize
 
@@ -56,6 +56,20 @@ def slope(x: Tensor, y: Tensor) -> Tensor:
     return ((y.double() - y.double().mean(-1, keepdim=True)) * xc).sum(-1) / (xc * xc).sum()
 
 
+def _target_pair(model, s: SteeringSet, ep, pw: list[str], nw: list[str]):
+    pi = target_ids(model.tokenizer, pw, s.target_prefix)
+    ni = target_ids(model.tokenizer, nw, s.target_prefix)
+    shared = set(pi) & set(ni)
+    if shared:  # a small vocabulary splits words; a shared first token says nothing
+        log.warning("steering set '%s': targets share first tokens %s; ignoring them",
+                    s.name, sorted(shared))  # fmt: skip
+        pi, ni = [t for t in pi if t not in shared], [t for t in ni if t not in shared]
+    if not pi or not ni:
+        raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r}: positive "
+                         "and negative targets have no distinct first tokens")  # fmt: skip
+    return pi, ni
+
+
 def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tensor]:
     """Bool [n_eval, V] masks of each eval prompt's positive and negative target tokens."""
     if not s.eval_prompts:
@@ -64,21 +78,16 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
     v = model.cfg.d_vocab
     pos = torch.zeros(len(s.eval_prompts), v, dtype=torch.bool)
     neg = torch.zeros_like(pos)
+    cache: dict[tuple, tuple[list[int], list[int]]] = {}
     for i, ep in enumerate(s.eval_prompts):
         pw, nw = s.targets_for(ep)
         if not pw or not nw:
             raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r} has no "
                              "positive or no negative targets")  # fmt: skip
-        pi = target_ids(model.tokenizer, pw, s.target_prefix)
-        ni = target_ids(model.tokenizer, nw, s.target_prefix)
-        shared = set(pi) & set(ni)
-        if shared:  # a small vocabulary splits words; a shared first token says nothing
-            log.warning("steering set '%s': targets share first tokens %s; ignoring them",
-                        s.name, sorted(shared))  # fmt: skip
-            pi, ni = [t for t in pi if t not in shared], [t for t in ni if t not in shared]
-        if not pi or not ni:
-            raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r}: positive "
-                             "and negative targets have no distinct first tokens")  # fmt: skip
+        key = (tuple(pw), tuple(nw))
+        if key not in cache:  # most prompts share the set's targets: tokenise once
+            cache[key] = _target_pair(model, s, ep, pw, nw)
+        pi, ni = cache[key]
         pos[i, pi] = True
         neg[i, ni] = True
     return pos, neg
@@ -106,21 +115,23 @@ def metric_grid(
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     out = torch.empty(n, k, dtype=torch.float64)
     mults = torch.tensor(list(multipliers), dtype=torch.float32)
-    for b0 in range(0, len(rows), batch_size):
-        chunk = rows[b0 : b0 + batch_size]
-        tokens, lens = pad_right([seqs[i] for i, _ in chunk], pad)
-        last = lens - 1
-        if hook is None or vector is None:
+    steered = hook is not None and vector is not None
+    state: dict[str, Tensor] = {}
+
+    def fn(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - one hook for all batches
+        mask = position_mask(act.shape[:2], positions, state["last"])
+        return steer(act, vector, state["mult"], mask, mode)
+
+    with model.hooks(fwd_hooks=[(hook, fn)] if steered else []):
+        for b0 in range(0, len(rows), batch_size):
+            chunk = rows[b0 : b0 + batch_size]
+            pi = torch.tensor([i for i, _ in chunk])
+            pj = torch.tensor([j for _, j in chunk])
+            tokens, lens = pad_right([seqs[i] for i in pi.tolist()], pad)
+            state["last"], state["mult"] = lens - 1, mults[pj]
             logits = model(tokens)
-        else:
-            m = mults[[j for _, j in chunk]]
-            fwd = steering_hooks(hook, vector, m, positions, mode, last_index=last)
-            logits = model.run_with_hooks(tokens, fwd_hooks=fwd)
-        at_last = logits[torch.arange(len(chunk)), last]
-        pi = torch.tensor([i for i, _ in chunk])
-        metric = behaviour_metric(at_last, pos_mask[pi], neg_mask[pi])
-        for r, (i, j) in enumerate(chunk):
-            out[i, j] = metric[r]
+            at_last = logits[torch.arange(len(chunk)), lens - 1]
+            out[pi, pj] = behaviour_metric(at_last, pos_mask[pi], neg_mask[pi])
     return out
 
 

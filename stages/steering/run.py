@@ -63,6 +63,7 @@ class ConceptConfig:
     gt_rows: int = 65536  # held-out store rows for ground-truth latents
     probe_rows: int = 65536
     targeted_k: int = 5
+    n_random: int = 4  # random vectors (seeds) of the same norm, averaged
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
@@ -239,7 +240,7 @@ def run_concept(
                                               top_n=cfg.top_n).to_dict()
                         for h in hooks}  # fmt: skip
     # ---- targeted vs raw vs random
-    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed)
+    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, cfg.n_random)
     dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
                       "vectors": compare_vectors(model, s, dh, tv, cfg.multipliers, tokens,
                                                  cfg.kl_multiplier, positions=cfg.positions,

@@ -5,7 +5,8 @@ vector of the same norm.
 With the non-negative decomposition v ≈ Σ_i c_i W_dec[i] (`decompose.nn_decompose`):
 - `topk`:         Σ_{i ∈ top-k} c_i W_dec[i]  (only the k largest coefficients)
 - `off_ablated`:  v − Σ_{i ∉ top-k} c_i W_dec[i]  (v minus what its other features add)
-- `random`:       a seeded Gaussian direction scaled to ‖v‖
+- `random`:       seeded Gaussian directions scaled to ‖v‖; `compare_vectors` averages
+                  every metric over the `random*` entries (n_random seeds) into `random`
 """
 
 from __future__ import annotations
@@ -31,15 +32,16 @@ def random_like(v: Tensor, seed: int = 0) -> Tensor:
 
 
 def targeted_vectors(v: Tensor, W_dec: Tensor, dec: Decomposition, k: int,
-                     seed: int = 0) -> dict[str, Tensor]:  # fmt: skip
+                     seed: int = 0, n_random: int = 1) -> dict[str, Tensor]:  # fmt: skip
     top = dec.top(k)
     off = [f for f in dec.features if f not in set(top)]
     return {
         "raw": v.float(),
         f"top{k}": dec.reconstruct(W_dec, top),
         f"off_ablated{k}": (v.double() - dec.reconstruct(W_dec, off).double()).float(),
-        "random": random_like(v, seed),
-    }
+        **({"random": random_like(v, seed)} if n_random == 1 else
+           {f"random{i}": random_like(v, seed + i) for i in range(n_random)}),
+    }  # fmt: skip
 
 
 def compare_vectors(model: HookedTransformer, s: SteeringSet, hook: str,
@@ -58,4 +60,11 @@ def compare_vectors(model: HookedTransformer, s: SteeringSet, hook: str,
         out[name] = {"slope": st.slope, "wrong_way_fraction": st.wrong_way_fraction,
                      "kl": se.kl, "ce_rise": se.ce_rise, "norm": float(vec.norm()),
                      "cos_to_raw": cos, "mean_metric": st.mean_metric}  # fmt: skip
+    rand = [k for k in out if k.startswith("random") and k != "random"]
+    if rand:  # several seeds: their mean under "random", the spread beside it
+        keys = ("slope", "wrong_way_fraction", "kl", "ce_rise", "norm", "cos_to_raw")
+        out["random"] = {k: sum(out[r][k] for r in rand) / len(rand) for k in keys}
+        out["random"]["slopes"] = [out[r]["slope"] for r in rand]
+        for r in rand:
+            del out[r]
     return out
