@@ -149,20 +149,6 @@ def build_report(
     saes = discover_saes(paths.saes, list(models) if models is not None else None)
     chosen = _pick(saes, dashboard_saes, alignment_section.aligned_sae_keys(paths.alignment))
 
-    # which latents to dashboard: most active + concept latents (plan_features), what the
-    # caller and the steering section ask for, the best aligned pairs, and then one hop:
-    # the matched partner of every latent picked so far, so each partner link has a page
-    extras: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
-
-    def want(key: str, f: int, why: str) -> None:
-        if why not in extras[key][int(f)]:
-            extras[key][int(f)].append(why)
-
-    for key, feats in (extra_features or {}).items():
-        for f, why in feats.items():
-            for w in [why] if isinstance(why, str) else why:
-                want(key, f, w)
-
     def resolve(model: str, hook: str, d_sae: int | None, name: str | None) -> str | None:
         """The SAE a steering decomposition used: named, else the one dashboard SAE of
         that model and hook (with the right width)."""
@@ -172,35 +158,7 @@ def build_report(
                  and (d_sae is None or s.d_sae == d_sae)]  # fmt: skip
         return cands[0].key if len(cands) == 1 else None
 
-    for key, feats in steering_section.wanted_features(
-        paths.steering, paths.decomposition, resolve
-    ).items():
-        for f, why in feats.items():
-            for w in why:
-                want(key, f, w)
-    every, top = alignment_section.partner_pairs(paths.alignment)
-    given = list(partners or [])
-    links: dict[str, dict[int, list[Partner]]] = defaultdict(lambda: defaultdict(list))
-    partner_of: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
-    for ka, fa, kb, fb, score in every + given:
-        ma, ha, sa = ka.split("/", 2)
-        mb, hb, sb = kb.split("/", 2)
-        links[ka][int(fa)].append(Partner(mb, hb, sb, int(fb), score))
-        links[kb][int(fb)].append(Partner(ma, ha, sa, int(fa), score))
-        partner_of[(ka, int(fa))].append((kb, int(fb)))
-        partner_of[(kb, int(fb))].append((ka, int(fa)))
-    for ka, fa, kb, fb, score in top + given:
-        r = f" (r = {score:.2f})" if score is not None else ""
-        want(ka, fa, f"aligned with {kb} #{fb}{r}")
-        want(kb, fb, f"aligned with {ka} #{fa}{r}")
-    from stages.report.dashboards import plan_features
-
-    plans = {s.key: plan_features(s.path, cfg, extras.get(s.key)) for s in chosen}
-    for key, plan in list(plans.items()):
-        for f in list(plan):
-            for pk, pf in partner_of.get((key, f), []):
-                if pk in plans and pf not in plans[pk]:
-                    plans[pk][pf] = [f"matched partner of {key} #{f}"]
+    plans, links = _plan_features(chosen, cfg, paths, extra_features, partners, resolve)
 
     with atomic_dir(out) as tmp:
         ctx = ReportContext(tmp, prov, dpi=dpi)
@@ -283,6 +241,62 @@ def build_report(
     log.info("report: %s (%d figures, %d dashboard sets) in %.1f s", report.index,
              len(figures), len(computed), seconds["total"])  # fmt: skip
     return report
+
+
+def _plan_features(
+    chosen: list[SAERef],
+    cfg: DashboardConfig,
+    paths: ReportPaths,
+    extra_features: Mapping[str, Mapping[int, Sequence[str] | str]] | None,
+    partners: Iterable[PartnerPair] | None,
+    resolve: steering_section.Resolver,
+) -> tuple[dict[str, dict[int, list[str]]], dict[str, dict[int, list[Partner]]]]:
+    """Which latents of each chosen SAE get a dashboard, and why; and every latent's
+    matched partners.
+
+    Picked: the most active and the concept latents (`plan_features`), what the caller
+    and the steering section ask for, the best-matched aligned pairs, then one hop: the
+    matched partner of every latent picked so far, so that each partner link has a page.
+    """
+    from stages.report.dashboards import plan_features
+
+    extras: dict[str, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
+
+    def want(key: str, f: int, why: str) -> None:
+        if why not in extras[key][int(f)]:
+            extras[key][int(f)].append(why)
+
+    for key, feats in (extra_features or {}).items():
+        for f, why in feats.items():
+            for w in [why] if isinstance(why, str) else why:
+                want(key, f, w)
+    steering = steering_section.wanted_features(paths.steering, paths.decomposition, resolve)
+    for key, feats in steering.items():
+        for f, why in feats.items():
+            for w in why:
+                want(key, f, w)
+    every, top = alignment_section.partner_pairs(paths.alignment)
+    given = list(partners or [])
+    links: dict[str, dict[int, list[Partner]]] = defaultdict(lambda: defaultdict(list))
+    partner_of: dict[tuple[str, int], list[tuple[str, int]]] = defaultdict(list)
+    for ka, fa, kb, fb, score in every + given:
+        ma, ha, sa = ka.split("/", 2)
+        mb, hb, sb = kb.split("/", 2)
+        links[ka][int(fa)].append(Partner(mb, hb, sb, int(fb), score))
+        links[kb][int(fb)].append(Partner(ma, ha, sa, int(fa), score))
+        partner_of[(ka, int(fa))].append((kb, int(fb)))
+        partner_of[(kb, int(fb))].append((ka, int(fa)))
+    for ka, fa, kb, fb, score in top + given:
+        r = f" (r = {score:.2f})" if score is not None else ""
+        want(ka, fa, f"aligned with {kb} #{fb}{r}")
+        want(kb, fb, f"aligned with {ka} #{fa}{r}")
+    plans = {s.key: plan_features(s.path, cfg, extras.get(s.key)) for s in chosen}
+    picked = [(key, f) for key, plan in plans.items() for f in plan]  # before the hop
+    for key, f in picked:
+        for pk, pf in partner_of.get((key, f), []):
+            if pk in plans and pf not in plans[pk]:
+                plans[pk][pf] = [f"matched partner of {key} #{f}"]
+    return plans, links
 
 
 def _not_run(id_: str, title: str, path: Path) -> Section:
