@@ -16,7 +16,8 @@ Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
 
 - `align_pair(store_a, store_b, saes_a, saes_b, cfg, *, best_latents_a, best_latents_b,
   progress) -> AlignmentResult`: token alignment, one streaming pass, matching and
-  scores (`pipeline.py`; every knob is a field of `AlignConfig`, with defaults);
+  scores (`pipeline.py`; every knob is a field of `AlignConfig`, with defaults;
+  `AlignConfig.from_params(mapping)` builds it from a params.yaml section);
   `AlignmentResult.scores` is the flat dict of headline numbers.
 - `write_alignment(result, out_dir) -> Path` and `figures(result) -> dict[str, Figure]`
   (`outputs.py`, which documents the files).
