@@ -86,32 +86,22 @@ def _build(root: Path) -> Path:
 
 
 def _steer(data: Path) -> None:
-    """The steering stage's files for one concept of tiny-a, written by `write_concept`
-    from real results (vectors, layer sweep, NN decomposition at the dashboard SAE)."""
+    """The steering stage's files for one concept of tiny-a (`run_concept` +
+    `write_concept`), decomposed into tiny-a's smallest TopK SAE."""
     from stages.activations import ActivationStore
     from stages.models import load_model
     from stages.sae import load_sae
-    from stages.steering import compute_vectors, layer_sweep, toy_sets, write_concept
-    from stages.steering import decompose as D
-    from stages.steering.run import ConceptResult
+    from stages.steering import ConceptConfig, run_concept, toy_sets, write_concept
 
     model = load_model(data / "models" / "tiny-a")
-    store = ActivationStore(data / "activations" / "tiny-a")
     s = toy_sets(seed=0, n_train=8, n_heldout=4, names=["emotion_polarity"])["emotion_polarity"]
-    hooks = [HOOK, "blocks.0.hook_mlp_out"]
-    vectors = compute_vectors(model, s.train_pairs, hooks)
-    sweep = layer_sweep(model, s, vectors, store.windows("heldout", 4),
-                        multipliers=(-2.0, 0.0, 2.0))  # fmt: skip
-    sae = load_sae(data / "saes" / "tiny-a" / HOOK / "topk-64-k4")
-    dec = D.nn_decompose(vectors[HOOK], sae.W_dec.detach(), max_features=6, n_candidates=32)
-    result = ConceptResult(
-        s.name, "tiny-a", vectors, {"concept": s.name, "model": "tiny-a"}, sweep,
-        {"generations": {"hook": HOOK, "prompts": ["Mia is"],
-                         "by_multiplier": {"-4.0": ["Mia is sad"], "0.0": ["Mia is"],
-                                           "4.0": ["Mia is glad"]}}},
-        {"hook": HOOK, "chosen_hook": sweep.best_hook, "sae_d": sae.d_sae,
-         "nn_decomposition": dec.to_dict()},
-    )  # fmt: skip
+    saes = {HOOK: load_sae(data / "saes" / "tiny-a" / HOOK / "topk-64-k4")}
+    cfg = ConceptConfig(multipliers=(-2.0, 0.0, 2.0), n_windows=4, max_features=6,
+                        n_candidates=32, n_generations=1, max_new_tokens=3, gt_rows=2000,
+                        probe_rows=2000, batch_size=16)  # fmt: skip
+    result = run_concept(model, s, ["blocks.0.hook_mlp_out", HOOK], saes,
+                         ActivationStore(data / "activations" / "tiny-a"), cfg,
+                         model_name="tiny-a")  # fmt: skip
     write_concept(result, data / "steering" / "tiny-a", data / "decomposition" / "tiny-a")
 
 

@@ -39,9 +39,9 @@ class _Figures(HTMLParser):
 
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
-    # Pareto + density per model; steering: curves, layer sweep, decomposition;
-    # alignment: a null histogram per SAE pair + 2 heatmaps
-    assert report.index.exists() and len(report.figures) == 4 + 3 + 1 + 2
+    # Pareto + density per model; steering: curves, layer sweep, decomposition,
+    # downstream, targeted; alignment: a null histogram per SAE pair + 2 heatmaps
+    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -86,7 +86,8 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     report, key_a, _ = tiny_report
     names = [f.name for f in report.figures if f.name.startswith("figures/steering/")]
     assert [n.rsplit("__", 1)[-1] for n in names] == [
-        "steerability.png", "layer_sweep.png", "decomposition.png"]  # fmt: skip
+        "steerability.png", "layer_sweep.png", "decomposition.png", "downstream.png",
+        "targeted.png"]  # fmt: skip
     dec = json.loads((tiny_data / "decomposition" / "tiny-a" / "emotion_polarity" /
                       "decomposition.json").read_text())  # fmt: skip
     nd = dec["nn_decomposition"]
