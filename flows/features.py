@@ -6,9 +6,9 @@
 Loads the model (`data/models/<model>`), the SAE (`data/saes/<model>/<hook>/<sae>`) and
 its dashboard data (`reports/dashboards/<model>/<hook>/<sae>/dashboard_data.json`, for
 the descriptions), runs the text up to the hook and prints a table. Without `--sae` it
-takes the SAE the report built dashboards for (or, with no report, the sweep's TopK
-SAE with the smallest k). A plain CLI, no Prefect: `stages.report.features_of_text` is
-the same thing from Python.
+takes the report's default dashboard SAE (the TopK SAE with the smallest k), or else
+another SAE the report built dashboards for. A plain CLI, no Prefect;
+`stages.report.features_of_text` is the same thing from Python.
 """
 
 from __future__ import annotations
@@ -36,17 +36,18 @@ def resolve_sae(data: Path, reports: Path, model: str, hook: str, sae: str | Non
                 f"{folder}: no SAE there; SAEs at this hook: {', '.join(names)}"
             )
         return folder
-    dash = reports / "dashboards" / model / hook
-    built = sorted(p.parent.name for p in dash.glob("*/dashboard_data.json"))
-    if built:
-        return hook_dir / built[0]
     from stages.report import default_dashboard_saes
     from stages.report.sweep import discover_saes
 
     refs = [s for s in discover_saes(data / "saes", [model]) if s.hook == hook]
     if not refs:
         raise FileNotFoundError(f"{hook_dir}: holds no SAE folder (cfg.json)")
-    return default_dashboard_saes(refs)[0].path
+    default = default_dashboard_saes(refs)[0].path
+    dash = reports / "dashboards" / model / hook
+    built = sorted(p.parent.name for p in dash.glob("*/dashboard_data.json"))
+    if default.name in built or not built:
+        return default
+    return hook_dir / built[0]
 
 
 def main(argv: list[str] | None = None) -> int:
