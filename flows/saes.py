@@ -2,8 +2,8 @@
 
     python -m flows.saes toy-a
 
-For each hook in `saes.sweep.<model>.hooks`, every SAE in the sweep is trained in one
-shared pass over the cached training rows (resumable from `data/saes/<model>.partial/`),
+For each hook named in `saes.sweep.<model>` (one {hooks, saes} group or a list of them),
+the SAEs planned for that hook are trained in one shared pass over the cached training rows (resumable from `data/saes/<model>.partial/`),
 evaluated on held-out rows only (reconstruction, CE loss recovered / KL with the SAE
 spliced into the model, the Gurnee perturbation ratio, concept ground truth), and
 saved in SAELens format to `data/saes/<model>/<hook>/<sae>/`. One MLflow child run per
@@ -93,24 +93,23 @@ def _pareto_figure(rows: list[dict], model: str):
 def saes_flow(name: str) -> dict:
     from stages.activations import ActivationStore
     from stages.models import load_model
-    from stages.sae import parse_sae_config, save_sae
+    from stages.sae import save_sae
 
     params = load_params()
     if params.saes is None or name not in params.saes.sweep:
         raise KeyError(f"params.yaml: saes.sweep.{name} is missing, expected the model's SAE sweep")
-    sweep, sp = params.saes.sweep[name], params.saes
+    sp, plan = params.saes, params.sae_plan(name)
     store_dir, model_dir = Path("data/activations") / name, Path("data/models") / name
     out, partial = Path("data/saes") / name, Path("data/saes") / f"{name}.partial"
-    logged = {**flatten(sweep, f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
+    logged = {**flatten(sp.sweep[name], f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
     with stage_run(f"saes@{name}", logged, {"activations": store_dir, "model": model_dir}) as run:
         store = ActivationStore(store_dir)
         model = load_model(model_dir)
-        configs = [parse_sae_config(raw) for raw in sweep.saes]
         rows, metrics = [], {}
-        partial.mkdir(parents=True, exist_ok=True)
         with atomic_dir(out) as tmp:
-            for hook in sweep.hooks:
+            for hook, configs in plan.items():
                 source = store.source(hook, "train")
+                _discard_stale_checkpoints(partial / hook, store_dir, model_dir, configs)
                 results = train(quote(source), configs, partial / hook, sp.checkpoint_every)
                 for r in results:
                     ev = evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
@@ -136,34 +135,43 @@ def saes_flow(name: str) -> dict:
     return metrics
 
 
+def _discard_stale_checkpoints(ckpt: Path, store_dir: Path, model_dir: Path, configs) -> None:
+    """Resume only what this very data and sweep started: checkpoints left by an
+    interrupted run on other activations (or another sweep) are removed, not trusted."""
+    from stages.io import content_hash, read_json
+
+    fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir),
+          "saes": [c.model_dump(mode="json") for c in configs]}  # fmt: skip
+    mark = ckpt / "fingerprint.json"
+    if ckpt.exists() and (not mark.exists() or read_json(mark) != fp):
+        print(f"saes: discarding checkpoints in {ckpt} (written for other data or SAE configs)")
+        shutil.rmtree(ckpt)
+    if not ckpt.exists():
+        ckpt.mkdir(parents=True)
+        write_json(mark, fp)
+    else:
+        print(f"saes: resuming from checkpoints in {ckpt}")
+
+
 def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:
     """One MLflow child run per SAE (under the stage's run): config, metrics, density plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from mlflow import MlflowClient
 
-    client = MlflowClient()
-    exp = client.get_run(stage.run_id).info.experiment_id
-    child = client.create_run(exp, run_name=f"{model}/{hook}/{r.name}",
-                              tags={"mlflow.parentRunId": stage.run_id, "atlas.kind": "sae",
-                                    "sae.hook": hook, "sae.model": model})  # fmt: skip
-    cid = child.info.run_id
-    for k, v in flatten(r.config, "sae.").items():
-        client.log_param(cid, k, str(v)[:6000])
-    for k, v in flat.items():
-        client.log_metric(cid, k, float(v))
-    fig, ax = plt.subplots(figsize=(5, 3))
-    dens = ev.log10_feature_density.float().numpy()
-    ax.hist(dens[dens > -10], bins=50)
-    ax.set_xlabel("log10 feature density (held-out)")
-    ax.set_ylabel("latents")
-    ax.set_title(f"{r.name} @ {hook}")
-    fig.tight_layout()
-    client.log_figure(cid, fig, "feature_density.png")
-    plt.close(fig)
-    client.set_terminated(cid)
+    tags = {"atlas.kind": "sae", "sae.hook": hook, "sae.model": model}
+    with stage.child(f"{model}/{hook}/{r.name}", flatten(r.config, "sae."), tags) as child:
+        child.metrics(flat)
+        fig, ax = plt.subplots(figsize=(5, 3))
+        dens = ev.log10_feature_density.float().numpy()
+        ax.hist(dens[dens > -10], bins=50)
+        ax.set_xlabel("log10 feature density (held-out)")
+        ax.set_ylabel("latents")
+        ax.set_title(f"{r.name} @ {hook}")
+        fig.tight_layout()
+        child.figure(fig, "feature_density.png")
+        plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -223,7 +223,7 @@ class SAEEval(_Strict):
 
 
 class SAESweep(_Strict):
-    """Per model: which cached hooks get SAEs, and the SAEs (each trained on every hook).
+    """A group of a model's sweep: cached hooks x SAEs (each SAE is trained on every hook).
 
     Each SAE entry is one flat mapping validated by its architecture's config class in
     `stages/sae/` (`architecture`, `name`, `expansion_factor` or `d_sae`, `k`, ...).
@@ -236,7 +236,73 @@ class SAESweep(_Strict):
 class SAEParams(_Strict):
     eval: SAEEval = SAEEval()
     checkpoint_every: PosInt = 200  # optimizer steps between resumable checkpoints
-    sweep: dict[str, SAESweep]
+    # per model: one {hooks, saes} group, or a list of groups (e.g. the full architecture
+    # sweep on one hook and a single SAE on every other hook)
+    sweep: dict[str, SAESweep | list[SAESweep]]
+
+    def groups(self, model: str) -> list[SAESweep]:
+        s = self.sweep[model]
+        return s if isinstance(s, list) else [s]
+
+
+# ---------------------------------------------------------------------------- steering
+
+TOY_STEERING_SETS = ("emotion_polarity", "mammal_vs_bird", "past_vs_present")
+
+
+class ToySteeringSets(_Strict):
+    """Contrastive sets generated from the embedded corpus's grammar."""
+
+    seed: int = 0
+    n_train: PosInt = 64  # training pairs per set (the vector is built from these)
+    n_heldout: PosInt = 32  # held-out pairs / eval prompts per set
+
+
+class SteeringConfig(_Strict):
+    """Shared knobs of the per-concept analysis (`stages.steering.ConceptConfig`)."""
+
+    method: Literal["mean_diff", "pca"] = "mean_diff"
+    multipliers: list[float] = [-8.0, -6.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.0]
+    positions: Literal["last", "all"] = "last"  # where eval prompts are steered
+    side_positions: Literal["last", "all"] = "all"  # where neutral text is steered (KL, CE)
+    kl_multiplier: PosFloat = 4.0  # side effects measured at this multiplier
+    kl_budget: PosFloat = 0.5  # nats/token: the layer sweep picks the best layer within it
+    n_windows: PosInt = 32  # held-out corpus windows for side effects and downstream effects
+    batch_size: PosInt = 64
+    max_features: PosInt = 32  # non-negative OMP steps (the error curve's length)
+    targeted_k: PosInt = 5  # features kept by the feature-targeted vector
+    gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
+    n_generations: NonNegInt = 3
+    max_new_tokens: PosInt = 10
+    generation_multiplier: PosFloat = 4.0
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _symmetric(self) -> SteeringConfig:
+        m = sorted(self.multipliers)
+        if len(m) < 3 or m != sorted(-x for x in m) or 0.0 not in m:
+            raise ValueError(
+                f"steering.config.multipliers = {self.multipliers}: expected a symmetric "
+                "range around 0 that includes 0 (steerability is a slope over it)"
+            )
+        return self
+
+
+class ModelSteering(_Strict):
+    """Per model: the sets to build vectors for, the hooks to sweep, the SAE per hook."""
+
+    # a name from the generated toy sets, or a JSONL file (data/prompts/README.md)
+    sets: list[str]
+    hooks: list[str]  # steering layers: vectors at each, the layer sweep picks one
+    # hook -> SAE folder name under data/saes/<model>/<hook>/: decomposition at the chosen
+    # hook, downstream effects at every later one
+    saes: dict[str, str] = {}
+
+
+class SteeringParams(_Strict):
+    toy_sets: ToySteeringSets = ToySteeringSets()
+    config: SteeringConfig = SteeringConfig()
+    models: dict[str, ModelSteering]
 
 
 # ---------------------------------------------------------------------------- root
@@ -247,6 +313,7 @@ class Params(_Strict):
     models: dict[str, ModelParams]
     activations: ActivationParams
     saes: SAEParams | None = None
+    steering: SteeringParams | None = None
 
     @model_validator(mode="after")
     def _models_consistent(self) -> Params:
@@ -279,6 +346,8 @@ class Params(_Strict):
                 )
         if self.saes is not None:
             self._check_saes(self.saes)
+        if self.steering is not None:
+            self._check_steering(self.steering)
         for name in self.activations.hooks:
             if name not in self.models:
                 raise _KeyError(
@@ -288,39 +357,100 @@ class Params(_Strict):
         return self
 
     def _check_saes(self, saes: SAEParams) -> None:
-        from stages.sae import parse_sae_config
 
         for name in self.models:
             if name not in saes.sweep:
                 raise _KeyError(
                     ("saes", "sweep", name), None, f"expected an entry for model '{name}'"
                 )
-        for name, sweep in saes.sweep.items():
-            loc = ("saes", "sweep", name)
+        for name in saes.sweep:
             if name not in self.models:
+                raise _KeyError(("saes", "sweep", name), name,
+                                f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+            for g, sweep in enumerate(saes.groups(name)):
+                loc = ("saes", "sweep", name) + ((g,) if isinstance(saes.sweep[name], list) else ())
+                self._check_sae_group(name, sweep, loc)
+        for name in saes.sweep:  # SAE names are folder names: unique per (model, hook)
+            for hook, cfgs in self.sae_plan(name).items():
+                names = [c.display_name for c in cfgs]
+                dup = next((n for n in names if names.count(n) > 1), None)
+                if dup:
+                    raise _KeyError(("saes", "sweep", name), dup,
+                                    f"expected a unique SAE name per hook ({hook})")  # fmt: skip
+
+    def _check_sae_group(self, name: str, sweep: SAESweep, loc: tuple) -> None:
+        from stages.sae import parse_sae_config
+
+        cached = self.activations.hooks.get(name, [])
+        if not sweep.hooks:
+            raise _KeyError((*loc, "hooks"), [], "expected at least one hook")
+        for i, hook in enumerate(sweep.hooks):
+            if hook not in cached:
                 raise _KeyError(
-                    loc, name, f"expected a model listed under models ({', '.join(self.models)})"
+                    (*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}"
                 )
+        for i, raw in enumerate(sweep.saes):
+            try:
+                parse_sae_config(raw)
+            except ValidationError as err:
+                e = err.errors()[0]
+                raise _KeyError((*loc, "saes", i, *e["loc"]), e.get("input"),
+                                e["msg"].removeprefix("Value error, ")) from None  # fmt: skip
+            except ValueError as err:
+                raise _KeyError((*loc, "saes", i), raw.get("architecture"), str(err)) from None
+
+    def _check_steering(self, st: SteeringParams) -> None:
+        for name, ms in st.models.items():
+            loc = ("steering", "models", name)
+            if name not in self.models:
+                raise _KeyError(loc, name,
+                                f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+            if not ms.sets:
+                raise _KeyError((*loc, "sets"), [], "expected at least one contrastive set")
+            for i, s in enumerate(ms.sets):
+                if s not in TOY_STEERING_SETS and not s.endswith(".jsonl"):
+                    raise _KeyError((*loc, "sets", i), s, "expected one of the generated sets "
+                                    f"{list(TOY_STEERING_SETS)} or a .jsonl file")  # fmt: skip
+            if not ms.hooks:
+                raise _KeyError((*loc, "hooks"), [], "expected at least one hook")
             cached = self.activations.hooks.get(name, [])
-            for i, hook in enumerate(sweep.hooks):
+            for i, hook in enumerate(ms.hooks):
+                why = check_hook_name(hook, self.models[name].n_layers)
+                if why:
+                    raise _KeyError((*loc, "hooks", i), hook, why)
+            plan = self.sae_plan(name)
+            for hook, sae in ms.saes.items():
                 if hook not in cached:
-                    raise _KeyError(
-                        (*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}"
-                    )
-            seen = set()
-            for i, raw in enumerate(sweep.saes):
-                try:
-                    cfg = parse_sae_config(raw)
-                except ValidationError as err:
-                    e = err.errors()[0]
-                    raise _KeyError((*loc, "saes", i, *e["loc"]), e.get("input"),
-                                    e["msg"].removeprefix("Value error, ")) from None  # fmt: skip
-                except ValueError as err:
-                    raise _KeyError((*loc, "saes", i), raw.get("architecture"), str(err)) from None
-                key = cfg.display_name
-                if key in seen:
-                    raise _KeyError((*loc, "saes", i, "name"), key, "expected a unique SAE name")
-                seen.add(key)
+                    raise _KeyError((*loc, "saes", hook), sae,
+                                    f"expected a cached hook of {name}: {cached}")  # fmt: skip
+                d = self.hook_width(name, hook)
+                if d is None:
+                    continue  # known only once the model is loaded: checked by the stage
+                names = [c.with_d_in(d).display_name for c in plan.get(hook, [])]
+                if sae not in names:
+                    raise _KeyError((*loc, "saes", hook), sae,
+                                    f"expected an SAE trained on that hook by saes.sweep.{name}: {names}")  # fmt: skip
+
+    def hook_width(self, model: str, hook: str) -> int | None:
+        """Width of a hook's activations when params alone tell it (toy models, residual /
+        attention / MLP outputs), else None."""
+        m = self.models[model]
+        residual = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
+                    "hook_mlp_out")  # fmt: skip
+        return m.arch.d_model if isinstance(m, ToyModel) and hook.endswith(residual) else None
+
+    def sae_plan(self, model: str) -> dict[str, list]:
+        """hook -> the SAE configs to train on it, in params order (all groups merged)."""
+        from stages.sae import parse_sae_config
+
+        plan: dict[str, list] = {}
+        if self.saes is None or model not in self.saes.sweep:
+            return plan
+        for group in self.saes.groups(model):
+            cfgs = [parse_sae_config(raw) for raw in group.saes]
+            for hook in group.hooks:
+                plan.setdefault(hook, []).extend(cfgs)
+        return plan
 
     def hooks(self, model: str) -> list[str]:
         return self.activations.hooks[model]
@@ -445,7 +575,7 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(obj, dict):
         for k, v in obj.items():
             out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(obj, list) and obj and any(isinstance(v, dict | list) for v in obj):
+    elif isinstance(obj, list) and obj and any(isinstance(v, dict | list | BaseModel) for v in obj):
         for i, v in enumerate(obj):
             out.update(flatten(v, f"{prefix}{i}."))
     else:

@@ -139,6 +139,36 @@ class StageRun:
     def tag(self, key: str, value: Any) -> None:
         self.client.set_tag(self.run_id, key, _clip(value))
 
+    def params(self, values: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], _clip(v)) for k, v in values.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i : i + 100])
+
+    @contextlib.contextmanager
+    def child(
+        self, name: str, params: dict[str, Any] | None = None, tags: dict[str, str] | None = None
+    ) -> Iterator[StageRun]:
+        """A run nested under this one (one per SAE, per steering concept, ...), carrying
+        the stage's provenance tags so each child traces back on its own."""
+        exp = self.client.get_run(self.run_id).info.experiment_id
+        mine = self.client.get_run(self.run_id).data.tags
+        inherited = {k: v for k, v in mine.items()
+                     if k.startswith(("input.", "input_path.", "git.", "dvc."))}  # fmt: skip
+        run = self.client.create_run(exp, run_name=name, tags={
+            **inherited, "mlflow.parentRunId": self.run_id, **(tags or {})})  # fmt: skip
+        child = StageRun.__new__(StageRun)
+        child.client, child.run_id = self.client, run.info.run_id
+        try:
+            if params:
+                child.params(params)
+            yield child
+        except BaseException:
+            self.client.set_terminated(child.run_id, status="FAILED")
+            raise
+        self.client.set_terminated(child.run_id)
+
 
 @contextlib.contextmanager
 def stage_run(

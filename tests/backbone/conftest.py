@@ -26,8 +26,14 @@ TINY = {
             "seed": seed,
             "arch": {"n_layers": 2, "d_model": 32, "n_heads": 2, "d_mlp": 64, "n_ctx": 32},
             "tokenizer": {"vocab_size": 400},
-            "train": {"tokens": 24000, "batch_size": 16, "seq_len": 32, "lr": 0.01,
-                      "warmup_steps": 5, "eval_tokens": 2048},  # fmt: skip
+            "train": {
+                "tokens": 24000,
+                "batch_size": 16,
+                "seq_len": 32,
+                "lr": 0.01,
+                "warmup_steps": 5,
+                "eval_tokens": 2048,
+            },  # fmt: skip
         }
         for seed, name in enumerate(("tiny-a", "tiny-b"))
     },

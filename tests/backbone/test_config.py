@@ -100,3 +100,24 @@ def test_invalid_yaml_names_the_line(tmp_path):
     f.write_text("corpus:\n  source: toy\n models: [\n")
     with pytest.raises(ParamsError, match=r"params.yaml: line \d+: not valid YAML"):
         load_params(f)
+
+
+def test_sae_sweep_groups_merge_per_hook(tiny):
+    base = tiny["saes"]["sweep"]["tiny-a"]
+    one = {"architecture": "topk", "expansion_factor": 2, "k": 2, "n_training_tokens": 4096,
+           "batch_size": 512}  # fmt: skip
+    tiny["saes"]["sweep"]["tiny-a"] = [
+        base,
+        {"hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], "saes": [one]},
+    ]
+    p = parse_params(tiny)
+    plan = p.sae_plan("tiny-a")
+    assert list(plan) == ["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"]
+    assert [c.display_name for c in plan["blocks.0.hook_resid_post"]] == [
+        "topk-x4-k4", "relu-x4-l1c5", "topk-x2-k2"]  # fmt: skip
+    assert [c.display_name for c in plan["blocks.1.hook_mlp_out"]] == ["topk-x2-k2"]
+    # the same SAE twice on one hook would collide on its folder name
+    tiny["saes"]["sweep"]["tiny-a"][1]["saes"] = [base["saes"][0]]
+    assert "expected a unique SAE name per hook (blocks.0.hook_resid_post)" in _err(tiny)
+    tiny["saes"]["sweep"]["tiny-a"][1] = {"hooks": ["blocks.1.hook_attn_out"], "saes": [one]}
+    assert "saes.sweep.tiny-a[1].hooks[0] = 'blocks.1.hook_attn_out', expected one of" in _err(tiny)

@@ -8,6 +8,9 @@ flow runs all behave as a user would expect.
 from __future__ import annotations
 
 import json
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -183,3 +186,53 @@ def test_prefect_recorded_every_stage_as_a_flow_run(project):
     names = [n for n, state in out["flows"] if state == "COMPLETED"]
     assert names.count("lm") >= 2 and names.count("activations") >= 2 and "corpus" in names
     assert out["n_tasks"] >= 10
+
+
+def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
+    """kill -9 of `dvc repro` while the SAEs train; the re-run resumes from the
+    checkpoints and ends with the same weights and metrics as an uninterrupted run."""
+    root = tmp_path / "p"
+    shutil.copytree(project["root"], root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    env = {**project["env"], "PYTHONPATH": str(root),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}  # fmt: skip
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["saes"]["checkpoint_every"] = 100
+    params["saes"]["sweep"]["tiny-a"] = {
+        "hooks": ["blocks.0.hook_resid_post"],
+        "saes": [{"architecture": "topk", "expansion_factor": 16, "k": 4,
+                  "n_training_tokens": 800_000, "batch_size": 256, "lr": 0.003}],
+    }  # fmt: skip
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    hook = "blocks.0.hook_resid_post"
+    state = root / f"data/saes/tiny-a.partial/{hook}/topk-512-k4/checkpoint/state.json"
+    proc = subprocess.Popen(["dvc", "repro", "saes@tiny-a"], cwd=root, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists() and json.loads(state.read_text())["step"] >= 300:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the stage finished before it could be killed"
+    import psutil
+
+    # dvc and the stage process it started (in a process group of its own)
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert any("flows.saes" in " ".join(v.cmdline()) for v in victims)
+    for v in victims:
+        v.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(victims, timeout=10)
+    killed_at = json.loads(state.read_text())["step"]
+    assert 300 <= killed_at < 3125
+    assert not (root / "data/saes/tiny-a").exists(), "no half-written output"
+
+    p = _run(["dvc", "repro", "saes@tiny-a"], root, env)
+    assert "resuming from checkpoints" in p.stdout + p.stderr
+    assert not (root / "data/saes/tiny-a.partial").exists()
+    folder = root / f"data/saes/tiny-a/{hook}/topk-512-k4"
+    resumed = {f: (folder / f).read_bytes() for f in ("sae_weights.safetensors", "metrics.json")}
+
+    _run(["dvc", "repro", "-f", "saes@tiny-a"], root, env)  # uninterrupted reference
+    for f, content in resumed.items():
+        assert (folder / f).read_bytes() == content, f
