@@ -1,0 +1,164 @@
+"""DVC stage `steering@<model>`: steering vectors per concept, their evaluation, their
+decomposition into SAE features and what they do to features downstream.
+
+    python -m flows.steering toy-a
+
+For each contrastive set in `steering.models.<model>.sets` (generated from the corpus
+grammar, or a JSONL file under data/prompts/), `stages.steering.run_concept` builds the
+vector at every hook in `steering.models.<model>.hooks`, sweeps the layers (steerability,
+wrong-way fraction, KL / CE rise on held-out text, best layer within the KL budget),
+decomposes the chosen layer's vector with that hook's SAE, measures downstream feature
+changes at every later hook with an SAE, trains concept probes, and compares the
+feature-targeted vector with the raw and a random one. Outputs:
+
+    data/steering/<model>/<concept>/       vector.safetensors, meta.json, evaluation.json
+    data/decomposition/<model>/<concept>/  decomposition.json
+    metrics/steering/<model>.json          headline numbers per concept (DVC metrics)
+
+One MLflow child run per concept, with its figures.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.utilities.annotations import quote
+
+from flows.common import main
+from stages.config import flatten, load_params
+from stages.io import atomic_dir, write_json
+from stages.tracking import stage_run
+
+PROMPTS = Path("data/prompts")
+
+
+def load_sets(names: list[str], toy, where: str) -> dict:
+    """Generated toy sets by name, JSONL sets by path; errors name the params key."""
+    from stages.steering import read_set, toy_sets
+
+    generated = [n for n in names if not n.endswith(".jsonl")]
+    sets = toy_sets(toy.seed, toy.n_train, toy.n_heldout, generated) if generated else {}
+    out = {}
+    for i, n in enumerate(names):
+        if n.endswith(".jsonl"):
+            path = Path(n)
+            if not path.exists():
+                raise FileNotFoundError(f"params.yaml: {where}[{i}] = '{n}': no such file")
+            s = read_set(path)
+        else:
+            s = sets[n]
+        if s.name in out:
+            raise ValueError(f"params.yaml: {where}[{i}]: set name '{s.name}' appears twice")
+        out[s.name] = s
+    return out
+
+
+def load_saes(model: str, chosen: dict[str, str]) -> dict:
+    from stages.sae import load_sae
+
+    saes = {}
+    for hook, name in chosen.items():
+        folder = Path("data/saes") / model / hook / name
+        if not (folder / "cfg.json").exists():
+            raise FileNotFoundError(
+                f"params.yaml: steering.models.{model}.saes.{hook} = '{name}': no SAE folder "
+                f"{folder}/ (expected one trained by saes@{model})"
+            )
+        saes[hook] = load_sae(folder).eval()
+    return saes
+
+
+@task(cache_policy=NO_CACHE)
+def concept(model, s, hooks, saes, store, cfg, name: str, hashes: dict):
+    from stages.steering import run_concept
+
+    return run_concept(model, s, hooks, saes, store, cfg, model_name=name, input_hashes=hashes)
+
+
+def headline(ev: dict, dd: dict) -> dict[str, float]:
+    """The numbers a reader compares across experiments (DVC metrics / MLflow)."""
+    sweep = ev["sweep"]
+    best = sweep["best_hook"]
+    st, se = sweep["steerability"][best], sweep["side_effects"][best]
+    out = {"steerability": st["slope"], "wrong_way_fraction": st["wrong_way_fraction"],
+           "kl": se["kl"], "ce_rise": se["ce_rise"],
+           "within_kl_budget": float(sweep["within_budget"])}  # fmt: skip
+    probes = ev.get("probes", {})
+    if best in probes:
+        out["probe_heldout_accuracy"] = probes[best]["heldout_accuracy"]
+    if "nn_decomposition" in dd:
+        curve = dd["nn_decomposition"]["curve"]
+        out["nnls_rel_error_at_5"] = curve[min(4, len(curve) - 1)]
+        out["nnls_rel_error_at_max"] = curve[-1]
+    for ranking, at in dd.get("precision_at_k", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}"] = at["5"]
+    for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
+        out[f"targeted.{kind}.steerability"] = r["slope"]
+        out[f"targeted.{kind}.kl"] = r["kl"]
+    return {k: round(float(v), 6) for k, v in out.items()}
+
+
+@flow(name="steering")
+def steering_flow(name: str) -> dict:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from stages.activations import ActivationStore
+    from stages.models import load_model
+    from stages.steering import ConceptConfig, figures, write_concept
+
+    params = load_params()
+    if params.steering is None or name not in params.steering.models:
+        raise KeyError(f"params.yaml: steering.models.{name} is missing, expected the model's "
+                       "steering sets and hooks")  # fmt: skip
+    st, ms = params.steering, params.steering.models[name]
+    torch.manual_seed(st.config.seed)
+    sets = load_sets(ms.sets, st.toy_sets, f"steering.models.{name}.sets")
+    model_dir, store_dir = Path("data/models") / name, Path("data/activations") / name
+    inputs = {"model": model_dir, "activations": store_dir, "saes": Path("data/saes") / name}
+    inputs.update({f"set.{Path(n).stem}": Path(n) for n in ms.sets if n.endswith(".jsonl")})
+    logged = {**flatten(st.config, "steering.config."), **flatten(st.toy_sets, "steering.toy_sets."),
+              **flatten(ms, f"steering.models.{name}.")}  # fmt: skip
+    cfg = ConceptConfig(**{**st.config.model_dump(), "multipliers": tuple(st.config.multipliers)})
+    with stage_run(f"steering@{name}", logged, inputs) as run:
+        model = load_model(model_dir)
+        store = ActivationStore(store_dir)
+        saes = load_saes(name, ms.saes)
+        hashes = {k: run.client.get_run(run.run_id).data.tags.get(f"input.{k}", "")
+                  for k in ("model", "activations", "saes")}  # fmt: skip
+        metrics: dict[str, dict] = {}
+        out_s, out_d = Path("data/steering") / name, Path("data/decomposition") / name
+        with atomic_dir(out_s) as tmp_s, atomic_dir(out_d) as tmp_d:
+            for cname, s in sets.items():
+                r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
+                            name, hashes)  # fmt: skip
+                write_concept(r, tmp_s, tmp_d)
+                ev, dd = r.evaluation_dict(), r.decomposition
+                metrics[cname] = headline(ev, dd)
+                with run.child(f"{name}/{cname}", {"concept": cname, "set.hash": s.content_hash()},
+                               {"atlas.kind": "steering", "steering.model": name}) as child:  # fmt: skip
+                    child.metrics(metrics[cname])
+                    for fname, fig in figures(r).items():
+                        child.figure(fig, f"{fname}.png")
+                        plt.close(fig)
+                m = metrics[cname]
+                print(f"steering@{name}: {cname}: best hook {ev['sweep']['best_hook']}, "
+                      f"steerability {m['steerability']:.3f}, KL {m['kl']:.3f}, wrong-way "
+                      f"{m['wrong_way_fraction']:.2f}")  # fmt: skip
+        Path("metrics/steering").mkdir(parents=True, exist_ok=True)
+        write_json(Path("metrics/steering") / f"{name}.json", metrics)
+        print(f"steering@{name}: {len(sets)} concepts -> {out_s}/, {out_d}/")
+    return metrics
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m flows.steering <model-name>")
+    main(lambda: steering_flow(sys.argv[1]), f"steering@{sys.argv[1]}")
