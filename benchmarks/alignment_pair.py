@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--n-permutations", type=int, default=AlignConfig.n_permutations)
     ap.add_argument("--sae-names", nargs="*", default=None)
     ap.add_argument("--random-saes", type=int, default=None)
+    ap.add_argument("--saes-b", type=Path, default=None, help="B's SAE root if not data/saes/<B>")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -80,7 +81,7 @@ def main() -> None:
         best_a = best_b = None
     else:
         saes_a, best_a = load_saes(args.data / "saes" / args.a)
-        saes_b, best_b = load_saes(args.data / "saes" / args.b)
+        saes_b, best_b = load_saes(args.saes_b or args.data / "saes" / args.b)
     cfg = AlignConfig(
         max_tokens=args.max_tokens,
         n_null=args.n_null,
