@@ -51,6 +51,12 @@ Features of a text (the "which features fire here?" question)::
     rows = features_of_text(text, model, hook, sae, dashboard_data, k=5)
     print(format_token_features(rows))        # or: python -m flows.features "text" --model toy-a ...
 
+Cost: the model is never re-run for dashboards (one pass of `sae.encode` over the cached
+held-out rows per dashboarded SAE; the model is loaded for W_U and the tokenizer only).
+The default pipeline (2 models × 7 SAEs, 3 steered concepts per model, one aligned pair,
+~190 dashboard pages, 37 figures) builds in ~28 s wall on 2 shared cores, ~2 s of it
+hashing the activation stores when `provenance` does not carry their hashes.
+
 Modules: `sweep` (Pareto frontiers, densities, concept table), `dashboards` (the
 streaming pass and the pages), `features` (features of a text), `steering` and
 `alignment` (pluggable sections: each returns None when its inputs are absent and the
