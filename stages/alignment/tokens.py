@@ -25,8 +25,8 @@ less context than the same token mid-window; with different window boundaries in
 and B such tokens are paired all the same.
 
 Everything is vectorised: one int64 key per row (doc_id · stride + char_end), the
-first occurrence per key via `np.unique`, and a sorted intersection — about 0.1 s for
-700k rows per model.
+first occurrence per key via `np.unique`, and a sorted intersection — 0.3 s for 700k
+vs 650k rows on this project's shared 2-core machine.
 """
 
 from __future__ import annotations
