@@ -24,7 +24,8 @@ extra_features, partners, dpi) -> Report`
   the run id, commit and the input hashes the run already logged (no second hashing).
 - `dashboard_saes`: SAE keys (`model/hook/sae`) or SAE names to build dashboards for;
   default one per (model, hook): the TopK SAE with the smallest k, plus every SAE the
-  align stage matched (so partner links have pages to point at).
+  align stage matched and every SAE a steering vector was decomposed into (so partner
+  links and steering components have pages to point at).
 - `dashboards`: `DashboardConfig` or a dict of its fields (features per SAE, contexts,
   quantiles, rows streamed, ...).
 - `extra_features`: {SAE key: {latent: reason}} to dashboard besides the most active

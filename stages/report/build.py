@@ -105,10 +105,10 @@ def default_dashboard_saes(saes: list[SAERef]) -> list[SAERef]:
     return out
 
 
-def _pick(saes: list[SAERef], wanted: Sequence[str] | None, aligned: Sequence[str]) -> list[SAERef]:
-    if wanted is None:  # the default SAEs, and every aligned SAE (so partner links resolve)
+def _pick(saes: list[SAERef], wanted: Sequence[str] | None, used: Sequence[str]) -> list[SAERef]:
+    if wanted is None:  # the default SAEs, and every SAE another stage used
         out = default_dashboard_saes(saes)
-        return out + [s for s in saes if s.key in aligned and s not in out]
+        return out + [s for s in saes if s.key in used and s not in out]
     out = []
     for w in wanted:
         hits = [s for s in saes if w in (s.key, s.name)]
@@ -147,16 +147,13 @@ def build_report(
     out = Path(out)
 
     saes = discover_saes(paths.saes, list(models) if models is not None else None)
-    chosen = _pick(saes, dashboard_saes, alignment_section.aligned_sae_keys(paths.alignment))
-
-    def resolve(model: str, hook: str, d_sae: int | None, name: str | None) -> str | None:
-        """The SAE a steering decomposition used: named, else the one dashboard SAE of
-        that model and hook (with the right width)."""
-        if name:
-            return f"{model}/{hook}/{name}"
-        cands = [s for s in chosen if s.model == model and s.hook == hook
-                 and (d_sae is None or s.d_sae == d_sae)]  # fmt: skip
-        return cands[0].key if len(cands) == 1 else None
+    resolve = steering_section.sae_resolver([(s.model, s.hook, s.name, s.path) for s in saes])
+    # by default, dashboards also for every SAE the steering and align stages used, so
+    # that their latents link to pages
+    used = alignment_section.aligned_sae_keys(paths.alignment) + (
+        steering_section.decomposed_sae_keys(paths.steering, paths.decomposition, resolve)
+    )
+    chosen = _pick(saes, dashboard_saes, used)
 
     plans, links = _plan_features(chosen, cfg, paths, extra_features, partners, resolve)
 

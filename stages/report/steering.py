@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from stages.report.html import ReportContext, Section, e, fmt, table
 
 log = logging.getLogger(__name__)
 
-# (model, hook, d_sae, sae name or None) -> SAE key "model/hook/sae" of the SAE the
-# decomposition used, or None when it cannot be told
-Resolver = Callable[[str, str, int | None, str | None], str | None]
+# a steered concept -> SAE key "model/hook/sae" of the SAE its decomposition used, or
+# None when it cannot be told (see `sae_resolver`)
+Resolver = Callable[["SteeredConcept"], str | None]
 
 TITLES = {
     "steerability": ("Steerability curves", "Mean behaviour metric (log-odds of the positive "
@@ -89,7 +89,71 @@ def _sae_key(c: SteeredConcept, resolve: Resolver | None) -> str | None:
     name = dd.get("sae") or dd.get("sae_name")
     if resolve is None:
         return f"{c.model}/{dd['hook']}/{name}" if name else None
-    return resolve(c.model, dd["hook"], dd.get("sae_d"), name)
+    return resolve(c)
+
+
+def sae_resolver(candidates: Sequence[tuple[str, str, str, Path]]) -> Resolver:
+    """A resolver over the trained SAEs, given as (model, hook, name, folder).
+
+    decomposition.json names the hook and the width, not the SAE, and a hook often has
+    several SAEs of one width. The SAE is the one whose decoder rows have exactly the
+    cosines with the steering vector (`vector.safetensors`) that the decomposition
+    recorded for its top latents (`top_features.cosine`); a name in the file wins."""
+    from stages.sae.io import load_sae
+    from stages.steering.vectors import load_vector
+
+    w_dec: dict[Path, Any] = {}
+    found: dict[tuple[str, str], str | None] = {}
+
+    def resolve(c: SteeredConcept) -> str | None:
+        dd = c.decomposition
+        hook, name = dd.get("hook"), dd.get("sae") or dd.get("sae_name")
+        if name:
+            return f"{c.model}/{hook}/{name}"
+        if (c.model, c.concept) in found:
+            return found[(c.model, c.concept)]
+        recorded = [(int(r["latent"]), float(r["cosine"]))
+                    for r in (dd.get("top_features") or {}).get("cosine", [])]  # fmt: skip
+        key = None
+        try:
+            v = load_vector(c.steering_path)[0].get(hook)
+        except (FileNotFoundError, ValueError):
+            v = None
+        if v is not None and recorded:
+            for model, h, n, folder in candidates:
+                if (model, h) != (c.model, hook):
+                    continue
+                if folder not in w_dec:
+                    w_dec[folder] = load_sae(folder).W_dec.detach().double()
+                W = w_dec[folder]
+                if dd.get("sae_d") not in (None, W.shape[0]) or max(f for f, _ in recorded) >= len(
+                    W
+                ):
+                    continue
+                rows = W[[f for f, _ in recorded]]
+                cos = (rows @ v.double()) / (rows.norm(dim=1) * v.double().norm()).clamp_min(1e-12)
+                if all(abs(float(a) - b) < 1e-4 for a, (_, b) in zip(cos, recorded, strict=True)):
+                    key = f"{model}/{h}/{n}"
+                    break
+        if key is None:
+            log.warning("steering %s/%s: cannot tell which SAE at %s was used; its latents "
+                        "are not linked to dashboards", c.model, c.concept, hook)  # fmt: skip
+        found[(c.model, c.concept)] = key
+        return key
+
+    return resolve
+
+
+def decomposed_sae_keys(
+    steering_dir: Path, decomposition_dir: Path, resolve: Resolver
+) -> list[str]:
+    """SAE keys of the SAEs the steering decompositions used."""
+    keys: list[str] = []
+    for c in steered_concepts(steering_dir, decomposition_dir):
+        k = _sae_key(c, resolve)
+        if k and k not in keys:
+            keys.append(k)
+    return keys
 
 
 def top_latents(dd: dict[str, Any], k: int = 5) -> list[tuple[int, float]]:

@@ -221,3 +221,16 @@ def test_provenance_from_a_run_reuses_its_input_hashes(monkeypatch, tmp_path):
     assert p.hash_of(tmp_path / "f.txt") == "9dd4e461268c8034f5c8564e155c67a6"  # md5("x")
     line = p.caption_line(["data/saes/toy-a"])
     assert line == "MLflow run r9 · git abc-dirty · params ph · inputs: data/saes/toy-a (h1.dir)"
+
+
+def test_steering_sae_is_identified_by_decoder_cosines(tiny_data):
+    """decomposition.json names the hook, not the SAE; three SAEs of width 64 share it."""
+    from stages.report.steering import sae_resolver, steered_concepts
+    from stages.report.sweep import discover_saes
+
+    saes = discover_saes(tiny_data / "saes")
+    resolve = sae_resolver([(s.model, s.hook, s.name, s.path) for s in saes])
+    (c,) = steered_concepts(tiny_data / "steering", tiny_data / "decomposition")
+    assert resolve(c) == f"tiny-a/{HOOK}/topk-64-k4"
+    others = [(s.model, s.hook, s.name, s.path) for s in saes if s.name != "topk-64-k4"]
+    assert sae_resolver(others)(c) is None  # no SAE matches: nothing is guessed
