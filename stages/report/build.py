@@ -316,11 +316,11 @@ def _dashboards_section(computed: list[SAEDashboardData], index: dict[str, str],
         "tokens, best concept and matched partner. Computed from the activation cache "
         "(the model is not re-run).</p>"
     )
-    if rows:
+    if not rows:
+        body = '<p class="note"><b>Not run.</b> No SAE to build dashboards for.</p>'
+    else:
         body += table(["SAE", "architecture", "dashboards", "live latents", "d_sae",
                        "tokens streamed"], rows, left=2)  # fmt: skip
-    else:
-        body += '<p class="note"><b>Not run.</b> No SAE to build dashboards for.</p>'
     body += "".join(f'<p class="note">{e(n)}</p>' for n in notes)
     return Section("dashboards", "Feature dashboards", body)
 
