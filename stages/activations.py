@@ -379,6 +379,31 @@ def _hook_width(model: HookedTransformer, hook: str) -> int:
 # ---------------------------------------------------------------------------- reading
 
 
+class CorruptStoreError(ValueError):
+    """A chunk of the store fails its CRC32C checksum (a flipped byte, a bad copy)."""
+
+
+def read_rows(array: zarr.Array, lo: int, hi: int, root: Path) -> np.ndarray:
+    """`array[lo:hi]`, with a checksum failure reported as the shard file that holds it."""
+    try:
+        return array[lo:hi]
+    except ValueError as err:
+        if "checksum" not in str(err):
+            raise
+        step = int((array.shards or array.chunks)[0])
+        for start in range(lo - lo % step, hi, step):
+            try:
+                array[max(start, lo) : min(start + step, hi)]
+            except ValueError:
+                shard = Path(root) / array.path / "c" / str(start // step) / "0"
+                raise CorruptStoreError(
+                    f"{shard}: stored data fails its CRC32C checksum (rows {start}.."
+                    f"{start + step - 1} of '{array.path}'); the file is corrupt: restore it "
+                    "(`dvc checkout`) or re-run the activations stage"
+                ) from None
+        raise
+
+
 class ActivationSource:
     """One hook's rows over a contiguous row range, read chunk-aligned (trainer protocol).
 
@@ -386,8 +411,8 @@ class ActivationSource:
     one chunk each.
     """
 
-    def __init__(self, array: zarr.Array, lo: int, hi: int, name: str):
-        self.array, self.lo, self.hi, self.name = array, lo, hi, name
+    def __init__(self, array: zarr.Array, lo: int, hi: int, name: str, root: Path = Path(".")):
+        self.array, self.lo, self.hi, self.name, self.root = array, lo, hi, name, Path(root)
         self.n_rows = hi - lo
         self.d_in = int(array.shape[1])
         self.chunk_rows = int(array.chunks[0])
@@ -395,7 +420,7 @@ class ActivationSource:
     def read(self, start: int, stop: int) -> np.ndarray:
         if not 0 <= start <= stop <= self.n_rows:
             raise IndexError(f"{self.name}: rows [{start}, {stop}) outside [0, {self.n_rows})")
-        return self.array[self.lo + start : self.lo + stop]
+        return read_rows(self.array, self.lo + start, self.lo + stop, self.root)
 
     def __repr__(self) -> str:
         return f"ActivationSource({self.name}, rows {self.lo}:{self.hi}, d_in={self.d_in})"
@@ -431,7 +456,7 @@ class ActivationStore:
 
     def source(self, hook: str, split: str = "train") -> ActivationSource:
         lo, hi = self.split_range(split)
-        return ActivationSource(self.array(hook), lo, hi, f"{self.path}/{hook}[{split}]")
+        return ActivationSource(self.array(hook), lo, hi, f"{self.path}/{hook}[{split}]", self.path)
 
     def split_range(self, split: str) -> tuple[int, int]:
         if split == "train":
@@ -444,7 +469,7 @@ class ActivationStore:
 
     def read(self, name: str, split: str = "all") -> np.ndarray:
         lo, hi = self.split_range(split)
-        return self.array(name)[lo:hi]
+        return read_rows(self.array(name), lo, hi, self.path)
 
     def windows(self, split: str = "heldout", max_windows: int | None = None) -> torch.Tensor:
         """Token windows [n, seq_len] with BOS re-inserted: what the model saw."""
@@ -453,6 +478,6 @@ class ActivationStore:
         n = (hi - lo) // body
         if max_windows is not None:
             n = min(n, max_windows)
-        toks = self.array("token_ids")[lo : lo + n * body].reshape(n, body)
+        toks = read_rows(self.array("token_ids"), lo, lo + n * body, self.path).reshape(n, body)
         bos = np.full((n, 1), int(self.attrs["bos_id"]), np.int32)
         return torch.from_numpy(np.concatenate([bos, toks], axis=1).astype(np.int64))

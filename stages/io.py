@@ -60,6 +60,26 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+class CorruptArtifactError(ValueError):
+    """A stored artifact cannot be read back (truncated, overwritten, bad copy)."""
+
+
+def load_safetensors(path: Path, what: str = "weights") -> dict:
+    """Tensors of a safetensors file (never pickle), with a damaged file named in the error."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; expected the {what}")
+    try:
+        return load_file(path)
+    except Exception as e:  # safetensors raises its own error types for a bad header / size
+        raise CorruptArtifactError(
+            f"{path}: not a readable safetensors file ({e}); the {what} are truncated or "
+            "corrupt: restore them (`dvc checkout`) or re-run the stage that wrote them"
+        ) from None
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (tmp + rename), stable key order for reproducible bytes."""
     path = Path(path)

@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from stages.config import PretrainedModel, ToyModel
-from stages.io import read_json, replace_dir, write_json
+from stages.io import load_safetensors, read_json, replace_dir, write_json
 from stages.tokens import Windows, pack_windows, tokenise
 
 if TYPE_CHECKING:
@@ -173,9 +173,9 @@ def _save_checkpoint(ckpt: Path, model, opt, step: int, curve) -> None:
 
 
 def _load_checkpoint(ckpt: Path, model, opt) -> tuple[int, list]:
-    model.load_state_dict(load_file(ckpt / "model.safetensors"))
+    model.load_state_dict(load_safetensors(ckpt / "model.safetensors", "checkpoint's weights"))
     state = read_json(ckpt / "state.json")
-    tensors = load_file(ckpt / "optimizer.safetensors")
+    tensors = load_safetensors(ckpt / "optimizer.safetensors", "checkpoint's optimizer state")
     for n, p in model.named_parameters():
         if n in state["opt_steps"]:
             opt.state[p] = {
@@ -358,14 +358,6 @@ def load_model(folder: Path) -> HookedTransformer:
         m = ToyModel.model_validate(card["model"])
         tok = load_tokenizer(folder)
         model = HookedTransformer(toy_config(m, card["d_vocab"]), tokenizer=tok)
-        weights = folder / "model.safetensors"
-        if not weights.exists():
-            raise FileNotFoundError(f"{weights}: missing; expected the toy model's weights")
-        try:
-            state = load_file(weights)
-        except Exception as e:
-            raise ValueError(f"{weights}: not a readable safetensors file ({e})") from e
-        model.load_state_dict(state)
+        model.load_state_dict(load_safetensors(folder / "model.safetensors", "toy model's weights"))
     model.eval()
     return model
-

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from stages.io import load_safetensors
 from stages.sae import build_sae
 from stages.sae.base import BaseSAE
 
@@ -120,8 +121,7 @@ def save_sae(
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise SAEFormatError(f"{path}: missing; an SAE folder needs {WEIGHTS_FILENAME}")
-    with safe_open(str(path), framework="pt") as f:
-        return {k: f.get_tensor(k).to(torch.float32) for k in f.keys()}  # noqa: SIM118
+    return {k: v.to(torch.float32) for k, v in load_safetensors(path, "SAE weights").items()}
 
 
 def load_sae(folder: str | Path) -> BaseSAE:

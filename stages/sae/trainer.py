@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from stages.io import load_safetensors
 from stages.sae import build_sae, parse_sae_config
 from stages.sae.base import BaseSAE
 from stages.sae.config import SAEConfig
@@ -175,7 +176,7 @@ class _Run:
                 f"{self.ckpt}: checkpoint was written for a different config of SAE "
                 f"'{self.name}' (key: (checkpoint, now) = {diff}); delete it or restore the config"
             )
-        tensors = load_file(self.ckpt / "state.safetensors")
+        tensors = load_safetensors(self.ckpt / "state.safetensors", "SAE checkpoint")
         self.sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
         )

@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from stages.activations import check_hooks, stop_layer
-from stages.io import read_json, write_json
+from stages.io import load_safetensors, read_json, write_json
 from stages.steering.prompts import ContrastivePair, ReadPosition
 
 if TYPE_CHECKING:
@@ -200,4 +200,6 @@ def load_vector(folder: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
     path = folder / "vector.safetensors"
     if not path.exists():
         raise FileNotFoundError(f"{path}: missing; expected a steering vector folder")
-    return load_file(path), read_json(folder / "meta.json", "the steering vector's meta")
+    return load_safetensors(path, "steering vectors"), read_json(
+        folder / "meta.json", "the steering vector's meta"
+    )

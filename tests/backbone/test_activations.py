@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -112,3 +113,21 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
 def test_missing_store_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="no activation store here"):
         ActivationStore(tmp_path / "nothing")
+
+
+def test_flipped_byte_in_a_shard_names_the_file(tmp_path):
+    out = tmp_path / "store"
+    _cache_script.run(out)
+    shard = out / "blocks.0.hook_resid_post" / "c" / "1" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    from stages.activations import CorruptStoreError
+
+    store = ActivationStore(out)
+    with pytest.raises(CorruptStoreError, match=rf"^{re.escape(str(shard))}: stored data fails"):
+        store.read("blocks.0.hook_resid_post")
+    src = store.source("blocks.0.hook_resid_post", "train")
+    assert src.read(0, 128).shape == (128, 16)  # shard 0 is intact
+    with pytest.raises(CorruptStoreError, match=re.escape(str(shard))):
+        src.read(0, 256)

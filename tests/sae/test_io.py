@@ -137,3 +137,13 @@ def test_pretrained_offline_says_what_it_needed(monkeypatch, tmp_path):
         load_pretrained_sae("gpt2-small-res-jb", "blocks.0.hook_resid_pre")
     with pytest.raises(SAEFormatError, match="not in SAELens' pretrained SAE registry"):
         load_pretrained_sae("no-such-release", "x")
+
+
+def test_truncated_weights_are_named(tmp_path):
+    from stages.io import CorruptArtifactError
+
+    save_sae(tmp_path, trained_like("topk"), hook_name="h")
+    weights = tmp_path / "sae_weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(CorruptArtifactError, match=rf"^{weights}: not a readable safetensors"):
+        load_sae(tmp_path)
