@@ -139,6 +139,8 @@ def steering_flow(name: str) -> dict:
             for cname, s in sets.items():
                 r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
                             name, hashes)  # fmt: skip
+                if "hook" in r.decomposition:  # which SAE the decomposition used
+                    r.decomposition["sae"] = ms.saes[r.decomposition["hook"]]
                 write_concept(r, tmp_s, tmp_d)
                 ev, dd = r.evaluation_dict(), r.decomposition
                 metrics[cname] = headline(ev, dd)

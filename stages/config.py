@@ -305,6 +305,51 @@ class SteeringParams(_Strict):
     models: dict[str, ModelSteering]
 
 
+# ---------------------------------------------------------------------------- align
+
+
+class AlignPair(_Strict):
+    a: str
+    b: str
+
+
+class SteeringTransfer(_Strict):
+    """Carry A's steering vectors to B through the Hungarian feature matches."""
+
+    method: Literal["nnls", "encode"] = "nnls"  # A's vector -> A's feature coefficients
+    k: PosInt | None = None  # keep only the top-k features (None: all)
+    min_correlation: float | None = None  # drop matches below this correlation
+
+
+class AlignParams(_Strict):
+    # name "<A>__<B>" -> the pair; output data/alignment/<A>__<B>/
+    pairs: dict[str, AlignPair]
+    # `stages.alignment.AlignConfig` fields (hook_pairs, sae_names, max_tokens, threshold,
+    # n_null, n_permutations, n_samples, knn_k, seed, ...)
+    config: dict[str, Any] = {}
+    transfer: SteeringTransfer = SteeringTransfer()
+
+
+# ---------------------------------------------------------------------------- report
+
+
+class ReportDashboards(_Strict):
+    """Feature dashboards (`stages.report.DashboardConfig`)."""
+
+    n_most_active: NonNegInt = 12  # latents per SAE picked by density
+    concept_features: bool = True  # plus each concept's best latent
+    n_contexts: PosInt = 12  # top-activating contexts per page
+    n_quantiles: PosInt = 4  # activation-quantile intervals with samples
+    max_rows: PosInt | None = 200_000  # held-out rows streamed per SAE (None: all)
+
+
+class ReportParams(_Strict):
+    # SAEs to build dashboards for ("model/hook/sae" or SAE names); None: one TopK per
+    # (model, hook) plus every SAE the steering and align stages used
+    dashboard_saes: list[str] | None = None
+    dashboards: ReportDashboards = ReportDashboards()
+
+
 # ---------------------------------------------------------------------------- root
 
 
@@ -314,6 +359,8 @@ class Params(_Strict):
     activations: ActivationParams
     saes: SAEParams | None = None
     steering: SteeringParams | None = None
+    align: AlignParams | None = None
+    report: ReportParams = ReportParams()
 
     @model_validator(mode="after")
     def _models_consistent(self) -> Params:
@@ -348,6 +395,8 @@ class Params(_Strict):
             self._check_saes(self.saes)
         if self.steering is not None:
             self._check_steering(self.steering)
+        if self.align is not None:
+            self._check_align(self.align)
         for name in self.activations.hooks:
             if name not in self.models:
                 raise _KeyError(
@@ -430,6 +479,26 @@ class Params(_Strict):
                 if sae not in names:
                     raise _KeyError((*loc, "saes", hook), sae,
                                     f"expected an SAE trained on that hook by saes.sweep.{name}: {names}")  # fmt: skip
+
+    def _check_align(self, al: AlignParams) -> None:
+        from stages.alignment.pipeline import AlignConfig
+
+        for key, pair in al.pairs.items():
+            loc = ("align", "pairs", key)
+            for side in ("a", "b"):
+                m = getattr(pair, side)
+                if m not in self.models:
+                    raise _KeyError((*loc, side), m,
+                                    f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+            if key != f"{pair.a}__{pair.b}":
+                raise _KeyError(loc, key, f"expected the pair's name '{pair.a}__{pair.b}' "
+                                "(it names the output folder data/alignment/<A>__<B>)")  # fmt: skip
+        try:
+            AlignConfig.from_params(al.config)
+        except (TypeError, ValueError) as e:
+            raise _KeyError(
+                ("align", "config"), al.config, str(e).removeprefix("align: ")
+            ) from None
 
     def hook_width(self, model: str, hook: str) -> int | None:
         """Width of a hook's activations when params alone tell it (toy models, residual /

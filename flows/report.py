@@ -1,0 +1,69 @@
+"""DVC stage `report`: `reports/index.html`, its figures and the feature dashboards.
+
+    python -m flows.report
+
+Reads every stage's outputs under data/ (whichever exist: a section whose stage did not
+run says so), writes `reports/` atomically (static HTML + PNGs, no external files, opens
+from a file URL) and logs every figure to the stage's MLflow run. Each figure's caption
+names that run id, the git commit, the hash of the report params and the content hash of
+every input it was drawn from. See stages/report/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import main
+from stages.config import flatten, load_params
+from stages.tracking import stage_run
+
+OUT = Path("reports")
+
+
+@task(cache_policy=NO_CACHE)
+def build(provenance, dashboard_saes, dashboards):
+    from stages.report import build_report
+
+    return build_report(OUT, data="data", provenance=provenance,
+                        dashboard_saes=dashboard_saes, dashboards=dashboards)  # fmt: skip
+
+
+@flow(name="report")
+def report_flow() -> dict:
+    from stages.report.provenance import Provenance
+
+    params = load_params()
+    rp = params.report
+    logged = flatten(rp, "report.")
+    params_hash = hashlib.md5(json.dumps(logged, sort_keys=True).encode()).hexdigest()[:12]
+    inputs = {f"{kind}.{m}": Path("data") / kind / m for kind in
+              ("models", "activations", "saes", "steering", "decomposition")
+              for m in params.models if (Path("data") / kind / m).exists()}  # fmt: skip
+    inputs.update({f"alignment.{p.name}": p for p in sorted(Path("data/alignment").glob("*__*"))
+                   if p.is_dir()})  # fmt: skip
+    with stage_run("report", logged, inputs, {"report.params_hash": params_hash}) as run:
+        prov = Provenance.from_run(run.run_id, params_hash)
+        report = build(prov, rp.dashboard_saes, rp.dashboards.model_dump())
+        report.log_to(run)
+        run.artifact(report.index)
+        summary = {"figures": len(report.figures), "feature_pages": len(report.feature_pages),
+                   "dashboard_saes": len(report.dashboards), "seconds": report.seconds}  # fmt: skip
+        run.metrics(summary)
+        ran = ", ".join(k for k, v in report.sections.items() if v)
+        skipped = ", ".join(k for k, v in report.sections.items() if not v) or "none"
+        print(f"report: {summary['figures']} figures, {summary['feature_pages']} feature pages "
+              f"in {report.seconds:.1f} s -> {report.index} (sections: {ran}; not run: "
+              f"{skipped})")  # fmt: skip
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 1:
+        sys.exit("usage: python -m flows.report")
+    main(report_flow, "report")
