@@ -2,6 +2,8 @@
 
 atlas run [dvc repro args]   the whole pipeline through Prefect + DVC (flows/pipeline.py)
 atlas provenance RUN_ID      which data, code and params produced an MLflow run
+atlas features TEXT --model M --hook H [--sae S] [--k 5]
+                             which SAE features fire on each token of TEXT
 atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
 atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
 """
@@ -44,7 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("ui", help="start the Prefect or MLflow UI on 127.0.0.1")
     u.add_argument("which", choices=["prefect", "mlflow"])
     u.add_argument("--port", type=int)
+    f = sub.add_parser("features", help="which SAE features fire on each token of a text",
+                       add_help=False)  # fmt: skip
+    f.add_argument("args", nargs=argparse.REMAINDER)
     a = ap.parse_args(argv)
+    if a.cmd == "features":
+        from flows.features import main as features
+
+        return features(a.args)
     if a.cmd == "run":
         from flows.pipeline import main as run_pipeline
 

@@ -126,3 +126,12 @@ def test_empty_split_is_refused():
     p = CorpusParams(toy=ToyCorpus(n_docs=2), heldout_fraction=0.01)
     with pytest.raises(ValueError, match="leave a split empty"):
         C.build_corpus(p)
+
+
+def test_empty_corpus_is_refused(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    p = CorpusParams(
+        source="hf", hf=HFCorpus(path="text", data_files=[str(tmp_path / "empty.txt")])
+    )
+    with pytest.raises(ValueError, match="corpus.hf: dataset 'text' gave no non-empty documents"):
+        C.build_corpus(p)

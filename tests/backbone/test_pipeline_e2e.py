@@ -233,6 +233,16 @@ def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
     folder = root / f"data/saes/tiny-a/{hook}/topk-512-k4"
     resumed = {f: (folder / f).read_bytes() for f in ("sae_weights.safetensors", "metrics.json")}
 
-    _run(["dvc", "repro", "-f", "saes@tiny-a"], root, env)  # uninterrupted reference
+    # the uninterrupted reference; a second `dvc repro` meanwhile fails fast on DVC's lock
+    # and leaves the first unharmed
+    first = subprocess.Popen(["dvc", "repro", "-f", "saes@tiny-a"], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    while not state.exists() and first.poll() is None:
+        time.sleep(0.05)
+    t0 = time.perf_counter()
+    second = _run(["dvc", "repro"], root, env, check=False)
+    assert second.returncode != 0 and time.perf_counter() - t0 < 30
+    assert "Unable to acquire lock" in second.stdout + second.stderr
+    assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
     for f, content in resumed.items():
         assert (folder / f).read_bytes() == content, f
