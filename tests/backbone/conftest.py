@@ -71,6 +71,36 @@ TINY = {
             for m in ("tiny-a", "tiny-b")
         },
     },
+    "steering": {
+        "toy_sets": {"seed": 0, "n_train": 16, "n_heldout": 8},
+        "config": {
+            "multipliers": [-4, -2, 0, 2, 4],
+            "n_windows": 8,
+            "max_features": 8,
+            "targeted_k": 3,
+            "n_generations": 1,
+            "max_new_tokens": 4,
+        },  # fmt: skip
+        "models": {
+            m: {
+                "sets": ["past_vs_present"],
+                "hooks": ["blocks.0.hook_resid_post"],
+                "saes": {"blocks.0.hook_resid_post": "topk-128-k4"},
+            }
+            for m in ("tiny-a", "tiny-b")
+        },
+    },
+    "align": {
+        "pairs": {"tiny-a__tiny-b": {"a": "tiny-a", "b": "tiny-b"}},
+        "config": {
+            "sae_names": ["topk-128-k4"],
+            "max_tokens": 4000,
+            "n_permutations": 10,
+            "n_samples": 256,
+            "self_check_tokens": 1024,
+        },  # fmt: skip
+    },
+    "report": {"dashboards": {"n_most_active": 3, "n_contexts": 4, "max_rows": 4000}},
 }
 
 

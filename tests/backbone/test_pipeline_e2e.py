@@ -107,8 +107,9 @@ def test_changing_one_models_hook_reruns_only_that_cache(project):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     p = _run(["dvc", "repro"], root, env)
     ran = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.startswith("Running stage")]
-    # that model's cache, and what reads it; not the LMs, not the other model
-    assert ran == ["activations@tiny-b", "saes@tiny-b"]
+    # that model's cache, and what reads it; not the LMs, not the other model's stages
+    assert ran == ["activations@tiny-b", "saes@tiny-b", "steering@tiny-b",
+                   "align@tiny-a__tiny-b", "report"]  # fmt: skip
     from stages.activations import ActivationStore
 
     assert ActivationStore(root / "data/activations/tiny-b").hooks == [
@@ -246,3 +247,26 @@ def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
     assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
     for f, content in resumed.items():
         assert (folder / f).read_bytes() == content, f
+
+
+def test_steering_alignment_and_report_outputs(project):
+    root = project["root"]
+    from stages.steering import load_vector
+
+    vectors, meta = load_vector(root / "data/steering/tiny-a/past_vs_present")
+    assert set(vectors) == {"blocks.0.hook_resid_post"} and meta["n_pairs"] == 16
+    m = json.loads((root / "metrics/steering/tiny-a.json").read_text())["past_vs_present"]
+    assert np.isfinite(m["steerability"]) and 0 <= m["wrong_way_fraction"] <= 1 and m["kl"] >= 0
+    dec = json.loads((root / "data/decomposition/tiny-a/past_vs_present/decomposition.json")
+                     .read_text())  # fmt: skip
+    assert dec["sae"] == "topk-128-k4" and len(dec["nn_decomposition"]["curve"]) == 8
+    scores = json.loads((root / "metrics/alignment/tiny-a__tiny-b.json").read_text())
+    assert 1000 < scores["n_tokens"] <= 4000
+    key = "blocks.0.hook_resid_post/topk-128-k4"
+    assert 0 <= scores[f"{key}/fraction_with_partner_hungarian"] <= 1
+    transfer = json.loads((root / "data/alignment/tiny-a__tiny-b/transfer.json").read_text())
+    row = transfer["concepts"]["past_vs_present"]["blocks.0.hook_resid_post"]
+    assert {"own", "transferred", "random"} <= set(row)
+    index = (root / "reports/index.html").read_text()
+    assert "MLflow run" in index and "git" in index
+    assert list((root / "reports/dashboards/tiny-a").rglob("feature-*.html"))
