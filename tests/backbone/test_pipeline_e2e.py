@@ -34,7 +34,8 @@ def project(tmp_path_factory, prefect_api):
     _run(["dvc", "init", "-q"], root, env)
     t0 = time.perf_counter()
     first = _run(["dvc", "repro"], root, env)
-    return {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0}
+    return {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0,
+            "lock": yaml.safe_load((root / "dvc.lock").read_text())}  # fmt: skip
 
 
 def test_outputs_exist_and_are_sane(project):
@@ -270,3 +271,23 @@ def test_steering_alignment_and_report_outputs(project):
     index = (root / "reports/index.html").read_text()
     assert "MLflow run" in index and "git" in index
     assert list((root / "reports/dashboards/tiny-a").rglob("feature-*.html"))
+
+
+def _out_md5s(lock: dict) -> dict[str, str]:
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+def test_two_clean_runs_give_byte_identical_outputs(project, tmp_path_factory, prefect_api):
+    """A second project from scratch, same params: every DVC output's md5 in dvc.lock is
+    the same, except `reports/` (its captions carry the MLflow run id by design)."""
+    root = tmp_path_factory.mktemp("atlas-again")
+    env = scratch_project(root, TINY, prefect_api)
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    _run(["dvc", "repro", "align@tiny-a__tiny-b"], root, env)
+    again = _out_md5s(yaml.safe_load((root / "dvc.lock").read_text()))
+    first = _out_md5s(project["lock"])
+    assert "reports" in first and "reports" not in again
+    assert len(again) == len(first) - 1
+    differ = [p for p, md5 in again.items() if first[p] != md5]
+    assert not differ, f"outputs differ between two clean runs: {differ}"
