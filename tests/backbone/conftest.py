@@ -147,6 +147,7 @@ def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -
     """A copy of the pipeline (code, dvc.yaml) with its own params; returns its env."""
     for d in ("stages", "flows"):
         shutil.copytree(REPO / d, root / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data/prompts", root / "data/prompts")  # hand-written sets (in git)
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {
