@@ -99,6 +99,7 @@ TINY = {
             "n_samples": 256,
             "self_check_tokens": 1024,
         },  # fmt: skip
+        "transfer": {"method": "nnls", "k": None},
     },
     "report": {"dashboards": {"n_most_active": 3, "n_contexts": 4, "max_rows": 4000}},
 }
