@@ -53,12 +53,13 @@ def report_flow() -> dict:
         report.log_to(run)
         run.artifact(report.index)
         summary = {"figures": len(report.figures), "feature_pages": len(report.feature_pages),
-                   "dashboard_saes": len(report.dashboards), "seconds": report.seconds}  # fmt: skip
-        run.metrics(summary)
+                   "dashboard_saes": len(report.dashboards),
+                   "seconds": sum(report.seconds.values())}  # fmt: skip
+        run.metrics({**summary, **{f"seconds.{k}": v for k, v in report.seconds.items()}})
         ran = ", ".join(k for k, v in report.sections.items() if v)
         skipped = ", ".join(k for k, v in report.sections.items() if not v) or "none"
         print(f"report: {summary['figures']} figures, {summary['feature_pages']} feature pages "
-              f"in {report.seconds:.1f} s -> {report.index} (sections: {ran}; not run: "
+              f"in {summary['seconds']:.1f} s -> {report.index} (sections: {ran}; not run: "
               f"{skipped})")  # fmt: skip
     return summary
 
