@@ -52,7 +52,7 @@ def report_flow() -> dict:
         report = build(prov, rp.dashboard_saes, rp.dashboards.model_dump())
         report.log_to(run)
         run.artifact(report.index)
-        summary = {"figures": len(report.figures), "feature_pages": len(report.feature_pages),
+        summary = {"figures": len(report.figures), "feature_pages": sum(len(p) for p in report.feature_pages.values()),
                    "dashboard_saes": len(report.dashboards),
                    "seconds": sum(report.seconds.values())}  # fmt: skip
         run.metrics({**summary, **{f"seconds.{k}": v for k, v in report.seconds.items()}})
