@@ -204,18 +204,19 @@ def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
         "saes": [{"architecture": "topk", "expansion_factor": 16, "k": 4,
                   "n_training_tokens": 800_000, "batch_size": 256, "lr": 0.003}],
     }  # fmt: skip
+    params["steering"]["models"]["tiny-a"]["saes"] = {"blocks.0.hook_resid_post": "topk-512-k4"}
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     hook = "blocks.0.hook_resid_post"
+    log = (tmp_path / "killed.log").open("w")
     state = root / f"data/saes/tiny-a.partial/{hook}/topk-512-k4/checkpoint/state.json"
     proc = subprocess.Popen(["dvc", "repro", "saes@tiny-a"], cwd=root, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if state.exists() and json.loads(state.read_text())["step"] >= 300:
             break
         time.sleep(0.05)
-    assert proc.poll() is None, "the stage finished before it could be killed"
+    assert proc.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
     import psutil
 
     # dvc and the stage process it started (in a process group of its own)
@@ -237,15 +238,16 @@ def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
 
     # the uninterrupted reference; a second `dvc repro` meanwhile fails fast on DVC's lock
     # and leaves the first unharmed
-    first = subprocess.Popen(["dvc", "repro", "-f", "saes@tiny-a"], cwd=root, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    first_log = tmp_path / "first.log"
+    first = subprocess.Popen(["dvc", "repro", "-f", "-s", "saes@tiny-a"], cwd=root, env=env,
+                             stdout=first_log.open("w"), stderr=subprocess.STDOUT)  # fmt: skip
     while not state.exists() and first.poll() is None:
         time.sleep(0.05)
     t0 = time.perf_counter()
     second = _run(["dvc", "repro"], root, env, check=False)
     assert second.returncode != 0 and time.perf_counter() - t0 < 30
     assert "Unable to acquire lock" in second.stdout + second.stderr
-    assert first.wait(timeout=600) == 0, first.stdout.read()[-3000:]
+    assert first.wait(timeout=600) == 0, first_log.read_text()[-3000:]
     for f, content in resumed.items():
         assert (folder / f).read_bytes() == content, f
 
