@@ -139,6 +139,7 @@ def align_flow(pair_name: str) -> dict:
         write_json(Path("metrics/alignment") / f"{pair_name}.json", metrics)
         # MLflow keys allow letters, digits and _-. :/ only
         run.metrics({re.sub(r"[^\w\-. :/]", "-", k): v for k, v in metrics.items()})
+        run.metrics({f"seconds.{k}": v for k, v in result.timings.items()})
         for name, fig in figures(result).items():
             run.figure(fig, f"{name}.png")
             plt.close(fig)

@@ -146,7 +146,7 @@ def steering_flow(name: str) -> dict:
                 metrics[cname] = headline(ev, dd)
                 with run.child(f"{name}/{cname}", {"concept": cname, "set.hash": s.content_hash()},
                                {"atlas.kind": "steering", "steering.model": name}) as child:  # fmt: skip
-                    child.metrics(metrics[cname])
+                    child.metrics({**metrics[cname], "seconds": r.evaluation.get("seconds")})
                     for fname, fig in figures(r).items():
                         child.figure(fig, f"{fname}.png")
                         plt.close(fig)

@@ -10,7 +10,8 @@ Layout written by `write_alignment` (atomically: a temporary folder renamed into
     matches/<hook>__<sae>.parquet   one row per match: latent_a, latent_b, correlation,
                        method (hungarian | max_ab | max_ba), jaccard,
                        decoder_cosine_procrustes, above_threshold, above_null
-    meta.json          models, tokens used, token-alignment rule, config, timings
+    meta.json          models, tokens used, token-alignment rule, config (timings: the
+                       result's `timings`, logged to MLflow, not written: same bytes every run)
 
 `figures(result)` returns the plots (matched correlations vs the null, CKA and mutual
 kNN layer heatmaps, ground truth) as matplotlib Figures; the caller saves or logs them.
@@ -111,7 +112,6 @@ def write_alignment(result: AlignmentResult, out_dir: Path) -> Path:
             "n_tokens": result.n_tokens,
             "token_rule": result.token_rule,
             "config": dataclasses.asdict(result.config) if result.config else None,
-            "timings_s": result.timings,
             "sae_pairs": [p.key for p in result.pairs],
         }
         write_json(tmp / "meta.json", _safe(meta))

@@ -257,7 +257,9 @@ def write_concept(result: ConceptResult, steering_dir: Path, decomposition_dir: 
     out = Path(steering_dir) / result.name
     with atomic_dir(out) as tmp:
         save_vector(tmp, result.vectors, result.meta)
-        write_json(tmp / "evaluation.json", _jsonable(result.evaluation_dict()))
+        # wall time stays out of the file (same inputs => same bytes); it is in `evaluation`
+        ev = {k: v for k, v in result.evaluation_dict().items() if k != "seconds"}
+        write_json(tmp / "evaluation.json", _jsonable(ev))
     with atomic_dir(Path(decomposition_dir) / result.name) as tmp:
         write_json(tmp / "decomposition.json",
                    _jsonable({"concept": result.name, "model": result.model,
