@@ -3,7 +3,8 @@
     python -m flows.saes toy-a
 
 For each hook named in `saes.sweep.<model>` (one {hooks, saes} group or a list of them),
-the SAEs planned for that hook are trained in one shared pass over the cached training rows (resumable from `data/saes/<model>.partial/`),
+the SAEs planned for that hook are trained in one shared pass over the cached training
+rows (resumable from `data/saes/<model>.partial/`),
 evaluated on held-out rows only (reconstruction, CE loss recovered / KL with the SAE
 spliced into the model, the Gurnee perturbation ratio, concept ground truth), and
 saved in SAELens format to `data/saes/<model>/<hook>/<sae>/`. One MLflow child run per
@@ -22,7 +23,7 @@ from prefect.utilities.annotations import quote
 
 from flows.common import main, transient_only
 from stages.config import flatten, load_params
-from stages.io import atomic_dir, write_json
+from stages.io import atomic_dir, content_hash, write_json
 from stages.tracking import stage_run
 
 # The headline numbers per SAE: what metrics/ and the Pareto plot carry.
@@ -106,10 +107,11 @@ def saes_flow(name: str) -> dict:
         store = ActivationStore(store_dir)
         model = load_model(model_dir)
         rows, metrics = [], {}
+        data_fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir)}
         with atomic_dir(out) as tmp:
             for hook, configs in plan.items():
                 source = store.source(hook, "train")
-                _discard_stale_checkpoints(partial / hook, store_dir, model_dir, configs)
+                _discard_stale_checkpoints(partial / hook, data_fp, configs)
                 results = train(quote(source), configs, partial / hook, sp.checkpoint_every)
                 for r in results:
                     ev = evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
@@ -135,13 +137,12 @@ def saes_flow(name: str) -> dict:
     return metrics
 
 
-def _discard_stale_checkpoints(ckpt: Path, store_dir: Path, model_dir: Path, configs) -> None:
+def _discard_stale_checkpoints(ckpt: Path, data_fp: dict, configs) -> None:
     """Resume only what this very data and sweep started: checkpoints left by an
     interrupted run on other activations (or another sweep) are removed, not trusted."""
-    from stages.io import content_hash, read_json
+    from stages.io import read_json
 
-    fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir),
-          "saes": [c.model_dump(mode="json") for c in configs]}  # fmt: skip
+    fp = {**data_fp, "saes": [c.model_dump(mode="json") for c in configs]}
     mark = ckpt / "fingerprint.json"
     if ckpt.exists() and (not mark.exists() or read_json(mark) != fp):
         print(f"saes: discarding checkpoints in {ckpt} (written for other data or SAE configs)")

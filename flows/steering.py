@@ -131,8 +131,8 @@ def steering_flow(name: str) -> dict:
         model = load_model(model_dir)
         store = ActivationStore(store_dir)
         saes = load_saes(name, ms.saes)
-        hashes = {k: run.client.get_run(run.run_id).data.tags.get(f"input.{k}", "")
-                  for k in ("model", "activations", "saes")}  # fmt: skip
+        tags = run.client.get_run(run.run_id).data.tags
+        hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
         metrics: dict[str, dict] = {}
         out_s, out_d = Path("data/steering") / name, Path("data/decomposition") / name
         with atomic_dir(out_s) as tmp_s, atomic_dir(out_d) as tmp_d:

@@ -152,8 +152,8 @@ class StageRun:
     ) -> Iterator[StageRun]:
         """A run nested under this one (one per SAE, per steering concept, ...), carrying
         the stage's provenance tags so each child traces back on its own."""
-        exp = self.client.get_run(self.run_id).info.experiment_id
-        mine = self.client.get_run(self.run_id).data.tags
+        me = self.client.get_run(self.run_id)
+        exp, mine = me.info.experiment_id, me.data.tags
         inherited = {k: v for k, v in mine.items()
                      if k.startswith(("input.", "input_path.", "git.", "dvc."))}  # fmt: skip
         run = self.client.create_run(exp, run_name=name, tags={
@@ -188,9 +188,7 @@ def stage_run(
     run = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None)
     sr = StageRun(mlflow, run)
     try:
-        items = [(k[:250], _clip(v)) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i : i + 100]))
+        sr.params(params)
         mlflow.set_tags(
             {
                 "atlas.kind": "stage",
