@@ -41,11 +41,13 @@ DEFAULT_MULTIPLIERS = (-8.0, -6.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 6.0, 8.
 
 
 def behaviour_metric(logits: Tensor, pos_mask: Tensor, neg_mask: Tensor) -> Tensor:
-    """Log-odds toward the positive targets: logits [B, V], target masks [B, V] or [V]."""
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    ninf = torch.tensor(float("-inf"), dtype=lp.dtype)
-    pos = torch.where(pos_mask.bool(), lp, ninf).logsumexp(-1)
-    neg = torch.where(neg_mask.bool(), lp, ninf).logsumexp(-1)
+    """Log-odds toward the positive targets: logits [B, V], target masks [B, V] or [V].
+
+    The softmax normaliser cancels in the difference, so it is never computed.
+    """
+    lg = logits.double()
+    pos = lg.masked_fill(~pos_mask.bool(), float("-inf")).logsumexp(-1)
+    neg = lg.masked_fill(~neg_mask.bool(), float("-inf")).logsumexp(-1)
     return pos - neg
 
 
@@ -93,7 +95,7 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
     return pos, neg
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def metric_grid(
     model: HookedTransformer,
     s: SteeringSet,
@@ -105,13 +107,17 @@ def metric_grid(
     mode: str = "add",
     batch_size: int = 64,
 ) -> Tensor:
-    """Behaviour metric [n_prompts, n_multipliers] (float64), one batched pass per chunk."""
+    """Behaviour metric [n_prompts, n_multipliers] (float64), one batched pass per chunk.
+
+    Only each row's last position is read, so the blocks run on the whole batch and
+    ln_final + the unembedding only on the last positions: with short prompts and a
+    large vocabulary that is most of the cost of a full forward.
+    """
     if hook is not None:
         check_hooks(model, [hook], "steering.hook")
     pos_mask, neg_mask = target_masks(model, s)
     seqs = tokenize(model, [e.prompt for e in s.eval_prompts])
     n, k = len(seqs), len(multipliers)
-    rows = [(i, j) for i in range(n) for j in range(k)]  # row = (prompt, multiplier)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     out = torch.empty(n, k, dtype=torch.float64)
     mults = torch.tensor(list(multipliers), dtype=torch.float32)
@@ -122,16 +128,24 @@ def metric_grid(
         mask = position_mask(act.shape[:2], positions, state["last"])
         return steer(act, vector, state["mult"], mask, mode)
 
+    after_blocks = steered and not hook.startswith(("blocks.", "hook_embed", "hook_pos_embed"))
+    # row r = (prompt r // k, multiplier r % k): a prompt's multipliers share a batch
+    pi_all = torch.arange(n).repeat_interleave(k)
+    pj_all = torch.arange(k).repeat(n)
+    padded, lens_all = pad_right(seqs, pad)  # once; each batch slices its rows
     with model.hooks(fwd_hooks=[(hook, fn)] if steered else []):
-        for b0 in range(0, len(rows), batch_size):
-            chunk = rows[b0 : b0 + batch_size]
-            pi = torch.tensor([i for i, _ in chunk])
-            pj = torch.tensor([j for _, j in chunk])
-            tokens, lens = pad_right([seqs[i] for i in pi.tolist()], pad)
+        for b0 in range(0, n * k, batch_size):
+            pi, pj = pi_all[b0 : b0 + batch_size], pj_all[b0 : b0 + batch_size]
+            lens = lens_all[pi]
+            tokens = padded[pi, : int(lens.max())]
             state["last"], state["mult"] = lens - 1, mults[pj]
-            logits = model(tokens)
-            at_last = logits[torch.arange(len(chunk)), lens - 1]
-            out[pi, pj] = behaviour_metric(at_last, pos_mask[pi], neg_mask[pi])
+            rows = torch.arange(len(pi))
+            if after_blocks:  # a hook on ln_final / unembed sees the full sequence
+                logits = model(tokens)[rows, lens - 1]
+            else:
+                resid = model(tokens, stop_at_layer=model.cfg.n_layers)
+                logits = model.unembed(model.ln_final(resid[rows, lens - 1][:, None]))[:, 0]
+            out[pi, pj] = behaviour_metric(logits, pos_mask[pi], neg_mask[pi])
     return out
 
 

@@ -110,6 +110,26 @@ def test_steerability_of_the_unembedding_direction(tiny_model):
     assert torch.allclose(grid[:, 2], clean[:, 0], atol=1e-6)
 
 
+def test_metric_grid_equals_full_forward_log_odds(tiny_model):
+    """The grid reads only last positions (ln_final + unembed on those rows alone) and
+    skips the softmax normaliser; it must equal log-odds from a full steered forward."""
+    from stages.steering.apply import steering_hooks
+    from stages.steering.vectors import tokenize
+
+    s = _tiny_set()
+    v = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(3))
+    mults = [-2.0, 0.5, 3.0]
+    grid = metric_grid(tiny_model, s, HOOKS[0], v, mults, batch_size=4)
+    pos, neg = target_masks(tiny_model, s)
+    for i, toks in enumerate(tokenize(tiny_model, [e.prompt for e in s.eval_prompts])):
+        for j, m in enumerate(mults):
+            hooks = steering_hooks(HOOKS[0], v, m, positions="last")
+            with torch.no_grad(), tiny_model.hooks(fwd_hooks=hooks):
+                lp = tiny_model(torch.tensor([toks]))[0, -1].double().log_softmax(-1)
+            want = lp[pos[i]].logsumexp(0) - lp[neg[i]].logsumexp(0)
+            assert float(grid[i, j]) == pytest.approx(float(want), abs=1e-4)
+
+
 def test_side_effects_zero_at_zero(tiny_model, tiny_store):
     tokens = tiny_store.windows("heldout", max_windows=4)
     v = torch.randn(32)
