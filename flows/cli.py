@@ -6,6 +6,8 @@ atlas features TEXT --model M --hook H [--sae S] [--k 5]
                              which SAE features fire on each token of TEXT
 atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
 atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
+                             (or, when PREFECT_API_URL / MLFLOW_TRACKING_URI point at a
+                             running server, where that server's UI is)
 """
 
 from __future__ import annotations
@@ -16,11 +18,31 @@ import os
 import subprocess
 import sys
 
-from flows.common import DEFAULT_PREFECT_PORT, ROOT, setup_env
+from flows.common import DEFAULT_PREFECT_PORT, ROOT, prefect_server_up, setup_env
+
+
+def _shared_server(which: str) -> tuple[str, str] | None:
+    """(variable, UI address) of a shared server the environment points at, if any."""
+    if which == "prefect":
+        url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+        return ("PREFECT_API_URL", url.removesuffix("/api")) if url else None
+    from stages.tracking import is_tracking_server, tracking_uri
+
+    url = tracking_uri().rstrip("/")
+    return ("MLFLOW_TRACKING_URI", url) if is_tracking_server(url) else None
 
 
 def _ui(which: str, port: int | None) -> int:
     setup_env()
+    shared = None if port else _shared_server(which)
+    if shared:  # the environment names a running server: its UI is the one to open
+        var, url = shared
+        if not prefect_server_up(url + ("/api" if which == "prefect" else "")):
+            print(f"error: {var} points at {url}, which does not answer; start that "
+                  f"server or unset {var}", file=sys.stderr)  # fmt: skip
+            return 1
+        print(f"{which} UI on {url} (the server {var} points at)")
+        return 0
     if which == "prefect":
         port = port or DEFAULT_PREFECT_PORT
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",

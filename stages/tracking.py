@@ -34,18 +34,29 @@ INVOCATION_TAG = "atlas.invocation"
 
 
 def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set (a shared `mlflow server`, another database), else
+    `./mlflow.db` in the working directory."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+
+
+def is_tracking_server(uri: str) -> bool:
+    """True for an `mlflow server` (http[s]://...), which stores artifacts itself."""
+    return uri.startswith(("http://", "https://"))
 
 
 @functools.cache
 def _mlflow():
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
-        # Artifacts beside the database, in ./mlruns, wherever the command runs from.
+        # A tracking server chooses where artifacts go (with --serve-artifacts they are
+        # uploaded through it, so no client needs the server's disk). A local store keeps
+        # them beside the database, in ./mlruns, wherever the command runs from.
+        local = None if is_tracking_server(uri) else (Path.cwd() / "mlruns").as_uri()
         with contextlib.suppress(Exception):  # another stage may create it concurrently
-            mlflow.create_experiment(EXPERIMENT, artifact_location=(Path.cwd() / "mlruns").as_uri())
+            mlflow.create_experiment(EXPERIMENT, artifact_location=local)
     mlflow.set_experiment(EXPERIMENT)
     return mlflow
 
