@@ -9,6 +9,7 @@ for the layout. Interrupted and re-run, it resumes from the last complete shard.
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.common import main, transient_only
+from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
 from stages.io import content_hash, write_json
 from stages.tracking import stage_run
@@ -60,6 +61,43 @@ def cache(model, name, hooks, inputs, store_params, model_hash):
                              Path("data/activations") / name, model_hash=model_hash)  # fmt: skip
 
 
+@task(cache_policy=NO_CACHE)
+def prepare(model, name, hooks, inputs, store_params, model_hash):
+    from stages.activations import prepare_cache
+
+    return prepare_cache(model, name, hooks, inputs, store_params,
+                         Path("data/activations") / name, model_hash=model_hash)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_model(model_dir: str):
+    """A Dask worker loads each model once, however many shard runs it is given."""
+    from stages.models import load_model
+
+    return load_model(Path(model_dir))
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)
+def cache_part(model_dir: str, plan, shards: list[int]) -> dict:
+    from stages.activations import cache_shards
+
+    return cache_shards(_worker_model(model_dir), plan, shards, progress=False)
+
+
+def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int) -> dict:
+    """Shard runs (document ranges) on the Dask workers; each writes its own shard files."""
+    from stages.activations import finish_cache, shard_runs, summarize_cache
+
+    plan = prepare(quote(model), name, hooks, quote(inputs), sp, model_hash)
+    todo = plan.todo()
+    runs = shard_runs(todo, n_parts)
+    print(f"activations@{name}: {len(todo)} shards in {len(runs)} runs on Dask workers")
+    futures = [cache_part.submit(str(Path("data/models") / name), plan, r) for r in runs]
+    stats = [f.result() for f in futures]
+    finish_cache(plan)
+    return summarize_cache(plan, stats, todo[0] if todo and todo[0] > 0 else 0)
+
+
 @flow(name="activations")
 def activations_flow(name: str) -> dict:
     params = load_params()
@@ -71,7 +109,12 @@ def activations_flow(name: str) -> dict:
     with stage_run(f"activations@{name}", logged, {"corpus": CORPUS, "model": model_dir}) as run:
         model = load(name, hooks)
         inputs = windows(quote(model), sp)
-        res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir))
+        compute = params.compute.with_env()
+        if compute.runner == "dask":
+            res = cache_on_dask(model, name, hooks, inputs, sp, content_hash(model_dir),
+                                compute.dask.n_workers)  # fmt: skip
+        else:
+            res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir))
         out = Path("data/activations") / name
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
                    "n_hooks": len(hooks), "n_files": sum(1 for p in out.rglob("*") if p.is_file())}  # fmt: skip
@@ -88,4 +131,4 @@ def activations_flow(name: str) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m flows.activations <model-name>")
-    main(lambda: activations_flow(sys.argv[1]), f"activations@{sys.argv[1]}")
+    main(lambda: with_runner(activations_flow)(sys.argv[1]), f"activations@{sys.argv[1]}")

@@ -43,6 +43,28 @@ def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:
         return False
 
 
+def with_runner(flow_obj, compute=None):
+    """The flow with the task runner that params' `compute` section (plus the ATLAS_*
+    environment overrides) asks for: Prefect's default thread pool, or a Dask cluster
+    through prefect-dask (a local cluster on 127.0.0.1, or an existing scheduler)."""
+    if compute is None:
+        from stages.config import load_params
+
+        compute = load_params().compute.with_env()
+    if compute.runner != "dask":
+        return flow_obj
+    from prefect_dask import DaskTaskRunner
+
+    d = compute.dask
+    if d.address:
+        runner = DaskTaskRunner(address=d.address)
+    else:
+        runner = DaskTaskRunner(cluster_kwargs={
+            "n_workers": d.n_workers, "threads_per_worker": d.threads_per_worker,
+            "processes": True, "host": "127.0.0.1", "dashboard_address": None})  # fmt: skip
+    return flow_obj.with_options(task_runner=runner)
+
+
 def transient_only(task, task_run, state) -> bool:
     """Retry condition: retry I/O-ish failures, never bad input (it would fail again)."""
     try:

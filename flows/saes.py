@@ -13,6 +13,7 @@ SAE; the L0-vs-quality Pareto data goes to `plots/saes/<model>.json` for `dvc pl
 
 from __future__ import annotations
 
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.common import main, transient_only
+from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, content_hash, write_json
 from stages.tracking import stage_run
@@ -33,13 +34,16 @@ DOWNSTREAM = ("ce_loss_recovered", "kl_sae", "random_to_sae_kl_ratio")
 
 
 def _flat_metrics(m: dict) -> dict[str, float]:
+    """Headline metrics, rounded as in metrics.json (same bytes on any thread count)."""
+    from stages.sae.io import METRIC_DIGITS
+
     out = {k: m[k] for k in HEADLINE if isinstance(m.get(k), int | float)}
     down = m.get("downstream") or {}
     out.update({k: down[k] for k in DOWNSTREAM if isinstance(down.get(k), int | float)})
     gt = m.get("ground_truth") or {}
     if isinstance(gt.get("mean_best_f1"), int | float):
         out["mean_best_f1"] = gt["mean_best_f1"]
-    return out
+    return {k: float(f"{v:.{METRIC_DIGITS}g}") for k, v in out.items()}
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -65,6 +69,48 @@ def evaluate(result, store, model, hook: str, eval_params):
         tokens=store.windows("heldout", eval_params.ce_windows),
         labels=labels, concept_names=store.concept_names or None, max_rows=n,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=2)
+def _worker_inputs(store_dir: str, model_dir: str):
+    """A Dask worker opens the store and loads the model once per stage."""
+    from stages.activations import ActivationStore
+    from stages.models import load_model
+
+    return ActivationStore(Path(store_dir)), load_model(Path(model_dir))
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
+def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every: int,
+            eval_params):  # fmt: skip
+    """One SAE, trained and evaluated on a Dask worker: alone it sees exactly the batches
+    it sees in a shared pass (the loader is seeded by (batch_size, seed), not by company)."""
+    from stages.sae import train_saes
+
+    store, model = _worker_inputs(store_dir, model_dir)
+    (r,) = train_saes(store.source(hook, "train"), [config], checkpoint_dir=ckpt,
+                      checkpoint_every=every, progress=False)  # fmt: skip
+    return r, evaluate.fn(r, store, model, hook, eval_params)
+
+
+def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path, sp,
+             data_fp: dict, compute):  # fmt: skip
+    """(hook, TrainResult, EvalResult) for every planned SAE, in plan order: one shared
+    pass per hook locally, or one SAE per Dask task."""
+    for hook, configs in plan.items():
+        _discard_stale_checkpoints(partial / hook, data_fp, configs)
+    if compute.runner == "dask":
+        futures = [(hook, fit_one.submit(str(store_dir), str(model_dir), hook, c, partial / hook,
+                                         sp.checkpoint_every, sp.eval))
+                   for hook, configs in plan.items() for c in configs]  # fmt: skip
+        for hook, f in futures:
+            yield (hook, *f.result())
+        return
+    for hook, configs in plan.items():
+        results = train(quote(store.source(hook, "train")), configs, partial / hook,
+                        sp.checkpoint_every)  # fmt: skip
+        for r in results:
+            yield hook, r, evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
 
 
 def _pareto_figure(rows: list[dict], model: str):
@@ -109,24 +155,21 @@ def saes_flow(name: str) -> dict:
         rows, metrics = [], {}
         data_fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir)}
         with atomic_dir(out) as tmp:
-            for hook, configs in plan.items():
-                source = store.source(hook, "train")
-                _discard_stale_checkpoints(partial / hook, data_fp, configs)
-                results = train(quote(source), configs, partial / hook, sp.checkpoint_every)
-                for r in results:
-                    ev = evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
-                    folder = tmp / hook / r.name
-                    save_sae(folder, r.sae, hook_name=hook, model_name=name,
-                             log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
-                             training_config=r.config)  # fmt: skip
-                    flat = _flat_metrics(ev.metrics)
-                    metrics.setdefault(hook, {})[r.name] = {k: round(v, 6) for k, v in flat.items()}
-                    rows.append({"model": name, "hook": hook, "sae": r.name,
-                                 "architecture": r.config.architecture, **flat})  # fmt: skip
-                    _log_sae_run(run, name, hook, r, ev, flat)
-                    print(f"saes@{name}: {hook} {r.name}: L0 {flat.get('l0', 0):.1f}, "
-                          f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
-                          f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
+            fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
+                            params.compute.with_env())  # fmt: skip
+            for hook, r, ev in fits:
+                folder = tmp / hook / r.name
+                save_sae(folder, r.sae, hook_name=hook, model_name=name,
+                         log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
+                         training_config=r.config)  # fmt: skip
+                flat = _flat_metrics(ev.metrics)
+                metrics.setdefault(hook, {})[r.name] = {k: round(v, 6) for k, v in flat.items()}
+                rows.append({"model": name, "hook": hook, "sae": r.name,
+                             "architecture": r.config.architecture, **flat})  # fmt: skip
+                _log_sae_run(run, name, hook, r, ev, flat)
+                print(f"saes@{name}: {hook} {r.name}: L0 {flat.get('l0', 0):.1f}, "
+                      f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
+                      f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
         shutil.rmtree(partial, ignore_errors=True)
         Path("metrics/saes").mkdir(parents=True, exist_ok=True)
         Path("plots/saes").mkdir(parents=True, exist_ok=True)
@@ -178,4 +221,4 @@ def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m flows.saes <model-name>")
-    main(lambda: saes_flow(sys.argv[1]), f"saes@{sys.argv[1]}")
+    main(lambda: with_runner(saes_flow)(sys.argv[1]), f"saes@{sys.argv[1]}")

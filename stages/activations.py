@@ -21,8 +21,9 @@ Arrays are sharded (`shard_rows` rows per file) so a store has tens of files, an
 every chunk carries a CRC32C checksum so a flipped byte is detected on read.
 
 Caching is resumable: rows are written shard by shard into `<out>.partial/`, a
-progress file records the shards that are complete, and a re-run after `kill -9`
-continues from there. Forward batches are aligned to the same window boundaries on
+marker file per shard (`done/<i>`) records the shards that are complete, and a re-run
+after `kill -9` continues from there. Shards are independent, so Dask workers can fill
+disjoint runs of them at once (`prepare_cache` → `cache_shards` per run → `finish_cache`). Forward batches are aligned to the same window boundaries on
 resume, so the result is identical, array for array, to an uninterrupted run. The
 folder is renamed into place only when complete.
 """
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 
 META_ARRAYS = ("token_ids", "doc_ids", "positions", "char_start", "char_end", "split")
 PROGRESS = "progress.json"
+DONE = "done"  # one empty marker file per complete shard
 
 
 # ---------------------------------------------------------------------------- labels
@@ -184,7 +186,62 @@ def check_hooks(model: HookedTransformer, hooks: list[str], where: str) -> None:
             )
 
 
-def cache_activations(
+@dataclass
+class CachePlan:
+    """A store being written: where, its row geometry, and which shards are still to do.
+
+    Everything a worker needs to fill some of the shards (picklable: send it to Dask).
+    """
+
+    partial: Path
+    out: Path
+    hooks: list[str]
+    dtype: str
+    tokens: np.ndarray  # [n_windows, seq_len] train then held-out windows, BOS first
+    n_rows: int
+    n_train_rows: int
+    shard_rows: int
+    batch_size: int
+    fingerprint: str
+    model_name: str
+
+    @property
+    def body(self) -> int:
+        return self.tokens.shape[1] - 1
+
+    @property
+    def n_shards(self) -> int:
+        return -(-self.n_rows // self.shard_rows)
+
+    def done(self) -> set[int]:
+        """Shards complete on disk (a marker file per shard, written after its data)."""
+        d = self.partial / DONE
+        return {int(f.name) for f in d.iterdir()} if d.exists() else set()
+
+    def todo(self) -> list[int]:
+        done = self.done()
+        return [i for i in range(self.n_shards) if i not in done]
+
+
+def shard_runs(shards: list[int], n_parts: int) -> list[list[int]]:
+    """Split shard ids into at most `n_parts` contiguous runs of similar size (document
+    ranges: windows are in corpus order), never joining ids that are not adjacent."""
+    runs: list[list[int]] = []
+    for i in sorted(shards):
+        if runs and runs[-1][-1] == i - 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    parts = max(n_parts, len(runs))
+    out: list[list[int]] = []
+    for r in runs:  # cut each run into pieces proportional to its length
+        k = max(1, round(parts * len(r) / max(1, len(shards))))
+        step = -(-len(r) // k)
+        out.extend(r[j : j + step] for j in range(0, len(r), step))
+    return out
+
+
+def prepare_cache(
     model: HookedTransformer,
     model_name: str,
     hooks: list[str],
@@ -193,11 +250,9 @@ def cache_activations(
     out: Path,
     model_hash: str = "",
     extra_attrs: dict | None = None,
-) -> dict:
-    """Run the model over all windows and write the store at `out` (resumable, atomic).
-
-    Returns a summary dict (rows, throughput, seconds in forward vs waiting on writes).
-    """
+) -> CachePlan:
+    """Create (or find, to resume) `<out>.partial/` with every array and row metadata
+    written; activations are then filled shard by shard by `cache_shards`."""
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     dtype = np.dtype(params.dtype)
@@ -205,90 +260,103 @@ def cache_activations(
     body = seq_len - 1
     n_train_rows = inputs.train.n * body
     n_rows = n_train_rows + inputs.heldout.n * body
-    shard = params.shard_rows
-    n_shards = -(-n_rows // shard)
     fp = _fingerprint(model_name, hooks, params, inputs, model_hash)
+    plan = CachePlan(partial, out, list(hooks), params.dtype,
+                     np.concatenate([inputs.train.tokens, inputs.heldout.tokens]), n_rows,
+                     n_train_rows, params.shard_rows, params.batch_size, fp, model_name)  # fmt: skip
 
     progress = read_json(partial / PROGRESS) if (partial / PROGRESS).exists() else None
-    if progress is None or progress.get("fingerprint") != fp:
-        if partial.exists():
-            log.info("discarding stale partial cache %s", partial)
-            shutil.rmtree(partial)
-        progress = None
-    if progress is None:
-        group = zarr.open_group(partial, mode="w")
-        rows = {k: np.concatenate([a, b]) for (k, a), b in
-                zip(_rows(inputs.train).items(), _rows(inputs.heldout).values(), strict=True)}  # fmt: skip
-        rows["split"] = np.concatenate(
-            [np.zeros(n_train_rows, np.uint8), np.ones(n_rows - n_train_rows, np.uint8)]
-        )
-        for name in META_ARRAYS:
-            _create(group, name, (n_rows,), rows[name].dtype, params, compress=True)[:] = rows[name]
-        if inputs.labels is not None and inputs.concept_names:  # a corpus without labels has none
-            labels = token_concept_labels(rows["doc_ids"], rows["char_start"], rows["char_end"],
-                                          inputs.labels, inputs.concept_names)  # fmt: skip
-            _create(group, "concept_labels", labels.shape, np.uint8, params, True)[:] = labels
-        d_model = model.cfg.d_model
-        d_of = {}
-        for h in hooks:
-            d = _hook_width(model, h)
-            d_of[h] = d
-            _create(group, h, (n_rows, d), dtype, params, compress=False)
-        group.attrs.update(
-            {
-                "format": "feature-atlas/activations/1",
-                "model": model_name,
-                "hooks": hooks,
-                "d": d_of,
-                "d_model": d_model,
-                "dtype": params.dtype,
-                "corpus_hash": inputs.corpus_hash,
-                "model_hash": model_hash,
-                "params": params.model_dump(mode="json"),
-                "n_rows": n_rows,
-                "heldout_start": n_train_rows,
-                "seq_len": seq_len,
-                "bos_excluded": True,
-                "concept_names": inputs.concept_names,
-                "bos_id": int(model.tokenizer.bos_token_id),
-                **(extra_attrs or {}),
-            }
-        )
-        progress = {"fingerprint": fp, "shards_done": 0}
-        write_json(partial / PROGRESS, progress)
-    group = zarr.open_group(partial, mode="r+")
-    arrays = {h: group[h] for h in hooks}
+    if progress is not None and progress.get("fingerprint") == fp:
+        log.info("resuming activation cache: %d/%d shards done", len(plan.done()), plan.n_shards)
+        return plan
+    if partial.exists():
+        log.info("discarding stale partial cache %s", partial)
+        shutil.rmtree(partial)
+    group = zarr.open_group(partial, mode="w")
+    rows = {k: np.concatenate([a, b]) for (k, a), b in
+            zip(_rows(inputs.train).items(), _rows(inputs.heldout).values(), strict=True)}  # fmt: skip
+    rows["split"] = np.concatenate(
+        [np.zeros(n_train_rows, np.uint8), np.ones(n_rows - n_train_rows, np.uint8)]
+    )
+    for name in META_ARRAYS:
+        _create(group, name, (n_rows,), rows[name].dtype, params, compress=True)[:] = rows[name]
+    if inputs.labels is not None and inputs.concept_names:  # a corpus without labels has none
+        labels = token_concept_labels(rows["doc_ids"], rows["char_start"], rows["char_end"],
+                                      inputs.labels, inputs.concept_names)  # fmt: skip
+        _create(group, "concept_labels", labels.shape, np.uint8, params, True)[:] = labels
+    d_of = {}
+    for h in hooks:
+        d_of[h] = _hook_width(model, h)
+        _create(group, h, (n_rows, d_of[h]), dtype, params, compress=False)
+    group.attrs.update(
+        {
+            "format": "feature-atlas/activations/1",
+            "model": model_name,
+            "hooks": hooks,
+            "d": d_of,
+            "d_model": model.cfg.d_model,
+            "dtype": params.dtype,
+            "corpus_hash": inputs.corpus_hash,
+            "model_hash": model_hash,
+            "params": params.model_dump(mode="json"),
+            "n_rows": n_rows,
+            "heldout_start": n_train_rows,
+            "seq_len": seq_len,
+            "bos_excluded": True,
+            "concept_names": inputs.concept_names,
+            "bos_id": int(model.tokenizer.bos_token_id),
+            **(extra_attrs or {}),
+        }
+    )
+    (partial / DONE).mkdir()
+    write_json(partial / PROGRESS, {"fingerprint": fp})
+    return plan
 
-    # Resume: restart at the forward batch holding the first row of the first unfinished
-    # shard, so batches are identical to an uninterrupted run's.
-    bs = params.batch_size
-    first_row = progress["shards_done"] * shard
-    all_tokens = np.concatenate([inputs.train.tokens, inputs.heldout.tokens])
+
+def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
+                 progress: bool = True) -> dict:  # fmt: skip
+    """Compute and write the given contiguous run of shards (any process may do any run).
+
+    Forward batches start at multiples of `batch_size` windows from the first window of
+    the store, whoever computes them, so every row is bit-for-bit what a single
+    uninterrupted pass computes; a batch that straddles two runs is computed by both,
+    each keeping its own rows. Each shard gets its marker once its data is on disk.
+    """
+    if not shards:
+        return {"rows_computed": 0, "forward_s": 0.0, "enqueue_wait_s": 0.0}
+    if list(shards) != list(range(shards[0], shards[0] + len(shards))):
+        raise ValueError(f"cache_shards: shards {shards} are not one contiguous run")
+    hooks, body, shard, bs = plan.hooks, plan.body, plan.shard_rows, plan.batch_size
+    dtype = np.dtype(plan.dtype)
+    group = zarr.open_group(plan.partial, mode="r+")
+    arrays = {h: group[h] for h in hooks}
+    first_row = shards[0] * shard
+    end_row = min((shards[-1] + 1) * shard, plan.n_rows)
     start_window = (first_row // body) // bs * bs
-    if progress["shards_done"]:
-        log.info("resuming activation cache at shard %d/%d", progress["shards_done"], n_shards)
+    end_window = -(-end_row // body)
 
     q: queue.Queue = queue.Queue(maxsize=4)
     err: list[BaseException] = []
 
     def writer() -> None:
-        """Fill one shard-sized buffer per hook; write a shard when full, then log progress."""
+        """Fill one shard-sized buffer per hook; write a shard when full, then mark it."""
         try:
-            cur = progress["shards_done"]
+            cur = shards[0]
             lo = cur * shard
-            bufs = {h: np.empty((min(shard, n_rows - lo), a.shape[1]), dtype)
+            bufs = {h: np.empty((min(shard, plan.n_rows - lo), a.shape[1]), dtype)
                     for h, a in arrays.items()}  # fmt: skip
             fill = 0
             while True:
                 item = q.get()
                 if item is None:
                     break
+                if lo >= end_row:
+                    continue
                 row0, raw = item
                 acts = {h: a[:, 1:].reshape(-1, a.shape[-1]) for h, a in raw.items()}
                 n = next(iter(acts.values())).shape[0]
-                skip = max(0, lo + fill - row0)  # rows before the shard we are filling
-                pos = skip
-                while pos < n:
+                pos = max(0, lo + fill - row0)  # rows before the shard we are filling
+                while pos < n and lo < end_row:
                     take = min(n - pos, len(bufs[hooks[0]]) - fill)
                     for h in hooks:
                         bufs[h][fill : fill + take] = acts[h][pos : pos + take]
@@ -297,13 +365,12 @@ def cache_activations(
                     if fill == len(bufs[hooks[0]]):
                         for h in hooks:
                             arrays[h][lo : lo + fill] = bufs[h]
+                        (plan.partial / DONE / str(cur)).touch()
                         cur += 1
-                        write_json(partial / PROGRESS, {"fingerprint": fp, "shards_done": cur})
                         lo, fill = cur * shard, 0
-                        if lo >= n_rows:
-                            break
-                        bufs = {h: np.empty((min(shard, n_rows - lo), a.shape[1]), dtype)
-                                for h, a in arrays.items()}  # fmt: skip
+                        if lo < end_row:
+                            bufs = {h: np.empty((min(shard, plan.n_rows - lo), a.shape[1]),
+                                                dtype) for h, a in arrays.items()}  # fmt: skip
         except BaseException as e:  # surfaced in the main thread
             err.append(e)
             while q.get() is not None:
@@ -320,13 +387,14 @@ def cache_activations(
 
     fwd_hooks = [(h, grab) for h in hooks]
     t_forward = t_put = 0.0
-    n_windows = len(all_tokens)
-    bar = tqdm(total=n_rows - first_row, desc=f"cache {model_name}", unit="tok", unit_scale=True)
+    bar = tqdm(total=end_row - first_row, desc=f"cache {plan.model_name} shards "
+               f"{shards[0]}..{shards[-1]}", unit="tok", unit_scale=True, disable=not progress)  # fmt: skip
     with torch.inference_mode():
-        for w0 in range(start_window, n_windows, bs):
+        for w0 in range(start_window, end_window, bs):
             if err:
                 break
-            batch = torch.from_numpy(all_tokens[w0 : w0 + bs].astype(np.int64))
+            w1 = min(w0 + bs, len(plan.tokens))
+            batch = torch.from_numpy(plan.tokens[w0:w1].astype(np.int64))
             t0 = time.perf_counter()
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
             # Hand over the raw [batch, seq, d] tensors: dropping BOS and the float16
@@ -336,26 +404,65 @@ def cache_activations(
             q.put((w0 * body, acts))
             t_forward += t1 - t0
             t_put += time.perf_counter() - t1
-            bar.update(min(len(batch) * body, n_rows - max(first_row, w0 * body)))
+            bar.update(max(0, min(w1 * body, end_row) - max(first_row, w0 * body)))
     q.put(None)
     thread.join()
     bar.close()
     if err:
         raise err[0]
-    final = read_json(partial / PROGRESS)
-    if final["shards_done"] != n_shards:
-        raise RuntimeError(f"{partial}: {final['shards_done']}/{n_shards} shards written")
-    (partial / PROGRESS).unlink()
-    replace_dir(partial, out)
-    done_rows = n_rows - first_row
+    missing = sorted(set(shards) - plan.done())
+    if missing:
+        raise RuntimeError(f"{plan.partial}: shards {missing} were not written")
+    return {"rows_computed": end_row - first_row, "forward_s": t_forward,
+            "enqueue_wait_s": t_put}  # fmt: skip
+
+
+def finish_cache(plan: CachePlan) -> None:
+    """Check every shard is marked, then move the store into place in one rename."""
+    missing = plan.todo()
+    if missing:
+        raise RuntimeError(f"{plan.partial}: {len(missing)}/{plan.n_shards} shards missing "
+                           f"(first {missing[0]})")  # fmt: skip
+    shutil.rmtree(plan.partial / DONE)
+    (plan.partial / PROGRESS).unlink()
+    replace_dir(plan.partial, plan.out)
+
+
+def cache_activations(
+    model: HookedTransformer,
+    model_name: str,
+    hooks: list[str],
+    inputs: CacheInputs,
+    params: StoreParams,
+    out: Path,
+    model_hash: str = "",
+    extra_attrs: dict | None = None,
+) -> dict:
+    """Run the model over all windows and write the store at `out` (resumable, atomic).
+
+    One process, all shards still to do; `flows/activations.py` spreads the same
+    `cache_shards` calls over Dask workers instead. Returns a summary dict (rows,
+    throughput, seconds in forward vs waiting on writes).
+    """
+    plan = prepare_cache(model, model_name, hooks, inputs, params, out, model_hash, extra_attrs)
+    todo = plan.todo()
+    resumed = todo[0] if todo and todo[0] > 0 else 0
+    stats = [cache_shards(model, plan, run) for run in shard_runs(todo, 1)]
+    finish_cache(plan)
+    return summarize_cache(plan, stats, resumed)
+
+
+def summarize_cache(plan: CachePlan, stats: list[dict], resumed_from: int = 0) -> dict:
+    done_rows = sum(s["rows_computed"] for s in stats)
+    t_forward = sum(s["forward_s"] for s in stats)
     return {
-        "n_rows": n_rows,
-        "heldout_start": n_train_rows,
+        "n_rows": plan.n_rows,
+        "heldout_start": plan.n_train_rows,
         "rows_computed": done_rows,
         "forward_s": t_forward,
-        "enqueue_wait_s": t_put,
+        "enqueue_wait_s": sum(s["enqueue_wait_s"] for s in stats),
         "tokens_per_s_forward": done_rows / max(t_forward, 1e-9),
-        "resumed_from_shard": progress["shards_done"] if first_row else 0,
+        "resumed_from_shard": resumed_from,
     }
 
 

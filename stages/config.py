@@ -353,6 +353,50 @@ class ReportParams(_Strict):
 # ---------------------------------------------------------------------------- root
 
 
+# ---------------------------------------------------------------------------- compute
+
+
+class DaskParams(_Strict):
+    """A Dask cluster for the Prefect tasks (`prefect-dask`'s DaskTaskRunner)."""
+
+    address: str | None = None  # an existing scheduler (tcp://host:8786); null: a local cluster
+    n_workers: PosInt = 2  # local cluster size; also how many parts work is split into
+    threads_per_worker: PosInt = 1
+
+
+class ComputeParams(_Strict):
+    """Where the stages run. Not a DVC dependency of any stage: the runner does not change
+    what is computed (the local and Dask paths write the same bytes; a test checks it)."""
+
+    runner: Literal["local", "dask"] = "local"
+    dask: DaskParams = DaskParams()
+
+    def with_env(self) -> ComputeParams:
+        """Environment overrides, for one run without editing params.yaml:
+        ATLAS_RUNNER, ATLAS_DASK_ADDRESS, ATLAS_DASK_WORKERS."""
+        import os
+
+        upd: dict[str, Any] = {}
+        dask: dict[str, Any] = {}
+        for var, key, target in (("ATLAS_RUNNER", "runner", upd),
+                                 ("ATLAS_DASK_ADDRESS", "address", dask),
+                                 ("ATLAS_DASK_WORKERS", "n_workers", dask)):  # fmt: skip
+            if os.environ.get(var):
+                target[key] = os.environ[var]
+        if not upd and not dask:
+            return self
+        raw = self.model_dump()
+        raw.update(upd)
+        raw["dask"].update(dask)
+        try:
+            return ComputeParams.model_validate(raw)
+        except ValidationError as e:
+            err = e.errors()[0]
+            var = {"runner": "ATLAS_RUNNER", "address":
+                   "ATLAS_DASK_ADDRESS", "n_workers": "ATLAS_DASK_WORKERS"}[str(err["loc"][-1])]  # fmt: skip
+            raise ParamsError(f"environment: {var} = {os.environ[var]!r}: {err['msg']}") from None
+
+
 class Params(_Strict):
     corpus: CorpusParams = CorpusParams()
     models: dict[str, ModelParams]
@@ -361,6 +405,7 @@ class Params(_Strict):
     steering: SteeringParams | None = None
     align: AlignParams | None = None
     report: ReportParams = ReportParams()
+    compute: ComputeParams = ComputeParams()
 
     @model_validator(mode="after")
     def _models_consistent(self) -> Params:

@@ -47,16 +47,25 @@ class SAEFormatError(ValueError):
     """A folder does not hold a loadable SAE."""
 
 
-def _json_safe(obj: Any) -> Any:
+def _json_safe(obj: Any, sig: int | None = None) -> Any:
+    """JSON-ready copy; with `sig`, floats rounded to that many significant digits."""
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): _json_safe(v, sig) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
+        return [_json_safe(v, sig) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # strict JSON has no NaN / inf
+    if isinstance(obj, float) and sig is not None:
+        return float(f"{obj:.{sig}g}")
     if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
+        return _json_safe(obj.tolist(), sig)
     return obj
+
+
+# Evaluation sums run in parallel threads, so their last bits depend on the thread count
+# (2 in a local process, 1 in a default Dask worker). 10 significant digits keeps every
+# meaningful digit and makes metrics.json the same bytes wherever it was computed.
+METRIC_DIGITS = 10
 
 
 def save_sae(
@@ -114,7 +123,9 @@ def save_sae(
             folder / SPARSITY_FILENAME,
         )
     if metrics is not None:
-        (folder / METRICS_FILENAME).write_text(json.dumps(_json_safe(metrics), indent=2))
+        (folder / METRICS_FILENAME).write_text(
+            json.dumps(_json_safe(metrics, METRIC_DIGITS), indent=2)
+        )
     return folder
 
 

@@ -93,16 +93,16 @@ def test_kill_9_then_rerun_resumes_and_matches(tmp_path):
         [sys.executable, "-m", "tests.backbone._cache_script", str(out), "0.05"], env=env
     )
     deadline = time.time() + 120
-    progress = partial / "progress.json"
+    markers = partial / "done"  # one marker file per complete shard
     while time.time() < deadline:
-        if progress.exists() and '"shards_done": 0' not in progress.read_text():
+        if markers.exists() and any(markers.iterdir()):
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists(), "a killed run must not leave a final-looking output"
-    done = int(progress.read_text().split('"shards_done":')[1].split("}")[0])
-    assert 1 <= done < 14
+    done = sorted(int(f.name) for f in markers.iterdir())
+    assert 1 <= len(done) < 14 and done == list(range(len(done)))
     _cache_script.run(out)  # re-run resumes
     a, b = ActivationStore(ref), ActivationStore(out)
     for name in [*HOOKS, "token_ids", "doc_ids", "positions", "char_start", "char_end", "split"]:
@@ -131,3 +131,38 @@ def test_flipped_byte_in_a_shard_names_the_file(tmp_path):
     assert src.read(0, 128).shape == (128, 16)  # shard 0 is intact
     with pytest.raises(CorruptStoreError, match=re.escape(str(shard))):
         src.read(0, 256)
+
+
+def test_shard_runs_are_contiguous_and_cover_everything():
+    from stages.activations import shard_runs
+
+    assert shard_runs(list(range(14)), 1) == [list(range(14))]
+    assert shard_runs(list(range(14)), 2) == [list(range(7)), list(range(7, 14))]
+    runs = shard_runs([0, 1, 5, 6, 7, 8, 9, 10], 3)
+    assert sorted(i for r in runs for i in r) == [0, 1, 5, 6, 7, 8, 9, 10]
+    assert all(r == list(range(r[0], r[-1] + 1)) for r in runs) and len(runs) == 3
+
+
+def test_shards_filled_out_of_order_by_separate_runs_match_one_pass(tmp_path):
+    """What Dask workers do: disjoint shard runs, in any order, each batch-aligned to the
+    store's start; batches that straddle two runs are computed twice. Same bytes."""
+    from stages.activations import cache_shards, finish_cache, prepare_cache, shard_runs
+    from stages.config import StoreParams
+
+    ref = tmp_path / "ref"
+    _cache_script.run(ref)
+    model, inputs = _cache_script.tiny_setup()
+    params = StoreParams(seq_len=16, batch_size=8, shard_rows=128, chunk_rows=64)
+    out = tmp_path / "split"
+    plan = prepare_cache(model, "tiny", HOOKS, inputs, params, out)
+    runs = shard_runs(plan.todo(), 3)
+    assert len(runs) == 3 and plan.n_shards == 14
+    # 128-row shards of 15-row windows: every run boundary falls inside a batch
+    for run in reversed(runs):
+        cache_shards(model, plan, run, progress=False)
+    finish_cache(plan)
+    a, b = ActivationStore(ref), ActivationStore(out)
+    for name in [*HOOKS, "token_ids", "positions"]:
+        assert np.array_equal(a.read(name), b.read(name)), name
+    with pytest.raises(ValueError, match="not one contiguous run"):
+        cache_shards(model, plan, [0, 2])

@@ -121,3 +121,23 @@ def test_sae_sweep_groups_merge_per_hook(tiny):
     assert "expected a unique SAE name per hook (blocks.0.hook_resid_post)" in _err(tiny)
     tiny["saes"]["sweep"]["tiny-a"][1] = {"hooks": ["blocks.1.hook_attn_out"], "saes": [one]}
     assert "saes.sweep.tiny-a[1].hooks[0] = 'blocks.1.hook_attn_out', expected one of" in _err(tiny)
+
+
+def test_compute_runner_from_params_and_environment(monkeypatch):
+    from stages.config import ComputeParams
+
+    c = ComputeParams()
+    assert c.runner == "local" and c.dask.n_workers == 2 and c.dask.address is None
+    monkeypatch.setenv("ATLAS_RUNNER", "dask")
+    monkeypatch.setenv("ATLAS_DASK_WORKERS", "3")
+    e = c.with_env()
+    assert (e.runner, e.dask.n_workers, e.dask.threads_per_worker) == ("dask", 3, 1)
+    monkeypatch.setenv("ATLAS_DASK_WORKERS", "0")
+    with pytest.raises(ParamsError, match="ATLAS_DASK_WORKERS = '0'"):
+        c.with_env()
+    monkeypatch.setenv("ATLAS_DASK_WORKERS", "2")
+    monkeypatch.setenv("ATLAS_RUNNER", "ray")
+    with pytest.raises(ParamsError, match="ATLAS_RUNNER = 'ray'.*'local' or 'dask'"):
+        c.with_env()
+    with pytest.raises(ParamsError, match="compute.runner"):
+        parse_params({**yaml.safe_load(open("params.yaml")), "compute": {"runner": "spark"}})
