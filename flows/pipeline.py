@@ -63,8 +63,7 @@ def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
 @flow(name="pipeline", log_prints=True)
 def pipeline(args: list[str] | None = None) -> int:
     """`dvc repro <args>` with a parent MLflow run; returns DVC's exit code."""
-    import mlflow
-
+    # stages.tracking first: it configures MLflow (telemetry off) before its import
     from stages.tracking import EXPERIMENT, _mlflow, git_commit
 
     logger = get_run_logger()
@@ -96,7 +95,7 @@ def pipeline(args: list[str] | None = None) -> int:
             logger.info(line.rstrip())
     code = proc.wait()
     status = "FINISHED" if code == 0 else "FAILED"
-    client = mlflow.MlflowClient()
+    client = ml.MlflowClient()
     client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
     client.set_terminated(run_id, status)
     if code:

@@ -2,7 +2,9 @@
 
 A stage never writes into its final output path directly. It writes into a sibling
 temporary folder and renames it into place when complete, so a killed stage never
-leaves a half-written artifact that a later stage would read as finished.
+leaves a half-written artifact that a later stage would read as finished; the
+temporary folder a killed writer leaves behind is removed by the next writer of the
+same output.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -49,6 +52,40 @@ def replace_dir(src: Path, final: Path) -> None:
     else:
         os.replace(src, final)
     _fsync_dir(final.parent)
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove what a killed writer of `final` left beside it, and return those paths.
+
+    `atomic_dir` and `replace_dir` name their temporaries `.<name>.tmp-<pid>` and
+    `.<name>.old-<pid>`. A process killed with SIGKILL cannot clean up, so its
+    temporary stays in the parent folder, where code that globs the whole parent could
+    take it for a finished output (pathlib's `*` matches hidden names). Only
+    temporaries of processes that are no longer running are removed; a live writer
+    keeps its own. (.dvcignore keeps them out of DVC's hashes meanwhile.)
+    """
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for p in final.parent.iterdir():
+        kind, _, pid = p.name.removeprefix(f".{final.name}.").rpartition("-")
+        if not p.name.startswith(f".{final.name}.") or kind not in ("tmp", "old"):
+            continue
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _fsync_dir(path: Path) -> None:

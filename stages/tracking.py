@@ -28,6 +28,12 @@ from typing import Any
 
 from stages.io import content_hash
 
+# MLflow 3 sends usage telemetry from every process that imports it (and fetches its
+# telemetry config from mlflow-telemetry.io first) unless told not to. Nothing here
+# reaches the network unless params name a hub model or dataset, so it is off by
+# default; set MLFLOW_DISABLE_TELEMETRY=false to allow it. Must precede `import mlflow`.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 EXPERIMENT = "feature-atlas"
 PARENT_ENV = "FEATURE_ATLAS_PARENT_RUN_ID"
 INVOCATION_TAG = "atlas.invocation"

@@ -1,0 +1,235 @@
+"""kill -9 part-way through `lm@M`, `steering@M` and `align@A__B`, then `dvc repro` again.
+
+One uninterrupted reference run of the tiny pipeline (module-scoped). Each test copies
+it, starts `dvc repro -f -s <stage>`, waits until the stage has demonstrably begun its
+real work, SIGKILLs dvc and every process under it, and checks
+
+- while killed: none of the stage's output folders exists, and a later stage's loader
+  refuses what is there (only temporaries: `.<name>.tmp-<pid>`, `<name>.partial`);
+- then `dvc repro`, what a user types next: the stage's dvc.lock entry still matches, so
+  DVC restores its last outputs from the cache; nothing runs, not even the report,
+  whose dependencies (all of data/models, data/steering, ...) would change if the
+  killed run's temporaries counted (.dvcignore);
+- then `dvc repro -f -s <stage>`, the stage really run again (`lm@M` resumes from its
+  last checkpoint; `steering@M` and `align@A__B` have none and start over): every DVC
+  output's md5 in dvc.lock equals the uninterrupted run's, `dvc status` finds the whole
+  pipeline up to date, and no temporary is left.
+
+The reference run doubles as the check that a run reaches no other host: every Python
+process of it (dvc and each stage) records any attempt to (_netaudit/sitecustomize.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.backbone.conftest import TINY, scratch_project
+from tests.backbone.conftest import run as _run
+
+REPO = Path(__file__).resolve().parents[2]
+NETAUDIT = Path(__file__).parent / "_netaudit"
+pytestmark = pytest.mark.slow
+
+# tiny-a trains 151 LM steps instead of 48 so that it writes checkpoints (every 50 steps)
+PARAMS = copy.deepcopy(TINY)
+PARAMS["models"]["tiny-a"]["train"]["tokens"] = 75_000
+# variables under which MLflow, Prefect and DVC mute their telemetry ("in CI / a test"):
+# a stage must keep quiet without them
+MUTING = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "DVC_TEST", "DVC_NO_ANALYTICS",
+          "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")  # fmt: skip
+
+
+def _env(root: Path, base: dict, net_log: Path) -> dict:
+    env = {**base, "PYTHONPATH": f"{root}{os.pathsep}{NETAUDIT}", "ATLAS_NET_LOG": str(net_log),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}  # fmt: skip
+    for k in MUTING:
+        env.pop(k, None)
+    return env
+
+
+def _attempts(net_log: Path) -> list[str]:
+    return net_log.read_text().splitlines() if net_log.exists() else []
+
+
+def _out_md5s(lock: dict) -> dict[str, str]:
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
+
+
+def _ran(out: str) -> list[str]:
+    return [ln.split("'")[1] for ln in out.splitlines() if ln.startswith("Running stage")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, prefect_api):
+    root = tmp_path_factory.mktemp("kill-reference")
+    net_log = root.parent / "kill-reference-net.log"
+    env = _env(root, scratch_project(root, PARAMS, prefect_api), net_log)
+    _run(["git", "init", "-q"], root, env)
+    _run(["dvc", "init", "-q"], root, env)
+    for f in (".dvc/config", ".dvcignore"):  # the project's DVC settings
+        shutil.copy(REPO / f, root / f)
+    _run(["dvc", "repro"], root, env)
+    return {"root": root, "env": env, "net_log": net_log,
+            "lock": yaml.safe_load((root / "dvc.lock").read_text())}  # fmt: skip
+
+
+@pytest.fixture
+def copy_of(reference, tmp_path):
+    """A copy of the reference project (without its MLflow store), and its env."""
+    root = tmp_path / "p"
+    shutil.copytree(reference["root"], root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
+    return root, _env(root, reference["env"], tmp_path / "net.log")
+
+
+def _kill_part_way(root: Path, env: dict, stage: str, started: Callable[[str], bool],
+                   log_path: Path, timeout: float = 600) -> None:  # fmt: skip
+    """`dvc repro -f -s <stage>`; once `started(log text)` holds, SIGKILL dvc and every
+    process under it (the stage's `python -m flows.<x>`)."""
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(["dvc", "repro", "-f", "-s", stage], cwd=root, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if started(log_path.read_text(errors="replace")):
+            break
+        time.sleep(0.02)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    assert proc.poll() is None, f"{stage} ended before it could be killed:\n{tail}"
+    import psutil
+
+    victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    module = "flows." + stage.split("@")[0]
+    assert any(module in " ".join(v.cmdline()) for v in victims), [v.cmdline() for v in victims]
+    for v in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            v.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(victims, timeout=10)
+
+
+def _check_killed_state(root: Path, lock: dict, stage: str) -> list[Path]:
+    """None of the stage's output folders exists; returns what lies beside them."""
+    beside = []
+    for o in lock["stages"][stage]["outs"]:
+        out = root / o["path"]
+        if o["md5"].endswith(".dir"):
+            assert not out.exists(), f"{out} exists after the stage was killed part-way"
+        beside += [p for p in out.parent.iterdir() if p.name.startswith((f".{out.name}.",
+                                                                          f"{out.name}."))]  # fmt: skip
+    for p in beside:  # only temporaries, named as such
+        assert re.fullmatch(r"\..+\.tmp-\d+|.+\.partial", p.name), p
+    return beside
+
+
+def _same_outputs_as(root: Path, reference: dict) -> None:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    want = _out_md5s(reference["lock"])
+    differ = {k: (want.get(k), v) for k, v in _out_md5s(lock).items() if want.get(k) != v}
+    assert not differ, f"outputs differ from the uninterrupted run: {differ}"
+
+
+def _restore_then_rerun(root: Path, env: dict, reference: dict, stage: str) -> str:
+    """`dvc repro` (restores from the cache), then the stage forced to run again."""
+    p = _run(["dvc", "repro"], root, env)
+    assert _ran(p.stdout) == [], p.stdout[-3000:]
+    assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in p.stdout
+    _same_outputs_as(root, reference)
+
+    p = _run(["dvc", "repro", "-f", "-s", stage], root, env)
+    assert _ran(p.stdout) == [stage]
+    _same_outputs_as(root, reference)
+    status = _run(["dvc", "status"], root, env).stdout
+    assert "Data and pipelines are up to date" in status, status
+    left = [p for p in (root / "data").rglob("*") if re.fullmatch(r"\..+\.(tmp|old)-\d+|.+\.partial", p.name)]  # fmt: skip
+    assert not left, f"temporaries left behind: {left}"
+    return p.stdout + p.stderr
+
+
+def test_a_run_reaches_no_other_host(reference, tmp_path):
+    """No process of a whole `dvc repro` (dvc, every stage) tried to reach a host other
+    than this machine: no telemetry, no downloads (params name no hub source)."""
+    assert not _attempts(reference["net_log"]), "\n".join(_attempts(reference["net_log"])[:20])
+    # the recorder works: a lookup of another host from a process with this env is seen
+    probe = tmp_path / "probe.log"
+    code = "import socket, contextlib\nwith contextlib.suppress(OSError): socket.getaddrinfo('example.invalid', 80)"  # fmt: skip
+    _run([sys.executable, "-c", code], reference["root"],
+         {**reference["env"], "ATLAS_NET_LOG": str(probe)})  # fmt: skip
+    assert "socket.getaddrinfo example.invalid" in probe.read_text()
+
+
+def test_lm_killed_mid_training_resumes_and_matches(reference, copy_of, tmp_path):
+    root, env = copy_of
+    state = root / "data/models/tiny-a.partial/ckpt/state.json"
+
+    def training_checkpointed(_log: str) -> bool:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            return json.loads(state.read_text())["step"] >= 50
+        return False
+
+    _kill_part_way(root, env, "lm@tiny-a", training_checkpointed, tmp_path / "killed.log")
+    killed_at = json.loads(state.read_text())["step"]
+    assert 50 <= killed_at < 151  # 75 000 tokens / (16 x 31 per step) = 151 steps
+    beside = _check_killed_state(root, reference["lock"], "lm@tiny-a")
+    assert root / "data/models/tiny-a.partial" in beside
+    from stages.models import load_model
+
+    with pytest.raises(FileNotFoundError):  # what activations@tiny-a would load
+        load_model(root / "data/models/tiny-a")
+
+    out = _restore_then_rerun(root, env, reference, "lm@tiny-a")
+    # resumed: the progress bar starts at the checkpoint's step, not at 0 (the
+    # "resuming LM training" log line does not reach the terminal under Prefect)
+    shown = [int(n) for n in re.findall(r"lm train:\s+\d+%\|[^|]*\| (\d+)/151 ", out)]
+    assert shown and shown[0] == killed_at and shown[-1] == 151, shown[:5]
+    assert not _attempts(tmp_path / "net.log")
+
+
+def test_steering_killed_mid_run_restarts_and_matches(reference, copy_of, tmp_path):
+    root, env = copy_of
+    parent = root / "data/steering"
+
+    def concept_underway(_log: str) -> bool:
+        # the output's temporary folder exists: model, cache and SAEs are loaded and
+        # the first concept's vectors, sweep and decomposition are being computed
+        return any(parent.glob(".tiny-a.tmp-*"))
+
+    _kill_part_way(root, env, "steering@tiny-a", concept_underway, tmp_path / "killed.log")
+    beside = _check_killed_state(root, reference["lock"], "steering@tiny-a")
+    assert any(p.name.startswith(".tiny-a.tmp-") for p in beside)
+    from stages.steering import load_vector
+
+    with pytest.raises(FileNotFoundError):  # what align@tiny-a__tiny-b would load
+        load_vector(parent / "tiny-a/past_vs_present")
+
+    # the forced re-run also removes the killed run's temporary folder
+    _restore_then_rerun(root, env, reference, "steering@tiny-a")
+    assert not _attempts(tmp_path / "net.log")
+
+
+def test_align_killed_mid_run_restarts_and_matches(reference, copy_of, tmp_path):
+    root, env = copy_of
+
+    def correlating(log: str) -> bool:
+        # the streamed pass over both caches has begun (its progress bar)
+        return re.search(r"(^|[\r\n])align:\s+\d+%", log) is not None
+
+    _kill_part_way(root, env, "align@tiny-a__tiny-b", correlating, tmp_path / "killed.log")
+    _check_killed_state(root, reference["lock"], "align@tiny-a__tiny-b")
+    assert not (root / "data/alignment/tiny-a__tiny-b/scores.json").exists()
+
+    _restore_then_rerun(root, env, reference, "align@tiny-a__tiny-b")
+    assert not _attempts(tmp_path / "net.log")
