@@ -26,7 +26,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
-from flows.common import main
+from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
 from stages.tracking import stage_run
@@ -38,6 +38,22 @@ def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b):
 
     return align_pair(store_a, store_b, saes_a, saes_b, cfg,
                       best_latents_a=best_a, best_latents_b=best_b)  # fmt: skip
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
+def align_part(plan, c0: int, c1: int):
+    """One contiguous range of token chunks through every accumulator (a Dask worker)."""
+    from stages.alignment.pipeline import run_part
+
+    return run_part(plan, c0, c1)
+
+
+def parts_on_dask(plan, parts):
+    """`align_pair`'s map_parts: each part a task on the Dask cluster, results in order
+    (the float64 accumulators are merged in that order, as on the local path)."""
+    print(f"align: {len(parts)} parts of the token pass on Dask workers")
+    futures = [align_part.submit(plan, c0, c1) for c0, c1 in parts]
+    return [f.result() for f in futures]
 
 
 def transfer_steering(result, saes_a, saes_b, a: str, b: str, params) -> dict:
@@ -127,8 +143,14 @@ def align_flow(pair_name: str) -> dict:
         store_b = ActivationStore(Path("data/activations") / b)
         saes_a, best_a = load_saes(Path("data/saes") / a)
         saes_b, best_b = load_saes(Path("data/saes") / b)
-        result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
-                       best_a, best_b)  # fmt: skip
+        if params.compute.with_env().runner == "dask":
+            from stages.alignment.pipeline import align_pair
+
+            result = align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
+                                best_latents_b=best_b, map_parts=parts_on_dask)  # fmt: skip
+        else:
+            result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
+                           best_a, best_b)  # fmt: skip
         transfer = transfer_steering(result, saes_a, saes_b, a, b, params)
         out = Path("data/alignment") / pair_name
         with atomic_dir(out) as tmp:
@@ -160,4 +182,4 @@ def align_flow(pair_name: str) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python -m flows.align <A>__<B>")
-    main(lambda: align_flow(sys.argv[1]), f"align@{sys.argv[1]}")
+    main(lambda: with_runner(align_flow)(sys.argv[1]), f"align@{sys.argv[1]}")

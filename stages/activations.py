@@ -490,7 +490,7 @@ class CorruptStoreError(ValueError):
     """A chunk of the store fails its CRC32C checksum (a flipped byte, a bad copy)."""
 
 
-def read_rows(array: zarr.Array, lo: int, hi: int, root: Path) -> np.ndarray:
+def read_rows(array: zarr.Array, lo: int, hi: int, root: Path | str) -> np.ndarray:
     """`array[lo:hi]`, with a checksum failure reported as the shard file that holds it."""
     try:
         return array[lo:hi]
@@ -502,7 +502,7 @@ def read_rows(array: zarr.Array, lo: int, hi: int, root: Path) -> np.ndarray:
             try:
                 array[max(start, lo) : min(start + step, hi)]
             except ValueError:
-                shard = Path(root) / array.path / "c" / str(start // step) / "0"
+                shard = f"{str(root).rstrip('/')}/{array.path}/c/{start // step}/0"
                 raise CorruptStoreError(
                     f"{shard}: stored data fails its CRC32C checksum (rows {start}.."
                     f"{start + step - 1} of '{array.path}'); the file is corrupt: restore it "
@@ -519,7 +519,7 @@ class ActivationSource:
     """
 
     def __init__(self, array: zarr.Array, lo: int, hi: int, name: str, root: Path = Path(".")):
-        self.array, self.lo, self.hi, self.name, self.root = array, lo, hi, name, Path(root)
+        self.array, self.lo, self.hi, self.name, self.root = array, lo, hi, name, root
         self.n_rows = hi - lo
         self.d_in = int(array.shape[1])
         self.chunk_rows = int(array.chunks[0])
@@ -534,16 +534,27 @@ class ActivationSource:
 
 
 class ActivationStore:
-    """Read side of the store. Every reader goes through this class."""
+    """Read side of the store. Every reader goes through this class.
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    `path` is a local folder or any fsspec URL (`s3://bucket/acts/toy-a`, `gs://...`),
+    with `storage_options` for the filesystem (endpoint, credentials); e.g. SAEs trained
+    on a cluster straight from a store in object storage (`dvc push` puts it there).
+    """
+
+    def __init__(self, path: str | Path, storage_options: dict | None = None):
+        from upath import UPath
+
+        self.path = UPath(path, **(storage_options or {}))
         if not (self.path / "zarr.json").exists():
             raise FileNotFoundError(
                 f"{self.path}: no activation store here; expected the activations stage's "
                 "output (run `dvc repro activations`)"
             )
-        self.group = zarr.open_group(self.path, mode="r")
+        if self.path.protocol in ("", "file", "local"):
+            self.group = zarr.open_group(Path(self.path), mode="r")
+        else:
+            self.group = zarr.open_group(str(self.path), mode="r",
+                                         storage_options=self.path.storage_options)  # fmt: skip
         self.attrs = dict(self.group.attrs)
         self.hooks: list[str] = list(self.attrs["hooks"])
         self.n_rows: int = int(self.attrs["n_rows"])

@@ -31,7 +31,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,11 +95,16 @@ class AlignConfig:
     n_samples: int = 2048  # subsample for mutual kNN, RSA, unbiased CKA, SVCCA, p-values
     knn_k: int = 10
     self_check_tokens: int = 16_384  # tokens for the SAE-with-itself sanity check
+    # The pass over the tokens runs as n_parts contiguous ranges of chunks whose float64
+    # accumulators are merged in order: on Dask workers or one after another, the same
+    # numbers either way (the result depends on n_parts, never on the runner).
+    n_parts: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:
         ints = {"max_tokens": 2, "chunk_rows": 1, "n_null": 1, "top_k": 1, "n_permutations": 0,
-                "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2}  # fmt: skip
+                "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2,
+                "n_parts": 1}  # fmt: skip
         for name, low in ints.items():
             if getattr(self, name) < low:
                 raise ValueError(
@@ -229,6 +234,11 @@ class _ConceptCounts:
         self.fires += fired.sum(0)
         self.pos += lab.sum(0)
 
+    def merge(self, other: _ConceptCounts) -> None:
+        self.tp += other.tp
+        self.fires += other.fires
+        self.pos += other.pos
+
     def best(self, names: Sequence[str]) -> dict[str, int]:
         f1 = binary_f1_counts(self.tp, self.fires[None, :] - self.tp, self.pos[:, None] - self.tp)
         best = f1.argmax(dim=1)
@@ -260,6 +270,19 @@ class _PairState:
         if self.concepts_a is not None:
             self.concepts_a.update(fa, labels_a)
             self.concepts_b.update(fb, labels_b)
+
+    def merge(self, other: _PairState) -> None:
+        """Absorb the same pair's accumulators over a later range of tokens."""
+        self.corr.merge(other.corr)
+        for mine, theirs in zip(self.nulls, other.nulls, strict=True):
+            mine.merge(theirs)
+        if self.self_corr.n_tokens < self.self_tokens:  # the self-check's tokens come
+            self.self_corr.merge(other.self_corr)  # from the first parts
+        self.top_a.merge(other.top_a)
+        self.top_b.merge(other.top_b)
+        if self.concepts_a is not None:
+            self.concepts_a.merge(other.concepts_a)
+            self.concepts_b.merge(other.concepts_b)
 
 
 def _max_ba(corr: np.ndarray) -> Matches:
@@ -493,6 +516,98 @@ def _concept_names(store_a: RowStore, store_b: RowStore) -> list[str]:
     return names[0]
 
 
+@dataclass
+class PassPlan:
+    """Everything a part of the pass needs; picklable, so a Dask worker can run a part."""
+
+    store_a: RowStore
+    store_b: RowStore
+    rows_a: np.ndarray
+    rows_b: np.ndarray
+    bounds: list[tuple[int, int]]  # chunks: [lo, hi) positions in the aligned rows
+    sigmas: list[np.ndarray]  # the null passes' chunk derangements
+    pairs: list[tuple]  # (hook_a, hook_b, name_a, name_b, sae_a, sae_b)
+    grid_a: list[str]
+    grid_b: list[str]
+    ka: dict[str, str]
+    kb: dict[str, str]
+    dims: dict[str, int]
+    n_concepts: int
+    cfg: AlignConfig
+
+    def parts(self) -> list[tuple[int, int]]:
+        """`cfg.n_parts` contiguous ranges of chunk indices (fewer if there are few chunks)."""
+        edges = np.linspace(0, len(self.bounds), min(self.cfg.n_parts, len(self.bounds)) + 1)
+        edges = np.unique(edges.round().astype(int))
+        return list(itertools.pairwise(edges.tolist()))
+
+
+@dataclass
+class PassState:
+    """A part's accumulators; `merge` absorbs the next part's."""
+
+    moments: CentredMoments
+    states: list[_PairState]
+    sampler: _RowSample
+
+    def merge(self, other: PassState) -> None:
+        self.moments.merge(other.moments)
+        for mine, theirs in zip(self.states, other.states, strict=True):
+            mine.merge(theirs)
+        self.sampler.merge(other.sampler)
+
+
+@torch.inference_mode()
+def run_part(plan: PassPlan, c0: int, c1: int) -> PassState:
+    """Stream chunks c0..c1-1 of the aligned tokens through every accumulator."""
+    cfg, ka, kb = plan.cfg, plan.ka, plan.kb
+    store_a, store_b, grid_a, grid_b = plan.store_a, plan.store_b, plan.grid_a, plan.grid_b
+    states = [_PairState(*p, cfg, plan.n_concepts) for p in plan.pairs]
+    products = [(k, k) for k in plan.dims] + [(ka[a], kb[b]) for a in grid_a for b in grid_b]
+    # float32 block products into float64 sums: the activations are float16 on disk, and
+    # _moments.py measures ~1e-6 error for this scheme, far below the sampling error.
+    moments = CentredMoments(plan.dims, products, matmul_dtype=torch.float32, block_rows=4096)
+    sampler = _RowSample(
+        [*plan.dims, *(_latent_key(s, st) for st in states for s in "ab")], cfg.n_samples,
+        cfg.seed,
+    )  # fmt: skip
+    null_hooks = sorted({st.hook_b for st in states})
+
+    def labels(store: RowStore, rows: np.ndarray) -> torch.Tensor | None:
+        if not plan.n_concepts:
+            return None
+        return torch.from_numpy(read_rows(store.array("concept_labels"), rows))
+
+    for i in range(c0, c1):
+        lo, hi = plan.bounds[i]
+        ra, rb = plan.rows_a[lo:hi], plan.rows_b[lo:hi]
+        xa = {h: _acts(store_a, h, ra) for h in grid_a}
+        xb = {h: _acts(store_b, h, rb) for h in grid_b}
+        chunk = {ka[h]: x for h, x in xa.items()} | {kb[h]: x for h, x in xb.items()}
+        moments.update(chunk)
+        lab_a, lab_b = labels(store_a, ra), labels(store_b, rb)
+        token_index = torch.arange(lo, hi)
+        nulls_b = []
+        for k, sigma in enumerate(plan.sigmas):
+            jlo, jhi = plan.bounds[int(sigma[i])]
+            rows = plan.rows_b[jlo:jhi]
+            rows = rows[np.random.default_rng([cfg.seed, k, i]).permutation(len(rows))]
+            nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]) for h in null_hooks})
+        for st in states:
+            fa, fb = st.sae_a.encode(xa[st.hook_a]), st.sae_b.encode(xb[st.hook_b])
+            st.update(fa, fb, token_index, lab_a, lab_b)
+            chunk[_latent_key("a", st)], chunk[_latent_key("b", st)] = fa, fb
+            for acc, xn in zip(st.nulls, nulls_b, strict=True):
+                fn = st.sae_b.encode(xn[st.hook_b])
+                acc.update(fa[: len(fn)], fn)
+        sampler.update(chunk, chunk_id=i, row0=lo)
+    return PassState(moments, states, sampler)
+
+
+def _map_in_order(plan: PassPlan, parts: list[tuple[int, int]]) -> list[PassState]:
+    return [run_part(plan, c0, c1) for c0, c1 in tqdm(parts, desc="align", unit="part")]
+
+
 @torch.inference_mode()
 def align_pair(
     store_a: RowStore,
@@ -504,6 +619,7 @@ def align_pair(
     best_latents_a: BestLatents | None = None,
     best_latents_b: BestLatents | None = None,
     progress: bool = True,
+    map_parts: Callable[[PassPlan, list[tuple[int, int]]], list[PassState]] | None = None,
 ) -> AlignmentResult:
     """Align model A's features with model B's (see the module docstring).
 
@@ -511,8 +627,13 @@ def align_pair(
     uses `best_latents_*` (hook -> name -> concept -> latent, from the SAEs'
     metrics.json) when given, else each concept's best latent by F1 on the aligned
     tokens, from the stores' concept labels.
+
+    `map_parts(plan, parts)` runs `run_part(plan, lo, hi)` for every part and returns
+    the results in order (default: one after another here; `flows/align.py` hands the
+    parts to Dask workers).
     """
     cfg = cfg or AlignConfig()
+    _ = progress  # per-part progress bars would interleave; the flow logs parts instead
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     alignment: TokenAlignment = align_tokens(store_a, store_b)
@@ -539,46 +660,20 @@ def align_pair(
     ka = {h: f"a:{h}" for h in grid_a}
     kb = {h: f"b:{h}" for h in grid_b}
     dims = {ka[h]: store_a.d(h) for h in grid_a} | {kb[h]: store_b.d(h) for h in grid_b}
-    products = [(k, k) for k in dims] + [(ka[a], kb[b]) for a in grid_a for b in grid_b]
-    # float32 block products into float64 sums: the activations are float16 on disk, and
-    # _moments.py measures ~1e-6 error for this scheme, far below the sampling error.
-    moments = CentredMoments(dims, products, matmul_dtype=torch.float32, block_rows=4096)
-    sampler = _RowSample(
-        [*dims, *(_latent_key(s, st) for st in states for s in "ab")], cfg.n_samples, cfg.seed
-    )
-
     bounds = _chunk_bounds(chosen.rows_a, cfg.chunk_rows, int(store_a.array(grid_a[0]).chunks[0]))
     rng = np.random.default_rng(cfg.seed)
-    sigmas = [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)]
-    null_hooks = sorted({st.hook_b for st in states})
-
-    def labels(store: RowStore, rows: np.ndarray) -> torch.Tensor | None:
-        return (
-            torch.from_numpy(read_rows(store.array("concept_labels"), rows)) if concepts else None
-        )
-
-    for i, (lo, hi) in enumerate(tqdm(bounds, desc="align", unit="chunk", disable=not progress)):
-        ra, rb = chosen.rows_a[lo:hi], chosen.rows_b[lo:hi]
-        xa = {h: _acts(store_a, h, ra) for h in grid_a}
-        xb = {h: _acts(store_b, h, rb) for h in grid_b}
-        chunk = {ka[h]: x for h, x in xa.items()} | {kb[h]: x for h, x in xb.items()}
-        moments.update(chunk)
-        lab_a, lab_b = labels(store_a, ra), labels(store_b, rb)
-        token_index = torch.arange(lo, hi)
-        nulls_b = []
-        for k, sigma in enumerate(sigmas):
-            jlo, jhi = bounds[int(sigma[i])]
-            rows = chosen.rows_b[jlo:jhi]
-            rows = rows[np.random.default_rng([cfg.seed, k, i]).permutation(len(rows))]
-            nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]) for h in null_hooks})
-        for st in states:
-            fa, fb = st.sae_a.encode(xa[st.hook_a]), st.sae_b.encode(xb[st.hook_b])
-            st.update(fa, fb, token_index, lab_a, lab_b)
-            chunk[_latent_key("a", st)], chunk[_latent_key("b", st)] = fa, fb
-            for acc, xn in zip(st.nulls, nulls_b, strict=True):
-                fn = st.sae_b.encode(xn[st.hook_b])
-                acc.update(fa[: len(fn)], fn)
-        sampler.update(chunk)
+    plan = PassPlan(
+        store_a, store_b, chosen.rows_a, chosen.rows_b, bounds,
+        [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)],
+        [(st.hook_a, st.hook_b, st.name_a, st.name_b, st.sae_a, st.sae_b) for st in states],
+        grid_a, grid_b, ka, kb, dims, len(concepts), cfg,
+    )  # fmt: skip
+    parts = plan.parts()
+    results = (map_parts or _map_in_order)(plan, parts)
+    acc = results[0]
+    for other in results[1:]:
+        acc.merge(other)
+    moments, states, sampler = acc.moments, acc.states, acc.sampler
     timings["pass"] = time.perf_counter() - t0 - timings["align_tokens"]
 
     with _single_threaded_blas():

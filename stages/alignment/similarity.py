@@ -512,25 +512,47 @@ def similarity_scores(
 class _RowSample:
     """A seeded uniform sample of n_samples rows from a stream of unknown length.
 
-    Each row gets a uniform key from one seeded generator; the sample is the rows with
-    the n_samples smallest keys (a vectorised reservoir sample). Keys depend only on the
-    seed and the row's position in the stream, so every stream sampled with the same seed
-    and chunking keeps the same tokens — which is what keeps A and B paired.
+    Each row gets a uniform key, the sample is the rows with the n_samples smallest keys
+    (a vectorised reservoir sample). A chunk's keys come from a generator seeded by
+    (seed, chunk number), so they depend only on the seed and the chunking: every stream
+    sampled with the same seed and chunking keeps the same tokens — which is what keeps
+    A and B paired — and samplers over consecutive ranges of chunks `merge` into exactly
+    the sample of one sampler over all of them.
     """
 
     def __init__(self, keys: Sequence[str], n_samples: int, seed: int) -> None:
         if n_samples < 1:
             raise ValueError(f"n_samples = {n_samples}, expected an integer >= 1")
-        self.n_samples = n_samples
-        self._rng = np.random.default_rng(seed)
+        self.n_samples, self.seed = n_samples, seed
         self._keys = np.empty(0)
         self._index = np.empty(0, dtype=np.int64)
         self._rows: dict[str, np.ndarray] = {k: np.empty((0, 0)) for k in keys}
         self._seen = 0
+        self._chunks = 0
 
-    def update(self, chunks: Mapping[str, torch.Tensor]) -> None:
+    def update(self, chunks: Mapping[str, torch.Tensor], chunk_id: int | None = None,
+               row0: int | None = None) -> None:  # fmt: skip
+        """Absorb the next chunk: `chunk_id` and `row0` (its number and first row in the
+        whole stream) default to counting from this sampler's first chunk."""
         n_c = next(iter(chunks.values())).shape[0]
-        keys = self._rng.random(n_c)
+        cid = self._chunks if chunk_id is None else chunk_id
+        first = self._seen if row0 is None else row0
+        keys = np.random.default_rng([self.seed, cid]).random(n_c)
+
+        def take(sel: np.ndarray) -> dict[str, np.ndarray]:  # only the kept rows, as float64
+            t = torch.from_numpy(sel)
+            return {name: c[t].to(torch.float64).numpy() for name, c in chunks.items()}
+
+        self._absorb(keys, first + np.arange(n_c), take)
+        self._seen = first + n_c
+        self._chunks = cid + 1
+
+    def merge(self, other: _RowSample) -> None:
+        """Absorb a sampler over other chunks of the same stream (same seed)."""
+        self._absorb(other._keys, other._index,
+                     lambda sel: {n: r[sel] for n, r in other._rows.items() if r.size})  # fmt: skip
+
+    def _absorb(self, keys: np.ndarray, index: np.ndarray, take) -> None:
         all_keys = np.concatenate([self._keys, keys])
         if all_keys.size > self.n_samples:
             threshold = np.partition(all_keys, self.n_samples - 1)[self.n_samples - 1]
@@ -539,12 +561,14 @@ class _RowSample:
         keep_old = self._keys <= threshold
         keep_new = np.flatnonzero(keys <= threshold)
         self._keys = np.concatenate([self._keys[keep_old], keys[keep_new]])
-        self._index = np.concatenate([self._index[keep_old], self._seen + keep_new])
-        for name, chunk in chunks.items():
-            new = chunk[torch.from_numpy(keep_new)].to(torch.float64).numpy()
+        self._index = np.concatenate([self._index[keep_old], index[keep_new]])
+        if not keep_new.size:
+            for name, old in self._rows.items():
+                self._rows[name] = old[keep_old] if old.size else old
+            return
+        for name, kept in take(keep_new).items():
             old = self._rows[name]
-            self._rows[name] = new if old.size == 0 else np.concatenate([old[keep_old], new])
-        self._seen += n_c
+            self._rows[name] = kept if old.size == 0 else np.concatenate([old[keep_old], kept])
 
     def result(self) -> dict[str, np.ndarray]:
         """Sampled rows per stream, in stream order."""

@@ -283,13 +283,16 @@ def _out_md5s(lock: dict) -> dict[str, str]:
 
 
 def test_two_clean_runs_give_byte_identical_outputs(project, tmp_path_factory, prefect_api):
-    """A second project from scratch, same params: every DVC output's md5 in dvc.lock is
-    the same, except `reports/` (its captions carry the MLflow run id by design)."""
+    """A second project from scratch, same params, this time on a 2-worker local Dask
+    cluster (ATLAS_RUNNER=dask: caching in shard runs, one SAE per worker): every DVC
+    output's md5 in dvc.lock is the same as the local run's, except `reports/` (its
+    captions carry the MLflow run id by design)."""
     root = tmp_path_factory.mktemp("atlas-again")
-    env = scratch_project(root, TINY, prefect_api)
+    env = scratch_project(root, TINY, prefect_api, ATLAS_RUNNER="dask", ATLAS_DASK_WORKERS="2")
     _run(["git", "init", "-q"], root, env)
     _run(["dvc", "init", "-q"], root, env)
-    _run(["dvc", "repro", "align@tiny-a__tiny-b"], root, env)
+    out = _run(["dvc", "repro", "align@tiny-a__tiny-b"], root, env)
+    assert "shards in 2 runs on Dask workers" in out.stdout  # the distributed path ran
     again = _out_md5s(yaml.safe_load((root / "dvc.lock").read_text()))
     first = _out_md5s(project["lock"])
     assert "reports" in first and "reports" not in again

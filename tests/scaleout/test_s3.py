@@ -89,3 +89,35 @@ def test_dvc_push_then_pull_from_an_s3_remote(tmp_path, s3_server):
     after = {p.relative_to(root): p.read_bytes() for p in (root / "out").rglob("*") if p.is_file()}
     assert after == before
     assert "up to date" in _dvc(root, env, "status").lower()
+
+
+def test_activation_store_reads_from_s3_and_names_a_corrupt_shard(s3_server, tmp_path):
+    """A store pushed to object storage is read in place: same rows, same SAE training
+    input, and a flipped byte there is reported with the shard's s3:// URL."""
+    import numpy as np
+    import pytest
+
+    from stages.activations import ActivationStore, CorruptStoreError
+    from tests.backbone import _cache_script
+
+    local = tmp_path / "store"
+    _cache_script.run(local)
+    fs = fsspec.filesystem("s3", **s3_server.storage_options)
+    url = s3_server.url("acts/tiny")
+    fs.put(str(local), url, recursive=True)
+    a, b = ActivationStore(local), ActivationStore(url, s3_server.storage_options)
+    assert b.hooks == a.hooks and b.n_rows == a.n_rows and str(b.path) == url
+    for name in [*a.hooks, "token_ids", "doc_ids"]:
+        assert np.array_equal(a.read(name), b.read(name)), name
+    src = b.source(a.hooks[0], "train")
+    assert np.array_equal(src.read(64, 192), a.source(a.hooks[0], "train").read(64, 192))
+
+    shard = f"{url}/{a.hooks[1]}/c/1/0"
+    data = bytearray(fs.cat(shard))
+    data[len(data) // 2] ^= 0xFF
+    fs.pipe(shard, bytes(data))
+    fs.invalidate_cache()
+    with pytest.raises(CorruptStoreError, match=f"{shard}: stored data fails its CRC32C"):
+        ActivationStore(url, s3_server.storage_options).read(a.hooks[1])
+    with pytest.raises(FileNotFoundError, match="no activation store here"):
+        ActivationStore(s3_server.url("acts/none"), s3_server.storage_options)
