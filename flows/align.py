@@ -41,10 +41,15 @@ def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b):
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
-def align_part(plan, c0: int, c1: int):
-    """One contiguous range of token chunks through every accumulator (a Dask worker)."""
+def align_part(plan, c0: int, c1: int, threads: int):
+    """One contiguous range of token chunks through every accumulator (a Dask worker),
+    with the flow process's torch thread count, as on the local path (see flows/saes.py
+    `fit_one`: full reductions split their sums by thread)."""
+    import torch
+
     from stages.alignment.pipeline import run_part
 
+    torch.set_num_threads(threads)
     return run_part(plan, c0, c1)
 
 
@@ -52,7 +57,10 @@ def parts_on_dask(plan, parts):
     """`align_pair`'s map_parts: each part a task on the Dask cluster, results in order
     (the float64 accumulators are merged in that order, as on the local path)."""
     print(f"align: {len(parts)} parts of the token pass on Dask workers")
-    futures = [align_part.submit(plan, c0, c1) for c0, c1 in parts]
+    import torch
+
+    threads = torch.get_num_threads()
+    futures = [align_part.submit(plan, c0, c1, threads) for c0, c1 in parts]
     return [f.result() for f in futures]
 
 

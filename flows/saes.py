@@ -82,11 +82,17 @@ def _worker_inputs(store_dir: str, model_dir: str):
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
 def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every: int,
-            eval_params):  # fmt: skip
+            eval_params, threads: int):  # fmt: skip
     """One SAE, trained and evaluated on a Dask worker: alone it sees exactly the batches
-    it sees in a shared pass (the loader is seeded by (batch_size, seed), not by company)."""
+    it sees in a shared pass (the loader is seeded by (batch_size, seed), not by company).
+    With the flow process's torch thread count: full reductions (the input-scale
+    estimate, loss normalisers) split their sums by thread, so the count is part of the
+    result — the same count gives the local path's bytes."""
+    import torch
+
     from stages.sae import train_saes
 
+    torch.set_num_threads(threads)
     store, model = _worker_inputs(store_dir, model_dir)
     (r,) = train_saes(store.source(hook, "train"), [config], checkpoint_dir=ckpt,
                       checkpoint_every=every, progress=False)  # fmt: skip
@@ -100,8 +106,11 @@ def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path
     for hook, configs in plan.items():
         _discard_stale_checkpoints(partial / hook, data_fp, configs)
     if compute.runner == "dask":
+        import torch
+
+        threads = torch.get_num_threads()
         futures = [(hook, fit_one.submit(str(store_dir), str(model_dir), hook, c, partial / hook,
-                                         sp.checkpoint_every, sp.eval))
+                                         sp.checkpoint_every, sp.eval, threads))
                    for hook, configs in plan.items() for c in configs]  # fmt: skip
         for hook, f in futures:
             yield (hook, *f.result())
