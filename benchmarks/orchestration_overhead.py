@@ -88,7 +88,9 @@ def main() -> None:
         while not prefect_server_up(url):
             time.sleep(0.1)
         rows.append(("prefect server start (once per atlas run)", time.perf_counter() - t0))
-        rows.append(("Prefect flow, running server", best(FLOW, {**base, "PREFECT_API_URL": url}, work)))
+        rows.append(
+            ("Prefect flow, running server", best(FLOW, {**base, "PREFECT_API_URL": url}, work))
+        )
     finally:
         server.terminate()
         server.wait()

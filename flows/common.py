@@ -83,7 +83,7 @@ def main(run: Callable[[], object], stage: str) -> None:
     user-facing errors end with one `error:` line and exit code 1.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "alembic", "mlflow", "prefect"):
+    for noisy in ("httpx", "alembic", "mlflow", "prefect", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from stages.config import ParamsError, load_params
 
