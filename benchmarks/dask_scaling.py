@@ -53,7 +53,7 @@ def project(root: Path, model: str, n_saes: int, steps: int) -> None:
     saes = [{"architecture": "topk", "expansion_factor": 8, "k": 8 * (i + 1), "lr": 0.001,
              "n_training_tokens": 4096 * steps, "batch_size": 4096, "seed": 0}
             for i in range(n_saes)]  # fmt: skip
-    params["saes"]["sweep"] = {model: [{"hooks": [hook], "saes": saes}]}
+    params["saes"]["sweep"] = {m: [{"hooks": [hook], "saes": saes}] for m in params["models"]}
     for key in ("steering", "align"):
         params.pop(key, None)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

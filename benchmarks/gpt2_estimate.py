@@ -55,9 +55,10 @@ def forward_flops_per_token() -> float:
 
 
 def sae_flops_per_token() -> float:
-    """TopK training step: dense encoder forward + its two backward products; the
-    decoder touches k rows (forward and backward)."""
-    return 3 * 2 * D * D_SAE + 3 * 2 * K * D
+    """TopK training step as our trainer runs it (stages/sae/sparse_ops.py): one dense
+    encoder GEMM; decode, the two decoder products and the encoder weight grad touch only
+    the k selected latents (AuxK adds a few more k-sparse products: left out)."""
+    return 2 * D * D_SAE + 4 * 2 * K * D
 
 
 def measure_caching(n_windows: int) -> tuple[float, float]:
