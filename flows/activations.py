@@ -95,7 +95,7 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int) -> d
     futures = [cache_part.submit(str(Path("data/models") / name), plan, r) for r in runs]
     stats = [f.result() for f in futures]
     finish_cache(plan)
-    return summarize_cache(plan, stats, todo[0] if todo and todo[0] > 0 else 0)
+    return summarize_cache(plan, stats, todo)
 
 
 @flow(name="activations")

@@ -35,7 +35,7 @@ DOWNSTREAM = ("ce_loss_recovered", "kl_sae", "random_to_sae_kl_ratio")
 
 def _flat_metrics(m: dict) -> dict[str, float]:
     """Headline metrics, rounded as in metrics.json (same bytes on any thread count)."""
-    from stages.sae.io import METRIC_DIGITS
+    from stages.sae.io import round_metric
 
     out = {k: m[k] for k in HEADLINE if isinstance(m.get(k), int | float)}
     down = m.get("downstream") or {}
@@ -43,7 +43,7 @@ def _flat_metrics(m: dict) -> dict[str, float]:
     gt = m.get("ground_truth") or {}
     if isinstance(gt.get("mean_best_f1"), int | float):
         out["mean_best_f1"] = gt["mean_best_f1"]
-    return {k: float(f"{v:.{METRIC_DIGITS}g}") for k, v in out.items()}
+    return {k: round_metric(v) for k, v in out.items()}
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)

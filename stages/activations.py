@@ -446,13 +446,14 @@ def cache_activations(
     """
     plan = prepare_cache(model, model_name, hooks, inputs, params, out, model_hash, extra_attrs)
     todo = plan.todo()
-    resumed = todo[0] if todo and todo[0] > 0 else 0
     stats = [cache_shards(model, plan, run) for run in shard_runs(todo, 1)]
     finish_cache(plan)
-    return summarize_cache(plan, stats, resumed)
+    return summarize_cache(plan, stats, todo)
 
 
-def summarize_cache(plan: CachePlan, stats: list[dict], resumed_from: int = 0) -> dict:
+def summarize_cache(plan: CachePlan, stats: list[dict], todo: list[int]) -> dict:
+    """The summary of a cache run: `stats` from `cache_shards`, `todo` the shards that
+    were still to do when it started (a resumed run starts after shard 0)."""
     done_rows = sum(s["rows_computed"] for s in stats)
     t_forward = sum(s["forward_s"] for s in stats)
     return {
@@ -462,7 +463,7 @@ def summarize_cache(plan: CachePlan, stats: list[dict], resumed_from: int = 0) -
         "forward_s": t_forward,
         "enqueue_wait_s": sum(s["enqueue_wait_s"] for s in stats),
         "tokens_per_s_forward": done_rows / max(t_forward, 1e-9),
-        "resumed_from_shard": resumed_from,
+        "resumed_from_shard": todo[0] if todo else 0,
     }
 
 

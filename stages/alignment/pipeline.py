@@ -644,16 +644,13 @@ def align_pair(
     grid_a, grid_b = list(store_a.hooks), list(store_b.hooks)
     sae_pairs = _sae_pairs(hook_pairs, saes_a, saes_b, cfg.sae_names)
     concepts = _concept_names(store_a, store_b)
-    states = [
-        _PairState(ha, hb, n, n, saes_a[ha][n], saes_b[hb][n], cfg, len(concepts))
-        for ha, hb, n in sae_pairs
-    ]
-    for st in states:
-        for side, hook, sae, store in (("A", st.hook_a, st.sae_a, store_a),
-                                       ("B", st.hook_b, st.sae_b, store_b)):  # fmt: skip
+    # (hook_a, hook_b, name_a, name_b, sae_a, sae_b): each part builds its accumulators
+    specs = [(ha, hb, n, n, saes_a[ha][n], saes_b[hb][n]) for ha, hb, n in sae_pairs]
+    for ha, hb, name, _, sae_a, sae_b in specs:
+        for side, hook, sae, store in (("A", ha, sae_a, store_a), ("B", hb, sae_b, store_b)):
             if sae.d_in != store.d(hook):
                 raise ValueError(
-                    f"SAE {st.name_a!r} of model {side} has d_in = {sae.d_in} but {store.path} "
+                    f"SAE {name!r} of model {side} has d_in = {sae.d_in} but {store.path} "
                     f"caches {hook} with width {store.d(hook)}"
                 )
 
@@ -665,8 +662,7 @@ def align_pair(
     plan = PassPlan(
         store_a, store_b, chosen.rows_a, chosen.rows_b, bounds,
         [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)],
-        [(st.hook_a, st.hook_b, st.name_a, st.name_b, st.sae_a, st.sae_b) for st in states],
-        grid_a, grid_b, ka, kb, dims, len(concepts), cfg,
+        specs, grid_a, grid_b, ka, kb, dims, len(concepts), cfg,
     )  # fmt: skip
     parts = plan.parts()
     results = (map_parts or _map_in_order)(plan, parts)

@@ -56,7 +56,7 @@ def _json_safe(obj: Any, sig: int | None = None) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None  # strict JSON has no NaN / inf
     if isinstance(obj, float) and sig is not None:
-        return float(f"{obj:.{sig}g}")
+        return round_metric(obj, sig)
     if isinstance(obj, torch.Tensor):
         return _json_safe(obj.tolist(), sig)
     return obj
@@ -66,6 +66,11 @@ def _json_safe(obj: Any, sig: int | None = None) -> Any:
 # (2 in a local process, 1 in a default Dask worker). 10 significant digits keeps every
 # meaningful digit and makes metrics.json the same bytes wherever it was computed.
 METRIC_DIGITS = 10
+
+
+def round_metric(x: float, sig: int = METRIC_DIGITS) -> float:
+    """`x` to `sig` significant digits (what metrics.json and the sweep plots store)."""
+    return float(f"{x:.{sig}g}")
 
 
 def save_sae(
