@@ -65,6 +65,11 @@ def with_runner(flow_obj, compute=None):
     return flow_obj.with_options(task_runner=runner)
 
 
+def _device_key() -> str:
+    """How an error names the device setting: the variable when it came from there."""
+    return "ATLAS_DEVICE" if os.environ.get("ATLAS_DEVICE") else "params.yaml: compute.device"
+
+
 def transient_only(task, task_run, state) -> bool:
     """Retry condition: retry I/O-ish failures, never bad input (it would fail again)."""
     try:
@@ -85,11 +90,12 @@ def main(run: Callable[[], object], stage: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow", "prefect", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from stages.compute import DeviceError, resolve_device
     from stages.config import ParamsError, load_params
 
     try:
-        load_params()
-    except ParamsError as e:
+        resolve_device(load_params().compute.with_env().device, _device_key())
+    except (ParamsError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     setup_env()

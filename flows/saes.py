@@ -47,14 +47,14 @@ def _flat_metrics(m: dict) -> dict[str, float]:
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
-def train(source, configs, ckpt: Path, every: int):
+def train(source, configs, ckpt: Path, every: int, dev):
     from stages.sae import train_saes
 
-    return train_saes(source, configs, checkpoint_dir=ckpt, checkpoint_every=every)
+    return train_saes(source, configs, checkpoint_dir=ckpt, checkpoint_every=every, device=dev)
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(result, store, model, hook: str, eval_params):
+def evaluate(result, store, model, hook: str, eval_params, dev):
     import torch
 
     from stages.sae import SliceSource, evaluate_sae
@@ -67,7 +67,7 @@ def evaluate(result, store, model, hook: str, eval_params):
     return evaluate_sae(
         result.sae, heldout, model=model, hook_name=hook,
         tokens=store.windows("heldout", eval_params.ce_windows),
-        labels=labels, concept_names=store.concept_names or None, max_rows=n,
+        labels=labels, concept_names=store.concept_names or None, max_rows=n, device=dev,
     )  # fmt: skip
 
 
@@ -82,7 +82,7 @@ def _worker_inputs(store_dir: str, model_dir: str):
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
 def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every: int,
-            eval_params, threads: int):  # fmt: skip
+            eval_params, threads: int, dev):  # fmt: skip
     """One SAE, trained and evaluated on a Dask worker: alone it sees exactly the batches
     it sees in a shared pass (the loader is seeded by (batch_size, seed), not by company).
     With the flow process's torch thread count: full reductions (the input-scale
@@ -95,12 +95,12 @@ def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every
     torch.set_num_threads(threads)
     store, model = _worker_inputs(store_dir, model_dir)
     (r,) = train_saes(store.source(hook, "train"), [config], checkpoint_dir=ckpt,
-                      checkpoint_every=every, progress=False)  # fmt: skip
-    return r, evaluate.fn(r, store, model, hook, eval_params)
+                      checkpoint_every=every, progress=False, device=dev)  # fmt: skip
+    return r, evaluate.fn(r, store, model, hook, eval_params, dev)
 
 
 def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path, sp,
-             data_fp: dict, compute):  # fmt: skip
+             data_fp: dict, compute, dev):  # fmt: skip
     """(hook, TrainResult, EvalResult) for every planned SAE, in plan order: one shared
     pass per hook locally, or one SAE per Dask task."""
     for hook, configs in plan.items():
@@ -110,16 +110,16 @@ def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path
 
         threads = torch.get_num_threads()
         futures = [(hook, fit_one.submit(str(store_dir), str(model_dir), hook, c, partial / hook,
-                                         sp.checkpoint_every, sp.eval, threads))
+                                         sp.checkpoint_every, sp.eval, threads, dev))
                    for hook, configs in plan.items() for c in configs]  # fmt: skip
         for hook, f in futures:
             yield (hook, *f.result())
         return
     for hook, configs in plan.items():
         results = train(quote(store.source(hook, "train")), configs, partial / hook,
-                        sp.checkpoint_every)  # fmt: skip
+                        sp.checkpoint_every, dev)  # fmt: skip
         for r in results:
-            yield hook, r, evaluate(quote(r), quote(store), quote(model), hook, sp.eval)
+            yield hook, r, evaluate(quote(r), quote(store), quote(model), hook, sp.eval, dev)
 
 
 def _pareto_figure(rows: list[dict], model: str):
@@ -148,6 +148,7 @@ def _pareto_figure(rows: list[dict], model: str):
 @flow(name="saes")
 def saes_flow(name: str) -> dict:
     from stages.activations import ActivationStore
+    from stages.compute import Device
     from stages.models import load_model
     from stages.sae import save_sae
 
@@ -158,14 +159,17 @@ def saes_flow(name: str) -> dict:
     store_dir, model_dir = Path("data/activations") / name, Path("data/models") / name
     out, partial = Path("data/saes") / name, Path("data/saes") / f"{name}.partial"
     logged = {**flatten(sp.sweep[name], f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
-    with stage_run(f"saes@{name}", logged, {"activations": store_dir, "model": model_dir}) as run:
+    compute = params.compute.with_env()
+    dev = Device.from_params(compute)
+    inputs = {"activations": store_dir, "model": model_dir}
+    with stage_run(f"saes@{name}", logged, inputs, dev.tags()) as run:
         store = ActivationStore(store_dir)
         model = load_model(model_dir)
         rows, metrics = [], {}
         data_fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir)}
         with atomic_dir(out) as tmp:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
-                            params.compute.with_env())  # fmt: skip
+                            compute, dev)  # fmt: skip
             for hook, r, ev in fits:
                 folder = tmp / hook / r.name
                 save_sae(folder, r.sae, hook_name=hook, model_name=name,

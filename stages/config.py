@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -195,6 +195,25 @@ class StoreParams(_Strict):
     max_train_tokens: PosInt | None = None
     shard_rows: PosInt = 65_536
     chunk_rows: PosInt = 8_192
+    # Write stores to object storage (s3://bucket/prefix, gs://..., file:///shared/...)
+    # at <url>/<model>/<fingerprint[:16]>/; DVC then tracks a pointer. null: local.
+    # Credentials and endpoint come from the environment (AWS_*), never from here.
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _fsspec_url(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from fsspec.registry import known_implementations
+
+        protocol, sep, rest = v.partition("://")
+        expected = "expected an fsspec URL such as 's3://bucket/atlas/activations'"
+        if not sep or not rest.strip("/"):
+            raise ValueError(f"{expected} (a protocol, then a location)")
+        if protocol not in known_implementations:
+            raise ValueError(f"{expected} (protocol '{protocol}' is unknown to fsspec)")
+        return v.rstrip("/")
 
     @model_validator(mode="after")
     def _chunks_tile_shards(self) -> StoreParams:
@@ -365,20 +384,34 @@ class DaskParams(_Strict):
 
 
 class ComputeParams(_Strict):
-    """Where the stages run. Not a DVC dependency of any stage: the runner does not change
-    what is computed (the local and Dask paths write the same bytes; a test checks it)."""
+    """Where the stages run (`stages/compute.py`). `runner` and `device` are not DVC
+    dependencies: the runner does not change what is computed (the local and Dask paths
+    write the same bytes; a test checks it), the device only the last bits. `precision`
+    is a dependency of the stages whose numbers it changes (dvc.yaml)."""
 
     runner: Literal["local", "dask"] = "local"
     dask: DaskParams = DaskParams()
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["fp32", "bf16"] = "fp32"
+
+    @field_validator("device")
+    @classmethod
+    def _device_spelling(cls, v: str) -> str:
+        from stages.compute import DEVICE_RE
+
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"{v!r} is not a device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return v
 
     def with_env(self) -> ComputeParams:
         """Environment overrides, for one run without editing params.yaml:
-        ATLAS_RUNNER, ATLAS_DASK_ADDRESS, ATLAS_DASK_WORKERS."""
+        ATLAS_RUNNER, ATLAS_DASK_ADDRESS, ATLAS_DASK_WORKERS, ATLAS_DEVICE."""
         import os
 
         upd: dict[str, Any] = {}
         dask: dict[str, Any] = {}
         for var, key, target in (("ATLAS_RUNNER", "runner", upd),
+                                 ("ATLAS_DEVICE", "device", upd),
                                  ("ATLAS_DASK_ADDRESS", "address", dask),
                                  ("ATLAS_DASK_WORKERS", "n_workers", dask)):  # fmt: skip
             if os.environ.get(var):
@@ -392,7 +425,7 @@ class ComputeParams(_Strict):
             return ComputeParams.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
-            var = {"runner": "ATLAS_RUNNER", "address":
+            var = {"runner": "ATLAS_RUNNER", "device": "ATLAS_DEVICE", "address":
                    "ATLAS_DASK_ADDRESS", "n_workers": "ATLAS_DASK_WORKERS"}[str(err["loc"][-1])]  # fmt: skip
             raise ParamsError(f"environment: {var} = {os.environ[var]!r}: {err['msg']}") from None
 

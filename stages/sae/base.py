@@ -112,7 +112,7 @@ class BaseSAE(nn.Module):
             active = f > 0
             counts = active.sum(0)
             l0 = active.sum(-1).float().mean()
-        loss = sum(terms.values(), torch.zeros((), dtype=x.dtype))
+        loss = sum(terms.values(), torch.zeros((), dtype=x.dtype, device=x.device))
         return SAEOutput(x_hat, loss, terms, counts, l0)
 
     # ---- training hooks ---------------------------------------------------------------

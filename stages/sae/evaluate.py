@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from stages.compute import CPU, Device, on_device
 from stages.sae import metrics as M
 from stages.sae.base import BaseSAE
 from stages.sae.data import ActivationSource, iter_rows, source_name
@@ -46,15 +47,22 @@ def _check_width(sae: BaseSAE, d: int, what: str) -> None:
 
 @torch.no_grad()
 def evaluate_reconstruction(
-    sae: BaseSAE, source: ActivationSource, *, batch_size: int = 4096, max_rows: int | None = None
+    sae: BaseSAE,
+    source: ActivationSource,
+    *,
+    batch_size: int = 4096,
+    max_rows: int | None = None,
+    device: Device = CPU,
 ) -> tuple[dict[str, Any], Tensor]:
     """Reconstruction and sparsity metrics over `source` (the held-out split)."""
     _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
     sae.eval()
-    stats = M.ReconstructionStats(sae.d_in, sae.d_sae)
-    for x in iter_rows(source, batch_size, max_rows):
-        f = sae.encode(x)
-        stats.update(x, sae.decode(f), f)
+    stats = M.ReconstructionStats(sae.d_in, sae.d_sae, device.torch)
+    with on_device(sae, device):
+        for x in iter_rows(source, batch_size, max_rows):
+            x = x.to(device.torch)
+            f = sae.encode(x)
+            stats.update(x, sae.decode(f), f)
     out: dict[str, Any] = stats.compute()
     dens = stats.density()
     out["log10_feature_density_histogram"] = M.log10_density_histogram(dens)
@@ -75,7 +83,8 @@ def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None):
                 new = x_hat
             else:  # random direction, same per-token norm as the SAE error
                 err_norm = (x_hat - flat).norm(dim=-1, keepdim=True)
-                u = torch.randn(flat.shape, generator=gen, dtype=torch.float32).to(flat.dtype)
+                u = torch.randn(flat.shape, generator=gen, dtype=torch.float32)  # CPU stream
+                u = u.to(flat.device, flat.dtype)
                 new = flat + u / u.norm(dim=-1, keepdim=True) * err_norm
         act = act.clone()
         act[:, 1:] = new.reshape(shape)
@@ -93,8 +102,15 @@ def evaluate_downstream(
     *,
     batch_size: int = 8,
     seed: int = 0,
+    device: Device = CPU,
 ) -> dict[str, float]:
     """CE loss recovered, KL(clean ‖ SAE) and the random-perturbation KL ratio."""
+    with on_device(model, device), on_device(sae, device):
+        return _downstream(model, sae, hook_name, tokens.to(device.torch), batch_size, seed)
+
+
+def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: Tensor,
+                batch_size: int, seed: int) -> dict[str, float]:  # fmt: skip
     if tokens.ndim != 2 or tokens.shape[1] < 3:
         raise ValueError(f"tokens: expected LongTensor [n, seq ≥ 3], got {tuple(tokens.shape)}")
     if hook_name not in model.hook_dict:
@@ -143,6 +159,7 @@ def evaluate_ground_truth(
     concept_names: Sequence[str],
     *,
     batch_size: int = 4096,
+    device: Device = CPU,
 ) -> dict[str, Any]:
     """Best single latent per concept by F1, with its AUROC; labels [n_rows, n_concepts]."""
     lab = torch.as_tensor(np.asarray(labels)).bool()
@@ -154,24 +171,27 @@ def evaluate_ground_truth(
     _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
     sae.eval()
     c = lab.shape[1]
-    tp = torch.zeros(c, sae.d_sae, dtype=torch.float64)
-    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
-    row = 0
-    for x in iter_rows(source, batch_size):
-        fired = (sae.encode(x) > 0).double()
-        lb = lab[row : row + len(x)].double()
-        tp += lb.T @ fired
-        fires += fired.sum(0)
-        row += len(x)
-    pos = lab.sum(0).double()
-    f1 = M.binary_f1_counts(tp, fires[None, :] - tp, pos[:, None] - tp)
-    best_f1, best = f1.max(dim=1)
-    # second pass: activations of each concept's best latent, for AUROC
+    dev = device.torch
+    tp = torch.zeros(c, sae.d_sae, dtype=torch.float64, device=dev)
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64, device=dev)
     scores = torch.empty(source.n_rows, c, dtype=torch.float64)
-    row = 0
-    for x in iter_rows(source, batch_size):
-        scores[row : row + len(x)] = sae.encode(x)[:, best].double()
-        row += len(x)
+    with on_device(sae, device):
+        row = 0
+        for x in iter_rows(source, batch_size):
+            fired = (sae.encode(x.to(dev)) > 0).double()
+            lb = lab[row : row + len(x)].to(dev).double()
+            tp += lb.T @ fired
+            fires += fired.sum(0)
+            row += len(x)
+        tp, fires = tp.cpu(), fires.cpu()
+        pos = lab.sum(0).double()
+        f1 = M.binary_f1_counts(tp, fires[None, :] - tp, pos[:, None] - tp)
+        best_f1, best = f1.max(dim=1)
+        # second pass: activations of each concept's best latent, for AUROC
+        row = 0
+        for x in iter_rows(source, batch_size):
+            scores[row : row + len(x)] = sae.encode(x.to(dev))[:, best.to(dev)].double().cpu()
+            row += len(x)
     concepts = {}
     for j, name in enumerate(concept_names):
         concepts[str(name)] = {
@@ -199,20 +219,27 @@ def evaluate_sae(
     batch_size: int = 4096,
     max_rows: int | None = None,
     seed: int = 0,
+    device: Device = CPU,
 ) -> EvalResult:
     """Everything that applies: reconstruction always; downstream when model, hook_name
-    and tokens are given; ground truth when labels and concept_names are given."""
+    and tokens are given; ground truth when labels and concept_names are given.
+
+    On `device`, always in float32 whatever its precision: these are the numbers SAEs
+    are compared by."""
+    device = Device(device.name, "fp32")
     metrics, log_density = evaluate_reconstruction(
-        sae, eval_source, batch_size=batch_size, max_rows=max_rows
+        sae, eval_source, batch_size=batch_size, max_rows=max_rows, device=device
     )
     if model is not None:
         if hook_name is None or tokens is None:
             raise ValueError("evaluate_sae: with a model, give hook_name and tokens too")
-        metrics["downstream"] = evaluate_downstream(model, sae, hook_name, tokens, seed=seed)
+        metrics["downstream"] = evaluate_downstream(
+            model, sae, hook_name, tokens, seed=seed, device=device
+        )
     if labels is not None:
         if concept_names is None:
             raise ValueError("evaluate_sae: labels given without concept_names")
         metrics["ground_truth"] = evaluate_ground_truth(
-            sae, eval_source, labels, concept_names, batch_size=batch_size
+            sae, eval_source, labels, concept_names, batch_size=batch_size, device=device
         )
     return EvalResult(metrics, log_density)

@@ -139,9 +139,9 @@ def best_latent_f1(acts: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 class ReconstructionStats:
     """Streaming sums for MSE, FVU, cosine, L0, L1, shrinkage and feature density."""
 
-    def __init__(self, d_in: int, d_sae: int) -> None:
+    def __init__(self, d_in: int, d_sae: int, device: torch.device | str = "cpu") -> None:
         self.n = 0
-        self.sum_x = torch.zeros(d_in, dtype=torch.float64)
+        self.sum_x = torch.zeros(d_in, dtype=torch.float64, device=device)
         self.sum_x2 = 0.0  # Σ‖x‖²
         self.sum_err2 = 0.0  # Σ‖x − x̂‖²
         self.sum_xhat2 = 0.0  # Σ‖x̂‖²
@@ -149,7 +149,7 @@ class ReconstructionStats:
         self.sum_cos = 0.0
         self.sum_l0 = 0.0
         self.sum_l1 = 0.0
-        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64)
+        self.fire_counts = torch.zeros(d_sae, dtype=torch.int64, device=device)
 
     @torch.no_grad()
     def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
@@ -167,7 +167,7 @@ class ReconstructionStats:
         self.fire_counts += active.sum(0)
 
     def density(self) -> Tensor:
-        return feature_density(self.fire_counts, self.n)
+        return feature_density(self.fire_counts.cpu(), self.n)
 
     def compute(self) -> dict[str, float]:
         n, d = self.n, self.sum_x.numel()

@@ -25,7 +25,7 @@ from torch import Tensor
 
 def _csr(idx: Tensor, values: Tensor, n_cols: int) -> Tensor:
     b, k = idx.shape
-    crow = torch.arange(0, b * k + 1, k, dtype=torch.int64)
+    crow = torch.arange(0, b * k + 1, k, dtype=torch.int64, device=idx.device)
     with warnings.catch_warnings():
         # CSR on CPU is flagged "beta"; the calls used here are stable since torch 2.0.
         # The indices are valid by construction (sorted, distinct, in range).
@@ -89,10 +89,21 @@ class SparseEncoderGrad(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g_w = (s.t() @ x_c).t()  # [d_in, d_sae], column-major like W_enc
         if ctx.needs_input_grad[2]:
-            g_b = torch.zeros(n, dtype=g_vals.dtype).index_add_(
+            g_b = torch.zeros(n, dtype=g_vals.dtype, device=g_vals.device).index_add_(
                 0, idx.reshape(-1), g_vals.reshape(-1)
             )
         return g_x, g_w, g_b, None, None
+
+
+def selected_pre_acts(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, idx: Tensor) -> Tensor:
+    """(x_c @ W_enc + b_enc)[b, idx[b, j]] in float32, computed at the B·k selected entries
+    only (SDDMM): the exact values of latents a lower-precision GEMM selected."""
+    with torch.autocast(x_c.device.type, enabled=False):
+        mask = _csr(
+            idx, torch.ones(idx.shape, dtype=torch.float32, device=idx.device), W_enc.shape[1]
+        )
+        vals = torch.sparse.sampled_addmm(mask, x_c.float(), W_enc.float(), beta=0.0)
+        return vals.values().view(idx.shape) + b_enc.float()[idx]
 
 
 def topk_sorted(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:

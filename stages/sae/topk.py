@@ -12,6 +12,7 @@ The hot loop never materialises the dense [B, d_sae] code (see `sparse_ops.py`);
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import torch
@@ -20,7 +21,12 @@ from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
 from stages.sae.config import SAEConfig
-from stages.sae.sparse_ops import SparseDecode, SparseEncoderGrad, topk_sorted
+from stages.sae.sparse_ops import (
+    SparseDecode,
+    SparseEncoderGrad,
+    selected_pre_acts,
+    topk_sorted,
+)
 
 
 class TopKConfig(SAEConfig):
@@ -67,6 +73,8 @@ def auxk_loss(
         aux_idx = dead_ids[aux_j]
         aux_idx, order = aux_idx.sort(dim=-1)
         aux_vals = aux_vals.gather(-1, order)
+        if sparse and aux_vals.dtype != x_c.dtype:  # picked in bf16: exact values
+            aux_vals = selected_pre_acts(x_c, sae.W_enc, sae.b_enc, aux_idx)
     if sparse:
         vals = SparseEncoderGrad.apply(x_c, sae.W_enc, sae.b_enc, aux_idx, aux_vals).relu()
         e_hat = SparseDecode.apply(aux_idx, vals, sae.W_dec)
@@ -93,22 +101,30 @@ class TopKSAE(BaseSAE):
     ) -> SAEOutput:
         cfg = self.cfg
         x_c = self.sae_in(x)
-        if cfg.use_sparse_kernels:
+        # the sparse kernels are CPU kernels; on a GPU the dense GEMMs are the fast path
+        sparse = cfg.use_sparse_kernels and x.device.type == "cpu"
+        if sparse:
             with torch.no_grad():
+                # under bf16 autocast this GEMM only picks the k latents; their values,
+                # the decode, the AuxK term and every gradient stay float32
                 pre = torch.addmm(self.b_enc, x_c, self.W_enc)
                 vals, idx = topk_sorted(pre, cfg.k)
-            vals = SparseEncoderGrad.apply(x_c, self.W_enc, self.b_enc, idx, vals).relu()
-            x_hat = SparseDecode.apply(idx, vals, self.W_dec) + self.b_dec
-        else:
-            pre = x_c @ self.W_enc + self.b_enc
-            top, idx = pre.topk(cfg.k, dim=-1, sorted=False)
-            vals = top.relu()
-            x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec + self.b_dec
-        terms = {"mse": self.mse(x_hat, x)}
-        aux = auxk_loss(
-            self, x_c, pre, (x - x_hat).detach(), dead_mask, cfg.k_aux,
-            cfg.auxk_coefficient, cfg.use_sparse_kernels,
-        )  # fmt: skip
+                if vals.dtype != x_c.dtype:
+                    vals = selected_pre_acts(x_c, self.W_enc, self.b_enc, idx)
+        with torch.autocast(x.device.type, enabled=False) if sparse else contextlib.nullcontext():
+            if sparse:
+                vals = SparseEncoderGrad.apply(x_c, self.W_enc, self.b_enc, idx, vals).relu()
+                x_hat = SparseDecode.apply(idx, vals, self.W_dec) + self.b_dec
+            else:
+                pre = x_c @ self.W_enc + self.b_enc
+                top, idx = pre.topk(cfg.k, dim=-1, sorted=False)
+                vals = top.relu()
+                x_hat = torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec + self.b_dec
+            terms = {"mse": self.mse(x_hat, x)}
+            aux = auxk_loss(
+                self, x_c, pre, (x - x_hat).detach(), dead_mask, cfg.k_aux,
+                cfg.auxk_coefficient, sparse,
+            )  # fmt: skip
         if aux is not None:
             terms["auxk"] = aux
         with torch.no_grad():

@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from stages.compute import CPU, Device
 from stages.io import load_safetensors
 from stages.sae import build_sae, parse_sae_config
 from stages.sae.base import BaseSAE
@@ -91,10 +92,11 @@ def init_b_dec(x: torch.Tensor, method: str) -> torch.Tensor:
 class _Run:
     """One SAE being trained: model, optimiser, counters, checkpoint paths."""
 
-    def __init__(self, cfg: SAEConfig, checkpoint_dir: Path | None) -> None:
+    def __init__(self, cfg: SAEConfig, checkpoint_dir: Path | None, dev: Device = CPU) -> None:
         self.cfg = cfg
         self.name = cfg.display_name
-        self.sae = build_sae(cfg)
+        self.dev = dev
+        self.sae = build_sae(cfg).to(dev.torch)  # initialised on the CPU: same on any device
         self.sae.train()
         self.params = [p for _, p in self.sae.named_parameters()]
         self.param_names = [n for n, _ in self.sae.named_parameters()]
@@ -102,10 +104,10 @@ class _Run:
             self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True
         )
         self.step = 0
-        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.int64)
+        self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.int64, device=dev.torch)
         window_steps = max(1, min(cfg.n_steps // 10, cfg.dead_feature_window // cfg.batch_size))
         self.density_from_step = max(0, cfg.n_steps - window_steps)
-        self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.int64)
+        self.fire_counts = torch.zeros(self.sae.d_sae, dtype=torch.int64, device=dev.torch)
         self.ckpt = checkpoint_dir / self.name / "checkpoint" if checkpoint_dir else None
         self.last_good: tuple[Path, int] | None = None
         self.diverged: str | None = None
@@ -126,16 +128,16 @@ class _Run:
         if self.ckpt is None:
             return
         tensors: dict[str, torch.Tensor] = {
-            f"model.{k}": v.detach().contiguous() for k, v in self.sae.state_dict().items()
+            f"model.{k}": v.detach().contiguous().cpu() for k, v in self.sae.state_dict().items()
         }
         if not all(torch.isfinite(t).all() for t in tensors.values()):
             return  # never replace a good checkpoint with a broken one
         opt_state = self.opt.state_dict()
         for i, st in opt_state["state"].items():
             for k, v in st.items():
-                tensors[f"optim.{self.param_names[i]}.{k}"] = v.detach().contiguous()
-        tensors["tracker.tokens_since_fired"] = self.tokens_since_fired
-        tensors["tracker.fire_counts"] = self.fire_counts
+                tensors[f"optim.{self.param_names[i]}.{k}"] = v.detach().contiguous().cpu()
+        tensors["tracker.tokens_since_fired"] = self.tokens_since_fired.cpu()
+        tensors["tracker.fire_counts"] = self.fire_counts.cpu()
         meta = {
             "version": CHECKPOINT_VERSION,
             "step": self.step,
@@ -191,8 +193,10 @@ class _Run:
                         st[key] = torch.empty_like(p).copy_(st[key])
                 opt_state["state"][i] = st
         self.opt.load_state_dict(opt_state)
-        self.tokens_since_fired = tensors["tracker.tokens_since_fired"].clone()
-        self.fire_counts = tensors["tracker.fire_counts"].clone()
+        self.tokens_since_fired = tensors["tracker.tokens_since_fired"].to(
+            self.dev.torch, copy=True
+        )
+        self.fire_counts = tensors["tracker.fire_counts"].to(self.dev.torch, copy=True)
         self.step = int(meta["step"])
         self.recent = list(meta.get("recent", []))
         self.history = list(meta.get("history", []))
@@ -205,7 +209,10 @@ class _Run:
         lr = cfg.lr_at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        out = sae(x, sparsity_scale=cfg.sparsity_scale_at(self.step), dead_mask=self.dead_mask())
+        with self.dev.autocast():
+            out = sae(
+                x, sparsity_scale=cfg.sparsity_scale_at(self.step), dead_mask=self.dead_mask()
+            )
         loss = float(out.loss.detach())
         if not math.isfinite(loss):
             where = (
@@ -255,11 +262,14 @@ def train_saes(
     n_norm_rows: int = 65536,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    device: Device = CPU,
 ) -> list[TrainResult]:
     """Train every config on `source`; SAEs with equal (batch_size, seed) share batches.
 
     `stop_after_steps` stops early after that many steps (leaving checkpoints behind, as an
     interruption would); the returned results then hold the partially trained SAEs.
+    `device` (`stages.compute.Device`) is where the SAEs train and at what precision; the
+    returned SAEs are on the CPU either way, checkpoints too (resumable on any device).
     """
     d_in, name = source.d_in, f"activation array '{source_name(source)}'"
     cfgs = [parse_sae_config(c).with_d_in(d_in, name) for c in configs]
@@ -276,7 +286,7 @@ def train_saes(
     for (batch_size, seed), group in groups.items():
         res, div = _train_group(
             source, group, batch_size, seed, ckpt_dir, checkpoint_every, resume,
-            buffer_rows, n_norm_rows, progress, stop_after_steps,
+            buffer_rows, n_norm_rows, progress, stop_after_steps, device,
         )  # fmt: skip
         results.update({r.name: r for r in res})
         diverged += div
@@ -297,9 +307,10 @@ def _train_group(
     n_norm_rows: int,
     progress: bool,
     stop_after_steps: int | None,
+    dev: Device,
 ) -> tuple[list[TrainResult], list[str]]:
     t0 = time.perf_counter()
-    runs = [_Run(c, ckpt_dir) for c in cfgs]
+    runs = [_Run(c, ckpt_dir, dev) for c in cfgs]
     scales = [r.try_resume() if resume else None for r in runs]
 
     sample = torch.from_numpy(sample_rows(source, n_norm_rows, seed))
@@ -333,6 +344,8 @@ def _train_group(
     try:
         for step in range(start, end):
             x = next(loader)
+            if dev.is_cuda:
+                x = x.to(dev.torch, non_blocking=True)
             for run in runs:
                 if run.done or run.step != step:
                     continue
@@ -370,9 +383,10 @@ def _finish(run: _Run, seconds: float) -> TrainResult:
     sae.eval()
     with torch.no_grad():
         window_tokens = max(1, (run.step - run.density_from_step)) * run.cfg.batch_size
-        density = run.fire_counts.double() / window_tokens
+        density = run.fire_counts.double().cpu() / window_tokens
         log_density = torch.log10(density + 1e-10).float()
         dead = float(run.dead_mask().double().mean())
+    sae.cpu()
     scale = run.scale
     if scale != 1.0:
         sae.fold_input_scale(scale)

@@ -1,0 +1,126 @@
+"""Where tensors live and at what precision: `compute.device` and `compute.precision`.
+
+    dev = Device.from_params(params.compute.with_env())   # cpu here, cuda:0 on a GPU box
+    model.to(dev.torch)
+    with dev.autocast():                                   # bf16 matmuls when asked for
+        logits = model(tokens.to(dev.torch))
+
+- `device`: `cpu`, `cuda` (= `cuda:0`), `cuda:N`, or `auto` (the first GPU when torch
+  sees one, else the CPU). Asking for CUDA on a machine without it is an error naming
+  the key, before any work starts.
+- `precision`: `fp32` (everything in float32: the reference, bit-reproducible on one
+  machine) or `bf16` (matmuls in bfloat16 under `torch.autocast`; weights, optimiser
+  state, losses, reductions and every stored number stay float32). Where bf16 would
+  change what an SAE learns, it is not used: TopK SAEs pick their k latents with the
+  bf16 encoder GEMM but compute the selected values and every gradient in float32
+  (`stages/sae/topk.py`); alignment statistics are float64 on any setting.
+
+Neither is a DVC dependency for `device` (like the torch thread count, it changes the
+last bits, not what is computed); `precision` is one for the stages it affects, since
+bf16 results differ measurably. Both are tagged on every stage's MLflow run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+PRECISIONS = ("fp32", "bf16")
+
+
+class DeviceError(ValueError):
+    """`compute.device` names a device this machine does not have."""
+
+
+def resolve_device(spec: str, where: str = "compute.device") -> torch.device:
+    """`spec` ('auto', 'cpu', 'cuda', 'cuda:N') as a torch.device present on this machine."""
+    if not DEVICE_RE.match(spec):
+        raise DeviceError(f"{where} = {spec!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    if spec == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError(
+            f"{where} = {spec!r}, but torch sees no CUDA device here (torch "
+            f"{torch.__version__}, built with CUDA {torch.version.cuda}); use 'cpu' or 'auto'"
+        )
+    dev = torch.device(spec if ":" in spec else "cuda:0")
+    if dev.index >= torch.cuda.device_count():
+        raise DeviceError(
+            f"{where} = {spec!r}, but this machine has {torch.cuda.device_count()} CUDA "
+            f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})"
+        )
+    return dev
+
+
+@dataclass(frozen=True)
+class Device:
+    """A resolved device and precision; picklable (send it to a Dask worker)."""
+
+    name: str = "cpu"  # torch device string, resolved: 'cpu' or 'cuda:N'
+    precision: str = "fp32"
+
+    @classmethod
+    def from_params(cls, compute) -> Device:
+        """From a `ComputeParams` (after `.with_env()`)."""
+        return cls(str(resolve_device(compute.device)), compute.precision)
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device(self.name)
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.torch.type == "cuda"
+
+    @property
+    def bf16(self) -> bool:
+        return self.precision == "bf16"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for matmuls when `precision` is bf16; a no-op for fp32."""
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.torch.type, dtype=torch.bfloat16)
+
+    def tags(self) -> dict[str, str]:
+        """What a stage's MLflow run records about where it ran."""
+        out = {"compute.device": self.name, "compute.precision": self.precision,
+               "torch.num_threads": str(torch.get_num_threads())}  # fmt: skip
+        if self.is_cuda:
+            out["compute.device_name"] = torch.cuda.get_device_name(self.torch)
+        return out
+
+
+CPU = Device()
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor on any device as a numpy array (bf16 widened to float32 on the device).
+
+    On the CPU a float32 tensor is shared, not copied."""
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.detach().cpu().numpy()
+
+
+@contextlib.contextmanager
+def on_device(module: torch.nn.Module, dev: Device) -> Iterator[torch.nn.Module]:
+    """`module` moved to `dev` for the block, and back to where it was afterwards (so a
+    caller's CPU model is returned as it was lent)."""
+    home = next(module.parameters()).device
+    if home == dev.torch:
+        yield module
+        return
+    module.to(dev.torch)
+    try:
+        yield module
+    finally:
+        module.to(home)
