@@ -90,6 +90,8 @@ def main(run: Callable[[], object], stage: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow", "prefect", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for ours in ("stages", "flows"):  # Prefect sets the root logger to WARNING in flows
+        logging.getLogger(ours).setLevel(logging.INFO)
     from stages.compute import DeviceError, resolve_device
     from stages.config import ParamsError, load_params
 

@@ -102,6 +102,7 @@ TINY = {
         "transfer": {"method": "nnls", "k": None},
     },
     "report": {"dashboards": {"n_most_active": 3, "n_contexts": 4, "max_rows": 4000}},
+    "compute": {"precision": "fp32"},  # a DVC dependency of activations and saes
 }
 
 
