@@ -62,19 +62,25 @@ def resolve_device(spec: str, where: str = "compute.device") -> torch.device:
 
 @dataclass(frozen=True)
 class Device:
-    """A resolved device and precision; picklable (send it to a Dask worker)."""
+    """A device setting and precision; picklable. The setting is resolved where it is
+    used, so `auto` sent to a Dask worker means that worker's GPU (one worker per GPU:
+    start each with its own CUDA_VISIBLE_DEVICES), whatever the coordinator has."""
 
-    name: str = "cpu"  # torch device string, resolved: 'cpu' or 'cuda:N'
+    spec: str = "cpu"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"
 
     @classmethod
     def from_params(cls, compute) -> Device:
         """From a `ComputeParams` (after `.with_env()`)."""
-        return cls(str(resolve_device(compute.device)), compute.precision)
+        return cls(compute.device, compute.precision)
 
     @property
     def torch(self) -> torch.device:
-        return torch.device(self.name)
+        return resolve_device(self.spec)
+
+    @property
+    def name(self) -> str:
+        return str(self.torch)
 
     @property
     def is_cuda(self) -> bool:

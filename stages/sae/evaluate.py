@@ -226,7 +226,7 @@ def evaluate_sae(
 
     On `device`, always in float32 whatever its precision: these are the numbers SAEs
     are compared by."""
-    device = Device(device.name, "fp32")
+    device = Device(device.spec, "fp32")
     metrics, log_density = evaluate_reconstruction(
         sae, eval_source, batch_size=batch_size, max_rows=max_rows, device=device
     )
