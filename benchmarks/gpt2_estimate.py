@@ -61,10 +61,21 @@ def sae_flops_per_token() -> float:
     return 2 * D * D_SAE + 4 * 2 * K * D
 
 
-def measure_caching(n_windows: int) -> tuple[float, float]:
+def gpt2_shaped_cache(n_windows: int, tmp: Path, device=None,
+                      batch_size: int = 8) -> tuple[float, np.ndarray]:  # fmt: skip
+    """Cache all 12 `hook_resid_post` of a random GPT-2-small-shaped model over random
+    windows into `tmp/store` on `device` (a `stages.compute.Device`; CPU by default).
+    Returns tokens/s of `cache_shards` and the stored rows of the last hook."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from stages.activations import CacheInputs, cache_shards, finish_cache, prepare_cache
+    from stages.activations import (
+        ActivationStore,
+        CacheInputs,
+        cache_shards,
+        finish_cache,
+        prepare_cache,
+    )
+    from stages.compute import CPU
     from stages.config import StoreParams
     from stages.tokens import Windows
 
@@ -86,18 +97,23 @@ def measure_caching(n_windows: int) -> tuple[float, float]:
     w = Windows(toks, docs, pos, pos + 1)
     empty = Windows(toks[:0], docs[:0], pos[:0], pos[:0])
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(L)]
-    body = SEQ - 1
-    p = StoreParams(seq_len=SEQ, batch_size=8, shard_rows=4096, chunk_rows=1024)
+    p = StoreParams(seq_len=SEQ, batch_size=batch_size, shard_rows=4096, chunk_rows=1024)
+    plan = prepare_cache(model, "gpt2-shape", hooks, CacheInputs(w, empty, None, [], "x"),
+                         p, tmp / "store")  # fmt: skip
+    t0 = time.perf_counter()
+    cache_shards(model, plan, plan.todo(), progress=False, device=device or CPU)
+    dt = time.perf_counter() - t0
+    finish_cache(plan)
+    rows = ActivationStore(tmp / "store").read(hooks[-1])
+    return n_windows * (SEQ - 1) / dt, rows
+
+
+def measure_caching(n_windows: int) -> tuple[float, float]:
     with tempfile.TemporaryDirectory() as tmp:
-        plan = prepare_cache(model, "gpt2-shape", hooks, CacheInputs(w, empty, None, [], "x"),
-                             p, Path(tmp) / "store")  # fmt: skip
-        t0 = time.perf_counter()
-        cache_shards(model, plan, plan.todo(), progress=False)
-        dt = time.perf_counter() - t0
-        finish_cache(plan)
-        on_disk = sum(f.stat().st_size for f in (Path(tmp) / "store").rglob("*") if f.is_file())
-    n = n_windows * body
-    return n / dt, on_disk / n
+        tps, _ = gpt2_shaped_cache(n_windows, Path(tmp))
+        store = Path(tmp) / "store"
+        on_disk = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+    return tps, on_disk / (n_windows * (SEQ - 1))
 
 
 def measure_sae(steps: int, batch: int) -> float:

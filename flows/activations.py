@@ -4,7 +4,9 @@
 
 Runs the model over the whole corpus (training split, then held-out) in batches through
 TransformerLens hooks and writes `data/activations/<model>/`; see stages/activations.py
-for the layout. Interrupted and re-run, it resumes from the last complete shard.
+for the layout. Interrupted and re-run, it resumes from the last complete shard. With
+`activations.store.url` set, the store is written to object storage and
+`data/activations/<model>/` holds only a pointer to it (`remote.json`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.utilities.annotations import quote
 
 from flows.common import main, transient_only, with_runner
+from stages.compute import Device
 from stages.config import flatten, load_params
 from stages.io import content_hash, write_json
 from stages.tracking import stage_run
@@ -54,19 +57,20 @@ def windows(model, store_params):
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)
-def cache(model, name, hooks, inputs, store_params, model_hash):
+def cache(model, name, hooks, inputs, store_params, model_hash, dev):
     from stages.activations import cache_activations
 
     return cache_activations(model, name, hooks, inputs, store_params,
-                             Path("data/activations") / name, model_hash=model_hash)  # fmt: skip
+                             Path("data/activations") / name, model_hash=model_hash, device=dev)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE)
-def prepare(model, name, hooks, inputs, store_params, model_hash):
+def prepare(model, name, hooks, inputs, store_params, model_hash, precision):
     from stages.activations import prepare_cache
 
     return prepare_cache(model, name, hooks, inputs, store_params,
-                         Path("data/activations") / name, model_hash=model_hash)  # fmt: skip
+                         Path("data/activations") / name, model_hash=model_hash,
+                         precision=precision)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=2)
@@ -78,21 +82,21 @@ def _worker_model(model_dir: str):
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)
-def cache_part(model_dir: str, plan, shards: list[int]) -> dict:
+def cache_part(model_dir: str, plan, shards: list[int], dev) -> dict:
     from stages.activations import cache_shards
 
-    return cache_shards(_worker_model(model_dir), plan, shards, progress=False)
+    return cache_shards(_worker_model(model_dir), plan, shards, progress=False, device=dev)
 
 
-def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int) -> dict:
+def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev) -> dict:
     """Shard runs (document ranges) on the Dask workers; each writes its own shard files."""
     from stages.activations import finish_cache, shard_runs, summarize_cache
 
-    plan = prepare(quote(model), name, hooks, quote(inputs), sp, model_hash)
+    plan = prepare(quote(model), name, hooks, quote(inputs), sp, model_hash, dev.precision)
     todo = plan.todo()
     runs = shard_runs(todo, n_parts)
     print(f"activations@{name}: {len(todo)} shards in {len(runs)} runs on Dask workers")
-    futures = [cache_part.submit(str(Path("data/models") / name), plan, r) for r in runs]
+    futures = [cache_part.submit(str(Path("data/models") / name), plan, r, dev) for r in runs]
     stats = [f.result() for f in futures]
     finish_cache(plan)
     return summarize_cache(plan, stats, todo)
@@ -106,25 +110,35 @@ def activations_flow(name: str) -> dict:
     hooks, sp = params.hooks(name), params.activations.store
     model_dir = Path("data/models") / name
     logged = {**flatten(sp, "activations.store."), f"activations.hooks.{name}": hooks}
-    with stage_run(f"activations@{name}", logged, {"corpus": CORPUS, "model": model_dir}) as run:
+    if sp.url:  # an unwritable url fails here, before the model is loaded
+        from stages.activations import check_store_url
+
+        check_store_url(sp.url)
+    compute = params.compute.with_env()
+    dev = Device.from_params(compute)
+    inputs_ = {"corpus": CORPUS, "model": model_dir}
+    with stage_run(f"activations@{name}", logged, inputs_, dev.tags()) as run:
         model = load(name, hooks)
         inputs = windows(quote(model), sp)
-        compute = params.compute.with_env()
         if compute.runner == "dask":
             res = cache_on_dask(model, name, hooks, inputs, sp, content_hash(model_dir),
-                                compute.dask.n_workers)  # fmt: skip
+                                compute.dask.n_workers, dev)  # fmt: skip
         else:
-            res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir))
+            res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir),
+                        dev)  # fmt: skip
+        from stages.activations import count_files
+
         out = Path("data/activations") / name
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
-                   "n_hooks": len(hooks), "n_files": sum(1 for p in out.rglob("*") if p.is_file())}  # fmt: skip
+                   "n_hooks": len(hooks), "n_files": count_files(out)}  # fmt: skip
         metrics_file = Path("metrics/activations") / f"{name}.json"
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, summary)
         run.metrics(summary)
         run.metrics({k: res[k] for k in ("forward_s", "enqueue_wait_s", "tokens_per_s_forward")})
+        where = f"{res['url']} (pointer: {out}/remote.json)" if res.get("url") else f"{out}/"
         print(f"activations@{name}: {res['n_rows']:,} rows x {len(hooks)} hooks "
-              f"({res['tokens_per_s_forward']:,.0f} tokens/s in forward) -> {out}/")  # fmt: skip
+              f"({res['tokens_per_s_forward']:,.0f} tokens/s in forward) -> {where}")  # fmt: skip
     return summary
 
 

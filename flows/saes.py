@@ -166,7 +166,7 @@ def saes_flow(name: str) -> dict:
         store = ActivationStore(store_dir)
         model = load_model(model_dir)
         rows, metrics = [], {}
-        data_fp = {"store": content_hash(store_dir / "zarr.json"), "model": content_hash(model_dir)}
+        data_fp = {"store": content_hash(store.descriptor), "model": content_hash(model_dir)}
         with atomic_dir(out) as tmp:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
                             compute, dev)  # fmt: skip

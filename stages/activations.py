@@ -23,13 +23,25 @@ every chunk carries a CRC32C checksum so a flipped byte is detected on read.
 Caching is resumable: rows are written shard by shard into `<out>.partial/`, a
 marker file per shard (`done/<i>`) records the shards that are complete, and a re-run
 after `kill -9` continues from there. Shards are independent, so Dask workers can fill
-disjoint runs of them at once (`prepare_cache` → `cache_shards` per run → `finish_cache`). Forward batches are aligned to the same window boundaries on
-resume, so the result is identical, array for array, to an uninterrupted run. The
-folder is renamed into place only when complete.
+disjoint runs of them at once (`prepare_cache` → `cache_shards` per run → `finish_cache`).
+Forward batches are aligned to the same window boundaries on resume, so the result is
+identical, array for array, to an uninterrupted run. The folder is renamed into place
+only when complete.
+
+In object storage (`activations.store.url`, e.g. `s3://bucket/atlas/activations`)
+nothing is renamed: the store is written in place at `<url>/<model>/<fingerprint[:16]>/`,
+content-addressed by its inputs, with the same markers beside it. When every shard is
+marked, `complete.json` is written there (then the markers are removed), and `<out>/`
+becomes a small pointer folder, `remote.json` (URL, fingerprint, rows, hooks and every
+remote file's size and ETag), which is what DVC tracks. `ActivationStore(<out>)` follows
+the pointer, refusing a remote store that is gone, incomplete or differs from the
+pointer's manifest. Same inputs ⇒ same URL, so a re-run resumes or finds it complete;
+an old store is never overwritten or deleted. The remote bytes equal a local store's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -37,6 +49,7 @@ import queue
 import shutil
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,10 +58,12 @@ import numpy as np
 import torch
 import zarr
 from tqdm.auto import tqdm
+from upath import UPath
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from stages.compute import CPU, Device, on_device, to_numpy
 from stages.config import StoreParams, hook_layer
-from stages.io import read_json, replace_dir, write_json
+from stages.io import atomic_dir, read_json, replace_dir, write_json
 from stages.tokens import Windows
 
 if TYPE_CHECKING:
@@ -60,6 +75,8 @@ log = logging.getLogger(__name__)
 META_ARRAYS = ("token_ids", "doc_ids", "positions", "char_start", "char_end", "split")
 PROGRESS = "progress.json"
 DONE = "done"  # one empty marker file per complete shard
+COMPLETE = "complete.json"  # a store in object storage is complete once this is there
+POINTER = "remote.json"  # the local output of a store in object storage
 
 
 # ---------------------------------------------------------------------------- labels
@@ -113,6 +130,95 @@ def token_concept_labels(
     return out
 
 
+# ---------------------------------------------------------------------------- where stores live
+
+
+class StoreURLError(ValueError):
+    """`activations.store.url` cannot be written: caught before any forward pass."""
+
+
+def _is_local(where: Path | UPath) -> bool:
+    return getattr(where, "protocol", "") in ("", "file", "local")
+
+
+def _open_group(where: Path | UPath, mode: str) -> zarr.Group:
+    if _is_local(where):
+        return zarr.open_group(Path(where), mode=mode)
+    return zarr.open_group(str(where), mode=mode, storage_options=where.storage_options)
+
+
+def _forget_listings(where: Path | UPath) -> None:
+    """Drop fsspec's cached listings of `where` and its parents: another process may have
+    written there since (a Dask worker, another run)."""
+    if not _is_local(where):
+        where.fs.invalidate_cache(where.path)
+
+
+def _put_json(where: Path | UPath, obj: dict) -> None:
+    if _is_local(where):
+        write_json(Path(where), obj)  # atomic (tmp + rename)
+    else:  # one PUT: an object is there whole or not at all
+        where.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _unfinished(where: Path | UPath) -> bool:
+    return (where / PROGRESS).exists() and not (where / COMPLETE).exists()
+
+
+def _get_json(where: Path | UPath) -> dict | None:
+    try:
+        return json.loads(where.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def check_store_url(url: str) -> None:
+    """Fail before any work when `activations.store.url` cannot be written there: a
+    protocol without its package, an unreachable endpoint, a missing bucket, missing
+    credentials. Writes and removes one empty object under `url`."""
+    where = f"params.yaml: activations.store.url = {url!r}"
+    try:
+        root = UPath(url)
+        if _is_local(root):  # a shared filesystem; never mkdir on object storage (it
+            root.mkdir(parents=True, exist_ok=True)  # would create a missing bucket)
+        probe = root / f".write-check-{uuid.uuid4().hex[:12]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except Exception as e:  # botocore, aiohttp, ImportError for a missing fsspec backend, ...
+        raise StoreURLError(
+            f"{where}: cannot write there ({type(e).__name__}: {e}); expected an existing "
+            "bucket or folder this machine can write to, with credentials and (for an "
+            "S3-compatible store) the endpoint in the environment: AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL"
+        ) from None
+
+
+def remote_manifest(where: UPath) -> dict[str, dict]:
+    """Every file of a store in object storage (relative path -> size, and the ETag or MD5
+    where the listing carries one, as S3's and GCS's do): one listing, no reads."""
+    fs, root = where.fs, where.path.rstrip("/")
+    fs.invalidate_cache(root)
+    files = {}
+    for name, info in fs.find(root, detail=True).items():
+        rel = name[len(root) + 1 :]
+        if rel == PROGRESS or rel.startswith(f"{DONE}/"):
+            continue  # bookkeeping of a run, not part of the store
+        entry = {"size": int(info["size"])}
+        tag = next((info[k] for k in ("ETag", "etag", "md5Hash") if info.get(k)), None)
+        if tag:
+            entry["etag"] = str(tag).strip('"')
+        files[rel] = entry
+    return dict(sorted(files.items()))
+
+
+def count_files(out: Path) -> int:
+    """Files of the store at `out`: a local store's own, or those its pointer lists."""
+    out = Path(out)
+    if (out / POINTER).is_file():
+        return len(read_json(out / POINTER)["files"])
+    return sum(1 for p in out.rglob("*") if p.is_file())
+
+
 # ---------------------------------------------------------------------------- writing
 
 
@@ -137,10 +243,17 @@ def _rows(w: Windows) -> dict[str, np.ndarray]:
     }
 
 
+def _what_is_stored(params: StoreParams) -> dict:
+    """The store params that shape its bytes: all but `url`, which says only where it goes
+    (so a store in object storage is the same bytes as a local one, and the same inputs
+    give the same fingerprint wherever they are written)."""
+    return params.model_dump(mode="json", exclude={"url"})
+
+
 def _fingerprint(model_name: str, hooks: list[str], params: StoreParams,
                  inputs: CacheInputs, model_hash: str) -> str:  # fmt: skip
     h = hashlib.sha256()
-    h.update(json.dumps([model_name, hooks, params.model_dump(mode="json"), inputs.corpus_hash,
+    h.update(json.dumps([model_name, hooks, _what_is_stored(params), inputs.corpus_hash,
                          model_hash, inputs.train.n, inputs.heldout.n]).encode())  # fmt: skip
     h.update(inputs.train.tokens.tobytes())
     h.update(inputs.heldout.tokens.tobytes())
@@ -191,9 +304,12 @@ class CachePlan:
     """A store being written: where, its row geometry, and which shards are still to do.
 
     Everything a worker needs to fill some of the shards (picklable: send it to Dask).
+    `partial` is where the store is written until complete: `<out>.partial/`, or with
+    `activations.store.url` the store's own folder in object storage (`url`), since
+    nothing is renamed there; `out` is the local output (the store, or its pointer).
     """
 
-    partial: Path
+    partial: Path | UPath
     out: Path
     hooks: list[str]
     dtype: str
@@ -204,6 +320,8 @@ class CachePlan:
     batch_size: int
     fingerprint: str
     model_name: str
+    url: str | None = None  # the store in object storage; None: a local store
+    precision: str = "fp32"  # compute.precision of the forward (its rows differ under bf16)
 
     @property
     def body(self) -> int:
@@ -216,6 +334,10 @@ class CachePlan:
     def done(self) -> set[int]:
         """Shards complete on disk (a marker file per shard, written after its data)."""
         d = self.partial / DONE
+        if self.url is not None:
+            _forget_listings(d)  # other processes (Dask workers) add markers
+            if (self.partial / COMPLETE).exists():  # its markers are gone by now
+                return set(range(self.n_shards))
         return {int(f.name) for f in d.iterdir()} if d.exists() else set()
 
     def todo(self) -> list[int]:
@@ -250,29 +372,52 @@ def prepare_cache(
     out: Path,
     model_hash: str = "",
     extra_attrs: dict | None = None,
+    precision: str = "fp32",
 ) -> CachePlan:
     """Create (or find, to resume) `<out>.partial/` with every array and row metadata
-    written; activations are then filled shard by shard by `cache_shards`."""
+    written; activations are then filled shard by shard by `cache_shards`.
+
+    With `params.url` the store goes to `<url>/<model_name>/<fingerprint[:16]>/` instead
+    (checked writable first); a complete store found there is used as it is."""
     out = Path(out)
-    partial = out.with_name(out.name + ".partial")
     dtype = np.dtype(params.dtype)
     seq_len = inputs.train.tokens.shape[1]
     body = seq_len - 1
     n_train_rows = inputs.train.n * body
     n_rows = n_train_rows + inputs.heldout.n * body
     fp = _fingerprint(model_name, hooks, params, inputs, model_hash)
+    if precision != "fp32":  # other rows; fp32 keeps the fingerprints stores already have
+        fp = hashlib.sha256(f"{fp}/{precision}".encode()).hexdigest()
+        extra_attrs = {**(extra_attrs or {}), "precision": precision}
+    if params.url:
+        check_store_url(params.url)
+        partial = UPath(params.url) / model_name / fp[:16]
+    else:
+        partial = out.with_name(out.name + ".partial")
     plan = CachePlan(partial, out, list(hooks), params.dtype,
                      np.concatenate([inputs.train.tokens, inputs.heldout.tokens]), n_rows,
-                     n_train_rows, params.shard_rows, params.batch_size, fp, model_name)  # fmt: skip
+                     n_train_rows, params.shard_rows, params.batch_size, fp, model_name,
+                     str(partial) if params.url else None, precision)  # fmt: skip
 
-    progress = read_json(partial / PROGRESS) if (partial / PROGRESS).exists() else None
+    _forget_listings(partial)
+    progress = _get_json(partial / PROGRESS)
+    if plan.url is not None:
+        complete = _get_json(partial / COMPLETE)
+        for marker in (complete, progress):  # content-addressed: never written over
+            if marker is not None and marker.get("fingerprint") != fp:
+                raise RuntimeError(f"{partial}: holds a store of other inputs (fingerprint "
+                                   f"{marker.get('fingerprint')}, expected {fp})")  # fmt: skip
+        if complete is not None:
+            log.info("activation store already complete at %s", partial)
+            return plan
     if progress is not None and progress.get("fingerprint") == fp:
         log.info("resuming activation cache: %d/%d shards done", len(plan.done()), plan.n_shards)
         return plan
-    if partial.exists():
+    if plan.url is None and partial.exists():
         log.info("discarding stale partial cache %s", partial)
         shutil.rmtree(partial)
-    group = zarr.open_group(partial, mode="w")
+    # (in object storage, mode "w" clears what an interrupted start of this store left)
+    group = _open_group(partial, "w")
     rows = {k: np.concatenate([a, b]) for (k, a), b in
             zip(_rows(inputs.train).items(), _rows(inputs.heldout).values(), strict=True)}  # fmt: skip
     rows["split"] = np.concatenate(
@@ -298,7 +443,7 @@ def prepare_cache(
             "dtype": params.dtype,
             "corpus_hash": inputs.corpus_hash,
             "model_hash": model_hash,
-            "params": params.model_dump(mode="json"),
+            "params": _what_is_stored(params),
             "n_rows": n_rows,
             "heldout_start": n_train_rows,
             "seq_len": seq_len,
@@ -308,14 +453,16 @@ def prepare_cache(
             **(extra_attrs or {}),
         }
     )
-    (partial / DONE).mkdir()
-    write_json(partial / PROGRESS, {"fingerprint": fp})
+    if _is_local(partial):  # object storage has no folders: the markers make their own
+        (partial / DONE).mkdir()
+    _put_json(partial / PROGRESS, {"fingerprint": fp})
     return plan
 
 
 def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
-                 progress: bool = True) -> dict:  # fmt: skip
-    """Compute and write the given contiguous run of shards (any process may do any run).
+                 progress: bool = True, device: Device = CPU) -> dict:  # fmt: skip
+    """Compute and write the given contiguous run of shards (any process may do any run),
+    the forward on `device` (`stages.compute`; bf16 matmuls when its precision says so).
 
     Forward batches start at multiples of `batch_size` windows from the first window of
     the store, whoever computes them, so every row is bit-for-bit what a single
@@ -326,9 +473,12 @@ def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
         return {"rows_computed": 0, "forward_s": 0.0, "enqueue_wait_s": 0.0}
     if list(shards) != list(range(shards[0], shards[0] + len(shards))):
         raise ValueError(f"cache_shards: shards {shards} are not one contiguous run")
+    if device.precision != plan.precision:
+        raise ValueError(f"cache_shards: a {device.precision} forward for a store prepared "
+                         f"as {plan.precision} (compute.precision)")  # fmt: skip
     hooks, body, shard, bs = plan.hooks, plan.body, plan.shard_rows, plan.batch_size
     dtype = np.dtype(plan.dtype)
-    group = zarr.open_group(plan.partial, mode="r+")
+    group = _open_group(plan.partial, "r+")
     arrays = {h: group[h] for h in hooks}
     first_row = shards[0] * shard
     end_row = min((shards[-1] + 1) * shard, plan.n_rows)
@@ -389,17 +539,19 @@ def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
     t_forward = t_put = 0.0
     bar = tqdm(total=end_row - first_row, desc=f"cache {plan.model_name} shards "
                f"{shards[0]}..{shards[-1]}", unit="tok", unit_scale=True, disable=not progress)  # fmt: skip
-    with torch.inference_mode():
+    on = device.torch
+    with torch.inference_mode(), on_device(model, device), device.autocast():
         for w0 in range(start_window, end_window, bs):
             if err:
                 break
             w1 = min(w0 + bs, len(plan.tokens))
-            batch = torch.from_numpy(plan.tokens[w0:w1].astype(np.int64))
+            batch = torch.from_numpy(plan.tokens[w0:w1].astype(np.int64)).to(on)
             t0 = time.perf_counter()
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
             # Hand over the raw [batch, seq, d] tensors: dropping BOS and the float16
-            # conversion happen in the writer thread, overlapping the next forward.
-            acts = {h: captured[h].numpy() for h in hooks}
+            # conversion happen in the writer thread, overlapping the next forward (on
+            # a GPU the copy to host memory waits for the forward: it is the sync point).
+            acts = {h: to_numpy(captured[h]) for h in hooks}
             t1 = time.perf_counter()
             q.put((w0 * body, acts))
             t_forward += t1 - t0
@@ -418,14 +570,31 @@ def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
 
 
 def finish_cache(plan: CachePlan) -> None:
-    """Check every shard is marked, then move the store into place in one rename."""
+    """Check every shard is marked, then move the store into place in one rename.
+
+    In object storage: record completion (`complete.json`) first, so an interruption
+    from here on loses nothing, then remove the markers, then write the pointer folder
+    at `out` (atomically) listing every remote file."""
     missing = plan.todo()
     if missing:
         raise RuntimeError(f"{plan.partial}: {len(missing)}/{plan.n_shards} shards missing "
                            f"(first {missing[0]})")  # fmt: skip
-    shutil.rmtree(plan.partial / DONE)
-    (plan.partial / PROGRESS).unlink()
-    replace_dir(plan.partial, plan.out)
+    if plan.url is None:
+        shutil.rmtree(plan.partial / DONE)
+        (plan.partial / PROGRESS).unlink()
+        replace_dir(plan.partial, plan.out)
+        return
+    where = plan.partial
+    if not (where / COMPLETE).exists():
+        _put_json(where / COMPLETE, {"fingerprint": plan.fingerprint})
+    for leftover in (where / DONE, where / PROGRESS):
+        with contextlib.suppress(FileNotFoundError):
+            where.fs.rm(leftover.path, recursive=True)
+    pointer = {"format": "feature-atlas/activations-pointer/1", "url": plan.url,
+               "fingerprint": plan.fingerprint, "model": plan.model_name, "hooks": plan.hooks,
+               "n_rows": plan.n_rows, "files": remote_manifest(where)}  # fmt: skip
+    with atomic_dir(plan.out) as tmp:
+        write_json(tmp / POINTER, pointer)
 
 
 def cache_activations(
@@ -437,16 +606,19 @@ def cache_activations(
     out: Path,
     model_hash: str = "",
     extra_attrs: dict | None = None,
+    device: Device = CPU,
 ) -> dict:
-    """Run the model over all windows and write the store at `out` (resumable, atomic).
+    """Run the model over all windows and write the store at `out` (resumable, atomic);
+    with `params.url`, write it in object storage and a pointer to it at `out`.
 
     One process, all shards still to do; `flows/activations.py` spreads the same
     `cache_shards` calls over Dask workers instead. Returns a summary dict (rows,
     throughput, seconds in forward vs waiting on writes).
     """
-    plan = prepare_cache(model, model_name, hooks, inputs, params, out, model_hash, extra_attrs)
+    plan = prepare_cache(model, model_name, hooks, inputs, params, out, model_hash, extra_attrs,
+                         device.precision)  # fmt: skip
     todo = plan.todo()
-    stats = [cache_shards(model, plan, run) for run in shard_runs(todo, 1)]
+    stats = [cache_shards(model, plan, run, device=device) for run in shard_runs(todo, 1)]
     finish_cache(plan)
     return summarize_cache(plan, stats, todo)
 
@@ -464,6 +636,7 @@ def summarize_cache(plan: CachePlan, stats: list[dict], todo: list[int]) -> dict
         "enqueue_wait_s": sum(s["enqueue_wait_s"] for s in stats),
         "tokens_per_s_forward": done_rows / max(t_forward, 1e-9),
         "resumed_from_shard": todo[0] if todo else 0,
+        "url": plan.url,  # where the store is, when in object storage
     }
 
 
@@ -540,22 +713,28 @@ class ActivationStore:
     `path` is a local folder or any fsspec URL (`s3://bucket/acts/toy-a`, `gs://...`),
     with `storage_options` for the filesystem (endpoint, credentials); e.g. SAEs trained
     on a cluster straight from a store in object storage (`dvc push` puts it there).
+    A local folder holding a pointer (`remote.json`, written when `activations.store.url`
+    is set) opens the store it points to, once that is complete and matches the pointer's
+    manifest; `path` is then the remote URL and `pointer` the local file.
     """
 
     def __init__(self, path: str | Path, storage_options: dict | None = None):
-        from upath import UPath
-
         self.path = UPath(path, **(storage_options or {}))
+        self.pointer: Path | None = None
+        if _is_local(self.path) and (self.path / POINTER).is_file():
+            self.pointer = Path(self.path) / POINTER
+            self.path = _follow_pointer(self.pointer, storage_options)
         if not (self.path / "zarr.json").exists():
             raise FileNotFoundError(
                 f"{self.path}: no activation store here; expected the activations stage's "
                 "output (run `dvc repro activations`)"
             )
-        if self.path.protocol in ("", "file", "local"):
-            self.group = zarr.open_group(Path(self.path), mode="r")
-        else:
-            self.group = zarr.open_group(str(self.path), mode="r",
-                                         storage_options=self.path.storage_options)  # fmt: skip
+        if self.pointer is None and _unfinished(self.path):  # (a pointer's is checked above)
+            raise FileNotFoundError(
+                f"{self.path}: an activation store still being written ({PROGRESS}, no "
+                f"{COMPLETE}); expected a complete store: re-run the activations stage"
+            )
+        self.group = _open_group(self.path, "r")
         self.attrs = dict(self.group.attrs)
         self.hooks: list[str] = list(self.attrs["hooks"])
         self.n_rows: int = int(self.attrs["n_rows"])
@@ -563,6 +742,12 @@ class ActivationStore:
         self.seq_len: int = int(self.attrs["seq_len"])
         self.concept_names: list[str] = list(self.attrs.get("concept_names", []))
         self.corpus_hash: str = self.attrs["corpus_hash"]
+
+    @property
+    def descriptor(self) -> Path:
+        """The local file that identifies this store (hash it to key work derived from
+        it): its `zarr.json`, or the pointer of a store in object storage."""
+        return self.pointer or Path(self.path) / "zarr.json"
 
     def array(self, name: str) -> zarr.Array:
         try:
@@ -600,3 +785,38 @@ class ActivationStore:
         toks = read_rows(self.array("token_ids"), lo, lo + n * body, self.path).reshape(n, body)
         bos = np.full((n, 1), int(self.attrs["bos_id"]), np.int32)
         return torch.from_numpy(np.concatenate([bos, toks], axis=1).astype(np.int64))
+
+
+def _follow_pointer(pointer: Path, storage_options: dict | None) -> UPath:
+    """The remote store a pointer names, once checked: complete (`complete.json`, of the
+    pointer's fingerprint) and every file the pointer lists there with its size and ETag.
+    (Each chunk's CRC32C is checked again on every read.)"""
+    meta = read_json(pointer, "the pointer the activations stage writes")
+    url = meta["url"]
+    where = UPath(url, **(storage_options or {}))
+    redo = f"restore it, or re-run `dvc repro -f activations@{meta['model']}`"
+    _forget_listings(where)
+    try:
+        done = _get_json(where / COMPLETE)
+    except Exception as e:  # an unreachable endpoint, refused credentials: maybe transient
+        raise ConnectionError(f"{pointer}: cannot read the activation store it points to, "
+                              f"{url} ({type(e).__name__}: {e}); expected it reachable with "
+                              "the credentials and endpoint in the environment (AWS_*)") from e  # fmt: skip
+    if done is None:
+        state = ("incomplete (still being written, or interrupted)"
+                 if (where / PROGRESS).exists() or (where / "zarr.json").exists() else
+                 "missing (nothing there, or not reachable with the credentials and endpoint "
+                 "in the environment)")  # fmt: skip
+        raise FileNotFoundError(f"{pointer}: the activation store it points to, {url}, is "
+                                f"{state}; expected a complete store ({COMPLETE}): {redo}")  # fmt: skip
+    if done.get("fingerprint") != meta["fingerprint"]:
+        raise CorruptStoreError(f"{pointer}: {url} holds a store of fingerprint "
+                                f"{done.get('fingerprint')}, expected {meta['fingerprint']}: {redo}")  # fmt: skip
+    have = remote_manifest(where)
+    for rel, want in meta["files"].items():
+        got = have.get(rel)
+        if got != want:  # size, and the ETag where the filesystem lists one
+            found = "is missing" if got is None else f"is {got}, the pointer lists {want}"
+            raise CorruptStoreError(f"{pointer}: {url}/{rel} {found}; the remote store changed "
+                                    f"after it was written: {redo}")  # fmt: skip
+    return where

@@ -166,3 +166,35 @@ def test_shards_filled_out_of_order_by_separate_runs_match_one_pass(tmp_path):
         assert np.array_equal(a.read(name), b.read(name)), name
     with pytest.raises(ValueError, match="not one contiguous run"):
         cache_shards(model, plan, [0, 2])
+
+
+def test_bf16_cache_is_close_marked_and_never_mixed_with_fp32(tmp_path):
+    """compute.precision bf16: rows near the fp32 ones (bf16 matmuls), a store that says
+    so, a fingerprint of its own (a partial fp32 store is not resumed in bf16), and a
+    forward of the wrong precision refused."""
+    from stages.activations import cache_activations, cache_shards, prepare_cache
+    from stages.compute import Device
+    from stages.config import StoreParams
+
+    torch.set_num_threads(1)
+    model, inputs = _cache_script.tiny_setup()
+    params = StoreParams(seq_len=16, batch_size=8, shard_rows=128, chunk_rows=64)
+    cache_activations(model, "tiny", HOOKS, inputs, params, tmp_path / "fp32",
+                      device=Device("cpu"))  # fmt: skip
+    cache_activations(model, "tiny", HOOKS, inputs, params, tmp_path / "bf16",
+                      device=Device("cpu", "bf16"))  # fmt: skip
+    a, b = ActivationStore(tmp_path / "fp32"), ActivationStore(tmp_path / "bf16")
+    assert "precision" not in a.attrs and b.attrs["precision"] == "bf16"
+    for h in HOOKS:
+        x, y = a.read(h).astype(np.float32), b.read(h).astype(np.float32)
+        rel = np.linalg.norm(x - y) / np.linalg.norm(x)
+        assert 0 < rel < 0.02, (h, rel)  # measured: 0.005 and 0.007 (8-bit mantissa)
+    assert np.array_equal(a.read("token_ids"), b.read("token_ids"))
+    p32 = prepare_cache(model, "tiny", HOOKS, inputs, params, tmp_path / "x")
+    cache_shards(model, p32, [0, 1], progress=False)
+    assert p32.done() == {0, 1}
+    p16 = prepare_cache(model, "tiny", HOOKS, inputs, params, tmp_path / "x", precision="bf16")
+    assert p32.fingerprint != p16.fingerprint and p16.precision == "bf16"
+    assert p16.todo() == list(range(p16.n_shards))  # the fp32 partial was not resumed
+    with pytest.raises(ValueError, match="a fp32 forward for a store prepared as bf16"):
+        cache_shards(model, p16, [0], device=Device("cpu"))
