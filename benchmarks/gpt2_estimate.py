@@ -98,10 +98,11 @@ def gpt2_shaped_cache(n_windows: int, tmp: Path, device=None,
     empty = Windows(toks[:0], docs[:0], pos[:0], pos[:0])
     hooks = [f"blocks.{i}.hook_resid_post" for i in range(L)]
     p = StoreParams(seq_len=SEQ, batch_size=batch_size, shard_rows=4096, chunk_rows=1024)
+    device = device or CPU
     plan = prepare_cache(model, "gpt2-shape", hooks, CacheInputs(w, empty, None, [], "x"),
-                         p, tmp / "store")  # fmt: skip
+                         p, tmp / "store", precision=device.precision)  # fmt: skip
     t0 = time.perf_counter()
-    cache_shards(model, plan, plan.todo(), progress=False, device=device or CPU)
+    cache_shards(model, plan, plan.todo(), progress=False, device=device)
     dt = time.perf_counter() - t0
     finish_cache(plan)
     rows = ActivationStore(tmp / "store").read(hooks[-1])
