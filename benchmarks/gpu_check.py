@@ -14,7 +14,9 @@ script itself). Prints:
 2. SAE evaluation on the GPU vs the CPU for one SAE: every metric, max relative
    difference (float32 vs float32, different kernels: expected ~1e-6).
 3. Caching on the GPU (`cache_shards` with a GPT-2-small-shaped model, 12 hooks) in fp32
-   and bf16 vs the CPU: max |difference| of the stored float16 rows, and tokens/s.
+   and bf16 vs the CPU: max |difference| of the stored float16 rows, and tokens/s; then
+   tokens/s and peak memory for forward batches of 16..1024 windows: the
+   `activations.store.batch_size` that fills the device is where tokens/s levels off.
 4. TopK 768 -> 24576 (k 32) training throughput on the GPU in fp32 and bf16: tokens/s
    and TFLOP/s of the dense formulation (3 GEMMs forward + backward).
 """
@@ -93,6 +95,18 @@ def caching(dev_name: str, n_windows: int) -> None:
             f" (rows' std {ref.std():.3g})")  # fmt: skip
         ref = rows.astype(np.float32) if ref is None else ref
         print(f"   {dev.name:7s} {dev.precision}: {tps:,.0f} tok/s{diff}")
+    # activations.store.batch_size is the forward batch (windows): the one that fills
+    # the device is where tokens/s stops rising
+    for bs in (16, 64, 256, 1024):
+        if bs > n_windows:
+            break
+        with tempfile.TemporaryDirectory() as tmp:
+            tps, _ = gpt2_shaped_cache(n_windows, Path(tmp), Device(dev_name, "bf16"), bs)
+        mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0
+        print(f"   bf16, activations.store.batch_size {bs}: {tps:,.0f} tok/s, peak "
+              f"{mem:.1f} GiB")  # fmt: skip
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
 
 
 def sae_throughput(dev_name: str, steps: int) -> None:
