@@ -94,3 +94,16 @@ def s3_env(s3_server: S3, monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
     s3fs.S3FileSystem.clear_instance_cache()  # cached clients keep their old endpoint
     yield s3_server
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread for the test (the machine is shared; exact-value
+    tests need one thread count), restored afterwards. Packages whose tests all want it
+    request it from an autouse fixture in their conftest."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

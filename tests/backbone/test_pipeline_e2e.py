@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from tests.backbone.conftest import TINY, scratch_project
@@ -135,6 +136,17 @@ def test_bad_params_stop_before_any_work(project):
         assert sorted(p.name for p in (root / "data").rglob("*")) == before
     finally:
         (root / "params.yaml").write_text(good)
+    if not torch.cuda.is_available():  # a GPU asked for on a machine without one
+        before = sorted(p.name for p in (root / "data").rglob("*"))
+        p = _run([sys.executable, "-m", "flows.saes", "tiny-a"], root,
+                 {**env, "ATLAS_DEVICE": "cuda"}, check=False)  # fmt: skip
+        assert p.returncode == 2
+        assert (
+            p.stderr.strip()
+            .splitlines()[-1]
+            .startswith("error: ATLAS_DEVICE = 'cuda', but torch sees no CUDA device here")
+        ), p.stderr[-2000:]
+        assert sorted(p.name for p in (root / "data").rglob("*")) == before
 
 
 def test_mlflow_runs_carry_provenance(project):
@@ -164,6 +176,10 @@ def test_mlflow_runs_carry_provenance(project):
     assert len(tags["input.corpus"]) == 36  # md5 + '.dir'
     assert params["models.tiny-a.arch.d_model"] == "32"
     assert metrics["heldout_loss"] > 0
+    for stage in ("activations@tiny-a", "saes@tiny-b"):  # where the heavy stages ran
+        t = by_name[stage][-1][1]
+        assert (t["compute.device"], t["compute.precision"]) == ("cpu", "fp32"), t
+        assert int(t["torch.num_threads"]) >= 1
     prov = _run([sys.executable, "-m", "flows.cli", "provenance", run_id], root, env)
     out = json.loads(prov.stdout)
     assert (

@@ -43,11 +43,8 @@ SMALL = {"seq_len": 16, "batch_size": 8, "shard_rows": 128, "chunk_rows": 64}  #
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")

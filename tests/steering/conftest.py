@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pytest
-import torch
 
 from stages.activations import ActivationStore, CacheInputs, cache_activations
 from stages.config import StoreParams
@@ -18,11 +17,8 @@ HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+def _one_thread(one_thread):
+    """Every test here on one torch thread (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="session")
