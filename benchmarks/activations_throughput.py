@@ -63,7 +63,7 @@ def main() -> None:
         d = Path(tempfile.mkdtemp(prefix="bench-cache-"))
         try:
             inputs = CacheInputs(w, held, None, [], "bench")
-            p = StoreParams(**{**sp.model_dump(), "max_train_tokens": None})
+            p = StoreParams(**{**sp.model_dump(), "max_train_tokens": None, "url": None})
             t0 = time.perf_counter()
             cache_activations(model, name, hooks, inputs, p, d / "store")
             return n_rows / (time.perf_counter() - t0)
