@@ -10,14 +10,15 @@
   the key, before any work starts.
 - `precision`: `fp32` (everything in float32: the reference, bit-reproducible on one
   machine) or `bf16` (matmuls in bfloat16 under `torch.autocast`; weights, optimiser
-  state, losses, reductions and every stored number stay float32). Where bf16 would
-  change what an SAE learns, it is not used: TopK SAEs pick their k latents with the
-  bf16 encoder GEMM but compute the selected values and every gradient in float32
-  (`stages/sae/topk.py`); alignment statistics are float64 on any setting.
+  state, losses, reductions and every stored number stay float32). TopK SAEs on the
+  CPU's sparse kernels use the bf16 encoder GEMM only to pick their k latents; the
+  picked values, the decoder and every gradient stay float32 (`stages/sae/topk.py`).
+  SAE evaluation is float32 on any setting.
 
-Neither is a DVC dependency for `device` (like the torch thread count, it changes the
-last bits, not what is computed); `precision` is one for the stages it affects, since
-bf16 results differ measurably. Both are tagged on every stage's MLflow run.
+`device` is not a DVC dependency (like the torch thread count, it changes the last
+bits, not what is computed); `precision` is one of the stages it affects (activations,
+saes), since bf16 results differ measurably. Both are tagged on those stages' MLflow
+runs.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import numpy as np
 import torch
 
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-PRECISIONS = ("fp32", "bf16")
 
 
 class DeviceError(ValueError):
