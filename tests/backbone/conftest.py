@@ -104,6 +104,15 @@ TINY = {
     "report": {"dashboards": {"n_most_active": 3, "n_contexts": 4, "max_rows": 4000}},
     "compute": {"precision": "fp32"},  # a DVC dependency of activations and saes
 }
+# tiny-a trains 151 LM steps instead of 48 so that it writes checkpoints (every 50 steps):
+# the kill tests interrupt it between two
+TINY["models"]["tiny-a"]["train"]["tokens"] = 75_000
+
+NETAUDIT = Path(__file__).parent / "_netaudit"
+# variables under which MLflow, Prefect and DVC mute their telemetry ("in CI / a test"):
+# a stage must keep quiet without them
+MUTING = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "DVC_TEST", "DVC_NO_ANALYTICS",
+          "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")  # fmt: skip
 
 
 @pytest.fixture
@@ -165,3 +174,42 @@ def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -
     }
     env.pop("FEATURE_ATLAS_PARENT_RUN_ID", None)
     return env
+
+
+def audited_env(root: Path, base: dict, net_log: Path) -> dict:
+    """`base` for the project at `root`, with every Python process recording any attempt
+    to reach another host in `net_log` (_netaudit/sitecustomize.py) and the telemetry
+    muting variables removed."""
+    env = {**base, "PYTHONPATH": f"{root}{os.pathsep}{NETAUDIT}", "ATLAS_NET_LOG": str(net_log),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}  # fmt: skip
+    for k in MUTING:
+        env.pop(k, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, prefect_api) -> dict:
+    """The whole tiny pipeline, run once by `dvc repro` under the network audit, with the
+    project's DVC settings (.dvc/config, .dvcignore). Shared by the e2e and kill tests:
+    never changed by a test. Tests copy it (`copy_project`); a copy that keeps
+    mlflow.db logs new runs' artifacts under this project's mlruns/ (MLflow's artifact
+    location is absolute), which no test reads."""
+    root = tmp_path_factory.mktemp("tiny-pipeline")
+    net_log = root.parent / "tiny-pipeline-net.log"
+    env = audited_env(root, scratch_project(root, TINY, prefect_api), net_log)
+    run(["git", "init", "-q"], root, env)
+    run(["dvc", "init", "-q"], root, env)
+    for f in (".dvc/config", ".dvcignore"):
+        shutil.copy(REPO / f, root / f)
+    t0 = time.perf_counter()
+    first = run(["dvc", "repro"], root, env)
+    return {"root": root, "env": env, "net_log": net_log, "first": first,
+            "first_s": time.perf_counter() - t0,
+            "lock": yaml.safe_load((root / "dvc.lock").read_text())}  # fmt: skip
+
+
+def copy_project(pipeline: dict, dst: Path, net_log: Path, mlflow: bool = True) -> dict:
+    """A copy of `tiny_pipeline` at `dst` (with or without its MLflow store); its env."""
+    skip = () if mlflow else ("mlflow.db", "mlruns")
+    shutil.copytree(pipeline["root"], dst, ignore=shutil.ignore_patterns(*skip))
+    return audited_env(dst, pipeline["env"], net_log)

@@ -1,7 +1,7 @@
 """kill -9 part-way through `lm@M`, `steering@M` and `align@A__B`, then `dvc repro` again.
 
-One uninterrupted reference run of the tiny pipeline (module-scoped). Each test copies
-it, starts `dvc repro -f -s <stage>`, waits until the stage has demonstrably begun its
+The reference is the session's uninterrupted run of the tiny pipeline (`tiny_pipeline`
+in conftest.py, shared with test_pipeline_e2e.py). Each test copies it, starts `dvc repro -f -s <stage>`, waits until the stage has demonstrably begun its
 real work, SIGKILLs dvc and every process under it, and checks
 
 - while killed: none of the stage's output folders exists, and a later stage's loader
@@ -11,7 +11,7 @@ real work, SIGKILLs dvc and every process under it, and checks
   whose dependencies (all of data/models, data/steering, ...) would change if the
   killed run's temporaries counted (.dvcignore);
 - then `dvc repro -f -s <stage>`, the stage really run again (`lm@M` resumes from its
-  last checkpoint; `steering@M` and `align@A__B` have none and start over): every DVC
+  last checkpoint, and says so; `steering@M` and `align@A__B` have none and start over): every DVC
   output's md5 in dvc.lock equals the uninterrupted run's, `dvc status` finds the whole
   pipeline up to date, and no temporary is left.
 
@@ -22,11 +22,8 @@ process of it (dvc and each stage) records any attempt to (_netaudit/sitecustomi
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -37,28 +34,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.backbone.conftest import TINY, scratch_project
+from tests.backbone.conftest import copy_project
 from tests.backbone.conftest import run as _run
 
-REPO = Path(__file__).resolve().parents[2]
-NETAUDIT = Path(__file__).parent / "_netaudit"
 pytestmark = pytest.mark.slow
-
-# tiny-a trains 151 LM steps instead of 48 so that it writes checkpoints (every 50 steps)
-PARAMS = copy.deepcopy(TINY)
-PARAMS["models"]["tiny-a"]["train"]["tokens"] = 75_000
-# variables under which MLflow, Prefect and DVC mute their telemetry ("in CI / a test"):
-# a stage must keep quiet without them
-MUTING = ("PYTEST_CURRENT_TEST", "CI", "GITHUB_ACTIONS", "DVC_TEST", "DVC_NO_ANALYTICS",
-          "DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY")  # fmt: skip
-
-
-def _env(root: Path, base: dict, net_log: Path) -> dict:
-    env = {**base, "PYTHONPATH": f"{root}{os.pathsep}{NETAUDIT}", "ATLAS_NET_LOG": str(net_log),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}  # fmt: skip
-    for k in MUTING:
-        env.pop(k, None)
-    return env
 
 
 def _attempts(net_log: Path) -> list[str]:
@@ -74,25 +53,15 @@ def _ran(out: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, prefect_api):
-    root = tmp_path_factory.mktemp("kill-reference")
-    net_log = root.parent / "kill-reference-net.log"
-    env = _env(root, scratch_project(root, PARAMS, prefect_api), net_log)
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    for f in (".dvc/config", ".dvcignore"):  # the project's DVC settings
-        shutil.copy(REPO / f, root / f)
-    _run(["dvc", "repro"], root, env)
-    return {"root": root, "env": env, "net_log": net_log,
-            "lock": yaml.safe_load((root / "dvc.lock").read_text())}  # fmt: skip
+def reference(tiny_pipeline):
+    return tiny_pipeline
 
 
 @pytest.fixture
 def copy_of(reference, tmp_path):
     """A copy of the reference project (without its MLflow store), and its env."""
     root = tmp_path / "p"
-    shutil.copytree(reference["root"], root, ignore=shutil.ignore_patterns("mlflow.db", "mlruns"))
-    return root, _env(root, reference["env"], tmp_path / "net.log")
+    return root, copy_project(reference, root, tmp_path / "net.log", mlflow=False)
 
 
 def _kill_part_way(root: Path, env: dict, stage: str, started: Callable[[str], bool],
@@ -191,8 +160,8 @@ def test_lm_killed_mid_training_resumes_and_matches(reference, copy_of, tmp_path
         load_model(root / "data/models/tiny-a")
 
     out = _restore_then_rerun(root, env, reference, "lm@tiny-a")
-    # resumed: the progress bar starts at the checkpoint's step, not at 0 (the
-    # "resuming LM training" log line does not reach the terminal under Prefect)
+    # resumed: the log says so, and the progress bar starts at the checkpoint's step
+    assert f"resuming LM training from step {killed_at}" in out, out[-3000:]
     shown = [int(n) for n in re.findall(r"lm train:\s+\d+%\|[^|]*\| (\d+)/151 ", out)]
     assert shown and shown[0] == killed_at and shown[-1] == 151, shown[:5]
     assert not _attempts(tmp_path / "net.log")

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.backbone.conftest import TINY, scratch_project
+from tests.backbone.conftest import TINY, copy_project, scratch_project
 from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -28,15 +28,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory, prefect_api):
-    root = tmp_path_factory.mktemp("atlas")
-    env = scratch_project(root, TINY, prefect_api)
-    _run(["git", "init", "-q"], root, env)
-    _run(["dvc", "init", "-q"], root, env)
-    t0 = time.perf_counter()
-    first = _run(["dvc", "repro"], root, env)
-    return {"root": root, "env": env, "first": first, "first_s": time.perf_counter() - t0,
-            "lock": yaml.safe_load((root / "dvc.lock").read_text())}  # fmt: skip
+def project(tiny_pipeline, tmp_path_factory):
+    """A copy of the session's tiny pipeline run (with its MLflow runs): these tests
+    change params and re-run stages in it."""
+    root = tmp_path_factory.mktemp("atlas") / "p"
+    env = copy_project(tiny_pipeline, root, root.parent / "net.log")
+    return {**tiny_pipeline, "root": root, "env": env}
 
 
 def test_outputs_exist_and_are_sane(project):
