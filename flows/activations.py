@@ -96,7 +96,8 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev)
     todo = plan.todo()
     runs = shard_runs(todo, n_parts)
     print(f"activations@{name}: {len(todo)} shards in {len(runs)} runs on Dask workers")
-    futures = [cache_part.submit(str(Path("data/models") / name), plan, r, dev) for r in runs]
+    model_dir = str(Path("data/models") / name)
+    futures = [cache_part.submit(model_dir, plan.part(r), r, dev) for r in runs]
     stats = [f.result() for f in futures]
     finish_cache(plan)
     return summarize_cache(plan, stats, todo)

@@ -57,12 +57,33 @@ def with_runner(flow_obj, compute=None):
 
     d = compute.dask
     if d.address:
-        runner = DaskTaskRunner(address=d.address)
-    else:
-        runner = DaskTaskRunner(cluster_kwargs={
-            "n_workers": d.n_workers, "threads_per_worker": d.threads_per_worker,
-            "processes": True, "host": "127.0.0.1", "dashboard_address": None})  # fmt: skip
-    return flow_obj.with_options(task_runner=runner)
+        return flow_obj.with_options(task_runner=DaskTaskRunner(address=d.address))
+    dask_flow = flow_obj.with_options(task_runner=DaskTaskRunner(cluster_kwargs={
+        "n_workers": d.n_workers, "threads_per_worker": d.threads_per_worker,
+        "processes": True, "host": "127.0.0.1", "dashboard_address": None}))  # fmt: skip
+
+    def run(*args, **kwargs):
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        # the workers run their tasks in the flow's settings, so the flow gets the URL too
+        with temporary_settings(updates={PREFECT_API_URL: share_temporary_server()}):
+            return dask_flow(*args, **kwargs)
+
+    return run
+
+
+def share_temporary_server() -> str:
+    """The Prefect API a flow and its local Dask workers report to: `PREFECT_API_URL`
+    when set, otherwise this process's temporary server, started now. Without it each
+    worker process starts a temporary server of its own (~8 s each here, all on one
+    database) for the task runs it executes."""
+    if "PREFECT_API_URL" not in os.environ:
+        from prefect.server.api.server import SubprocessASGIServer
+
+        server = SubprocessASGIServer()  # the one this process's flow runs would start
+        server.start()
+        return server.api_url
+    return os.environ["PREFECT_API_URL"]
 
 
 def _device_key() -> str:

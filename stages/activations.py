@@ -42,6 +42,7 @@ an old store is never overwritten or deleted. The remote bytes equal a local sto
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -322,10 +323,28 @@ class CachePlan:
     model_name: str
     url: str | None = None  # the store in object storage; None: a local store
     precision: str = "fp32"  # compute.precision of the forward (its rows differ under bf16)
+    window0: int = 0  # the store's window index of tokens[0] (a `part` holds a slice)
 
     @property
     def body(self) -> int:
         return self.tokens.shape[1] - 1
+
+    def windows(self, shards: list[int]) -> tuple[int, int]:
+        """The windows `cache_shards(shards)` runs forward: whole batches, aligned to
+        multiples of `batch_size` from the store's first window (see there)."""
+        first_row = shards[0] * self.shard_rows
+        end_row = min((shards[-1] + 1) * self.shard_rows, self.n_rows)
+        start = (first_row // self.body) // self.batch_size * self.batch_size
+        last = (-(-end_row // self.body) - 1) // self.batch_size * self.batch_size
+        return start, min(last + self.batch_size, self.n_rows // self.body)
+
+    def part(self, shards: list[int]) -> CachePlan:
+        """This plan holding only the token windows that `cache_shards(shards)` reads:
+        what one Dask task is sent (the whole array is 4 bytes a token, 400 MB at 100M
+        tokens, and would otherwise travel to every task)."""
+        w0, w1 = self.windows(shards)
+        tokens = self.tokens[w0 - self.window0 : w1 - self.window0].copy()
+        return dataclasses.replace(self, tokens=tokens, window0=w0)
 
     @property
     def n_shards(self) -> int:
@@ -478,12 +497,15 @@ def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
                          f"as {plan.precision} (compute.precision)")  # fmt: skip
     hooks, body, shard, bs = plan.hooks, plan.body, plan.shard_rows, plan.batch_size
     dtype = np.dtype(plan.dtype)
-    group = _open_group(plan.partial, "r+")
-    arrays = {h: group[h] for h in hooks}
     first_row = shards[0] * shard
     end_row = min((shards[-1] + 1) * shard, plan.n_rows)
-    start_window = (first_row // body) // bs * bs
-    end_window = -(-end_row // body)
+    start_window, end_window = plan.windows(shards)
+    have = (plan.window0, plan.window0 + len(plan.tokens))
+    if start_window < have[0] or end_window > have[1]:
+        raise ValueError(f"cache_shards: shards {shards[0]}..{shards[-1]} need windows "
+                         f"{start_window}..{end_window}, the plan holds {have[0]}..{have[1]}")  # fmt: skip
+    group = _open_group(plan.partial, "r+")
+    arrays = {h: group[h] for h in hooks}
 
     q: queue.Queue = queue.Queue(maxsize=4)
     err: list[BaseException] = []
@@ -544,8 +566,9 @@ def cache_shards(model: HookedTransformer, plan: CachePlan, shards: list[int],
         for w0 in range(start_window, end_window, bs):
             if err:
                 break
-            w1 = min(w0 + bs, len(plan.tokens))
-            batch = torch.from_numpy(plan.tokens[w0:w1].astype(np.int64)).to(on)
+            w1 = min(w0 + bs, end_window)
+            rows = plan.tokens[w0 - plan.window0 : w1 - plan.window0]
+            batch = torch.from_numpy(rows.astype(np.int64)).to(on)
             t0 = time.perf_counter()
             model.run_with_hooks(batch, fwd_hooks=fwd_hooks, stop_at_layer=stop)
             # Hand over the raw [batch, seq, d] tensors: dropping BOS and the float16

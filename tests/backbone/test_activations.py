@@ -157,10 +157,21 @@ def test_shards_filled_out_of_order_by_separate_runs_match_one_pass(tmp_path):
     plan = prepare_cache(model, "tiny", HOOKS, inputs, params, out)
     runs = shard_runs(plan.todo(), 3)
     assert len(runs) == 3 and plan.n_shards == 14
-    # 128-row shards of 15-row windows: every run boundary falls inside a batch
+    # 128-row shards of 15-row windows: every run boundary falls inside a batch. Each
+    # run gets the part of the plan a Dask task is sent: only its own token windows.
+    sent = []
     for run in reversed(runs):
-        cache_shards(model, plan, run, progress=False)
+        part = plan.part(run)
+        sent.append(len(part.tokens))
+        cache_shards(model, part, run, progress=False)
     finish_cache(plan)
+    # 112 windows (1680 rows) in batches of 8: the runs of shards 0-4, 5-9 and 10-13
+    # (rows 0-639, 640-1279, 1280-1679) read windows 0-47, 40-87 and 80-111; a batch
+    # that straddles two runs goes to both. Sent in reverse order:
+    assert len(plan.tokens) == 112 and sent == [32, 48, 48]
+    assert np.array_equal(plan.part(runs[1]).tokens, plan.tokens[40:88])
+    with pytest.raises(ValueError, match=r"need windows 80\.\.112, the plan holds 40\.\.88"):
+        cache_shards(model, plan.part(runs[1]), runs[2])
     a, b = ActivationStore(ref), ActivationStore(out)
     for name in [*HOOKS, "token_ids", "positions"]:
         assert np.array_equal(a.read(name), b.read(name)), name
