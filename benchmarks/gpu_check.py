@@ -19,6 +19,10 @@ script itself). Prints:
    `activations.store.batch_size` that fills the device is where tokens/s levels off.
 4. TopK 768 -> 24576 (k 32) training throughput on the GPU in fp32 and bf16: tokens/s
    and TFLOP/s of the dense formulation (3 GEMMs forward + backward).
+5. Alignment (`align_pair`) of a GPT-2-shaped store with itself through two random TopK
+   768 -> 4096 SAEs on 2 hooks, the token pass on the CPU and on the GPU: seconds of
+   the pass, and the largest difference of any score (float32 products into float64
+   sums on both: expected ~1e-6; the Hungarian matches should be identical).
 """
 
 from __future__ import annotations
@@ -132,6 +136,37 @@ def sae_throughput(dev_name: str, steps: int) -> None:
         print(f"   {prec}: {tps:,.0f} tok/s, {tps * flops / 1e12:.2f} TFLOP/s")
 
 
+def alignment(dev_name: str, n_windows: int) -> None:
+    from benchmarks.alignment_pair import random_saes
+    from benchmarks.gpt2_estimate import gpt2_shaped_cache
+    from stages.activations import ActivationStore
+    from stages.alignment import AlignConfig, align_pair
+    from stages.compute import Device
+
+    with tempfile.TemporaryDirectory() as tmp:
+        gpt2_shaped_cache(n_windows, Path(tmp), Device("cpu"), batch_size=32)
+        store = ActivationStore(Path(tmp) / "store")
+        hooks = tuple((h, h) for h in store.hooks[-2:])
+        saes_a = {h: s for h, s in random_saes(store, 4096, seed=1).items() if (h, h) in hooks}
+        saes_b = {h: s for h, s in random_saes(store, 4096, seed=2).items() if (h, h) in hooks}
+        cfg = AlignConfig(hook_pairs=hooks, max_tokens=store.n_rows, n_permutations=10)
+        print(f"5. alignment, {store.n_rows:,} tokens, random TopK 768 -> 4096 on {len(hooks)} "
+              "hooks (a store aligned with itself)")  # fmt: skip
+        out = []
+        for dev in (Device("cpu"), Device(dev_name)):
+            _sync()
+            r = align_pair(store, store, saes_a, saes_b, cfg, progress=False, device=dev)
+            out.append(r)
+            print(f"   {dev.name:7s}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r.timings.items()))
+        ref, got = out
+        worst = max(abs(ref.scores[k] - got.scores[k]) for k in ref.scores
+                    if np.isfinite(ref.scores[k]))  # fmt: skip
+        same = all(np.array_equal(p.hungarian.b_index, q.hungarian.b_index)
+                   for p, q in zip(ref.pairs, got.pairs, strict=True))  # fmt: skip
+        print(f"   {dev_name} vs cpu: max |score difference| {worst:.2e}; Hungarian matches "
+              f"{'identical' if same else 'DIFFER'}")  # fmt: skip
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -156,6 +191,7 @@ def main() -> None:
     sae_eval_agreement(dev)
     caching(dev, a.windows)
     sae_throughput(dev, a.sae_steps)
+    alignment(dev, a.windows)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ from stages.tracking import stage_run
 
 
 @task(cache_policy=NO_CACHE)
-def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b):
+def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev):
     from stages.alignment.pipeline import align_pair
 
     return align_pair(store_a, store_b, saes_a, saes_b, cfg,
-                      best_latents_a=best_a, best_latents_b=best_b)  # fmt: skip
+                      best_latents_a=best_a, best_latents_b=best_b, device=dev)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -134,6 +134,7 @@ def align_flow(pair_name: str) -> dict:
     from stages.alignment import figures
     from stages.alignment.outputs import write_alignment
     from stages.alignment.pipeline import AlignConfig, load_saes
+    from stages.compute import Device
 
     params = load_params()
     if params.align is None or pair_name not in params.align.pairs:
@@ -146,7 +147,9 @@ def align_flow(pair_name: str) -> dict:
               for kind in ("activations", "saes") for m in (a, b)}  # fmt: skip
     logged = {**flatten(params.align.config, "align.config."),
               **flatten(params.align.transfer, "align.transfer."), "align.a": a, "align.b": b}  # fmt: skip
-    with stage_run(f"align@{pair_name}", logged, inputs) as run:
+    # the token pass runs on compute.device, always in float32 products (align_pair)
+    dev = Device(params.compute.with_env().device)
+    with stage_run(f"align@{pair_name}", logged, inputs, dev.tags()) as run:
         store_a = ActivationStore(Path("data/activations") / a)
         store_b = ActivationStore(Path("data/activations") / b)
         saes_a, best_a = load_saes(Path("data/saes") / a)
@@ -155,10 +158,10 @@ def align_flow(pair_name: str) -> dict:
             from stages.alignment.pipeline import align_pair
 
             result = align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
-                                best_latents_b=best_b, map_parts=parts_on_dask)  # fmt: skip
+                                best_latents_b=best_b, map_parts=parts_on_dask, device=dev)  # fmt: skip
         else:
             result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
-                           best_a, best_b)  # fmt: skip
+                           best_a, best_b, dev)  # fmt: skip
         transfer = transfer_steering(result, saes_a, saes_b, a, b, params)
         out = Path("data/alignment") / pair_name
         with atomic_dir(out) as tmp:

@@ -52,6 +52,7 @@ class CentredMoments:
         matmul_dtype: torch.dtype = torch.float64,
         block_rows: int = 4096,
         labels: Mapping[str, str] | None = None,
+        device: torch.device | str = "cpu",
     ) -> None:
         if matmul_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"matmul_dtype = {matmul_dtype}: expected torch.float32 or float64")
@@ -61,13 +62,15 @@ class CentredMoments:
         self.labels = dict(labels or {})  # stream -> name used in error messages
         self.matmul_dtype = matmul_dtype
         self.block_rows = block_rows
+        self.device = torch.device(device)  # where the sums live; chunks must be there
         self.n = 0
         f64 = torch.float64
-        self.mean = {k: torch.zeros(d, dtype=f64) for k, d in self.dims.items()}
+        zeros = dict(dtype=f64, device=self.device)
+        self.mean = {k: torch.zeros(d, **zeros) for k, d in self.dims.items()}
         self.comoment = {
-            (u, v): torch.zeros(self.dims[u], self.dims[v], dtype=f64) for u, v in products
+            (u, v): torch.zeros(self.dims[u], self.dims[v], **zeros) for u, v in products
         }
-        self.m2 = {k: torch.zeros(self.dims[k], dtype=f64) for k in variances}
+        self.m2 = {k: torch.zeros(self.dims[k], **zeros) for k in variances}
         # Reused per-block buffers (centred rows, squares, float32 products).
         self._scratch: dict[tuple[str, ...], torch.Tensor] = {}
 
@@ -101,8 +104,8 @@ class CentredMoments:
                     f"large to sum); expected finite activations"
                 )
             shift[k] = total / n_c
-        sums = {k: torch.zeros(self.dims[k], dtype=f64) for k in self.dims}
-        squares = {k: torch.zeros(self.dims[k], dtype=f64) for k in self.m2}
+        sums = {k: torch.zeros(self.dims[k], dtype=f64, device=self.device) for k in self.dims}
+        squares = {k: torch.zeros(self.dims[k], dtype=f64, device=self.device) for k in self.m2}
         # Products go straight into the running co-moments; the shift corrections and the
         # Chan update below are rank-one and commute with them.
         for start in range(0, n_c, self.block_rows):
@@ -156,8 +159,18 @@ class CentredMoments:
         for s in shape:
             numel *= s
         if buf is None or buf.numel() < numel:
-            buf = self._scratch[key] = torch.empty(numel, dtype=self.matmul_dtype)
+            buf = self._scratch[key] = torch.empty(numel, dtype=self.matmul_dtype,
+                                                   device=self.device)  # fmt: skip
         return buf[:numel].view(*shape)
+
+    def to(self, device: torch.device | str) -> CentredMoments:
+        """Move the statistics to `device` (in place; the scratch buffers are dropped)."""
+        self.device = torch.device(device)
+        for store in (self.mean, self.comoment, self.m2):
+            for k, t in store.items():
+                store[k] = t.to(self.device)
+        self._scratch.clear()
+        return self
 
     def merge(self, other: CentredMoments) -> None:
         """Absorb another accumulator's statistics (e.g. from another worker), exactly."""

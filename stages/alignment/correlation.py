@@ -68,6 +68,7 @@ class CorrelationAccumulator:
         *,
         matmul_dtype: torch.dtype = torch.float32,
         block_rows: int = 8192,
+        device: torch.device | str = "cpu",
     ) -> None:
         if m_a < 1 or m_b < 1:
             raise ValueError(f"(m_a, m_b) = {(m_a, m_b)}: expected at least one latent each")
@@ -79,7 +80,13 @@ class CorrelationAccumulator:
             matmul_dtype=matmul_dtype,
             block_rows=block_rows,
             labels={"a": "a_chunk", "b": "b_chunk"},
+            device=device,
         )
+
+    def to(self, device: torch.device | str) -> CorrelationAccumulator:
+        """Move the accumulator to `device` (in place); read results on the CPU."""
+        self._moments.to(device)
+        return self
 
     @property
     def n_tokens(self) -> int:
@@ -302,13 +309,19 @@ class TopActivations:
     (or the indices passed to `update`), so A and B agree on them over shared tokens.
     """
 
-    def __init__(self, n_latents: int, k: int) -> None:
+    def __init__(self, n_latents: int, k: int, device: torch.device | str = "cpu") -> None:
         if k < 1 or n_latents < 1:
             raise ValueError(f"(n_latents, k) = {(n_latents, k)}: expected both >= 1")
         self.n_latents, self.k = int(n_latents), int(k)
-        self.values = torch.full((self.n_latents, self.k), -torch.inf, dtype=torch.float32)
-        self.indices = torch.full((self.n_latents, self.k), -1, dtype=torch.int64)
+        shape = (self.n_latents, self.k)
+        self.values = torch.full(shape, -torch.inf, dtype=torch.float32, device=device)
+        self.indices = torch.full(shape, -1, dtype=torch.int64, device=device)
         self._seen = 0
+
+    def to(self, device: torch.device | str) -> TopActivations:
+        """Move the running top-k to `device` (in place)."""
+        self.values, self.indices = self.values.to(device), self.indices.to(device)
+        return self
 
     def update(self, chunk: Array, token_index: Array | None = None) -> None:
         """Absorb activations [n, n_latents]; token_index [n] defaults to running row numbers."""
@@ -316,9 +329,9 @@ class TopActivations:
         check_width(t, self.n_latents, "chunk")
         n = t.shape[0]
         if token_index is None:
-            idx = torch.arange(self._seen, self._seen + n, dtype=torch.int64)
+            idx = torch.arange(self._seen, self._seen + n, dtype=torch.int64, device=t.device)
         else:
-            idx = torch.as_tensor(np.asarray(token_index), dtype=torch.int64)
+            idx = torch.as_tensor(np.asarray(token_index), dtype=torch.int64).to(t.device)
             if idx.shape != (n,):
                 raise ValueError(f"token_index has shape {tuple(idx.shape)}: expected ({n},)")
         self._seen += n

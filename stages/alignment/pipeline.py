@@ -60,8 +60,10 @@ from stages.alignment.similarity import (
     _cka_from_products,
     _RowSample,
     permutation_test,
+    shared_per_representation,
 )
 from stages.alignment.tokens import RowStore, TokenAlignment, align_tokens, select_rows
+from stages.compute import CPU, Device, on_device
 from stages.sae.base import BaseSAE
 from stages.sae.io import load_sae, read_metrics
 from stages.sae.metrics import binary_f1_counts
@@ -221,10 +223,15 @@ def _acts(store: RowStore, hook: str, rows: np.ndarray) -> torch.Tensor:
 class _ConceptCounts:
     """Per concept, the best single latent by F1 (the rule of sae.evaluate_ground_truth)."""
 
-    def __init__(self, n_concepts: int, m: int) -> None:
-        self.tp = torch.zeros(n_concepts, m, dtype=torch.float64)
-        self.fires = torch.zeros(m, dtype=torch.float64)
-        self.pos = torch.zeros(n_concepts, dtype=torch.float64)
+    def __init__(self, n_concepts: int, m: int, device: torch.device | str = "cpu") -> None:
+        f64 = dict(dtype=torch.float64, device=device)
+        self.tp = torch.zeros(n_concepts, m, **f64)
+        self.fires = torch.zeros(m, **f64)
+        self.pos = torch.zeros(n_concepts, **f64)
+
+    def to(self, device: torch.device | str) -> _ConceptCounts:
+        self.tp, self.fires, self.pos = (t.to(device) for t in (self.tp, self.fires, self.pos))
+        return self
 
     def update(self, latents: torch.Tensor, labels: torch.Tensor) -> None:
         # float32 counts are exact per chunk (< 2^24 rows); the totals are float64.
@@ -248,17 +255,27 @@ class _ConceptCounts:
 class _PairState:
     """Streaming accumulators of one SAE pair."""
 
-    def __init__(self, hook_a, hook_b, name_a, name_b, sae_a, sae_b, cfg, n_concepts) -> None:
+    def __init__(self, hook_a, hook_b, name_a, name_b, sae_a, sae_b, cfg, n_concepts,
+                 device: torch.device | str = "cpu") -> None:  # fmt: skip
         self.hook_a, self.hook_b, self.name_a, self.name_b = hook_a, hook_b, name_a, name_b
         self.sae_a, self.sae_b = sae_a, sae_b
-        m_a, m_b = sae_a.d_sae, sae_b.d_sae
-        self.corr = CorrelationAccumulator(m_a, m_b)
-        self.nulls = [CorrelationAccumulator(m_a, m_b) for _ in range(cfg.n_null)]
-        self.self_corr = CorrelationAccumulator(m_a, m_a)
+        m_a, m_b, on = sae_a.d_sae, sae_b.d_sae, dict(device=device)
+        self.corr = CorrelationAccumulator(m_a, m_b, **on)
+        self.nulls = [CorrelationAccumulator(m_a, m_b, **on) for _ in range(cfg.n_null)]
+        self.self_corr = CorrelationAccumulator(m_a, m_a, **on)
         self.self_tokens = cfg.self_check_tokens
-        self.top_a, self.top_b = TopActivations(m_a, cfg.top_k), TopActivations(m_b, cfg.top_k)
-        self.concepts_a = _ConceptCounts(n_concepts, m_a) if n_concepts else None
-        self.concepts_b = _ConceptCounts(n_concepts, m_b) if n_concepts else None
+        self.top_a = TopActivations(m_a, cfg.top_k, **on)
+        self.top_b = TopActivations(m_b, cfg.top_k, **on)
+        self.concepts_a = _ConceptCounts(n_concepts, m_a, **on) if n_concepts else None
+        self.concepts_b = _ConceptCounts(n_concepts, m_b, **on) if n_concepts else None
+
+    def to(self, device: torch.device | str) -> _PairState:
+        """Move the accumulators (not the SAEs) to `device`, in place."""
+        for acc in (self.corr, *self.nulls, self.self_corr, self.top_a, self.top_b,
+                    self.concepts_a, self.concepts_b):  # fmt: skip
+            if acc is not None:
+                acc.to(device)
+        return self
 
     def update(self, fa, fb, token_index, labels_a, labels_b) -> None:
         self.corr.update(fa, fb)
@@ -534,6 +551,7 @@ class PassPlan:
     dims: dict[str, int]
     n_concepts: int
     cfg: AlignConfig
+    device: Device = CPU  # where each part runs (resolved there: `auto` is a worker's GPU)
 
     def parts(self) -> list[tuple[int, int]]:
         """`cfg.n_parts` contiguous ranges of chunk indices (fewer if there are few chunks)."""
@@ -550,6 +568,12 @@ class PassState:
     states: list[_PairState]
     sampler: _RowSample
 
+    def to(self, device: torch.device | str) -> PassState:
+        self.moments.to(device)
+        for st in self.states:
+            st.to(device)
+        return self
+
     def merge(self, other: PassState) -> None:
         self.moments.merge(other.moments)
         for mine, theirs in zip(self.states, other.states, strict=True):
@@ -559,14 +583,23 @@ class PassState:
 
 @torch.inference_mode()
 def run_part(plan: PassPlan, c0: int, c1: int) -> PassState:
-    """Stream chunks c0..c1-1 of the aligned tokens through every accumulator."""
+    """Stream chunks c0..c1-1 of the aligned tokens through every accumulator, on
+    `plan.device` (SAEs and sums there for the part; the state comes back on the CPU)."""
+    with contextlib.ExitStack() as stack:
+        for sae in {id(s): s for p in plan.pairs for s in p[4:6]}.values():
+            stack.enter_context(on_device(sae, plan.device))
+        return _run_part(plan, c0, c1, plan.device.torch).to("cpu")
+
+
+def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
     cfg, ka, kb = plan.cfg, plan.ka, plan.kb
     store_a, store_b, grid_a, grid_b = plan.store_a, plan.store_b, plan.grid_a, plan.grid_b
-    states = [_PairState(*p, cfg, plan.n_concepts) for p in plan.pairs]
+    states = [_PairState(*p, cfg, plan.n_concepts, device=on) for p in plan.pairs]
     products = [(k, k) for k in plan.dims] + [(ka[a], kb[b]) for a in grid_a for b in grid_b]
     # float32 block products into float64 sums: the activations are float16 on disk, and
     # _moments.py measures ~1e-6 error for this scheme, far below the sampling error.
-    moments = CentredMoments(plan.dims, products, matmul_dtype=torch.float32, block_rows=4096)
+    moments = CentredMoments(plan.dims, products, matmul_dtype=torch.float32, block_rows=4096,
+                             device=on)  # fmt: skip
     sampler = _RowSample(
         [*plan.dims, *(_latent_key(s, st) for st in states for s in "ab")], cfg.n_samples,
         cfg.seed,
@@ -576,13 +609,13 @@ def run_part(plan: PassPlan, c0: int, c1: int) -> PassState:
     def labels(store: RowStore, rows: np.ndarray) -> torch.Tensor | None:
         if not plan.n_concepts:
             return None
-        return torch.from_numpy(read_rows(store.array("concept_labels"), rows))
+        return torch.from_numpy(read_rows(store.array("concept_labels"), rows)).to(on)
 
     for i in range(c0, c1):
         lo, hi = plan.bounds[i]
         ra, rb = plan.rows_a[lo:hi], plan.rows_b[lo:hi]
-        xa = {h: _acts(store_a, h, ra) for h in grid_a}
-        xb = {h: _acts(store_b, h, rb) for h in grid_b}
+        xa = {h: _acts(store_a, h, ra).to(on) for h in grid_a}
+        xb = {h: _acts(store_b, h, rb).to(on) for h in grid_b}
         chunk = {ka[h]: x for h, x in xa.items()} | {kb[h]: x for h, x in xb.items()}
         moments.update(chunk)
         lab_a, lab_b = labels(store_a, ra), labels(store_b, rb)
@@ -592,7 +625,7 @@ def run_part(plan: PassPlan, c0: int, c1: int) -> PassState:
             jlo, jhi = plan.bounds[int(sigma[i])]
             rows = plan.rows_b[jlo:jhi]
             rows = rows[np.random.default_rng([cfg.seed, k, i]).permutation(len(rows))]
-            nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]) for h in null_hooks})
+            nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]).to(on) for h in null_hooks})
         for st in states:
             fa, fb = st.sae_a.encode(xa[st.hook_a]), st.sae_b.encode(xb[st.hook_b])
             st.update(fa, fb, token_index, lab_a, lab_b)
@@ -620,6 +653,7 @@ def align_pair(
     best_latents_b: BestLatents | None = None,
     progress: bool = True,
     map_parts: Callable[[PassPlan, list[tuple[int, int]]], list[PassState]] | None = None,
+    device: Device = CPU,
 ) -> AlignmentResult:
     """Align model A's features with model B's (see the module docstring).
 
@@ -630,7 +664,10 @@ def align_pair(
 
     `map_parts(plan, parts)` runs `run_part(plan, lo, hi)` for every part and returns
     the results in order (default: one after another here; `flows/align.py` hands the
-    parts to Dask workers).
+    parts to Dask workers). `device` is where the token pass runs (the SAE encodes and
+    the co-moment products, float32 into float64 sums on any device; `precision` is not
+    used: bf16 products would cost the correlations digits). Matching and similarity
+    scores run on the CPU afterwards.
     """
     cfg = cfg or AlignConfig()
     _ = progress  # per-part progress bars would interleave; the flow logs parts instead
@@ -662,7 +699,7 @@ def align_pair(
     plan = PassPlan(
         store_a, store_b, chosen.rows_a, chosen.rows_b, bounds,
         [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)],
-        specs, grid_a, grid_b, ka, kb, dims, len(concepts), cfg,
+        specs, grid_a, grid_b, ka, kb, dims, len(concepts), cfg, device,
     )  # fmt: skip
     parts = plan.parts()
     results = (map_parts or _map_in_order)(plan, parts)
@@ -675,7 +712,8 @@ def align_pair(
     with _single_threaded_blas():
         t1 = time.perf_counter()
         sample = sampler.result()
-        grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
+        with shared_per_representation():  # each hook's Gram matrix etc. once, not per pair
+            grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
         timings["similarity"] = time.perf_counter() - t1
 
         t1 = time.perf_counter()

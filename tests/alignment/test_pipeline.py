@@ -206,6 +206,31 @@ def test_pass_in_parts_on_any_mapper_gives_the_same_result(setup):
         assert out.scores[key] == pytest.approx(v, rel=1e-5, abs=1e-6), key
 
 
+def test_pass_on_an_explicit_device_gives_the_default_numbers(setup):
+    """`device=` is where each part's token pass runs (its SAEs lent there for the
+    part); the parts' accumulators come back on the CPU, the SAEs where they were."""
+    from stages.alignment.pipeline import run_part
+    from stages.compute import Device
+
+    store_a, store_b, saes_a, saes_b, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "n_parts": 2, "n_permutations": 0})
+    ref = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False)
+    states = []
+
+    def keep(plan, parts):
+        assert plan.device == Device("cpu")
+        states.extend(run_part(plan, *p) for p in parts)
+        return states
+
+    out = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False, map_parts=keep,
+                     device=Device("cpu"))  # fmt: skip
+    assert out.scores == ref.scores and len(states) == 2
+    for s in states:
+        assert {t.device.type for t in s.moments.comoment.values()} == {"cpu"}
+        assert {t.device.type for st in s.states for t in (st.corr._moments.mean["a"],
+                st.top_a.values, st.concepts_b.tp)} == {"cpu"}  # fmt: skip
+
+
 def test_row_samples_of_consecutive_chunks_merge_exactly():
     from stages.alignment.similarity import _RowSample
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import numpy as np
@@ -331,6 +332,40 @@ def test_layer_similarity_matches_per_pair_computations():
     assert out["linear_cka"].p_values[0, 0] == pytest.approx(1 / 20)
     records = out["svcca"].to_records()
     assert len(records) == 4 and records[0]["hook_a"] == "blocks.0.hook_resid_post"
+
+
+def test_grid_work_per_hook_is_done_once_per_hook(monkeypatch):
+    """A 3 × 4 layer grid needs each hook's kNN lists (and Gram matrix) once, 7 in all,
+    not once per side of each cell (24), and gets the same numbers either way."""
+    from stages.alignment import similarity as sim
+
+    rng = np.random.default_rng(4)
+    n, d = 300, 40  # d² > 128·n: linear CKA's p-values take the Gram form
+    hooks_a = {f"a{i}": rng.standard_normal((n, d)) for i in range(3)}
+    hooks_b = {f"b{j}": rng.standard_normal((n, d)) for j in range(4)}
+    calls = {"knn": 0}
+    knn = sim._knn_indices
+
+    def counted(*args, **kwargs):
+        calls["knn"] += 1
+        return knn(*args, **kwargs)
+
+    def grid():
+        return layer_similarity({h: _chunks(v, 100) for h, v in hooks_a.items()},
+                                {h: _chunks(v, 100) for h, v in hooks_b.items()},
+                                metrics=("linear_cka", "mutual_knn"), n_samples=n,
+                                n_permutations=5)  # fmt: skip
+
+    monkeypatch.setattr(sim, "_knn_indices", counted)
+    out = grid()
+    assert calls["knn"] == 7
+    monkeypatch.setattr(sim, "shared_per_representation", contextlib.nullcontext)
+    calls["knn"] = 0
+    unshared = grid()
+    assert calls["knn"] == 24
+    for m in out:
+        np.testing.assert_array_equal(out[m].values, unshared[m].values)
+        np.testing.assert_array_equal(out[m].p_values, unshared[m].p_values)
 
 
 def test_subsample_keeps_the_same_rows_in_every_stream():
