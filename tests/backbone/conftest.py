@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -132,26 +131,21 @@ def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory):
     """One real Prefect server for the session, on a free loopback port."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path_factory.mktemp("prefect-home")
-    url = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    from flows.common import prefect_server_up
+    from tests._servers import free_port, server
 
-    deadline = time.time() + 90
-    while not prefect_server_up(url):
-        assert time.time() < deadline and server.poll() is None, "Prefect server did not start"
-        time.sleep(0.25)
-    yield {"url": url, "home": str(home)}
-    server.terminate()
-    server.wait(timeout=20)
+    home = tmp_path_factory.mktemp("prefect-home")
+    url = f"http://127.0.0.1:{(port := free_port())}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    with server(cmd, f"{url}/health", home / "server.log", env=env, timeout=90):
+        yield {"url": url, "home": str(home)}
+
+
+def out_md5s(lock: dict) -> dict[str, str]:
+    """Every output's md5 in a parsed dvc.lock, by path."""
+    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
 
 
 def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -> dict:

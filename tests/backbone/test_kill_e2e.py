@@ -34,7 +34,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.backbone.conftest import copy_project
+from tests.backbone.conftest import copy_project, out_md5s
 from tests.backbone.conftest import run as _run
 
 pytestmark = pytest.mark.slow
@@ -42,10 +42,6 @@ pytestmark = pytest.mark.slow
 
 def _attempts(net_log: Path) -> list[str]:
     return net_log.read_text().splitlines() if net_log.exists() else []
-
-
-def _out_md5s(lock: dict) -> dict[str, str]:
-    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
 
 
 def _ran(out: str) -> list[str]:
@@ -106,8 +102,8 @@ def _check_killed_state(root: Path, lock: dict, stage: str) -> list[Path]:
 
 def _same_outputs_as(root: Path, reference: dict) -> None:
     lock = yaml.safe_load((root / "dvc.lock").read_text())
-    want = _out_md5s(reference["lock"])
-    differ = {k: (want.get(k), v) for k, v in _out_md5s(lock).items() if want.get(k) != v}
+    want = out_md5s(reference["lock"])
+    differ = {k: (want.get(k), v) for k, v in out_md5s(lock).items() if want.get(k) != v}
     assert not differ, f"outputs differ from the uninterrupted run: {differ}"
 
 

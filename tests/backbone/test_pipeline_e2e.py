@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.backbone.conftest import TINY, copy_project, scratch_project
+from tests.backbone.conftest import TINY, copy_project, out_md5s, scratch_project
 from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,10 +291,6 @@ def test_steering_alignment_and_report_outputs(project):
     assert list((root / "reports/dashboards/tiny-a").rglob("feature-*.html"))
 
 
-def _out_md5s(lock: dict) -> dict[str, str]:
-    return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
-
-
 def test_two_clean_runs_give_byte_identical_outputs(project, tmp_path_factory, prefect_api):
     """A second project from scratch, same params, this time on a 2-worker local Dask
     cluster (ATLAS_RUNNER=dask: caching in shard runs, one SAE per worker): every DVC
@@ -306,8 +302,8 @@ def test_two_clean_runs_give_byte_identical_outputs(project, tmp_path_factory, p
     _run(["dvc", "init", "-q"], root, env)
     out = _run(["dvc", "repro", "align@tiny-a__tiny-b"], root, env)
     assert "shards in 2 runs on Dask workers" in out.stdout  # the distributed path ran
-    again = _out_md5s(yaml.safe_load((root / "dvc.lock").read_text()))
-    first = _out_md5s(project["lock"])
+    again = out_md5s(yaml.safe_load((root / "dvc.lock").read_text()))
+    first = out_md5s(project["lock"])
     assert "reports" in first and "reports" not in again
     assert len(again) == len(first) - 1
     differ = [p for p, md5 in again.items() if first[p] != md5]

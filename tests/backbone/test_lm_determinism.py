@@ -1,0 +1,72 @@
+"""Toy LM training is bit-reproducible with several torch threads.
+
+On the CPU the backward of an embedding lookup `W_E[tokens]` (`index_put_` with
+accumulate) adds rows from several threads with atomics, so without torch's
+deterministic algorithms the gradient's last bits, and then the weights, differ run to
+run (`stages.compute.deterministic_algorithms`, used by `train_toy_model`)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from stages.compute import deterministic_algorithms
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _md5(tensors) -> str:
+    return hashlib.md5(b"".join(t.detach().numpy().tobytes() for t in tensors)).hexdigest()
+
+
+def test_embedding_backward_is_deterministic_inside_the_block(two_threads):
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(2000, 128, generator=gen, requires_grad=True)
+    idx = torch.randint(0, 2000, (32, 128), generator=gen)
+    g = torch.randn(32, 128, 128, generator=gen)
+
+    def grad() -> str:
+        w.grad = None
+        (w[idx] * g).sum().backward()
+        return _md5([w.grad])
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic_algorithms():
+        assert torch.are_deterministic_algorithms_enabled()
+        assert len({grad() for _ in range(10)}) == 1
+    assert not torch.are_deterministic_algorithms_enabled()  # restored
+
+
+def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path):
+    from stages.config import CorpusParams, ToyModel
+    from stages.corpus import build_toy_corpus
+    from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
+
+    corpus = build_toy_corpus(CorpusParams.model_validate({"toy": {"n_docs": 200, "seed": 0}}))
+    tok = train_tokenizer(corpus.texts, 1000, tmp_path)
+    split = np.array(corpus.splits)
+    texts, ids = np.array(corpus.texts, dtype=object), np.array(corpus.doc_ids)
+    train, held = (windows_for(tok, list(texts[split == s]), list(ids[split == s]), 64)
+                   for s in ("train", "heldout"))  # fmt: skip
+    m = ToyModel.model_validate({
+        "source": "toy", "tokenizer": {"vocab_size": 1000},
+        "train": {"seq_len": 64, "batch_size": 32, "tokens": 32 * 63 * 12, "warmup_steps": 2},
+        "arch": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 64}})  # fmt: skip
+    runs = []
+    for _ in range(2):
+        model = build_toy_model(m, tok)
+        result = train_toy_model(model, m, train, held)
+        runs.append((_md5(model.state_dict().values()), result.heldout_loss))
+    curve = dict(result.loss_curve)
+    assert result.steps == 12 and curve[11] < curve[0] - 1.5  # it learned something
+    assert runs[0] == runs[1]
+    assert not torch.are_deterministic_algorithms_enabled()
