@@ -45,8 +45,9 @@ def report_flow() -> dict:
     inputs = {f"{kind}.{m}": Path("data") / kind / m for kind in
               ("models", "activations", "saes", "steering", "decomposition")
               for m in params.models if (Path("data") / kind / m).exists()}  # fmt: skip
+    # (not a killed run's hidden `.A__B.tmp-<pid>` folder: the report skips those too)
     inputs.update({f"alignment.{p.name}": p for p in sorted(Path("data/alignment").glob("*__*"))
-                   if p.is_dir()})  # fmt: skip
+                   if p.is_dir() and not p.name.startswith(".")})  # fmt: skip
     with stage_run("report", logged, inputs, {"report.params_hash": params_hash}) as run:
         prov = Provenance.from_run(run.run_id, params_hash)
         report = build(prov, rp.dashboard_saes, rp.dashboards.model_dump())
