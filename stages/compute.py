@@ -145,8 +145,12 @@ def on_device(module: torch.nn.Module, dev: Device) -> Iterator[torch.nn.Module]
     if home == dev.torch:
         yield module
         return
-    module.to(dev.torch)
+    # Moved outside inference mode, even when lent inside it: weights moved there would
+    # become inference tensors, and the module is the caller's to train on afterwards.
+    with torch.inference_mode(False):
+        module.to(dev.torch)
     try:
         yield module
     finally:
-        module.to(home)
+        with torch.inference_mode(False):
+            module.to(home)
