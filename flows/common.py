@@ -29,6 +29,11 @@ def setup_env() -> None:
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # Prefect gives its temporary server 20 s to answer. The first one in a new
+    # PREFECT_HOME creates and migrates the database first: 19.8 s on this idle 2-core
+    # machine, so under any load a stage of a fresh checkout failed with "Timed out while
+    # attempting to connect to ephemeral Prefect API server".
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "PREFECT_API_URL" not in os.environ:
         url = f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
         if prefect_server_up(url):
@@ -73,17 +78,20 @@ def with_runner(flow_obj, compute=None):
 
 
 def share_temporary_server() -> str:
-    """The Prefect API a flow and its local Dask workers report to: `PREFECT_API_URL`
-    when set, otherwise this process's temporary server, started now. Without it each
-    worker process starts a temporary server of its own (~8 s each here, all on one
-    database) for the task runs it executes."""
-    if "PREFECT_API_URL" not in os.environ:
-        from prefect.server.api.server import SubprocessASGIServer
+    """The Prefect API a flow and its local Dask workers report to: Prefect's
+    `PREFECT_API_URL` setting when set (the variable, or the active Prefect profile's
+    `prefect config set`), otherwise this process's temporary server, started now.
+    Without it each worker process starts a temporary server of its own (~8 s each here,
+    all on one database) for the task runs it executes."""
+    from prefect.settings import PREFECT_API_URL
 
-        server = SubprocessASGIServer()  # the one this process's flow runs would start
-        server.start()
-        return server.api_url
-    return os.environ["PREFECT_API_URL"]
+    if url := PREFECT_API_URL.value():
+        return url
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()  # the one this process's flow runs would start
+    server.start()  # within PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS (setup_env)
+    return server.api_url
 
 
 def _device_key() -> str:
