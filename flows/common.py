@@ -60,6 +60,8 @@ def with_runner(flow_obj, compute=None):
         return flow_obj
     from prefect_dask import DaskTaskRunner
 
+    flow_obj = importable(flow_obj)
+
     d = compute.dask
     if d.address:
         return flow_obj.with_options(task_runner=DaskTaskRunner(address=d.address))
@@ -75,6 +77,25 @@ def with_runner(flow_obj, compute=None):
             return dask_flow(*args, **kwargs)
 
     return run
+
+
+def importable(flow_obj):
+    """The flow as its module's importable name defines it, when it was defined in
+    `__main__` (a stage runs as `python -m flows.<stage>`).
+
+    Dask pickles a task's function from `__main__` by value, but what that function
+    calls from module scope (the workers' cached model loaders) by reference, as
+    `__main__.<name>`. On the workers of an existing cluster `__main__` is `dask worker`,
+    so every task failed there ("Can't get attribute '_worker_model' on <module
+    '__main__'>"); a local cluster's workers re-run the main module, which hid it. From
+    `flows.<stage>` every reference resolves on any worker that has this checkout."""
+    fn = getattr(flow_obj, "fn", None)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if fn is None or fn.__module__ != "__main__" or spec is None:
+        return flow_obj
+    import importlib
+
+    return getattr(importlib.import_module(spec.name), fn.__name__)
 
 
 def share_temporary_server() -> str:

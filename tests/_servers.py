@@ -54,3 +54,38 @@ def server(cmd: list[str], health_url: str, log: Path, env: dict | None = None,
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@contextlib.contextmanager
+def dask_cluster(n_workers: int, cwd: Path, env: dict, log_dir: Path) -> Iterator[str]:
+    """A Dask scheduler and `n_workers` one-thread worker processes started from the
+    command line, as on a real cluster (`dask scheduler`, `dask worker ADDRESS`), all on
+    127.0.0.1, the workers in `cwd` with `env`; yields the scheduler's address once every
+    worker has joined."""
+    from distributed import Client
+
+    port, http = free_port(), free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    scheduler = ["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                 "--dashboard-address", f"127.0.0.1:{http}"]  # fmt: skip
+    with server(scheduler, f"http://127.0.0.1:{http}/health", log_dir / "scheduler.log",
+                env=env, timeout=120):  # fmt: skip
+        workers = ["dask", "worker", address, "--nworkers", str(n_workers), "--nthreads", "1",
+                   "--host", "127.0.0.1", "--no-dashboard",
+                   "--local-directory", str(log_dir / "dask-workers")]  # fmt: skip
+        with open(log_dir / "workers.log", "ab") as out:
+            proc = subprocess.Popen(workers, cwd=cwd, env=env, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            with Client(address, timeout=60) as client:
+                client.wait_for_workers(n_workers, timeout=180)
+            yield address
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
