@@ -7,7 +7,8 @@ character spans otherwise), correlates every latent of A's SAE with every latent
 over those tokens (streamed), matches them (max, Hungarian) against a shuffled-token
 null, scores representation similarity (CKA, mutual kNN, SVCCA, RSA, with permutation
 p-values, layer by layer), checks the planted concepts, and then carries each of A's
-steering vectors into B through the matches and measures how well it steers B:
+steering vectors into B through the matches and tests whether it steers B (against B's
+own vector and random directions of the same norm):
 
     data/alignment/<A>__<B>/   matches/*.parquet, scores.json, similarity.json, null.json,
                                ground_truth.json, meta.json, transfer.json
@@ -65,14 +66,13 @@ def parts_on_dask(plan, parts):
 
 
 def transfer_steering(result, saes_a, saes_b, a: str, b: str, params) -> dict:
-    """Each concept both models steered: A's vector through the matches into B, against
-    B's own vector and a random vector of the transferred one's norm, on B's eval set."""
-    import torch
-
+    """Each concept both models steered: A's vector carried through the matches into B,
+    tested on B's held-out set against B's own vector and random directions, all at the
+    own vector's norm (`stages.alignment.evaluate_transfer`)."""
     from flows.steering import load_sets
-    from stages.alignment import transfer_vector
+    from stages.alignment import evaluate_transfer, transfer_vector
     from stages.models import load_model
-    from stages.steering import load_vector, steerability
+    from stages.steering import load_vector
 
     st, tp = params.steering, params.align.transfer
     dir_a, dir_b = Path("data/steering") / a, Path("data/steering") / b
@@ -83,8 +83,7 @@ def transfer_steering(result, saes_a, saes_b, a: str, b: str, params) -> dict:
     model_b = load_model(Path("data/models") / b)
     mults = st.config.multipliers
     out: dict = {"method": tp.method, "k": tp.k, "min_correlation": tp.min_correlation,
-                 "multipliers": mults, "concepts": {}}  # fmt: skip
-    gen = torch.Generator().manual_seed(st.config.seed)
+                 "n_random": tp.n_random, "multipliers": mults, "concepts": {}}  # fmt: skip
     for concept in sorted(p.name for p in dir_a.iterdir() if (dir_b / p.name).is_dir()):
         if concept not in sets:
             continue
@@ -98,17 +97,9 @@ def transfer_steering(result, saes_a, saes_b, a: str, b: str, params) -> dict:
             sa, sb = saes_a[hook][pair.name_a], saes_b[hook][pair.name_b]
             vt = transfer_vector(va[hook], sa, sb, pair.hungarian, tp.k, method=tp.method,
                                  min_score=tp.min_correlation)  # fmt: skip
-            rnd = torch.randn(vt.shape, generator=gen)
-            vectors = {"own": vb[hook], "transferred": vt,
-                       "random": rnd / rnd.norm() * vt.norm()}  # fmt: skip
-            row = {"sae_a": pair.name_a, "sae_b": pair.name_b,
-                   "cosine_transferred_own": float(torch.nn.functional.cosine_similarity(
-                       vt, vb[hook].float(), dim=0))}  # fmt: skip
-            for kind, v in vectors.items():
-                s = steerability(model_b, sets[concept], hook, v.float(), mults)
-                row[kind] = {"steerability": s.slope, "wrong_way_fraction": s.wrong_way_fraction,
-                             "norm": float(v.norm())}  # fmt: skip
-            rows[hook] = row
+            test = evaluate_transfer(model_b, sets[concept], hook, vb[hook], vt, mults,
+                                     n_random=tp.n_random, seed=st.config.seed)  # fmt: skip
+            rows[hook] = {"sae_a": pair.name_a, "sae_b": pair.name_b, **test.to_dict()}
         out["concepts"][concept] = rows
     return out
 
@@ -118,8 +109,12 @@ def headline(result, transfer: dict) -> dict[str, float]:
               if isinstance(v, int | float) and v == v}  # fmt: skip
     for concept, rows in transfer.get("concepts", {}).items():
         for hook, r in rows.items():
+            key = f"transfer/{concept}/{hook}"
             for kind in ("own", "transferred", "random"):
-                scores[f"transfer/{concept}/{hook}/{kind}"] = round(r[kind]["steerability"], 6)
+                scores[f"{key}/{kind}"] = round(r[kind]["steerability"], 6)
+            for k in ("p_vs_random", "fraction_of_own", "cosine_transferred_own"):
+                if r[k] == r[k]:
+                    scores[f"{key}/{k}"] = round(r[k], 6)
     return scores
 
 
@@ -182,10 +177,12 @@ def align_flow(pair_name: str) -> dict:
                 f"{k} {v:.3f}" for k, v in s.items() if isinstance(v, float))[:400])  # fmt: skip
         for concept, rows in transfer.get("concepts", {}).items():
             for hook, r in rows.items():
+                rnd = r["random"]
                 print(f"align@{pair_name}: transfer {concept} @ {hook}: steerability in {b} — "
                       f"own {r['own']['steerability']:.3f}, transferred "
-                      f"{r['transferred']['steerability']:.3f}, random "
-                      f"{r['random']['steerability']:.3f}")  # fmt: skip
+                      f"{r['transferred']['steerability']:.3f} (p {r['p_vs_random']:.3f} "
+                      f"against {rnd['n']} random: {rnd['steerability']:.3f} ± "
+                      f"{rnd['sd']:.3f})")  # fmt: skip
         print(f"align@{pair_name}: {result.n_tokens:,} aligned tokens -> {out}/")
     return metrics
 

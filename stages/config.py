@@ -338,6 +338,8 @@ class SteeringTransfer(_Strict):
     method: Literal["nnls", "encode"] = "nnls"  # A's vector -> A's feature coefficients
     k: PosInt | None = None  # keep only the top-k features (None: all)
     min_correlation: float | None = None  # drop matches below this correlation
+    # the null: random directions of B's own vector's norm (p-value floor 1 / (n + 1))
+    n_random: Annotated[int, Field(ge=2)] = 32
 
 
 class AlignParams(_Strict):

@@ -24,7 +24,9 @@ Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
 - `align_tokens(store_a, store_b) -> TokenAlignment`: which rows hold the same token
   (`tokens.py`: row by row for one tokenizer, shared character offsets otherwise).
 - `transfer_vector(v_a, sae_a, sae_b, matches, k=None, method="nnls")`: carry a steering
-  vector from A to B through matched features (`transfer.py`).
+  vector from A to B through matched features, and `evaluate_transfer(model_b, set, hook,
+  own, carried, multipliers, n_random=32)`: does it steer B, against B's own vector and
+  random directions of the same norm (`transfer.py`).
 
 Three layers below them, each usable alone:
 
@@ -94,7 +96,12 @@ from stages.alignment.similarity import (
     unbiased_cka,
 )
 from stages.alignment.tokens import TokenAlignment, align_offsets, align_tokens, select_rows
-from stages.alignment.transfer import decompose_vector, transfer_vector
+from stages.alignment.transfer import (
+    TransferTest,
+    decompose_vector,
+    evaluate_transfer,
+    transfer_vector,
+)
 
 __all__ = [
     "METRICS",
@@ -102,10 +109,12 @@ __all__ = [
     "AlignmentResult",
     "SAEPairResult",
     "TokenAlignment",
+    "TransferTest",
     "align_offsets",
     "align_pair",
     "align_tokens",
     "decompose_vector",
+    "evaluate_transfer",
     "figures",
     "load_saes",
     "read_rows",

@@ -17,12 +17,17 @@ Coefficients keep their scale: two SAEs of different models need not give matche
 latents the same magnitude per unit of activation, so compare transferred vectors by
 direction, or rescale the result to the norm that steers B as intended.
 
-Self-contained on purpose (the steering stage has its own decomposition module).
+`evaluate_transfer` then asks whether the carried vector steers B: against B's own
+vector and a null of random directions, all at the own vector's norm (`TransferTest`).
+
+The decomposition is self-contained on purpose (the steering stage has its own).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -31,6 +36,13 @@ from torch import Tensor
 
 from stages.alignment.matching import Matches
 from stages.sae.base import BaseSAE
+from stages.steering.evaluate import Steerability, steerability
+from stages.steering.targeted import random_like
+
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+
+    from stages.steering.prompts import SteeringSet
 
 
 def decompose_vector(
@@ -81,3 +93,88 @@ def transfer_vector(
     np.add.at(coef_b, matches.b_index[use], coef[matches.a_index[use]])
     w_b = sae_b.W_dec.detach().double().numpy()
     return torch.from_numpy(coef_b @ w_b).float()
+
+
+@dataclass
+class TransferTest:
+    """Does A's vector, carried into B, steer B? Three kinds of vector, all at the norm
+    of B's own vector (so slopes compare directions, not lengths), on B's held-out set:
+    B's own vector, the carried one rescaled, and `n_random` random directions — the
+    null. Slopes are of the behaviour metric against the multiplier (steerability)."""
+
+    own: Steerability
+    transferred: Steerability
+    random_slopes: list[float]
+    cosine: float  # carried vs own (nan when nothing was carried)
+    norm_own: float
+    norm_carried: float  # before rescaling
+
+    @property
+    def p_vs_random(self) -> float:
+        """One-sided empirical p: (1 + #{random slope ≥ transferred}) / (n_random + 1)."""
+        t = self.transferred.slope
+        return (1 + sum(r >= t for r in self.random_slopes)) / (len(self.random_slopes) + 1)
+
+    @property
+    def z_vs_random(self) -> float:
+        r = np.asarray(self.random_slopes, dtype=np.float64)
+        sd = r.std(ddof=1) if len(r) > 1 else float("nan")
+        return float((self.transferred.slope - r.mean()) / sd) if sd > 0 else float("nan")
+
+    @property
+    def fraction_of_own(self) -> float:
+        """Transferred slope / own slope: 1 = steers B as well as B's own vector."""
+        own = self.own.slope
+        return self.transferred.slope / own if own else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        r = np.asarray(self.random_slopes, dtype=np.float64)
+        return {
+            "norm_own": self.norm_own, "norm_carried": self.norm_carried,
+            "cosine_transferred_own": self.cosine,
+            "own": _summary(self.own), "transferred": _summary(self.transferred),
+            "random": {"steerability": float(r.mean()),
+                       "sd": float(r.std(ddof=1)) if len(r) > 1 else float("nan"),
+                       "n": len(r), "slopes": [float(x) for x in r]},
+            "p_vs_random": self.p_vs_random, "z_vs_random": self.z_vs_random,
+            "fraction_of_own": self.fraction_of_own,
+        }  # fmt: skip
+
+
+def _summary(s: Steerability) -> dict[str, float]:
+    """Slope with its 95 % interval over prompts (the slope of the mean curve is the mean
+    of the per-prompt slopes, so its standard error is theirs / √n)."""
+    per = np.asarray(s.per_prompt_slope, dtype=np.float64)
+    half = 1.96 * per.std(ddof=1) / np.sqrt(len(per)) if len(per) > 1 else float("nan")
+    return {"steerability": s.slope, "ci95": [s.slope - half, s.slope + half],
+            "wrong_way_fraction": s.wrong_way_fraction, "n_prompts": len(per)}  # fmt: skip
+
+
+def evaluate_transfer(
+    model_b: HookedTransformer,
+    steering_set: SteeringSet,
+    hook: str,
+    own: Tensor,
+    carried: Tensor,
+    multipliers: Sequence[float],
+    *,
+    n_random: int = 32,
+    seed: int = 0,
+) -> TransferTest:
+    """Steerability of B's own vector, of the carried vector rescaled to its norm, and of
+    `n_random` seeded random directions of that norm, at `hook` of model B."""
+    if n_random < 2:
+        raise ValueError(f"n_random = {n_random}, expected an integer >= 2 (the null's spread)")
+    own, carried = own.detach().float(), carried.detach().float()
+    norm_own, norm_carried = float(own.norm()), float(carried.norm())
+    scaled = carried * (norm_own / norm_carried) if norm_carried > 0 else carried
+    cos = float(own.double() @ carried.double() / (norm_own * norm_carried)) if norm_carried else float("nan")  # fmt: skip
+
+    def slope(v: Tensor) -> Steerability:
+        return steerability(model_b, steering_set, hook, v, multipliers)
+
+    return TransferTest(
+        own=slope(own), transferred=slope(scaled),
+        random_slopes=[slope(random_like(own, seed + i)).slope for i in range(n_random)],
+        cosine=cos, norm_own=norm_own, norm_carried=norm_carried,
+    )  # fmt: skip

@@ -1,8 +1,9 @@
 """The alignment section, drawn from the align stage's files (`data/alignment/<A>__<B>/`,
 layout in `stages/alignment/outputs.py`): matched-correlation histograms against the
 shuffled-token null, linear-CKA and mutual-kNN layer-by-layer heatmaps, headline scores,
-and the concept ground-truth table (does each concept's best latent in A match the
-concept's best latent in B?). Also the matched pairs, for dashboard partner links.
+the concept ground-truth table (does each concept's best latent in A match the
+concept's best latent in B?) and the steering-vector transfer test (transfer.json).
+Also the matched pairs, for dashboard partner links.
 
 `section(...)` returns None when no pair has been aligned (the report says "not run").
 """
@@ -228,7 +229,89 @@ def section(
         gt = {k: v for k, v in (pair.read("ground_truth.json") or {}).items() if v}
         if gt:
             parts.append(_ground_truth_table(pair, gt, pages))
+        transfer = pair.read("transfer.json") or {}
+        if transfer.get("concepts"):
+            parts.append(_transfer_block(ctx, pair, transfer))
     return Section("alignment", "Alignment across models", "".join(parts))
+
+
+def _transfer_rows(transfer: dict) -> list[tuple[str, str, dict]]:
+    return [(c, h, r) for c, rows in sorted(transfer["concepts"].items())
+            for h, r in sorted(rows.items())]  # fmt: skip
+
+
+def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict) -> str:
+    """Steering-vector transfer A → B: per concept and hook, B's own vector, A's vector
+    carried through the Hungarian matches, and the random-direction null, all at the
+    own vector's norm; a table and a strip plot."""
+    a, b = pair.model_a, pair.model_b
+    rows, items = [], _transfer_rows(transfer)
+
+    def ci(r: dict) -> str:
+        lo, hi = r.get("ci95") or (None, None)
+        return f"{fmt(r['steerability'])} <span class='muted'>[{fmt(lo, 2)}, {fmt(hi, 2)}]</span>"
+
+    for concept, hook, r in items:
+        rnd, p = r["random"], r["p_vs_random"]
+        if 1 / (rnd["n"] + 1) > 0.05:
+            verdict = f"<span class='muted'>{rnd['n']} random: too few for p ≤ 0.05</span>"
+        elif p <= 0.05:
+            verdict = '<span class="pos">beats random</span>'
+        else:
+            verdict = '<span class="neg">not above random</span>'
+        rows.append([e(concept), f"<code>{e(hook)}</code>", ci(r["own"]), ci(r["transferred"]),
+                     f"{fmt(rnd['steerability'])} ± {fmt(rnd['sd'])}", fmt(p),
+                     fmt(r["fraction_of_own"], 2), fmt(r["cosine_transferred_own"], 2),
+                     verdict])  # fmt: skip
+    n = transfer.get("n_random")
+    head = (
+        f"<h4>Steering-vector transfer ({e(a)} → {e(b)})</h4>"
+        f"<p class='muted'>Each of {e(a)}'s steering vectors is decomposed into {e(a)}'s SAE "
+        f"features ({e(transfer.get('method'))}), carried along the Hungarian matches and "
+        f"rebuilt from {e(b)}'s decoder, then rescaled to the norm of {e(b)}'s own vector. "
+        f"Steerability (slope of the behaviour metric against the multiplier, on {e(b)}'s "
+        "held-out prompts, with a 95 % interval over prompts) of the own vector, the "
+        f"transferred one and {e(n)} random directions of the same norm; p is the one-sided "
+        "empirical p of the transferred slope against the random ones (floor 1/(n+1)); "
+        "'of own' is transferred / own.</p>"
+    )
+    table_html = table(["concept", "hook", f"own ({e(b)})", "transferred",
+                        "random (mean ± sd)", "p", "of own", "cos(transferred, own)", ""],
+                       rows, left=2)  # fmt: skip
+    block, _ = ctx.figure(
+        _transfer_figure(items, a, b),
+        f"alignment/{pair.path.name}__transfer",
+        title=f"Steering-vector transfer, {a} → {b}",
+        description=(f"Steerability in {b} of its own vector (diamond), of {a}'s vector carried "
+                     "through the matched features (circle; bars: 95 % interval over "
+                     "prompts) and of random directions of the same norm (grey)."),
+        inputs=[pair.path / "transfer.json"],
+    )  # fmt: skip
+    return head + table_html + block
+
+
+def _transfer_figure(items: list[tuple[str, str, dict]], a: str, b: str):
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 1.2 + 0.45 * len(items)), layout="constrained")
+    ax = fig.add_subplot()
+    for y, (_, _, r) in enumerate(items):
+        ax.scatter(r["random"]["slopes"], [y] * len(r["random"]["slopes"]), s=10,
+                   color="0.6", alpha=0.7, label="random" if y == 0 else None)  # fmt: skip
+        for kind, colour, marker, dy in (("own", "#1f77b4", "D", 0.18),
+                                         ("transferred", "#ff7f0e", "o", -0.18)):  # fmt: skip
+            v = r[kind]
+            lo, hi = v["ci95"]
+            ax.errorbar([v["steerability"]], [y + dy], xerr=[[v["steerability"] - lo],
+                        [hi - v["steerability"]]], fmt=marker, color=colour, ms=5, capsize=2,
+                        label=(f"own ({b})" if kind == "own" else f"transferred from {a}")
+                        if y == 0 else None)  # fmt: skip
+    ax.axvline(0, color="k", lw=0.6)
+    ax.set_yticks(range(len(items)), [f"{c} @ {h}" for c, h, _ in items], fontsize=7)
+    ax.set_ylim(len(items) - 0.5, -0.5)  # first row on top
+    ax.set_xlabel(f"steerability in {b} (metric per unit multiplier)")
+    ax.legend(fontsize=7, loc="best")
+    return fig
 
 
 def _ground_truth_table(pair: AlignedPair, gt: dict[str, dict], pages: dict) -> str:

@@ -76,6 +76,10 @@ def test_repo_params_file_is_valid():
             "activations.store.seq_len = 64, expected <= models.tiny-a.arch.n_ctx = 32",
         ),
         (lambda r: r["corpus"].update(source="hf"), "no corpus.hf section"),
+        (
+            lambda r: r["align"]["transfer"].update(n_random=1),
+            "align.transfer.n_random = 1, expected a number >= 2",
+        ),
     ],
 )
 def test_bad_values_name_key_value_and_expectation(tiny, mutate, expected):

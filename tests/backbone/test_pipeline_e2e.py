@@ -285,9 +285,16 @@ def test_steering_alignment_and_report_outputs(project):
     assert 0 <= scores[f"{key}/fraction_with_partner_hungarian"] <= 1
     transfer = json.loads((root / "data/alignment/tiny-a__tiny-b/transfer.json").read_text())
     row = transfer["concepts"]["past_vs_present"]["blocks.0.hook_resid_post"]
-    assert {"own", "transferred", "random"} <= set(row)
+    assert {"own", "transferred", "random"} <= set(row) and row["random"]["n"] == 32
+    rnd = row["random"]["slopes"]  # the null: 32 directions, p counts those at or above
+    assert (
+        row["p_vs_random"] == (1 + sum(r >= row["transferred"]["steerability"] for r in rnd)) / 33
+    )
+    assert scores["transfer/past_vs_present/blocks.0.hook_resid_post/p_vs_random"] == round(
+        row["p_vs_random"], 6)  # fmt: skip
     index = (root / "reports/index.html").read_text()
     assert "MLflow run" in index and "git" in index
+    assert "Steering-vector transfer (tiny-a → tiny-b)" in index
     assert list((root / "reports/dashboards/tiny-a").rglob("feature-*.html"))
 
 

@@ -77,8 +77,9 @@ def _build(root: Path) -> Path:
             save_sae(data / "saes" / name / HOOK / sae.cfg.display_name, sae, hook_name=HOOK,
                      model_name=name, log_feature_density=ev.log10_feature_density,
                      metrics=ev.metrics)  # fmt: skip
-    _align(data)
+    aligned = _align(data)
     _steer(data)
+    _transfer(data, aligned.pairs[0])
     return data
 
 
@@ -102,7 +103,30 @@ def _steer(data: Path) -> None:
     write_concept(result, data / "steering" / "tiny-a", data / "decomposition" / "tiny-a")
 
 
-def _align(data: Path) -> None:
+def _transfer(data: Path, pair) -> None:
+    """The align stage's transfer.json: tiny-a's emotion_polarity vector carried into tiny-b
+    through the Hungarian matches and tested against tiny-b's own mean-difference vector."""
+    from stages.alignment import evaluate_transfer, transfer_vector
+    from stages.io import write_json
+    from stages.models import load_model
+    from stages.sae import load_sae
+    from stages.steering import compute_vectors, load_vector, toy_sets
+
+    s = toy_sets(seed=0, n_train=8, n_heldout=4, names=["emotion_polarity"])["emotion_polarity"]
+    model_b = load_model(data / "models" / "tiny-b")
+    own = compute_vectors(model_b, s.train_pairs, [HOOK])[HOOK]
+    carried_from, _ = load_vector(data / "steering" / "tiny-a" / "emotion_polarity")
+    out = data / "alignment" / "tiny-a__tiny-b"
+    sae_a, sae_b = (load_sae(data / "saes" / m / HOOK / n)
+                    for m, n in (("tiny-a", pair.name_a), ("tiny-b", pair.name_b)))  # fmt: skip
+    vt = transfer_vector(carried_from[HOOK], sae_a, sae_b, pair.hungarian)
+    test = evaluate_transfer(model_b, s, HOOK, own, vt, (-2.0, 0.0, 2.0), n_random=19)
+    row = {"sae_a": pair.name_a, "sae_b": pair.name_b, **test.to_dict()}
+    write_json(out / "transfer.json", {"method": "nnls", "k": None, "n_random": 19,
+                                       "concepts": {"emotion_polarity": {HOOK: row}}})  # fmt: skip
+
+
+def _align(data: Path):
     """The align stage's files for tiny-a vs tiny-b, with the real writer."""
     from stages.activations import ActivationStore
     from stages.alignment.outputs import write_alignment
@@ -116,6 +140,7 @@ def _align(data: Path) -> None:
                         ActivationStore(data / "activations" / "tiny-b"), saes_a, saes_b, cfg,
                         best_latents_a=best_a, best_latents_b=best_b, progress=False)  # fmt: skip
     write_alignment(result, data / "alignment" / "tiny-a__tiny-b")
+    return result
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.report.html import fmt
 from tests.report.conftest import HOOK
 
 
@@ -40,8 +41,9 @@ class _Figures(HTMLParser):
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
     # Pareto + density per model; steering: curves, layer sweep, decomposition,
-    # downstream, targeted; alignment: a null histogram per SAE pair + 2 heatmaps
-    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2
+    # downstream, targeted; alignment: a null histogram per SAE pair + 2 heatmaps + the
+    # steering-vector transfer
+    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2 + 1
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -132,9 +134,18 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
     report, key_a, key_b = tiny_report
     names = [f.name for f in report.figures if f.name.startswith("figures/alignment/")]
     assert sorted(n.rsplit("__", 1)[-1] for n in names) == [
-        "linear_cka_layers.png", "mutual_knn_layers.png", "null.png"]  # fmt: skip
+        "linear_cka_layers.png", "mutual_knn_layers.png", "null.png", "transfer.png"]  # fmt: skip
     html = report.index.read_text()
     assert "Concept ground truth across models" in html
+    # the steering-vector transfer test, with its numbers from transfer.json
+    assert "Steering-vector transfer (tiny-a → tiny-b)" in html
+    row = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "transfer.json").read_text())
+    row = row["concepts"]["emotion_polarity"][HOOK]
+    block = html.split("Steering-vector transfer (tiny-a → tiny-b)", 1)[1]
+    cells = re.search(r"<td[^>]*>emotion_polarity</td>(.*?)</tr>", block, re.S).group(1)
+    assert fmt(row["transferred"]["steerability"]) in cells and fmt(row["p_vs_random"]) in cells
+    assert ("beats random" in cells) == (row["p_vs_random"] <= 0.05)
+    assert len(row["random"]["slopes"]) == 19
     # every dashboarded latent links to its Hungarian partner's page (one hop)
     import pyarrow.parquet as pq
 
