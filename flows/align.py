@@ -126,9 +126,8 @@ def align_flow(pair_name: str) -> dict:
     import matplotlib.pyplot as plt
 
     from stages.activations import ActivationStore
-    from stages.alignment import figures
+    from stages.alignment import AlignConfig, figures, load_saes
     from stages.alignment.outputs import write_alignment
-    from stages.alignment.pipeline import AlignConfig, load_saes
     from stages.compute import Device
 
     params = load_params()

@@ -561,7 +561,7 @@ class Params(_Strict):
                                     f"expected an SAE trained on that hook by saes.sweep.{name}: {names}")  # fmt: skip
 
     def _check_align(self, al: AlignParams) -> None:
-        from stages.alignment.pipeline import AlignConfig
+        from stages.alignment.config import AlignConfig
 
         for key, pair in al.pairs.items():
             loc = ("align", "pairs", key)

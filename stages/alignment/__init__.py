@@ -47,110 +47,44 @@ A typical pass over a cache, reading each chunk once::
     matches = hungarian_matches(corr.correlation())
 """
 
-from stages.alignment._common import RowChunks
-from stages.alignment.correlation import (
-    CorrelationAccumulator,
-    TopActivations,
-    null_correlation,
-    shuffled_chunk_pairs,
-    streaming_correlation,
-)
-from stages.alignment.matching import (
-    FeatureSplitting,
-    Matches,
-    NullComparison,
-    compare_to_null,
-    decoder_cosine,
-    decoder_matches,
-    feature_splitting,
-    fit_orthogonal_procrustes,
-    ground_truth_agreement,
-    hungarian_matches,
-    max_matches,
-    orthogonal_procrustes_map,
-    top_token_jaccard,
-)
-from stages.alignment.outputs import figures, write_alignment
-from stages.alignment.pipeline import (
-    AlignConfig,
-    AlignmentResult,
-    SAEPairResult,
-    align_pair,
-    load_saes,
-    read_rows,
-)
-from stages.alignment.similarity import (
-    METRICS,
-    LayerSimilarity,
-    LinearCKAAccumulator,
-    PermutationTest,
-    SVCCAResult,
-    layer_similarity,
-    linear_cka,
-    mutual_knn,
-    permutation_test,
-    rsa,
-    similarity_scores,
-    subsample_rows,
-    svcca,
-    unbiased_cka,
-)
-from stages.alignment.tokens import TokenAlignment, align_offsets, align_tokens, select_rows
-from stages.alignment.transfer import (
-    TransferTest,
-    decompose_vector,
-    evaluate_transfer,
-    transfer_vector,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "METRICS",
-    "AlignConfig",
-    "AlignmentResult",
-    "SAEPairResult",
-    "TokenAlignment",
-    "TransferTest",
-    "align_offsets",
-    "align_pair",
-    "align_tokens",
-    "decompose_vector",
-    "evaluate_transfer",
-    "figures",
-    "load_saes",
-    "read_rows",
-    "select_rows",
-    "transfer_vector",
-    "write_alignment",
-    "CorrelationAccumulator",
-    "FeatureSplitting",
-    "LayerSimilarity",
-    "LinearCKAAccumulator",
-    "Matches",
-    "NullComparison",
-    "PermutationTest",
-    "RowChunks",
-    "SVCCAResult",
-    "TopActivations",
-    "compare_to_null",
-    "decoder_cosine",
-    "decoder_matches",
-    "feature_splitting",
-    "fit_orthogonal_procrustes",
-    "ground_truth_agreement",
-    "hungarian_matches",
-    "layer_similarity",
-    "linear_cka",
-    "max_matches",
-    "mutual_knn",
-    "null_correlation",
-    "orthogonal_procrustes_map",
-    "permutation_test",
-    "rsa",
-    "shuffled_chunk_pairs",
-    "similarity_scores",
-    "streaming_correlation",
-    "subsample_rows",
-    "svcca",
-    "top_token_jaccard",
-    "unbiased_cka",
-]
+# Names exported here, by the submodule defining them; each is imported on first use
+# (PEP 562), so that a light submodule (`stages.alignment.config`, read by every stage's
+# params check) does not pull in torch, scipy and matplotlib through this package.
+_EXPORTS = {
+    "pipeline": "align_pair AlignmentResult load_saes read_rows SAEPairResult",
+    "config": "AlignConfig",
+    "outputs": "figures write_alignment",
+    "tokens": "align_offsets align_tokens select_rows TokenAlignment",
+    "transfer": "decompose_vector evaluate_transfer transfer_vector TransferTest",
+    "similarity": (
+        "layer_similarity LayerSimilarity linear_cka LinearCKAAccumulator METRICS "
+        "mutual_knn permutation_test PermutationTest rsa similarity_scores "
+        "subsample_rows svcca SVCCAResult unbiased_cka"
+    ),
+    "correlation": (
+        "CorrelationAccumulator null_correlation shuffled_chunk_pairs "
+        "streaming_correlation TopActivations"
+    ),
+    "matching": (
+        "compare_to_null decoder_cosine decoder_matches feature_splitting "
+        "FeatureSplitting fit_orthogonal_procrustes ground_truth_agreement "
+        "hungarian_matches Matches max_matches NullComparison "
+        "orthogonal_procrustes_map top_token_jaccard"
+    ),
+    "_common": "RowChunks",
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stages.alignment' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stages.alignment.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__
