@@ -263,11 +263,14 @@ def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict) -> st
                      f"{fmt(rnd['steerability'])} ± {fmt(rnd['sd'])}", fmt(p),
                      fmt(r["fraction_of_own"], 2), fmt(r["cosine_transferred_own"], 2),
                      verdict])  # fmt: skip
-    n = transfer.get("n_random")
+    n, floor = transfer.get("n_random"), transfer.get("min_correlation")
+    which = "the Hungarian matches" + (
+        f" that correlate ≥ {fmt(floor, 2)}" if floor is not None else ""
+    )
     head = (
         f"<h4>Steering-vector transfer ({e(a)} → {e(b)})</h4>"
         f"<p class='muted'>Each of {e(a)}'s steering vectors is decomposed into {e(a)}'s SAE "
-        f"features ({e(transfer.get('method'))}), carried along the Hungarian matches and "
+        f"features ({e(transfer.get('method'))}), carried along {which} and "
         f"rebuilt from {e(b)}'s decoder, then rescaled to the norm of {e(b)}'s own vector. "
         f"Steerability (slope of the behaviour metric against the multiplier, on {e(b)}'s "
         "held-out prompts, with a 95 % interval over prompts) of the own vector, the "
