@@ -144,6 +144,26 @@ def file_md5(path: Path, bufsize: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def made_by(path: Path) -> str:
+    """ "; expected the output of stage S (run `dvc repro S`)" when a stage of the DVC
+    project in the working folder writes `path` (or a folder holding it), else "".
+    For error messages only: reading dvc.yaml through DVC costs about a second."""
+    try:
+        from dvc.repo import Repo
+
+        target = Path(path).resolve()
+        with Repo() as repo:
+            for stage in repo.index.stages:
+                for out in stage.outs:
+                    made = Path(out.fs_path)
+                    if target == made or made in target.parents:
+                        name = stage.addressing
+                        return f"; expected the output of stage {name} (run `dvc repro {name}`)"
+    except Exception:  # no DVC project here (library use) or an unreadable dvc.yaml: no hint
+        pass
+    return ""
+
+
 def content_hash(path: Path) -> str:
     """md5 of a file, or of a folder's (relative path, file md5) list, as DVC does.
 
@@ -154,7 +174,8 @@ def content_hash(path: Path) -> str:
     if path.is_file():
         return file_md5(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: missing; cannot hash an input that does not exist")
+        hint = made_by(path) or "; cannot hash an input that does not exist"
+        raise FileNotFoundError(f"{path}: missing{hint}")
     entries = [
         {"relpath": p.relative_to(path).as_posix(), "md5": file_md5(p)}
         for p in sorted(path.rglob("*"))

@@ -118,11 +118,8 @@ def _cka_from_products(c_xy: torch.Tensor, c_xx: torch.Tensor, c_yy: torch.Tenso
 
 
 def linear_cka(x: Array, y: Array) -> float:
-    """Linear CKA of x [n, d_x] and y [n, d_y] in one batch (feature-space form)."""
-    xc, yc = _centred_pair(x, y)
-    return float(
-        np.linalg.norm(xc.T @ yc) ** 2 / (np.linalg.norm(xc.T @ xc) * np.linalg.norm(yc.T @ yc))
-    )
+    """Linear CKA of x [n, d_x] and y [n, d_y] in one batch (raises on zero variance)."""
+    return _prepare_linear_cka(x, y)(None)
 
 
 # ------------------------------------------------------- measures on a subsample of tokens

@@ -116,10 +116,15 @@ class TransferTest:
         return (1 + sum(r >= t for r in self.random_slopes)) / (len(self.random_slopes) + 1)
 
     @property
-    def z_vs_random(self) -> float:
+    def random_sd(self) -> float:
+        """Standard deviation of the null's slopes (nan with fewer than two)."""
         r = np.asarray(self.random_slopes, dtype=np.float64)
-        sd = r.std(ddof=1) if len(r) > 1 else float("nan")
-        return float((self.transferred.slope - r.mean()) / sd) if sd > 0 else float("nan")
+        return float(r.std(ddof=1)) if len(r) > 1 else float("nan")
+
+    @property
+    def z_vs_random(self) -> float:
+        sd, mean = self.random_sd, float(np.mean(self.random_slopes))
+        return (self.transferred.slope - mean) / sd if sd > 0 else float("nan")
 
     @property
     def fraction_of_own(self) -> float:
@@ -133,8 +138,7 @@ class TransferTest:
             "norm_own": self.norm_own, "norm_carried": self.norm_carried,
             "cosine_transferred_own": self.cosine,
             "own": _summary(self.own), "transferred": _summary(self.transferred),
-            "random": {"steerability": float(r.mean()),
-                       "sd": float(r.std(ddof=1)) if len(r) > 1 else float("nan"),
+            "random": {"steerability": float(r.mean()), "sd": self.random_sd,
                        "n": len(r), "slopes": [float(x) for x in r]},
             "p_vs_random": self.p_vs_random, "z_vs_random": self.z_vs_random,
             "fraction_of_own": self.fraction_of_own,

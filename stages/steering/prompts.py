@@ -143,10 +143,14 @@ def _words(path: Path, i: int, d: dict, key: str) -> list[str]:
 def read_set(path: Path, name: str | None = None) -> SteeringSet:
     """Parse one set file; every malformed line raises ValueError naming file and line."""
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing; expected a contrastive set (JSONL)")
+    if not path.is_file():
+        what = "a folder" if path.is_dir() else "missing"
+        raise FileNotFoundError(f"{path}: {what}; expected a contrastive set (a JSONL file)")
     s = SteeringSet(name or path.stem, [])
-    for i, raw in enumerate(path.read_text().splitlines(), start=1):
+    header_line = None
+    eval_lines: list[int] = []
+    # utf-8-sig: a file saved by an editor that writes a byte-order mark reads the same
+    for i, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         if not raw.strip():
             continue
         try:
@@ -164,8 +168,18 @@ def read_set(path: Path, name: str | None = None) -> SteeringSet:
             raise _fail(path, i, f"unknown key(s) {extra} for kind '{kind}' "
                         f"(allowed: {sorted(allowed)})")  # fmt: skip
         if kind == "header":
-            if i != 1 and s.pairs + s.eval_prompts:  # type: ignore[operator]
+            if header_line is not None:
+                raise _fail(path, i, f"a second header (the first is on line {header_line})")
+            if s.pairs or s.eval_prompts:
                 raise _fail(path, i, "the header must come before pairs and eval prompts")
+            header_line = i
+            for key in ("name", "target_prefix", "description"):
+                if key in d and not isinstance(d[key], str):
+                    raise _fail(path, i, f"'{key}' must be a string, got {d[key]!r}")
+            for key in ("concept", "negative_concept"):
+                if d.get(key) is not None and not isinstance(d[key], str):
+                    raise _fail(path, i, f"'{key}' must be a concept name or null, got "
+                                f"{d[key]!r}")  # fmt: skip
             s.name = d.get("name") or s.name
             s.positive_targets = _words(path, i, d, "positive_targets")
             s.negative_targets = _words(path, i, d, "negative_targets")
@@ -192,9 +206,19 @@ def read_set(path: Path, name: str | None = None) -> SteeringSet:
             s.eval_prompts.append(EvalPrompt(
                 d["prompt"], tuple(_words(path, i, d, "positive_targets")),
                 tuple(_words(path, i, d, "negative_targets"))))  # fmt: skip
+            eval_lines.append(i)
     if not s.train_pairs:
         raise ValueError(f"{path}: no training pairs; expected at least one line "
                          '{"positive": "...", "negative": "..."}')  # fmt: skip
+    if not s.eval_prompts:
+        raise ValueError(f"{path}: no eval prompts (the behaviour metric is read on them); "
+                         'expected at least one line {"kind": "eval", "prompt": "..."}')  # fmt: skip
+    for i, ep in zip(eval_lines, s.eval_prompts, strict=True):
+        pos, neg = s.targets_for(ep)
+        if not pos or not neg:
+            side = "positive" if not pos else "negative"
+            raise _fail(path, i, f"no {side} target words for this prompt; expected "
+                        f"'{side}_targets' on it or in the header")  # fmt: skip
     return s
 
 
@@ -220,12 +244,19 @@ def target_ids(tokenizer, words: list[str], prefix: str = " ") -> list[int]:
 _SPECIES = {cls: [forms for forms in ANIMALS[cls].values()] for cls in ("mammal", "bird")}
 
 
+def _too_few(what: str, n_train: int, n_heldout: int, gives: str) -> ValueError:
+    """The error for a toy set asked for more pairs than its grammar has."""
+    return ValueError(
+        f"toy set '{what}': steering.toy_sets.n_train = {n_train} + n_heldout = {n_heldout} "
+        f"requested, but the grammar gives {gives}: expected fewer"
+    )
+
+
 def _split(items: list, n_train: int, n_heldout: int, rng: random.Random, what: str):
     items = list(items)
     rng.shuffle(items)
     if n_train + n_heldout > len(items):
-        raise ValueError(f"toy set '{what}': {n_train} + {n_heldout} contexts requested, the "
-                         f"grammar has {len(items)} distinct ones")  # fmt: skip
+        raise _too_few(what, n_train, n_heldout, f"{len(items)} distinct contexts")
     return items[:n_train], items[n_train : n_train + n_heldout]
 
 
@@ -255,8 +286,13 @@ def emotion_polarity(seed: int, n_train: int, n_heldout: int) -> SteeringSet:
     rng.shuffle(train)
     rng.shuffle(held)
     if len(train) < n_train or len(held) < n_heldout:
-        raise ValueError(f"toy set 'emotion_polarity': {n_train} + {n_heldout} pairs requested, "
-                         f"the grammar gives {len(train)} + {len(held)}")  # fmt: skip
+        raise _too_few(
+            "emotion_polarity",
+            n_train,
+            n_heldout,
+            f"{len(train)} + {len(held)} pairs at "
+            "that ratio (train and held-out pairs use disjoint contexts)",
+        )
     train, held = train[:n_train], held[:n_heldout]
 
     def frame(day: str, weather: str, name: str) -> str:
@@ -294,8 +330,13 @@ def mammal_vs_bird(seed: int, n_train: int, n_heldout: int) -> SteeringSet:
     rng.shuffle(train)
     rng.shuffle(held)
     if len(train) < n_train or len(held) < n_heldout:
-        raise ValueError(f"toy set 'mammal_vs_bird': {n_train} + {n_heldout} pairs requested, "
-                         f"the grammar gives {len(train)} + {len(held)}")  # fmt: skip
+        raise _too_few(
+            "mammal_vs_bird",
+            n_train,
+            n_heldout,
+            f"{len(train)} + {len(held)} pairs at "
+            "that ratio (train and held-out pairs use disjoint contexts)",
+        )
     train, held = train[:n_train], held[:n_heldout]
 
     def phrase(frame: tuple, forms: tuple[str, str]) -> str:

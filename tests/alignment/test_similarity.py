@@ -127,6 +127,8 @@ def test_cka_accumulator_errors_name_both_shapes():
     acc.update(np.ones((4, 3)), np.random.default_rng(0).standard_normal((4, 2)))
     with pytest.raises(ValueError, match="representation x has zero variance"):
         acc.cka()
+    with pytest.raises(ValueError, match="a representation has zero variance"):
+        linear_cka(np.ones((4, 3)), np.random.default_rng(0).standard_normal((4, 2)))
 
 
 # ----------------------------------------------------------------------- unbiased CKA

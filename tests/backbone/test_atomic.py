@@ -44,3 +44,21 @@ def test_a_killed_writers_temporaries_are_removed_by_the_next_writer(tmp_path):
         ["out", f".out.tmp-{alive}", f".outer.tmp-{dead}", "out.partial"]
     )
     assert (tmp_path / "out" / "a").read_text() == "new"
+
+
+def test_a_missing_input_names_the_stage_that_writes_it(tmp_path, monkeypatch):
+    from stages.io import content_hash
+
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  make:\n    foreach: [a, b]\n    do:\n      cmd: echo\n"
+        "      outs:\n        - out/${item}\n"
+    )
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^out/b/x: missing; expected the output of "
+                       r"stage make@b \(run `dvc repro make@b`\)$"):  # fmt: skip
+        content_hash("out/b/x")
+    with pytest.raises(FileNotFoundError, match="elsewhere: missing; cannot hash an input"):
+        content_hash("elsewhere")

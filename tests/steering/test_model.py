@@ -167,6 +167,34 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
         read_set(path)
 
 
+def test_set_files_that_could_not_steer_are_refused(tmp_path):
+    path = tmp_path / "s.jsonl"
+    pair = '{"positive": "a", "negative": "b"}\n'
+    header = '{"kind": "header", "positive_targets": ["x"], "negative_targets": ["y"]}\n'
+    path.write_text(header + pair)
+    with pytest.raises(ValueError, match=r"s\.jsonl: no eval prompts"):
+        read_set(path)
+    path.write_text('{"kind": "header", "positive_targets": ["x"]}\n' + pair
+                    + '{"kind": "eval", "prompt": "p"}\n')  # fmt: skip
+    with pytest.raises(ValueError, match=r"line 3: no negative target words for this prompt"):
+        read_set(path)
+    path.write_text(header + header + pair)
+    with pytest.raises(ValueError, match=r"line 2: a second header \(the first is on line 1\)"):
+        read_set(path)
+    path.write_text('{"kind": "header", "name": 5}\n' + pair)
+    with pytest.raises(ValueError, match=r"line 1: 'name' must be a string, got 5"):
+        read_set(path)
+    with pytest.raises(FileNotFoundError, match=r"a folder; expected a contrastive set"):
+        read_set(tmp_path)
+    # an editor's byte-order mark is not an error; per-prompt targets stand in for the header's
+    path.write_text("\ufeff" + pair + '{"kind": "eval", "prompt": "p", "positive_targets": '
+                    '["x"], "negative_targets": ["y"]}\n', encoding="utf-8")  # fmt: skip
+    assert read_set(path).targets_for(read_set(path).eval_prompts[0]) == (["x"], ["y"])
+    with pytest.raises(ValueError, match=r"steering\.toy_sets\.n_train = 9999 \+ n_heldout = 4 "
+                       r"requested, but the grammar gives 768 \+ 0 pairs"):  # fmt: skip
+        toy_sets(0, 9999, 4, ["mammal_vs_bird"])
+
+
 def test_set_roundtrip_and_shipped_sets(tmp_path):
     s = toy_sets(0, 8, 4)["mammal_vs_bird"]
     write_set(s, tmp_path / "x.jsonl")
