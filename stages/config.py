@@ -3,7 +3,7 @@
 Every stage calls `load_params()` before doing any work. A problem in the file stops
 the stage with one line naming the key, the value and what was expected, e.g.
 
-    params.yaml: models.toy-a.arch.d_model = -4, expected an integer >= 1
+    params.yaml: models.toy-a.arch.d_model = -4, expected an integer ≥ 1
 
 DVC makes each stage depend on its own keys only (see `dvc.yaml`); this schema checks
 the whole file every time so a typo anywhere is caught before anything is written.
@@ -11,12 +11,38 @@ the whole file every time so a typo anywhere is caught before anything is writte
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+
+from stages.params_messages import (
+    MISSING,
+    NO_VALUE,
+    KeyProblem,
+    Said,
+    dotted,
+    expected_for,
+    message,
+    or_list,
+    walk,
+)
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -26,7 +52,9 @@ class ParamsError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: `d_model: true` or `n_docs: "8"` is a mistake, not 1 or 8 (an integer is
+    # still a valid number)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 PosInt = Annotated[int, Field(ge=1)]
@@ -65,39 +93,44 @@ class CorpusParams(_Strict):
     @model_validator(mode="after")
     def _source_has_section(self) -> CorpusParams:
         if self.source == "hf" and self.hf is None:
-            raise ValueError("corpus.source is 'hf' but there is no corpus.hf section")
+            raise KeyProblem(("hf",), MISSING, "expected an hf section when source is 'hf'")
         return self
 
 
 # ---------------------------------------------------------------------------- models
 
-# TransformerLens hook names of a standard decoder block. Checked here so a typo fails
-# before any work; the activation stage re-checks against the loaded model's hook_dict.
+# TransformerLens hook names of a standard decoder block that the activations stage can
+# cache: one vector per token. Checked here so a typo fails before any work; the stage
+# re-checks against the loaded model's hook_dict.
 _BLOCK_HOOKS = {
     "hook_resid_pre",
     "hook_resid_mid",
     "hook_resid_post",
     "hook_attn_out",
     "hook_mlp_out",
-    "hook_attn_in",
-    "hook_q_input",
-    "hook_k_input",
-    "hook_v_input",
-    "hook_mlp_in",
     "ln1.hook_scale",
     "ln1.hook_normalized",
     "ln2.hook_scale",
     "ln2.hook_normalized",
-    "attn.hook_q",
-    "attn.hook_k",
-    "attn.hook_v",
-    "attn.hook_z",
-    "attn.hook_attn_scores",
-    "attn.hook_pattern",
-    "attn.hook_result",
     "mlp.hook_pre",
     "mlp.hook_post",
 }
+# Hooks of a block that exist but cannot be cached, and why (the first two reasons are the
+# activations stage's own, `stages/activations.py` `_hook_width`).
+_PER_HEAD = "it has per-head shape; cache a residual / MLP / attention output hook"
+_PATTERN = "it is an attention pattern, not a per-token activation"
+_UNCACHEABLE = {
+    **dict.fromkeys(("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z",
+                     "attn.hook_result"), _PER_HEAD),
+    **dict.fromkeys(("attn.hook_attn_scores", "attn.hook_pattern"), _PATTERN),
+    # TransformerLens calls these only when the model config asks for them (use_attn_in,
+    # use_split_qkv_input, use_hook_mlp_in); the models here do not, so they never fire
+    **dict.fromkeys(("hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"),
+                    "TransformerLens calls it only with use_attn_in / use_split_qkv_input, "
+                    "which the models here do not set (and it has per-head shape)"),
+    "hook_mlp_in": "TransformerLens calls it only with use_hook_mlp_in, which the models "
+    "here do not set; cache hook_resid_mid (the same values)",
+}  # fmt: skip
 _GLOBAL_HOOKS = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale", "ln_final.hook_normalized"}
 _HOOK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
@@ -113,6 +146,8 @@ def check_hook_name(hook: str, n_layers: int | None) -> str | None:
     if hook in _GLOBAL_HOOKS:
         return None
     m = _HOOK_RE.match(hook)
+    if m and m.group(2) in _UNCACHEABLE:
+        return f"expected a hook with one vector per token: {_UNCACHEABLE[m.group(2)]}"
     if not m or m.group(2) not in _BLOCK_HOOKS:
         return "expected a TransformerLens hook name such as 'blocks.1.hook_resid_post'"
     if n_layers is not None and int(m.group(1)) >= n_layers:
@@ -131,7 +166,8 @@ class ToyArch(_Strict):
     @model_validator(mode="after")
     def _heads_divide(self) -> ToyArch:
         if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads = {self.n_heads} must divide d_model = {self.d_model}")
+            raise KeyProblem(("n_heads",), self.n_heads,
+                            f"expected a divisor of d_model = {self.d_model}")  # fmt: skip
         return self
 
 
@@ -165,9 +201,8 @@ class ToyModel(_Strict):
     @model_validator(mode="after")
     def _seq_fits(self) -> ToyModel:
         if self.train.seq_len > self.arch.n_ctx:
-            raise ValueError(
-                f"train.seq_len = {self.train.seq_len} exceeds arch.n_ctx = {self.arch.n_ctx}"
-            )
+            raise KeyProblem(("train", "seq_len"), self.train.seq_len,
+                            f"expected an integer ≤ arch.n_ctx = {self.arch.n_ctx}")  # fmt: skip
         return self
 
 
@@ -218,9 +253,8 @@ class StoreParams(_Strict):
     @model_validator(mode="after")
     def _chunks_tile_shards(self) -> StoreParams:
         if self.shard_rows % self.chunk_rows:
-            raise ValueError(
-                f"chunk_rows = {self.chunk_rows} must divide shard_rows = {self.shard_rows}"
-            )
+            raise KeyProblem(("chunk_rows",), self.chunk_rows,
+                            f"expected a divisor of shard_rows = {self.shard_rows}")  # fmt: skip
         return self
 
 
@@ -252,12 +286,20 @@ class SAESweep(_Strict):
     saes: list[dict[str, Any]]
 
 
+# One {hooks, saes} group or a list of them, told apart by the value's type (a tagged
+# union: errors name the group, not every member pydantic tried).
+SweepGroups = Annotated[
+    Union[Annotated[SAESweep, Tag("group")], Annotated[list[SAESweep], Tag("groups")]],  # noqa: UP007
+    Discriminator(lambda v: "groups" if isinstance(v, list) else "group"),
+]
+
+
 class SAEParams(_Strict):
     eval: SAEEval = SAEEval()
     checkpoint_every: PosInt = 200  # optimizer steps between resumable checkpoints
     # per model: one {hooks, saes} group, or a list of groups (e.g. the full architecture
     # sweep on one hook and a single SAE on every other hook)
-    sweep: dict[str, SAESweep | list[SAESweep]]
+    sweep: dict[str, SweepGroups]
 
     def groups(self, model: str) -> list[SAESweep]:
         s = self.sweep[model]
@@ -300,10 +342,8 @@ class SteeringConfig(_Strict):
     def _symmetric(self) -> SteeringConfig:
         m = sorted(self.multipliers)
         if len(m) < 3 or m != sorted(-x for x in m) or 0.0 not in m:
-            raise ValueError(
-                f"steering.config.multipliers = {self.multipliers}: expected a symmetric "
-                "range around 0 that includes 0 (steerability is a slope over it)"
-            )
+            raise KeyProblem(("multipliers",), self.multipliers, "expected a symmetric range "
+                            "around 0 that includes 0 (steerability is a slope over it)")  # fmt: skip
         return self
 
 
@@ -337,7 +377,8 @@ class SteeringTransfer(_Strict):
 
     method: Literal["nnls", "encode"] = "nnls"  # A's vector -> A's feature coefficients
     k: PosInt | None = None  # keep only the top-k features (None: all)
-    min_correlation: float | None = None  # drop matches below this correlation
+    # drop matches whose activation correlation (the match score) is below this
+    min_correlation: Annotated[float, Field(ge=-1, le=1)] | None = None
     # the null: random directions of B's own vector's norm (p-value floor 1 / (n + 1))
     n_random: Annotated[int, Field(ge=2)] = 32
 
@@ -371,9 +412,6 @@ class ReportParams(_Strict):
     dashboards: ReportDashboards = ReportDashboards()
 
 
-# ---------------------------------------------------------------------------- root
-
-
 # ---------------------------------------------------------------------------- compute
 
 
@@ -402,7 +440,7 @@ class ComputeParams(_Strict):
         from stages.compute import DEVICE_RE
 
         if not DEVICE_RE.match(v):
-            raise ValueError(f"{v!r} is not a device: expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            raise ValueError("expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         return v
 
     def with_env(self) -> ComputeParams:
@@ -412,12 +450,13 @@ class ComputeParams(_Strict):
 
         upd: dict[str, Any] = {}
         dask: dict[str, Any] = {}
-        for var, key, target in (("ATLAS_RUNNER", "runner", upd),
-                                 ("ATLAS_DEVICE", "device", upd),
-                                 ("ATLAS_DASK_ADDRESS", "address", dask),
-                                 ("ATLAS_DASK_WORKERS", "n_workers", dask)):  # fmt: skip
-            if os.environ.get(var):
-                target[key] = os.environ[var]
+        env = {"runner": "ATLAS_RUNNER", "device": "ATLAS_DEVICE",
+               "address": "ATLAS_DASK_ADDRESS", "n_workers": "ATLAS_DASK_WORKERS"}  # fmt: skip
+        for key, var in env.items():
+            if v := os.environ.get(var):
+                if key == "n_workers" and v.strip().isdigit():
+                    v = int(v)  # type: ignore[assignment]  # strict: "3" is not an integer
+                (dask if key in ("address", "n_workers") else upd)[key] = v
         if not upd and not dask:
             return self
         raw = self.model_dump()
@@ -427,9 +466,13 @@ class ComputeParams(_Strict):
             return ComputeParams.model_validate(raw)
         except ValidationError as e:
             err = e.errors()[0]
-            var = {"runner": "ATLAS_RUNNER", "device": "ATLAS_DEVICE", "address":
-                   "ATLAS_DASK_ADDRESS", "n_workers": "ATLAS_DASK_WORKERS"}[str(err["loc"][-1])]  # fmt: skip
-            raise ParamsError(f"environment: {var} = {os.environ[var]!r}: {err['msg']}") from None
+            var = env[str(err["loc"][-1])]
+            _, tp, metas, _ = walk(ComputeParams, err["loc"])
+            raise ParamsError(f"environment: {var} = {os.environ[var]!r}, "
+                              f"{expected_for(err, tp, metas)}") from None  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- root
 
 
 class Params(_Strict):
@@ -445,10 +488,10 @@ class Params(_Strict):
     @model_validator(mode="after")
     def _models_consistent(self) -> Params:
         if not self.models:
-            raise ValueError("models: expected at least one model")
+            raise KeyProblem(("models",), self.models, "expected at least one model")
         for name, m in self.models.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise _KeyError(
+                raise KeyProblem(
                     ("models", name),
                     name,
                     "expected a name of letters, digits, '-', '_' or '.' (it becomes a path)",
@@ -456,137 +499,227 @@ class Params(_Strict):
             hooks = self.activations.hooks.get(name)
             loc = ("activations", "hooks", name)
             if hooks is None:
-                raise _KeyError(loc, None, f"expected a list of hooks for model '{name}'")
+                raise KeyProblem(loc, MISSING, f"expected a list of hooks for model '{name}'")
             if not hooks:
-                raise _KeyError(loc, [], "expected at least one hook")
+                raise KeyProblem(loc, [], "expected at least one hook")
             if len(set(hooks)) != len(hooks):
-                raise _KeyError(loc, hooks, "expected no repeated hook")
+                raise KeyProblem(loc, hooks, "expected no repeated hook")
             for i, hook in enumerate(hooks):
                 why = check_hook_name(hook, m.n_layers)
                 if why:
-                    raise _KeyError((*loc, i), hook, why)
+                    raise KeyProblem((*loc, i), hook, why)
             if isinstance(m, ToyModel) and self.activations.store.seq_len > m.arch.n_ctx:
-                raise _KeyError(
+                raise KeyProblem(
                     ("activations", "store", "seq_len"),
                     self.activations.store.seq_len,
-                    f"expected <= models.{name}.arch.n_ctx = {m.arch.n_ctx}",
+                    f"expected an integer ≤ models.{name}.arch.n_ctx = {m.arch.n_ctx}",
                 )
+        for name in self.activations.hooks:
+            if name not in self.models:
+                raise KeyProblem(("activations", "hooks", name), name, self._a_model())
         if self.saes is not None:
             self._check_saes(self.saes)
         if self.steering is not None:
             self._check_steering(self.steering)
         if self.align is not None:
             self._check_align(self.align)
-        for name in self.activations.hooks:
-            if name not in self.models:
-                raise _KeyError(
-                    ("activations", "hooks", name), name,
-                    f"expected a model listed under models ({', '.join(self.models)})",
-                )  # fmt: skip
+        if self.report.dashboard_saes is not None:
+            self._check_dashboards(self.report.dashboard_saes)
         return self
 
-    def _check_saes(self, saes: SAEParams) -> None:
+    def _a_model(self) -> str:
+        return f"expected a model listed under models ({', '.join(self.models)})"
 
+    def _check_saes(self, saes: SAEParams) -> None:
         for name in self.models:
             if name not in saes.sweep:
-                raise _KeyError(
-                    ("saes", "sweep", name), None, f"expected an entry for model '{name}'"
-                )
+                raise KeyProblem(("saes", "sweep", name), MISSING,
+                                f"expected the SAE sweep of model '{name}'")  # fmt: skip
         for name in saes.sweep:
             if name not in self.models:
-                raise _KeyError(("saes", "sweep", name), name,
-                                f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+                raise KeyProblem(("saes", "sweep", name), name, self._a_model())
+            # SAE folder names (data/saes/<model>/<hook>/<name>/) must be unique per hook
+            seen: dict[tuple[str, str], tuple] = {}
             for g, sweep in enumerate(saes.groups(name)):
                 loc = ("saes", "sweep", name) + ((g,) if isinstance(saes.sweep[name], list) else ())
-                self._check_sae_group(name, sweep, loc)
-        for name in saes.sweep:  # SAE names are folder names: unique per (model, hook)
-            for hook, cfgs in self.sae_plan(name).items():
-                names = [c.display_name for c in cfgs]
-                dup = next((n for n in names if names.count(n) > 1), None)
-                if dup:
-                    raise _KeyError(("saes", "sweep", name), dup,
-                                    f"expected a unique SAE name per hook ({hook})")  # fmt: skip
+                cfgs = self._check_sae_group(name, sweep, loc)
+                for i, cfg in enumerate(cfgs):
+                    for hook in sweep.hooks:
+                        folder = self._folder(cfg, name, hook)
+                        first = seen.setdefault((hook, folder), (*loc, "saes", i))
+                        if first != (*loc, "saes", i):
+                            raise KeyProblem(
+                                (*loc, "saes", i), NO_VALUE,
+                                f"expected a unique SAE name per hook, but {dotted(first)} "
+                                f"also trains '{folder}' on {hook} (set `name` to tell them apart)",
+                            )  # fmt: skip
 
-    def _check_sae_group(self, name: str, sweep: SAESweep, loc: tuple) -> None:
-        from stages.sae import parse_sae_config
-
+    def _check_sae_group(self, name: str, sweep: SAESweep, loc: tuple) -> list:
+        """Every SAE entry of a group, validated; widths checked where the hook's is known."""
         cached = self.activations.hooks.get(name, [])
         if not sweep.hooks:
-            raise _KeyError((*loc, "hooks"), [], "expected at least one hook")
+            raise KeyProblem((*loc, "hooks"), [], "expected at least one hook")
         for i, hook in enumerate(sweep.hooks):
             if hook not in cached:
-                raise _KeyError(
+                raise KeyProblem(
                     (*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}"
                 )
+        cfgs = []
         for i, raw in enumerate(sweep.saes):
-            try:
-                parse_sae_config(raw)
-            except ValidationError as err:
-                e = err.errors()[0]
-                raise _KeyError((*loc, "saes", i, *e["loc"]), e.get("input"),
-                                e["msg"].removeprefix("Value error, ")) from None  # fmt: skip
-            except ValueError as err:
-                raise _KeyError((*loc, "saes", i), raw.get("architecture"), str(err)) from None
+            cfg = _sae_config(raw, (*loc, "saes", i))
+            k = getattr(cfg, "k", None)  # TopK / BatchTopK: at most d_sae latents fire
+            if k is not None and cfg.d_sae is not None and k > cfg.d_sae:
+                raise KeyProblem((*loc, "saes", i, "k"), k, f"expected at most d_sae = {cfg.d_sae}")
+            for hook in sweep.hooks:
+                d = self.hook_width(name, hook)
+                if d is None:
+                    continue  # known only once the model is loaded: checked by the stage
+                if cfg.d_in is not None and cfg.d_in != d:
+                    raise KeyProblem((*loc, "saes", i, "d_in"), cfg.d_in,
+                                    f"expected the width of {hook}, {d} (or no d_in)")  # fmt: skip
+                width = cfg.with_d_in(d).width
+                if k is not None and k > width:
+                    how = "" if cfg.d_sae else (
+                        f" (expansion_factor {cfg.expansion_factor:g} × {d}, the width of {hook})")  # fmt: skip
+                    raise KeyProblem((*loc, "saes", i, "k"), k,
+                                    f"expected at most d_sae = {width}{how}")  # fmt: skip
+            cfgs.append(cfg)
+        return cfgs
 
     def _check_steering(self, st: SteeringParams) -> None:
         for name, ms in st.models.items():
             loc = ("steering", "models", name)
             if name not in self.models:
-                raise _KeyError(loc, name,
-                                f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+                raise KeyProblem(loc, name, self._a_model())
             if not ms.sets:
-                raise _KeyError((*loc, "sets"), [], "expected at least one contrastive set")
+                raise KeyProblem((*loc, "sets"), [], "expected at least one contrastive set")
             for i, s in enumerate(ms.sets):
                 if s not in TOY_STEERING_SETS and not s.endswith(".jsonl"):
-                    raise _KeyError((*loc, "sets", i), s, "expected one of the generated sets "
+                    raise KeyProblem((*loc, "sets", i), s, "expected one of the generated sets "
                                     f"{list(TOY_STEERING_SETS)} or a .jsonl file")  # fmt: skip
+                # Only that the file is there: parsing it here (stages.steering.prompts)
+                # would import torch, scipy and pyarrow into every stage's params check.
+                if s.endswith(".jsonl") and not Path(s).is_file():
+                    raise KeyProblem((*loc, "sets", i), s, "expected an existing JSONL file "
+                                    "(no such file; paths are relative to the repository root)")  # fmt: skip
+                if s in ms.sets[:i]:
+                    raise KeyProblem((*loc, "sets", i), s, "expected each set once")
             if not ms.hooks:
-                raise _KeyError((*loc, "hooks"), [], "expected at least one hook")
+                raise KeyProblem((*loc, "hooks"), [], "expected at least one hook")
             cached = self.activations.hooks.get(name, [])
             for i, hook in enumerate(ms.hooks):
                 why = check_hook_name(hook, self.models[name].n_layers)
                 if why:
-                    raise _KeyError((*loc, "hooks", i), hook, why)
-            plan = self.sae_plan(name)
+                    raise KeyProblem((*loc, "hooks", i), hook, why)
+            folders = self.sae_folders(name)
             for hook, sae in ms.saes.items():
                 if hook not in cached:
-                    raise _KeyError((*loc, "saes", hook), sae,
+                    raise KeyProblem((*loc, "saes", hook), sae,
                                     f"expected a cached hook of {name}: {cached}")  # fmt: skip
-                d = self.hook_width(name, hook)
-                if d is None:
+                names = folders.get(hook, [])
+                if names is None:
                     continue  # known only once the model is loaded: checked by the stage
-                names = [c.with_d_in(d).display_name for c in plan.get(hook, [])]
                 if sae not in names:
-                    raise _KeyError((*loc, "saes", hook), sae,
+                    raise KeyProblem((*loc, "saes", hook), sae,
                                     f"expected an SAE trained on that hook by saes.sweep.{name}: {names}")  # fmt: skip
 
     def _check_align(self, al: AlignParams) -> None:
-        from stages.alignment.config import AlignConfig
-
         for key, pair in al.pairs.items():
             loc = ("align", "pairs", key)
             for side in ("a", "b"):
                 m = getattr(pair, side)
                 if m not in self.models:
-                    raise _KeyError((*loc, side), m,
-                                    f"expected a model listed under models ({', '.join(self.models)})")  # fmt: skip
+                    raise KeyProblem((*loc, side), m, self._a_model())
+            if pair.a == pair.b:
+                raise KeyProblem((*loc, "b"), pair.b, f"expected a model other than a = '{pair.a}'")
             if key != f"{pair.a}__{pair.b}":
-                raise _KeyError(loc, key, f"expected the pair's name '{pair.a}__{pair.b}' "
+                raise KeyProblem(loc, key, f"expected the pair's name '{pair.a}__{pair.b}' "
                                 "(it names the output folder data/alignment/<A>__<B>)")  # fmt: skip
-        try:
-            AlignConfig.from_params(al.config)
-        except (TypeError, ValueError) as e:
-            raise _KeyError(
-                ("align", "config"), al.config, str(e).removeprefix("align: ")
-            ) from None
+        cfg = _align_config(al.config)
+        for key, pair in al.pairs.items():
+            self._check_align_pair(key, pair, cfg)
+
+    def _check_align_pair(self, key: str, pair: AlignPair, cfg: Any) -> None:
+        """The hooks and SAE names of `align.config`, as the align stage will read them."""
+        hooks_a, hooks_b = self.hooks(pair.a), self.hooks(pair.b)
+        if cfg.hook_pairs is None:
+            hook_pairs = [(h, h) for h in hooks_a if h in hooks_b]
+            if not hook_pairs:
+                raise KeyProblem(("align", "pairs", key), NO_VALUE,
+                                f"expected models that cache a hook in common ({pair.a}: "
+                                f"{hooks_a}; {pair.b}: {hooks_b}), or align.config.hook_pairs")  # fmt: skip
+        else:
+            hook_pairs = list(cfg.hook_pairs)
+            for j, hp in enumerate(hook_pairs):
+                for side, (m, h, hooks) in enumerate(((pair.a, hp[0], hooks_a),
+                                                      (pair.b, hp[1], hooks_b))):  # fmt: skip
+                    if h not in hooks:
+                        raise KeyProblem(("align", "config", "hook_pairs", j, side), h,
+                                        f"expected a hook cached by {m}: {hooks}")  # fmt: skip
+        if cfg.sae_names is None or cfg.sae_names == "all":
+            return
+        if isinstance(cfg.sae_names, str):
+            raise KeyProblem(("align", "config", "sae_names"), cfg.sae_names,
+                            "expected a list of SAE names, 'all' or null")  # fmt: skip
+        # A name neither model trains is a typo. (The stage also wants each name on every
+        # compared hook either model has SAEs on; that is left to it: a run of one stage
+        # may leave the align keys behind the sweep it changed.)
+        folders = [self.sae_folders(m) for m in (pair.a, pair.b)]
+        if any(names is None for f in folders for names in f.values()):
+            return  # known only once the model is loaded: checked by the stage
+        known = sorted({n for f in folders for names in f.values() for n in names or []})
+        for j, n in enumerate(cfg.sae_names):
+            if n not in known:
+                raise KeyProblem(("align", "config", "sae_names", j), n,
+                                f"expected an SAE name of saes.sweep.{pair.a} or "
+                                f"saes.sweep.{pair.b} (align.pairs.{key}): {known}")  # fmt: skip
+
+    def _check_dashboards(self, wanted: list[str]) -> None:
+        """`report.dashboard_saes`: each an SAE name or 'model/hook/name' (the report's
+        `_pick` rule), where params tell the folder names."""
+        keys: set[str] = set()
+        unknown: set[str] = set()  # models whose SAE folder names need the loaded model
+        for model in self.models:
+            for hook, names in self.sae_folders(model).items():
+                if names is None:
+                    unknown.add(model)
+                    continue
+                keys.update(f"{model}/{hook}/{n}" for n in names)
+        names = sorted({k.rsplit("/", 1)[1] for k in keys})
+        for i, w in enumerate(wanted):
+            if w in keys or w in names:
+                continue
+            if w.split("/")[0] in unknown if "/" in w else unknown:
+                continue  # known only once the model is loaded: checked by the stage
+            raise KeyProblem(("report", "dashboard_saes", i), w,
+                            f"expected an SAE of saes.sweep, by name ({', '.join(names) or 'none'}) "
+                            "or as 'model/hook/name'")  # fmt: skip
 
     def hook_width(self, model: str, hook: str) -> int | None:
-        """Width of a hook's activations when params alone tell it (toy models, residual /
-        attention / MLP outputs), else None."""
+        """Width of a hook's activations when params alone tell it (toy models), else None.
+        The same rule as the activations stage's (`stages/activations.py` `_hook_width`)."""
         m = self.models[model]
-        residual = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out",
-                    "hook_mlp_out")  # fmt: skip
-        return m.arch.d_model if isinstance(m, ToyModel) and hook.endswith(residual) else None
+        if not isinstance(m, ToyModel) or check_hook_name(hook, m.n_layers):
+            return None
+        if hook.endswith(("mlp.hook_pre", "mlp.hook_post")):
+            return m.arch.d_mlp
+        if hook.endswith("hook_scale"):
+            return 1
+        return m.arch.d_model
+
+    def _folder(self, cfg: Any, model: str, hook: str) -> str:
+        """An SAE's folder name on a hook: `topk-1024-k8` once the width is known."""
+        d = self.hook_width(model, hook)
+        return cfg.with_d_in(d).display_name if d is not None else cfg.display_name
+
+    def sae_folders(self, model: str) -> dict[str, list[str] | None]:
+        """hook -> the folder names of the SAEs trained on it (None: they need the hook's
+        width, which only the loaded model tells)."""
+        out: dict[str, list[str] | None] = {}
+        for hook, cfgs in self.sae_plan(model).items():
+            known = self.hook_width(model, hook) is not None or all(c.name or c.d_sae for c in cfgs)
+            out[hook] = [self._folder(c, model, hook) for c in cfgs] if known else None
+        return out
 
     def sae_plan(self, model: str) -> dict[str, list]:
         """hook -> the SAE configs to train on it, in params order (all groups merged)."""
@@ -605,12 +738,76 @@ class Params(_Strict):
         return self.activations.hooks[model]
 
 
-class _KeyError(ValueError):
-    """A cross-field problem that knows exactly which key is at fault."""
+def _sae_config(raw: dict[str, Any], loc: tuple) -> Any:
+    """One `saes.sweep` entry validated by its architecture's config class (strictly, like
+    the rest of the file); errors name the entry's key."""
+    from stages.sae import ARCHITECTURES
 
-    def __init__(self, loc: tuple, value: Any, expected: str):
-        super().__init__(expected)
-        self.loc, self.value, self.expected = loc, value, expected
+    archs = or_list([repr(a) for a in sorted(ARCHITECTURES)])
+    if "architecture" not in raw:
+        raise KeyProblem((*loc, "architecture"), MISSING, f"expected {archs}")
+    if raw["architecture"] not in ARCHITECTURES:
+        raise KeyProblem((*loc, "architecture"), raw["architecture"], f"expected {archs}")
+    cls = ARCHITECTURES[raw["architecture"]].config_class
+    try:
+        return cls.model_validate(raw, strict=True)
+    except ValidationError as err:
+        e = err.errors()[0]
+        why = str((e.get("ctx") or {}).get("error", ""))
+        if m := re.search(r"k = (\S+) exceeds d_sae = (\d+)$", why):  # TopKConfig's check
+            raise KeyProblem(
+                (*loc, "k"), raw.get("k"), f"expected at most d_sae = {m[2]}"
+            ) from None
+        raise Said(message(e, cls, raw, loc)) from None
+
+
+@functools.cache
+def _align_schema() -> type[BaseModel]:
+    """`stages.alignment.config.AlignConfig`'s fields as a strict pydantic model: the
+    dataclass stays the one place they are declared; this checks their types."""
+    from stages.alignment.config import AlignConfig
+
+    hints = get_type_hints(AlignConfig)
+    fields: dict[str, Any] = {f.name: (_strict_scalars(hints[f.name]), f.default)
+                              for f in dataclasses.fields(AlignConfig)}  # fmt: skip
+    # a match "has a partner" when its correlation is >= threshold: a correlation
+    fields["threshold"] = (Annotated[float, Strict(), Field(ge=-1, le=1)], fields["threshold"][1])
+    return create_model("AlignConfig", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _align_config(raw: dict[str, Any]) -> Any:
+    from stages.alignment.config import AlignConfig
+
+    schema = _align_schema()
+    try:
+        schema.model_validate(raw)
+    except ValidationError as err:
+        raise Said(message(err.errors()[0], schema, raw, ("align", "config"))) from None
+    try:
+        return AlignConfig.from_params(raw)
+    except ValueError as e:  # its own range checks: "align: max_tokens = 1, expected ..."
+        msg = str(e).removeprefix("align: ").replace(">=", "≥")
+        raise Said(f"align.config.{msg}") from None
+
+
+def _strict_scalars(tp: Any) -> Any:
+    """`tp` with every int / float / bool / str strict (containers stay lax: a YAML list
+    is a valid tuple)."""
+    if tp in (int, float, bool, str):
+        return Annotated[tp, Strict()]
+    origin, args = get_origin(tp), get_args(tp)
+    if not args or origin is Literal:
+        return tp
+    if origin is Annotated:
+        return Annotated[(_strict_scalars(args[0]), *tp.__metadata__)]
+    new = tuple(a if a is ... else _strict_scalars(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return Union[new]  # noqa: UP007
+    return origin[new]
+
+
+def _format_pydantic(err: ValidationError, origin: str, raw: Any = None) -> str:
+    return f"{origin}: {message(err.errors()[0], Params, raw)}"
 
 
 # ---------------------------------------------------------------------------- loading
@@ -636,58 +833,6 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _dotted(loc: tuple) -> str:
-    parts = []
-    for p in loc:
-        if isinstance(p, int):
-            parts.append(f"[{p}]")
-        else:
-            parts.append(("." if parts else "") + str(p))
-    return "".join(parts)
-
-
-def _format_pydantic(err: ValidationError, origin: str) -> str:
-    e = err.errors()[0]
-    # Drop the discriminator tag pydantic inserts into the location (models.x.toy.seed).
-    loc = tuple(p for p in e["loc"] if p not in ("toy", "pretrained") or p == e["loc"][0])
-    ctx = e.get("ctx") or {}
-    if isinstance(ctx.get("error"), _KeyError):
-        ke = ctx["error"]
-        return f"{origin}: {_dotted(ke.loc)} = {ke.value!r}, {ke.expected}"
-    key = _dotted(loc) or "<root>"
-    kind = e["type"]
-    if kind == "extra_forbidden":
-        return f"{origin}: {key}: unknown key, expected one of the documented keys (see README)"
-    if kind == "missing":
-        return f"{origin}: {key} is missing, expected a value"
-    msg = e["msg"]
-    msg = msg.removeprefix("Value error, ")
-    expected = {
-        "greater_than_equal": f"expected a number >= {ctx.get('ge')}",
-        "greater_than": f"expected a number > {ctx.get('gt')}",
-        "less_than": f"expected a number < {ctx.get('lt')}",
-        "int_parsing": "expected an integer",
-        "int_type": "expected an integer",
-        "int_from_float": "expected an integer",
-        "float_parsing": "expected a number",
-        "float_type": "expected a number",
-        "bool_parsing": "expected true or false",
-        "string_type": "expected a string",
-        "list_type": "expected a list",
-        "dict_type": "expected a mapping",
-        "model_type": "expected a mapping",
-        "literal_error": f"expected {ctx.get('expected')}",
-        "union_tag_invalid": f"expected source {ctx.get('expected_tags')}",
-        "union_tag_not_found": "expected a 'source' key ('toy' or 'pretrained')",
-    }.get(kind, msg[:1].lower() + msg[1:])
-    if kind == "union_tag_invalid":
-        return f"{origin}: {key}.source = {ctx.get('tag')!r}, {expected}"
-    if "input" in e and not isinstance(e["input"], dict | list) or kind.endswith("_type"):
-        shown = e.get("input")
-        return f"{origin}: {key} = {shown!r}, {expected}"
-    return f"{origin}: {key}: {expected}"
-
-
 def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
     """Validate an already-loaded mapping; raise ParamsError with a one-line message."""
     if not isinstance(raw, dict):
@@ -697,7 +842,7 @@ def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_format_pydantic(err, origin)) from None
+        raise ParamsError(_format_pydantic(err, origin, raw)) from None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

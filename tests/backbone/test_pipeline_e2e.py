@@ -128,7 +128,7 @@ def test_bad_params_stop_before_any_work(project):
         p = _run([sys.executable, "-m", "flows.lm", "tiny-a"], root, env, check=False)
         assert p.returncode == 2
         assert p.stderr.strip().splitlines()[-1] == (
-            "error: params.yaml: models.tiny-a.arch.d_model = -4, expected a number >= 1"
+            "error: params.yaml: models.tiny-a.arch.d_model = -4, expected an integer ≥ 1"
         )
         assert sorted(p.name for p in (root / "data").rglob("*")) == before
     finally:
