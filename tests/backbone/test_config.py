@@ -105,6 +105,17 @@ def test_model_listed_twice_is_refused(tmp_path, tiny):
         load_params(f)
 
 
+def test_exponent_floats_are_numbers_as_in_yaml_1_2(tmp_path, tiny):
+    # PyYAML (YAML 1.1) alone reads `lr: 3e-4` as the string '3e-4', which strict
+    # validation would refuse with "expected a number"
+    text = yaml.safe_dump(tiny)
+    lr = tiny["models"]["tiny-a"]["train"]["lr"]
+    assert f"lr: {lr}\n" in text
+    f = tmp_path / "params.yaml"
+    f.write_text(text.replace(f"lr: {lr}\n", "lr: 3e-4\n", 1))
+    assert load_params(f).models["tiny-a"].train.lr == 3e-4
+
+
 def test_invalid_yaml_names_the_line(tmp_path):
     f = tmp_path / "params.yaml"
     f.write_text("corpus:\n  source: toy\n models: [\n")
