@@ -8,6 +8,9 @@ atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, r
 atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
                              (or, when PREFECT_API_URL / MLFLOW_TRACKING_URI point at a
                              running server, where that server's UI is)
+
+Each works on the project it is run in: the nearest folder at or above the working
+directory that has a dvc.yaml. `atlas run --help`, `atlas features --help`: their options.
 """
 
 from __future__ import annotations
@@ -17,8 +20,15 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
-from flows.common import DEFAULT_PREFECT_PORT, ROOT, prefect_server_up, setup_env
+from flows.common import (
+    DEFAULT_PREFECT_PORT,
+    NotAProjectError,
+    prefect_server_up,
+    project_root,
+    setup_env,
+)
 
 
 def _shared_server(which: str) -> tuple[str, str] | None:
@@ -43,6 +53,8 @@ def _ui(which: str, port: int | None) -> int:
             return 1
         print(f"{which} UI on {url} (the server {var} points at)")
         return 0
+    # a local server keeps its state in the project: .prefect/ (setup_env), ./mlflow.db
+    os.chdir(project_root())
     if which == "prefect":
         port = port or DEFAULT_PREFECT_PORT
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
@@ -54,42 +66,77 @@ def _ui(which: str, port: int | None) -> int:
         cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", tracking_uri()]  # fmt: skip
     print(f"{which} UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, cwd=ROOT, env=os.environ)
+    return subprocess.call(cmd, env=os.environ)
+
+
+def _provenance(run_id: str) -> int:
+    from stages.tracking import is_tracking_server, provenance, tracking_uri
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        os.chdir(project_root())  # the project's ./mlflow.db, where its stages log
+    uri = tracking_uri()
+    # Checked first because MLflow itself retries an absent server for over a minute,
+    # silently, and creates a missing sqlite store (12 s) just to find no run in it.
+    if is_tracking_server(uri) and not prefect_server_up(uri.rstrip("/"), timeout=3):
+        print(f"error: MLFLOW_TRACKING_URI points at {uri}, which does not answer; start "
+              "that server or unset MLFLOW_TRACKING_URI", file=sys.stderr)  # fmt: skip
+        return 1
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.exists():
+        print(f"error: no MLflow runs yet: {db} does not exist (`atlas run` creates it)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        print(json.dumps(provenance(run_id), indent=2))
+    except Exception as e:  # MLflow raises its own exception types
+        msg = str(e)
+        if getattr(e, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            msg = (f"no such run in {uri}; run ids are in the MLflow UI (`atlas ui mlflow`: "
+                   "each run's Overview, or the Run ID column)")  # fmt: skip
+        print(f"error: run {run_id!r}: {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="atlas", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
+    # run and features parse their own arguments (main hands them over): listed here only
+    sub.add_parser("run", help="dvc repro through Prefect, with an MLflow parent run")
+    sub.add_parser("features", help="which SAE features fire on each token of a text")
+    p = sub.add_parser("provenance", help="which data, code and params produced an MLflow run")
+    p.add_argument("run_id", help="an MLflow run id (`atlas ui mlflow` lists them)")
+    u = sub.add_parser("ui", help="start the Prefect or MLflow UI on 127.0.0.1")
+    u.add_argument("which", choices=["prefect", "mlflow"], help="which UI")
+    u.add_argument("--port", type=int, help="port (default: 4200 for prefect, 5000 for mlflow)")
+    return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="atlas", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    r = sub.add_parser("run", help="dvc repro through Prefect, with an MLflow parent run")
-    r.add_argument("args", nargs=argparse.REMAINDER)
-    p = sub.add_parser("provenance", help="what produced an MLflow run")
-    p.add_argument("run_id")
-    u = sub.add_parser("ui", help="start the Prefect or MLflow UI on 127.0.0.1")
-    u.add_argument("which", choices=["prefect", "mlflow"])
-    u.add_argument("--port", type=int)
-    f = sub.add_parser("features", help="which SAE features fire on each token of a text",
-                       add_help=False)  # fmt: skip
-    f.add_argument("args", nargs=argparse.REMAINDER)
-    a = ap.parse_args(argv)
-    if a.cmd == "features":
-        from flows.features import main as features
-
-        return features(a.args)
-    if a.cmd == "run":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # `run` passes dvc repro's flags (-f, --dry) and `features` takes options before its
+    # text: both get everything after their name, unseen by the parser here.
+    if argv[:1] == ["run"]:
         from flows.pipeline import main as run_pipeline
 
-        return run_pipeline(a.args)
-    if a.cmd == "ui":
-        return _ui(a.which, a.port)
-    from stages.tracking import provenance
+        return run_pipeline(argv[1:])
+    if argv[:1] == ["features"]:
+        from flows.features import main as features
 
+        return features(argv[1:], prog="atlas features")
+    ap = _parser()
+    a = ap.parse_args(argv)
     try:
-        print(json.dumps(provenance(a.run_id), indent=2))
-    except Exception as e:  # MLflow raises its own exception types
-        print(f"error: run {a.run_id!r}: {e}", file=sys.stderr)
-        return 1
-    return 0
+        if a.cmd == "ui":
+            return _ui(a.which, a.port)
+        if a.cmd == "provenance":
+            return _provenance(a.run_id)
+    except NotAProjectError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ap.print_help(sys.stderr)  # bare `atlas`
+    return 2
 
 
 if __name__ == "__main__":

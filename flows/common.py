@@ -5,6 +5,9 @@ stage uses, in order: `PREFECT_API_URL` if set; a server already answering on
 127.0.0.1:4200 (`atlas ui prefect`, or the one `flows.pipeline` starts for a whole
 run); otherwise Prefect's temporary server. All of them share one database under
 `.prefect/`, so every flow run shows in the Prefect UI afterwards.
+
+Commands work on the project they are run in (`project_root()`), not on the checkout
+this code was installed from: one virtual environment serves every clone.
 """
 
 from __future__ import annotations
@@ -17,14 +20,37 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+# The checkout this code is in (tests run from it). Not the project a command works on:
+# with an editable install that is always the first clone. See project_root().
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PREFECT_PORT = 4200
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError, IndexError)
 
 
+class NotAProjectError(FileNotFoundError):
+    """The command runs outside a Feature Atlas project (no dvc.yaml found)."""
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The Feature Atlas project a command works on: the nearest folder at or above
+    `start` (default: the working directory) that has a dvc.yaml, as `dvc` finds it."""
+    start = (start or Path.cwd()).resolve()
+    for folder in (start, *start.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    raise NotAProjectError(
+        f"{start}: no dvc.yaml there or in any folder above it; atlas must run inside a "
+        "Feature Atlas checkout (the folder with dvc.yaml and params.yaml, or below it)"
+    )
+
+
 def setup_env() -> None:
     """Environment for Prefect and MLflow; must run before either is imported."""
-    os.environ.setdefault("PREFECT_HOME", str(ROOT / ".prefect"))
+    try:
+        home = project_root() / ".prefect"
+    except NotAProjectError:  # the command that needs a project says so
+        home = Path.cwd() / ".prefect"
+    os.environ.setdefault("PREFECT_HOME", str(home))
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "false")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -41,6 +67,7 @@ def setup_env() -> None:
 
 
 def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:
+    """True when `<api_url>/health` answers 200: a Prefect API, or an `mlflow server`."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
             return r.status == 200
@@ -131,6 +158,25 @@ def transient_only(task, task_run, state) -> bool:
     return False
 
 
+class _QuietUserErrors(logging.Filter):
+    """Drops the traceback Prefect logs with a failed flow or task run whose exception
+    is a user error: main() ends those with one `error:` line, which a 20-70 line
+    traceback above it only buries. Other exceptions are bugs and keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], USER_ERRORS):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_user_errors() -> None:
+    """Install _QuietUserErrors where Prefect logs failed runs (once per process)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QuietUserErrors) for f in logger.filters):
+            logger.addFilter(_QuietUserErrors())
+
+
 def main(run: Callable[[], object], stage: str) -> None:
     """Entry point of `python -m flows.<stage>`: validated params, then the flow.
 
@@ -151,6 +197,7 @@ def main(run: Callable[[], object], stage: str) -> None:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     setup_env()
+    quiet_user_errors()
     t0 = time.perf_counter()
     try:
         run()

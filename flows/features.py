@@ -1,13 +1,14 @@
 """Which features fire here? Token by token, the top active SAE latents of a text.
 
-    python -m flows.features "Mia counts the carp: six, seven" --model toy-a \\
+    atlas features "Mia counts the carp: six, seven" --model toy-a \\
         --hook blocks.1.hook_resid_post [--sae topk-1024-k8] [--k 5]
 
-Loads the model (`data/models/<model>`), the SAE (`data/saes/<model>/<hook>/<sae>`) and
-its dashboard data (`reports/dashboards/<model>/<hook>/<sae>/dashboard_data.json`, for
-the descriptions), runs the text up to the hook and prints a table. Without `--sae` it
-takes the report's default dashboard SAE (the TopK SAE with the smallest k), or else
-another SAE the report built dashboards for. A plain CLI, no Prefect;
+(or `python -m flows.features ...`), in a project or any folder below it. Loads the
+model (`data/models/<model>`), the SAE (`data/saes/<model>/<hook>/<sae>`) and its
+dashboard data (`reports/dashboards/<model>/<hook>/<sae>/dashboard_data.json`, for the
+descriptions), runs the text up to the hook and prints a table. Without `--sae` it takes
+the report's default dashboard SAE (the TopK SAE with the smallest k), or else another
+SAE the report built dashboards for. A plain CLI, no Prefect;
 `stages.report.features_of_text` is the same thing from Python.
 """
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+from flows.common import project_root
 
 
 def resolve_sae(data: Path, reports: Path, model: str, hook: str, sae: str | None) -> Path:
@@ -26,7 +29,11 @@ def resolve_sae(data: Path, reports: Path, model: str, hook: str, sae: str | Non
         raise FileNotFoundError(
             f"{hook_dir}: missing; expected the saes stage's output for model {model!r} at hook "
             f"{hook!r}"
-            + (f" (hooks with SAEs: {', '.join(have)})" if have else " (run `dvc repro saes`)")
+            + (
+                f" (hooks with SAEs: {', '.join(have)})"
+                if have
+                else f" (run `dvc repro saes@{model}`)"
+            )
         )
     if sae is not None:
         folder = hook_dir / sae
@@ -50,9 +57,31 @@ def resolve_sae(data: Path, reports: Path, model: str, hook: str, sae: str | Non
     return hook_dir / built[0]
 
 
-def main(argv: list[str] | None = None) -> int:
+def missing_model(model_dir: Path, model: str) -> FileNotFoundError:
+    """Why the model's outputs are missing, from params.yaml when there is one: a model
+    it does not define can never be built, one it does needs `dvc repro saes@<model>`
+    (which builds the model, its activations and the SAEs this command needs)."""
+    from stages.config import ParamsError, load_params
+
+    try:
+        params = project_root() / "params.yaml"
+        models = sorted(load_params(params).models)
+    except (FileNotFoundError, ParamsError):  # no project or bad params: say what we can
+        models = None
+    if models is not None and model not in models:
+        return FileNotFoundError(
+            f"model {model!r} is not in {params} (models there: {', '.join(models)}); "
+            f"--model must name one of them ({model_dir}: missing)"
+        )
+    return FileNotFoundError(
+        f"{model_dir}: missing; expected the lm stage's output for model {model!r} "
+        f"(run `dvc repro saes@{model}`: this command needs the model's SAEs too)"
+    )
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m flows.features") -> int:
     ap = argparse.ArgumentParser(
-        prog="python -m flows.features",
+        prog=prog,
         description="Print, token by token, the top active SAE features of a text.",
     )
     ap.add_argument("text", help="the text to analyse")
@@ -62,20 +91,21 @@ def main(argv: list[str] | None = None) -> int:
         "--sae", help="SAE name under data/saes/<model>/<hook>/ (default: the dashboarded one)"
     )
     ap.add_argument("--k", type=int, default=5, help="features per token (default 5)")
-    ap.add_argument("--data", type=Path, default=Path("data"), help="pipeline data folder")
-    ap.add_argument("--reports", type=Path, default=Path("reports"), help="report folder")
+    ap.add_argument("--data", type=Path, help="pipeline data folder (default: the project's data/)")
+    ap.add_argument("--reports", type=Path, help="report folder (default: the project's reports/)")
     args = ap.parse_args(argv)
     try:
+        if args.data is None or args.reports is None:
+            root = project_root()
+            args.data = args.data or root / "data"
+            args.reports = args.reports or root / "reports"
         from stages.models import load_model
         from stages.report import features_of_text, format_token_features, load_dashboard_data
         from stages.sae import load_sae
 
         model_dir = args.data / "models" / args.model
         if not (model_dir / "config.json").exists():
-            raise FileNotFoundError(
-                f"{model_dir}: missing; expected the lm stage's output for model {args.model!r} "
-                "(run `dvc repro lm`)"
-            )
+            raise missing_model(model_dir, args.model)
         folder = resolve_sae(args.data, args.reports, args.model, args.hook, args.sae)
         dash_path = (
             args.reports

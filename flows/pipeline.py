@@ -4,6 +4,9 @@
     python -m flows.pipeline lm@toy-a -f     # targets and `dvc repro` flags pass through
     python -m flows.pipeline serve           # a deployment the Prefect UI can trigger
 
+It runs `dvc repro` in the project the command is started in (the nearest folder with a
+dvc.yaml at or above the working directory), and says which.
+
 What it adds to a plain `dvc repro`:
 - one Prefect server for the whole run (started on 127.0.0.1 if none answers, stopped
   afterwards), so each stage's flow costs ~1 s instead of ~10 s of server start-up;
@@ -21,11 +24,20 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flows.common import DEFAULT_PREFECT_PORT, ROOT, prefect_server_up, setup_env
+from flows.common import DEFAULT_PREFECT_PORT, prefect_server_up, project_root, setup_env
 
 setup_env()
 
 from prefect import flow, get_run_logger  # noqa: E402
+from prefect.exceptions import FailedRun  # noqa: E402
+from prefect.states import Failed, State  # noqa: E402
+
+USAGE = """usage: atlas run [dvc repro args]   (or: python -m flows.pipeline [dvc repro args])
+
+`dvc repro` of this project through Prefect, with one MLflow parent run. Targets and
+flags pass to `dvc repro` unchanged (e.g. `atlas run lm@toy-a -f`, `atlas run --dry`);
+see `dvc repro --help` for them. `atlas run serve`: a deployment the Prefect UI can
+trigger (needs `atlas ui prefect` running)."""
 
 
 @contextlib.contextmanager
@@ -61,8 +73,9 @@ def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
 
 
 @flow(name="pipeline", log_prints=True)
-def pipeline(args: list[str] | None = None) -> int:
-    """`dvc repro <args>` with a parent MLflow run; returns DVC's exit code."""
+def pipeline(args: list[str] | None = None) -> int | State:
+    """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
+    or a Failed state naming DVC's exit code."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
     from stages.tracking import EXPERIMENT, _mlflow, git_commit
 
@@ -86,7 +99,7 @@ def pipeline(args: list[str] | None = None) -> int:
     cmd = [sys.executable, "-m", "dvc", "repro", *(args or [])]
     logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -99,7 +112,9 @@ def pipeline(args: list[str] | None = None) -> int:
     client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
     client.set_terminated(run_id, status)
     if code:
-        raise RuntimeError(f"dvc repro exited with {code}")
+        # DVC has printed why. A failed state rather than an exception: the run still
+        # shows as failed in Prefect, without a traceback that buries DVC's message.
+        return Failed(message=f"dvc repro exited with {code}")
     return code
 
 
@@ -116,6 +131,17 @@ def _drain_prefect() -> None:
 
 
 def main(argv: list[str]) -> int:
+    if {"-h", "--help"} & set(argv):  # not worth a Prefect server and an MLflow run
+        print(USAGE)
+        return 0
+    try:
+        root = project_root()
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # The project's folder for everything: dvc repro (which runs the stages there), the
+    # MLflow store (./mlflow.db) and the git commit the parent run records.
+    os.chdir(root)
     if argv[:1] == ["serve"]:
         if not os.environ.get("PREFECT_API_URL"):
             print("error: serve needs a running Prefect server: start `atlas ui prefect` first",
@@ -127,11 +153,12 @@ def main(argv: list[str]) -> int:
         return 0
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    print(f"atlas run: dvc repro in {root}", flush=True)
     # Prefect read its settings at import; point this process at the server too.
     with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
         try:
             pipeline(argv)
-        except RuntimeError as e:
+        except (FailedRun, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
         finally:
