@@ -110,6 +110,7 @@ def write_alignment(result: AlignmentResult, out_dir: Path) -> Path:
             "model_a": result.model_a,
             "model_b": result.model_b,
             "n_tokens": result.n_tokens,
+            "n_heldout_tokens": result.n_heldout_tokens,
             "token_rule": result.token_rule,
             "config": dataclasses.asdict(result.config) if result.config else None,
             "sae_pairs": [p.key for p in result.pairs],

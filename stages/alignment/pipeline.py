@@ -111,6 +111,7 @@ class AlignmentResult:
     model_a: str
     model_b: str
     n_tokens: int
+    n_heldout_tokens: int  # of n_tokens, those in A's held-out split (select_rows tops up)
     token_rule: str
     grid: dict[str, LayerSimilarity]  # metric -> A hooks × B hooks
     hook_pairs: dict[str, dict[str, PermutationTest]]  # "ha~hb" or "h" -> metric -> test
@@ -121,7 +122,8 @@ class AlignmentResult:
 
     @property
     def scores(self) -> dict[str, float]:
-        out: dict[str, float] = {"n_tokens": float(self.n_tokens)}
+        out: dict[str, float] = {"n_tokens": float(self.n_tokens),
+                                 "n_heldout_tokens": float(self.n_heldout_tokens)}  # fmt: skip
         for name, tests in self.hook_pairs.items():
             for metric, test in tests.items():
                 out[f"{metric}/{name}"] = test.statistic
@@ -621,6 +623,8 @@ def align_pair(
     timings: dict[str, float] = {}
     alignment: TokenAlignment = align_tokens(store_a, store_b)
     chosen = select_rows(alignment, store_a, cfg.split, cfg.max_tokens)
+    lo, hi = store_a.split_range("heldout")
+    n_heldout = int(((chosen.rows_a >= lo) & (chosen.rows_a < hi)).sum())
     timings["align_tokens"] = time.perf_counter() - t0
 
     hook_pairs = _hook_pairs(cfg, store_a, store_b)
@@ -676,10 +680,10 @@ def align_pair(
     result = AlignmentResult(
         str(store_a.attrs.get("model", store_a.path.name)),
         str(store_b.attrs.get("model", store_b.path.name)),
-        len(chosen), chosen.rule, grid, by_pair, pairs, splitting, timings, cfg,
+        len(chosen), n_heldout, chosen.rule, grid, by_pair, pairs, splitting, timings, cfg,
     )  # fmt: skip
-    log.info("aligned %s vs %s on %d tokens in %.1f s", result.model_a, result.model_b,
-             len(chosen), timings["total"])  # fmt: skip
+    log.info("aligned %s vs %s on %d tokens (%d held out) in %.1f s", result.model_a,
+             result.model_b, len(chosen), n_heldout, timings["total"])  # fmt: skip
     return result
 
 

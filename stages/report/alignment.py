@@ -180,7 +180,8 @@ def section(
         parts.append(f"<h3>{e(pair.model_a)} vs {e(pair.model_b)}</h3>")
         parts.append(
             f"<p class='muted'>{fmt(pair.meta.get('n_tokens'))} paired tokens "
-            f"({e(pair.meta.get('token_rule', ''))}); from <code>{e(pair.path)}</code>.</p>"
+            f"({e(pair.meta.get('token_rule', ''))}{_heldout_share(pair.meta)}); from "
+            f"<code>{e(pair.path)}</code>.</p>"
         )
         rows = []
         for key in pair.meta.get("sae_pairs", []):
@@ -354,3 +355,12 @@ def _ground_truth_table(pair: AlignedPair, gt: dict[str, dict], pages: dict) -> 
         "the number is their correlation on paired tokens; latent ids link to dashboards.</p>"
         + table(["concept", *[f"<code>{e(k.split('/', 1)[1])}</code>" for k in keys]], rows)
     )
+
+
+def _heldout_share(meta: dict) -> str:
+    """', 18 % from the held-out split': how many of the tokens neither model nor SAE
+    trained on (alignment tops a small held-out split up with training tokens)."""
+    n, held = meta.get("n_tokens"), meta.get("n_heldout_tokens")
+    if not n or held is None:  # outputs written before this was recorded
+        return ""
+    return f", {100 * held / n:.0f} % from the held-out split"

@@ -75,6 +75,8 @@ def test_permuted_rotated_copy_is_matched_back(setup):
     store_a, store_b, saes_a, saes_b, perm, _ = setup
     result = align_pair(store_a, store_b, saes_a, saes_b, CFG, progress=False)
     assert result.token_rule == "identical" and result.n_tokens == N
+    # the 600 held-out rows, topped up with the last 2400 training rows (select_rows)
+    assert result.n_heldout_tokens == result.scores["n_heldout_tokens"] == 600
     (pair,) = result.pairs
     inverse = np.argsort(perm)  # A's latent i is B's latent inverse[i]
     assert pair.scores["dead_a"] == 0

@@ -137,6 +137,9 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
         "linear_cka_layers.png", "mutual_knn_layers.png", "null.png", "transfer.png"]  # fmt: skip
     html = report.index.read_text()
     assert "Concept ground truth across models" in html
+    meta = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "meta.json").read_text())
+    share = 100 * meta["n_heldout_tokens"] / meta["n_tokens"]
+    assert 0 < share < 100 and f", {share:.0f} % from the held-out split)" in html
     # the steering-vector transfer test, with its numbers from transfer.json
     assert "Steering-vector transfer (tiny-a → tiny-b)" in html
     row = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "transfer.json").read_text())
