@@ -34,7 +34,7 @@ def load(name: str, hooks: list[str]):
     from stages.models import load_model
 
     model = load_model(Path("data/models") / name)
-    check_hooks(model, hooks, f"activations.hooks.{name}")  # before any work
+    check_hooks(model, hooks, f"params.yaml: activations.hooks.{name}")  # before any work
     return model
 
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
@@ -291,12 +292,14 @@ def stop_layer(model: HookedTransformer, hooks: list[str]) -> int | None:
 
 
 def check_hooks(model: HookedTransformer, hooks: list[str], where: str) -> None:
+    """Every hook is one of the model's; `where` names the list in the error (callers
+    reading params pass 'params.yaml: <key>')."""
     for i, h in enumerate(hooks):
         if h not in model.hook_dict:
-            near = sorted(k for k in model.hook_dict if k.split(".")[-1] == h.split(".")[-1])[:4]
+            near = difflib.get_close_matches(h, list(model.hook_dict), n=3, cutoff=0.6)
             raise ValueError(
-                f"params.yaml: {where}[{i}] = {h!r}, expected a hook of this model"
-                + (f" (e.g. {', '.join(near)})" if near else "")
+                f"{where}[{i}] = {h!r}, expected a hook of this model"
+                + (f" (did you mean {', '.join(near)}?)" if near else " (see model.hook_dict)")
             )
 
 
@@ -401,6 +404,12 @@ def prepare_cache(
     out = Path(out)
     dtype = np.dtype(params.dtype)
     seq_len = inputs.train.tokens.shape[1]
+    for split, w in (("train", inputs.train), ("heldout", inputs.heldout)):
+        if w.tokens.shape[1] != params.seq_len:  # the store's attrs would disagree with its rows
+            raise ValueError(
+                f"{split} windows have {w.tokens.shape[1]} tokens, expected "
+                f"activations.store.seq_len = {params.seq_len} (make them with that seq_len)"
+            )
     body = seq_len - 1
     n_train_rows = inputs.train.n * body
     n_rows = n_train_rows + inputs.heldout.n * body

@@ -209,3 +209,17 @@ def test_bf16_cache_is_close_marked_and_never_mixed_with_fp32(tmp_path):
     assert p16.todo() == list(range(p16.n_shards))  # the fp32 partial was not resumed
     with pytest.raises(ValueError, match="a fp32 forward for a store prepared as bf16"):
         cache_shards(model, p16, [0], device=Device("cpu"))
+
+
+def test_windows_of_another_length_and_unknown_hooks_are_refused(tmp_path):
+    from stages.activations import check_hooks, prepare_cache
+    from stages.config import StoreParams
+
+    model, inputs = _cache_script.tiny_setup()  # 16-token windows
+    with pytest.raises(ValueError, match=r"train windows have 16 tokens, expected "
+                       r"activations\.store\.seq_len = 32"):  # fmt: skip
+        prepare_cache(model, "tiny", HOOKS, inputs, StoreParams(seq_len=32), tmp_path / "x")
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+    with pytest.raises(ValueError, match=r"^steering\.hooks\[1\] = 'blocks\.1\.resid_post', "
+                       r"expected a hook of this model \(did you mean blocks\.1\.hook_resid_post"):  # fmt: skip
+        check_hooks(model, [HOOKS[0], "blocks.1.resid_post"], "steering.hooks")
