@@ -3,7 +3,9 @@
 A *source* is anything with `n_rows`, `d_in`, `chunk_rows` (the read granularity, e.g. a
 zarr chunk) and `read(start, stop) -> np.ndarray [stop - start, d_in]` (float16/32); an
 optional `name` is used in error messages. The activation store provides one per hook;
-`ArraySource` and `ZarrSource` here cover in-memory arrays and plain zarr arrays.
+`ArraySource` and `ZarrSource` here cover in-memory arrays and plain zarr arrays; the
+public entry points (`train_saes`, `evaluate_*`) also take a bare 2-D numpy array or torch
+tensor, which `as_source` wraps in an `ArraySource`.
 
 `ShuffleLoader` never reads single rows: each epoch visits the chunks in a seeded random
 order, reads `buffer_chunks` whole chunks at a time into memory, shuffles those rows and
@@ -32,8 +34,47 @@ class ActivationSource(Protocol):
     def read(self, start: int, stop: int) -> np.ndarray: ...
 
 
+# what the public entry points accept: a source, or a bare [n_rows, d_in] array / tensor
+SourceLike = ActivationSource | np.ndarray | torch.Tensor
+
+
 def source_name(source: ActivationSource) -> str:
     return str(getattr(source, "name", None) or type(source).__name__)
+
+
+def as_source(data: SourceLike, what: str = "source") -> ActivationSource:
+    """`data` as a source: a source as it is, a 2-D numpy array or torch tensor wrapped in
+    an `ArraySource`; anything else is a TypeError naming `what` was expected."""
+    if isinstance(data, torch.Tensor):
+        t = data.detach().cpu()
+        data = (t.float() if t.dtype == torch.bfloat16 else t).numpy()  # numpy has no bf16
+    if isinstance(data, np.ndarray):
+        return ArraySource(data)
+    if isinstance(data, ActivationSource):
+        return data
+    raise TypeError(
+        f"{what}: got {type(data).__name__}, expected an ActivationSource (n_rows, d_in, "
+        "chunk_rows, read(start, stop)), e.g. ArraySource(x), or a 2-D array / tensor"
+    )
+
+
+def data_fingerprint(source: ActivationSource, n: int = 64) -> dict[str, object]:
+    """What a checkpoint records of the data it was trained on: the source's name, shape
+    and a SHA-256 of its first and last `n` rows as float32 (what training sees), so that
+    re-cached activations, another hook or another array are told apart by two reads."""
+    import hashlib
+
+    h = hashlib.sha256()
+    n = min(n, source.n_rows)
+    for start in (0, source.n_rows - n):
+        block = read_checked(source, start, start + n)
+        h.update(np.ascontiguousarray(block, dtype=np.float32).tobytes())
+    return {
+        "name": source_name(source),
+        "n_rows": int(source.n_rows),
+        "d_in": int(source.d_in),
+        "rows_sha256": h.hexdigest(),
+    }
 
 
 class NonFiniteActivationsError(ValueError):
@@ -96,7 +137,8 @@ class ZarrSource:
 class SliceSource:
     """Rows [start, stop) of another source (e.g. the train or held-out split)."""
 
-    def __init__(self, source: ActivationSource, start: int, stop: int) -> None:
+    def __init__(self, source: SourceLike, start: int, stop: int) -> None:
+        source = as_source(source, "SliceSource")
         if not 0 <= start < stop <= source.n_rows:
             raise ValueError(
                 f"{source_name(source)}: slice [{start}, {stop}) outside [0, {source.n_rows})"

@@ -12,6 +12,8 @@ ground-truth concept labels. Formulas live in `metrics.py`; this file only strea
 - `evaluate_ground_truth(sae, source, labels, names)`: per concept the best single
   latent by F1 (latent fires = act > 0), its F1 and AUROC; summary mean best-F1.
 - `evaluate_sae(...)` runs whichever apply and returns the `metrics.json` content.
+
+A source may be an `ActivationSource` or a bare 2-D numpy array / torch tensor.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import Tensor
 from stages.compute import CPU, Device, on_device
 from stages.sae import metrics as M
 from stages.sae.base import BaseSAE
-from stages.sae.data import ActivationSource, iter_rows, source_name
+from stages.sae.data import SourceLike, as_source, iter_rows, source_name
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -48,13 +50,14 @@ def _check_width(sae: BaseSAE, d: int, what: str) -> None:
 @torch.no_grad()
 def evaluate_reconstruction(
     sae: BaseSAE,
-    source: ActivationSource,
+    source: SourceLike,
     *,
     batch_size: int = 4096,
     max_rows: int | None = None,
     device: Device = CPU,
 ) -> tuple[dict[str, Any], Tensor]:
     """Reconstruction and sparsity metrics over `source` (the held-out split)."""
+    source = as_source(source, "evaluate_reconstruction: source")
     _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
     sae.eval()
     stats = M.ReconstructionStats(sae.d_in, sae.d_sae, device.torch)
@@ -154,7 +157,7 @@ def ce_full(logits: Tensor, target: Tensor) -> Tensor:
 @torch.no_grad()
 def evaluate_ground_truth(
     sae: BaseSAE,
-    source: ActivationSource,
+    source: SourceLike,
     labels: Tensor | np.ndarray,
     concept_names: Sequence[str],
     *,
@@ -162,6 +165,7 @@ def evaluate_ground_truth(
     device: Device = CPU,
 ) -> dict[str, Any]:
     """Best single latent per concept by F1, with its AUROC; labels [n_rows, n_concepts]."""
+    source = as_source(source, "evaluate_ground_truth: source")
     lab = torch.as_tensor(np.asarray(labels)).bool()
     if lab.ndim != 2 or lab.shape[0] != source.n_rows or lab.shape[1] != len(concept_names):
         raise ValueError(
@@ -209,7 +213,7 @@ def evaluate_ground_truth(
 
 def evaluate_sae(
     sae: BaseSAE,
-    eval_source: ActivationSource,
+    eval_source: SourceLike,
     *,
     model: HookedTransformer | None = None,
     hook_name: str | None = None,
@@ -225,7 +229,8 @@ def evaluate_sae(
     and tokens are given; ground truth when labels and concept_names are given.
 
     On `device`, always in float32 whatever its precision: these are the numbers SAEs
-    are compared by."""
+    are compared by. `eval_source` may also be a 2-D numpy array or torch tensor."""
+    eval_source = as_source(eval_source, "evaluate_sae: eval_source")
     device = Device(device.spec, "fp32")
     metrics, log_density = evaluate_reconstruction(
         sae, eval_source, batch_size=batch_size, max_rows=max_rows, device=device

@@ -86,9 +86,10 @@ def log10_density_histogram(
 
 def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     """(CE_zero − CE_sae) / (CE_zero − CE_clean): 1 = as good as the model, 0 = as bad
-    as zero-ablating the hook."""
+    as zero-ablating the hook. NaN when zero-ablation does not hurt (CE_zero ≤ CE_clean,
+    e.g. an untrained model): there is then no loss to recover and the ratio means nothing."""
     denom = ce_zero - ce_clean
-    return float("nan") if denom == 0 else (ce_zero - ce_sae) / denom
+    return (ce_zero - ce_sae) / denom if denom > 0 else float("nan")
 
 
 def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:

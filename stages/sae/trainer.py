@@ -11,7 +11,10 @@ What happens, in order:
    decay, sparsity-coefficient warm-up, gradient clipping, decoder re-normalisation and
    dead-latent tracking (tokens since each latent last fired);
 4. checkpoints (safetensors + json) every `checkpoint_every` steps; with `resume=True` a
-   run restarts from its checkpoint and ends with the same weights as an uninterrupted run;
+   run restarts from its checkpoint and ends with the same weights as an uninterrupted run.
+   A checkpoint records the config and a fingerprint of the data (`data_fingerprint`:
+   name, shape, a hash of the first and last rows); resuming one written for another
+   config or other data is an error, never a silent return of the old SAE;
 5. at the end the scale is folded into the weights, so the returned SAEs act on raw
    activations.
 A non-finite loss stops that SAE (the others finish), keeps its last good checkpoint and
@@ -24,6 +27,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +41,15 @@ from stages.io import load_safetensors
 from stages.sae import build_sae, parse_sae_config
 from stages.sae.base import BaseSAE
 from stages.sae.config import SAEConfig
-from stages.sae.data import ActivationSource, ShuffleLoader, sample_rows, source_name
+from stages.sae.data import (
+    ActivationSource,
+    ShuffleLoader,
+    SourceLike,
+    as_source,
+    data_fingerprint,
+    sample_rows,
+    source_name,
+)
 
 CHECKPOINT_VERSION = 1
 
@@ -92,8 +104,15 @@ def init_b_dec(x: torch.Tensor, method: str) -> torch.Tensor:
 class _Run:
     """One SAE being trained: model, optimiser, counters, checkpoint paths."""
 
-    def __init__(self, cfg: SAEConfig, checkpoint_dir: Path | None, dev: Device = CPU) -> None:
+    def __init__(
+        self,
+        cfg: SAEConfig,
+        checkpoint_dir: Path | None,
+        dev: Device = CPU,
+        data_fp: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg = cfg
+        self.data_fp = data_fp  # what the checkpoint records of the training data
         self.name = cfg.display_name
         self.dev = dev
         self.sae = build_sae(cfg).to(dev.torch)  # initialised on the CPU: same on any device
@@ -143,6 +162,7 @@ class _Run:
             "step": self.step,
             "input_scale": scale,
             "config": self.cfg.model_dump(mode="json"),
+            "data": self.data_fp,
             "recent": self.recent,
             "history": self.history,
         }
@@ -178,6 +198,7 @@ class _Run:
                 f"{self.ckpt}: checkpoint was written for a different config of SAE "
                 f"'{self.name}' (key: (checkpoint, now) = {diff}); delete it or restore the config"
             )
+        self._check_data(meta.get("data"))
         tensors = load_safetensors(self.ckpt / "state.safetensors", "SAE checkpoint")
         self.sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -202,6 +223,34 @@ class _Run:
         self.history = list(meta.get("history", []))
         self.last_good = (self.ckpt, self.step)
         return float(meta["input_scale"])
+
+    def _check_data(self, theirs: dict[str, Any] | None) -> None:
+        """Refuse a checkpoint written for other data; one from before data fingerprints
+        (no "data" key) resumes as it always did, with a warning."""
+        if theirs is None:
+            warnings.warn(
+                f"{self.ckpt}: checkpoint of SAE '{self.name}' records no data fingerprint "
+                "(written by an older version); resuming without checking that it was "
+                "trained on this data",
+                stacklevel=2,
+            )
+            return
+        mine = self.data_fp or {}
+        # the name is reported, not compared: the same rows under another name (a moved
+        # store, an ArraySource named differently) are the same training data
+        diff = {
+            k: (theirs.get(k), mine.get(k))
+            for k in ("n_rows", "d_in", "rows_sha256")
+            if theirs.get(k) != mine.get(k)
+        }
+        if diff:
+            raise ValueError(
+                f"{self.ckpt}: checkpoint of SAE '{self.name}' was written for other data: "
+                f"activation array '{theirs.get('name')}', now '{mine.get('name')}' "
+                f"(key: (checkpoint, now) = {diff}). Delete {self.ckpt.parent} or pass "
+                "resume=False to train from scratch on this data, or pass the data it was "
+                "trained on to resume it"
+            )
 
     # ---- one optimisation step ----------------------------------------------------------
     def train_step(self, x: torch.Tensor) -> None:
@@ -252,7 +301,7 @@ class _Run:
 
 
 def train_saes(
-    source: ActivationSource,
+    source: SourceLike,
     configs: list[SAEConfig | dict[str, Any]],
     *,
     checkpoint_dir: str | Path | None = None,
@@ -270,7 +319,9 @@ def train_saes(
     interruption would); the returned results then hold the partially trained SAEs.
     `device` (`stages.compute.Device`) is where the SAEs train and at what precision; the
     returned SAEs are on the CPU either way, checkpoints too (resumable on any device).
+    `source` may also be a 2-D numpy array or torch tensor [n_rows, d_in].
     """
+    source = as_source(source, "train_saes: source")
     d_in, name = source.d_in, f"activation array '{source_name(source)}'"
     cfgs = [parse_sae_config(c).with_d_in(d_in, name) for c in configs]
     names = [c.display_name for c in cfgs]
@@ -278,6 +329,7 @@ def train_saes(
     if dupes:
         raise ValueError(f"SAE configs share the name(s) {dupes}; give each a distinct 'name'")
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    data_fp = data_fingerprint(source) if ckpt_dir is not None else None
     groups: dict[tuple[int, int], list[SAEConfig]] = {}
     for c in cfgs:
         groups.setdefault((c.batch_size, c.seed), []).append(c)
@@ -286,7 +338,7 @@ def train_saes(
     for (batch_size, seed), group in groups.items():
         res, div = _train_group(
             source, group, batch_size, seed, ckpt_dir, checkpoint_every, resume,
-            buffer_rows, n_norm_rows, progress, stop_after_steps, device,
+            buffer_rows, n_norm_rows, progress, stop_after_steps, device, data_fp,
         )  # fmt: skip
         results.update({r.name: r for r in res})
         diverged += div
@@ -308,9 +360,10 @@ def _train_group(
     progress: bool,
     stop_after_steps: int | None,
     dev: Device,
+    data_fp: dict[str, Any] | None,
 ) -> tuple[list[TrainResult], list[str]]:
     t0 = time.perf_counter()
-    runs = [_Run(c, ckpt_dir, dev) for c in cfgs]
+    runs = [_Run(c, ckpt_dir, dev, data_fp) for c in cfgs]
     scales = [r.try_resume() if resume else None for r in runs]
 
     sample = torch.from_numpy(sample_rows(source, n_norm_rows, seed))

@@ -74,6 +74,14 @@ def test_ce_recovered_closed_form():
     assert M.ce_loss_recovered(2.0, 2.0, 5.0) == 1.0
     assert M.ce_loss_recovered(2.0, 5.0, 5.0) == 0.0
     assert M.ce_loss_recovered(2.0, 3.5, 5.0) == 0.5
+    assert M.ce_loss_recovered(2.0, 6.0, 5.0) == pytest.approx(-1 / 3)  # worse than ablation
+
+
+def test_ce_recovered_is_nan_when_zero_ablation_does_not_hurt():
+    # CE_zero ≤ CE_clean (an untrained model): no loss to recover, the ratio means nothing
+    assert math.isnan(M.ce_loss_recovered(4.03, 4.08, 3.96))  # would read 1.71
+    assert math.isnan(M.ce_loss_recovered(4.03, 4.03, 3.96))  # would read 1.0
+    assert math.isnan(M.ce_loss_recovered(2.0, 2.0, 2.0))
 
 
 def test_kl():

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -5,7 +6,7 @@ import pytest
 import torch
 import zarr
 
-from stages.sae import ArraySource, ZarrSource, train_saes
+from stages.sae import ArraySource, SliceSource, ZarrSource, train_saes
 from stages.sae.data import NonFiniteActivationsError, ShuffleLoader
 from stages.sae.synthetic import SyntheticFeatures
 from stages.sae.trainer import TrainingDivergedError, geometric_median
@@ -201,3 +202,91 @@ def test_geometric_median_resists_outliers():
     x = torch.randn(201, 3, generator=g) * 0.01
     x[:60] += 1000.0
     assert geometric_median(x).norm() < 1.0 < x.mean(0).norm()
+
+
+def test_resume_refuses_a_checkpoint_written_for_other_data(tmp_path):
+    """Re-running a notebook cell on re-cached activations or another hook must not hand
+    back the SAE trained on the old data (a finished checkpoint used to resume in 0 steps)."""
+    x = data()
+    (old,) = train_saes(ArraySource(x, 500), [cfg()], checkpoint_dir=tmp_path, progress=False)
+    folder = tmp_path / "topk-32-k3" / "checkpoint"
+    noise = np.random.default_rng(1).standard_normal(x.shape).astype(np.float32)
+    later = x.copy()
+    later[-1] += 1  # the first rows agree: the last ones are hashed too
+    for other in (noise, later, x[:5000]):
+        with pytest.raises(ValueError, match="written for other data") as e:
+            train_saes(
+                ArraySource(other, 500, name="acts"),
+                [cfg()],
+                checkpoint_dir=tmp_path,
+                progress=False,
+            )
+        msg = str(e.value)
+        assert str(folder) in msg and "'array', now 'acts'" in msg
+        assert "resume=False" in msg and f"Delete {folder.parent}" in msg
+    assert "'rows_sha256'" in msg and "'n_rows': (6000, 5000)" in msg
+    # an interrupted checkpoint is refused too
+    train_saes(
+        ArraySource(x, 500),
+        [cfg(name="p")],
+        checkpoint_dir=tmp_path,
+        stop_after_steps=5,
+        progress=False,
+    )
+    with pytest.raises(ValueError, match=r"p/checkpoint: checkpoint of SAE 'p' .*other data"):
+        train_saes(
+            ArraySource(noise, 500), [cfg(name="p")], checkpoint_dir=tmp_path, progress=False
+        )
+    # resume=False trains afresh on the new data, and the checkpoint is then theirs
+    (fresh,) = train_saes(
+        ArraySource(noise, 500), [cfg()], checkpoint_dir=tmp_path, resume=False, progress=False
+    )
+    assert_same(
+        weights(fresh), weights(train_saes(ArraySource(noise, 500), [cfg()], progress=False)[0])
+    )
+    assert not torch.equal(weights(fresh)["W_dec"], weights(old)["W_dec"])
+    (again,) = train_saes(
+        ArraySource(noise, 500, name="renamed"), [cfg()], checkpoint_dir=tmp_path, progress=False
+    )
+    assert_same(weights(again), weights(fresh))  # same rows under another name: resumed
+
+
+def test_checkpoint_without_data_fingerprint_still_resumes(tmp_path):
+    """Checkpoints written before data fingerprints resume as before (the pipeline guards
+    its own with fingerprint.json), with a warning that the data went unchecked."""
+    src = ArraySource(data(), chunk_rows=500)
+    full = weights(train_saes(src, [cfg()], progress=False)[0])
+    train_saes(
+        src,
+        [cfg()],
+        checkpoint_dir=tmp_path,
+        checkpoint_every=4,
+        stop_after_steps=10,
+        progress=False,
+    )
+    state = tmp_path / "topk-32-k3" / "checkpoint" / "state.json"
+    meta = json.loads(state.read_text())
+    assert meta["data"]["n_rows"] == 6000 and meta["data"]["d_in"] == D
+    del meta["data"]
+    state.write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="records no data fingerprint"):
+        (r,) = train_saes(src, [cfg()], checkpoint_dir=tmp_path, checkpoint_every=4, progress=False)
+    assert r.n_steps == 24
+    assert_same(full, weights(r))
+    assert json.loads(state.read_text())["data"]["n_rows"] == 6000  # rewritten with one
+
+
+def test_bare_arrays_and_tensors_are_taken_as_sources():
+    x = data()
+    want = weights(train_saes(ArraySource(x), [cfg()], progress=False)[0])
+    for bare in (x, torch.from_numpy(x)):
+        assert_same(want, weights(train_saes(bare, [cfg()], progress=False)[0]))
+    with pytest.raises(
+        TypeError,
+        match=r"train_saes: source: got list, expected an "
+        r"ActivationSource .*ArraySource\(x\)",
+    ):
+        train_saes(x.tolist(), [cfg()], progress=False)
+    with pytest.raises(TypeError, match="SliceSource: got dict"):
+        SliceSource({}, 0, 1)
+    assert SliceSource(x, 10, 20).read(0, 2).tolist() == x[10:12].tolist()
