@@ -18,7 +18,13 @@ Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
   progress) -> AlignmentResult`: token alignment, one streaming pass, matching and
   scores (`pipeline.py`; every knob is a field of `AlignConfig`, with defaults;
   `AlignConfig.from_params(mapping)` builds it from a params.yaml section);
-  `AlignmentResult.scores` is the flat dict of headline numbers.
+  `AlignmentResult.scores` is the flat dict of headline numbers (plain floats).
+  `saes_a` / `saes_b` map hook -> SAE name -> SAE, and SAEs are paired by name: on each
+  compared hook pair, A's SAE "x" is matched with B's SAE "x" (`cfg.sae_names` picks
+  which names; default the first shared one). To compare two SAEs of different names,
+  give them the same key, e.g. `{hook: {"s": sae_seed0}}` and `{hook: {"s": sae_seed1}}`.
+  A hook with SAEs on one side only is compared on raw activations; SAEs on both sides
+  with no name in common raise a ValueError.
 - `write_alignment(result, out_dir) -> Path` and `figures(result) -> dict[str, Figure]`
   (`outputs.py`, which documents the files).
 - `align_tokens(store_a, store_b) -> TokenAlignment`: which rows hold the same token
@@ -38,12 +44,20 @@ Three layers below them, each usable alone:
 - `matching` — turning scores into matches (max, Hungarian), null comparison, Jaccard
   of top tokens, Procrustes decoder matching, feature splitting.
 
-A typical pass over a cache, reading each chunk once::
+A typical pass over two caches of one tokenizer (row i of A and row i of B hold the same
+token; `align_tokens` pairs the rows otherwise), reading each chunk once::
 
-    acts_a = RowChunks(store_a[hook_a], 8192)           # zarr arrays, row-aligned tokens
+    import torch
+    from stages.alignment import CorrelationAccumulator, RowChunks, hungarian_matches
+
+    acts_a = RowChunks(store_a.array(hook_a), 8192)     # [≤8192, d] numpy chunks (zarr)
+    acts_b = RowChunks(store_b.array(hook_b), 8192)
     corr = CorrelationAccumulator(sae_a.d_sae, sae_b.d_sae)
-    for xa, xb in zip(acts_a, acts_b):
-        corr.update(sae_a.encode(xa), sae_b.encode(xb))
+    with torch.no_grad():                                # SAE weights require grad
+        for xa, xb in zip(acts_a, acts_b, strict=True):
+            fa = sae_a.encode(torch.from_numpy(xa).float())  # float16 on disk
+            fb = sae_b.encode(torch.from_numpy(xb).float())
+            corr.update(fa, fb)
     matches = hungarian_matches(corr.correlation())
 """
 

@@ -110,7 +110,8 @@ class RowChunks:
 
     Reading chunk-aligned windows is the fast way through a sharded zarr cache; being
     indexable lets the shuffled-token null pair chunk i of A with a random chunk of B.
-    `RowChunks(store["blocks.1.hook_resid_post"], 8192)` yields [≤8192, d] arrays.
+    `RowChunks(store.array("blocks.1.hook_resid_post"), 8192)` yields [≤8192, d] numpy
+    arrays (float16 as cached: `torch.from_numpy(x).float()` before `sae.encode`).
     """
 
     def __init__(self, array: Array, chunk_rows: int) -> None:

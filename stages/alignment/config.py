@@ -17,7 +17,8 @@ class AlignConfig:
 
     hook_pairs: tuple[tuple[str, str], ...] | None = None  # None: hooks cached by both
     # SAEs matched by name (A's SAE "x" with B's SAE "x") on each compared hook pair; None:
-    # the first name (sorted) both models have per hook; "all": every shared name.
+    # the first name (sorted) both models have per hook; "all": every shared name. SAEs
+    # on both sides of a hook pair with no name in common are an error, not zero pairs.
     sae_names: tuple[str, ...] | str | None = None
     split: str = "heldout"  # rows of A to use: heldout | train | all
     max_tokens: int = 200_000  # heldout topped up with the nearest training rows

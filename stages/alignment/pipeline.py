@@ -433,11 +433,25 @@ def _sae_pairs(
     saes_b: SAEs,
     names: Sequence[str] | str | None,
 ) -> list[tuple[str, str, str]]:
-    """(hook_a, hook_b, name) for every compared hook pair and SAE name both models have."""
+    """(hook_a, hook_b, name) for every compared hook pair and SAE name both models have.
+
+    SAEs are paired by name: A's SAE "x" on hook_a with B's SAE "x" on hook_b. A hook
+    pair where only one side (or neither) has SAEs is compared on raw activations only;
+    one where both sides have SAEs but no name in common is an error, not zero pairs
+    (with `names` given, every name must be on both sides, as below).
+    """
     out = []
     for ha, hb in hook_pairs:
-        shared = sorted(set(saes_a.get(ha, {})) & set(saes_b.get(hb, {})))
+        have_a, have_b = sorted(saes_a.get(ha, {})), sorted(saes_b.get(hb, {}))
+        shared = sorted(set(have_a) & set(have_b))
         if names is None or names == "all":
+            if have_a and have_b and not shared:
+                where = ha if ha == hb else f"{ha} (A) ~ {hb} (B)"
+                raise ValueError(
+                    f"SAEs on {where}: model A has {have_a}, model B has {have_b}, no name "
+                    "in common; SAEs are paired by name, so give the two you want compared "
+                    "the same key in saes_a and saes_b"
+                )
             out += [(ha, hb, n) for n in (shared if names == "all" else shared[:1])]
             continue
         chosen = [n for n in names if n in shared]
@@ -445,7 +459,8 @@ def _sae_pairs(
             missing = sorted(set(names) - set(chosen))
             raise ValueError(
                 f"align sae_names: {missing} not trained on both {ha} (model A has "
-                f"{sorted(saes_a.get(ha, {}))}) and {hb} (model B has {sorted(saes_b.get(hb, {}))})"
+                f"{sorted(saes_a.get(ha, {}))}) and {hb} (model B has {sorted(saes_b.get(hb, {}))}); "
+                "SAEs are paired by name"
             )
         out += [(ha, hb, n) for n in chosen]
     return out

@@ -273,16 +273,16 @@ def _prepare_unbiased_cka(x: Array, y: Array) -> PairedStatistic:
             f"unbiased CKA is undefined: HSIC_1(K,K) = {hsic_kk:.3g}, HSIC_1(L,L) = "
             f"{hsic_ll:.3g}; expected both > 0 (too few samples or a constant representation)"
         )
-    denominator = np.sqrt(hsic_kk * hsic_ll)
+    denominator = float(np.sqrt(hsic_kk * hsic_ll))
 
     def statistic(p: np.ndarray | None) -> float:
         if p is None:
-            return _hsic1(k, l_, rows_k, sum_k, rows_l, sum_l) / denominator
+            return float(_hsic1(k, l_, rows_k, sum_k, rows_l, sum_l) / denominator)
         if feature_form:
             trace = float(np.linalg.norm(xc.T @ yc[p]) ** 2 - sq_x @ sq_y[p])
-            return _hsic1_from_trace(n, trace, rows_k, sum_k, rows_l[p], sum_l) / denominator
+            return float(_hsic1_from_trace(n, trace, rows_k, sum_k, rows_l[p], sum_l) / denominator)
         # Permuting the samples of y permutes rows and columns of L̃ together.
-        return _hsic1(k, _permuted(l_, p), rows_k, sum_k, rows_l[p], sum_l) / denominator
+        return float(_hsic1(k, _permuted(l_, p), rows_k, sum_k, rows_l[p], sum_l) / denominator)
 
     return statistic
 
@@ -525,7 +525,7 @@ def permutation_test(
 def _run_permutations(
     metric: str, statistic: PairedStatistic, n: int, n_permutations: int, seed: int
 ) -> PermutationTest:
-    observed = statistic(None)
+    observed = float(statistic(None))  # a plain float in every metric's scores
     rng = np.random.default_rng(seed)
     null = np.array([statistic(rng.permutation(n)) for _ in range(n_permutations)])
     # A tolerance so that a permutation scoring the same up to rounding counts as ≥.

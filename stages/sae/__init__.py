@@ -3,16 +3,30 @@
 Adding an architecture = one new file defining a `BaseSAE` subclass (with its
 `SAEConfig` subclass) + one line in `ARCHITECTURES` below.
 
-Typical use from a pipeline stage::
+Typical use from a pipeline stage (what `flows/saes.py` does for one model)::
 
-    from stages.sae import parse_sae_config, train_saes, evaluate_sae, save_sae
-    cfgs = [parse_sae_config(d) for d in params["saes"]]
-    results = train_saes(train_source, cfgs, checkpoint_dir=ckpt_dir)
-    for r in results:
-        ev = evaluate_sae(r.sae, eval_source, model=model, hook_name=hook, tokens=tokens)
-        save_sae(out_dir / r.name, r.sae, hook_name=hook, model_name=model_name,
-                 log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
-                 training_config=r.config)
+    from pathlib import Path
+
+    from stages.activations import ActivationStore
+    from stages.config import load_params
+    from stages.models import load_model
+    from stages.sae import evaluate_sae, save_sae, train_saes
+
+    store = ActivationStore(Path("data/activations/toy-a"))
+    model = load_model(Path("data/models/toy-a"))
+    root, ckpt = Path("data/saes/toy-a"), Path("data/saes/toy-a.partial")
+    # hook -> [SAEConfig]: the {hooks, saes} groups of saes.sweep.toy-a, each entry
+    # validated by parse_sae_config (saes.eval / saes.checkpoint_every are not SAEs)
+    plan = load_params().sae_plan("toy-a")
+    for hook, cfgs in plan.items():
+        results = train_saes(store.source(hook, "train"), cfgs, checkpoint_dir=ckpt / hook)
+        for r in results:
+            ev = evaluate_sae(r.sae, store.source(hook, "heldout"), model=model,
+                              hook_name=hook, tokens=store.windows("heldout", 64))
+            # <root>/<hook>/<name>/: the layout stages.alignment.load_saes reads back
+            save_sae(root / hook / r.name, r.sae, hook_name=hook, model_name="toy-a",
+                     log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
+                     training_config=r.config)
 """
 
 from __future__ import annotations

@@ -20,14 +20,15 @@ Conventions
 - BOS (position 0) is never steered.
 - Every result is a dataclass with `to_dict()` (JSON-serialisable).
 
-Modules and public functions
+Modules and public functions (every name below is importable from `stages.steering`)
 - `prompts`: `ContrastivePair`, `EvalPrompt`, `SteeringSet`, `read_set(path)`,
   `read_sets(folder)`, `write_set(set, path)`, `toy_sets(seed, n_train, n_heldout)`,
   `target_ids(tokenizer, words, prefix)`. File format: `data/prompts/README.md`.
-- `vectors`: `compute_vectors(model, pairs, hooks, method="mean_diff"|"pca",
-  read_position=None, batch_size=64) -> {hook: Tensor}`, `read_activations(...)`,
-  `mean_diff`, `pca_direction`, `save_vector(folder, vectors, meta)`,
-  `load_vector(folder) -> (vectors, meta)`.
+- `vectors`: `compute_vectors(model, s.train_pairs, hooks, method="mean_diff"|"pca",
+  read_position=None, batch_size=64) -> {hook: Tensor}` (training pairs only: a held-out
+  pair is refused unless `allow_heldout=True`; a `SteeringSet` stands for its
+  `train_pairs`), `read_activations(...)`, `mean_diff`, `pca_direction`,
+  `save_vector(folder, vectors, meta)`, `load_vector(folder) -> (vectors, meta)`.
 - `apply`: `steering_hooks(hook, vector, multiplier, positions="all"|"last"|[idx],
   mode="add"|"ablate"|"ablate_add") -> fwd_hooks`, `steer(...)`,
   `generate_steered(model, prompts, hook, vector, multiplier, ...) -> [str]`.
@@ -35,8 +36,9 @@ Modules and public functions
   `steerability(model, set, hook, vector, multipliers) -> Steerability`,
   `side_effects(model, hook, vector, multiplier, tokens) -> SideEffects`,
   `layer_sweep(model, set, vectors, tokens, kl_budget=...) -> LayerSweep`.
-- `decompose`: `encode_vector`, `encode_shift`, `top_by_cosine`, `nn_decompose(v, W_dec)
-  -> Decomposition` (NN-OMP with NNLS refits; error curve), `precision_at_k`,
+- `decompose`: `encode_vector`, `encode_shift`, `top_by_cosine`, `decoder_cosines`,
+  `nn_decompose(v, sae.W_dec) -> Decomposition` (NN-OMP with NNLS refits; error curve;
+  takes the SAE's parameters as they are), `precision_at_k`,
   `latent_f1(sae, x, labels)`, `concept_latents(f1_row, threshold)`.
 - `downstream`: `downstream_effects(model, hook, vector, multiplier, tokens, saes)
   -> DownstreamResult` (table + [hooks × top features] matrix).
@@ -47,14 +49,37 @@ Modules and public functions
   steering_dir, decomposition_dir)`, `figures(result)`, `figures_from_dict(json)`.
 """
 
-from stages.steering.apply import generate_steered, steering_hooks
-from stages.steering.evaluate import layer_sweep, side_effects, steerability
+from stages.steering.apply import generate_steered, steer, steering_hooks
+from stages.steering.decompose import (
+    Decomposition,
+    concept_latents,
+    decoder_cosines,
+    encode_shift,
+    encode_vector,
+    latent_f1,
+    nn_decompose,
+    precision_at_k,
+    top_by_cosine,
+)
+from stages.steering.downstream import DownstreamResult, downstream_effects
+from stages.steering.evaluate import (
+    LayerSweep,
+    SideEffects,
+    Steerability,
+    behaviour_metric,
+    layer_sweep,
+    metric_grid,
+    side_effects,
+    steerability,
+)
+from stages.steering.probes import Probe, concept_probe, cosine_table, train_probe
 from stages.steering.prompts import (
     ContrastivePair,
     EvalPrompt,
     SteeringSet,
     read_set,
     read_sets,
+    target_ids,
     toy_sets,
     write_set,
 )
@@ -66,28 +91,63 @@ from stages.steering.run import (
     run_concept,
     write_concept,
 )
-from stages.steering.vectors import compute_vectors, load_vector, save_vector
+from stages.steering.targeted import compare_vectors, targeted_vectors
+from stages.steering.vectors import (
+    compute_vectors,
+    load_vector,
+    mean_diff,
+    pca_direction,
+    read_activations,
+    save_vector,
+)
 
 __all__ = [
     "ConceptConfig",
     "ConceptResult",
     "ContrastivePair",
+    "Decomposition",
+    "DownstreamResult",
     "EvalPrompt",
+    "LayerSweep",
+    "Probe",
+    "SideEffects",
+    "Steerability",
     "SteeringSet",
+    "behaviour_metric",
+    "compare_vectors",
     "compute_vectors",
+    "concept_latents",
+    "concept_probe",
+    "cosine_table",
+    "decoder_cosines",
+    "downstream_effects",
+    "encode_shift",
+    "encode_vector",
     "figures",
     "figures_from_dict",
     "generate_steered",
+    "latent_f1",
     "layer_sweep",
     "load_vector",
+    "mean_diff",
+    "metric_grid",
+    "nn_decompose",
+    "pca_direction",
+    "precision_at_k",
+    "read_activations",
     "read_set",
     "read_sets",
     "run_concept",
     "save_vector",
     "side_effects",
+    "steer",
     "steerability",
     "steering_hooks",
+    "target_ids",
+    "targeted_vectors",
     "toy_sets",
+    "top_by_cosine",
+    "train_probe",
     "write_concept",
     "write_set",
 ]

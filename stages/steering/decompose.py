@@ -49,12 +49,13 @@ def top_by_cosine(v: Tensor, W_dec: Tensor, k: int = 10) -> tuple[list[int], lis
 
 
 def decoder_cosines(v: Tensor, W_dec: Tensor) -> Tensor:
-    w = W_dec.double()
-    return (w @ v.double()) / (w.norm(dim=1).clamp_min(1e-12) * v.double().norm().clamp_min(1e-12))
+    """Cosine of v with every decoder row [d_sae] (float64, detached from autograd)."""
+    w, v = W_dec.detach().double(), v.detach().double()
+    return (w @ v) / (w.norm(dim=1).clamp_min(1e-12) * v.norm().clamp_min(1e-12))
 
 
 def top_by_value(f: Tensor, k: int = 10) -> tuple[list[int], list[float]]:
-    vals, idx = f.double().topk(min(k, len(f)))
+    vals, idx = f.detach().double().topk(min(k, len(f)))
     return idx.tolist(), vals.tolist()
 
 
@@ -77,6 +78,7 @@ class Decomposition:
     def reconstruct(self, W_dec: Tensor, features: Sequence[int] | None = None) -> Tensor:
         """Σ c_i W_dec[i] over `features` (default: all chosen ones)."""
         keep = set(self.features if features is None else features)
+        W_dec = W_dec.detach()
         out = torch.zeros(W_dec.shape[1], dtype=torch.float64)
         for f, c in zip(self.features, self.coefficients, strict=True):
             if f in keep:
@@ -86,7 +88,10 @@ class Decomposition:
 
 def nn_decompose(v: Tensor, W_dec: Tensor, max_features: int = 32,
                  n_candidates: int = 256, tol: float = 1e-6) -> Decomposition:  # fmt: skip
-    """Non-negative OMP over the `n_candidates` rows best aligned with v (see module doc)."""
+    """Non-negative OMP over the `n_candidates` rows best aligned with v (see module doc).
+
+    `W_dec` may be the SAE's parameter itself (`sae.W_dec`): it is read detached."""
+    v, W_dec = v.detach(), W_dec.detach()
     target = v.double().numpy()
     norm = float(np.linalg.norm(target))
     if norm == 0:

@@ -58,18 +58,23 @@ def slope(x: Tensor, y: Tensor) -> Tensor:
     return ((y.double() - y.double().mean(-1, keepdim=True)) * xc).sum(-1) / (xc * xc).sum()
 
 
+# (set name, shared first tokens) already warned about: every steerability / metric_grid
+# call rebuilds the masks (a run_concept call does so for each hook and vector), and the
+# warning says the same thing each time.
+_WARNED_SHARED: set[tuple[str, tuple[int, ...]]] = set()
+
+
 def _target_pair(model, s: SteeringSet, ep, pw: list[str], nw: list[str]):
+    """Positive and negative target ids without the first tokens they share, and those."""
     pi = target_ids(model.tokenizer, pw, s.target_prefix)
     ni = target_ids(model.tokenizer, nw, s.target_prefix)
     shared = set(pi) & set(ni)
     if shared:  # a small vocabulary splits words; a shared first token says nothing
-        log.warning("steering set '%s': targets share first tokens %s; ignoring them",
-                    s.name, sorted(shared))  # fmt: skip
         pi, ni = [t for t in pi if t not in shared], [t for t in ni if t not in shared]
     if not pi or not ni:
         raise ValueError(f"steering set '{s.name}': eval prompt {ep.prompt!r}: positive "
                          "and negative targets have no distinct first tokens")  # fmt: skip
-    return pi, ni
+    return pi, ni, shared
 
 
 def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tensor]:
@@ -80,7 +85,7 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
     v = model.cfg.d_vocab
     pos = torch.zeros(len(s.eval_prompts), v, dtype=torch.bool)
     neg = torch.zeros_like(pos)
-    cache: dict[tuple, tuple[list[int], list[int]]] = {}
+    cache: dict[tuple, tuple[list[int], list[int], set[int]]] = {}
     for i, ep in enumerate(s.eval_prompts):
         pw, nw = s.targets_for(ep)
         if not pw or not nw:
@@ -89,9 +94,14 @@ def target_masks(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tens
         key = (tuple(pw), tuple(nw))
         if key not in cache:  # most prompts share the set's targets: tokenise once
             cache[key] = _target_pair(model, s, ep, pw, nw)
-        pi, ni = cache[key]
+        pi, ni, _ = cache[key]
         pos[i, pi] = True
         neg[i, ni] = True
+    shared = tuple(sorted(set().union(*(c[2] for c in cache.values()))))
+    if shared and (s.name, shared) not in _WARNED_SHARED:
+        _WARNED_SHARED.add((s.name, shared))
+        log.warning("steering set '%s': targets share first tokens %s; ignoring them",
+                    s.name, list(shared))  # fmt: skip
     return pos, neg
 
 

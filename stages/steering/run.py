@@ -159,7 +159,8 @@ def run_concept(
     ev: dict[str, Any] = {"config": cfg.to_dict(), "set": s.to_dict()}
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
-        vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs)
+        vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
+                             allow_heldout=True)  # fmt: skip
         ev["heldout_pair_cosine"] = {
             h: float(torch.nn.functional.cosine_similarity(vectors[h], vh[h], dim=0)) for h in hooks
         }

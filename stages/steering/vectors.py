@@ -29,7 +29,7 @@ from torch import Tensor
 
 from stages.activations import check_hooks, stop_layer
 from stages.io import load_safetensors, read_json, write_json
-from stages.steering.prompts import ContrastivePair, ReadPosition
+from stages.steering.prompts import ContrastivePair, ReadPosition, SteeringSet
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -155,17 +155,34 @@ def vector_from_acts(pos: Tensor, neg: Tensor, method: str = "mean_diff") -> Ten
 
 def compute_vectors(
     model: HookedTransformer,
-    pairs: Sequence[ContrastivePair],
+    pairs: Sequence[ContrastivePair] | SteeringSet,
     hooks: Sequence[str],
     method: str = "mean_diff",
     read_position: ReadPosition | None = None,
     batch_size: int = 64,
+    *,
+    allow_heldout: bool = False,
 ) -> dict[str, Tensor]:
-    """One vector per hook from the pairs. `read_position` overrides every pair's own."""
+    """One vector per hook from the pairs. `read_position` overrides every pair's own.
+
+    Vectors are built from training pairs: a `SteeringSet` stands for its `train_pairs`,
+    and a held-out pair (`split == "heldout"`) is refused unless `allow_heldout=True`
+    (e.g. a vector from the held-out pairs alone, to check that both halves agree).
+    """
+    if isinstance(pairs, SteeringSet):
+        pairs = pairs.train_pairs
     if method not in METHODS:
         raise ValueError(f"steering method = {method!r}, expected one of {METHODS}")
     if not pairs:
         raise ValueError("compute_vectors: empty set of pairs; expected at least one pair")
+    heldout = [i for i, p in enumerate(pairs) if p.split == "heldout"]
+    if heldout and not allow_heldout:
+        p = pairs[heldout[0]]
+        raise ValueError(
+            f"compute_vectors: {len(heldout)} of {len(pairs)} pairs are held out (pair "
+            f"{heldout[0]}: {p.positive!r} / {p.negative!r} has split 'heldout'); expected "
+            "training pairs (pass set.train_pairs, or allow_heldout=True on purpose)"
+        )
     check_hooks(model, list(hooks), "steering.hooks")
     rps = [p.read_position if read_position is None else read_position for p in pairs]
     acts = read_activations(model, [p.positive for p in pairs] + [p.negative for p in pairs],

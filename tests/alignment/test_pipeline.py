@@ -105,6 +105,38 @@ def test_permuted_rotated_copy_is_matched_back(setup):
     assert "a/blocks.0.hook_resid_post/topk>wide" in result.splitting
 
 
+def test_scores_are_plain_floats(setup):
+    store_a, store_b, saes_a, saes_b, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "n_permutations": 5})
+    scores = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False).scores
+    assert f"unbiased_cka/{HOOK}" in scores and any(k.startswith("splitting/") for k in scores)
+    assert {k: type(v).__name__ for k, v in scores.items() if type(v) is not float} == {}
+
+
+def test_saes_are_paired_by_name(setup):
+    """Both sides have SAEs on the hook but no name in common: an error naming both sides'
+    SAEs, never zero pairs. SAEs on one side only leave the hook to raw activations."""
+    store_a, store_b, saes_a, saes_b, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "n_permutations": 0})
+    renamed = {HOOK: {"seed1": saes_b[HOOK]["topk"]}}
+    for names in (None, "all"):
+        with pytest.raises(ValueError, match=r"SAEs on blocks\.0\.hook_resid_post: model A has "
+                           r"\['topk', 'wide'\], model B has \['seed1'\].*paired by name.*"
+                           "same key"):  # fmt: skip
+            align_pair(store_a, store_b, saes_a, renamed,
+                       AlignConfig(**{**cfg.__dict__, "sae_names": names}), progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"sae_names: \['topk'\] not trained on both.*"
+                       "paired by name"):  # fmt: skip
+        align_pair(store_a, store_b, saes_a, renamed,
+                   AlignConfig(**{**cfg.__dict__, "sae_names": ("topk",)}), progress=False)  # fmt: skip
+    result = align_pair(store_a, store_b, saes_a, {OTHER: renamed[HOOK]}, cfg, progress=False)
+    assert result.pairs == [] and f"linear_cka/{HOOK}" in result.scores
+    # the same key pairs them whatever they were called
+    same = align_pair(store_a, store_b, {HOOK: {"x": saes_a[HOOK]["topk"]}},
+                      {HOOK: {"x": saes_b[HOOK]["topk"]}}, cfg, progress=False)  # fmt: skip
+    assert [p.key for p in same.pairs] == [f"{HOOK}/x"]
+
+
 def test_ground_truth_from_metrics_best_latents(setup):
     store_a, store_b, saes_a, saes_b, perm, _ = setup
     inverse = np.argsort(perm)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
 
 from stages.steering.apply import position_mask, steer
-from stages.steering.decompose import concept_latents, nn_decompose, precision_at_k
+from stages.steering.decompose import (
+    concept_latents,
+    decoder_cosines,
+    nn_decompose,
+    precision_at_k,
+    top_by_cosine,
+)
 from stages.steering.evaluate import behaviour_metric, pick_best, steerability_from_grid
 from stages.steering.probes import cosine_table, train_probe
 from stages.steering.targeted import random_like, targeted_vectors
@@ -133,3 +140,27 @@ def test_probe_on_separable_data():
     assert cosine_table({"probe": p.weight, "true": w})["probe"]["true"] > 0.9
     with pytest.raises(ValueError, match="both classes"):
         train_probe(x[:5], torch.ones(5))
+
+
+def test_decomposition_takes_an_sae_decoder_as_loaded():
+    """load_sae gives Parameters that require grad; the helpers read them detached."""
+    import stages.steering
+
+    g = torch.Generator().manual_seed(4)
+    W = torch.nn.Parameter(torch.randn(50, 16, generator=g))
+    v = 2.0 * W.detach()[7] + W.detach()[30]
+    dec = nn_decompose(v, W, max_features=4)
+    assert sorted(dec.features[:2]) == [7, 30] and dec.curve[1] < 1e-6
+    assert not dec.reconstruct(W).requires_grad
+    cos = decoder_cosines(v, W)
+    assert not cos.requires_grad and cos.numpy().shape == (50,)
+    assert set(top_by_cosine(v, W, 2)[0]) <= set(range(50))
+    assert not targeted_vectors(v, W, dec, 1)["top1"].requires_grad
+    # everything the package docstring lists is importable from the package
+    listed = stages.steering.__doc__.split("Modules and public functions", 1)[1]
+    names = set(re.findall(r"`([A-Za-z_]\w*)[`(]", listed)) - {
+        "prompts", "vectors", "apply", "evaluate", "decompose", "downstream", "probes",
+        "targeted", "run", "train_pairs",
+    }  # fmt: skip
+    assert names - set(stages.steering.__all__) == set()
+    assert all(hasattr(stages.steering, n) for n in stages.steering.__all__)

@@ -221,3 +221,33 @@ def test_toy_sets_are_deterministic_and_disjoint(tiny_model):
         assert not train_text & {e.prompt for e in s.eval_prompts}
         pos, neg = target_masks(tiny_model, s)  # shared first tokens dropped
         assert pos.any(1).all() and neg.any(1).all() and not (pos & neg).any()
+
+
+def test_held_out_pairs_never_reach_a_vector_by_accident(tiny_model):
+    s = toy_sets(0, 4, 2, ["emotion_polarity"])["emotion_polarity"]
+    want = compute_vectors(tiny_model, s.train_pairs, HOOKS)
+    with pytest.raises(ValueError, match="2 of 6 pairs are held out .*allow_heldout=True"):
+        compute_vectors(tiny_model, s.pairs, HOOKS)  # train + held out: refused
+    # a set stands for its training pairs
+    got = compute_vectors(tiny_model, s, HOOKS)
+    assert all(torch.equal(got[h], want[h]) for h in HOOKS)
+    # on purpose (run_concept's held-out agreement check)
+    vh = compute_vectors(tiny_model, s.heldout_pairs, HOOKS, allow_heldout=True)
+    assert set(vh) == set(HOOKS) and not torch.equal(vh[HOOKS[0]], want[HOOKS[0]])
+
+
+def test_shared_target_tokens_are_reported_once_per_set(tiny_model, caplog):
+    s = SteeringSet("shared-targets", [ContrastivePair("Tom feels happy", "Tom feels sad")],
+                    [EvalPrompt("Anna feels"), EvalPrompt("Ben feels", ["glad", "happy"])],
+                    ["happy", "glad"], ["happy", "sad"])  # fmt: skip
+    happy = target_ids(tiny_model.tokenizer, ["happy"])
+    v = torch.randn(tiny_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="stages.steering.evaluate"):
+        for hook in HOOKS:  # what run_concept does: one grid per hook and vector
+            steerability(tiny_model, s, hook, v, [-1.0, 0.0, 1.0])
+            metric_grid(tiny_model, s, hook, None, [0.0])
+    shared = [r.getMessage() for r in caplog.records if "share first tokens" in r.getMessage()]
+    assert shared == [f"steering set 'shared-targets': targets share first tokens {happy}; "
+                      "ignoring them"]  # fmt: skip
+    pos, neg = target_masks(tiny_model, s)
+    assert not pos[:, happy].any() and not neg[:, happy].any()

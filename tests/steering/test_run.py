@@ -38,6 +38,8 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     assert sw["best_hook"] in HOOKS and set(sw["steerability"]) == set(HOOKS)
     assert all(math.isfinite(sw["steerability"][h]["slope"]) for h in HOOKS)
     assert set(ev["probes"]) == set(HOOKS) and ev["generations"]["prompts"]
+    # the held-out pairs give their own vector, compared with the training one
+    assert set(ev["heldout_pair_cosine"]) == set(HOOKS)
     dd = json.loads(
         (tmp_path / "decomposition" / "mammal_vs_bird" / "decomposition.json").read_text()
     )
