@@ -10,7 +10,14 @@ from __future__ import annotations
 import json
 import os
 
-from prefect import flow, task
+from flows.common import setup_env
+
+# as every stage does (flows/__init__): Prefect's environment before prefect is imported,
+# in particular 120 s instead of 20 s for the temporary server to start, which a fresh
+# PREFECT_HOME's database migration overran under load
+setup_env()
+
+from prefect import flow, task  # noqa: E402
 
 
 @task
