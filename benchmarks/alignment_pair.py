@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from stages.activations import ActivationStore
-from stages.alignment import AlignConfig, align_pair, figures, load_saes, write_alignment
+from stages.alignment import AlignConfig, align_pair, figures, write_alignment
 from stages.sae import build_sae
+from stages.sae.io import load_model_saes
 
 
 def machine_context() -> str:
@@ -80,8 +81,8 @@ def main() -> None:
         )
         best_a = best_b = None
     else:
-        saes_a, best_a = load_saes(args.data / "saes" / args.a)
-        saes_b, best_b = load_saes(args.saes_b or args.data / "saes" / args.b)
+        saes_a, best_a = load_model_saes(args.data / "saes" / args.a)
+        saes_b, best_b = load_model_saes(args.saes_b or args.data / "saes" / args.b)
     cfg = AlignConfig(
         max_tokens=args.max_tokens,
         n_null=args.n_null,

@@ -46,7 +46,8 @@ def report_flow() -> dict:
               ("models", "activations", "saes", "steering", "decomposition")
               for m in params.models if (Path("data") / kind / m).exists()}  # fmt: skip
     # (not a killed run's hidden `.A__B.tmp-<pid>` folder: the report skips those too)
-    inputs.update({f"alignment.{p.name}": p for p in sorted(Path("data/alignment").glob("*__*"))
+    inputs.update({f"{kind}.{p.name}": p for kind in ("alignment", "transfer")
+                   for p in sorted((Path("data") / kind).glob("*__*"))
                    if p.is_dir() and not p.name.startswith(".")})  # fmt: skip
     with stage_run("report", logged, inputs, {"report.params_hash": params_hash}) as run:
         prov = Provenance.from_run(run.run_id, params_hash)

@@ -32,31 +32,8 @@ from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
 from stages.tracking import stage_run
 
-PROMPTS = Path("data/prompts")
 
-
-def load_sets(names: list[str], toy, where: str) -> dict:
-    """Generated toy sets by name, JSONL sets by path; errors name the params key."""
-    from stages.steering import read_set, toy_sets
-
-    generated = [n for n in names if not n.endswith(".jsonl")]
-    sets = toy_sets(toy.seed, toy.n_train, toy.n_heldout, generated) if generated else {}
-    out = {}
-    for i, n in enumerate(names):
-        if n.endswith(".jsonl"):
-            path = Path(n)
-            if not path.exists():
-                raise FileNotFoundError(f"params.yaml: {where}[{i}] = '{n}': no such file")
-            s = read_set(path)
-        else:
-            s = sets[n]
-        if s.name in out:
-            raise ValueError(f"params.yaml: {where}[{i}]: set name '{s.name}' appears twice")
-        out[s.name] = s
-    return out
-
-
-def load_saes(model: str, chosen: dict[str, str]) -> dict:
+def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
     from stages.sae import load_sae
 
     saes = {}
@@ -112,7 +89,7 @@ def steering_flow(name: str) -> dict:
 
     from stages.activations import ActivationStore
     from stages.models import load_model
-    from stages.steering import ConceptConfig, figures, write_concept
+    from stages.steering import ConceptConfig, figures, load_sets, write_concept
 
     params = load_params()
     if params.steering is None or name not in params.steering.models:
@@ -120,7 +97,8 @@ def steering_flow(name: str) -> dict:
                        "steering sets and hooks")  # fmt: skip
     st, ms = params.steering, params.steering.models[name]
     torch.manual_seed(st.config.seed)
-    sets = load_sets(ms.sets, st.toy_sets, f"steering.models.{name}.sets")
+    sets = load_sets(ms.sets, st.toy_sets.seed, st.toy_sets.n_train, st.toy_sets.n_heldout,
+                     f"steering.models.{name}.sets")  # fmt: skip
     model_dir, store_dir = Path("data/models") / name, Path("data/activations") / name
     inputs = {"model": model_dir, "activations": store_dir, "saes": Path("data/saes") / name}
     inputs.update({f"set.{Path(n).stem}": Path(n) for n in ms.sets if n.endswith(".jsonl")})
@@ -130,7 +108,7 @@ def steering_flow(name: str) -> dict:
     with stage_run(f"steering@{name}", logged, inputs) as run:
         model = load_model(model_dir)
         store = ActivationStore(store_dir)
-        saes = load_saes(name, ms.saes)
+        saes = load_chosen_saes(name, ms.saes)
         tags = run.client.get_run(run.run_id).data.tags
         hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
         metrics: dict[str, dict] = {}

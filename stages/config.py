@@ -723,7 +723,7 @@ class Params(_Strict):
 
     def sae_plan(self, model: str) -> dict[str, list]:
         """hook -> the SAE configs to train on it, in params order (all groups merged)."""
-        from stages.sae import parse_sae_config
+        from stages.sae.config import parse_sae_config
 
         plan: dict[str, list] = {}
         if self.saes is None or model not in self.saes.sweep:
@@ -741,14 +741,14 @@ class Params(_Strict):
 def _sae_config(raw: dict[str, Any], loc: tuple) -> Any:
     """One `saes.sweep` entry validated by its architecture's config class (strictly, like
     the rest of the file); errors name the entry's key."""
-    from stages.sae import ARCHITECTURES
+    from stages.sae.config import CONFIGS
 
-    archs = or_list([repr(a) for a in sorted(ARCHITECTURES)])
+    archs = or_list([repr(a) for a in sorted(CONFIGS)])
     if "architecture" not in raw:
         raise KeyProblem((*loc, "architecture"), MISSING, f"expected {archs}")
-    if raw["architecture"] not in ARCHITECTURES:
+    if raw["architecture"] not in CONFIGS:
         raise KeyProblem((*loc, "architecture"), raw["architecture"], f"expected {archs}")
-    cls = ARCHITECTURES[raw["architecture"]].config_class
+    cls = CONFIGS[raw["architecture"]]
     try:
         return cls.model_validate(raw, strict=True)
     except ValidationError as err:

@@ -3,12 +3,13 @@
 Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
 
     from stages.activations import ActivationStore
-    from stages.alignment import AlignConfig, align_pair, figures, load_saes, write_alignment
+    from stages.alignment import AlignConfig, align_pair, figures, write_alignment
+    from stages.sae.io import load_model_saes
 
     store_a = ActivationStore(Path("data/activations/toy-a"))
     store_b = ActivationStore(Path("data/activations/toy-b"))
-    saes_a, best_a = load_saes(Path("data/saes/toy-a"))   # hook -> name -> SAE, + concepts
-    saes_b, best_b = load_saes(Path("data/saes/toy-b"))
+    saes_a, best_a = load_model_saes(Path("data/saes/toy-a"))   # hook -> name -> SAE, + concepts
+    saes_b, best_b = load_model_saes(Path("data/saes/toy-b"))
     result = align_pair(store_a, store_b, saes_a, saes_b, AlignConfig(),
                         best_latents_a=best_a, best_latents_b=best_b)
     write_alignment(result, Path("data/alignment/toy-a__toy-b"))  # scores.json = metrics
@@ -68,11 +69,14 @@ from typing import Any
 # (PEP 562), so that a light submodule (`stages.alignment.config`, read by every stage's
 # params check) does not pull in torch, scipy and matplotlib through this package.
 _EXPORTS = {
-    "pipeline": "align_pair AlignmentResult load_saes read_rows SAEPairResult",
+    "pipeline": "align_pair AlignmentResult read_rows SAEPairResult",
     "config": "AlignConfig",
     "outputs": "figures write_alignment",
     "tokens": "align_offsets align_tokens select_rows TokenAlignment",
-    "transfer": "decompose_vector evaluate_transfer transfer_vector TransferTest",
+    "transfer": (
+        "decompose_vector evaluate_transfer read_hungarian transfer_headline "
+        "transfer_steering transfer_vector TransferTest"
+    ),
     "similarity": (
         "layer_similarity LayerSimilarity linear_cka LinearCKAAccumulator METRICS "
         "mutual_knn permutation_test PermutationTest rsa similarity_scores "

@@ -32,7 +32,6 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -65,7 +64,6 @@ from stages.alignment.similarity import (
 from stages.alignment.tokens import RowStore, TokenAlignment, align_tokens, select_rows
 from stages.compute import CPU, Device, on_device
 from stages.sae.base import BaseSAE
-from stages.sae.io import load_sae, read_metrics
 from stages.sae.metrics import binary_f1_counts
 
 log = logging.getLogger(__name__)
@@ -620,7 +618,7 @@ def align_pair(
 ) -> AlignmentResult:
     """Align model A's features with model B's (see the module docstring).
 
-    `saes_a` / `saes_b`: hook -> SAE name -> SAE (e.g. from `load_saes`). Ground truth
+    `saes_a` / `saes_b`: hook -> SAE name -> SAE (e.g. from `stages.sae.io.load_model_saes`). Ground truth
     uses `best_latents_*` (hook -> name -> concept -> latent, from the SAEs'
     metrics.json) when given, else each concept's best latent by F1 on the aligned
     tokens, from the stores' concept labels.
@@ -756,28 +754,3 @@ def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
             )  # fmt: skip
         by_pair[name] = tests
     return grid, by_pair
-
-
-def load_saes(
-    root: Path,
-) -> tuple[dict[str, dict[str, BaseSAE]], dict[str, dict[str, dict[str, int]]]]:
-    """The SAEs of one model, `root` = data/saes/<model>/ (folders <hook>/<name>/), and
-    each SAE's best latent per concept from its metrics.json (`ground_truth.concepts`),
-    ready for `align_pair(..., saes_a, best_latents_a=...)`."""
-    root = Path(root)
-    saes: dict[str, dict[str, BaseSAE]] = {}
-    best: dict[str, dict[str, dict[str, int]]] = {}
-    for cfg_path in sorted(root.glob("*/*/cfg.json")):
-        folder = cfg_path.parent
-        hook, name = folder.parent.name, folder.name
-        saes.setdefault(hook, {})[name] = load_sae(folder)
-        metrics = read_metrics(folder) if (folder / "metrics.json").exists() else {}
-        concepts = (metrics.get("ground_truth") or {}).get("concepts") or {}
-        best.setdefault(hook, {})[name] = {
-            c: int(v["best_latent"]) for c, v in concepts.items() if v.get("n_positive", 1) > 0
-        }
-    if not saes:
-        raise FileNotFoundError(
-            f"{root}: no SAE folders (<hook>/<name>/cfg.json); expected the saes stage's output"
-        )
-    return saes, best

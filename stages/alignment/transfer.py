@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -182,3 +183,84 @@ def evaluate_transfer(
         random_slopes=[slope(random_like(own, seed + i)).slope for i in range(n_random)],
         cosine=cos, norm_own=norm_own, norm_carried=norm_carried,
     )  # fmt: skip
+
+
+def read_hungarian(alignment_dir: Path) -> dict[tuple[str, str], tuple[str, str, dict]]:
+    """(hook_a, hook_b) -> (SAE name in A, SAE name in B, Hungarian match columns), read
+    back from an alignment folder (`meta.json`'s `sae_pairs`, `matches/*.parquet`): the
+    matches `align_pair` found (latent ids and float64 correlations are stored as is)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from stages.io import read_json
+
+    meta = read_json(alignment_dir / "meta.json", "alignment metadata")
+    out = {}
+    for key in meta.get("sae_pairs", []):
+        hooks, names = key.split("/", 1)
+        hook_a, _, hook_b = hooks.partition("~")
+        name_a, _, name_b = names.partition("~")
+        t = pq.read_table(alignment_dir / "matches" / f"{key.replace('/', '__')}.parquet")
+        t = t.filter(pc.equal(t.column("method"), "hungarian"))
+        cols = {c: t.column(c).to_numpy() for c in ("latent_a", "latent_b", "correlation")}
+        out[(hook_a, hook_b or hook_a)] = (name_a, name_b or name_a, cols)
+    return out
+
+
+def transfer_steering(
+    alignment_dir: Path,
+    vectors_a: dict[str, dict[str, Tensor]],
+    vectors_b: dict[str, dict[str, Tensor]],
+    saes_a: dict[str, dict[str, BaseSAE]],
+    saes_b: dict[str, dict[str, BaseSAE]],
+    model_b: HookedTransformer,
+    sets: dict[str, SteeringSet],
+    multipliers: Sequence[float],
+    *,
+    method: Literal["nnls", "encode"] = "nnls",
+    k: int | None = None,
+    min_correlation: float | None = None,
+    n_random: int = 32,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every concept steered in both models (`vectors_*`: concept -> hook -> vector): A's
+    vector carried through the Hungarian matches of the alignment at `alignment_dir` into
+    B (`transfer_vector`) and tested on B's held-out set of that concept against B's own
+    vector and random directions, all at the own vector's norm (`evaluate_transfer`).
+    Returns what `transfer.json` holds: settings, then concept -> hook -> test."""
+    matched = read_hungarian(alignment_dir)
+    out: dict[str, Any] = {"method": method, "k": k, "min_correlation": min_correlation,
+                           "n_random": n_random, "multipliers": list(multipliers),
+                           "concepts": {}}  # fmt: skip
+    for concept in sorted(set(vectors_a) & set(vectors_b)):
+        if concept not in sets:
+            continue
+        va, vb, rows = vectors_a[concept], vectors_b[concept], {}
+        for hook in sorted(set(va) & set(vb)):
+            if (hook, hook) not in matched:
+                continue
+            name_a, name_b, m = matched[(hook, hook)]
+            sa, sb = saes_a[hook][name_a], saes_b[hook][name_b]
+            matches = Matches(m["latent_a"], m["latent_b"], m["correlation"], sa.d_sae,
+                              sb.d_sae, "hungarian")  # fmt: skip
+            vt = transfer_vector(va[hook], sa, sb, matches, k, method=method,
+                                 min_score=min_correlation)  # fmt: skip
+            test = evaluate_transfer(model_b, sets[concept], hook, vb[hook], vt, multipliers,
+                                     n_random=n_random, seed=seed)  # fmt: skip
+            rows[hook] = {"sae_a": name_a, "sae_b": name_b, **test.to_dict()}
+        out["concepts"][concept] = rows
+    return out
+
+
+def transfer_headline(transfer: dict[str, Any]) -> dict[str, float]:
+    """The flat numbers of `transfer.json` that DVC metrics and MLflow carry."""
+    scores: dict[str, float] = {}
+    for concept, rows in transfer.get("concepts", {}).items():
+        for hook, r in rows.items():
+            key = f"transfer/{concept}/{hook}"
+            for kind in ("own", "transferred", "random"):
+                scores[f"{key}/{kind}"] = round(r[kind]["steerability"], 6)
+            for k in ("p_vs_random", "fraction_of_own", "cosine_transferred_own"):
+                if r[k] == r[k]:
+                    scores[f"{key}/{k}"] = round(r[k], 6)
+    return scores

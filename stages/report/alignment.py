@@ -164,11 +164,15 @@ SCORE_COLUMNS = (
 
 
 def section(
-    ctx: ReportContext, alignment_dir: Path, pages: dict[tuple[str, int], str]
+    ctx: ReportContext,
+    alignment_dir: Path,
+    pages: dict[tuple[str, int], str],
+    transfer_dir: Path | None = None,
 ) -> Section | None:
     """The alignment section, or None when no model pair has been aligned.
 
-    `pages` maps (SAE key, latent) to a dashboard page (relative to the report)."""
+    `pages` maps (SAE key, latent) to a dashboard page (relative to the report);
+    `transfer_dir` holds the transfer stage's `<A>__<B>/transfer.json`."""
     pairs = aligned_pairs(alignment_dir)
     if not pairs:
         return None
@@ -230,9 +234,12 @@ def section(
         gt = {k: v for k, v in (pair.read("ground_truth.json") or {}).items() if v}
         if gt:
             parts.append(_ground_truth_table(pair, gt, pages))
-        transfer = pair.read("transfer.json") or {}
+        transfer_file = Path(transfer_dir or "") / pair.path.name / "transfer.json"
+        transfer = (
+            json.loads(transfer_file.read_text()) if transfer_dir and transfer_file.exists() else {}
+        )
         if transfer.get("concepts"):
-            parts.append(_transfer_block(ctx, pair, transfer))
+            parts.append(_transfer_block(ctx, pair, transfer, transfer_file))
     return Section("alignment", "Alignment across models", "".join(parts))
 
 
@@ -241,7 +248,7 @@ def _transfer_rows(transfer: dict) -> list[tuple[str, str, dict]]:
             for h, r in sorted(rows.items())]  # fmt: skip
 
 
-def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict) -> str:
+def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict, source: Path) -> str:
     """Steering-vector transfer A → B: per concept and hook, B's own vector, A's vector
     carried through the Hungarian matches, and the random-direction null, all at the
     own vector's norm; a table and a strip plot."""
@@ -289,7 +296,7 @@ def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict) -> st
         description=(f"Steerability in {b} of its own vector (diamond), of {a}'s vector carried "
                      "through the matched features (circle; bars: 95 % interval over "
                      "prompts) and of random directions of the same norm (grey)."),
-        inputs=[pair.path / "transfer.json"],
+        inputs=[source],
     )  # fmt: skip
     return head + table_html + block
 

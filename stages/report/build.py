@@ -50,12 +50,13 @@ class ReportPaths:
     steering: Path
     decomposition: Path
     alignment: Path
+    transfer: Path
 
     @classmethod
     def under(cls, data: str | Path = "data") -> ReportPaths:
         d = Path(data)
         return cls(d / "saes", d / "activations", d / "models", d / "steering",
-                   d / "decomposition", d / "alignment")  # fmt: skip
+                   d / "decomposition", d / "alignment", d / "transfer")  # fmt: skip
 
     @classmethod
     def coerce(cls, value: ReportPaths | str | Path) -> ReportPaths:
@@ -212,7 +213,7 @@ def build_report(
         sections.append(steer or _not_run("steering", "Steering", paths.steering))
         seconds["section_steering"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        align = alignment_section.section(ctx, paths.alignment, rel_pages)
+        align = alignment_section.section(ctx, paths.alignment, rel_pages, paths.transfer)
         sections.append(align or _not_run("alignment", "Alignment across models", paths.alignment))
         seconds["section_alignment"] = time.perf_counter() - t0
         sections.append(_dashboards_section(computed, rel_index, notes))

@@ -1,7 +1,7 @@
 """Sparse autoencoders: architectures, trainer, evaluation and SAELens-format IO.
 
-Adding an architecture = one new file defining a `BaseSAE` subclass (with its
-`SAEConfig` subclass) + one line in `ARCHITECTURES` below.
+Adding an architecture: one new file defining its `BaseSAE` subclass, its `SAEConfig`
+subclass in `config.py` (which registers itself), and one import line in `registry.py`.
 
 Typical use from a pipeline stage (what `flows/saes.py` does for one model)::
 
@@ -23,7 +23,7 @@ Typical use from a pipeline stage (what `flows/saes.py` does for one model)::
         for r in results:
             ev = evaluate_sae(r.sae, store.source(hook, "heldout"), model=model,
                               hook_name=hook, tokens=store.windows("heldout", 64))
-            # <root>/<hook>/<name>/: the layout stages.alignment.load_saes reads back
+            # <root>/<hook>/<name>/: the layout stages.sae.io.load_model_saes reads back
             save_sae(root / hook / r.name, r.sae, hook_name=hook, model_name="toy-a",
                      log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
                      training_config=r.config)
@@ -31,80 +31,41 @@ Typical use from a pipeline stage (what `flows/saes.py` does for one model)::
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.batchtopk import BatchTopKConfig, BatchTopKSAE
-from stages.sae.config import SAEConfig
-from stages.sae.gated import GatedConfig, GatedSAE
-from stages.sae.jumprelu import JumpReLUConfig, JumpReLUSAE
-from stages.sae.relu import ReLUConfig, ReLUSAE
-from stages.sae.topk import TopKConfig, TopKSAE
+from stages.sae.config import (  # noqa: F401  (re-exported: light, pydantic only)
+    CONFIGS,
+    BatchTopKConfig,
+    GatedConfig,
+    JumpReLUConfig,
+    ReLUConfig,
+    SAEConfig,
+    TopKConfig,
+    parse_sae_config,
+)
 
-ARCHITECTURES: dict[str, type[BaseSAE]] = {
-    "relu": ReLUSAE,
-    "topk": TopKSAE,
-    "batchtopk": BatchTopKSAE,
-    "jumprelu": JumpReLUSAE,
-    "gated": GatedSAE,
+# Everything but the configs is imported on first use (PEP 562), so that a stage which
+# only validates SAE configs (every stage's params check) runs, and depends on, no SAE
+# maths: see stages/sae/config.py and dvc.yaml.
+_EXPORTS = {
+    "base": "BaseSAE SAEOutput",
+    "registry": "ARCHITECTURES build_sae sae_class",
+    "data": "ActivationSource ArraySource SliceSource ZarrSource",
+    "evaluate": "EvalResult evaluate_sae",
+    "io": "load_pretrained_sae load_sae save_sae",
+    "trainer": "TrainResult train_saes",
 }
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
+__all__ = sorted(["CONFIGS", "BatchTopKConfig", "GatedConfig", "JumpReLUConfig",
+                  "ReLUConfig", "SAEConfig", "TopKConfig", "parse_sae_config", *_WHERE])  # fmt: skip
 
 
-def sae_class(architecture: str) -> type[BaseSAE]:
-    try:
-        return ARCHITECTURES[architecture]
-    except KeyError:
-        raise ValueError(
-            f"unknown SAE architecture '{architecture}', expected one of {sorted(ARCHITECTURES)}"
-        ) from None
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stages.sae' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stages.sae.{_WHERE[name]}"), name)
 
 
-def parse_sae_config(raw: dict[str, Any] | SAEConfig) -> SAEConfig:
-    """Validate one SAE entry (e.g. from params.yaml) into its architecture's config."""
-    if isinstance(raw, SAEConfig):
-        return raw
-    if "architecture" not in raw:
-        raise ValueError(
-            f"SAE config {raw!r}: missing key 'architecture', expected one of "
-            f"{sorted(ARCHITECTURES)}"
-        )
-    return sae_class(raw["architecture"]).config_class.model_validate(raw)
-
-
-def build_sae(cfg: SAEConfig | dict[str, Any]) -> BaseSAE:
-    """Instantiate an (untrained, seeded) SAE from a config with d_in set."""
-    cfg = parse_sae_config(cfg)
-    return sae_class(cfg.architecture)(cfg)
-
-
-# imported last: these modules use the registry above
-from stages.sae.data import ActivationSource, ArraySource, SliceSource, ZarrSource  # noqa: E402
-from stages.sae.evaluate import EvalResult, evaluate_sae  # noqa: E402
-from stages.sae.io import load_pretrained_sae, load_sae, save_sae  # noqa: E402
-from stages.sae.trainer import TrainResult, train_saes  # noqa: E402
-
-__all__ = [
-    "ARCHITECTURES",
-    "ActivationSource",
-    "ArraySource",
-    "BaseSAE",
-    "BatchTopKConfig",
-    "EvalResult",
-    "GatedConfig",
-    "JumpReLUConfig",
-    "ReLUConfig",
-    "SAEConfig",
-    "SAEOutput",
-    "SliceSource",
-    "TopKConfig",
-    "TrainResult",
-    "ZarrSource",
-    "build_sae",
-    "evaluate_sae",
-    "load_pretrained_sae",
-    "load_sae",
-    "parse_sae_config",
-    "sae_class",
-    "save_sae",
-    "train_saes",
-]
+def __dir__() -> list[str]:
+    return __all__

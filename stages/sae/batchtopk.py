@@ -10,26 +10,12 @@ f = pre · 1[pre > θ], which is exactly SAELens' JumpReLU, so the folder is wri
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.config import SAEConfig
+from stages.sae.config import BatchTopKConfig, SAEConfig
 from stages.sae.topk import auxk_loss
-
-
-class BatchTopKConfig(SAEConfig):
-    architecture: Literal["batchtopk"] = "batchtopk"
-    k: float = Field(gt=0, description="mean number of active latents per token")
-    auxk_coefficient: float = Field(default=1 / 32, ge=0)
-    k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
-    threshold_momentum: float = Field(default=0.01, gt=0, le=1)
-
-    def sparsity_tag(self) -> str:
-        return f"k{self.k:g}"
 
 
 class BatchTopKSAE(BaseSAE):

@@ -1,15 +1,20 @@
-"""Typed configuration shared by every SAE architecture.
+"""Typed configuration of every SAE architecture, and the registry of their names.
 
-Each architecture file subclasses `SAEConfig`, pins `architecture` to its registry name
-and adds its own hyper-parameters under the names the papers use (`k`, `auxk_coefficient`,
-`l1_coefficient`, `l0_coefficient`, ...). `stages.sae.parse_sae_config` picks the subclass
-from the `architecture` key, so a `params.yaml` entry is one flat mapping.
+`SAEConfig` is the shared part; each architecture's subclass below pins `architecture`
+to its registry name and adds its own hyper-parameters under the names the papers use
+(`k`, `auxk_coefficient`, `l1_coefficient`, `l0_coefficient`, ...). `parse_sae_config`
+picks the subclass from the `architecture` key, so a `params.yaml` entry is one flat
+mapping.
+
+The configs live here, not beside their SAE modules, because the params check of every
+stage reads them: this module imports only pydantic, so the DVC stages that validate
+params (all of them) depend on this file, not on the SAE maths (see dvc.yaml).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -130,3 +135,100 @@ class SAEConfig(BaseModel):
         if self.sparsity_warmup_steps <= 0:
             return 1.0
         return min(1.0, (step + 1) / self.sparsity_warmup_steps)
+
+
+# ---- the architectures' own hyper-parameters -----------------------------------------
+
+
+class ReLUConfig(SAEConfig):
+    """Anthropic's April-2024 update (`stages/sae/relu.py`)."""
+
+    architecture: Literal["relu"] = "relu"
+    l1_coefficient: float = Field(default=5.0, ge=0, description="λ in the update")
+    decoder_init_norm: float = Field(default=0.1, gt=0)
+
+    def sparsity_tag(self) -> str:
+        return f"l1c{self.l1_coefficient:g}"
+
+
+class TopKConfig(SAEConfig):
+    """Gao et al. 2024 (`stages/sae/topk.py`)."""
+
+    architecture: Literal["topk"] = "topk"
+    k: int = Field(ge=1)
+    auxk_coefficient: float = Field(default=1 / 32, ge=0)
+    k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
+    use_sparse_kernels: bool = True
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> TopKConfig:
+        if self.d_sae is not None and self.k > self.d_sae:
+            raise ValueError(
+                f"SAE config '{self.display_name}': k = {self.k} exceeds d_sae = {self.d_sae}"
+            )
+        return self
+
+    def sparsity_tag(self) -> str:
+        return f"k{self.k}"
+
+
+class BatchTopKConfig(SAEConfig):
+    """Bussmann et al. 2024 (`stages/sae/batchtopk.py`)."""
+
+    architecture: Literal["batchtopk"] = "batchtopk"
+    k: float = Field(gt=0, description="mean number of active latents per token")
+    auxk_coefficient: float = Field(default=1 / 32, ge=0)
+    k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
+    threshold_momentum: float = Field(default=0.01, gt=0, le=1)
+
+    def sparsity_tag(self) -> str:
+        return f"k{self.k:g}"
+
+
+class JumpReLUConfig(SAEConfig):
+    """Rajamanoharan et al. 2024b (`stages/sae/jumprelu.py`)."""
+
+    architecture: Literal["jumprelu"] = "jumprelu"
+    l0_coefficient: float = Field(default=0.05, ge=0, description="λ on the L0 penalty")
+    bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width ε")
+    threshold_init: float = Field(default=0.05, gt=0)
+
+    def sparsity_tag(self) -> str:
+        return f"l0c{self.l0_coefficient:g}"
+
+
+class GatedConfig(SAEConfig):
+    """Rajamanoharan et al. 2024a (`stages/sae/gated.py`)."""
+
+    architecture: Literal["gated"] = "gated"
+    l1_coefficient: float = Field(default=0.5, ge=0, description="λ on ‖ReLU(π_gate)‖₁")
+
+    def sparsity_tag(self) -> str:
+        return f"l1c{self.l1_coefficient:g}"
+
+
+# name -> config class, every subclass above; `stages.sae.ARCHITECTURES`
+# (stages/sae/registry.py) maps the same names to the SAE modules
+CONFIGS: dict[str, type[SAEConfig]] = {
+    c.model_fields["architecture"].default: c for c in SAEConfig.__subclasses__()
+}
+
+
+def config_class(architecture: str) -> type[SAEConfig]:
+    try:
+        return CONFIGS[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unknown SAE architecture '{architecture}', expected one of {sorted(CONFIGS)}"
+        ) from None
+
+
+def parse_sae_config(raw: dict[str, Any] | SAEConfig) -> SAEConfig:
+    """Validate one SAE entry (e.g. from params.yaml) into its architecture's config."""
+    if isinstance(raw, SAEConfig):
+        return raw
+    if "architecture" not in raw:
+        raise ValueError(
+            f"SAE config {raw!r}: missing key 'architecture', expected one of {sorted(CONFIGS)}"
+        )
+    return config_class(raw["architecture"]).model_validate(raw)

@@ -12,22 +12,11 @@ it trains the gate without pulling the dictionary.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.config import SAEConfig
-
-
-class GatedConfig(SAEConfig):
-    architecture: Literal["gated"] = "gated"
-    l1_coefficient: float = Field(default=0.5, ge=0, description="λ on ‖ReLU(π_gate)‖₁")
-
-    def sparsity_tag(self) -> str:
-        return f"l1c{self.l1_coefficient:g}"
+from stages.sae.config import GatedConfig, SAEConfig
 
 
 class GatedSAE(BaseSAE):

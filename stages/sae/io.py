@@ -29,8 +29,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stages.io import load_safetensors
-from stages.sae import build_sae
 from stages.sae.base import BaseSAE
+from stages.sae.registry import build_sae
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -278,3 +278,28 @@ def from_saelens(sae_lens_sae: Any, name: str = "saelens") -> BaseSAE:
                 "scaling factor; fold it with SAELens first"
             )
         return load_sae(path)
+
+
+def load_model_saes(
+    root: Path,
+) -> tuple[dict[str, dict[str, BaseSAE]], dict[str, dict[str, dict[str, int]]]]:
+    """The SAEs of one model, `root` = data/saes/<model>/ (folders <hook>/<name>/), and
+    each SAE's best latent per concept from its metrics.json (`ground_truth.concepts`),
+    ready for `align_pair(..., saes_a, best_latents_a=...)`."""
+    root = Path(root)
+    saes: dict[str, dict[str, BaseSAE]] = {}
+    best: dict[str, dict[str, dict[str, int]]] = {}
+    for cfg_path in sorted(root.glob("*/*/cfg.json")):
+        folder = cfg_path.parent
+        hook, name = folder.parent.name, folder.name
+        saes.setdefault(hook, {})[name] = load_sae(folder)
+        metrics = read_metrics(folder) if (folder / "metrics.json").exists() else {}
+        concepts = (metrics.get("ground_truth") or {}).get("concepts") or {}
+        best.setdefault(hook, {})[name] = {
+            c: int(v["best_latent"]) for c, v in concepts.items() if v.get("n_positive", 1) > 0
+        }
+    if not saes:
+        raise FileNotFoundError(
+            f"{root}: no SAE folders (<hook>/<name>/cfg.json); expected the saes stage's output"
+        )
+    return saes, best

@@ -14,14 +14,13 @@ change); positivity is kept by clamping after each step.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field
 from torch import Tensor, nn
 
 from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.config import SAEConfig
+from stages.sae.config import JumpReLUConfig, SAEConfig
 
 
 def _rectangle(u: Tensor) -> Tensor:
@@ -65,16 +64,6 @@ class StepFn(torch.autograd.Function):
         eps = ctx.bandwidth
         g_t = -(1.0 / eps) * _rectangle((z - threshold) / eps) * g
         return None, g_t.reshape(-1, threshold.shape[-1]).sum(0), None
-
-
-class JumpReLUConfig(SAEConfig):
-    architecture: Literal["jumprelu"] = "jumprelu"
-    l0_coefficient: float = Field(default=0.05, ge=0, description="λ on the L0 penalty")
-    bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width ε")
-    threshold_init: float = Field(default=0.05, gt=0)
-
-    def sparsity_tag(self) -> str:
-        return f"l0c{self.l0_coefficient:g}"
 
 
 class JumpReLUSAE(BaseSAE):

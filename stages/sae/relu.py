@@ -11,22 +11,10 @@ uses the first 5 % of training) and the learning rate decays over the last 20 %.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.config import SAEConfig
-
-
-class ReLUConfig(SAEConfig):
-    architecture: Literal["relu"] = "relu"
-    l1_coefficient: float = Field(default=5.0, ge=0, description="λ in the update")
-    decoder_init_norm: float = Field(default=0.1, gt=0)
-
-    def sparsity_tag(self) -> str:
-        return f"l1c{self.l1_coefficient:g}"
+from stages.sae.config import ReLUConfig
 
 
 class ReLUSAE(BaseSAE):

@@ -13,39 +13,19 @@ The hot loop never materialises the dense [B, d_sae] code (see `sparse_ops.py`);
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
-from stages.sae.config import SAEConfig
+from stages.sae.config import TopKConfig
 from stages.sae.sparse_ops import (
     SparseDecode,
     SparseEncoderGrad,
     selected_pre_acts,
     topk_sorted,
 )
-
-
-class TopKConfig(SAEConfig):
-    architecture: Literal["topk"] = "topk"
-    k: int = Field(ge=1)
-    auxk_coefficient: float = Field(default=1 / 32, ge=0)
-    k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
-    use_sparse_kernels: bool = True
-
-    @model_validator(mode="after")
-    def _k_fits(self) -> TopKConfig:
-        if self.d_sae is not None and self.k > self.d_sae:
-            raise ValueError(
-                f"SAE config '{self.display_name}': k = {self.k} exceeds d_sae = {self.d_sae}"
-            )
-        return self
-
-    def sparsity_tag(self) -> str:
-        return f"k{self.k}"
 
 
 def auxk_loss(

@@ -38,9 +38,8 @@ from tqdm.auto import tqdm
 
 from stages.compute import CPU, Device
 from stages.io import load_safetensors
-from stages.sae import build_sae, parse_sae_config
 from stages.sae.base import BaseSAE
-from stages.sae.config import SAEConfig
+from stages.sae.config import SAEConfig, parse_sae_config
 from stages.sae.data import (
     ActivationSource,
     ShuffleLoader,
@@ -50,6 +49,7 @@ from stages.sae.data import (
     sample_rows,
     source_name,
 )
+from stages.sae.registry import build_sae
 
 CHECKPOINT_VERSION = 1
 

@@ -49,105 +49,41 @@ Modules and public functions (every name below is importable from `stages.steeri
   steering_dir, decomposition_dir)`, `figures(result)`, `figures_from_dict(json)`.
 """
 
-from stages.steering.apply import generate_steered, steer, steering_hooks
-from stages.steering.decompose import (
-    Decomposition,
-    concept_latents,
-    decoder_cosines,
-    encode_shift,
-    encode_vector,
-    latent_f1,
-    nn_decompose,
-    precision_at_k,
-    top_by_cosine,
-)
-from stages.steering.downstream import DownstreamResult, downstream_effects
-from stages.steering.evaluate import (
-    LayerSweep,
-    SideEffects,
-    Steerability,
-    behaviour_metric,
-    layer_sweep,
-    metric_grid,
-    side_effects,
-    steerability,
-)
-from stages.steering.probes import Probe, concept_probe, cosine_table, train_probe
-from stages.steering.prompts import (
-    ContrastivePair,
-    EvalPrompt,
-    SteeringSet,
-    read_set,
-    read_sets,
-    target_ids,
-    toy_sets,
-    write_set,
-)
-from stages.steering.run import (
-    ConceptConfig,
-    ConceptResult,
-    figures,
-    figures_from_dict,
-    run_concept,
-    write_concept,
-)
-from stages.steering.targeted import compare_vectors, targeted_vectors
-from stages.steering.vectors import (
-    compute_vectors,
-    load_vector,
-    mean_diff,
-    pca_direction,
-    read_activations,
-    save_vector,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ConceptConfig",
-    "ConceptResult",
-    "ContrastivePair",
-    "Decomposition",
-    "DownstreamResult",
-    "EvalPrompt",
-    "LayerSweep",
-    "Probe",
-    "SideEffects",
-    "Steerability",
-    "SteeringSet",
-    "behaviour_metric",
-    "compare_vectors",
-    "compute_vectors",
-    "concept_latents",
-    "concept_probe",
-    "cosine_table",
-    "decoder_cosines",
-    "downstream_effects",
-    "encode_shift",
-    "encode_vector",
-    "figures",
-    "figures_from_dict",
-    "generate_steered",
-    "latent_f1",
-    "layer_sweep",
-    "load_vector",
-    "mean_diff",
-    "metric_grid",
-    "nn_decompose",
-    "pca_direction",
-    "precision_at_k",
-    "read_activations",
-    "read_set",
-    "read_sets",
-    "run_concept",
-    "save_vector",
-    "side_effects",
-    "steer",
-    "steerability",
-    "steering_hooks",
-    "target_ids",
-    "targeted_vectors",
-    "toy_sets",
-    "top_by_cosine",
-    "train_probe",
-    "write_concept",
-    "write_set",
-]
+import importlib
+from typing import Any
+
+# Names exported here, by the submodule defining them; each is imported on first use
+# (PEP 562), so that importing one light submodule (e.g. `stages.steering.prompts`) does
+# not run, and make a DVC stage depend on, the rest of the package.
+_EXPORTS = {
+    "apply": "generate_steered steer steering_hooks",
+    "decompose": (
+        "Decomposition concept_latents decoder_cosines encode_shift encode_vector latent_f1 nn_decompose precision_at_k top_by_cosine"
+    ),
+    "downstream": "DownstreamResult downstream_effects",
+    "evaluate": (
+        "LayerSweep SideEffects Steerability behaviour_metric layer_sweep metric_grid side_effects steerability"
+    ),
+    "probes": "Probe concept_probe cosine_table train_probe",
+    "prompts": (
+        "ContrastivePair EvalPrompt SteeringSet load_sets read_set read_sets target_ids toy_sets "
+        "write_set"
+    ),
+    "run": ("ConceptConfig ConceptResult figures figures_from_dict run_concept write_concept"),
+    "targeted": "compare_vectors targeted_vectors",
+    "vectors": ("compute_vectors load_vector mean_diff pca_direction read_activations save_vector"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'stages.steering' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"stages.steering.{_WHERE[name]}"), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

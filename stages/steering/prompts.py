@@ -399,3 +399,23 @@ def toy_sets(seed: int = 0, n_train: int = 64, n_heldout: int = 32,
     if unknown:
         raise ValueError(f"toy sets {unknown}: unknown, expected some of {sorted(TOY_SETS)}")
     return {n: TOY_SETS[n](seed, n_train, n_heldout) for n in names}
+
+
+def load_sets(names: list[str], seed: int, n_train: int, n_heldout: int, where: str) -> dict:
+    """The sets params name, by set name: generated toy sets (`toy_sets`, with these
+    seed and sizes) by name, JSONL files by path. Errors name the params key `where`."""
+    generated = [n for n in names if not n.endswith(".jsonl")]
+    sets = toy_sets(seed, n_train, n_heldout, generated) if generated else {}
+    out: dict[str, SteeringSet] = {}
+    for i, n in enumerate(names):
+        if n.endswith(".jsonl"):
+            path = Path(n)
+            if not path.exists():
+                raise FileNotFoundError(f"params.yaml: {where}[{i}] = '{n}': no such file")
+            s = read_set(path)
+        else:
+            s = sets[n]
+        if s.name in out:
+            raise ValueError(f"params.yaml: {where}[{i}]: set name '{s.name}' appears twice")
+        out[s.name] = s
+    return out

@@ -130,10 +130,11 @@ def _align(data: Path):
     """The align stage's files for tiny-a vs tiny-b, with the real writer."""
     from stages.activations import ActivationStore
     from stages.alignment.outputs import write_alignment
-    from stages.alignment.pipeline import AlignConfig, align_pair, load_saes
+    from stages.alignment.pipeline import AlignConfig, align_pair
+    from stages.sae.io import load_model_saes
 
-    saes_a, best_a = load_saes(data / "saes" / "tiny-a")
-    saes_b, best_b = load_saes(data / "saes" / "tiny-b")
+    saes_a, best_a = load_model_saes(data / "saes" / "tiny-a")
+    saes_b, best_b = load_model_saes(data / "saes" / "tiny-b")
     cfg = AlignConfig(max_tokens=4000, chunk_rows=512, n_permutations=5, n_samples=256, top_k=8,
                       self_check_tokens=1024, sae_names=("topk-64-k4",))  # fmt: skip
     result = align_pair(ActivationStore(data / "activations" / "tiny-a"),
