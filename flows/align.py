@@ -158,7 +158,7 @@ def align_flow(pair_name: str) -> dict:
                            best_a, best_b, dev)  # fmt: skip
         transfer = transfer_steering(result, saes_a, saes_b, a, b, params)
         out = Path("data/alignment") / pair_name
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, within=Path("data/alignment")) as tmp:
             write_alignment(result, tmp)
             write_json(tmp / "transfer.json", transfer)
         metrics = headline(result, transfer)

@@ -30,9 +30,11 @@ from prefect.utilities.annotations import quote
 from flows.common import main
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
+from stages.layout import inside
 from stages.tracking import stage_run
 
 PROMPTS = Path("data/prompts")
+DATA = Path("data")
 
 
 def load_sets(names: list[str], toy, where: str) -> dict:
@@ -61,7 +63,7 @@ def load_saes(model: str, chosen: dict[str, str]) -> dict:
 
     saes = {}
     for hook, name in chosen.items():
-        folder = Path("data/saes") / model / hook / name
+        folder = inside(Path("data/saes"), model, hook, name)
         if not (folder / "cfg.json").exists():
             raise FileNotFoundError(
                 f"params.yaml: steering.models.{model}.saes.{hook} = '{name}': no SAE folder "
@@ -135,7 +137,7 @@ def steering_flow(name: str) -> dict:
         hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
         metrics: dict[str, dict] = {}
         out_s, out_d = Path("data/steering") / name, Path("data/decomposition") / name
-        with atomic_dir(out_s) as tmp_s, atomic_dir(out_d) as tmp_d:
+        with atomic_dir(out_s, within=DATA) as tmp_s, atomic_dir(out_d, within=DATA) as tmp_d:
             for cname, s in sets.items():
                 r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
                             name, hashes)  # fmt: skip
