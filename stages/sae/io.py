@@ -172,8 +172,8 @@ def verify_checksum(folder: Path, filename: str) -> None:
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise SAEFormatError(f"{path}: missing; an SAE folder needs {WEIGHTS_FILENAME}")
-    verify_checksum(path.parent, path.name)
     state = {k: v.to(torch.float32) for k, v in load_safetensors(path, "SAE weights").items()}
+    verify_checksum(path.parent, path.name)  # (after: a truncated file is named as such)
     for k, v in state.items():
         if not torch.isfinite(v).all():
             at = torch.nonzero(~torch.isfinite(v))[0].tolist()
