@@ -33,7 +33,7 @@ from pydantic import (
     model_validator,
 )
 
-from stages.layout import SAFE_NAME_EXPECTED, why_unsafe
+from stages.layout import SAFE_NAME_EXPECTED, is_inside, why_unsafe
 from stages.params_messages import (
     MISSING,
     NO_VALUE,
@@ -48,6 +48,8 @@ from stages.params_messages import (
 )
 
 PARAMS_FILE = Path("params.yaml")
+# where JSONL steering sets live: the steering stage's DVC dependency (dvc.yaml)
+PROMPTS_DIR = "data/prompts"
 
 
 class ParamsError(ValueError):
@@ -601,6 +603,12 @@ class Params(_Strict):
                                     f"{list(TOY_STEERING_SETS)} or a .jsonl file")  # fmt: skip
                 # Only that the file is there: parsing it here (stages.steering.prompts)
                 # would import torch, scipy and pyarrow into every stage's params check.
+                # The steering stage's DVC dependency is data/prompts/ (dvc.yaml): a set
+                # elsewhere would go stale unseen (`dvc status` would not see it change).
+                if s.endswith(".jsonl") and not is_inside(PROMPTS_DIR, s):
+                    raise KeyProblem((*loc, "sets", i), s, f"expected a JSONL file under "
+                                    f"{PROMPTS_DIR}/, the steering stage's DVC dependency "
+                                    "(copy it there, so that `dvc status` sees it change)")  # fmt: skip
                 if s.endswith(".jsonl") and not Path(s).is_file():
                     raise KeyProblem((*loc, "sets", i), s, "expected an existing JSONL file "
                                     "(no such file; paths are relative to the repository root)")  # fmt: skip
