@@ -122,6 +122,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.features") 
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.model} · {args.hook} · {folder.name}: top {args.k} active features per token")
+    n_ctx = model.cfg.n_ctx
+    if len(rows) > n_ctx - 1:  # said, not silent: the text is longer than the context
+        print(f"(the text's {len(rows)} tokens exceed the context of {n_ctx}: read in "
+              f"{-(-len(rows) // (n_ctx - 1))} windows of {n_ctx - 1} tokens, each starting "
+              "again from BOS, as the pipeline caches text)")  # fmt: skip
     if dashboard is None:
         print(f"(no descriptions: {dash_path} is missing; build the report for them)")
     print(format_token_features(rows))

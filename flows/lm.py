@@ -86,7 +86,7 @@ def lm_flow(name: str) -> dict:
             from stages.models import load_pretrained, write_pretrained_card
 
             model = load_pretrained(m.name, m.dtype)
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, within=Path("data/models")) as tmp:
                 write_pretrained_card(model, m, tmp)
             summary = {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model}
         else:
@@ -98,7 +98,7 @@ def lm_flow(name: str) -> dict:
             tok, train_w, held_w, corpus_hash = prepare(m, partial / "tokenizer")
             model, res = train(m, quote(tok), quote(train_w), quote(held_w), partial / "ckpt")
             gens = samples(quote(model), m.seed)
-            with atomic_dir(out) as tmp:
+            with atomic_dir(out, within=Path("data/models")) as tmp:
                 save_toy_model(model, m, partial / "tokenizer", tmp)
             shutil.rmtree(partial)
             summary = {

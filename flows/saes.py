@@ -25,6 +25,7 @@ from prefect.utilities.annotations import quote
 from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, content_hash, write_json
+from stages.layout import inside
 from stages.tracking import stage_run
 
 # The headline numbers per SAE: what metrics/ and the Pareto plot carry.
@@ -167,11 +168,11 @@ def saes_flow(name: str) -> dict:
         model = load_model(model_dir)
         rows, metrics = [], {}
         data_fp = {"store": content_hash(store.descriptor), "model": content_hash(model_dir)}
-        with atomic_dir(out) as tmp:
+        with atomic_dir(out, within=Path("data/saes")) as tmp:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
                             compute, dev)  # fmt: skip
             for hook, r, ev in fits:
-                folder = tmp / hook / r.name
+                folder = inside(tmp, hook, r.name)  # names checked by params; never outside
                 save_sae(folder, r.sae, hook_name=hook, model_name=name,
                          log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
                          training_config=r.config)  # fmt: skip

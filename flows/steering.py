@@ -30,7 +30,10 @@ from prefect.utilities.annotations import quote
 from flows.common import main
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
+from stages.layout import inside
 from stages.tracking import stage_run
+
+DATA = Path("data")
 
 
 def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
@@ -38,7 +41,7 @@ def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
 
     saes = {}
     for hook, name in chosen.items():
-        folder = Path("data/saes") / model / hook / name
+        folder = inside(Path("data/saes"), model, hook, name)
         if not (folder / "cfg.json").exists():
             raise FileNotFoundError(
                 f"params.yaml: steering.models.{model}.saes.{hook} = '{name}': no SAE folder "
@@ -113,7 +116,7 @@ def steering_flow(name: str) -> dict:
         hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
         metrics: dict[str, dict] = {}
         out_s, out_d = Path("data/steering") / name, Path("data/decomposition") / name
-        with atomic_dir(out_s) as tmp_s, atomic_dir(out_d) as tmp_d:
+        with atomic_dir(out_s, within=DATA) as tmp_s, atomic_dir(out_d, within=DATA) as tmp_d:
             for cname, s in sets.items():
                 r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
                             name, hashes)  # fmt: skip

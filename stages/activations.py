@@ -18,7 +18,10 @@ the BOS at position 0. Group attributes hold the model, hooks, dtype, corpus has
 params, `heldout_start`, `seq_len`, `bos_id` and `concept_names`.
 
 Arrays are sharded (`shard_rows` rows per file) so a store has tens of files, and
-every chunk carries a CRC32C checksum so a flipped byte is detected on read.
+every chunk carries a CRC32C checksum so a flipped byte is detected on read. zarr reads
+a shard file that is not there as zeros (fill_value), so the finished store lists every
+file it wrote with its size in `manifest.json`, and `ActivationStore` refuses a store
+whose listed files are missing, empty or of another size, naming the file.
 
 Caching is resumable: rows are written shard by shard into `<out>.partial/`, a
 marker file per shard (`done/<i>`) records the shards that are complete, and a re-run
@@ -79,6 +82,7 @@ PROGRESS = "progress.json"
 DONE = "done"  # one empty marker file per complete shard
 COMPLETE = "complete.json"  # a store in object storage is complete once this is there
 POINTER = "remote.json"  # the local output of a store in object storage
+MANIFEST = "manifest.json"  # every file of a finished store and its size (see check_files)
 
 
 # ---------------------------------------------------------------------------- labels
@@ -211,6 +215,49 @@ def remote_manifest(where: UPath) -> dict[str, dict]:
             entry["etag"] = str(tag).strip('"')
         files[rel] = entry
     return dict(sorted(files.items()))
+
+
+def _files(where: Path | UPath) -> dict[str, int]:
+    """Relative path -> size of every file of a store (no reads; one listing remotely),
+    leaving out a run's bookkeeping and the manifest and completion marker themselves."""
+    if _is_local(where):
+        root = Path(where)
+        sizes = {p.relative_to(root).as_posix(): p.stat().st_size
+                 for p in root.rglob("*") if p.is_file()}  # fmt: skip
+    else:
+        sizes = {rel: e["size"] for rel, e in remote_manifest(where).items()}
+    skip = (PROGRESS, MANIFEST, COMPLETE)
+    return {rel: n for rel, n in sorted(sizes.items())
+            if rel not in skip and not rel.startswith(f"{DONE}/")}  # fmt: skip
+
+
+def write_manifest(where: Path | UPath) -> dict[str, int]:
+    """Record every file of a finished store and its size in `manifest.json` (what
+    `check_files` holds the store to). Anyone writing a store by hand calls this last."""
+    files = _files(where)
+    _put_json(where / MANIFEST, {"format": "feature-atlas/activations-manifest/1",
+                                 "files": files})  # fmt: skip
+    return files
+
+
+def check_files(where: Path | UPath) -> None:
+    """Refuse a store whose files differ from its manifest: a missing or emptied shard
+    would otherwise read as zeros. A store without a manifest (written by hand, or
+    before manifests existed) cannot be checked: a warning says so."""
+    manifest = _get_json(where / MANIFEST)
+    redo = "restore it (`dvc checkout`) or re-run the activations stage"
+    if manifest is None:
+        log.warning("%s: no %s (a store written before manifests, or by hand): missing shard "
+                    "files cannot be detected and would read as zeros; %s", where, MANIFEST, redo)  # fmt: skip
+        return
+    have = _files(where)
+    for rel, size in manifest["files"].items():
+        got = have.get(rel)
+        if got == size:
+            continue
+        state = "is missing" if got is None else "is empty" if got == 0 else f"has {got} bytes"
+        raise CorruptStoreError(f"{str(where).rstrip('/')}/{rel}: {state}, the store's {MANIFEST} "
+                                f"lists {size} bytes (zarr would read it as zeros): {redo}")  # fmt: skip
 
 
 def count_files(out: Path) -> int:
@@ -614,10 +661,12 @@ def finish_cache(plan: CachePlan) -> None:
     if plan.url is None:
         shutil.rmtree(plan.partial / DONE)
         (plan.partial / PROGRESS).unlink()
+        write_manifest(plan.partial)
         replace_dir(plan.partial, plan.out)
         return
     where = plan.partial
     if not (where / COMPLETE).exists():
+        write_manifest(where)
         _put_json(where / COMPLETE, {"fingerprint": plan.fingerprint})
     for leftover in (where / DONE, where / PROGRESS):
         with contextlib.suppress(FileNotFoundError):
@@ -708,7 +757,9 @@ def read_rows(array: zarr.Array, lo: int, hi: int, root: Path | str) -> np.ndarr
             try:
                 array[max(start, lo) : min(start + step, hi)]
             except ValueError:
-                shard = f"{str(root).rstrip('/')}/{array.path}/c/{start // step}/0"
+                # the shard's file: c/<i> for a 1-D array, c/<i>/0 for a 2-D one
+                tail = "/0" * (array.ndim - 1)
+                shard = f"{str(root).rstrip('/')}/{array.path}/c/{start // step}{tail}"
                 raise CorruptStoreError(
                     f"{shard}: stored data fails its CRC32C checksum (rows {start}.."
                     f"{start + step - 1} of '{array.path}'); the file is corrupt: restore it "
@@ -766,6 +817,7 @@ class ActivationStore:
                 f"{self.path}: an activation store still being written ({PROGRESS}, no "
                 f"{COMPLETE}); expected a complete store: re-run the activations stage"
             )
+        check_files(self.path)  # a missing shard would read as zeros
         self.group = _open_group(self.path, "r")
         self.attrs = dict(self.group.attrs)
         self.hooks: list[str] = list(self.attrs["hooks"])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 import types
 from pathlib import Path
@@ -32,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from stages.layout import SAFE_NAME_EXPECTED, is_inside, why_unsafe
 from stages.params_messages import (
     MISSING,
     NO_VALUE,
@@ -39,12 +41,15 @@ from stages.params_messages import (
     Said,
     dotted,
     expected_for,
+    key_value,
     message,
     or_list,
     walk,
 )
 
 PARAMS_FILE = Path("params.yaml")
+# where JSONL steering sets live: the steering stage's DVC dependency (dvc.yaml)
+PROMPTS_DIR = "data/prompts"
 
 
 class ParamsError(ValueError):
@@ -341,6 +346,9 @@ class SteeringConfig(_Strict):
     @model_validator(mode="after")
     def _symmetric(self) -> SteeringConfig:
         m = sorted(self.multipliers)
+        if len(set(m)) < 2:  # [0, 0, 0]: no slope to fit
+            raise KeyProblem(("multipliers",), self.multipliers, "expected at least two "
+                            "distinct finite values (steerability is a slope over them)")  # fmt: skip
         if len(m) < 3 or m != sorted(-x for x in m) or 0.0 not in m:
             raise KeyProblem(("multipliers",), self.multipliers, "expected a symmetric range "
                             "around 0 that includes 0 (steerability is a slope over it)")  # fmt: skip
@@ -490,12 +498,8 @@ class Params(_Strict):
         if not self.models:
             raise KeyProblem(("models",), self.models, "expected at least one model")
         for name, m in self.models.items():
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-                raise KeyProblem(
-                    ("models", name),
-                    name,
-                    "expected a name of letters, digits, '-', '_' or '.' (it becomes a path)",
-                )
+            if why := why_unsafe(name):  # data/models/<name>/, data/activations/<name>/, ...
+                raise KeyProblem(("models", name), name, why)
             hooks = self.activations.hooks.get(name)
             loc = ("activations", "hooks", name)
             if hooks is None:
@@ -599,6 +603,12 @@ class Params(_Strict):
                                     f"{list(TOY_STEERING_SETS)} or a .jsonl file")  # fmt: skip
                 # Only that the file is there: parsing it here (stages.steering.prompts)
                 # would import torch, scipy and pyarrow into every stage's params check.
+                # The steering stage's DVC dependency is data/prompts/ (dvc.yaml): a set
+                # elsewhere would go stale unseen (`dvc status` would not see it change).
+                if s.endswith(".jsonl") and not is_inside(PROMPTS_DIR, s):
+                    raise KeyProblem((*loc, "sets", i), s, f"expected a JSONL file under "
+                                    f"{PROMPTS_DIR}/, the steering stage's DVC dependency "
+                                    "(copy it there, so that `dvc status` sees it change)")  # fmt: skip
                 if s.endswith(".jsonl") and not Path(s).is_file():
                     raise KeyProblem((*loc, "sets", i), s, "expected an existing JSONL file "
                                     "(no such file; paths are relative to the repository root)")  # fmt: skip
@@ -616,6 +626,8 @@ class Params(_Strict):
                 if hook not in cached:
                     raise KeyProblem((*loc, "saes", hook), sae,
                                     f"expected a cached hook of {name}: {cached}")  # fmt: skip
+                if why := why_unsafe(sae):  # data/saes/<model>/<hook>/<sae>/
+                    raise KeyProblem((*loc, "saes", hook), sae, why)
                 names = folders.get(hook, [])
                 if names is None:
                     continue  # known only once the model is loaded: checked by the stage
@@ -664,6 +676,9 @@ class Params(_Strict):
         # A name neither model trains is a typo. (The stage also wants each name on every
         # compared hook either model has SAEs on; that is left to it: a run of one stage
         # may leave the align keys behind the sweep it changed.)
+        for j, n in enumerate(cfg.sae_names):
+            if why := why_unsafe(n):  # SAE folder names
+                raise KeyProblem(("align", "config", "sae_names", j), n, why)
         folders = [self.sae_folders(m) for m in (pair.a, pair.b)]
         if any(names is None for f in folders for names in f.values()):
             return  # known only once the model is loaded: checked by the stage
@@ -689,6 +704,10 @@ class Params(_Strict):
         for i, w in enumerate(wanted):
             if w in keys or w in names:
                 continue
+            parts = w.split("/")
+            if len(parts) not in (1, 3) or any(why_unsafe(p) for p in parts):
+                raise KeyProblem(("report", "dashboard_saes", i), w, "expected an SAE name or "
+                                f"'model/hook/name', each part a folder name ({SAFE_NAME_EXPECTED})")  # fmt: skip
             if w.split("/")[0] in unknown if "/" in w else unknown:
                 continue  # known only once the model is loaded: checked by the stage
             raise KeyProblem(("report", "dashboard_saes", i), w,
@@ -846,10 +865,27 @@ def parse_params(raw: Any, origin: str = "params.yaml") -> Params:
         raise ParamsError(
             f"{origin}: expected a mapping at the top level, got {type(raw).__name__}"
         )
+    if bad := _non_finite(raw):
+        loc, value = bad
+        raise ParamsError(f"{origin}: {key_value(dotted(loc), value, 'expected a finite number')}")
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
         raise ParamsError(_format_pydantic(err, origin, raw)) from None
+
+
+def _non_finite(raw: Any, loc: tuple = ()) -> tuple[tuple, float] | None:
+    """The first NaN / inf anywhere in the file (YAML's .inf, .nan), with its key: no
+    knob means anything at infinity, and a NaN compares false with every bound."""
+    if isinstance(raw, float) and not math.isfinite(raw):
+        return loc, raw
+    items = (
+        raw.items() if isinstance(raw, dict) else enumerate(raw) if isinstance(raw, list) else ()
+    )
+    for k, v in items:
+        if bad := _non_finite(v, (*loc, k)):
+            return bad
+    return None
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:

@@ -18,15 +18,22 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from stages.layout import check_target
+
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def atomic_dir(final: Path, within: Path | None = None) -> Iterator[Path]:
     """Yield an empty temporary folder; on success it replaces `final` in one rename.
 
     On error the temporary folder is removed (nothing half-written is left) and
-    whatever was already at `final` is untouched.
+    whatever was already at `final` is untouched. `final` must lie inside `within` (the
+    stage's output folder, or the repository's `data/`) when given, and is never the
+    working folder, an ancestor of it, a `.git` folder or a path with `..`
+    (`stages.layout.check_target`): a name from params or a prompt file that slipped
+    past its check cannot make this replace a folder elsewhere.
     """
     final = Path(final)
+    check_target(final, within)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
@@ -38,12 +45,14 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    replace_dir(tmp, final)
+    replace_dir(tmp, final, within)
 
 
-def replace_dir(src: Path, final: Path) -> None:
-    """Move folder `src` to `final`, replacing what was there with (nearly) one rename."""
+def replace_dir(src: Path, final: Path, within: Path | None = None) -> None:
+    """Move folder `src` to `final`, replacing what was there with (nearly) one rename;
+    `final` is checked as in `atomic_dir` (inside `within` when given)."""
     final = Path(final)
+    check_target(final, within)
     if final.exists() or final.is_symlink():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)

@@ -5,8 +5,10 @@
                             dashboard_data, k=5)
     print(format_token_features(rows))
 
-The text is run through the model once up to the hook (`stop_at_layer`), the hook's
-activations go through `sae.encode`, and each latent is described from the dashboard
+The text is run through the model up to the hook (`stop_at_layer`), in consecutive
+windows of the model's context length when it is longer (each window starts again from
+BOS, as the pipeline caches; every token is covered), the hook's activations go through
+`sae.encode`, and each latent is described from the dashboard
 data (`dashboard_data.json`: top tokens, best concept, logit-lens tokens).
 """
 
@@ -76,26 +78,42 @@ def features_of_text(
     if dashboard_data and dashboard_data.get("hook") not in (None, hook):
         raise ValueError(f"dashboard data is for hook {dashboard_data.get('hook')!r}, not {hook!r}")
     descs = (dashboard_data or {}).get("features", {})
-    tokens = model.to_tokens(text, prepend_bos=prepend_bos)
-    strs = model.to_str_tokens(tokens[0])
-    _, cache = model.run_with_cache(
-        tokens, names_filter=[hook], stop_at_layer=stop_layer(model, [hook])
-    )
-    x = cache[hook][0].float()
-    if x.shape[-1] != sae.d_in:
-        raise ValueError(f"{hook}: width {x.shape[-1]}, but the SAE expects d_in = {sae.d_in}")
-    f = sae.encode(x)
-    vals, ids = torch.topk(f, min(k, f.shape[-1]), dim=-1)
     out = []
     start = 1 if prepend_bos else 0
-    for p in range(start, len(strs)):
-        feats = [
-            ActiveFeature(int(i), float(v), _describe(descs, int(i)))
-            for v, i in zip(vals[p].tolist(), ids[p].tolist(), strict=True)
-            if v > 0
-        ]
-        out.append(TokenFeatures(p, strs[p], feats))
+    for offset, window in text_windows(model, text, prepend_bos):
+        strs = model.to_str_tokens(window[0])
+        _, cache = model.run_with_cache(
+            window, names_filter=[hook], stop_at_layer=stop_layer(model, [hook])
+        )
+        x = cache[hook][0].float()
+        if x.shape[-1] != sae.d_in:
+            raise ValueError(f"{hook}: width {x.shape[-1]}, but the SAE expects d_in = {sae.d_in}")
+        f = sae.encode(x)
+        vals, ids = torch.topk(f, min(k, f.shape[-1]), dim=-1)
+        for p in range(start, len(strs)):
+            feats = [
+                ActiveFeature(int(i), float(v), _describe(descs, int(i)))
+                for v, i in zip(vals[p].tolist(), ids[p].tolist(), strict=True)
+                if v > 0
+            ]
+            out.append(TokenFeatures(offset + p, strs[p], feats))
     return out
+
+
+def text_windows(model, text: str, prepend_bos: bool = True) -> list[tuple[int, torch.Tensor]]:
+    """The whole text as model windows [1, <= n_ctx], each with its offset: a text longer
+    than the context is cut into consecutive windows that each start again from BOS, the
+    rule the pipeline caches by (`stages/tokens.py`), so no token is dropped. A token's
+    position in the text is offset + its position in its window (BOS = 0)."""
+    ids = model.to_tokens(text, prepend_bos=False, truncate=False)[0]
+    n_ctx = int(model.cfg.n_ctx)
+    if not prepend_bos:
+        return [(i, ids[i : i + n_ctx][None]) for i in range(0, max(len(ids), 1), n_ctx)]
+    bos = torch.tensor([model.tokenizer.bos_token_id], dtype=ids.dtype, device=ids.device)
+    body = n_ctx - 1
+    return [
+        (i, torch.cat([bos, ids[i : i + body]])[None]) for i in range(0, max(len(ids), 1), body)
+    ]
 
 
 def _describe(descs: Mapping[str, Any], feature: int) -> str:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from stages.layout import why_unsafe
 
 
 class SAEConfig(BaseModel):
@@ -58,6 +60,14 @@ class SAEConfig(BaseModel):
     dead_feature_window: int = Field(
         default=1_000_000, ge=1, description="a latent silent for this many tokens is dead"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, v: str | None) -> str | None:
+        # the SAE's folder: data/saes/<model>/<hook>/<name>/
+        if v is not None and (why := why_unsafe(v)):
+            raise ValueError(why)
+        return v
 
     @model_validator(mode="after")
     def _check_sizes(self) -> SAEConfig:

@@ -9,7 +9,10 @@ A folder holds:
 - `sae_weights.safetensors`: `W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`,
   `b_dec`, `threshold` (jumprelu, batchtopk), `b_gate`/`r_mag`/`b_mag` (gated, no `b_enc`);
 - `sparsity.safetensors` (optional): `sparsity` = log10 feature density per latent;
-- `metrics.json` (ours): the evaluation.
+- `metrics.json` (ours): the evaluation;
+- `checksums.json` (ours): the sha256 of `sae_weights.safetensors` (and of
+  `sparsity.safetensors`), checked on every load: a flipped bit in the payload still
+  parses as safetensors, and `load_sae` refuses it, as it refuses non-finite weights.
 
 `sae_lens.SAE.load_from_disk(folder)` loads it (tested), and `load_sae(folder)` reads any
 SAELens-format folder into our classes.
@@ -17,6 +20,7 @@ SAELens-format folder into our classes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import warnings
@@ -36,6 +40,7 @@ CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
 SPARSITY_FILENAME = "sparsity.safetensors"
 METRICS_FILENAME = "metrics.json"
+CHECKSUMS_FILENAME = "checksums.json"  # sha256 of the weight files; SAELens ignores it
 # the SAELens config format we write (>= 6.0 means "no legacy key renaming" to SAELens)
 SAELENS_FORMAT_VERSION = "6.0.0"
 
@@ -131,13 +136,51 @@ def save_sae(
         (folder / METRICS_FILENAME).write_text(
             json.dumps(_json_safe(metrics, METRIC_DIGITS), indent=2)
         )
+    sums = {f: _sha256(folder / f) for f in (WEIGHTS_FILENAME, SPARSITY_FILENAME)
+            if (folder / f).exists()}  # fmt: skip
+    (folder / CHECKSUMS_FILENAME).write_text(json.dumps({"sha256": sums}, indent=2) + "\n")
     return folder
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checksum(folder: Path, filename: str) -> None:
+    """The file's sha256 against the folder's `checksums.json`, when it lists the file
+    (published SAELens folders have none: they are checked for finite weights only)."""
+    sums_path = folder / CHECKSUMS_FILENAME
+    if not sums_path.exists():
+        return
+    try:
+        want = json.loads(sums_path.read_text())["sha256"].get(filename)
+    except (ValueError, KeyError, AttributeError, TypeError):
+        raise SAEFormatError(f"{sums_path}: not a checksum file ({{'sha256': {{file: hash}}}}); "
+                             "restore the folder (`dvc checkout`) or re-run the saes stage") from None  # fmt: skip
+    if want is None:
+        return
+    if (got := _sha256(folder / filename)) != want:
+        raise SAEFormatError(f"{folder / filename}: sha256 {got[:12]}… differs from the "
+                             f"{want[:12]}… recorded in {CHECKSUMS_FILENAME}; the weights are "
+                             "corrupt: restore them (`dvc checkout`) or re-run the saes stage")  # fmt: skip
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise SAEFormatError(f"{path}: missing; an SAE folder needs {WEIGHTS_FILENAME}")
-    return {k: v.to(torch.float32) for k, v in load_safetensors(path, "SAE weights").items()}
+    state = {k: v.to(torch.float32) for k, v in load_safetensors(path, "SAE weights").items()}
+    verify_checksum(path.parent, path.name)  # (after: a truncated file is named as such)
+    for k, v in state.items():
+        if not torch.isfinite(v).all():
+            at = torch.nonzero(~torch.isfinite(v))[0].tolist()
+            raise SAEFormatError(f"{path}: tensor '{k}' holds a non-finite value "
+                                 f"({v[tuple(at)].item()} at {at}); expected finite weights: "
+                                 "restore them (`dvc checkout`) or re-run the saes stage")  # fmt: skip
+    return state
 
 
 def load_sae(folder: str | Path) -> BaseSAE:
@@ -215,6 +258,7 @@ def load_log_feature_density(folder: str | Path) -> torch.Tensor | None:
     path = Path(folder) / SPARSITY_FILENAME
     if not path.exists():
         return None
+    verify_checksum(path.parent, path.name)
     with safe_open(str(path), framework="pt") as f:
         return f.get_tensor("sparsity")
 

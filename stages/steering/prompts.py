@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.corpus import ANIMALS, COLOURS, MOVES, NAMES, NEGATIVE, POSITIVE, WEATHER, WEEKDAYS
+from stages.layout import safe_name
 
 ReadPosition = int | str  # an index (BOS = 0, -1 = last token) or "mean"
 
@@ -180,7 +181,8 @@ def read_set(path: Path, name: str | None = None) -> SteeringSet:
                 if d.get(key) is not None and not isinstance(d[key], str):
                     raise _fail(path, i, f"'{key}' must be a concept name or null, got "
                                 f"{d[key]!r}")  # fmt: skip
-            s.name = d.get("name") or s.name
+            if d.get("name"):  # it names the output folders data/steering/<model>/<name>/
+                s.name = safe_name(d["name"], f"{path}: line {i}: 'name'")
             s.positive_targets = _words(path, i, d, "positive_targets")
             s.negative_targets = _words(path, i, d, "negative_targets")
             s.target_prefix = d.get("target_prefix", " ")
@@ -207,6 +209,8 @@ def read_set(path: Path, name: str | None = None) -> SteeringSet:
                 d["prompt"], tuple(_words(path, i, d, "positive_targets")),
                 tuple(_words(path, i, d, "negative_targets"))))  # fmt: skip
             eval_lines.append(i)
+    # without a header 'name' the set is named after its file (it names output folders)
+    safe_name(s.name, f"{path}: the set's name (from the file name: no header 'name')")
     if not s.train_pairs:
         raise ValueError(f"{path}: no training pairs; expected at least one line "
                          '{"positive": "...", "negative": "..."}')  # fmt: skip

@@ -18,6 +18,7 @@ Files (each folder written atomically):
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from stages.activations import check_hooks
 from stages.io import atomic_dir, write_json
+from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.apply import generate_steered
 from stages.steering.downstream import downstream_effects
@@ -68,6 +70,16 @@ class ConceptConfig:
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        finite = {float(m) for m in self.multipliers if math.isfinite(m)}
+        if len(finite) < 2 or len(finite) != len(set(map(float, self.multipliers))):
+            raise ValueError(f"ConceptConfig: multipliers = {list(self.multipliers)}, expected "
+                             "at least two distinct finite values (steerability is a slope)")  # fmt: skip
+        for key in ("kl_multiplier", "kl_budget", "generation_multiplier", "gt_f1_threshold"):
+            if not math.isfinite(getattr(self, key)):
+                raise ValueError(f"ConceptConfig: {key} = {getattr(self, key)}, expected a "
+                                 "finite number")  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -255,13 +267,15 @@ def run_concept(
 def write_concept(result: ConceptResult, steering_dir: Path, decomposition_dir: Path) -> Path:
     """Write `<steering_dir>/<concept>/` and `<decomposition_dir>/<concept>/`; returns the
     steering folder."""
-    out = Path(steering_dir) / result.name
-    with atomic_dir(out) as tmp:
+    # the set's name was checked when read (stages.layout.safe_name); `inside` and
+    # `within` refuse a folder outside these roots anyway
+    out = inside(steering_dir, safe_name(result.name, "steering set name"))
+    with atomic_dir(out, within=steering_dir) as tmp:
         save_vector(tmp, result.vectors, result.meta)
         # wall time stays out of the file (same inputs => same bytes); it is in `evaluation`
         ev = {k: v for k, v in result.evaluation_dict().items() if k != "seconds"}
         write_json(tmp / "evaluation.json", _jsonable(ev))
-    with atomic_dir(Path(decomposition_dir) / result.name) as tmp:
+    with atomic_dir(inside(decomposition_dir, result.name), within=decomposition_dir) as tmp:
         write_json(tmp / "decomposition.json",
                    _jsonable({"concept": result.name, "model": result.model,
                               **result.decomposition}))  # fmt: skip

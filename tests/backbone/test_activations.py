@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,8 +80,9 @@ def test_cached_values_equal_a_plain_forward(tmp_path):
     )
     n_files = sum(1 for p in out.rglob("*") if p.is_file())
     # one file per shard per hook (14 shards of 128 rows), one per metadata array,
-    # plus the zarr.json of the group and of each array: never one file per chunk
-    assert n_files == len(HOOKS) * 14 + 6 + (1 + len(HOOKS) + 6)
+    # plus the zarr.json of the group and of each array, plus manifest.json: never one
+    # file per chunk
+    assert n_files == len(HOOKS) * 14 + 6 + (1 + len(HOOKS) + 6) + 1
     assert not (tmp_path / "store.partial").exists()
 
 
@@ -131,6 +134,48 @@ def test_flipped_byte_in_a_shard_names_the_file(tmp_path):
     assert src.read(0, 128).shape == (128, 16)  # shard 0 is intact
     with pytest.raises(CorruptStoreError, match=re.escape(str(shard))):
         src.read(0, 256)
+
+
+def test_missing_or_empty_shard_files_are_refused_not_read_as_zeros(tmp_path):
+    """Issue 20 item 3: zarr reads a shard file that is not there as fill_value zeros."""
+    from stages.activations import CorruptStoreError
+
+    ref = tmp_path / "ref"
+    _cache_script.run(ref)
+    manifest = json.loads((ref / "manifest.json").read_text())["files"]
+    assert manifest["token_ids/c/0"] > 0 and manifest["blocks.1.hook_mlp_out/c/13/0"] > 0
+    for rel, how in (("blocks.1.hook_mlp_out/c/13/0", "missing"), ("token_ids/c/0", "empty"),
+                     ("concept_labels/c/0/0", "missing")):  # fmt: skip
+        out = tmp_path / how / rel.replace("/", "_")
+        shutil.copytree(ref, out)
+        if not (out / rel).exists():
+            continue  # (a corpus without labels has no concept_labels)
+        if how == "missing":
+            (out / rel).unlink()
+        else:
+            (out / rel).write_bytes(b"")
+        with pytest.raises(CorruptStoreError) as e:
+            ActivationStore(out)
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith(
+            f"{out / rel}: is {how}, the store's manifest.json"
+        )
+        # ... and the same store opened by URL
+        with pytest.raises(CorruptStoreError, match=re.escape(f"{rel}: is {how}")):
+            ActivationStore(f"file://{out}")
+
+
+def test_a_corrupt_1d_chunk_names_its_real_file(tmp_path):
+    from stages.activations import CorruptStoreError
+
+    out = tmp_path / "store"
+    _cache_script.run(out)
+    chunk = out / "token_ids" / "c" / "0"  # a 1-D array: c/<i>, not c/<i>/0
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(CorruptStoreError, match=rf"^{re.escape(str(chunk))}: stored data fails"):
+        ActivationStore(out).read("token_ids")
 
 
 def test_shard_runs_are_contiguous_and_cover_everything():

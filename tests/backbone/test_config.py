@@ -291,9 +291,7 @@ def test_values_that_would_fail_in_a_later_stage_fail_now(tiny, mutate, expected
 
 
 def test_jsonl_steering_sets_that_exist_and_known_sae_names_pass(tiny, tmp_path):
-    f = tmp_path / "set.jsonl"
-    f.write_text('{"positive": "Love", "negative": "Hate"}\n')
-    tiny["steering"]["models"]["tiny-a"]["sets"].append(str(f))
+    tiny["steering"]["models"]["tiny-a"]["sets"].append("data/prompts/sentiment_actadd.jsonl")
     tiny["report"]["dashboard_saes"] = [
         "relu-128-l1c5",
         "tiny-b/blocks.0.hook_resid_post/topk-128-k4",

@@ -57,6 +57,7 @@ def test_saelens_loads_our_folder_and_reproduces_encode_decode(tmp_path, arch):
         "sae_weights.safetensors",
         "sparsity.safetensors",
         "metrics.json",
+        "checksums.json",  # ours: sha256 of the weight files, checked on load
     }
     theirs = sae_lens.SAE.load_from_disk(tmp_path)
     x = torch.randn(50, D_IN) * 2
@@ -147,3 +148,42 @@ def test_truncated_weights_are_named(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-100])
     with pytest.raises(CorruptArtifactError, match=rf"^{weights}: not a readable safetensors"):
         load_sae(tmp_path)
+
+
+def _flip_payload_bit(path) -> None:
+    """Flip one bit of the tensor bytes (past the JSON header): still a valid file."""
+    data = bytearray(path.read_bytes())
+    header = 8 + int.from_bytes(data[:8], "little")
+    data[header + (len(data) - header) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bits_in_the_weights_are_refused_by_their_checksum(tmp_path):
+    """Issue 20 item 4: flipped bits in the payload loaded without error before."""
+    sae = trained_like("topk")
+    save_sae(tmp_path, sae, hook_name="h")
+    sae_lens.SAE.load_from_disk(tmp_path)  # our extra file does not bother SAELens
+    weights = tmp_path / "sae_weights.safetensors"
+    _flip_payload_bit(weights)
+    with pytest.raises(SAEFormatError) as e:
+        load_sae(tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{weights}: sha256 ")
+    assert "checksums.json" in msg
+
+
+def test_non_finite_weights_are_refused_even_with_a_matching_checksum(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    sae = trained_like("relu")
+    save_sae(tmp_path, sae, hook_name="h")
+    weights = tmp_path / "sae_weights.safetensors"
+    state = load_file(weights)
+    state["W_dec"][3, 2] = float("inf")  # e.g. a flipped exponent bit, then re-saved
+    save_file(state, weights)
+    (tmp_path / "checksums.json").unlink()  # as a published SAELens folder: no checksum
+    with pytest.raises(SAEFormatError) as e:
+        load_sae(tmp_path)
+    assert str(e.value).startswith(
+        f"{weights}: tensor 'W_dec' holds a non-finite value (inf at [3, 2])"
+    )

@@ -1,0 +1,67 @@
+"""Issue 20 item 7: a prompt set that params name must be a DVC dependency of the
+steering stage, so that editing it makes `dvc status` report the stage stale. The stage
+depends on data/prompts/ (dvc.yaml); params refuse a set anywhere else."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ParamsError, parse_params
+
+DVC = str(Path(sys.executable).parent / "dvc")
+SET = "data/prompts/sentiment_actadd.jsonl"
+
+
+def test_a_prompt_set_outside_data_prompts_is_refused(tmp_path):
+    outside = tmp_path / "mine.jsonl"
+    shutil.copy(SET, outside)  # an existing, valid set: only its place is wrong
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    for path in (str(outside), "data/prompts/../../mine.jsonl"):
+        raw["steering"]["models"]["toy-a"]["sets"] = ["emotion_polarity", path]
+        with pytest.raises(ParamsError) as e:
+            parse_params(raw)
+        assert str(e.value) == (
+            f"params.yaml: steering.models.toy-a.sets[1] = {path!r}, expected a JSONL file under "
+            "data/prompts/, the steering stage's DVC dependency (copy it there, so that "
+            "`dvc status` sees it change)"
+        )
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    r = subprocess.run([DVC, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def test_dvc_status_sees_an_edit_of_a_set_that_params_name(tmp_path):
+    """Real DVC on this repository's dvc.yaml: commit the steering stage over stand-in
+    inputs and outputs, edit the set file, and `dvc status` names data/prompts."""
+    raw = yaml.safe_load(Path("params.yaml").read_text())
+    raw["steering"]["models"]["toy-a"]["sets"] = ["emotion_polarity", SET]
+    parse_params(raw)  # a set under data/prompts/ is accepted
+    shutil.copy("dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "data" / "prompts").mkdir(parents=True)
+    shutil.copy(SET, tmp_path / SET)
+    stand_ins = ["data/models/toy-a", "data/activations/toy-a", "data/saes/toy-a",
+                 "stages/steering", "data/steering/toy-a", "data/decomposition/toy-a"]  # fmt: skip
+    for d in stand_ins:
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "x").write_text(d)
+    (tmp_path / "flows").mkdir()
+    (tmp_path / "flows" / "steering.py").write_text("")
+    (tmp_path / "metrics" / "steering").mkdir(parents=True)
+    (tmp_path / "metrics" / "steering" / "toy-a.json").write_text("{}")
+    _dvc(tmp_path, "init", "--no-scm", "-q")
+    _dvc(tmp_path, "commit", "-f", "-q", "steering@toy-a")
+    assert "up to date" in _dvc(tmp_path, "status", "steering@toy-a")
+    with open(tmp_path / SET, "a") as f:
+        f.write('{"positive": "Joy", "negative": "Grief"}\n')
+    status = _dvc(tmp_path, "status", "steering@toy-a")
+    assert "steering@toy-a" in status and "modified:" in status and "data/prompts" in status
