@@ -3,7 +3,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: install browser run test lint lock bench clean-runs
+.PHONY: install browser run test test-fast lint lock bench clean-runs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,11 @@ run: install
 test: install browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -p no:cacheprovider
+
+# The developer loop: everything but the end-to-end tests marked `slow` (CI runs all).
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

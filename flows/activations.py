@@ -23,9 +23,11 @@ from flows.common import main, transient_only, with_runner
 from stages.compute import Device
 from stages.config import flatten, load_params
 from stages.io import content_hash, write_json
+from stages.layout import Layout
 from stages.tracking import stage_run
 
-CORPUS = Path("data/corpus")
+LAYOUT = Layout()
+CORPUS = LAYOUT.corpus
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -33,7 +35,7 @@ def load(name: str, hooks: list[str]):
     from stages.activations import check_hooks
     from stages.models import load_model
 
-    model = load_model(Path("data/models") / name)
+    model = load_model(LAYOUT.model(name))
     check_hooks(model, hooks, f"params.yaml: activations.hooks.{name}")  # before any work
     return model
 
@@ -61,7 +63,7 @@ def cache(model, name, hooks, inputs, store_params, model_hash, dev):
     from stages.activations import cache_activations
 
     return cache_activations(model, name, hooks, inputs, store_params,
-                             Path("data/activations") / name, model_hash=model_hash, device=dev)  # fmt: skip
+                             LAYOUT.activations(name), model_hash=model_hash, device=dev)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE)
@@ -69,7 +71,7 @@ def prepare(model, name, hooks, inputs, store_params, model_hash, precision):
     from stages.activations import prepare_cache
 
     return prepare_cache(model, name, hooks, inputs, store_params,
-                         Path("data/activations") / name, model_hash=model_hash,
+                         LAYOUT.activations(name), model_hash=model_hash,
                          precision=precision)  # fmt: skip
 
 
@@ -96,7 +98,7 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev)
     todo = plan.todo()
     runs = shard_runs(todo, n_parts)
     print(f"activations@{name}: {len(todo)} shards in {len(runs)} runs on Dask workers")
-    model_dir = str(Path("data/models") / name)
+    model_dir = str(LAYOUT.model(name))
     futures = [cache_part.submit(model_dir, plan.part(r), r, dev) for r in runs]
     stats = [f.result() for f in futures]
     finish_cache(plan)
@@ -109,7 +111,7 @@ def activations_flow(name: str) -> dict:
     if name not in params.models:
         raise KeyError(f"model {name!r} is not in params.yaml models ({', '.join(params.models)})")
     hooks, sp = params.hooks(name), params.activations.store
-    model_dir = Path("data/models") / name
+    model_dir = LAYOUT.model(name)
     logged = {**flatten(sp, "activations.store."), f"activations.hooks.{name}": hooks}
     if sp.url:  # an unwritable url fails here, before the model is loaded
         from stages.activations import check_store_url
@@ -129,10 +131,10 @@ def activations_flow(name: str) -> dict:
                         dev)  # fmt: skip
         from stages.activations import count_files
 
-        out = Path("data/activations") / name
+        out = LAYOUT.activations(name)
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
                    "n_hooks": len(hooks), "n_files": count_files(out)}  # fmt: skip
-        metrics_file = Path("metrics/activations") / f"{name}.json"
+        metrics_file = LAYOUT.metrics("activations", name)
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, summary)
         run.metrics(summary)

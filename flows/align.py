@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import re
 import sys
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
@@ -29,6 +28,7 @@ from prefect.utilities.annotations import quote
 from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
 from stages.io import write_json
+from stages.layout import Layout
 from stages.tracking import stage_run
 
 
@@ -88,17 +88,17 @@ def align_flow(pair_name: str) -> dict:
                        "{a: <model>, b: <model>}")  # fmt: skip
     pair = params.align.pairs[pair_name]
     a, b = pair.a, pair.b
+    lay = Layout()
     cfg = AlignConfig.from_params(params.align.config)
-    inputs = {f"{kind}.{m}": Path("data") / kind / m
+    inputs = {f"{kind}.{m}": getattr(lay, kind)(m)
               for kind in ("activations", "saes") for m in (a, b)}  # fmt: skip
     logged = {**flatten(params.align.config, "align.config."), "align.a": a, "align.b": b}
     # the token pass runs on compute.device, always in float32 products (align_pair)
     dev = Device(params.compute.with_env().device)
     with stage_run(f"align@{pair_name}", logged, inputs, dev.tags()) as run:
-        store_a = ActivationStore(Path("data/activations") / a)
-        store_b = ActivationStore(Path("data/activations") / b)
-        saes_a, best_a = load_model_saes(Path("data/saes") / a)
-        saes_b, best_b = load_model_saes(Path("data/saes") / b)
+        store_a, store_b = ActivationStore(lay.activations(a)), ActivationStore(lay.activations(b))
+        saes_a, best_a = load_model_saes(lay.saes(a))
+        saes_b, best_b = load_model_saes(lay.saes(b))
         if params.compute.with_env().runner == "dask":
             from stages.alignment.pipeline import align_pair
 
@@ -107,11 +107,10 @@ def align_flow(pair_name: str) -> dict:
         else:
             result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
                            best_a, best_b, dev)  # fmt: skip
-        out = Path("data/alignment") / pair_name
+        out = lay.alignment(pair_name)
         write_alignment(result, out)
         metrics = headline(result)
-        Path("metrics/alignment").mkdir(parents=True, exist_ok=True)
-        write_json(Path("metrics/alignment") / f"{pair_name}.json", metrics)
+        write_json(lay.metrics("alignment", pair_name), metrics)
         # MLflow keys allow letters, digits and _-. :/ only
         run.metrics({re.sub(r"[^\w\-. :/]", "-", k): v for k, v in metrics.items()})
         run.metrics({f"seconds.{k}": v for k, v in result.timings.items()})

@@ -12,10 +12,11 @@ from flows.common import main, transient_only
 from stages.config import flatten, load_params
 from stages.corpus import Corpus, build_corpus, write_corpus
 from stages.io import write_json
+from stages.layout import Layout
 from stages.tracking import stage_run
 
-OUT = Path("data/corpus")
-METRICS = Path("metrics/corpus.json")
+OUT = Layout().corpus
+METRICS = Layout().metrics("corpus")
 
 
 @task(cache_policy=NO_CACHE)

@@ -20,16 +20,14 @@ from prefect.utilities.annotations import quote
 
 from flows.common import main, transient_only
 from stages.config import PretrainedModel, ToyModel, flatten, load_params
-from stages.io import atomic_dir, read_json, write_json
+from stages.io import atomic_dir, read_json, resume_or_reset, write_json
+from stages.layout import Layout
 from stages.tracking import stage_run
 
-CORPUS = Path("data/corpus")
+LAYOUT = Layout()
+CORPUS = LAYOUT.corpus
 SAMPLE_PROMPTS = ["The brown dog", "On Monday the weather", "Tom counts the birds: three,",
                   "After March comes", "In May the ducks"]  # fmt: skip
-
-
-def out_dir(name: str) -> Path:
-    return Path("data/models") / name
 
 
 @task(cache_policy=NO_CACHE)
@@ -63,42 +61,33 @@ def samples(model, seed: int) -> list[str]:
     return sample(model, SAMPLE_PROMPTS, seed)
 
 
-def _reset_if_stale(partial: Path, fingerprint: dict) -> None:
-    """A checkpoint left by a killed run is resumed only if it was made from the same inputs."""
-    fp_file = partial / "fingerprint.json"
-    if partial.exists() and (not fp_file.exists() or read_json(fp_file) != fingerprint):
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True, exist_ok=True)
-    write_json(fp_file, fingerprint)
-
-
 @flow(name="lm")
 def lm_flow(name: str) -> dict:
     params = load_params()
     if name not in params.models:
         raise KeyError(f"model {name!r} is not in params.yaml models ({', '.join(params.models)})")
     m = params.models[name]
-    out = out_dir(name)
-    metrics_file = Path("metrics/lm") / f"{name}.json"
+    out = LAYOUT.model(name)
+    metrics_file = LAYOUT.metrics("lm", name)
     inputs = {"corpus": CORPUS} if isinstance(m, ToyModel) else {}
     with stage_run(f"lm@{name}", flatten(m, f"models.{name}."), inputs) as run:
         if isinstance(m, PretrainedModel):
             from stages.models import load_pretrained, write_pretrained_card
 
             model = load_pretrained(m.name, m.dtype)
-            with atomic_dir(out, within=Path("data/models")) as tmp:
+            with atomic_dir(out, within=LAYOUT.model()) as tmp:
                 write_pretrained_card(model, m, tmp)
             summary = {"n_layers": model.cfg.n_layers, "d_model": model.cfg.d_model}
         else:
             from stages.models import save_toy_model
 
-            partial = out.with_name(out.name + ".partial")
-            _reset_if_stale(partial, {"model": m.model_dump(mode="json"),
+            partial = LAYOUT.partial(out)
+            resume_or_reset(partial, {"model": m.model_dump(mode="json"),
                                       "corpus": read_json(CORPUS / "meta.json")["corpus_hash"]})  # fmt: skip
             tok, train_w, held_w, corpus_hash = prepare(m, partial / "tokenizer")
             model, res = train(m, quote(tok), quote(train_w), quote(held_w), partial / "ckpt")
             gens = samples(quote(model), m.seed)
-            with atomic_dir(out, within=Path("data/models")) as tmp:
+            with atomic_dir(out, within=LAYOUT.model()) as tmp:
                 save_toy_model(model, m, partial / "tokenizer", tmp)
             shutil.rmtree(partial)
             summary = {

@@ -14,23 +14,24 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from pathlib import Path
 
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import main
 from stages.config import flatten, load_params
+from stages.layout import Layout
 from stages.tracking import stage_run
 
-OUT = Path("reports")
+LAYOUT = Layout()
+OUT = LAYOUT.reports
 
 
 @task(cache_policy=NO_CACHE)
 def build(provenance, dashboard_saes, dashboards):
     from stages.report import build_report
 
-    return build_report(OUT, data="data", provenance=provenance,
+    return build_report(OUT, data=LAYOUT.data, provenance=provenance,
                         dashboard_saes=dashboard_saes, dashboards=dashboards)  # fmt: skip
 
 
@@ -42,12 +43,18 @@ def report_flow() -> dict:
     rp = params.report
     logged = flatten(rp, "report.")
     params_hash = hashlib.md5(json.dumps(logged, sort_keys=True).encode()).hexdigest()[:12]
-    inputs = {f"{kind}.{m}": Path("data") / kind / m for kind in
-              ("models", "activations", "saes", "steering", "decomposition")
-              for m in params.models if (Path("data") / kind / m).exists()}  # fmt: skip
+    where = {
+        "models": LAYOUT.model,
+        "activations": LAYOUT.activations,
+        "saes": LAYOUT.saes,
+        "steering": LAYOUT.steering,
+        "decomposition": LAYOUT.decomposition,
+    }
+    inputs = {f"{kind}.{m}": at(m) for kind, at in where.items()
+              for m in params.models if at(m).exists()}  # fmt: skip
     # (not a killed run's hidden `.A__B.tmp-<pid>` folder: the report skips those too)
     inputs.update({f"{kind}.{p.name}": p for kind in ("alignment", "transfer")
-                   for p in sorted((Path("data") / kind).glob("*__*"))
+                   for p in sorted(getattr(LAYOUT, kind)().glob("*__*"))
                    if p.is_dir() and not p.name.startswith(".")})  # fmt: skip
     with stage_run("report", logged, inputs, {"report.params_hash": params_hash}) as run:
         prov = Provenance.from_run(run.run_id, params_hash)

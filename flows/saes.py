@@ -24,8 +24,8 @@ from prefect.utilities.annotations import quote
 
 from flows.common import main, transient_only, with_runner
 from stages.config import flatten, load_params
-from stages.io import atomic_dir, content_hash, write_json
-from stages.layout import inside
+from stages.io import atomic_dir, content_hash, resume_or_reset, write_json
+from stages.layout import Layout, inside
 from stages.tracking import stage_run
 
 # The headline numbers per SAE: what metrics/ and the Pareto plot carry.
@@ -105,7 +105,10 @@ def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path
     """(hook, TrainResult, EvalResult) for every planned SAE, in plan order: one shared
     pass per hook locally, or one SAE per Dask task."""
     for hook, configs in plan.items():
-        _discard_stale_checkpoints(partial / hook, data_fp, configs)
+        # resume only what this very data and sweep started
+        fp = {**data_fp, "saes": [c.model_dump(mode="json") for c in configs]}
+        if resume_or_reset(partial / hook, fp):
+            print(f"saes: resuming from checkpoints in {partial / hook}")
     if compute.runner == "dask":
         import torch
 
@@ -157,8 +160,10 @@ def saes_flow(name: str) -> dict:
     if params.saes is None or name not in params.saes.sweep:
         raise KeyError(f"params.yaml: saes.sweep.{name} is missing, expected the model's SAE sweep")
     sp, plan = params.saes, params.sae_plan(name)
-    store_dir, model_dir = Path("data/activations") / name, Path("data/models") / name
-    out, partial = Path("data/saes") / name, Path("data/saes") / f"{name}.partial"
+    lay = Layout()
+    store_dir, model_dir = lay.activations(name), lay.model(name)
+    out = lay.saes(name)
+    partial = lay.partial(out)
     logged = {**flatten(sp.sweep[name], f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
     compute = params.compute.with_env()
     dev = Device.from_params(compute)
@@ -168,7 +173,7 @@ def saes_flow(name: str) -> dict:
         model = load_model(model_dir)
         rows, metrics = [], {}
         data_fp = {"store": content_hash(store.descriptor), "model": content_hash(model_dir)}
-        with atomic_dir(out, within=Path("data/saes")) as tmp:
+        with atomic_dir(out, within=lay.saes()) as tmp:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
                             compute, dev)  # fmt: skip
             for hook, r, ev in fits:
@@ -185,30 +190,11 @@ def saes_flow(name: str) -> dict:
                       f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
                       f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
         shutil.rmtree(partial, ignore_errors=True)
-        Path("metrics/saes").mkdir(parents=True, exist_ok=True)
-        Path("plots/saes").mkdir(parents=True, exist_ok=True)
-        write_json(Path("metrics/saes") / f"{name}.json", metrics)
-        write_json(Path("plots/saes") / f"{name}.json", rows)
+        write_json(lay.metrics("saes", name), metrics)
+        write_json(lay.plot("saes", name), rows)
         run.figure(_pareto_figure(rows, name), "pareto.png")
         print(f"saes@{name}: {len(rows)} SAEs -> {out}/, metrics -> metrics/saes/{name}.json")
     return metrics
-
-
-def _discard_stale_checkpoints(ckpt: Path, data_fp: dict, configs) -> None:
-    """Resume only what this very data and sweep started: checkpoints left by an
-    interrupted run on other activations (or another sweep) are removed, not trusted."""
-    from stages.io import read_json
-
-    fp = {**data_fp, "saes": [c.model_dump(mode="json") for c in configs]}
-    mark = ckpt / "fingerprint.json"
-    if ckpt.exists() and (not mark.exists() or read_json(mark) != fp):
-        print(f"saes: discarding checkpoints in {ckpt} (written for other data or SAE configs)")
-        shutil.rmtree(ckpt)
-    if not ckpt.exists():
-        ckpt.mkdir(parents=True)
-        write_json(mark, fp)
-    else:
-        print(f"saes: resuming from checkpoints in {ckpt}")
 
 
 def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:

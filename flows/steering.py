@@ -30,10 +30,10 @@ from prefect.utilities.annotations import quote
 from flows.common import main
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
-from stages.layout import inside
+from stages.layout import Layout
 from stages.tracking import stage_run
 
-DATA = Path("data")
+LAYOUT = Layout()
 
 
 def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
@@ -41,7 +41,7 @@ def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
 
     saes = {}
     for hook, name in chosen.items():
-        folder = inside(Path("data/saes"), model, hook, name)
+        folder = LAYOUT.sae(model, hook, name)
         if not (folder / "cfg.json").exists():
             raise FileNotFoundError(
                 f"params.yaml: steering.models.{model}.saes.{hook} = '{name}': no SAE folder "
@@ -102,8 +102,8 @@ def steering_flow(name: str) -> dict:
     torch.manual_seed(st.config.seed)
     sets = load_sets(ms.sets, st.toy_sets.seed, st.toy_sets.n_train, st.toy_sets.n_heldout,
                      f"steering.models.{name}.sets")  # fmt: skip
-    model_dir, store_dir = Path("data/models") / name, Path("data/activations") / name
-    inputs = {"model": model_dir, "activations": store_dir, "saes": Path("data/saes") / name}
+    model_dir, store_dir = LAYOUT.model(name), LAYOUT.activations(name)
+    inputs = {"model": model_dir, "activations": store_dir, "saes": LAYOUT.saes(name)}
     inputs.update({f"set.{Path(n).stem}": Path(n) for n in ms.sets if n.endswith(".jsonl")})
     logged = {**flatten(st.config, "steering.config."), **flatten(st.toy_sets, "steering.toy_sets."),
               **flatten(ms, f"steering.models.{name}.")}  # fmt: skip
@@ -115,8 +115,11 @@ def steering_flow(name: str) -> dict:
         tags = run.client.get_run(run.run_id).data.tags
         hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
         metrics: dict[str, dict] = {}
-        out_s, out_d = Path("data/steering") / name, Path("data/decomposition") / name
-        with atomic_dir(out_s, within=DATA) as tmp_s, atomic_dir(out_d, within=DATA) as tmp_d:
+        out_s, out_d = LAYOUT.steering(name), LAYOUT.decomposition(name)
+        with (
+            atomic_dir(out_s, within=LAYOUT.data) as tmp_s,
+            atomic_dir(out_d, within=LAYOUT.data) as tmp_d,
+        ):
             for cname, s in sets.items():
                 r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
                             name, hashes)  # fmt: skip
@@ -135,8 +138,7 @@ def steering_flow(name: str) -> dict:
                 print(f"steering@{name}: {cname}: best hook {ev['sweep']['best_hook']}, "
                       f"steerability {m['steerability']:.3f}, KL {m['kl']:.3f}, wrong-way "
                       f"{m['wrong_way_fraction']:.2f}")  # fmt: skip
-        Path("metrics/steering").mkdir(parents=True, exist_ok=True)
-        write_json(Path("metrics/steering") / f"{name}.json", metrics)
+        write_json(LAYOUT.metrics("steering", name), metrics)
         print(f"steering@{name}: {len(sets)} concepts -> {out_s}/, {out_d}/")
     return metrics
 

@@ -29,6 +29,7 @@ from prefect.utilities.annotations import quote
 from flows.common import main
 from stages.config import flatten, load_params
 from stages.io import atomic_dir, write_json
+from stages.layout import Layout
 from stages.tracking import stage_run
 
 
@@ -65,15 +66,15 @@ def transfer_flow(pair_name: str) -> dict:
                        "{a: <model>, b: <model>}")  # fmt: skip
     pair, st, tp = params.align.pairs[pair_name], params.steering, params.align.transfer
     a, b = pair.a, pair.b
-    alignment = Path("data/alignment") / pair_name
-    steer_a, steer_b = Path("data/steering") / a, Path("data/steering") / b
+    lay = Layout()
+    alignment, steer_a, steer_b = lay.alignment(pair_name), lay.steering(a), lay.steering(b)
     inputs = {"alignment": alignment, f"steering.{a}": steer_a, f"steering.{b}": steer_b,
-              f"saes.{a}": Path("data/saes") / a, f"saes.{b}": Path("data/saes") / b,
-              f"model.{b}": Path("data/models") / b}  # fmt: skip
+              f"saes.{a}": lay.saes(a), f"saes.{b}": lay.saes(b),
+              f"model.{b}": lay.model(b)}  # fmt: skip
     logged = {**flatten(tp, "align.transfer."), "align.a": a, "align.b": b}
     out, metrics_file = (
-        Path("data/transfer") / pair_name,
-        Path("metrics/transfer") / f"{pair_name}.json",
+        lay.transfer(pair_name),
+        lay.metrics("transfer", pair_name),
     )
     with stage_run(f"transfer@{pair_name}", logged, inputs) as run:
         if st is None or b not in st.models or not steer_a.is_dir() or not steer_b.is_dir():
@@ -82,16 +83,15 @@ def transfer_flow(pair_name: str) -> dict:
             ts = st.toy_sets
             sets = load_sets(st.models[b].sets, ts.seed, ts.n_train, ts.n_heldout,
                              f"steering.models.{b}.sets")  # fmt: skip
-            saes_a, _ = load_model_saes(Path("data/saes") / a)
-            saes_b, _ = load_model_saes(Path("data/saes") / b)
+            saes_a, _ = load_model_saes(lay.saes(a))
+            saes_b, _ = load_model_saes(lay.saes(b))
             transfer = test_transfer(alignment, quote(read_vectors(steer_a)),
                                      quote(read_vectors(steer_b)), quote(saes_a), quote(saes_b),
-                                     quote(load_model(Path("data/models") / b)), quote(sets),
+                                     quote(load_model(lay.model(b))), quote(sets),
                                      st.config.multipliers, tp, st.config.seed)  # fmt: skip
         with atomic_dir(out) as tmp:
             write_json(tmp / "transfer.json", transfer)
         metrics = transfer_headline(transfer)
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, metrics)
         # MLflow keys allow letters, digits and _-. :/ only
         run.metrics({re.sub(r"[^\w\-. :/]", "-", k): v for k, v in metrics.items()})

@@ -129,6 +129,7 @@ def load_safetensors(path: Path, what: str = "weights") -> dict:
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (tmp + rename), stable key order for reproducible bytes."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
@@ -191,3 +192,20 @@ def content_hash(path: Path) -> str:
         if p.is_file()
     ]
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def resume_or_reset(partial: Path, fingerprint: dict) -> bool:
+    """Make `partial` (a resumable stage's work folder) hold work for `fingerprint` only.
+
+    Work left there by an interrupted run is kept when its `fingerprint.json` equals
+    `fingerprint` (the same inputs and config), and removed otherwise: checkpoints of
+    other data or settings are never trusted. Returns True when earlier work is kept.
+    Used by the LM, SAE and (through its store fingerprint) caching stages."""
+    partial = Path(partial)
+    mark = partial / "fingerprint.json"
+    if partial.exists() and (not mark.exists() or read_json(mark) != fingerprint):
+        shutil.rmtree(partial)
+    resumed = partial.exists()
+    partial.mkdir(parents=True, exist_ok=True)
+    write_json(mark, fingerprint)
+    return resumed

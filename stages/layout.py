@@ -92,3 +92,76 @@ def check_target(final: str | os.PathLike, within: str | os.PathLike | None) -> 
             f"{final}: refusing to replace it (resolves to {target}); expected an output "
             "folder below the working folder's data, without '..'"
         )
+
+
+class Layout:
+    """Where every artifact of a project lives: the one place that knows the layout.
+
+        lay = Layout()                       # the project in the working folder
+        lay.sae("toy-a", "blocks.1.hook_resid_post", "topk-1024-k16")
+        # -> data/saes/toy-a/blocks.1.hook_resid_post/topk-1024-k16
+
+    Every path is built with `inside`, so a name with '/', '..' or an absolute path is
+    refused even where a caller forgot `safe_name`. DVC outputs are under `data/`; DVC
+    metrics under `metrics/`, plots under `plots/`, the report under `reports/` (the same
+    paths `dvc.yaml` declares, relative to the project root).
+    """
+
+    def __init__(self, root: str | os.PathLike = ".") -> None:
+        self.root = Path(root)
+        self.data = self.root / "data"
+
+    def _under(self, base: str, *names: str) -> Path:
+        return inside(self.data / base, *names) if names else self.data / base
+
+    # ---- DVC outputs, one folder per stage and name -----------------------------------
+    @property
+    def corpus(self) -> Path:
+        return self.data / "corpus"
+
+    @property
+    def prompts(self) -> Path:
+        """Hand-written contrastive sets (in git, not a stage output)."""
+        return self.data / "prompts"
+
+    def model(self, model: str = "") -> Path:
+        return self._under("models", *[model] if model else [])
+
+    def activations(self, model: str = "") -> Path:
+        return self._under("activations", *[model] if model else [])
+
+    def saes(self, model: str = "") -> Path:
+        return self._under("saes", *[model] if model else [])
+
+    def sae(self, model: str, hook: str, name: str) -> Path:
+        return self._under("saes", model, hook, name)
+
+    def partial(self, output: Path) -> Path:
+        """Where a resumable stage keeps its work on `output` between runs."""
+        return output.with_name(f"{output.name}.partial")
+
+    def steering(self, model: str = "") -> Path:
+        return self._under("steering", *[model] if model else [])
+
+    def decomposition(self, model: str = "") -> Path:
+        return self._under("decomposition", *[model] if model else [])
+
+    def alignment(self, pair: str = "") -> Path:
+        return self._under("alignment", *[pair] if pair else [])
+
+    def transfer(self, pair: str = "") -> Path:
+        return self._under("transfer", *[pair] if pair else [])
+
+    # ---- DVC metrics, plots and the report -------------------------------------------
+    def metrics(self, stage: str, name: str | None = None) -> Path:
+        """`metrics/<stage>.json`, or `metrics/<stage>/<name>.json` for a foreach stage."""
+        if name is None:
+            return inside(self.root / "metrics", f"{stage}.json")
+        return inside(self.root / "metrics", stage, f"{name}.json")
+
+    def plot(self, stage: str, name: str) -> Path:
+        return inside(self.root / "plots", stage, f"{name}.json")
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"

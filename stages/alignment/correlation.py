@@ -198,7 +198,7 @@ def streaming_correlation(
     return acc
 
 
-def _random_derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+def random_derangement(n: int, rng: np.random.Generator) -> np.ndarray:
     """A uniform random permutation with no fixed point (rejection; ~e tries on average)."""
     if n < 2:
         return np.arange(n)
@@ -242,7 +242,7 @@ def shuffled_chunk_pairs(
                 f"chunks_a has {len(chunks_a)} chunks and chunks_b has {n_b}: expected "  # type: ignore[arg-type]
                 f"the same chunking of the shared tokens"
             )
-        sigma = _random_derangement(n_b, rng)
+        sigma = random_derangement(n_b, rng)
         for i, a in enumerate(chunks_a):
             if i >= n_b:
                 raise ValueError(f"chunks_a has more chunks than chunks_b ({n_b})")

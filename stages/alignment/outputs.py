@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from stages.alignment.pipeline import AlignmentResult, SAEPairResult
+from stages.alignment.similarity import metric_title
 from stages.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -179,11 +180,10 @@ def figures(result: AlignmentResult) -> dict[str, Figure]:
         figs[f"matched_vs_null__{_file_key(p)}"] = _null_figure(p, threshold)
         if p.ground_truth:
             figs[f"ground_truth__{_file_key(p)}"] = _ground_truth_figure(p)
-    titles = {"linear_cka": "linear CKA", "mutual_knn": "mutual kNN"}
     short = {"linear_cka": "cka", "mutual_knn": "mutual_knn"}
     for metric, g in result.grid.items():
         figs[f"{short.get(metric, metric)}_layers"] = _heatmap(
-            g.values, g.hooks_a, g.hooks_b, f"{titles.get(metric, metric)} (n = {g.n_samples})",
+            g.values, g.hooks_a, g.hooks_b, f"{metric_title(metric)} (n = {g.n_samples})",
             result.model_a, result.model_b,
         )  # fmt: skip
     return figs

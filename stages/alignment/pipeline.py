@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from stages.alignment._moments import CentredMoments
 from stages.alignment.config import AlignConfig
-from stages.alignment.correlation import CorrelationAccumulator, TopActivations, _random_derangement
+from stages.alignment.correlation import CorrelationAccumulator, TopActivations, random_derangement
 from stages.alignment.matching import (
     Matches,
     NullComparison,
@@ -54,10 +54,12 @@ from stages.alignment.matching import (
     top_token_jaccard,
 )
 from stages.alignment.similarity import (
+    GRID_METRICS,
+    PAIR_METRICS,
     LayerSimilarity,
     PermutationTest,
-    _cka_from_products,
-    _RowSample,
+    RowSample,
+    cka_from_products,
     permutation_test,
     shared_per_representation,
 )
@@ -71,9 +73,6 @@ log = logging.getLogger(__name__)
 # hook -> SAE name -> SAE, and hook -> SAE name -> concept -> best latent
 SAEs = Mapping[str, Mapping[str, BaseSAE]]
 BestLatents = Mapping[str, Mapping[str, Mapping[str, int]]]
-
-GRID_METRICS = ("linear_cka", "mutual_knn")  # every hook of A × every hook of B
-PAIR_METRICS = ("unbiased_cka", "svcca", "rsa")  # the compared hook pairs only
 
 
 @dataclass
@@ -527,7 +526,7 @@ class PassState:
 
     moments: CentredMoments
     states: list[_PairState]
-    sampler: _RowSample
+    sampler: RowSample
 
     def to(self, device: torch.device | str) -> PassState:
         self.moments.to(device)
@@ -561,7 +560,7 @@ def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
     # _moments.py measures ~1e-6 error for this scheme, far below the sampling error.
     moments = CentredMoments(plan.dims, products, matmul_dtype=torch.float32, block_rows=4096,
                              device=on)  # fmt: skip
-    sampler = _RowSample(
+    sampler = RowSample(
         [*plan.dims, *(_latent_key(s, st) for st in states for s in "ab")], cfg.n_samples,
         cfg.seed,
     )  # fmt: skip
@@ -661,7 +660,7 @@ def align_pair(
     rng = np.random.default_rng(cfg.seed)
     plan = PassPlan(
         store_a, store_b, chosen.rows_a, chosen.rows_b, bounds,
-        [_random_derangement(len(bounds), rng) for _ in range(cfg.n_null)],
+        [random_derangement(len(bounds), rng) for _ in range(cfg.n_null)],
         specs, grid_a, grid_b, ka, kb, dims, len(concepts), cfg, device,
     )  # fmt: skip
     parts = plan.parts()
@@ -727,7 +726,7 @@ def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
             values[i, j], p_values[i, j] = test.statistic, test.p_value
             if metric == "linear_cka":
                 c = moments.comoment
-                values[i, j] = _cka_from_products(
+                values[i, j] = cka_from_products(
                     c[(ka[ha], kb[hb])], c[(ka[ha], ka[ha])], c[(kb[hb], kb[hb])]
                 )
         n_used = moments.n if metric == "linear_cka" else n_sample

@@ -31,6 +31,7 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -46,8 +47,6 @@ from stages.alignment._common import (
     lockstep,
 )
 from stages.alignment._moments import CentredMoments
-
-METRICS: tuple[str, ...] = ("linear_cka", "unbiased_cka", "mutual_knn", "svcca", "rsa")
 
 # ------------------------------------------------------------------ linear CKA, streaming
 
@@ -101,14 +100,14 @@ class LinearCKAAccumulator:
         """‖C_xyᵀ‖_F² / (‖C_xx‖_F ‖C_yy‖_F); the 1/(n−1) factors cancel."""
         self._require(2)
         m = self._moments.comoment
-        return _cka_from_products(m[("x", "y")], m[("x", "x")], m[("y", "y")])
+        return cka_from_products(m[("x", "y")], m[("x", "x")], m[("y", "y")])
 
     def _require(self, n: int) -> None:
         if self.n_samples < n:
             raise ValueError(f"linear CKA needs at least {n} samples, got {self.n_samples}")
 
 
-def _cka_from_products(c_xy: torch.Tensor, c_xx: torch.Tensor, c_yy: torch.Tensor) -> float:
+def cka_from_products(c_xy: torch.Tensor, c_xx: torch.Tensor, c_yy: torch.Tensor) -> float:
     norm_xx = float(torch.linalg.matrix_norm(c_xx))
     norm_yy = float(torch.linalg.matrix_norm(c_yy))
     if norm_xx == 0.0 or norm_yy == 0.0:
@@ -447,19 +446,41 @@ def _prepare_rsa(x: Array, y: Array) -> PairedStatistic:
     return statistic
 
 
-_PREPARE: dict[str, Callable[..., PairedStatistic]] = {
-    "linear_cka": _prepare_linear_cka,
-    "unbiased_cka": _prepare_unbiased_cka,
-    "mutual_knn": _prepare_mutual_knn,
-    "svcca": _prepare_svcca,
-    "rsa": _prepare_rsa,
-}
+@dataclass(frozen=True)
+class SimilarityMetric:
+    """One representation-similarity measure, as the registry below lists it.
+
+    `prepare(x, y, **options)` does the work once and returns `statistic(p)`: the score
+    with y's rows permuted by `p` (None: as paired), which the permutation test calls.
+    `kind`: "grid" measures fill the every-hook-of-A × every-hook-of-B matrices; "pair"
+    measures run on the compared hook pairs only. `options` names the keyword arguments
+    it takes from the alignment config (`k`, `variance_kept`)."""
+
+    name: str
+    prepare: Callable[..., PairedStatistic]
+    kind: Literal["grid", "pair"]
+    title: str
+    options: tuple[str, ...] = ()
+
+
+# A new measure: its `_prepare_<name>` function above, and one line here.
+SIMILARITY: dict[str, SimilarityMetric] = {m.name: m for m in (
+    SimilarityMetric("linear_cka", _prepare_linear_cka, "grid", "Linear CKA"),
+    SimilarityMetric("unbiased_cka", _prepare_unbiased_cka, "pair", "Unbiased CKA"),
+    SimilarityMetric("mutual_knn", _prepare_mutual_knn, "grid", "Mutual kNN", ("k",)),
+    SimilarityMetric("svcca", _prepare_svcca, "pair", "SVCCA", ("variance_kept",)),
+    SimilarityMetric("rsa", _prepare_rsa, "pair", "RSA"),
+)}  # fmt: skip
+METRICS: tuple[str, ...] = tuple(SIMILARITY)
+GRID_METRICS = tuple(n for n, m in SIMILARITY.items() if m.kind == "grid")
+PAIR_METRICS = tuple(n for n, m in SIMILARITY.items() if m.kind == "pair")
 
 
 def _metric_kwargs(metric: str, k: int, variance_kept: float) -> dict[str, float | int]:
-    if metric not in _PREPARE:
+    if metric not in SIMILARITY:
         raise ValueError(f"unknown similarity metric {metric!r}; expected one of {METRICS}")
-    return {"mutual_knn": {"k": k}, "svcca": {"variance_kept": variance_kept}}.get(metric, {})
+    given = {"k": k, "variance_kept": variance_kept}
+    return {o: given[o] for o in SIMILARITY[metric].options}
 
 
 def unbiased_cka(x: Array, y: Array) -> float:
@@ -517,7 +538,7 @@ def permutation_test(
     """
     if n_permutations < 0:
         raise ValueError(f"n_permutations = {n_permutations}, expected an integer >= 0")
-    statistic = _PREPARE[metric](x, y, **_metric_kwargs(metric, k, variance_kept))
+    statistic = SIMILARITY[metric].prepare(x, y, **_metric_kwargs(metric, k, variance_kept))
     n = int(x.shape[0])
     return _run_permutations(metric, statistic, n, n_permutations, seed)
 
@@ -556,7 +577,7 @@ def similarity_scores(
 # --------------------------------------------------------------------- seeded subsample
 
 
-class _RowSample:
+class RowSample:
     """A seeded uniform sample of n_samples rows from a stream of unknown length.
 
     Each row gets a uniform key, the sample is the rows with the n_samples smallest keys
@@ -595,7 +616,7 @@ class _RowSample:
         self._seen = first + n_c
         self._chunks = cid + 1
 
-    def merge(self, other: _RowSample) -> None:
+    def merge(self, other: RowSample) -> None:
         """Absorb a sampler over other chunks of the same stream (same seed)."""
         self._absorb(other._keys, other._index,
                      lambda sel: {n: r[sel] for n, r in other._rows.items() if r.size})  # fmt: skip
@@ -629,7 +650,7 @@ def subsample_rows(
 ) -> dict[str, np.ndarray]:
     """The same seeded n_samples rows from each of several row-aligned chunk streams
     (float64, stream order), reading each chunk once."""
-    sampler = _RowSample(list(streams), n_samples, seed)
+    sampler = RowSample(list(streams), n_samples, seed)
     for chunks in lockstep(streams):
         sampler.update(chunks)
     return sampler.result()
@@ -701,7 +722,7 @@ def layer_similarity(
         keys_b[h]: s for h, s in chunks_b.items()
     }
     need_sample = n_permutations > 0 or any(m != "linear_cka" for m in metrics)
-    sampler = _RowSample(list(streams), n_samples, seed) if need_sample else None
+    sampler = RowSample(list(streams), n_samples, seed) if need_sample else None
     moments: CentredMoments | None = None
     for chunks in lockstep(streams):
         for name, chunk in chunks.items():
@@ -740,14 +761,16 @@ def _grid(metrics, chunks_a, chunks_b, keys_a, keys_b, moments, sample, n_permut
                     if moments is None or moments.n < 2:
                         raise ValueError("layer_similarity: the streams yielded fewer than 2 rows")
                     c = moments.comoment
-                    values[i, j] = _cka_from_products(
+                    values[i, j] = cka_from_products(
                         c[(keys_a[ha], keys_b[hb])],
                         c[(keys_a[ha], keys_a[ha])],
                         c[(keys_b[hb], keys_b[hb])],
                     )
                 if metric != "linear_cka" or n_permutations > 0:
                     xs, ys = sample[keys_a[ha]], sample[keys_b[hb]]
-                    statistic = _PREPARE[metric](xs, ys, **_metric_kwargs(metric, k, variance_kept))
+                    statistic = SIMILARITY[metric].prepare(
+                        xs, ys, **_metric_kwargs(metric, k, variance_kept)
+                    )
                     test = _run_permutations(metric, statistic, xs.shape[0], n_permutations, seed)
                     if metric != "linear_cka":
                         values[i, j] = test.statistic
@@ -760,3 +783,14 @@ def _grid(metrics, chunks_a, chunks_b, keys_a, keys_b, moments, sample, n_permut
         )
         out[metric] = LayerSimilarity(metric, hooks_a, hooks_b, values, p_values, int(n_used))
     return out
+
+
+def metric_title(metric: str, config: dict | None = None) -> str:
+    """How figures and the report name a measure ("Mutual kNN (k = 10)" given the
+    alignment config); an unknown name is shown as it is."""
+    m = SIMILARITY.get(metric)
+    if m is None:
+        return metric
+    if "k" in m.options and config and config.get("knn_k"):
+        return f"{m.title} (k = {config['knn_k']})"
+    return m.title

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from stages.alignment.similarity import metric_title
 from stages.report.html import ReportContext, Section, e, fmt, table
 
 
@@ -212,20 +213,20 @@ def section(
             )
             parts.append(block)
         sim = pair.read("similarity.json") or {}
-        titles = {"linear_cka": "Linear CKA", "mutual_knn": "Mutual kNN (k = 10)"}
+        config = pair.meta.get("config") or {}
         for metric, g in (sim.get("grid") or {}).items():
             block, _ = ctx.figure(
                 _heatmap(
                     g,
-                    f"{titles.get(metric, metric)} (n = {g.get('n_samples')})",
+                    f"{metric_title(metric, config)} (n = {g.get('n_samples')})",
                     pair.model_a,
                     pair.model_b,
                 ),  # fmt: skip
                 f"alignment/{pair.path.name}__{metric}_layers",
-                title=f"{titles.get(metric, metric)}, layer by layer, {pair.model_a} vs "
+                title=f"{metric_title(metric, config)}, layer by layer, {pair.model_a} vs "
                 f"{pair.model_b}",
                 description=(
-                    f"{titles.get(metric, metric)} between every cached hook of "
+                    f"{metric_title(metric, config)} between every cached hook of "
                     f"{pair.model_a} (rows) and of {pair.model_b} (columns), on paired tokens."
                 ),
                 inputs=src,

@@ -266,14 +266,14 @@ def test_pass_on_an_explicit_device_gives_the_default_numbers(setup):
 
 
 def test_row_samples_of_consecutive_chunks_merge_exactly():
-    from stages.alignment.similarity import _RowSample
+    from stages.alignment.similarity import RowSample
 
     rng = np.random.default_rng(0)
     chunks = [{"x": torch.from_numpy(rng.normal(size=(n, 3)))} for n in (50, 70, 40, 90)]
-    whole = _RowSample(["x"], 64, seed=5)
+    whole = RowSample(["x"], 64, seed=5)
     for c in chunks:
         whole.update(c)
-    first, second = _RowSample(["x"], 64, seed=5), _RowSample(["x"], 64, seed=5)
+    first, second = RowSample(["x"], 64, seed=5), RowSample(["x"], 64, seed=5)
     first.update(chunks[0])
     first.update(chunks[1])
     second.update(chunks[2], chunk_id=2, row0=120)

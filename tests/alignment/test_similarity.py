@@ -24,7 +24,7 @@ from stages.alignment import (
     svcca,
     unbiased_cka,
 )
-from stages.alignment.similarity import _PREPARE, _gram_zero_diag, _hsic1, _hsic1_terms
+from stages.alignment.similarity import SIMILARITY, _gram_zero_diag, _hsic1, _hsic1_terms
 
 FAST = settings(max_examples=25, deadline=None)
 
@@ -255,10 +255,10 @@ def test_permuted_statistic_equals_recomputation_on_permuted_rows(metric):
     rng = np.random.default_rng(6)
     x = rng.standard_normal((80, 6))
     y = x[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((80, 4))
-    statistic = _PREPARE[metric](x, y)
+    statistic = SIMILARITY[metric].prepare(x, y)
     for _ in range(3):
         p = rng.permutation(80)
-        assert statistic(p) == pytest.approx(_PREPARE[metric](x, y[p])(None), abs=1e-12)
+        assert statistic(p) == pytest.approx(SIMILARITY[metric].prepare(x, y[p])(None), abs=1e-12)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -104,7 +104,7 @@ def _steer(data: Path) -> None:
 
 
 def _transfer(data: Path, pair) -> None:
-    """The align stage's transfer.json: tiny-a's emotion_polarity vector carried into tiny-b
+    """The transfer stage's transfer.json: tiny-a's emotion_polarity vector carried into tiny-b
     through the Hungarian matches and tested against tiny-b's own mean-difference vector."""
     from stages.alignment import evaluate_transfer, transfer_vector
     from stages.io import write_json
@@ -116,7 +116,7 @@ def _transfer(data: Path, pair) -> None:
     model_b = load_model(data / "models" / "tiny-b")
     own = compute_vectors(model_b, s.train_pairs, [HOOK])[HOOK]
     carried_from, _ = load_vector(data / "steering" / "tiny-a" / "emotion_polarity")
-    out = data / "alignment" / "tiny-a__tiny-b"
+    out = data / "transfer" / "tiny-a__tiny-b"
     sae_a, sae_b = (load_sae(data / "saes" / m / HOOK / n)
                     for m, n in (("tiny-a", pair.name_a), ("tiny-b", pair.name_b)))  # fmt: skip
     vt = transfer_vector(carried_from[HOOK], sae_a, sae_b, pair.hungarian)

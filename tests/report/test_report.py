@@ -75,7 +75,8 @@ def test_sections_without_inputs_say_not_run(tiny_data, tmp_path):
 
     paths = ReportPaths.under(tiny_data)
     paths = ReportPaths(paths.saes, paths.activations, paths.models, tmp_path / "no-steering",
-                        tmp_path / "no-decomposition", tmp_path / "no-alignment")  # fmt: skip
+                        tmp_path / "no-decomposition", tmp_path / "no-alignment",
+                        tmp_path / "no-transfer")  # fmt: skip
     report = build_report(tmp_path / "reports", data=paths, models=["tiny-b"],
                           dashboards={"n_most_active": 2, "concept_features": False})  # fmt: skip
     assert report.sections["steering"] is False and report.sections["alignment"] is False
@@ -142,7 +143,7 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
     assert 0 < share < 100 and f", {share:.0f} % from the held-out split)" in html
     # the steering-vector transfer test, with its numbers from transfer.json
     assert "Steering-vector transfer (tiny-a → tiny-b)" in html
-    row = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "transfer.json").read_text())
+    row = json.loads((tiny_data / "transfer" / "tiny-a__tiny-b" / "transfer.json").read_text())
     row = row["concepts"]["emotion_polarity"][HOOK]
     block = html.split("Steering-vector transfer (tiny-a → tiny-b)", 1)[1]
     cells = re.search(r"<td[^>]*>emotion_polarity</td>(.*?)</tr>", block, re.S).group(1)
