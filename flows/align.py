@@ -64,11 +64,6 @@ def parts_on_dask(plan, parts):
     return [f.result() for f in futures]
 
 
-def headline(result) -> dict[str, float]:
-    return {k: round(float(v), 6) for k, v in result.scores.items()
-            if isinstance(v, int | float) and v == v}  # fmt: skip
-
-
 @flow(name="align")
 def align_flow(pair_name: str) -> dict:
     import matplotlib
@@ -109,7 +104,8 @@ def align_flow(pair_name: str) -> dict:
                            best_a, best_b, dev)  # fmt: skip
         out = lay.alignment(pair_name)
         write_alignment(result, out)
-        metrics = headline(result)
+        metrics = {k: round(float(v), 6) for k, v in result.scores.items()
+                   if isinstance(v, int | float) and v == v}  # fmt: skip
         write_json(lay.metrics("alignment", pair_name), metrics)
         # MLflow keys allow letters, digits and _-. :/ only
         run.metrics({re.sub(r"[^\w\-. :/]", "-", k): v for k, v in metrics.items()})

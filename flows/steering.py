@@ -58,30 +58,6 @@ def concept(model, s, hooks, saes, store, cfg, name: str, hashes: dict):
     return run_concept(model, s, hooks, saes, store, cfg, model_name=name, input_hashes=hashes)
 
 
-def headline(ev: dict, dd: dict) -> dict[str, float]:
-    """The numbers a reader compares across experiments (DVC metrics / MLflow)."""
-    sweep = ev["sweep"]
-    best = sweep["best_hook"]
-    st, se = sweep["steerability"][best], sweep["side_effects"][best]
-    out = {"steerability": st["slope"], "wrong_way_fraction": st["wrong_way_fraction"],
-           "kl": se["kl"], "ce_rise": se["ce_rise"],
-           "within_kl_budget": float(sweep["within_budget"])}  # fmt: skip
-    probes = ev.get("probes", {})
-    if best in probes:
-        out["probe_heldout_accuracy"] = probes[best]["heldout_accuracy"]
-    if "nn_decomposition" in dd:
-        curve = dd["nn_decomposition"]["curve"]
-        out["nnls_rel_error_at_5"] = curve[min(4, len(curve) - 1)]
-        out["nnls_rel_error_at_max"] = curve[-1]
-    for ranking, at in dd.get("precision_at_k", {}).items():
-        if "5" in at:
-            out[f"precision_at_5_{ranking}"] = at["5"]
-    for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
-        out[f"targeted.{kind}.steerability"] = r["slope"]
-        out[f"targeted.{kind}.kl"] = r["kl"]
-    return {k: round(float(v), 6) for k, v in out.items()}
-
-
 @flow(name="steering")
 def steering_flow(name: str) -> dict:
     import matplotlib
@@ -92,7 +68,7 @@ def steering_flow(name: str) -> dict:
 
     from stages.activations import ActivationStore
     from stages.models import load_model
-    from stages.steering import ConceptConfig, figures, load_sets, write_concept
+    from stages.steering import ConceptConfig, concept_headline, figures, load_sets, write_concept
 
     params = load_params()
     if params.steering is None or name not in params.steering.models:
@@ -127,7 +103,7 @@ def steering_flow(name: str) -> dict:
                     r.decomposition["sae"] = ms.saes[r.decomposition["hook"]]
                 write_concept(r, tmp_s, tmp_d)
                 ev, dd = r.evaluation_dict(), r.decomposition
-                metrics[cname] = headline(ev, dd)
+                metrics[cname] = concept_headline(ev, dd)
                 with run.child(f"{name}/{cname}", {"concept": cname, "set.hash": s.content_hash()},
                                {"atlas.kind": "steering", "steering.model": name}) as child:  # fmt: skip
                     child.metrics({**metrics[cname], "seconds": r.evaluation.get("seconds")})

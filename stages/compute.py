@@ -108,6 +108,17 @@ class Device:
 CPU = Device()
 
 
+def numerics(dev: Device = CPU) -> dict[str, str | int]:
+    """What decides the last bits of a computation besides its data, config and seed:
+    torch's version, its intra-op thread count (CPU reductions split their sums by
+    thread), the CPU kernels torch dispatches to (AVX2 / AVX512 paths add in other
+    orders), the device and the precision. Two runs that agree on all of these give the
+    same bytes; recorded with trained weights and checked when a checkpoint resumes."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "device": dev.name, "precision": dev.precision}  # fmt: skip
+
+
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """A tensor on any device as a numpy array (bf16 widened to float32 on the device).
 

@@ -69,7 +69,7 @@ from typing import Any
 # (PEP 562), so that a light submodule (`stages.alignment.config`, read by every stage's
 # params check) does not pull in torch, scipy and matplotlib through this package.
 _EXPORTS = {
-    "pipeline": "align_pair AlignmentResult read_rows SAEPairResult",
+    "pipeline": "align_pair AlignmentResult gather_rows SAEPairResult",
     "config": "AlignConfig",
     "outputs": "figures write_alignment",
     "tokens": "align_offsets align_tokens select_rows TokenAlignment",

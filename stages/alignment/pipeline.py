@@ -135,16 +135,21 @@ class AlignmentResult:
 # ------------------------------------------------------------------------ reading rows
 
 
-def read_rows(array, rows: np.ndarray) -> np.ndarray:
-    """array[rows] reading whole zarr chunks, in runs of consecutive chunks.
+def gather_rows(store: RowStore, name: str, rows: np.ndarray) -> np.ndarray:
+    """`store.array(name)[rows]` for scattered `rows`, reading whole zarr chunks in runs
+    of consecutive chunks through the store's checked reader (a corrupt chunk is named by
+    its shard file, as every other reader of the store names it).
 
     Zarr reads single rows slowly; the rows of a chunk of aligned tokens sit in a few
     neighbouring chunks (contiguous for the same tokenizer), so read those and index.
     """
+    from stages.activations import read_rows
+
+    array = store.array(name)
     c = int(array.chunks[0])
     ids = np.unique(rows // c)
     runs = np.split(ids, np.flatnonzero(np.diff(ids) > 1) + 1)
-    blocks = [np.asarray(array[r[0] * c : (r[-1] + 1) * c]) for r in runs]
+    blocks = [np.asarray(read_rows(array, r[0] * c, (r[-1] + 1) * c, store.path)) for r in runs]
     buf = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     return buf[np.searchsorted(ids, rows // c) * c + rows % c]
 
@@ -159,7 +164,7 @@ def _chunk_bounds(rows_a: np.ndarray, chunk_rows: int, zarr_rows: int) -> list[t
 
 
 def _acts(store: RowStore, hook: str, rows: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(read_rows(store.array(hook), rows).astype(np.float32))
+    return torch.from_numpy(gather_rows(store, hook, rows).astype(np.float32))
 
 
 # --------------------------------------------------------------------- per SAE pair
@@ -569,7 +574,7 @@ def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
     def labels(store: RowStore, rows: np.ndarray) -> torch.Tensor | None:
         if not plan.n_concepts:
             return None
-        return torch.from_numpy(read_rows(store.array("concept_labels"), rows)).to(on)
+        return torch.from_numpy(gather_rows(store, "concept_labels", rows)).to(on)
 
     for i in range(c0, c1):
         lo, hi = plan.bounds[i]

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from stages.compute import CPU, Device
+from stages.compute import CPU, Device, numerics
 from stages.io import load_safetensors
 from stages.sae.base import BaseSAE
 from stages.sae.config import SAEConfig, parse_sae_config
@@ -163,6 +163,7 @@ class _Run:
             "input_scale": scale,
             "config": self.cfg.model_dump(mode="json"),
             "data": self.data_fp,
+            "numerics": numerics(self.dev),
             "recent": self.recent,
             "history": self.history,
         }
@@ -199,6 +200,7 @@ class _Run:
                 f"'{self.name}' (key: (checkpoint, now) = {diff}); delete it or restore the config"
             )
         self._check_data(meta.get("data"))
+        self._check_numerics(meta.get("numerics"))
         tensors = load_safetensors(self.ckpt / "state.safetensors", "SAE checkpoint")
         self.sae.load_state_dict(
             {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -250,6 +252,20 @@ class _Run:
                 f"(key: (checkpoint, now) = {diff}). Delete {self.ckpt.parent} or pass "
                 "resume=False to train from scratch on this data, or pass the data it was "
                 "trained on to resume it"
+            )
+
+    def _check_numerics(self, theirs: dict[str, Any] | None) -> None:
+        """Say so when the checkpoint was written under other numerics (thread count,
+        torch, CPU kernels, device, precision): the run resumes, but its weights will not
+        be the bytes an uninterrupted run would have given."""
+        mine = numerics(self.dev)
+        diff = {k: (v, mine.get(k)) for k, v in (theirs or {}).items() if mine.get(k) != v}
+        if diff:
+            warnings.warn(
+                f"{self.ckpt}: checkpoint of SAE '{self.name}' was written under other "
+                f"numerics (key: (checkpoint, now) = {diff}); resuming, but the weights will "
+                "differ in the last bits from an uninterrupted run's",
+                stacklevel=2,
             )
 
     # ---- one optimisation step ----------------------------------------------------------
@@ -448,7 +464,13 @@ def _finish(run: _Run, seconds: float) -> TrainResult:
         for k, v in rec.items():
             terms[k] = terms.get(k, 0.0) + v / len(run.recent)
     train_l0 = terms.pop("l0", float("nan"))
-    sae.metadata.update({"input_scale": scale, "n_training_tokens": run.step * run.cfg.batch_size})
+    sae.metadata.update(
+        {
+            "input_scale": scale,
+            "n_training_tokens": run.step * run.cfg.batch_size,
+            "training_numerics": numerics(run.dev),
+        }
+    )
     return TrainResult(
         name=run.name, config=run.cfg, sae=sae, input_scale=scale, n_steps=run.step,
         n_tokens=run.step * run.cfg.batch_size, final_terms=terms, train_l0=train_l0,

@@ -71,7 +71,10 @@ _EXPORTS = {
         "ContrastivePair EvalPrompt SteeringSet load_sets read_set read_sets target_ids toy_sets "
         "write_set"
     ),
-    "run": ("ConceptConfig ConceptResult figures figures_from_dict run_concept write_concept"),
+    "run": (
+        "ConceptConfig ConceptResult concept_headline figures figures_from_dict run_concept "
+        "write_concept"
+    ),
     "targeted": "compare_vectors targeted_vectors",
     "vectors": ("compute_vectors load_vector mean_diff pca_direction read_activations save_vector"),
 }

@@ -362,3 +362,27 @@ def figures_from_dict(d: dict[str, Any]) -> dict[str, Figure]:
         fig.tight_layout()
         figs["targeted"] = fig
     return figs
+
+
+def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
+    """The numbers a reader compares across experiments (DVC metrics / MLflow)."""
+    sweep = ev["sweep"]
+    best = sweep["best_hook"]
+    st, se = sweep["steerability"][best], sweep["side_effects"][best]
+    out = {"steerability": st["slope"], "wrong_way_fraction": st["wrong_way_fraction"],
+           "kl": se["kl"], "ce_rise": se["ce_rise"],
+           "within_kl_budget": float(sweep["within_budget"])}  # fmt: skip
+    probes = ev.get("probes", {})
+    if best in probes:
+        out["probe_heldout_accuracy"] = probes[best]["heldout_accuracy"]
+    if "nn_decomposition" in dd:
+        curve = dd["nn_decomposition"]["curve"]
+        out["nnls_rel_error_at_5"] = curve[min(4, len(curve) - 1)]
+        out["nnls_rel_error_at_max"] = curve[-1]
+    for ranking, at in dd.get("precision_at_k", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}"] = at["5"]
+    for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
+        out[f"targeted.{kind}.steerability"] = r["slope"]
+        out[f"targeted.{kind}.kl"] = r["kl"]
+    return {k: round(float(v), 6) for k, v in out.items()}
