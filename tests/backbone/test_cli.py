@@ -7,6 +7,7 @@ server.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -126,6 +127,21 @@ def test_features_names_the_models_params_define(project, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: {project / 'data/models/tiny-a'}: missing; expected the lm stage's output for "
         "model 'tiny-a' (run `dvc repro saes@tiny-a`: this command needs the model's SAEs too)"
+    )
+
+
+def test_features_with_text_that_is_not_utf8_is_one_line(project):
+    # bytes as a shell passes them (latin-1 'café'); the tokenizer raised a TypeError
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.features", b"caf\xe9 au lait", "--model", "tiny-a",
+         "--hook", "blocks.0.hook_resid_post"],
+        cwd=project / "sub", capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.decode().strip() == (
+        "error: the text is not valid UTF-8 (byte 0xe9 at character 3); expected UTF-8 text "
+        "(e.g. `iconv -f latin1 -t utf-8`)"
     )
 
 
