@@ -70,7 +70,13 @@ def _ui(which: str, port: int | None) -> int:
 
 
 def _provenance(run_id: str) -> int:
-    from stages.tracking import is_tracking_server, provenance, tracking_uri
+    from stages.tracking import (
+        TrackingStoreError,
+        check_tracking_store,
+        is_tracking_server,
+        provenance,
+        tracking_uri,
+    )
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         os.chdir(project_root())  # the project's ./mlflow.db, where its stages log
@@ -85,6 +91,11 @@ def _provenance(run_id: str) -> int:
     if db is not None and not db.exists():
         print(f"error: no MLflow runs yet: {db} does not exist (`atlas run` creates it)",
               file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        check_tracking_store(uri)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         print(json.dumps(provenance(run_id), indent=2))

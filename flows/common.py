@@ -196,6 +196,13 @@ def main(run: Callable[[], object], stage: str) -> None:
     except (ParamsError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from stages.tracking import TrackingStoreError, check_tracking_store
+
+    try:  # before the stage writes anything: MLflow would fail only after its work
+        check_tracking_store()
+    except TrackingStoreError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        sys.exit(1)
     setup_env()
     quiet_user_errors()
     t0 = time.perf_counter()

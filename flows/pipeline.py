@@ -189,6 +189,13 @@ def main(argv: list[str]) -> int:
         return 0
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from stages.tracking import TrackingStoreError, check_tracking_store
+
+    try:  # before dvc repro removes any stage's outputs
+        check_tracking_store()
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"atlas run: dvc repro in {root}", flush=True)
     # Prefect read its settings at import; point this process at the server too.
     with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):

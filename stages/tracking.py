@@ -45,6 +45,46 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class TrackingStoreError(RuntimeError):
+    """The local MLflow database is unreadable; the message says which file and what to do."""
+
+
+def check_tracking_store(uri: str | None = None) -> None:
+    """Raise TrackingStoreError when the sqlite store `uri` (default: tracking_uri()) is
+    there but broken. Checked before a stage removes or writes anything: MLflow itself
+    fails on first use, tracebacks deep and without the file's name."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return  # MLflow creates it
+    import sqlite3
+
+    problem = None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True,
+                                                timeout=60)) as con:  # fmt: skip
+            found = [str(r[0]) for r in con.execute("PRAGMA quick_check(1)")]
+            if found != ["ok"]:
+                problem = " ".join(found).replace("*** in database main ***", "").strip()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):  # another stage writing is not a fault
+            problem = str(e)
+    except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
+        problem = str(e)
+    if problem is None:
+        return
+    cause = " ".join(problem.split())[:200]
+    restore = (" (then `dvc checkout` restores any output DVC removed before this stage)"
+               if _dvc_invocation() else "")  # fmt: skip
+    raise TrackingStoreError(
+        f"{db}: the MLflow tracking database is broken ({cause}); restore it from a backup, "
+        f"or move it aside to start a new one (`mv {db} {db}.broken`; its runs stay in that "
+        f"file) and run again{restore}"
+    )
+
+
 def is_tracking_server(uri: str) -> bool:
     """True for an `mlflow server` (http[s]://...), which stores artifacts itself."""
     return uri.startswith(("http://", "https://"))
@@ -52,9 +92,10 @@ def is_tracking_server(uri: str) -> bool:
 
 @functools.cache
 def _mlflow():
+    uri = tracking_uri()
+    check_tracking_store(uri)
     import mlflow
 
-    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # A tracking server chooses where artifacts go (with --serve-artifacts they are

@@ -1,0 +1,86 @@
+"""Faults found by trying to break the pipeline (issue 20, items 8-11): runs stay in
+their own checkout, nothing is left RUNNING, Ctrl-C and a broken MLflow database end in
+one line. Real processes, a real Prefect server and real MLflow stores throughout."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.backbone.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def project(root: Path, **env: str) -> dict:
+    """A project folder (this checkout's code on PYTHONPATH, tiny params, no outputs) and
+    the environment of a process run in it: no Prefect or MLflow settings of the caller."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dvc.yaml").write_text("stages: {}\n")
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("PREFECT_", "MLFLOW_", "FEATURE_ATLAS_"))}  # fmt: skip
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    return {**base, "PYTHONPATH": str(REPO), "PATH": path, **env}
+
+
+def py(code_or_args: str | list[str], cwd: Path, env: dict, timeout: float = 300,
+       **kw) -> subprocess.CompletedProcess:  # fmt: skip
+    args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout, **kw)  # fmt: skip
+
+
+# ------------------------------------------------------------ 11: a broken mlflow.db
+
+
+def broken_store(root: Path, env: dict) -> Path:
+    """The project's real MLflow store (created by MLflow, one run logged), with one of
+    its pages overwritten."""
+    code = ("from stages.tracking import stage_run\n"
+            "with stage_run('probe', {'a': 1}, {}) as r: r.metrics({'m': 1.0})\n")  # fmt: skip
+    p = py(code, root, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    db = root / "mlflow.db"
+    data = bytearray(db.read_bytes())
+    page = int.from_bytes(data[16:18], "big")
+    assert len(data) > 4 * page
+    data[3 * page : 3 * page + 64] = b"\xff" * 64
+    db.write_bytes(bytes(data))
+    return db
+
+
+def test_a_broken_mlflow_db_is_named_before_any_work(tmp_path):
+    root = tmp_path / "p"
+    env = project(root, PREFECT_API_URL="http://127.0.0.1:9/api",
+                  PREFECT_HOME=str(tmp_path / "prefect"))  # fmt: skip
+    db = broken_store(root, env)
+    (root / "data/corpus").mkdir(parents=True)
+    (root / "data/corpus/old.txt").write_text("the previous output")
+    how = (f"; restore it from a backup, or move it aside to start a new one (`mv {db} "
+           f"{db}.broken`; its runs stay in that file) and run again")  # fmt: skip
+
+    p = py(["-m", "flows.cli", "provenance", "0123abcd"], root, env)
+    assert p.returncode == 1
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith(f"error: {db}: the MLflow tracking database is broken (")
+    assert line.endswith(how)
+
+    p = py(["-m", "flows.corpus"], root, env)
+    assert p.returncode == 1, p.stderr[-3000:]
+    [line] = p.stderr.strip().splitlines()
+    assert line.startswith(f"error: corpus: {db}: the MLflow tracking database is broken (")
+    # nothing removed or written: the old output, and no new one beside it
+    assert sorted(p.name for p in (root / "data").rglob("*")) == ["corpus", "old.txt"]
+    assert not (root / "metrics").exists()
+
+    # atlas run checks before dvc repro, which would remove the stages' outputs first
+    p = py(["-m", "flows.cli", "run"], root, env)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [line.replace("error: corpus: ", "error: ")]
+    assert "dvc repro in" not in p.stdout
