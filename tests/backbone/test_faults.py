@@ -4,12 +4,13 @@ one line. Real processes, a real Prefect server and real MLflow stores throughou
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.backbone.conftest import TINY
@@ -84,3 +85,63 @@ def test_a_broken_mlflow_db_is_named_before_any_work(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [line.replace("error: corpus: ", "error: ")]
     assert "dvc repro in" not in p.stdout
+
+
+# ------------------------------------------------------------ 9: runs left RUNNING
+
+
+def runs(root: Path, env: dict) -> dict[str, tuple[str, str | None]]:
+    """run name -> (status, parent run name) of every run in the project's store."""
+    code = ("import json, mlflow\n"
+            "from stages.tracking import EXPERIMENT, _mlflow\n"
+            "ml = _mlflow(); exp = ml.get_experiment_by_name(EXPERIMENT)\n"
+            "rs = ml.MlflowClient().search_runs([exp.experiment_id])\n"
+            "names = {r.info.run_id: r.info.run_name for r in rs}\n"
+            "print(json.dumps({r.info.run_name: [r.info.status, names.get("
+            "r.data.tags.get('mlflow.parentRunId'))] for r in rs}))\n")  # fmt: skip
+    p = py(code, root, env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return {k: tuple(v) for k, v in json.loads(p.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_a_stage_run_whose_process_is_gone_is_marked_killed_by_the_next(tmp_path):
+    root = tmp_path / "p"
+    env = project(root)
+    victim = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom stages.tracking import stage_run\n"
+         "with stage_run('victim', {}, {}):\n    print('ready', flush=True); time.sleep(600)\n"],
+        cwd=root, env=env, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert victim.stdout.readline().strip() == "ready"
+    finally:
+        victim.kill()  # SIGKILL: nothing of it runs again
+        victim.wait()
+    assert runs(root, env) == {"victim": ("RUNNING", None)}
+    p = py("from stages.tracking import stage_run\nwith stage_run('next', {}, {}): pass\n",
+           root, env)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert runs(root, env) == {"victim": ("KILLED", None), "next": ("FINISHED", None)}
+
+
+def test_the_dvc_repro_parent_run_is_closed_when_dvc_ends(tmp_path):
+    root = tmp_path / "p"
+    env = project(root)
+    (root / "probe.py").write_text(
+        "import sys\nfrom pathlib import Path\nfrom stages.tracking import stage_run\n"
+        "with stage_run(sys.argv[1], {}, {}):\n    Path(sys.argv[1] + '.txt').write_text('x')\n"
+    )
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "one": {"cmd": "python probe.py one", "outs": ["one.txt"]},
+        "two": {"cmd": "python probe.py two", "deps": ["one.txt"], "outs": ["two.txt"]}}}))  # fmt: skip
+    assert py(["-m", "dvc", "init", "--no-scm", "-q"], root, env).returncode == 0
+    p = subprocess.run(["dvc", "repro"], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    deadline = time.time() + 120
+    while (seen := runs(root, env)) and any(s == "RUNNING" for s, _ in seen.values()):
+        if time.time() > deadline:
+            break
+        time.sleep(2)
+    [parent] = [n for n in seen if n.startswith("dvc repro ")]
+    assert seen == {parent: ("FINISHED", None), "one": ("FINISHED", parent),
+                    "two": ("FINISHED", parent)}  # fmt: skip
