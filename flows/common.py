@@ -12,8 +12,10 @@ this code was installed from: one virtual environment serves every clone.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -177,12 +179,49 @@ def quiet_user_errors() -> None:
             logger.addFilter(_QuietUserErrors())
 
 
+def stop_on_ctrl_c(stage: str) -> None:
+    """Ctrl-C stops the stage at once with one line and exit code 130.
+
+    Python's KeyboardInterrupt reached Prefect, which reported the crash to its
+    temporary server, killed by the same Ctrl-C: the stage went on for a minute of
+    retries, then failed with three tracebacks. Instead the stage stops here, once no
+    output is half-way through its rename: its temporary folders removed, its MLflow
+    runs ended KILLED, its temporary Prefect server stopped. What it had already put in
+    place is complete; resumable state (`<out>.partial/`) stays for the next run."""
+    import signal
+
+    def stop() -> None:
+        from stages.io import TEMPORARIES
+        from stages.tracking import end_live_runs
+
+        print(f"interrupted: {stage} stopped by Ctrl-C; no half-written output left",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for tmp in list(TEMPORARIES):
+            shutil.rmtree(tmp, ignore_errors=True)
+        end_live_runs("KILLED")
+        with contextlib.suppress(Exception):
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+        os._exit(130)
+
+    def handler(signum, frame) -> None:
+        from stages.io import stop_when_consistent
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        stop_when_consistent(stop)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def main(run: Callable[[], object], stage: str) -> None:
     """Entry point of `python -m flows.<stage>`: validated params, then the flow.
 
     Bad params stop the stage with one line and exit code 2 before any work; other
     user-facing errors end with one `error:` line and exit code 1.
     """
+    stop_on_ctrl_c(stage)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow", "prefect", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -104,11 +104,17 @@ def pipeline(args: list[str] | None = None) -> int | State:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
-            logger.info(line.rstrip())
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
+                logger.info(line.rstrip())
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        ml.MlflowClient().set_terminated(run_id, "KILLED")
+        raise
     status = "FINISHED" if code == 0 else "FAILED"
     client = ml.MlflowClient()
     client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
@@ -170,6 +176,9 @@ def main(argv: list[str]) -> int:
         except (FailedRun, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted: atlas run stopped by Ctrl-C", file=sys.stderr)
+            return 130
         finally:
             _drain_prefect()
     print(

@@ -18,6 +18,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Where an interrupted process stands (flows.common's Ctrl-C handler reads these): the
+# temporary folders being written, and how many renames into place are under way.
+TEMPORARIES: set[Path] = set()
+_renaming = [0]
+_pending: list = []  # a stop requested during a rename, run when the rename is done
+
+
+def stop_when_consistent(stop) -> None:
+    """Call `stop()` now, or as soon as no output is half-way through its rename."""
+    if _renaming[0]:
+        _pending.append(stop)
+    else:
+        stop()
+
+
+@contextlib.contextmanager
+def _renaming_into_place() -> Iterator[None]:
+    _renaming[0] += 1
+    try:
+        yield
+    finally:
+        _renaming[0] -= 1
+        if not _renaming[0] and _pending:
+            _pending.pop()()
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
@@ -33,25 +58,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    TEMPORARIES.add(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        TEMPORARIES.discard(tmp)
     replace_dir(tmp, final)
 
 
 def replace_dir(src: Path, final: Path) -> None:
     """Move folder `src` to `final`, replacing what was there with (nearly) one rename."""
     final = Path(final)
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(src, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, final)
-    _fsync_dir(final.parent)
+    with _renaming_into_place():
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(src, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, final)
+        _fsync_dir(final.parent)
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:

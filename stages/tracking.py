@@ -173,6 +173,7 @@ def _parent_run_id(mlflow) -> str | None:
 # KILLED (a parent: closed by its children's states), and a `dvc repro` parent is closed
 # by a small watcher as soon as dvc exits.
 HOST_TAG, PID_TAG = "atlas.host", "atlas.pid"
+LIVE_RUNS: set[str] = set()  # run ids this process has open (stage runs and their children)
 
 
 def _host() -> str:
@@ -319,6 +320,7 @@ class StageRun:
             **(tags or {})})  # fmt: skip
         child = StageRun.__new__(StageRun)
         child.client, child.run_id = self.client, run.info.run_id
+        LIVE_RUNS.add(child.run_id)
         try:
             if params:
                 child.params(params)
@@ -327,6 +329,8 @@ class StageRun:
             killed = isinstance(e, KeyboardInterrupt)
             self.client.set_terminated(child.run_id, status="KILLED" if killed else "FAILED")
             raise
+        finally:
+            LIVE_RUNS.discard(child.run_id)
         self.client.set_terminated(child.run_id)
 
 
@@ -349,6 +353,7 @@ def stage_run(
     run = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
                            tags=process_tags())  # fmt: skip
     sr = StageRun(mlflow, run)
+    LIVE_RUNS.add(sr.run_id)
     try:
         sr.params(params)
         mlflow.set_tags(
@@ -366,7 +371,18 @@ def stage_run(
     except BaseException as e:
         mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        LIVE_RUNS.discard(sr.run_id)
     mlflow.end_run()
+
+
+def end_live_runs(status: str = "KILLED") -> None:
+    """End this process's open runs (a stage stopped by Ctrl-C exits without unwinding)."""
+    if LIVE_RUNS:
+        client = _mlflow().MlflowClient()
+        for run_id in list(LIVE_RUNS):
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, status)
 
 
 def provenance(run_id: str) -> dict[str, Any]:

@@ -145,3 +145,45 @@ def test_the_dvc_repro_parent_run_is_closed_when_dvc_ends(tmp_path):
     [parent] = [n for n in seen if n.startswith("dvc repro ")]
     assert seen == {parent: ("FINISHED", None), "one": ("FINISHED", parent),
                     "two": ("FINISHED", parent)}  # fmt: skip
+
+
+# ------------------------------------------------------------ 10: Ctrl-C
+
+
+def test_ctrl_c_stops_a_stage_at_once_with_one_line(tmp_path):
+    """SIGINT to the stage's process group, as a terminal's Ctrl-C sends it (Prefect's
+    temporary server, the stage's child, gets it too): the stage stopped only after a
+    minute of retries against the dead server, with three tracebacks."""
+    import signal
+
+    root = tmp_path / "p"
+    env = project(root, PREFECT_HOME=str(tmp_path / "prefect"))
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["corpus"]["toy"]["n_docs"] = 200_000  # over a minute of work on this machine
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    stage = subprocess.Popen([sys.executable, "-m", "flows.corpus"], cwd=root, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # fmt: skip
+    try:
+        before = []
+        for line in stage.stdout:  # the stage's MLflow run is open, the corpus being built
+            before.append(line)
+            if "Updating database tables" in line:
+                break
+        time.sleep(3)
+        t0 = time.perf_counter()
+        os.killpg(stage.pid, signal.SIGINT)
+        after = stage.stdout.read()
+        stage.wait(timeout=60)
+        took = time.perf_counter() - t0
+    finally:
+        if stage.poll() is None:
+            os.killpg(stage.pid, signal.SIGKILL)
+            stage.wait()
+    assert after.strip().splitlines() == [
+        "interrupted: corpus stopped by Ctrl-C; no half-written output left"
+    ], "".join(before)[-2000:] + after[-3000:]
+    assert stage.returncode == 130
+    assert took < 10
+    assert not (root / "data").exists() or not any((root / "data").rglob("*"))
+    assert runs(root, env) == {"corpus": ("KILLED", None)}
