@@ -4,7 +4,8 @@ atlas run [dvc repro args]   the whole pipeline through Prefect + DVC (flows/pip
 atlas provenance RUN_ID      which data, code and params produced an MLflow run
 atlas features TEXT --model M --hook H [--sae S] [--k 5]
                              which SAE features fire on each token of TEXT
-atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
+atlas ui prefect             Prefect UI on http://127.0.0.1:<port> (runs, tasks, retries);
+                             each checkout has its own port, 4201-4999, from its path
 atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
                              (or, when PREFECT_API_URL / MLFLOW_TRACKING_URI point at a
                              running server, where that server's UI is)
@@ -23,8 +24,8 @@ import sys
 from pathlib import Path
 
 from flows.common import (
-    DEFAULT_PREFECT_PORT,
     NotAProjectError,
+    checkout_port,
     prefect_server_up,
     project_root,
     setup_env,
@@ -43,8 +44,12 @@ def _shared_server(which: str) -> tuple[str, str] | None:
 
 
 def _ui(which: str, port: int | None) -> int:
+    explicit = "PREFECT_API_URL" in os.environ  # setup_env sets it for our own server
     setup_env()
     shared = None if port else _shared_server(which)
+    if shared and which == "prefect" and not explicit:
+        print(f"prefect UI on {shared[1]} (this checkout's server, already running)")
+        return 0
     if shared:  # the environment names a running server: its UI is the one to open
         var, url = shared
         if not prefect_server_up(url + ("/api" if which == "prefect" else "")):
@@ -56,7 +61,7 @@ def _ui(which: str, port: int | None) -> int:
     # a local server keeps its state in the project: .prefect/ (setup_env), ./mlflow.db
     os.chdir(project_root())
     if which == "prefect":
-        port = port or DEFAULT_PREFECT_PORT
+        port = port or checkout_port(Path(os.environ["PREFECT_HOME"]))
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
     else:
@@ -120,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", help="an MLflow run id (`atlas ui mlflow` lists them)")
     u = sub.add_parser("ui", help="start the Prefect or MLflow UI on 127.0.0.1")
     u.add_argument("which", choices=["prefect", "mlflow"], help="which UI")
-    u.add_argument("--port", type=int, help="port (default: 4200 for prefect, 5000 for mlflow)")
+    u.add_argument(
+        "--port", type=int, help="port (default: the checkout's own, for prefect; 5000, for mlflow)"
+    )
     return ap
 
 

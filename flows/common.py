@@ -1,10 +1,12 @@
 """What every stage flow shares: environment, Prefect API choice, one-line errors.
 
 Prefect without a server starts a temporary one in every process (8-15 s here). So a
-stage uses, in order: `PREFECT_API_URL` if set; a server already answering on
-127.0.0.1:4200 (`atlas ui prefect`, or the one `flows.pipeline` starts for a whole
-run); otherwise Prefect's temporary server. All of them share one database under
-`.prefect/`, so every flow run shows in the Prefect UI afterwards.
+stage uses, in order: `PREFECT_API_URL` if set; this checkout's own server (`atlas ui
+prefect`, or the one `flows.pipeline` starts for a whole run), on the checkout's port and
+answering with this checkout's `.prefect/` as its home; otherwise Prefect's temporary
+server. All of them share one database under `.prefect/`, so every flow run shows in the
+Prefect UI afterwards. Another checkout's server, or any other, is used only when
+`PREFECT_API_URL` names it: a server on 4200 used to take every checkout's runs.
 
 Commands work on the project they are run in (`project_root()`), not on the checkout
 this code was installed from: one virtual environment serves every clone.
@@ -13,6 +15,8 @@ this code was installed from: one virtual environment serves every clone.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,7 +29,6 @@ from pathlib import Path
 # The checkout this code is in (tests run from it). Not the project a command works on:
 # with an editable install that is always the first clone. See project_root().
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PREFECT_PORT = 4200
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError, IndexError)
 
 
@@ -63,9 +66,37 @@ def setup_env() -> None:
     # attempting to connect to ephemeral Prefect API server".
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "PREFECT_API_URL" not in os.environ:
-        url = f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
-        if prefect_server_up(url):
+        url = own_prefect_url(Path(os.environ["PREFECT_HOME"]))
+        if url is not None:
             os.environ["PREFECT_API_URL"] = url
+
+
+def checkout_port(home: Path) -> int:
+    """The port of a checkout's own Prefect server, 4201-4999, from its PREFECT_HOME's
+    path: two checkouts on one machine get different ones (and neither gets Prefect's
+    4200, which any stock `prefect server start` takes)."""
+    digest = hashlib.sha256(str(Path(home).resolve()).encode()).digest()
+    return 4201 + int.from_bytes(digest[:4], "big") % 799
+
+
+def server_home(api_url: str, timeout: float = 2.0) -> Path | None:
+    """The PREFECT_HOME of the Prefect server at `api_url` (it says so at
+    /admin/settings), or None when none answers there, or it is not a Prefect server."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/admin/settings", timeout=timeout) as r:
+            home = json.loads(r.read()).get("home")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(home).resolve() if isinstance(home, str) else None
+
+
+def own_prefect_url(home: Path) -> str | None:
+    """The API URL of this checkout's own server when it runs: on checkout_port(home),
+    with `home` as its PREFECT_HOME. A server of another checkout there is not it."""
+    url = f"http://127.0.0.1:{checkout_port(home)}/api"
+    if not prefect_server_up(url):
+        return None
+    return url if server_home(url) == Path(home).resolve() else None
 
 
 def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:

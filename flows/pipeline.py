@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flows.common import DEFAULT_PREFECT_PORT, prefect_server_up, project_root, setup_env
+from flows.common import checkout_port, prefect_server_up, project_root, setup_env
 
 setup_env()
 
@@ -41,11 +41,17 @@ trigger (needs `atlas ui prefect` running)."""
 
 
 @contextlib.contextmanager
-def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
-    """Yield an API URL: the configured or running server, or one started for the run."""
+def prefect_server(port: int | None = None) -> Iterator[str]:
+    """Yield an API URL: the configured server or this checkout's own running one
+    (setup_env found it), or one started for the run: on the checkout's port, or on a
+    free one when something else holds that."""
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
+    if port is None:
+        port = checkout_port(Path(os.environ["PREFECT_HOME"]))
+        if prefect_server_up(f"http://127.0.0.1:{port}/api"):  # not ours (setup_env)
+            port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -70,6 +76,14 @@ def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
             proc.wait(timeout=10)
         if proc.poll() is None:
             proc.kill()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @flow(name="pipeline", log_prints=True)

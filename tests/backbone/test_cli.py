@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
-    # In this process, setup_env would adopt a Prefect server answering on 4200 (a user's
+    # In this process, setup_env would adopt the checkout's own Prefect server (a user's
     # `atlas ui prefect`); an API URL of its own keeps these tests away from it.
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
@@ -113,7 +113,9 @@ def test_subcommand_help(project, capsys):
     assert "an MLflow run id (`atlas ui mlflow` lists them)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         atlas("ui", "--help")
-    assert "port (default: 4200 for prefect, 5000 for mlflow)" in capsys.readouterr().out
+    assert "port (default: the checkout's own, for prefect; 5000, for mlflow)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_features_names_the_models_params_define(project, capsys):

@@ -187,3 +187,49 @@ def test_ctrl_c_stops_a_stage_at_once_with_one_line(tmp_path):
     assert took < 10
     assert not (root / "data").exists() or not any((root / "data").rglob("*"))
     assert runs(root, env) == {"corpus": ("KILLED", None)}
+
+
+# ------------------------------------------------------------ 8: a checkout's own server
+
+
+def test_a_checkout_uses_its_own_prefect_server_and_no_other(tmp_path):
+    """Another checkout's `atlas ui prefect` took every checkout's flow runs: a stage
+    adopted any server answering on 4200. Now a checkout's server has a port of its own,
+    and a server there counts only when its PREFECT_HOME is this checkout's .prefect/."""
+    import sqlite3
+    import urllib.request
+
+    from flows.common import checkout_port
+    from tests._servers import server
+
+    b = tmp_path / "b"
+    env = project(b)  # no PREFECT_* variables: the checkout decides
+    port = checkout_port(b / ".prefect")
+    assert 4201 <= port <= 4999 and port != checkout_port(tmp_path / "a/.prefect")
+    url = f"http://127.0.0.1:{port}/api"
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+           "--port", str(port)]  # fmt: skip
+    probe = ("import os\nfrom flows.common import setup_env\nsetup_env()\n"
+             "print(os.environ.get('PREFECT_API_URL'))\n")  # fmt: skip
+    a_env = {**env, "PREFECT_HOME": str(tmp_path / "a/.prefect")}
+    (tmp_path / "a/.prefect").mkdir(parents=True)
+    with server(cmd, f"{url}/health", tmp_path / "a.log", env=a_env):
+        # another checkout's server on this checkout's port: not this checkout's
+        p = py(probe, b, env)
+        assert p.stdout.strip() == "None", p.stderr[-2000:]
+        flow = probe + "from prefect import flow\nflow(name='probe')(lambda: 1)()\n"
+        p = py(flow, b, env)
+        assert p.returncode == 0, p.stderr[-3000:]
+        req = urllib.request.Request(f"{url}/flow_runs/count", data=b"{}", method="POST",
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert json.loads(r.read()) == 0  # none of b's runs went there
+    with sqlite3.connect(b / ".prefect/prefect.db") as db:
+        assert db.execute("select count(*) from flow_run").fetchone() == (1,)
+    # this checkout's own server (`atlas ui prefect` here): used
+    with server(cmd, f"{url}/health", tmp_path / "b.log", env={**env,
+                "PREFECT_HOME": str(b / ".prefect")}):  # fmt: skip
+        assert py(probe, b, env).stdout.strip() == url
+        # and one PREFECT_API_URL names is used whatever it is
+        other = {**env, "PREFECT_API_URL": "http://127.0.0.1:9/api"}
+        assert py(probe, b, other).stdout.strip() == "http://127.0.0.1:9/api"
