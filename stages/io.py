@@ -19,28 +19,30 @@ from pathlib import Path
 from typing import Any
 
 # Where an interrupted process stands (flows.common's Ctrl-C handler reads these): the
-# temporary folders being written, and how many renames into place are under way.
+# temporary folders being written, and how many steps that must not be cut in half
+# (an output's rename into place, MLflow creating its database) are under way.
 TEMPORARIES: set[Path] = set()
-_renaming = [0]
-_pending: list = []  # a stop requested during a rename, run when the rename is done
+_uninterrupted = [0]
+_pending: list = []  # a stop requested during such a step, run when it is done
 
 
 def stop_when_consistent(stop) -> None:
-    """Call `stop()` now, or as soon as no output is half-way through its rename."""
-    if _renaming[0]:
+    """Call `stop()` now, or as soon as no `uninterrupted()` step is under way."""
+    if _uninterrupted[0]:
         _pending.append(stop)
     else:
         stop()
 
 
 @contextlib.contextmanager
-def _renaming_into_place() -> Iterator[None]:
-    _renaming[0] += 1
+def uninterrupted() -> Iterator[None]:
+    """A step that Ctrl-C must not cut in half: the stop waits until it is done."""
+    _uninterrupted[0] += 1
     try:
         yield
     finally:
-        _renaming[0] -= 1
-        if not _renaming[0] and _pending:
+        _uninterrupted[0] -= 1
+        if not _uninterrupted[0] and _pending:
             _pending.pop()()
 
 
@@ -72,7 +74,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def replace_dir(src: Path, final: Path) -> None:
     """Move folder `src` to `final`, replacing what was there with (nearly) one rename."""
     final = Path(final)
-    with _renaming_into_place():
+    with uninterrupted():
         if final.exists() or final.is_symlink():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)

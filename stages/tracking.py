@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.io import content_hash
+from stages.io import content_hash, uninterrupted
 
 # MLflow 3 sends usage telemetry from every process that imports it (and fetches its
 # telemetry config from mlflow-telemetry.io first) unless told not to. Nothing here
@@ -94,6 +94,11 @@ def is_tracking_server(uri: str) -> bool:
 def _mlflow():
     uri = tracking_uri()
     check_tracking_store(uri)
+    with uninterrupted():  # Ctrl-C amid MLflow's migrations would leave a broken store
+        return _setup_mlflow(uri)
+
+
+def _setup_mlflow(uri: str):
     import mlflow
 
     mlflow.set_tracking_uri(uri)
