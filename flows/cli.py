@@ -4,7 +4,8 @@ atlas run [dvc repro args]   the whole pipeline through Prefect + DVC (flows/pip
 atlas provenance RUN_ID      which data, code and params produced an MLflow run
 atlas features TEXT --model M --hook H [--sae S] [--k 5]
                              which SAE features fire on each token of TEXT
-atlas ui prefect             Prefect UI on http://127.0.0.1:4200 (runs, tasks, retries)
+atlas ui prefect             Prefect UI on http://127.0.0.1:<port> (runs, tasks, retries);
+                             each checkout has its own port, 4201-4999, from its path
 atlas ui mlflow              MLflow UI on http://127.0.0.1:5000 (params, metrics, figures)
                              (or, when PREFECT_API_URL / MLFLOW_TRACKING_URI point at a
                              running server, where that server's UI is)
@@ -23,8 +24,8 @@ import sys
 from pathlib import Path
 
 from flows.common import (
-    DEFAULT_PREFECT_PORT,
     NotAProjectError,
+    checkout_port,
     prefect_server_up,
     project_root,
     setup_env,
@@ -43,8 +44,12 @@ def _shared_server(which: str) -> tuple[str, str] | None:
 
 
 def _ui(which: str, port: int | None) -> int:
+    explicit = "PREFECT_API_URL" in os.environ  # setup_env sets it for our own server
     setup_env()
     shared = None if port else _shared_server(which)
+    if shared and which == "prefect" and not explicit:
+        print(f"prefect UI on {shared[1]} (this checkout's server, already running)")
+        return 0
     if shared:  # the environment names a running server: its UI is the one to open
         var, url = shared
         if not prefect_server_up(url + ("/api" if which == "prefect" else "")):
@@ -56,7 +61,7 @@ def _ui(which: str, port: int | None) -> int:
     # a local server keeps its state in the project: .prefect/ (setup_env), ./mlflow.db
     os.chdir(project_root())
     if which == "prefect":
-        port = port or DEFAULT_PREFECT_PORT
+        port = port or checkout_port(Path(os.environ["PREFECT_HOME"]))
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
     else:
@@ -70,7 +75,13 @@ def _ui(which: str, port: int | None) -> int:
 
 
 def _provenance(run_id: str) -> int:
-    from stages.tracking import is_tracking_server, provenance, tracking_uri
+    from stages.tracking import (
+        TrackingStoreError,
+        check_tracking_store,
+        is_tracking_server,
+        provenance,
+        tracking_uri,
+    )
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         os.chdir(project_root())  # the project's ./mlflow.db, where its stages log
@@ -85,6 +96,11 @@ def _provenance(run_id: str) -> int:
     if db is not None and not db.exists():
         print(f"error: no MLflow runs yet: {db} does not exist (`atlas run` creates it)",
               file=sys.stderr)  # fmt: skip
+        return 1
+    try:
+        check_tracking_store(uri)
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     try:
         print(json.dumps(provenance(run_id), indent=2))
@@ -109,7 +125,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", help="an MLflow run id (`atlas ui mlflow` lists them)")
     u = sub.add_parser("ui", help="start the Prefect or MLflow UI on 127.0.0.1")
     u.add_argument("which", choices=["prefect", "mlflow"], help="which UI")
-    u.add_argument("--port", type=int, help="port (default: 4200 for prefect, 5000 for mlflow)")
+    u.add_argument(
+        "--port", type=int, help="port (default: the checkout's own, for prefect; 5000, for mlflow)"
+    )
     return ap
 
 

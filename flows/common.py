@@ -1,10 +1,12 @@
 """What every stage flow shares: environment, Prefect API choice, one-line errors.
 
 Prefect without a server starts a temporary one in every process (8-15 s here). So a
-stage uses, in order: `PREFECT_API_URL` if set; a server already answering on
-127.0.0.1:4200 (`atlas ui prefect`, or the one `flows.pipeline` starts for a whole
-run); otherwise Prefect's temporary server. All of them share one database under
-`.prefect/`, so every flow run shows in the Prefect UI afterwards.
+stage uses, in order: `PREFECT_API_URL` if set; this checkout's own server (`atlas ui
+prefect`, or the one `flows.pipeline` starts for a whole run), on the checkout's port and
+answering with this checkout's `.prefect/` as its home; otherwise Prefect's temporary
+server. All of them share one database under `.prefect/`, so every flow run shows in the
+Prefect UI afterwards. Another checkout's server, or any other, is used only when
+`PREFECT_API_URL` names it: a server on 4200 used to take every checkout's runs.
 
 Commands work on the project they are run in (`project_root()`), not on the checkout
 this code was installed from: one virtual environment serves every clone.
@@ -12,8 +14,12 @@ this code was installed from: one virtual environment serves every clone.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
 import time
 import urllib.request
@@ -23,7 +29,6 @@ from pathlib import Path
 # The checkout this code is in (tests run from it). Not the project a command works on:
 # with an editable install that is always the first clone. See project_root().
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_PREFECT_PORT = 4200
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FloatingPointError, IndexError)
 
 
@@ -61,9 +66,37 @@ def setup_env() -> None:
     # attempting to connect to ephemeral Prefect API server".
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "PREFECT_API_URL" not in os.environ:
-        url = f"http://127.0.0.1:{DEFAULT_PREFECT_PORT}/api"
-        if prefect_server_up(url):
+        url = own_prefect_url(Path(os.environ["PREFECT_HOME"]))
+        if url is not None:
             os.environ["PREFECT_API_URL"] = url
+
+
+def checkout_port(home: Path) -> int:
+    """The port of a checkout's own Prefect server, 4201-4999, from its PREFECT_HOME's
+    path: two checkouts on one machine get different ones (and neither gets Prefect's
+    4200, which any stock `prefect server start` takes)."""
+    digest = hashlib.sha256(str(Path(home).resolve()).encode()).digest()
+    return 4201 + int.from_bytes(digest[:4], "big") % 799
+
+
+def server_home(api_url: str, timeout: float = 2.0) -> Path | None:
+    """The PREFECT_HOME of the Prefect server at `api_url` (it says so at
+    /admin/settings), or None when none answers there, or it is not a Prefect server."""
+    try:
+        with urllib.request.urlopen(f"{api_url}/admin/settings", timeout=timeout) as r:
+            home = json.loads(r.read()).get("home")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(home).resolve() if isinstance(home, str) else None
+
+
+def own_prefect_url(home: Path) -> str | None:
+    """The API URL of this checkout's own server when it runs: on checkout_port(home),
+    with `home` as its PREFECT_HOME. A server of another checkout there is not it."""
+    url = f"http://127.0.0.1:{checkout_port(home)}/api"
+    if not prefect_server_up(url):
+        return None
+    return url if server_home(url) == Path(home).resolve() else None
 
 
 def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:
@@ -177,12 +210,49 @@ def quiet_user_errors() -> None:
             logger.addFilter(_QuietUserErrors())
 
 
+def stop_on_ctrl_c(stage: str) -> None:
+    """Ctrl-C stops the stage at once with one line and exit code 130.
+
+    Python's KeyboardInterrupt reached Prefect, which reported the crash to its
+    temporary server, killed by the same Ctrl-C: the stage went on for a minute of
+    retries, then failed with three tracebacks. Instead the stage stops here, once no
+    output is half-way through its rename: its temporary folders removed, its MLflow
+    runs ended KILLED, its temporary Prefect server stopped. What it had already put in
+    place is complete; resumable state (`<out>.partial/`) stays for the next run."""
+    import signal
+
+    def stop() -> None:
+        from stages.io import TEMPORARIES
+        from stages.tracking import end_live_runs
+
+        print(f"interrupted: {stage} stopped by Ctrl-C; no half-written output left",
+              file=sys.stderr, flush=True)  # fmt: skip
+        for tmp in list(TEMPORARIES):
+            shutil.rmtree(tmp, ignore_errors=True)
+        end_live_runs("KILLED")
+        with contextlib.suppress(Exception):
+            from prefect.server.api.server import SubprocessASGIServer
+
+            for server in list(SubprocessASGIServer._instances.values()):
+                server.stop()
+        os._exit(130)
+
+    def handler(signum, frame) -> None:
+        from stages.io import stop_when_consistent
+
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C changes nothing
+        stop_when_consistent(stop)
+
+    signal.signal(signal.SIGINT, handler)
+
+
 def main(run: Callable[[], object], stage: str) -> None:
     """Entry point of `python -m flows.<stage>`: validated params, then the flow.
 
     Bad params stop the stage with one line and exit code 2 before any work; other
     user-facing errors end with one `error:` line and exit code 1.
     """
+    stop_on_ctrl_c(stage)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "alembic", "mlflow", "prefect", "distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -196,6 +266,13 @@ def main(run: Callable[[], object], stage: str) -> None:
     except (ParamsError, DeviceError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    from stages.tracking import TrackingStoreError, check_tracking_store
+
+    try:  # before the stage writes anything: MLflow would fail only after its work
+        check_tracking_store()
+    except TrackingStoreError as e:
+        print(f"error: {stage}: {e}", file=sys.stderr)
+        sys.exit(1)
     setup_env()
     quiet_user_errors()
     t0 = time.perf_counter()

@@ -79,6 +79,19 @@ def missing_model(model_dir: Path, model: str) -> FileNotFoundError:
     )
 
 
+def _not_utf8(text: str) -> str | None:
+    """Why `text` is not UTF-8, or None. Python hands over command-line bytes that are not
+    UTF-8 as lone surrogates, which the tokenizer refused with a TypeError traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(text[e.start]) - 0xDC00 if 0xDC80 <= ord(text[e.start]) <= 0xDCFF else None
+        what = f"byte {byte:#04x}" if byte is not None else f"character {text[e.start]!a}"
+        return (f"the text is not valid UTF-8 ({what} at character {e.start}); "
+                "expected UTF-8 text (e.g. `iconv -f latin1 -t utf-8`)")  # fmt: skip
+    return None
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m flows.features") -> int:
     ap = argparse.ArgumentParser(
         prog=prog,
@@ -94,6 +107,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.features") 
     ap.add_argument("--data", type=Path, help="pipeline data folder (default: the project's data/)")
     ap.add_argument("--reports", type=Path, help="report folder (default: the project's reports/)")
     args = ap.parse_args(argv)
+    if bad := _not_utf8(args.text):
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     try:
         if args.data is None or args.reports is None:
             root = project_root()

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from flows.common import DEFAULT_PREFECT_PORT, prefect_server_up, project_root, setup_env
+from flows.common import checkout_port, prefect_server_up, project_root, setup_env
 
 setup_env()
 
@@ -41,11 +41,17 @@ trigger (needs `atlas ui prefect` running)."""
 
 
 @contextlib.contextmanager
-def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
-    """Yield an API URL: the configured or running server, or one started for the run."""
+def prefect_server(port: int | None = None) -> Iterator[str]:
+    """Yield an API URL: the configured server or this checkout's own running one
+    (setup_env found it), or one started for the run: on the checkout's port, or on a
+    free one when something else holds that."""
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"]
         return
+    if port is None:
+        port = checkout_port(Path(os.environ["PREFECT_HOME"]))
+        if prefect_server_up(f"http://127.0.0.1:{port}/api"):  # not ours (setup_env)
+            port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -72,15 +78,24 @@ def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
             proc.kill()
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @flow(name="pipeline", log_prints=True)
 def pipeline(args: list[str] | None = None) -> int | State:
     """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
     or a Failed state naming DVC's exit code."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
-    from stages.tracking import EXPERIMENT, _mlflow, git_commit
+    from stages.tracking import EXPERIMENT, _mlflow, close_stale_runs, git_commit, process_tags
 
     logger = get_run_logger()
     ml = _mlflow()
+    close_stale_runs(ml)
     exp = ml.get_experiment_by_name(EXPERIMENT)
     parent = ml.MlflowClient().create_run(
         exp.experiment_id,
@@ -89,6 +104,7 @@ def pipeline(args: list[str] | None = None) -> int | State:
             "atlas.kind": "pipeline",
             "git.commit": git_commit(),
             "dvc.args": " ".join(args or []),
+            **process_tags(),
         },  # fmt: skip
     )
     run_id = parent.info.run_id
@@ -102,11 +118,17 @@ def pipeline(args: list[str] | None = None) -> int | State:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
     assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
-            logger.info(line.rstrip())
-    code = proc.wait()
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
+                logger.info(line.rstrip())
+        code = proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        ml.MlflowClient().set_terminated(run_id, "KILLED")
+        raise
     status = "FINISHED" if code == 0 else "FAILED"
     client = ml.MlflowClient()
     client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
@@ -153,6 +175,13 @@ def main(argv: list[str]) -> int:
         return 0
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    from stages.tracking import TrackingStoreError, check_tracking_store
+
+    try:  # before dvc repro removes any stage's outputs
+        check_tracking_store()
+    except TrackingStoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"atlas run: dvc repro in {root}", flush=True)
     # Prefect read its settings at import; point this process at the server too.
     with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
@@ -161,6 +190,9 @@ def main(argv: list[str]) -> int:
         except (FailedRun, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except KeyboardInterrupt:
+            print("interrupted: atlas run stopped by Ctrl-C", file=sys.stderr)
+            return 130
         finally:
             _drain_prefect()
     print(

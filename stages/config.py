@@ -66,6 +66,9 @@ PosInt = Annotated[int, Field(ge=1)]
 NonNegInt = Annotated[int, Field(ge=0)]
 PosFloat = Annotated[float, Field(gt=0)]
 Fraction = Annotated[float, Field(gt=0, lt=1)]
+# what every RNG here takes: numpy refuses a negative seed (hours into a stage), and its
+# legacy global seed one of 2**32 or more
+Seed = Annotated[int, Field(ge=0, lt=2**32)]
 
 # ---------------------------------------------------------------------------- corpus
 
@@ -74,7 +77,7 @@ class ToyCorpus(_Strict):
     """The embedded story generator with planted concepts (stages/corpus.py)."""
 
     n_docs: PosInt = 8000
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HFCorpus(_Strict):
@@ -194,7 +197,7 @@ class ToyModel(_Strict):
     """A small HookedTransformer trained here by the `lm` stage (no network)."""
 
     source: Literal["toy"]
-    seed: int = 0
+    seed: Seed = 0
     arch: ToyArch = ToyArch()
     tokenizer: ToyTokenizer = ToyTokenizer()
     train: ToyTrain = ToyTrain()
@@ -319,7 +322,7 @@ TOY_STEERING_SETS = ("emotion_polarity", "mammal_vs_bird", "past_vs_present")
 class ToySteeringSets(_Strict):
     """Contrastive sets generated from the embedded corpus's grammar."""
 
-    seed: int = 0
+    seed: Seed = 0
     n_train: PosInt = 64  # training pairs per set (the vector is built from these)
     n_heldout: PosInt = 32  # held-out pairs / eval prompts per set
 
@@ -341,7 +344,7 @@ class SteeringConfig(_Strict):
     n_generations: NonNegInt = 3
     max_new_tokens: PosInt = 10
     generation_multiplier: PosFloat = 4.0
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _symmetric(self) -> SteeringConfig:
@@ -568,6 +571,10 @@ class Params(_Strict):
                 raise KeyProblem(
                     (*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}"
                 )
+            if hook in sweep.hooks[:i]:  # both would train into the same SAE folders
+                first = sweep.hooks.index(hook)
+                raise KeyProblem((*loc, "hooks", i), hook,
+                                f"expected each hook once in a group (also {dotted((*loc, 'hooks', first))})")  # fmt: skip
         cfgs = []
         for i, raw in enumerate(sweep.saes):
             cfg = _sae_config(raw, (*loc, "saes", i))
@@ -833,12 +840,20 @@ def _format_pydantic(err: ValidationError, origin: str, raw: Any = None) -> str:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys silently; a model listed twice must fail."""
+    """PyYAML keeps the last of two equal keys silently; a model listed twice must fail.
+
+    Merge keys (`<<: *defaults`, or a list of anchors) work as in DVC's YAML reader: the
+    merged keys come first and the mapping's own keys override them."""
+
+
+_MERGE = "tag:yaml.org,2002:merge"
 
 
 def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False):
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == _MERGE:  # `<<: *anchor`: its keys are defaults, not repeats
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ParamsError(
@@ -893,8 +908,16 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.exists():
         raise ParamsError(f"{path}: file not found, expected the pipeline's params file")
+    if path.is_dir():
+        raise ParamsError(f"{path}: is a directory, expected the pipeline's params file "
+                          "(a YAML file)")  # fmt: skip
     try:
         raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 (safe loader)
+    except UnicodeDecodeError as e:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}), expected a YAML file") from None  # fmt: skip
+    except OSError as e:
+        raise ParamsError(f"{path}: cannot be read ({e.strerror or e})") from None
     except ParamsError as e:
         raise ParamsError(f"{path}: {e}") from None
     except yaml.YAMLError as e:

@@ -20,6 +20,33 @@ from typing import Any
 
 from stages.layout import check_target
 
+# Where an interrupted process stands (flows.common's Ctrl-C handler reads these): the
+# temporary folders being written, and how many steps that must not be cut in half
+# (an output's rename into place, MLflow creating its database) are under way.
+TEMPORARIES: set[Path] = set()
+_uninterrupted = [0]
+_pending: list = []  # a stop requested during such a step, run when it is done
+
+
+def stop_when_consistent(stop) -> None:
+    """Call `stop()` now, or as soon as no `uninterrupted()` step is under way."""
+    if _uninterrupted[0]:
+        _pending.append(stop)
+    else:
+        stop()
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """A step that Ctrl-C must not cut in half: the stop waits until it is done."""
+    _uninterrupted[0] += 1
+    try:
+        yield
+    finally:
+        _uninterrupted[0] -= 1
+        if not _uninterrupted[0] and _pending:
+            _pending.pop()()
+
 
 @contextlib.contextmanager
 def atomic_dir(final: Path, within: Path | None = None) -> Iterator[Path]:
@@ -40,11 +67,14 @@ def atomic_dir(final: Path, within: Path | None = None) -> Iterator[Path]:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    TEMPORARIES.add(tmp)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        TEMPORARIES.discard(tmp)
     replace_dir(tmp, final, within)
 
 
@@ -53,14 +83,15 @@ def replace_dir(src: Path, final: Path, within: Path | None = None) -> None:
     `final` is checked as in `atomic_dir` (inside `within` when given)."""
     final = Path(final)
     check_target(final, within)
-    if final.exists() or final.is_symlink():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(src, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(src, final)
-    _fsync_dir(final.parent)
+    with uninterrupted():
+        if final.exists() or final.is_symlink():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(src, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, final)
+        _fsync_dir(final.parent)
 
 
 def remove_stale_temporaries(final: Path) -> list[Path]:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stages.io import content_hash
+from stages.io import content_hash, uninterrupted
 
 # MLflow 3 sends usage telemetry from every process that imports it (and fetches its
 # telemetry config from mlflow-telemetry.io first) unless told not to. Nothing here
@@ -45,6 +45,46 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
+class TrackingStoreError(RuntimeError):
+    """The local MLflow database is unreadable; the message says which file and what to do."""
+
+
+def check_tracking_store(uri: str | None = None) -> None:
+    """Raise TrackingStoreError when the sqlite store `uri` (default: tracking_uri()) is
+    there but broken. Checked before a stage removes or writes anything: MLflow itself
+    fails on first use, tracebacks deep and without the file's name."""
+    uri = uri or tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        return
+    db = Path(uri.removeprefix("sqlite:///"))
+    if not db.is_file():
+        return  # MLflow creates it
+    import sqlite3
+
+    problem = None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.as_uri()}?mode=ro", uri=True,
+                                                timeout=60)) as con:  # fmt: skip
+            found = [str(r[0]) for r in con.execute("PRAGMA quick_check(1)")]
+            if found != ["ok"]:
+                problem = " ".join(found).replace("*** in database main ***", "").strip()
+    except sqlite3.OperationalError as e:
+        if "locked" not in str(e):  # another stage writing is not a fault
+            problem = str(e)
+    except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
+        problem = str(e)
+    if problem is None:
+        return
+    cause = " ".join(problem.split())[:200]
+    restore = (" (then `dvc checkout` restores any output DVC removed before this stage)"
+               if _dvc_invocation() else "")  # fmt: skip
+    raise TrackingStoreError(
+        f"{db}: the MLflow tracking database is broken ({cause}); restore it from a backup, "
+        f"or move it aside to start a new one (`mv {db} {db}.broken`; its runs stay in that "
+        f"file) and run again{restore}"
+    )
+
+
 def is_tracking_server(uri: str) -> bool:
     """True for an `mlflow server` (http[s]://...), which stores artifacts itself."""
     return uri.startswith(("http://", "https://"))
@@ -52,9 +92,15 @@ def is_tracking_server(uri: str) -> bool:
 
 @functools.cache
 def _mlflow():
+    uri = tracking_uri()
+    check_tracking_store(uri)
+    with uninterrupted():  # Ctrl-C amid MLflow's migrations would leave a broken store
+        return _setup_mlflow(uri)
+
+
+def _setup_mlflow(uri: str):
     import mlflow
 
-    uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(EXPERIMENT) is None:
         # A tracking server chooses where artifacts go (with --serve-artifacts they are
@@ -114,9 +160,110 @@ def _parent_run_id(mlflow) -> str | None:
     run = mlflow.MlflowClient().create_run(
         exp.experiment_id,
         run_name=f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={INVOCATION_TAG: key, "atlas.kind": "pipeline", "git.commit": git_commit()},
+        tags={
+            INVOCATION_TAG: key,
+            "atlas.kind": "pipeline",
+            "git.commit": git_commit(),
+            **process_tags(key),
+        },  # fmt: skip
     )
+    _close_when_gone(run.info.run_id, key)
     return run.info.run_id
+
+
+# ---------------------------------------------------------------- runs left RUNNING
+# Every run records the process that owns it (`atlas.host`, `atlas.pid` = '<pid>-<start
+# time>'): the stage's own process, or for a `dvc repro` parent run the dvc process. A run
+# whose process is gone can never end by itself: the next stage on the host marks it
+# KILLED (a parent: closed by its children's states), and a `dvc repro` parent is closed
+# by a small watcher as soon as dvc exits.
+HOST_TAG, PID_TAG = "atlas.host", "atlas.pid"
+LIVE_RUNS: set[str] = set()  # run ids this process has open (stage runs and their children)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def process_tags(key: str | None = None) -> dict[str, str]:
+    """The tags naming the process that owns a run: this one, or `key` ('<pid>-<start>')."""
+    if key is None:
+        import psutil
+
+        key = f"{os.getpid()}-{int(psutil.Process().create_time())}"
+    return {HOST_TAG: _host(), PID_TAG: key}
+
+
+def _alive(key: str) -> bool:
+    """Whether the process '<pid>-<start time>' still runs (a reused pid is another)."""
+    import psutil
+
+    pid, _, start = key.partition("-")
+    try:
+        return int(psutil.Process(int(pid)).create_time()) == int(start)
+    except (ValueError, psutil.NoSuchProcess):
+        return False
+    except psutil.Error:  # exists, but not ours to inspect
+        return True
+
+
+def _close_parent(client, run) -> str:
+    """End a parent run by its children: KILLED if one was, FAILED if one failed, else
+    FINISHED. Returns the status set."""
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+    )
+    states = {c.info.status for c in children}
+    status = next((s for s in ("KILLED", "FAILED", "RUNNING") if s in states), "FINISHED")
+    status = "KILLED" if status == "RUNNING" else status  # a child of a gone process
+    client.set_terminated(run.info.run_id, status)
+    return status
+
+
+def close_stale_runs(mlflow=None) -> list[tuple[str, str]]:
+    """Mark this host's RUNNING runs whose process is gone: stage runs KILLED, then parent
+    runs closed by their children. Returns (run id, status) of each run it ended."""
+    mlflow = mlflow or _mlflow()
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    running = client.search_runs(
+        [exp.experiment_id],
+        f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{_host()}'",
+        max_results=1000,
+    )
+    gone = [r for r in running if not _alive(r.data.tags.get(PID_TAG, ""))]
+    ended = []
+    for r in sorted(gone, key=lambda r: r.data.tags.get("atlas.kind") == "pipeline"):
+        if r.data.tags.get("atlas.kind") == "pipeline":
+            ended.append((r.info.run_id, _close_parent(client, r)))
+        else:
+            client.set_terminated(r.info.run_id, "KILLED")
+            ended.append((r.info.run_id, "KILLED"))
+    return ended
+
+
+def _close_when_gone(run_id: str, key: str) -> None:
+    """Start the watcher that closes `run_id` once the process `key` has exited."""
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri()}
+    subprocess.Popen(
+        [sys.executable, "-m", "stages.tracking", "close-when-gone", run_id, key],
+        env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def _watch(run_id: str, key: str) -> None:
+    while _alive(key):
+        time.sleep(1)
+    mlflow = _mlflow()
+    close_stale_runs(mlflow)  # its stages, if dvc was killed with them
+    run = mlflow.MlflowClient().get_run(run_id)
+    if run.info.status == "RUNNING":
+        _close_parent(mlflow.MlflowClient(), run)
 
 
 def _clip(v: Any) -> str:
@@ -174,16 +321,21 @@ class StageRun:
         inherited = {k: v for k, v in mine.items()
                      if k.startswith(("input.", "input_path.", "git.", "dvc."))}  # fmt: skip
         run = self.client.create_run(exp, run_name=name, tags={
-            **inherited, "mlflow.parentRunId": self.run_id, **(tags or {})})  # fmt: skip
+            **inherited, "mlflow.parentRunId": self.run_id, **process_tags(),
+            **(tags or {})})  # fmt: skip
         child = StageRun.__new__(StageRun)
         child.client, child.run_id = self.client, run.info.run_id
+        LIVE_RUNS.add(child.run_id)
         try:
             if params:
                 child.params(params)
             yield child
-        except BaseException:
-            self.client.set_terminated(child.run_id, status="FAILED")
+        except BaseException as e:
+            killed = isinstance(e, KeyboardInterrupt)
+            self.client.set_terminated(child.run_id, status="KILLED" if killed else "FAILED")
             raise
+        finally:
+            LIVE_RUNS.discard(child.run_id)
         self.client.set_terminated(child.run_id)
 
 
@@ -200,10 +352,13 @@ def stage_run(
     `input.<name>` tags; the run is marked FAILED if the body raises.
     """
     mlflow = _mlflow()
+    close_stale_runs(mlflow)
     parent = _parent_run_id(mlflow)
     hashes = {name: content_hash(p) for name, p in inputs.items()}
-    run = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None)
+    run = mlflow.start_run(run_name=stage, parent_run_id=parent, nested=parent is not None,
+                           tags=process_tags())  # fmt: skip
     sr = StageRun(mlflow, run)
+    LIVE_RUNS.add(sr.run_id)
     try:
         sr.params(params)
         mlflow.set_tags(
@@ -218,10 +373,21 @@ def stage_run(
             }
         )
         yield sr
-    except BaseException:
-        mlflow.end_run(status="FAILED")
+    except BaseException as e:
+        mlflow.end_run(status="KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         raise
+    finally:
+        LIVE_RUNS.discard(sr.run_id)
     mlflow.end_run()
+
+
+def end_live_runs(status: str = "KILLED") -> None:
+    """End this process's open runs (a stage stopped by Ctrl-C exits without unwinding)."""
+    if LIVE_RUNS:
+        client = _mlflow().MlflowClient()
+        for run_id in list(LIVE_RUNS):
+            with contextlib.suppress(Exception):
+                client.set_terminated(run_id, status)
 
 
 def provenance(run_id: str) -> dict[str, Any]:
@@ -245,3 +411,10 @@ def provenance(run_id: str) -> dict[str, Any]:
         "metrics": dict(sorted(run.data.metrics.items())),
     }
     return out
+
+
+if __name__ == "__main__":  # python -m stages.tracking close-when-gone RUN_ID PID-START
+    import sys
+
+    if sys.argv[1:2] == ["close-when-gone"] and len(sys.argv) == 4:
+        _watch(sys.argv[2], sys.argv[3])

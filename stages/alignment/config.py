@@ -40,7 +40,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         ints = {"max_tokens": 2, "chunk_rows": 1, "n_null": 1, "top_k": 1, "n_permutations": 0,
                 "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2,
-                "n_parts": 1}  # fmt: skip
+                "n_parts": 1, "seed": 0}  # fmt: skip
         for name, low in ints.items():
             if getattr(self, name) < low:
                 raise ValueError(

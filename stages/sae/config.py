@@ -52,7 +52,7 @@ class SAEConfig(BaseModel):
     grad_clip_norm: float | None = Field(default=1.0, gt=0)
     batch_size: int = Field(default=4096, ge=1)
     n_training_tokens: int = Field(ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**32)  # numpy refuses a negative seed
 
     # data handling
     normalize_activations: bool = True

@@ -7,6 +7,7 @@ server.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(autouse=True)
 def _env(tmp_path, monkeypatch):
-    # In this process, setup_env would adopt a Prefect server answering on 4200 (a user's
+    # In this process, setup_env would adopt the checkout's own Prefect server (a user's
     # `atlas ui prefect`); an API URL of its own keeps these tests away from it.
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
@@ -112,7 +113,9 @@ def test_subcommand_help(project, capsys):
     assert "an MLflow run id (`atlas ui mlflow` lists them)" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         atlas("ui", "--help")
-    assert "port (default: 4200 for prefect, 5000 for mlflow)" in capsys.readouterr().out
+    assert "port (default: the checkout's own, for prefect; 5000, for mlflow)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_features_names_the_models_params_define(project, capsys):
@@ -126,6 +129,21 @@ def test_features_names_the_models_params_define(project, capsys):
     assert capsys.readouterr().err.strip() == (
         f"error: {project / 'data/models/tiny-a'}: missing; expected the lm stage's output for "
         "model 'tiny-a' (run `dvc repro saes@tiny-a`: this command needs the model's SAEs too)"
+    )
+
+
+def test_features_with_text_that_is_not_utf8_is_one_line(project):
+    # bytes as a shell passes them (latin-1 'café'); the tokenizer raised a TypeError
+    p = subprocess.run(
+        [sys.executable, "-m", "flows.features", b"caf\xe9 au lait", "--model", "tiny-a",
+         "--hook", "blocks.0.hook_resid_post"],
+        cwd=project / "sub", capture_output=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.decode().strip() == (
+        "error: the text is not valid UTF-8 (byte 0xe9 at character 3); expected UTF-8 text "
+        "(e.g. `iconv -f latin1 -t utf-8`)"
     )
 
 

@@ -432,3 +432,90 @@ def test_key_paths_keep_keys_named_toy_or_pretrained(tiny, mutate, expected):
 def test_messages_say_each_thing_once_in_the_style_of_style_md(tiny, mutate, expected):
     mutate(tiny)
     assert _err(tiny).startswith(f"params.yaml: {expected}")
+
+
+# ---------------------------------------------------------------- issue 20, item 12
+
+
+def test_params_file_that_is_a_directory_is_one_line(tmp_path):
+    (tmp_path / "params.yaml").mkdir()
+    with pytest.raises(ParamsError) as e:
+        load_params(tmp_path / "params.yaml")
+    assert str(e.value) == (
+        f"{tmp_path / 'params.yaml'}: is a directory, expected the pipeline's params file "
+        "(a YAML file)"
+    )
+
+
+def test_params_file_that_is_not_utf8_is_one_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_bytes(b"corpus:\n  source: toy # caf\xe9\n")
+    with pytest.raises(ParamsError, match=r"params.yaml: not UTF-8 text \(byte 0xe9 at offset"):
+        load_params(f)
+
+
+def test_yaml_merge_keys_work_as_in_dvc(tmp_path, tiny):
+    # DVC reads params.yaml with ruamel, which applies merge keys; so do we: the anchor's
+    # keys first, the mapping's own keys over them (seed 7 here, not tiny-a's 0)
+    text = yaml.safe_dump(tiny, sort_keys=False)
+    a = yaml.safe_dump({"tiny-a": tiny["models"]["tiny-a"]}, sort_keys=False)
+    text = text.replace("  tiny-a:\n", "  tiny-a: &toy\n", 1)
+    start = text.index("  tiny-b:\n", text.index("models:"))
+    end = text.index("activations:")
+    text = text[:start] + "  tiny-b:\n    <<: *toy\n    seed: 7\n" + text[end:]
+    assert a and "<<: *toy" in text
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    p = load_params(f)
+    assert p.models["tiny-b"].seed == 7
+    assert p.models["tiny-b"].train == p.models["tiny-a"].train
+    assert p.models["tiny-b"].arch.d_model == 32
+    # a list of anchors, and a key repeated by the mapping itself is still refused
+    f.write_text(text.replace("    <<: *toy\n", "    <<: [*toy]\n    seed: 1\n", 1))
+    with pytest.raises(ParamsError, match=r"key 'seed' appears twice"):
+        load_params(f)
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (
+            lambda r: r["models"]["tiny-a"].update(seed=-1),
+            "models.tiny-a.seed = -1, expected an integer in [0, 4294967296)",
+        ),
+        (
+            lambda r: r["corpus"]["toy"].update(seed=-3),
+            "corpus.toy.seed = -3, expected an integer in [0, 4294967296)",
+        ),
+        (
+            lambda r: r["steering"]["config"].update(seed=2**40),
+            "steering.config.seed = 1099511627776, expected an integer in [0, 4294967296)",
+        ),
+        (
+            lambda r: _sae(r).update(seed=-1),
+            "saes.sweep.tiny-a.saes[0].seed = -1, expected an integer in [0, 4294967296)",
+        ),
+        (
+            lambda r: r["align"]["config"].update(seed=-1),
+            "align.config.seed = -1, expected an integer ≥ 0",
+        ),
+        (  # both would train into the same folders; it failed in training
+            lambda r: r["saes"]["sweep"]["tiny-a"]["hooks"].append("blocks.0.hook_resid_post"),
+            "saes.sweep.tiny-a.hooks[1] = 'blocks.0.hook_resid_post', expected each hook once "
+            "in a group (also saes.sweep.tiny-a.hooks[0])",
+        ),
+        (
+            lambda r: (
+                _second_group(r, "blocks.1.hook_mlp_out")
+                or r["saes"]["sweep"]["tiny-a"][1]["hooks"].append("blocks.1.hook_mlp_out")
+            ),
+            "saes.sweep.tiny-a[1].hooks[1] = 'blocks.1.hook_mlp_out', expected each hook once "
+            "in a group (also saes.sweep.tiny-a[1].hooks[0])",
+        ),
+    ],
+)
+def test_negative_seeds_and_repeated_sweep_hooks_are_refused_at_params_check(
+    tiny, mutate, expected
+):
+    mutate(tiny)
+    assert _err(tiny) == f"params.yaml: {expected}"
