@@ -42,20 +42,9 @@ def load(name: str, hooks: list[str]):
 
 @task(cache_policy=NO_CACHE)
 def windows(model, store_params):
-    from stages.activations import CacheInputs
-    from stages.corpus import read_corpus
-    from stages.models import windows_for
+    from stages.activations import cache_inputs
 
-    c = read_corpus(CORPUS)
-    tok, seq = model.tokenizer, store_params.seq_len
-    parts = {}
-    for split, cap in (("train", store_params.max_train_tokens), ("heldout", None)):
-        ix = [i for i, s in enumerate(c.splits) if s == split]
-        parts[split] = windows_for(tok, [c.texts[i] for i in ix], [c.doc_ids[i] for i in ix],
-                                   seq, max_tokens=cap)  # fmt: skip
-    labels = c.labels if c.labels.num_rows else None
-    return CacheInputs(parts["train"], parts["heldout"], labels,
-                       [k.name for k in c.concepts], c.meta["corpus_hash"])  # fmt: skip
+    return cache_inputs(CORPUS, model.tokenizer, store_params)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)

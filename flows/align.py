@@ -34,7 +34,7 @@ from stages.tracking import stage_run
 
 @task(cache_policy=NO_CACHE)
 def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev):
-    from stages.alignment.pipeline import align_pair
+    from stages.alignment.stream import align_pair
 
     return align_pair(store_a, store_b, saes_a, saes_b, cfg,
                       best_latents_a=best_a, best_latents_b=best_b, device=dev)  # fmt: skip
@@ -47,7 +47,7 @@ def align_part(plan, c0: int, c1: int, threads: int):
     `fit_one`: full reductions split their sums by thread)."""
     import torch
 
-    from stages.alignment.pipeline import run_part
+    from stages.alignment.stream import run_part
 
     torch.set_num_threads(threads)
     return run_part(plan, c0, c1)
@@ -95,7 +95,7 @@ def align_flow(pair_name: str) -> dict:
         saes_a, best_a = load_model_saes(lay.saes(a))
         saes_b, best_b = load_model_saes(lay.saes(b))
         if params.compute.with_env().runner == "dask":
-            from stages.alignment.pipeline import align_pair
+            from stages.alignment.stream import align_pair
 
             result = align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
                                 best_latents_b=best_b, map_parts=parts_on_dask, device=dev)  # fmt: skip

@@ -33,16 +33,13 @@ SAMPLE_PROMPTS = ["The brown dog", "On Monday the weather", "Tom counts the bird
 @task(cache_policy=NO_CACHE)
 def prepare(m: ToyModel, tok_dir: Path):
     from stages.corpus import read_corpus
-    from stages.models import train_tokenizer, windows_for
+    from stages.models import corpus_windows, train_tokenizer
 
     c = read_corpus(CORPUS)
-    train_ix = [i for i, s in enumerate(c.splits) if s == "train"]
-    held_ix = [i for i, s in enumerate(c.splits) if s == "heldout"]
-    texts = [c.texts[i] for i in train_ix]
+    texts = [t for t, s in zip(c.texts, c.splits, strict=True) if s == "train"]
     tok = train_tokenizer(texts, m.tokenizer.vocab_size, tok_dir)
-    train = windows_for(tok, texts, [c.doc_ids[i] for i in train_ix], m.train.seq_len)
-    held = windows_for(tok, [c.texts[i] for i in held_ix], [c.doc_ids[i] for i in held_ix],
-                       m.train.seq_len)  # fmt: skip
+    train = corpus_windows(c, tok, m.train.seq_len, "train")
+    held = corpus_windows(c, tok, m.train.seq_len, "heldout")
     return tok, train, held, c.meta["corpus_hash"]
 
 

@@ -126,35 +126,13 @@ def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path
             yield hook, r, evaluate(quote(r), quote(store), quote(model), hook, sp.eval, dev)
 
 
-def _pareto_figure(rows: list[dict], model: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "fvu", "FVU (lower is better)"),
-                           (axes[1], "ce_loss_recovered", "CE loss recovered")):  # fmt: skip
-        for arch in sorted({r["architecture"] for r in rows}):
-            pts = sorted((r["l0"], r[key]) for r in rows if r["architecture"] == arch and key in r)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), "o-", label=arch)
-        ax.set_xscale("log")
-        ax.set_xlabel("L0 (active latents per token)")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle(f"SAE sweep on {model}: sparsity vs quality (held-out)")
-    fig.tight_layout()
-    return fig
-
-
 @flow(name="saes")
 def saes_flow(name: str) -> dict:
     from stages.activations import ActivationStore
     from stages.compute import Device
     from stages.models import load_model
     from stages.sae import save_sae
+    from stages.sae.figures import pareto_figure
 
     params = load_params()
     if params.saes is None or name not in params.saes.sweep:
@@ -192,30 +170,20 @@ def saes_flow(name: str) -> dict:
         shutil.rmtree(partial, ignore_errors=True)
         write_json(lay.metrics("saes", name), metrics)
         write_json(lay.plot("saes", name), rows)
-        run.figure(_pareto_figure(rows, name), "pareto.png")
+        run.figure(pareto_figure(rows, name), "pareto.png")
         print(f"saes@{name}: {len(rows)} SAEs -> {out}/, metrics -> metrics/saes/{name}.json")
     return metrics
 
 
 def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:
     """One MLflow child run per SAE (under the stage's run): config, metrics, density plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from stages.sae.figures import density_figure
 
     tags = {"atlas.kind": "sae", "sae.hook": hook, "sae.model": model}
     with stage.child(f"{model}/{hook}/{r.name}", flatten(r.config, "sae."), tags) as child:
         child.metrics(flat)
-        fig, ax = plt.subplots(figsize=(5, 3))
-        dens = ev.log10_feature_density.float().numpy()
-        ax.hist(dens[dens > -10], bins=50)
-        ax.set_xlabel("log10 feature density (held-out)")
-        ax.set_ylabel("latents")
-        ax.set_title(f"{r.name} @ {hook}")
-        fig.tight_layout()
-        child.figure(fig, "feature_density.png")
-        plt.close(fig)
+        child.figure(density_figure(ev.log10_feature_density, f"{r.name} @ {hook}"),
+                     "feature_density.png")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -282,6 +282,23 @@ class CacheInputs:
     corpus_hash: str
 
 
+def cache_inputs(corpus_dir: Path, tokenizer, params: StoreParams) -> CacheInputs:
+    """What to cache from the corpus at `corpus_dir`: both splits' windows of
+    `params.seq_len` tokens (training capped at `params.max_train_tokens`) and the labels."""
+    from stages.corpus import read_corpus
+    from stages.models import corpus_windows
+
+    c = read_corpus(corpus_dir)
+    seq = params.seq_len
+    return CacheInputs(
+        corpus_windows(c, tokenizer, seq, "train", params.max_train_tokens),
+        corpus_windows(c, tokenizer, seq, "heldout"),
+        c.labels if c.labels.num_rows else None,
+        [k.name for k in c.concepts],
+        c.meta["corpus_hash"],
+    )
+
+
 def _rows(w: Windows) -> dict[str, np.ndarray]:
     return {
         "token_ids": w.tokens[:, 1:].reshape(-1).astype(np.int32),

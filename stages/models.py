@@ -294,6 +294,18 @@ def windows_for(tokenizer, texts: list[str], doc_ids: list[int], seq_len: int,
     return pack_windows(tokenise(tokenizer, texts), doc_ids, seq_len, bos, bos, max_tokens)
 
 
+def corpus_windows(corpus, tokenizer, seq_len: int, split: str,
+                   max_tokens: int | None = None) -> Windows:  # fmt: skip
+    """The documents of one split (`train` | `heldout`) of a corpus (`stages.corpus.Corpus`)
+    as windows of `seq_len` tokens, by the packing rule of `stages/tokens.py`: what the LM
+    trains on and what the activation cache stores, one function for both."""
+    ix = [i for i, s in enumerate(corpus.splits) if s == split]
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split = {split!r}, expected 'train' or 'heldout'")
+    return windows_for(tokenizer, [corpus.texts[i] for i in ix], [corpus.doc_ids[i] for i in ix],
+                       seq_len, max_tokens=max_tokens)  # fmt: skip
+
+
 # ---------------------------------------------------------------------------- save / load
 
 

@@ -17,7 +17,7 @@ Entry points for the `align` stage (no DVC, Prefect or MLflow in here)::
 
 - `align_pair(store_a, store_b, saes_a, saes_b, cfg, *, best_latents_a, best_latents_b,
   progress) -> AlignmentResult`: token alignment, one streaming pass, matching and
-  scores (`pipeline.py`; every knob is a field of `AlignConfig`, with defaults;
+  scores (`stream.py`, the one streamed pass; every knob is a field of `AlignConfig`, with defaults;
   `AlignConfig.from_params(mapping)` builds it from a params.yaml section);
   `AlignmentResult.scores` is the flat dict of headline numbers (plain floats).
   `saes_a` / `saes_b` map hook -> SAE name -> SAE, and SAEs are paired by name: on each
@@ -69,7 +69,7 @@ from typing import Any
 # (PEP 562), so that a light submodule (`stages.alignment.config`, read by every stage's
 # params check) does not pull in torch, scipy and matplotlib through this package.
 _EXPORTS = {
-    "pipeline": "align_pair AlignmentResult gather_rows SAEPairResult",
+    "stream": "align_pair AlignmentResult gather_rows SAEPairResult",
     "config": "AlignConfig",
     "outputs": "figures write_alignment",
     "tokens": "align_offsets align_tokens select_rows TokenAlignment",

@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from stages.alignment.pipeline import AlignmentResult, SAEPairResult
 from stages.alignment.similarity import metric_title
+from stages.alignment.stream import AlignmentResult, SAEPairResult
 from stages.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,10 @@ both representations intact and destroys only their correspondence.
 
 `layer_similarity` builds the layer-by-layer matrices across two models from dicts
 hook → chunk iterable, reading every chunk once.
+
+Length (~800 lines): every measure is a pair of functions (a batch form and a
+`_prepare_<name>` for the permutation test) sharing the centring and Gram helpers above
+them; splitting by measure would scatter those helpers across files.
 """
 
 from __future__ import annotations

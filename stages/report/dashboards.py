@@ -18,6 +18,9 @@ Three outputs per SAE, under `<report>/dashboards/<model>/<hook>/<sae>/`:
 
 Memory: O(d_sae · k) for the running top-k plus rows × selected latents (float32), with
 rows capped by `DashboardConfig.max_rows`.
+
+Length (~700 lines): one dashboard is gathered (one pass over a store), summarised and
+rendered here end to end; the HTML primitives are in `html.py`.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from stages.alignment.outputs import figures, write_alignment
-from stages.alignment.pipeline import AlignConfig, align_pair
+from stages.alignment.stream import AlignConfig, align_pair
 from tests.alignment._stores import permuted_copy, tiny_topk_sae, write_store
 
 D, M, K, N = 16, 32, 4, 3000
@@ -218,7 +218,7 @@ def test_config_from_params_and_errors():
 def test_pass_in_parts_on_any_mapper_gives_the_same_result(setup):
     """Parts computed in any order (as Dask workers would) and merged in order give the
     same numbers as in-order parts; more parts change only rounding."""
-    from stages.alignment.pipeline import run_part
+    from stages.alignment.stream import run_part
 
     store_a, store_b, saes_a, saes_b, _, _ = setup
     cfg = AlignConfig(**{**CFG.__dict__, "n_parts": 3, "n_permutations": 0})
@@ -243,7 +243,7 @@ def test_pass_in_parts_on_any_mapper_gives_the_same_result(setup):
 def test_pass_on_an_explicit_device_gives_the_default_numbers(setup):
     """`device=` is where each part's token pass runs (its SAEs lent there for the
     part); the parts' accumulators come back on the CPU, the SAEs where they were."""
-    from stages.alignment.pipeline import run_part
+    from stages.alignment.stream import run_part
     from stages.compute import Device
 
     store_a, store_b, saes_a, saes_b, _, _ = setup

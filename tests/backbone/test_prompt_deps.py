@@ -49,13 +49,18 @@ def test_dvc_status_sees_an_edit_of_a_set_that_params_name(tmp_path):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     (tmp_path / "data" / "prompts").mkdir(parents=True)
     shutil.copy(SET, tmp_path / SET)
-    stand_ins = ["data/models/toy-a", "data/activations/toy-a", "data/saes/toy-a",
-                 "stages/steering", "data/steering/toy-a", "data/decomposition/toy-a"]  # fmt: skip
-    for d in stand_ins:
+    stage = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]["steering"]["do"]
+    deps = [d.replace("${key}", "toy-a") for d in stage["deps"] if d != "data/prompts"]
+    for d in deps:  # the project code it runs as it is; stand-ins for the data
+        if d.split("/")[0] in ("stages", "flows"):
+            (tmp_path / d).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(d, tmp_path / d)
+        else:
+            (tmp_path / d).mkdir(parents=True)
+            (tmp_path / d / "x").write_text(d)
+    for d in ("data/steering/toy-a", "data/decomposition/toy-a"):
         (tmp_path / d).mkdir(parents=True)
         (tmp_path / d / "x").write_text(d)
-    (tmp_path / "flows").mkdir()
-    (tmp_path / "flows" / "steering.py").write_text("")
     (tmp_path / "metrics" / "steering").mkdir(parents=True)
     (tmp_path / "metrics" / "steering" / "toy-a.json").write_text("{}")
     _dvc(tmp_path, "init", "--no-scm", "-q")

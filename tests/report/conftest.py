@@ -130,7 +130,7 @@ def _align(data: Path):
     """The align stage's files for tiny-a vs tiny-b, with the real writer."""
     from stages.activations import ActivationStore
     from stages.alignment.outputs import write_alignment
-    from stages.alignment.pipeline import AlignConfig, align_pair
+    from stages.alignment.stream import AlignConfig, align_pair
     from stages.sae.io import load_model_saes
 
     saes_a, best_a = load_model_saes(data / "saes" / "tiny-a")

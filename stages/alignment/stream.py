@@ -22,6 +22,9 @@ reports, reading each aligned chunk of tokens once:
 
 Memory is O(m_A·m_B) per SAE pair plus one chunk: never the dense activations of all
 tokens. `write_alignment` / `figures` (in `outputs.py`) turn the result into files.
+
+Length (~760 lines): the one pass and the accumulators it feeds are read together;
+the measures themselves live in `similarity.py`, `correlation.py` and `matching.py`.
 """
 
 from __future__ import annotations
