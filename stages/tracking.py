@@ -37,6 +37,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 EXPERIMENT = "feature-atlas"
 PARENT_ENV = "FEATURE_ATLAS_PARENT_RUN_ID"
 INVOCATION_TAG = "atlas.invocation"
+# MLflow 3's UI opens an experiment on the view its kind names: without it, the GenAI
+# "Overview" (traces, token usage: all empty here); this kind opens the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -62,8 +65,11 @@ def _mlflow():
         # them beside the database, in ./mlruns, wherever the command runs from.
         local = None if is_tracking_server(uri) else (Path.cwd() / "mlruns").as_uri()
         with contextlib.suppress(Exception):  # another stage may create it concurrently
-            mlflow.create_experiment(EXPERIMENT, artifact_location=local)
-    mlflow.set_experiment(EXPERIMENT)
+            mlflow.create_experiment(EXPERIMENT, artifact_location=local, tags=EXPERIMENT_TAGS)
+    exp = mlflow.set_experiment(EXPERIMENT)
+    for key, value in EXPERIMENT_TAGS.items():  # experiments created before the tags had none
+        if exp.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     return mlflow
 
 

@@ -86,7 +86,7 @@ def test_ui_starts_its_server_in_the_project(project, monkeypatch):
 
     monkeypatch.delenv("PREFECT_HOME")  # setup_env's default is the one under test
     seen = []
-    monkeypatch.setattr(flows.cli.subprocess, "call", lambda cmd, env: seen.append(
+    monkeypatch.setattr(flows.cli, "serve", lambda cmd, env: seen.append(
         (Path.cwd(), env["PREFECT_HOME"], cmd)) or 0)  # fmt: skip
     assert atlas("ui", "prefect", "--port", "45678") == 0
     assert atlas("ui", "mlflow", "--port", "45679") == 0
