@@ -79,7 +79,7 @@ def pipeline(args: list[str] | None = None) -> int | State:
     """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
     or a Failed state naming DVC's exit code."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
-    from stages.tracking import EXPERIMENT, _mlflow, git_commit
+    from stages.tracking import EXPERIMENT, _mlflow, git_tags
 
     logger = get_run_logger()
     ml = _mlflow()
@@ -89,7 +89,7 @@ def pipeline(args: list[str] | None = None) -> int | State:
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={
             "atlas.kind": "pipeline",
-            "git.commit": git_commit(),
+            **git_tags(),
             "dvc.args": " ".join(args or []),
         },  # fmt: skip
     )
