@@ -56,6 +56,8 @@ def prefect_server(port: int = DEFAULT_PREFECT_PORT) -> Iterator[str]:
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # its UI finds its API on this port (`--port` alone leaves it at Prefect's 4200)
+            env={"PREFECT_UI_API_URL": url, **os.environ},
         )  # fmt: skip
     try:
         deadline = time.time() + 60
