@@ -4,12 +4,15 @@ outputs, the files that made it dirty are tagged, and the experiment has its kin
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[2]
 DVC_YAML = """\
 stages:
   train:
@@ -95,3 +98,37 @@ def test_a_stage_run_records_why_it_is_dirty_and_the_experiment_its_kind(project
         tracking._mlflow.cache_clear()
     assert tags["git.commit"].endswith("-dirty") and tags["git.dirty_files"] == "code.py"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_later_stage_of_a_run_sees_a_clean_commit(tmp_path):
+    """The case of a clean clone: `dvc repro` where one stage rewrites a tracked metrics
+    file before the next stage records the commit (inside the running repro, which holds
+    DVC's lock)."""
+    root = tmp_path / "r"
+    root.mkdir()
+    _git(root, "init", "-q")
+    env = {**os.environ, "PYTHONPATH": str(REPO),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=root, check=True, env=env)
+    (root / "metrics").mkdir()
+    (root / "metrics/m.json").write_text('{"loss": 1.0}\n')
+    (root / "one.py").write_text('open("metrics/m.json", "w").write(\'{"loss": 0.5}\\n\')\n')
+    (root / "two.py").write_text(
+        "import json\nfrom stages.tracking import git_commit\n"
+        'json.dump(git_commit(), open("state.json", "w"))\n'
+    )
+    (root / "dvc.yaml").write_text(
+        "stages:\n  one:\n    cmd: python one.py\n    metrics:\n      - metrics/m.json:\n"
+        "          cache: false\n  two:\n    cmd: python two.py\n    deps:\n"
+        "      - metrics/m.json\n    outs:\n      - state.json\n"
+    )
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "pipeline")
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                         text=True, check=True).stdout.strip()  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    assert subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    assert json.loads((root / "state.json").read_text()) == sha  # not sha-dirty
