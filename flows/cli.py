@@ -17,10 +17,13 @@ directory that has a dvc.yaml. `atlas run --help`, `atlas features --help`: thei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from flows.common import (
@@ -60,18 +63,71 @@ def _ui(which: str, port: int | None) -> int:
         return 0
     # a local server keeps its state in the project: .prefect/ (setup_env), ./mlflow.db
     os.chdir(project_root())
+    from stages.tracking import tracking_uri  # (its import turns MLflow's telemetry off)
+
+    env = dict(os.environ)
     if which == "prefect":
         port = port or checkout_port(Path(os.environ["PREFECT_HOME"]))
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
+        # The UI asks the server where its API is; `--port` alone leaves that answer at
+        # Prefect's default port, so on any other port the UI could not reach its API.
+        env.setdefault("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api")
+        where = f"http://127.0.0.1:{port}"
     else:
-        from stages.tracking import tracking_uri
-
         port = port or 5000
         cmd = [sys.executable, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
                "--backend-store-uri", tracking_uri()]  # fmt: skip
-    print(f"{which} UI on http://127.0.0.1:{port} (Ctrl-C to stop)")
-    return subprocess.call(cmd, env=os.environ)
+        where = f"http://127.0.0.1:{port}/{_runs_page()}"
+    print(f"{which} UI on {where} (Ctrl-C to stop)", flush=True)
+    return serve(cmd, env)
+
+
+def _runs_page() -> str:
+    """The URL fragment of the experiment's runs table. MLflow 3's UI opens an experiment
+    on its GenAI overview unless the link asks for the model-training view; opening the
+    store also tags an older experiment with its kind (stages.tracking.EXPERIMENT_TAGS)."""
+    from stages.tracking import EXPERIMENT, _mlflow, tracking_uri
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return "#/experiments?workflowType=machine_learning"  # no runs yet; not made here
+    exp = _mlflow().get_experiment_by_name(EXPERIMENT)
+    return f"#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+
+
+def serve(cmd: list[str], env: dict[str, str], grace_s: float = 30) -> int:
+    """Run a UI server until it exits, and stop it when this process is told to stop.
+
+    The server runs in a process group of its own, which gets every SIGTERM, SIGINT
+    (Ctrl-C) or SIGHUP this process gets, so its workers stop with it and free the port;
+    what is still running `grace_s` after the first signal is killed."""
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+    stop_at: list[float] = []
+
+    def forward(signum, _frame) -> None:
+        stop_at.append(time.monotonic() + grace_s)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    stops = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, forward) for s in stops}
+    try:
+        while True:
+            try:
+                code = proc.wait(timeout=0.5)
+            except subprocess.TimeoutExpired:
+                if stop_at and time.monotonic() > stop_at[0]:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                continue
+            # stopped when asked: a normal end; otherwise the server's own exit status
+            return 0 if stop_at else (128 - code if code < 0 else code)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        with contextlib.suppress(ProcessLookupError):  # workers the server left behind
+            os.killpg(proc.pid, signal.SIGTERM)
 
 
 def _provenance(run_id: str) -> int:

@@ -17,12 +17,14 @@ What it adds to a plain `dvc repro`:
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from flows.common import checkout_port, prefect_server_up, project_root, setup_env
 
@@ -60,6 +62,8 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
             [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
              "--port", str(port)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # its UI finds its API on this port (`--port` alone leaves it at Prefect's 4200)
+            env={"PREFECT_UI_API_URL": url, **os.environ},
         )  # fmt: skip
     try:
         deadline = time.time() + 60
@@ -86,12 +90,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@flow(name="pipeline", log_prints=True)
+@flow(name="pipeline")
 def pipeline(args: list[str] | None = None) -> int | State:
     """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
     or a Failed state naming DVC's exit code."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
-    from stages.tracking import EXPERIMENT, _mlflow, close_stale_runs, git_commit, process_tags
+    from stages.tracking import EXPERIMENT, _mlflow, close_stale_runs, git_tags, process_tags
 
     logger = get_run_logger()
     ml = _mlflow()
@@ -102,7 +106,7 @@ def pipeline(args: list[str] | None = None) -> int | State:
         run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
         tags={
             "atlas.kind": "pipeline",
-            "git.commit": git_commit(),
+            **git_tags(),
             "dvc.args": " ".join(args or []),
             **process_tags(),
         },  # fmt: skip
@@ -115,14 +119,10 @@ def pipeline(args: list[str] | None = None) -> int | State:
     cmd = [sys.executable, "-m", "dvc", "repro", *(args or [])]
     logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     assert proc.stdout is not None
     try:
-        for line in proc.stdout:
-            sys.stdout.write(line)
-            if line.strip() and "\r" not in line and not line.startswith(("lm train", "cache ")):
-                logger.info(line.rstrip())
+        relay(proc.stdout.fileno(), _api_only(logger))
         code = proc.wait()
     except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -138,6 +138,47 @@ def pipeline(args: list[str] | None = None) -> int | State:
         # shows as failed in Prefect, without a traceback that buries DVC's message.
         return Failed(message=f"dvc repro exited with {code}")
     return code
+
+
+def _api_only(run_logger):
+    """`run_logger` (the flow run's) writing to the Prefect API only. The console already
+    shows `dvc repro`'s output as it streams; the run logger also prints to it, which
+    printed every line twice."""
+    from prefect.logging.handlers import APILogHandler
+    from prefect.logging.loggers import PrefectLogAdapter
+
+    logger = logging.getLogger("flows.pipeline.dvc_output")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False  # not to the root logger, where Prefect's console handler is
+    if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+        logger.addHandler(APILogHandler())
+    return PrefectLogAdapter(logger, extra=dict(run_logger.extra))
+
+
+def relay(fd: int, logger, out: BinaryIO | None = None) -> None:
+    """Copy the bytes of `fd` to `out` (stdout) as they come, and log each finished line.
+
+    Bytes, not text lines: a progress bar redraws itself with carriage returns, which a
+    text-mode reader turns into one new line per redraw. A line holding redraws is logged
+    as its last state (the bar when it finished)."""
+    if out is None:
+        sys.stdout.flush()  # what was printed before goes first
+        out = sys.stdout.buffer
+    pending = b""
+    while chunk := os.read(fd, 65536):
+        out.write(chunk)
+        out.flush()
+        *lines, pending = (pending + chunk).split(b"\n")
+        for raw in lines:
+            _log_line(logger, raw)
+        pending = pending[max(pending.rfind(b"\r"), 0) :]  # a bar's last redraw is enough
+    _log_line(logger, pending)
+
+
+def _log_line(logger, raw: bytes) -> None:
+    states = [s for s in raw.decode(errors="replace").split("\r") if s.strip()]
+    if states:
+        logger.info(states[-1].rstrip())
 
 
 def _drain_prefect() -> None:
@@ -199,6 +240,9 @@ def main(argv: list[str]) -> int:
         "\nDone. Runs: `atlas ui mlflow` (MLflow) and `atlas ui prefect` (Prefect); "
         "`atlas provenance <run-id>` tells what produced a run."
     )
+    report = root / "reports" / "index.html"  # the report stage's output (dvc.yaml)
+    if report.is_file():
+        print(f"Report: {report.as_uri()}")
     return 0
 
 

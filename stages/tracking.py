@@ -37,6 +37,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 EXPERIMENT = "feature-atlas"
 PARENT_ENV = "FEATURE_ATLAS_PARENT_RUN_ID"
 INVOCATION_TAG = "atlas.invocation"
+# MLflow 3's UI opens an experiment on the view its kind names: without it, the GenAI
+# "Overview" (traces, token usage: all empty here); this kind opens the runs table.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def tracking_uri() -> str:
@@ -108,24 +111,81 @@ def _setup_mlflow(uri: str):
         # them beside the database, in ./mlruns, wherever the command runs from.
         local = None if is_tracking_server(uri) else (Path.cwd() / "mlruns").as_uri()
         with contextlib.suppress(Exception):  # another stage may create it concurrently
-            mlflow.create_experiment(EXPERIMENT, artifact_location=local)
-    mlflow.set_experiment(EXPERIMENT)
+            mlflow.create_experiment(EXPERIMENT, artifact_location=local, tags=EXPERIMENT_TAGS)
+    exp = mlflow.set_experiment(EXPERIMENT)
+    for key, value in EXPERIMENT_TAGS.items():  # experiments created before the tags had none
+        if exp.tags.get(key) != value:
+            mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, key, value)
     return mlflow
 
 
 def git_commit() -> str:
-    """HEAD's commit, with '-dirty' when tracked files differ from it."""
+    """HEAD's commit, with '-dirty' when tracked files outside the pipeline's own outputs
+    differ from it (see git_state)."""
+    return git_state()[0]
+
+
+def git_tags() -> dict[str, str]:
+    """The MLflow tags of the checkout a run comes from: `git.commit`, and for a dirty
+    one `git.dirty_files`, the changed files that make it dirty."""
+    commit, dirty = git_state()
+    return {"git.commit": commit, **({"git.dirty_files": _clip(" ".join(dirty))} if dirty else {})}
+
+
+def git_state() -> tuple[str, list[str]]:
+    """HEAD's commit ('-dirty' appended when the checkout is) and the tracked files that
+    differ from it outside the pipeline's own outputs, relative to the repository root.
+
+    A run rewrites tracked outputs itself (dvc.lock, the uncached metrics/ and plots/
+    files DVC declares, the .gitignore files DVC keeps beside its outputs) before later
+    stages record the commit; those say nothing about the code, so they do not count.
+    Untracked files do not count either."""
     try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        return sha + ("-dirty" if dirty else "")
+        top = Path(_git("rev-parse", "--show-toplevel"))
+        sha = _git("rev-parse", "HEAD")
+        fields = _git("status", "--porcelain", "-z", "--untracked-files=no", cwd=top).split("\0")
     except (subprocess.CalledProcessError, FileNotFoundError):
-        return "unknown"
+        return "unknown", []
+    changed, i = [], 0
+    while i < len(fields):
+        entry = fields[i]
+        if len(entry) > 3:
+            changed.append(entry[3:])
+            i += 2 if "R" in entry[:2] or "C" in entry[:2] else 1  # then its source
+        else:
+            i += 1
+    if not changed:
+        return sha, []
+    owned = _pipeline_outputs()
+    dirty = [f for f in changed if not _owned(top / f, owned)]
+    return sha + ("-dirty" if dirty else ""), dirty
+
+
+def _git(*args: str, cwd: Path | None = None) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                          cwd=cwd).stdout.strip("\n")  # fmt: skip
+
+
+def _pipeline_outputs() -> tuple[set[Path], set[Path]]:
+    """(outputs, .gitignore files DVC writes) of the DVC project in the working directory:
+    every stage's outs, metrics and plots as DVC resolves them (foreach / matrix
+    included), its dvc.lock files. Only dvc.lock when DVC cannot read the project."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo() as repo:  # the project the working directory is in
+            outs = {Path(o.fs_path) for st in repo.index.stages for o in st.outs}
+            locks = {Path(repo.root_dir) / "dvc.lock"}
+            locks |= {Path(st.path).with_name("dvc.lock") for st in repo.index.stages
+                      if getattr(st, "path", None)}  # fmt: skip
+    except Exception:  # not a DVC project, or one DVC cannot read: the lock file only
+        return {Path.cwd() / "dvc.lock"}, set()
+    return outs | locks, {o.parent / ".gitignore" for o in outs}
+
+
+def _owned(path: Path, owned: tuple[set[Path], set[Path]]) -> bool:
+    outs, ignores = owned
+    return path in ignores or any(path == o or o in path.parents for o in outs)
 
 
 def _dvc_invocation() -> str | None:
@@ -160,12 +220,7 @@ def _parent_run_id(mlflow) -> str | None:
     run = mlflow.MlflowClient().create_run(
         exp.experiment_id,
         run_name=f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}",
-        tags={
-            INVOCATION_TAG: key,
-            "atlas.kind": "pipeline",
-            "git.commit": git_commit(),
-            **process_tags(key),
-        },  # fmt: skip
+        tags={INVOCATION_TAG: key, "atlas.kind": "pipeline", **git_tags(), **process_tags(key)},
     )
     _close_when_gone(run.info.run_id, key)
     return run.info.run_id
@@ -365,7 +420,7 @@ def stage_run(
             {
                 "atlas.kind": "stage",
                 "dvc.stage": stage,
-                "git.commit": git_commit(),
+                **git_tags(),
                 "params.json": _clip(params),
                 **{f"input.{k}": v for k, v in hashes.items()},
                 **{f"input_path.{k}": str(p) for k, p in inputs.items()},

@@ -135,8 +135,9 @@ def pareto_figure(saes: list[SAERef], title: str):
     return fig
 
 
-def density_figure(saes: list[SAERef], title: str):
-    """Small multiples: log10 feature density per SAE (from `sparsity.safetensors`)."""
+def density_figure(saes: list[SAERef], title: str, with_hook: bool = False):
+    """Small multiples: log10 feature density per SAE (from `sparsity.safetensors`),
+    each titled by the SAE's name (and its hook, `with_hook`)."""
     import matplotlib.pyplot as plt
 
     from stages.sae.io import load_log_feature_density
@@ -158,7 +159,7 @@ def density_figure(saes: list[SAERef], title: str):
             ax.axvline(-1, color="#444", ls=":", lw=1)  # dense threshold: 10 % of tokens
             ax.text(0.02, 0.95, f"dead {dead}/{len(d)}", transform=ax.transAxes, va="top",
                     fontsize=8)  # fmt: skip
-        ax.set_title(s.name, fontsize=9)
+        ax.set_title(f"{s.hook}\n{s.name}" if with_hook else s.name, fontsize=9)
         ax.set_xlabel("log10 density", fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[n:]:
@@ -185,64 +186,79 @@ def sweep_section(
     groups: dict[tuple[str, str], list[SAERef]] = defaultdict(list)
     for s in saes:
         groups[(s.model, s.hook)].append(s)
-    for (model, hook), group in groups.items():
+    for model in dict.fromkeys(m for m, _ in groups):
         src = [Path(saes_dir) / model]
-        parts.append(f"<h3>{e(model)} · <code>{e(hook)}</code></h3>")
-        block, _ = ctx.figure(
-            pareto_figure(group, f"{model} {hook}: sparsity vs reconstruction"),
-            f"sweep/{model}__{hook}__pareto",
-            title=f"L0–FVU and L0–CE-recovered Pareto frontiers, {model} {hook}",
-            description=(
-                "Each point is one SAE of the sweep, evaluated on held-out rows; lines join "
-                "each architecture's non-dominated SAEs (lower L0 and better quality)."
-            ),
-            inputs=src,
-        )
-        parts.append(block)
-        block, _ = ctx.figure(
-            density_figure(group, f"{model} {hook}: feature density"),
-            f"sweep/{model}__{hook}__density",
-            title=f"Feature-density histograms, {model} {hook}",
-            description=(
-                "log10 of the fraction of held-out tokens on which each latent fires "
-                "(sparsity.safetensors); dotted line: the dense threshold (10 %); dead "
-                "latents never fire and are counted, not drawn."
-            ),
-            inputs=src,
-        )
-        parts.append(block)
-        rows = []
-        for s in group:
-            f = s.flat()
-            link = links.get(s.key)
-            name = f'<a href="{e(link)}">{e(s.name)}</a>' if link else e(s.name)
-            rows.append([name, e(s.architecture), fmt(f["l0"], 2), fmt(f["fvu"]),
-                         fmt(f["ce_loss_recovered"]), fmt(f["kl_sae"]), fmt(f["dead_fraction"]),
-                         fmt(f["dense_fraction"]), fmt(f["shrinkage"]), fmt(f["mean_best_f1"])])  # fmt: skip
-        parts.append(
-            table(
-                [
-                    "SAE",
-                    "architecture",
-                    "L0",
-                    "FVU",
-                    "CE rec.",
-                    "KL",
-                    "dead",
-                    "dense",
-                    "γ",
-                    "mean best F1",
-                ],
-                rows,
-                left=2,
-            )  # fmt: skip
-        )
-        parts.append(
-            '<p class="muted">Metrics from each SAE folder\'s <code>metrics.json</code> '
-            f"under <code>{e(Path(saes_dir) / model / hook)}</code>; linked names open the "
-            "SAE's feature dashboards.</p>"
-        )
+        hooks = {h: g for (m, h), g in groups.items() if m == model}
+        for hook, group in hooks.items():
+            if len(group) > 1:
+                parts.append(f"<h3>{e(model)} · <code>{e(hook)}</code></h3>")
+                parts.append(_pareto_block(ctx, model, hook, group, src))
+                parts.append(_density_block(ctx, f"{model}__{hook}", f"{model} {hook}", group, src))
+                parts.append(_sweep_table(group, links))
+                parts.append(
+                    '<p class="muted">Metrics from each SAE folder\'s <code>metrics.json</code> '
+                    f"under <code>{e(Path(saes_dir) / model / hook)}</code>; linked names open "
+                    "the SAE's feature dashboards.</p>"
+                )
+        # A hook with one SAE has no frontier to draw: those hooks share one table and
+        # one density figure instead of a one-dot Pareto figure each.
+        single = [g[0] for g in hooks.values() if len(g) == 1]
+        if single:
+            parts.append(f"<h3>{e(model)} · hooks with one SAE</h3>")
+            parts.append(_density_block(ctx, f"{model}__single", f"{model}, hooks with one SAE",
+                                        single, src, with_hook=True))  # fmt: skip
+            parts.append(_sweep_table(single, links, with_hook=True))
+            parts.append(
+                '<p class="muted">One SAE on each of these hooks, so no sparsity–quality '
+                "frontier to draw; metrics from each SAE folder's <code>metrics.json</code> "
+                f"under <code>{e(Path(saes_dir) / model)}/&lt;hook&gt;/</code>.</p>"
+            )
     return Section("sweep", "SAE sweep", "".join(parts))
+
+
+def _pareto_block(ctx: ReportContext, model: str, hook: str, group: list[SAERef], src) -> str:
+    block, _ = ctx.figure(
+        pareto_figure(group, f"{model} {hook}: sparsity vs reconstruction"),
+        f"sweep/{model}__{hook}__pareto",
+        title=f"L0–FVU and L0–CE-recovered Pareto frontiers, {model} {hook}",
+        description=(
+            "Each point is one SAE of the sweep, evaluated on held-out rows; lines join "
+            "each architecture's non-dominated SAEs (lower L0 and better quality)."
+        ),
+        inputs=src,
+    )
+    return block
+
+
+def _density_block(ctx: ReportContext, key: str, where: str, group: list[SAERef], src,
+                   with_hook: bool = False) -> str:  # fmt: skip
+    block, _ = ctx.figure(
+        density_figure(group, f"{where}: feature density", with_hook=with_hook),
+        f"sweep/{key}__density",
+        title=f"Feature-density histograms, {where}",
+        description=(
+            "log10 of the fraction of held-out tokens on which each latent fires "
+            "(sparsity.safetensors); dotted line: the dense threshold (10 %); dead "
+            "latents never fire and are counted, not drawn."
+        ),
+        inputs=src,
+    )
+    return block
+
+
+def _sweep_table(group: list[SAERef], links: dict[str, str], with_hook: bool = False) -> str:
+    rows = []
+    for s in group:
+        f = s.flat()
+        link = links.get(s.key)
+        name = f'<a href="{e(link)}">{e(s.name)}</a>' if link else e(s.name)
+        hook = [f"<code>{e(s.hook)}</code>"] if with_hook else []
+        rows.append([*hook, name, e(s.architecture), fmt(f["l0"], 2), fmt(f["fvu"]),
+                     fmt(f["ce_loss_recovered"]), fmt(f["kl_sae"]), fmt(f["dead_fraction"]),
+                     fmt(f["dense_fraction"]), fmt(f["shrinkage"]), fmt(f["mean_best_f1"])])  # fmt: skip
+    headers = ["SAE", "architecture", "L0", "FVU", "CE rec.", "KL", "dead", "dense", "γ",
+               "mean best F1"]  # fmt: skip
+    return table(["hook", *headers] if with_hook else headers, rows, left=3 if with_hook else 2)
 
 
 def concept_table_section(

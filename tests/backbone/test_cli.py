@@ -87,7 +87,7 @@ def test_ui_starts_its_server_in_the_project(project, monkeypatch):
 
     monkeypatch.delenv("PREFECT_HOME")  # setup_env's default is the one under test
     seen = []
-    monkeypatch.setattr(flows.cli.subprocess, "call", lambda cmd, env: seen.append(
+    monkeypatch.setattr(flows.cli, "serve", lambda cmd, env: seen.append(
         (Path.cwd(), env["PREFECT_HOME"], cmd)) or 0)  # fmt: skip
     assert atlas("ui", "prefect", "--port", "45678") == 0
     assert atlas("ui", "mlflow", "--port", "45679") == 0
@@ -224,3 +224,81 @@ def test_failures_end_in_one_line_and_bugs_keep_their_traceback(prefect_api, tmp
     assert p.returncode == 1 and p.stderr.strip().endswith("error: demo@tiny-a: a bug")
     assert p.stderr.count("Traceback (most recent call last)") == 2, p.stderr[-3000:]
     assert "RuntimeError: a bug" in p.stderr
+
+
+DEMO_STAGE = """\
+import sys, time
+from pathlib import Path
+print("stage line {token}", flush=True)
+for i in range(1, 4):  # a progress bar, as tqdm draws one on stderr
+    sys.stderr.write(f"\\rbar {token} {{i}}/3")
+    sys.stderr.flush()
+    time.sleep(0.05)
+sys.stderr.write("\\n")
+Path("reports").mkdir(exist_ok=True)
+Path("reports/index.html").write_text("<html>report</html>")
+"""
+
+
+def _flow_run_logs(api: str, flow: str, n_runs: int = 5) -> list[str]:
+    """The log messages of the newest `n_runs` flow runs of `flow` on a Prefect server."""
+    import json
+    import urllib.request
+
+    def post(path: str, body: dict) -> list:
+        req = urllib.request.Request(f"{api}{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.load(r)
+
+    runs = post("/flow_runs/filter", {"flows": {"name": {"any_": [flow]}},
+                                      "sort": "EXPECTED_START_TIME_DESC", "limit": n_runs})  # fmt: skip
+    ids = [r["id"] for r in runs]
+    logs = post("/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}, "limit": 200})
+    return [log["message"] for log in logs]
+
+
+@pytest.mark.slow
+def test_run_prints_each_line_once_and_ends_with_the_report(prefect_api, tmp_path):
+    """`atlas run` on a one-stage project: each line of the stage's output reaches the
+    console once (the Prefect flow run's log still gets it), a progress bar keeps its
+    carriage returns, and the last line is the report's file:// URL."""
+    import uuid
+
+    token = uuid.uuid4().hex[:8]
+    root = tmp_path / "p"
+    root.mkdir()
+    (root / "demo.py").write_text(DEMO_STAGE.format(token=token))
+    (root / "dvc.yaml").write_text(
+        "stages:\n  demo:\n    cmd: python demo.py\n    deps: [demo.py]\n    outs: [reports]\n"
+    )
+    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    env = scratch_project_env(root, prefect_api)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env,
+                   check=True)  # fmt: skip
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=root, env=env,
+                       capture_output=True, text=False, timeout=300)  # fmt: skip
+    out, err = p.stdout.decode(), p.stderr.decode()
+    assert p.returncode == 0, (out + err)[-3000:]
+    both = out + err
+    assert both.count(f"stage line {token}") == 1, both[-3000:]
+    assert both.count(f"bar {token} 3/3") == 1, both[-3000:]
+    assert f"\rbar {token} 2/3\rbar {token} 3/3\n" in out  # redrawn in place, not 3 lines
+    assert out.strip().splitlines()[-1] == f"Report: {(root / 'reports/index.html').as_uri()}"
+    logged = _flow_run_logs(prefect_api["url"], "pipeline")
+    assert f"stage line {token}" in logged and f"bar {token} 3/3" in logged, logged[:20]
+
+
+def scratch_project_env(root: Path, prefect: dict) -> dict:
+    """The environment of a project at `root` that runs this checkout's code."""
+    import os
+
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "PREFECT_HOME": prefect["home"],
+        "PREFECT_API_URL": prefect["url"],
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }

@@ -34,9 +34,9 @@ def _fresh_python(code: str, tmp_path: Path) -> str:
 def test_atlas_ui_servers_listen_on_loopback_only_and_mlflow_sends_no_telemetry(tmp_path):
     """What `atlas ui prefect|mlflow` would start, captured in a fresh process."""
     code = (
-        "import json, subprocess, flows.cli as cli\n"
+        "import json, flows.cli as cli\n"
         "seen = []\n"
-        "subprocess.call = lambda cmd, **kw: seen.append([cmd, kw['env'].get("
+        "cli.serve = lambda cmd, env: seen.append([cmd, env.get("
         "'MLFLOW_DISABLE_TELEMETRY')]) or 0\n"
         "for which in ('prefect', 'mlflow'):\n"
         "    cli.main(['ui', which, '--port', '45678'])\n"

@@ -249,3 +249,32 @@ def test_steering_sae_is_identified_by_decoder_cosines(tiny_data):
     assert resolve(c) == f"tiny-a/{HOOK}/topk-64-k4"
     others = [(s.model, s.hook, s.name, s.path) for s in saes if s.name != "topk-64-k4"]
     assert sae_resolver(others)(c) is None  # no SAE matches: nothing is guessed
+
+
+def test_hooks_with_one_sae_share_a_table_and_get_no_pareto_figure(tmp_path):
+    """A Pareto figure needs a sweep: a hook with one SAE would show one dot per panel.
+    Such hooks share one table and one density figure per model; a hook with several
+    SAEs keeps its own frontier."""
+    from stages.report.html import ReportContext
+    from stages.report.provenance import Provenance
+    from stages.report.sweep import SAERef, sweep_section
+
+    def sae(hook: str, name: str, arch: str, l0: float, fvu: float) -> SAERef:
+        return SAERef("m", hook, name, tmp_path / "saes/m" / hook / name, arch,
+                      {"l0": l0, "fvu": fvu, "downstream": {"ce_loss_recovered": 0.9}})  # fmt: skip
+
+    saes = [sae("blocks.0.hook_resid_post", "topk-64-k4", "topk", 4.0, 0.3),
+            sae("blocks.0.hook_resid_post", "relu-64", "relu", 20.0, 0.2),
+            sae("blocks.0.hook_mlp_out", "topk-64-k8", "topk", 8.0, 0.4),
+            sae("blocks.1.hook_resid_post", "topk-64-k2", "topk", 2.0, 0.5)]  # fmt: skip
+    ctx = ReportContext(out=tmp_path / "report", provenance=Provenance())
+    section = sweep_section(ctx, saes, tmp_path / "saes")
+    assert [f.name for f in ctx.figures] == [
+        "figures/sweep/m__blocks.0.hook_resid_post__pareto.png",
+        "figures/sweep/m__blocks.0.hook_resid_post__density.png",
+        "figures/sweep/m__single__density.png",  # the two one-SAE hooks, one figure
+    ]
+    assert section.body.count("<table>") == 2
+    single = section.body[section.body.index("hooks with one SAE") :]
+    assert "<code>blocks.0.hook_mlp_out</code>" in single and "topk-64-k8" in single
+    assert "<code>blocks.1.hook_resid_post</code>" in single and "topk-64-k2" in single
