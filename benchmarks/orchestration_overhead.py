@@ -81,11 +81,11 @@ def main() -> None:
     )  # fmt: skip
     try:
         sys.path.insert(0, str(ROOT))
-        from flows.common import prefect_server_up
+        from flows.common import health_ok
 
         url = f"http://127.0.0.1:{port}/api"
         t0 = time.perf_counter()
-        while not prefect_server_up(url):
+        while not health_ok(url):
             time.sleep(0.1)
         rows.append(("prefect server start (once per atlas run)", time.perf_counter() - t0))
         rows.append(

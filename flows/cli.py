@@ -29,7 +29,7 @@ from pathlib import Path
 from flows.common import (
     NotAProjectError,
     checkout_port,
-    prefect_server_up,
+    health_ok,
     project_root,
     setup_env,
 )
@@ -55,7 +55,7 @@ def _ui(which: str, port: int | None) -> int:
         return 0
     if shared:  # the environment names a running server: its UI is the one to open
         var, url = shared
-        if not prefect_server_up(url + ("/api" if which == "prefect" else "")):
+        if not health_ok(url + ("/api" if which == "prefect" else "")):
             print(f"error: {var} points at {url}, which does not answer; start that "
                   f"server or unset {var}", file=sys.stderr)  # fmt: skip
             return 1
@@ -87,12 +87,12 @@ def _runs_page() -> str:
     """The URL fragment of the experiment's runs table. MLflow 3's UI opens an experiment
     on its GenAI overview unless the link asks for the model-training view; opening the
     store also tags an older experiment with its kind (stages.tracking.EXPERIMENT_TAGS)."""
-    from stages.tracking import EXPERIMENT, _mlflow, tracking_uri
+    from stages.tracking import EXPERIMENT, mlflow_configured, tracking_uri
 
     uri = tracking_uri()
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         return "#/experiments?workflowType=machine_learning"  # no runs yet; not made here
-    exp = _mlflow().get_experiment_by_name(EXPERIMENT)
+    exp = mlflow_configured().get_experiment_by_name(EXPERIMENT)
     return f"#/experiments/{exp.experiment_id}?workflowType=machine_learning"
 
 
@@ -144,7 +144,7 @@ def _provenance(run_id: str) -> int:
     uri = tracking_uri()
     # Checked first because MLflow itself retries an absent server for over a minute,
     # silently, and creates a missing sqlite store (12 s) just to find no run in it.
-    if is_tracking_server(uri) and not prefect_server_up(uri.rstrip("/"), timeout=3):
+    if is_tracking_server(uri) and not health_ok(uri.rstrip("/"), timeout=3):
         print(f"error: MLFLOW_TRACKING_URI points at {uri}, which does not answer; start "
               "that server or unset MLFLOW_TRACKING_URI", file=sys.stderr)  # fmt: skip
         return 1

@@ -94,13 +94,14 @@ def own_prefect_url(home: Path) -> str | None:
     """The API URL of this checkout's own server when it runs: on checkout_port(home),
     with `home` as its PREFECT_HOME. A server of another checkout there is not it."""
     url = f"http://127.0.0.1:{checkout_port(home)}/api"
-    if not prefect_server_up(url):
+    if not health_ok(url):
         return None
     return url if server_home(url) == Path(home).resolve() else None
 
 
-def prefect_server_up(api_url: str, timeout: float = 0.3) -> bool:
-    """True when `<api_url>/health` answers 200: a Prefect API, or an `mlflow server`."""
+def health_ok(api_url: str, timeout: float = 0.3) -> bool:
+    """True when `<api_url>/health` answers 200. Both servers have that route: a Prefect
+    API (`.../api`) and an `mlflow server` (its root URL)."""
     try:
         with urllib.request.urlopen(f"{api_url}/health", timeout=timeout) as r:
             return r.status == 200

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from flows.common import checkout_port, prefect_server_up, project_root, setup_env
+from flows.common import checkout_port, health_ok, project_root, setup_env
 
 setup_env()
 
@@ -52,7 +52,7 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
         return
     if port is None:
         port = checkout_port(Path(os.environ["PREFECT_HOME"]))
-        if prefect_server_up(f"http://127.0.0.1:{port}/api"):  # not ours (setup_env)
+        if health_ok(f"http://127.0.0.1:{port}/api"):  # not ours (setup_env)
             port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
@@ -67,7 +67,7 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
         )  # fmt: skip
     try:
         deadline = time.time() + 60
-        while not prefect_server_up(url):
+        while not health_ok(url):
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"Prefect server did not start; see {log}")
             time.sleep(0.25)
@@ -95,10 +95,16 @@ def pipeline(args: list[str] | None = None) -> int | State:
     """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
     or a Failed state naming DVC's exit code."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
-    from stages.tracking import EXPERIMENT, _mlflow, close_stale_runs, git_tags, process_tags
+    from stages.tracking import (
+        EXPERIMENT,
+        close_stale_runs,
+        git_tags,
+        mlflow_configured,
+        process_tags,
+    )
 
     logger = get_run_logger()
-    ml = _mlflow()
+    ml = mlflow_configured()
     close_stale_runs(ml)
     exp = ml.get_experiment_by_name(EXPERIMENT)
     parent = ml.MlflowClient().create_run(

@@ -94,7 +94,9 @@ def is_tracking_server(uri: str) -> bool:
 
 
 @functools.cache
-def _mlflow():
+def mlflow_configured():
+    """The `mlflow` module, pointed at this project's tracking store (checked first) with
+    the `feature-atlas` experiment in place; once per process."""
     uri = tracking_uri()
     check_tracking_store(uri)
     with uninterrupted():  # Ctrl-C amid MLflow's migrations would leave a broken store
@@ -280,7 +282,7 @@ def _close_parent(client, run) -> str:
 def close_stale_runs(mlflow=None) -> list[tuple[str, str]]:
     """Mark this host's RUNNING runs whose process is gone: stage runs KILLED, then parent
     runs closed by their children. Returns (run id, status) of each run it ended."""
-    mlflow = mlflow or _mlflow()
+    mlflow = mlflow or mlflow_configured()
     client = mlflow.MlflowClient()
     exp = mlflow.get_experiment_by_name(EXPERIMENT)
     running = client.search_runs(
@@ -314,7 +316,7 @@ def _close_when_gone(run_id: str, key: str) -> None:
 def _watch(run_id: str, key: str) -> None:
     while _alive(key):
         time.sleep(1)
-    mlflow = _mlflow()
+    mlflow = mlflow_configured()
     close_stale_runs(mlflow)  # its stages, if dvc was killed with them
     run = mlflow.MlflowClient().get_run(run_id)
     if run.info.status == "RUNNING":
@@ -406,7 +408,7 @@ def stage_run(
     `params` are logged flattened; `inputs` (name -> path) are hashed and logged as
     `input.<name>` tags; the run is marked FAILED if the body raises.
     """
-    mlflow = _mlflow()
+    mlflow = mlflow_configured()
     close_stale_runs(mlflow)
     parent = _parent_run_id(mlflow)
     hashes = {name: content_hash(p) for name, p in inputs.items()}
@@ -439,7 +441,7 @@ def stage_run(
 def end_live_runs(status: str = "KILLED") -> None:
     """End this process's open runs (a stage stopped by Ctrl-C exits without unwinding)."""
     if LIVE_RUNS:
-        client = _mlflow().MlflowClient()
+        client = mlflow_configured().MlflowClient()
         for run_id in list(LIVE_RUNS):
             with contextlib.suppress(Exception):
                 client.set_terminated(run_id, status)
@@ -447,7 +449,7 @@ def end_live_runs(status: str = "KILLED") -> None:
 
 def provenance(run_id: str) -> dict[str, Any]:
     """Exactly which data, code and params produced a run."""
-    mlflow = _mlflow()
+    mlflow = mlflow_configured()
     run = mlflow.get_run(run_id)
     tags = run.data.tags
     out = {

@@ -94,8 +94,8 @@ def test_a_broken_mlflow_db_is_named_before_any_work(tmp_path):
 def runs(root: Path, env: dict) -> dict[str, tuple[str, str | None]]:
     """run name -> (status, parent run name) of every run in the project's store."""
     code = ("import json, mlflow\n"
-            "from stages.tracking import EXPERIMENT, _mlflow\n"
-            "ml = _mlflow(); exp = ml.get_experiment_by_name(EXPERIMENT)\n"
+            "from stages.tracking import EXPERIMENT, mlflow_configured\n"
+            "ml = mlflow_configured(); exp = ml.get_experiment_by_name(EXPERIMENT)\n"
             "rs = ml.MlflowClient().search_runs([exp.experiment_id])\n"
             "names = {r.info.run_id: r.info.run_name for r in rs}\n"
             "print(json.dumps({r.info.run_name: [r.info.status, names.get("

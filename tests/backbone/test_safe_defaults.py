@@ -76,7 +76,7 @@ def test_the_prefect_server_atlas_run_starts_listens_on_loopback_only(monkeypatc
             pass
 
     monkeypatch.setattr(pipeline.subprocess, "Popen", FakeServer)
-    monkeypatch.setattr(pipeline, "prefect_server_up", lambda url: True)
+    monkeypatch.setattr(pipeline, "health_ok", lambda url: True)
     with pipeline.prefect_server(port=45679) as url:
         assert url == "http://127.0.0.1:45679/api"
     (cmd,) = started

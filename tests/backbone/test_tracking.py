@@ -87,15 +87,15 @@ def test_a_stage_run_records_why_it_is_dirty_and_the_experiment_its_kind(project
     (project / "metrics/a.json").write_text('{"loss": 0.5}\n')
     (project / "code.py").write_text("print('changed')\n")
     (project / "sub/x.py").write_text("")  # untracked
-    tracking._mlflow.cache_clear()
+    tracking.mlflow_configured.cache_clear()
     try:
         with tracking.stage_run("train@a", {"lr": 0.1}, {}) as run:
             pass
-        ml = tracking._mlflow()
+        ml = tracking.mlflow_configured()
         tags = ml.MlflowClient().get_run(run.run_id).data.tags
         exp = ml.get_experiment_by_name(tracking.EXPERIMENT)
     finally:
-        tracking._mlflow.cache_clear()
+        tracking.mlflow_configured.cache_clear()
     assert tags["git.commit"].endswith("-dirty") and tags["git.dirty_files"] == "code.py"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 

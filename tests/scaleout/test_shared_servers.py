@@ -24,9 +24,9 @@ def tracking_server(mlflow_server, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
     monkeypatch.delenv(tracking.PARENT_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
-    tracking._mlflow.cache_clear()
+    tracking.mlflow_configured.cache_clear()
     yield mlflow_server
-    tracking._mlflow.cache_clear()
+    tracking.mlflow_configured.cache_clear()
     mlflow.set_tracking_uri(None)  # MLflow keeps the URI process-wide
 
 
