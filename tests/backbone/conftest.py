@@ -148,6 +148,24 @@ def out_md5s(lock: dict) -> dict[str, str]:
     return {o["path"]: o["md5"] for st in lock["stages"].values() for o in st.get("outs", [])}
 
 
+def differing_files(a: Path, b: Path, outs: list[str]) -> list[str]:
+    """The files under `outs` (paths relative to projects `a` and `b`) whose bytes differ
+    or that exist in one project only: what an assertion on whole-output md5s names, so
+    a failure says which file moved (weights, metrics.json, ...) and not just which stage."""
+    import hashlib
+
+    def md5s(root: Path, out: str) -> dict[str, str]:
+        base = root / out
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file())
+        return {str(f.relative_to(root)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+    found = []
+    for out in outs:
+        fa, fb = md5s(a, out), md5s(b, out)
+        found += sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+    return found
+
+
 def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -> dict:
     """A copy of the pipeline (code, dvc.yaml) with its own params; returns its env."""
     for d in ("stages", "flows"):

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from tests.backbone.conftest import TINY, copy_project, out_md5s
+from tests.backbone.conftest import TINY, copy_project, differing_files, out_md5s
 from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
@@ -327,7 +327,10 @@ def test_the_dask_path_gives_the_local_paths_bytes(tiny_pipeline, tmp_path):
     again = out_md5s(yaml.safe_load((root / "dvc.lock").read_text()))
     first = out_md5s(tiny_pipeline["lock"])
     differ = {p: (first[p], md5) for p, md5 in again.items() if first[p] != md5}
-    assert not differ, f"outputs differ between the local and the Dask run: {differ}"
+    files = differing_files(tiny_pipeline["root"], root, list(differ)) if differ else []
+    assert not differ, (
+        f"outputs differ between the local and the Dask run: {differ}; files: {files}"
+    )
     status = _run(["dvc", "status"], root, env).stdout
     assert "Data and pipelines are up to date" in status, status
     assert not (tmp_path / "net.log").exists() or not (tmp_path / "net.log").read_text()
