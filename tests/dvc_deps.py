@@ -4,8 +4,8 @@ A stage's `cmd` is `python -m flows.<x> ...`; the files it runs are the transiti
 closure of project imports from that module: every `import` / `from ... import` naming a
 module under `stages/` or `flows/`, anywhere in a file (imports inside functions run
 too), plus the `__init__.py` of every package on the way. A package that exports names
-lazily (PEP 562: a module-level `_EXPORTS = {"submodule": "Name Name ..."}` and a
-`__getattr__`) contributes only the submodule that defines each imported name.
+lazily (PEP 562, `stages/lazy.py`: a module-level `_EXPORTS = {"submodule": "Name ..."}`)
+contributes only the submodule that defines each imported name.
 
     python -m tests.dvc_deps           # each stage: the code deps dvc.yaml should list
     python -m tests.dvc_deps --write   # rewrite dvc.yaml's code deps to exactly those
@@ -40,8 +40,6 @@ def module_file(module: str, root: Path = REPO) -> Path | None:
 def _lazy_exports(init: Path) -> dict[str, str]:
     """name -> submodule for a package exporting names lazily (empty otherwise)."""
     tree = ast.parse(init.read_text())
-    if not any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
-        return {}
     for n in tree.body:
         if (
             isinstance(n, ast.Assign)
@@ -50,7 +48,9 @@ def _lazy_exports(init: Path) -> dict[str, str]:
         ):
             exports = ast.literal_eval(n.value)
             return {name: sub for sub, names in exports.items() for name in names.split()}
-    raise ValueError(f"{init}: defines __getattr__ but no _EXPORTS dict literal")
+    if any(isinstance(n, ast.FunctionDef) and n.name == "__getattr__" for n in tree.body):
+        raise ValueError(f"{init}: defines __getattr__ but no _EXPORTS dict literal")
+    return {}
 
 
 @cache

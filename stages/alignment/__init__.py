@@ -62,8 +62,7 @@ token; `align_tokens` pairs the rows otherwise), reading each chunk once::
     matches = hungarian_matches(corr.correlation())
 """
 
-import importlib
-from typing import Any
+from stages.lazy import lazy_exports
 
 # Names exported here, by the submodule defining them; each is imported on first use
 # (PEP 562), so that a light submodule (`stages.alignment.config`, read by every stage's
@@ -94,15 +93,4 @@ _EXPORTS = {
     ),
     "_common": "RowChunks",
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'stages.alignment' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"stages.alignment.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -31,9 +31,7 @@ Typical use from a pipeline stage (what `flows/saes.py` does for one model)::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from stages.lazy import lazy_exports
 from stages.sae.config import (  # noqa: F401  (re-exported: light, pydantic only)
     CONFIGS,
     BatchTopKConfig,
@@ -56,16 +54,9 @@ _EXPORTS = {
     "io": "load_pretrained_sae load_sae save_sae",
     "trainer": "TrainResult train_saes",
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
-__all__ = sorted(["CONFIGS", "BatchTopKConfig", "GatedConfig", "JumpReLUConfig",
-                  "ReLUConfig", "SAEConfig", "TopKConfig", "parse_sae_config", *_WHERE])  # fmt: skip
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'stages.sae' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"stages.sae.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(
+    __name__,
+    _EXPORTS,
+    ("CONFIGS", "BatchTopKConfig", "GatedConfig", "JumpReLUConfig", "ReLUConfig", "SAEConfig",
+     "TopKConfig", "parse_sae_config"),
+)  # fmt: skip

@@ -51,8 +51,7 @@ Modules and public functions (every name below is importable from `stages.steeri
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from stages.lazy import lazy_exports
 
 # Names exported here, by the submodule defining them; each is imported on first use
 # (PEP 562), so that importing one light submodule (e.g. `stages.steering.prompts`) does
@@ -78,15 +77,4 @@ _EXPORTS = {
     "targeted": "compare_vectors targeted_vectors",
     "vectors": ("compute_vectors load_vector mean_diff pca_direction read_activations save_vector"),
 }
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names.split()}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'stages.steering' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"stages.steering.{_WHERE[name]}"), name)
-
-
-def __dir__() -> list[str]:
-    return __all__
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
