@@ -108,7 +108,7 @@ def test_changing_one_models_hook_reruns_only_that_cache(project):
     ran = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.startswith("Running stage")]
     # that model's cache, and what reads it; not the LMs, not the other model's stages
     assert ran == ["activations@tiny-b", "saes@tiny-b", "steering@tiny-b",
-                   "align@tiny-a__tiny-b", "report"]  # fmt: skip
+                   "align@tiny-a__tiny-b", "transfer@tiny-a__tiny-b", "report"]  # fmt: skip
     from stages.activations import ActivationStore
 
     assert ActivationStore(root / "data/activations/tiny-b").hooks == [
@@ -268,6 +268,27 @@ def test_sae_stage_killed_mid_training_resumes_and_matches(project, tmp_path):
         assert (folder / f).read_bytes() == content, f
 
 
+def test_a_steering_change_reruns_the_transfer_test_not_the_alignment(project, tmp_path):
+    """Transfer is its own stage: a steering or transfer param re-runs it (and steering,
+    report), never the alignment pass; a code change re-runs exactly the stages that run
+    that file (dvc.yaml's code deps are the imports, tests/dvc_deps.py)."""
+    root = tmp_path / "p"
+    shutil.copytree(project["root"], root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["align"]["transfer"]["n_random"] = 8
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed = _run(["dvc", "status"], root, project["env"]).stdout
+    stale = {ln.rstrip(":").strip() for ln in changed.splitlines() if ln and not ln[0].isspace()}
+    assert "transfer@tiny-a__tiny-b" in stale and "align@tiny-a__tiny-b" not in stale, changed
+    params["align"]["transfer"]["n_random"] = 32
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with open(root / "stages/alignment/transfer.py", "a") as f:
+        f.write("\n# an edit\n")
+    changed = _run(["dvc", "status"], root, project["env"]).stdout
+    stale = {ln.rstrip(":").strip() for ln in changed.splitlines() if ln and not ln[0].isspace()}
+    assert stale == {"transfer@tiny-a__tiny-b"}, changed
+
+
 def test_steering_alignment_and_report_outputs(project):
     root = project["root"]
     from stages.steering import load_vector
@@ -283,14 +304,15 @@ def test_steering_alignment_and_report_outputs(project):
     assert 1000 < scores["n_tokens"] <= 4000
     key = "blocks.0.hook_resid_post/topk-128-k4"
     assert 0 <= scores[f"{key}/fraction_with_partner_hungarian"] <= 1
-    transfer = json.loads((root / "data/alignment/tiny-a__tiny-b/transfer.json").read_text())
+    transfer = json.loads((root / "data/transfer/tiny-a__tiny-b/transfer.json").read_text())
     row = transfer["concepts"]["past_vs_present"]["blocks.0.hook_resid_post"]
     assert {"own", "transferred", "random"} <= set(row) and row["random"]["n"] == 32
     rnd = row["random"]["slopes"]  # the null: 32 directions, p counts those at or above
     assert (
         row["p_vs_random"] == (1 + sum(r >= row["transferred"]["steerability"] for r in rnd)) / 33
     )
-    assert scores["transfer/past_vs_present/blocks.0.hook_resid_post/p_vs_random"] == round(
+    tscores = json.loads((root / "metrics/transfer/tiny-a__tiny-b.json").read_text())
+    assert tscores["transfer/past_vs_present/blocks.0.hook_resid_post/p_vs_random"] == round(
         row["p_vs_random"], 6)  # fmt: skip
     index = (root / "reports/index.html").read_text()
     assert "MLflow run" in index and "git" in index
