@@ -55,6 +55,7 @@ import json
 import math
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -525,6 +526,24 @@ class Site:
     prefix_end: int
     outcome: tuple[str, ...]
     alternatives: tuple[str, ...]
+    cues: tuple[str, ...]  # the values the cue slot can take, grammatical in this context
+    p_outcome: tuple[float, ...]  # the generator's P(outcome | prefix with that cue)
+
+
+_SINGULAR = {f[0] for sp in ANIMALS.values() for f in sp.values()}
+_PLURAL = {f[1] for sp in ANIMALS.values() for f in sp.values()}
+
+
+def _plural_subject(determiner: str, noun: str, verb_form: int) -> bool:
+    """Whether '<determiner> <noun> <verb>' has a plural subject (for a grammatical cue)."""
+    d = determiner.lower()
+    if d in NUMBERS or d in ("some", "many"):
+        return True
+    if d == "a" or noun not in _PLURAL:
+        return False
+    if noun not in _SINGULAR:
+        return True
+    return verb_form == 0  # salmon / trout / carp: 'swim' is plural, 'swims' / 'swam' taken as not
 
 
 def _words(text: str) -> list[tuple[str, int, int]]:
@@ -597,11 +616,14 @@ def read_context(text: str) -> tuple[list[tuple[int, int, str]], list[Site]]:
             elif p_pos < 0.5:
                 spans.append((last, e, "expect_negative"))
             dep, cue = _site
+            p_of = p_positive_after_weather
             if dep == "day_emotion" and day is not None:
                 ds, de = words[3][1], words[3][2]
-                cue = (ds, de, day)
+                cue, p_of = (ds, de, day), p_positive_on_day
             if dep and cue is not None and t + 1 < len(words):
-                sites.append(Site(dep, cue[0], cue[1], cue[2], e, tuple(POSITIVE), tuple(NEGATIVE)))
+                cues = tuple(WEATHER)
+                sites.append(Site(dep, cue[0], cue[1], cue[2], e, tuple(POSITIVE), tuple(NEGATIVE),
+                                  cues, tuple(p_of(c) for c in cues)))  # fmt: skip
         if wd in ("count", "counts", "counted"):
             counting = False
         if wd == ":" and sent and sent[0] in NAMES and any(w.startswith("count") for w in sent):
@@ -614,7 +636,11 @@ def read_context(text: str) -> tuple[list[tuple[int, int, str]], list[Site]]:
             if _NUMBER_INDEX[prev[0]] + 1 < len(NUMBERS) and nxt in _NUMBER_INDEX:
                 target = NUMBERS[_NUMBER_INDEX[prev[0]] + 1]
                 others = tuple(x for x in NUMBERS if x != target)
-                sites.append(Site("count_next", prev[1], prev[2], prev[0], e, (target,), others))
+                tix = NUMBERS.index(target)
+                # cue values: the numbers that have a successor (twelve ends the counts)
+                p = tuple(p_next_number(i, tix) for i in range(len(NUMBERS) - 1))
+                sites.append(Site("count_next", prev[1], prev[2], prev[0], e, (target,), others,
+                                  tuple(NUMBERS[:-1]), p))  # fmt: skip
         if wd in _VERB_CLASS and sent and sent[-1] in _CLASS_OF_WORD and sent_cue is not None:
             # '<det> [<colour>] <animal> <verb>': the verb slot after the animal
             if sent[0] not in NAMES and sent[0] != "In":
@@ -622,8 +648,11 @@ def read_context(text: str) -> tuple[list[tuple[int, int, str]], list[Site]]:
                 own = _CLASS_OF_WORD[sent[-1]]
                 outcome = tuple(v[form] for v in MOVES[own])
                 alts = tuple(v[form] for c in MOVES if c != own for v in MOVES[c])
+                plural = _plural_subject(sent[0], sent[-1], form)
+                cues = tuple(f[1 if plural else 0] for sp in ANIMALS.values() for f in sp.values())
+                p = tuple(p_move_class(_CLASS_OF_WORD[c], own) for c in cues)
                 sites.append(Site("class_verb", sent_cue[0], sent_cue[1], sent_cue[2], s - 1,
-                                  outcome, alts))  # fmt: skip
+                                  outcome, alts, cues, p))  # fmt: skip
         if wd in ("likes", "liked"):
             liked = True
         elif wd in ("feeds", "fed"):
@@ -635,6 +664,23 @@ def read_context(text: str) -> tuple[list[tuple[int, int, str]], list[Site]]:
             sent.append(wd)
     close_about(n)
     return spans, sites
+
+
+def p_next_word_in(site: Site, words: Sequence[str]) -> float:
+    """The generator's P(next word in `words`) at `site`, given its own cue `site.cue`:
+    the exact next-word distribution of the slot, independent of `site.outcome`."""
+    if site.dependency in ("weather_emotion", "day_emotion"):
+        p = site.p_outcome[site.cues.index(site.cue)]
+        return sum(p / len(POSITIVE) if w in POSITIVE else
+                   (1 - p) / len(NEGATIVE) if w in NEGATIVE else 0.0 for w in words)  # fmt: skip
+    if site.dependency == "class_verb":
+        cls = _CLASS_OF_WORD[site.cue]
+        return sum(p_move_class(cls, _VERB_CLASS[w]) / len(MOVES[_VERB_CLASS[w]])
+                   for w in words if w in _VERB_CLASS)  # fmt: skip
+    if site.dependency == "count_next":
+        i = _NUMBER_INDEX[site.cue]
+        return sum(p_next_number(i, _NUMBER_INDEX[w]) for w in words if w in _NUMBER_INDEX)
+    raise KeyError(f"p_next_word_in: unknown dependency {site.dependency!r}")
 
 
 def contextual_spans(text: str) -> list[tuple[int, int, str]]:
@@ -866,6 +912,7 @@ class CorpusData:
     labels: pa.Table
     concepts: list[Concept]
     meta: dict
+    entropy_nats: list[float] | None = None  # per document (toy corpus)
 
 
 def read_corpus(path: Path) -> CorpusData:
@@ -885,4 +932,5 @@ def read_corpus(path: Path) -> CorpusData:
         pq.read_table(path / "labels.parquet"),
         concepts,
         meta,
+        docs.column("entropy_nats").to_pylist() if "entropy_nats" in docs.column_names else None,
     )

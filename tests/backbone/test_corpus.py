@@ -65,7 +65,7 @@ def test_successor_structure_of_counting_sequences():
         text, _ = C.generate_story(0, i)
         for seq in re.findall(r": ((?:\w+, )+\w+)\.", text):
             idx = [C.NUMBERS.index(w) for w in seq.split(", ")]
-            for a, b in zip(idx, idx[1:]):
+            for a, b in zip(idx, idx[1:], strict=False):
                 if a + 1 < len(C.NUMBERS):
                     steps += 1
                     succ += b == a + 1
