@@ -102,6 +102,8 @@ def lm_flow(name: str) -> dict:
             w = world(quote(model), quote(held_texts), quote(held_h))
             with atomic_dir(out, within=LAYOUT.model()) as tmp:
                 save_toy_model(model, m, partial / "tokenizer", tmp)
+                write_json(tmp / "world.json", {"model": name, "seed": m.seed,
+                                                "heldout_loss": res.heldout_loss, **w})  # fmt: skip
             shutil.rmtree(partial)
             summary = {
                 "heldout_loss": round(res.heldout_loss, 6),

@@ -171,3 +171,20 @@ def test_capture_is_the_ratio_of_contrasts_for_two_cues():
     slope, t, m = K.capture_of_site(np.array([0.5, -0.5]), [0.8, 0.2])
     assert t == pytest.approx(2 * math.log(4)) and m == pytest.approx(1.0)
     assert slope == pytest.approx(1.0 / (2 * math.log(4)))
+
+
+def test_report_section_shows_truth_vs_model_and_lexical_baselines(tmp_path, sites):
+    from stages.io import write_json
+    from stages.report.world import section
+
+    p = CorpusParams(toy=ToyCorpus(n_docs=200, seed=2), heldout_fraction=0.2)
+    C.write_corpus(C.build_corpus(p), tmp_path / "corpus", p)
+    (tmp_path / "models" / "oracle").mkdir(parents=True)
+    cap = K.dependency_capture(K.oracle_log_odds, sites)
+    write_json(tmp_path / "models" / "oracle" / "world.json",
+               {"seed": 0, "heldout_loss": 1.5, "corpus_entropy_per_token": 1.2, "capture": cap})  # fmt: skip
+    s = section(tmp_path / "corpus", tmp_path / "models")
+    assert s is not None and s.id == "world"
+    assert s.body.count("<b>1.000</b> [1.000, 1.000]") == 4  # each dependency, all captured
+    assert "expect_positive" in s.body and "about_fish" in s.body
+    assert section(tmp_path / "nothing", tmp_path / "models") is None
