@@ -122,9 +122,8 @@ def lm_flow(name: str) -> dict:
                 )
             for dep, c in w["capture"].items():
                 run.metrics({f"capture.{dep}": c["capture"]})
-                print(f"lm@{name}: {dep} capture {c['capture']:.3f} "
-                      f"[{c['ci95'][0]:.3f}, {c['ci95'][1]:.3f}] of a true contrast "
-                      f"{c['true_contrast']:.2f} nats")  # fmt: skip
+                print(f"lm@{name}: {dep} capture {c['capture']:.3f} (95 % {c['ci95']}) of a "
+                      f"true contrast {c['true_contrast']:.2f} nats")  # fmt: skip
             for step, loss in res.loss_curve:
                 run.metrics({"train_loss": loss}, step=step)
             run.metrics({"train_tokens_per_s": res.tokens_per_s})

@@ -91,10 +91,11 @@ def dependency_capture(fn: LogOddsFn, sites: dict[str, list[tuple[str, Site]]]) 
             true_c.append(t)
             model_c.append(m)
         x = np.asarray(slopes)
-        half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+        half = 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else None
+        ci = [round(float(x.mean() + h), 6) for h in (-half, half)] if half is not None else None
         out[dep] = {
             "capture": round(float(x.mean()), 6),
-            "ci95": [round(float(x.mean() - half), 6), round(float(x.mean() + half), 6)],
+            "ci95": ci,  # None with a single context
             "n_contexts": len(x),
             "true_contrast": round(float(np.mean(true_c)), 6),
             "model_contrast": round(float(np.mean(model_c)), 6),

@@ -62,3 +62,14 @@ def lexical_baseline(unit_ids: np.ndarray, labels: np.ndarray, concept_names: li
             "prevalence": round(float(labels[:, j].astype(bool).mean()), 6),
         }
     return out
+
+
+def store_lexical_baseline(store, split: str = "heldout") -> dict:
+    """Token-level lexical baseline of every concept of an activation store
+    (`stages.activations.ActivationStore`: its row-aligned `token_ids` and
+    `concept_labels`) on one split ('train' | 'heldout' | 'all')."""
+    if not store.concept_names:
+        raise ValueError(f"{store.path}: the store has no concept labels (an unlabelled corpus)")
+    return lexical_baseline(
+        store.read("token_ids", split), store.read("concept_labels", split), store.concept_names
+    )

@@ -49,7 +49,8 @@ def section(corpus: Path, models: Path) -> Section | None:
             rows.append([
                 e(dep), e(name), fmt(w.get("seed")), fmt(c["true_contrast"], 2),
                 fmt(c["model_contrast"], 2),
-                f"<b>{fmt(c['capture'])}</b> [{fmt(c['ci95'][0])}, {fmt(c['ci95'][1])}]",
+                f"<b>{fmt(c['capture'])}</b> [{fmt((c['ci95'] or [None])[0])}, "
+                f"{fmt((c['ci95'] or [None, None])[1])}]",
                 fmt(c["n_contexts"]), e(spec["cue"]) + " &rarr; " + e(spec["outcome"]),
             ])  # fmt: skip
     if rows:
