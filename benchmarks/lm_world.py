@@ -45,7 +45,7 @@ def main() -> None:
     ap.add_argument("--model", default="toy-a", help="params.yaml model to start from")
     ap.add_argument("--set", action="append", default=[], help="key=value on the model entry")
     ap.add_argument("--n-docs", type=int, default=None, help="corpus size (default: params)")
-    ap.add_argument("--sites", type=int, default=200, help="held-out contexts per dependency")
+    ap.add_argument("--sites", type=int, default=64, help="held-out contexts per dependency")
     a = ap.parse_args()
 
     from stages.capture import world_metrics

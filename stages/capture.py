@@ -194,7 +194,7 @@ def entropy_per_token(tokenizer, texts: list[str], entropy_nats: list[float]) ->
 
 
 def world_metrics(model, texts: list[str], entropy_nats: list[float] | None,
-                  max_per_dependency: int = 200) -> dict:  # fmt: skip
+                  max_per_dependency: int = 64) -> dict:  # fmt: skip
     """What the `lm` stage reports about the world: per planted dependency the capture
     (over held-out `texts`), and the corpus entropy per token of the model's tokenizer."""
     out: dict = {"capture": dependency_capture(lm_log_odds_fn(model),
