@@ -72,8 +72,10 @@ def test_outputs_exist_and_are_sane(project):
         # token-level lexical baseline from the store: contextual concepts stay unreadable
         from stages.lexical import store_lexical_baseline
 
-        lex = store_lexical_baseline(store, "all")
-        assert lex["colour"]["f1"] == 1.0 and lex["pleasant_day"]["f1"] < 0.75
+        lex = store_lexical_baseline(store, "all")  # a tiny vocabulary splits words, so
+        assert lex["carp"]["f1"] == 1.0 and lex["pleasant_day"]["f1"] < 0.75  # not all are 1
+        act = json.loads((root / f"metrics/activations/{m}.json").read_text())
+        assert set(act["lexical_baseline_f1"]) == set(names)
     assert not list(root.glob("data/**/*.partial"))
     # both models share the tokenizer, so their rows align one to one
     a, b = (
