@@ -113,7 +113,6 @@ def lm_flow(name: str) -> dict:
                 "steps": res.steps,
                 "tokens_seen": res.tokens_seen,
                 "n_params": sum(p.numel() for p in model.parameters()),
-                "train_tokens_per_s": round(res.tokens_per_s, 1),
                 **w,
             }
             if "corpus_entropy_per_token" in w:
