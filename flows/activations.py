@@ -123,10 +123,17 @@ def activations_flow(name: str) -> dict:
         out = LAYOUT.activations(name)
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
                    "n_hooks": len(hooks), "n_files": count_files(out)}  # fmt: skip
+        from stages.activations import ActivationStore
+        from stages.lexical import store_lexical_baseline
+
+        store = ActivationStore(out)
+        if store.concept_names:  # token-level lexical baseline per concept, held-out rows
+            lex = store_lexical_baseline(store, "heldout")
+            summary["lexical_baseline_f1"] = {c: v["f1"] for c, v in lex.items()}
         metrics_file = LAYOUT.metrics("activations", name)
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, summary)
-        run.metrics(summary)
+        run.metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         run.metrics({k: res[k] for k in ("forward_s", "enqueue_wait_s", "tokens_per_s_forward")})
         where = f"{res['url']} (pointer: {out}/remote.json)" if res.get("url") else f"{out}/"
         print(f"activations@{name}: {res['n_rows']:,} rows x {len(hooks)} hooks "

@@ -40,7 +40,18 @@ def prepare(m: ToyModel, tok_dir: Path):
     tok = train_tokenizer(texts, m.tokenizer.vocab_size, tok_dir)
     train = corpus_windows(c, tok, m.train.seq_len, "train")
     held = corpus_windows(c, tok, m.train.seq_len, "heldout")
-    return tok, train, held, c.meta["corpus_hash"]
+    held_ix = [i for i, s in enumerate(c.splits) if s == "heldout"]
+    held_texts = [c.texts[i] for i in held_ix]
+    held_entropy = [c.entropy_nats[i] for i in held_ix] if c.entropy_nats else None
+    return tok, train, held, c.meta["corpus_hash"], held_texts, held_entropy
+
+
+@task(cache_policy=NO_CACHE)
+def world(model, texts: list[str], entropy_nats) -> dict:
+    """Capture of each planted dependency, corpus entropy per token (stages/capture.py)."""
+    from stages.capture import world_metrics
+
+    return world_metrics(model, texts, entropy_nats)
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -81,11 +92,16 @@ def lm_flow(name: str) -> dict:
             partial = LAYOUT.partial(out)
             resume_or_reset(partial, {"model": m.model_dump(mode="json"),
                                       "corpus": read_json(CORPUS / "meta.json")["corpus_hash"]})  # fmt: skip
-            tok, train_w, held_w, corpus_hash = prepare(m, partial / "tokenizer")
+            tok, train_w, held_w, corpus_hash, held_texts, held_h = prepare(
+                m, partial / "tokenizer"
+            )
             model, res = train(m, quote(tok), quote(train_w), quote(held_w), partial / "ckpt")
             gens = samples(quote(model), m.seed)
+            w = world(quote(model), quote(held_texts), quote(held_h))
             with atomic_dir(out, within=LAYOUT.model()) as tmp:
                 save_toy_model(model, m, partial / "tokenizer", tmp)
+                write_json(tmp / "world.json", {"model": name, "seed": m.seed,
+                                                "heldout_loss": res.heldout_loss, **w})  # fmt: skip
             shutil.rmtree(partial)
             summary = {
                 "heldout_loss": round(res.heldout_loss, 6),
@@ -95,7 +111,16 @@ def lm_flow(name: str) -> dict:
                 "steps": res.steps,
                 "tokens_seen": res.tokens_seen,
                 "n_params": sum(p.numel() for p in model.parameters()),
+                **w,
             }
+            if "corpus_entropy_per_token" in w:
+                summary["loss_minus_corpus_entropy"] = round(
+                    res.heldout_loss - w["corpus_entropy_per_token"], 6
+                )
+            for dep, c in w["capture"].items():
+                run.metrics({f"capture.{dep}": c["capture"]})
+                print(f"lm@{name}: {dep} capture {c['capture']:.3f} (95 % {c['ci95']}) of a "
+                      f"true contrast {c['true_contrast']:.2f} nats")  # fmt: skip
             for step, loss in res.loss_curve:
                 run.metrics({"train_loss": loss}, step=step)
             run.metrics({"train_tokens_per_s": res.tokens_per_s})

@@ -6,7 +6,9 @@ stage writes one folder per model, `data/models/<name>/`:
     config.json              source, and for toy models the architecture + tokenizer
     model.safetensors        toy models only: the state dict (never pickle)
     tokenizer.json, ...      toy models only: the byte-level BPE tokenizer
-    metrics.json             held-out loss vs the corpus' unigram entropy (toy), dims
+    world.json               toy models only: what the model learned of the planted world
+                             (capture per dependency, held-out loss vs corpus entropy;
+                             stages/capture.py)
 
 `load_model(folder)` gives back the HookedTransformer either way, so later stages do
 not care where a model came from.

@@ -19,6 +19,7 @@ from typing import Any
 from stages.io import atomic_dir
 from stages.report import alignment as alignment_section
 from stages.report import steering as steering_section
+from stages.report import world as world_section
 from stages.report.dashboards import (
     DATA_FILENAME,
     DashboardConfig,
@@ -51,12 +52,13 @@ class ReportPaths:
     decomposition: Path
     alignment: Path
     transfer: Path
+    corpus: Path | None = None
 
     @classmethod
     def under(cls, data: str | Path = "data") -> ReportPaths:
         d = Path(data)
         return cls(d / "saes", d / "activations", d / "models", d / "steering",
-                   d / "decomposition", d / "alignment", d / "transfer")  # fmt: skip
+                   d / "decomposition", d / "alignment", d / "transfer", d / "corpus")  # fmt: skip
 
     @classmethod
     def coerce(cls, value: ReportPaths | str | Path) -> ReportPaths:
@@ -203,7 +205,11 @@ def build_report(
         t0 = time.perf_counter()
         rel_index = {k: relpath(p, tmp) for k, p in dash_index.items()}
         rel_pages = {k: relpath(p, tmp) for k, p in page_of.items()}
-        sections: list[Section] = [sweep_section(ctx, saes, paths.saes, rel_index)]
+        sections: list[Section] = []
+        world = world_section.section(paths.corpus, paths.models) if paths.corpus else None
+        if world is not None:
+            sections.append(world)
+        sections.append(sweep_section(ctx, saes, paths.saes, rel_index))
         seconds["section_sweep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sections.append(concept_table_section(saes, rel_pages))

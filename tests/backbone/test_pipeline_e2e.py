@@ -47,6 +47,12 @@ def test_outputs_exist_and_are_sane(project):
         metrics = json.loads((root / f"metrics/lm/{m}.json").read_text())
         # the model learned the grammar: held-out loss well below the unigram entropy
         assert metrics["heldout_loss"] < 0.8 * metrics["unigram_entropy"]
+        # what it learned of the planted world: a capture per dependency, with an interval
+        cap = metrics["capture"]
+        assert set(cap) == {"weather_emotion", "day_emotion", "class_verb", "count_next"}
+        for c in cap.values():
+            assert c["ci95"][0] <= c["capture"] <= c["ci95"][1] and c["true_contrast"] > 2
+        assert 0.3 < metrics["corpus_entropy_per_token"] < metrics["heldout_loss"]
         store = ActivationStore(root / f"data/activations/{m}")
         assert store.hooks == TINY["activations"]["hooks"][m]
         assert store.corpus_hash == corpus.meta["corpus_hash"]
@@ -63,6 +69,13 @@ def test_outputs_exist_and_are_sane(project):
             t.decode([i]).strip() for i in np.unique(tok[labels[:, names.index("dog")] == 1])
         }
         assert dog_tokens and dog_tokens <= {"dog", "dogs", "do", "g", "gs", "d", "og", "ogs", "s"}
+        # token-level lexical baseline from the store: contextual concepts stay unreadable
+        from stages.lexical import store_lexical_baseline
+
+        lex = store_lexical_baseline(store, "all")  # a tiny vocabulary splits words, so
+        assert lex["carp"]["f1"] == 1.0 and lex["pleasant_day"]["f1"] < 0.75  # not all are 1
+        act = json.loads((root / f"metrics/activations/{m}.json").read_text())
+        assert set(act["lexical_baseline_f1"]) == set(names)
     assert not list(root.glob("data/**/*.partial"))
     # both models share the tokenizer, so their rows align one to one
     a, b = (
