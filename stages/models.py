@@ -301,9 +301,9 @@ def corpus_windows(corpus, tokenizer, seq_len: int, split: str,
     """The documents of one split (`train` | `heldout`) of a corpus (`stages.corpus.Corpus`)
     as windows of `seq_len` tokens, by the packing rule of `stages/tokens.py`: what the LM
     trains on and what the activation cache stores, one function for both."""
-    ix = [i for i, s in enumerate(corpus.splits) if s == split]
     if split not in ("train", "heldout"):
         raise ValueError(f"split = {split!r}, expected 'train' or 'heldout'")
+    ix = [i for i, s in enumerate(corpus.splits) if s == split]
     return windows_for(tokenizer, [corpus.texts[i] for i in ix], [corpus.doc_ids[i] for i in ix],
                        seq_len, max_tokens=max_tokens)  # fmt: skip
 
