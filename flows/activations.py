@@ -94,6 +94,14 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev)
     return summarize_cache(plan, stats, todo)
 
 
+@task(cache_policy=NO_CACHE)
+def concept_probes(store) -> dict:
+    """A dense probe per labelled concept at every cached hook (stages/concept_probes.py)."""
+    from stages.concept_probes import probe_concepts
+
+    return probe_concepts(store)
+
+
 @flow(name="activations")
 def activations_flow(name: str) -> dict:
     params = load_params()
@@ -124,12 +132,21 @@ def activations_flow(name: str) -> dict:
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],
                    "n_hooks": len(hooks), "n_files": count_files(out)}  # fmt: skip
         from stages.activations import ActivationStore
+        from stages.concept_probes import contextual_wins
         from stages.lexical import store_lexical_baseline
 
         store = ActivationStore(out)
         if store.concept_names:  # token-level lexical baseline per concept, held-out rows
             lex = store_lexical_baseline(store, "heldout")
             summary["lexical_baseline_f1"] = {c: v["f1"] for c, v in lex.items()}
+            probes = concept_probes(quote(store))
+            write_json(out / "probes.json", probes)
+            summary["probe_best_f1"] = {c: r["best_f1"] for c, r in probes["concepts"].items()}
+            summary["contextual_read_by_probe"] = contextual_wins(probes)
+            for c in summary["contextual_read_by_probe"]:
+                r = probes["concepts"][c]
+                print(f"activations@{name}: contextual concept {c}: probe F1 {r['best_f1']:.3f} "
+                      f"at {r['best_hook']} vs lexical {r['lexical_f1']:.3f}")  # fmt: skip
         metrics_file = LAYOUT.metrics("activations", name)
         metrics_file.parent.mkdir(parents=True, exist_ok=True)
         write_json(metrics_file, summary)

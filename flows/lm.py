@@ -54,6 +54,17 @@ def world(model, texts: list[str], entropy_nats) -> dict:
     return world_metrics(model, texts, entropy_nats)
 
 
+@task(cache_policy=NO_CACHE)
+def untrained_capture(m: ToyModel, tok, texts: list[str]) -> dict:
+    """The control for capture: the same architecture and seed, untrained (a model that has
+    seen no data should capture about 0 of every dependency)."""
+    from stages.capture import dependency_capture, heldout_sites, lm_log_odds_fn
+    from stages.models import build_toy_model
+
+    model = build_toy_model(m, tok)
+    return dependency_capture(lm_log_odds_fn(model), heldout_sites(texts, 64))
+
+
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
 def train(m: ToyModel, tok, train_w, held_w, ckpt: Path):
     from stages.models import build_toy_model, train_toy_model
@@ -95,13 +106,15 @@ def lm_flow(name: str) -> dict:
             tok, train_w, held_w, corpus_hash, held_texts, held_h = prepare(
                 m, partial / "tokenizer"
             )
+            control = untrained_capture(m, quote(tok), quote(held_texts))
             model, res = train(m, quote(tok), quote(train_w), quote(held_w), partial / "ckpt")
             gens = samples(quote(model), m.seed)
             w = world(quote(model), quote(held_texts), quote(held_h))
             with atomic_dir(out, within=LAYOUT.model()) as tmp:
                 save_toy_model(model, m, partial / "tokenizer", tmp)
                 write_json(tmp / "world.json", {"model": name, "seed": m.seed,
-                                                "heldout_loss": res.heldout_loss, **w})  # fmt: skip
+                                                "heldout_loss": res.heldout_loss, **w,
+                                                "untrained_capture": control})  # fmt: skip
             shutil.rmtree(partial)
             summary = {
                 "heldout_loss": round(res.heldout_loss, 6),
@@ -117,10 +130,15 @@ def lm_flow(name: str) -> dict:
                 summary["loss_minus_corpus_entropy"] = round(
                     res.heldout_loss - w["corpus_entropy_per_token"], 6
                 )
+            summary["untrained_capture"] = {dep: {k: c[k] for k in ("capture", "ci95")}
+                                            for dep, c in control.items()}  # fmt: skip
             for dep, c in w["capture"].items():
-                run.metrics({f"capture.{dep}": c["capture"]})
+                u = control[dep]
+                run.metrics({f"capture.{dep}": c["capture"],
+                             f"capture_untrained.{dep}": u["capture"]})  # fmt: skip
                 print(f"lm@{name}: {dep} capture {c['capture']:.3f} (95 % {c['ci95']}) of a "
-                      f"true contrast {c['true_contrast']:.2f} nats")  # fmt: skip
+                      f"true contrast {c['true_contrast']:.2f} nats; untrained "
+                      f"{u['capture']:.3f} (95 % {u['ci95']})")  # fmt: skip
             for step, loss in res.loss_curve:
                 run.metrics({"train_loss": loss}, step=step)
             run.metrics({"train_tokens_per_s": res.tokens_per_s})

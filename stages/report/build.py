@@ -206,7 +206,11 @@ def build_report(
         rel_index = {k: relpath(p, tmp) for k, p in dash_index.items()}
         rel_pages = {k: relpath(p, tmp) for k, p in page_of.items()}
         sections: list[Section] = []
-        world = world_section.section(paths.corpus, paths.models) if paths.corpus else None
+        world = (
+            world_section.section(paths.corpus, paths.models, paths.activations)
+            if paths.corpus
+            else None
+        )
         if world is not None:
             sections.append(world)
         sections.append(sweep_section(ctx, saes, paths.saes, rel_index))

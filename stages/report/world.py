@@ -20,7 +20,12 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def section(corpus: Path, models: Path) -> Section | None:
+def _ci(c: dict) -> str:
+    lo, hi = c.get("ci95") or [None, None]
+    return f"[{fmt(lo)}, {fmt(hi)}]"
+
+
+def section(corpus: Path, models: Path, activations: Path | None = None) -> Section | None:
     """The section, or None when the corpus exported no truth (an HF corpus)."""
     truth = _read(corpus / "truth.json")
     base = _read(corpus / "lexical_baseline.json")
@@ -38,7 +43,8 @@ def section(corpus: Path, models: Path) -> Section | None:
         "on held-out contexts, the cue word is swapped through every value it can take and "
         "the model's log-odds of the outcome are regressed on the generator's: capture = "
         "model log-odds contrast / true log-odds contrast (1: the model has the world's "
-        "probabilities; 0: it ignores the cue). Interval: 95 % over contexts.</p>"
+        "probabilities; 0: it ignores the cue). Interval: 95 % over contexts. Control: the "
+        "same architecture and seed, untrained.</p>"
     ]
     rows = []
     for dep, spec in truth.items():
@@ -46,17 +52,17 @@ def section(corpus: Path, models: Path) -> Section | None:
             c = w.get("capture", {}).get(dep)
             if c is None:
                 continue
+            u = (w.get("untrained_capture") or {}).get(dep)
             rows.append([
                 e(dep), e(name), fmt(w.get("seed")), fmt(c["true_contrast"], 2),
-                fmt(c["model_contrast"], 2),
-                f"<b>{fmt(c['capture'])}</b> [{fmt((c['ci95'] or [None])[0])}, "
-                f"{fmt((c['ci95'] or [None, None])[1])}]",
+                fmt(c["model_contrast"], 2), f"<b>{fmt(c['capture'])}</b> {_ci(c)}",
+                f"{fmt(u['capture'])} {_ci(u)}" if u else "–",
                 fmt(c["n_contexts"]), e(spec["cue"]) + " &rarr; " + e(spec["outcome"]),
             ])  # fmt: skip
     if rows:
         parts.append(table(["dependency", "model", "seed", "true contrast (nats)",
-                            "model contrast", "capture [95 %]", "contexts", "cue → outcome"],
-                           rows, left=2, also_left=(7,)))  # fmt: skip
+                            "model contrast", "capture [95 %]", "untrained model [95 %]",
+                            "contexts", "cue → outcome"], rows, left=2, also_left=(8,)))  # fmt: skip
     else:
         parts.append('<p class="note">No toy model has a world.json (run the lm stage).</p>')
     loss_rows = [
@@ -86,4 +92,38 @@ def section(corpus: Path, models: Path) -> Section | None:
         for n, v in sorted(base["concepts"].items(), key=lambda kv: (kv[1]["kind"], kv[1]["f1"]))
     ]
     parts.append(table(["concept", "kind", "prevalence", "lexical F1"], crow, left=2))
+    if activations is not None:
+        parts += _probes(activations)
     return Section("world", "The world and what the models learned", "".join(parts))
+
+
+def _probes(activations: Path) -> list[str]:
+    """Per model, each contextual concept's lexical F1 against a dense probe's (the best
+    cached hook) and the shuffled-label control (stages/concept_probes.py)."""
+    from stages.concept_probes import contextual_wins
+
+    parts = []
+    for d in sorted(activations.iterdir()) if activations.exists() else []:
+        probes = _read(d / "probes.json")
+        if probes is None:
+            continue
+        rows = [
+            [e(c), fmt(r["prevalence"]), fmt(r["lexical_f1"]), f"<b>{fmt(r['best_f1'])}</b>",
+             e(r["best_hook"]), fmt(r["lift"]), fmt(max(r["null_f1"].values()))]
+            for c, r in sorted(probes["concepts"].items()) if r["kind"] == "contextual"
+        ]  # fmt: skip
+        if not rows:
+            continue
+        wins = contextual_wins(probes)
+        parts.append(
+            f"<h3>Contextual concepts in {e(d.name)}'s residual stream</h3><p>A logistic probe "
+            f"per concept and cached hook, trained on {fmt(probes['n_train_rows'])} training "
+            f"rows (threshold chosen for F1 there), scored by F1 on {fmt(probes['n_heldout_rows'])} "
+            "held-out rows at the concept's prevalence, as the lexical baseline is. Control: "
+            "the same probe on shuffled training labels (best hook). "
+            f"<b>{len(wins)}</b> contextual concepts that a token lookup reads at F1 &le; 0.6 "
+            f"reach F1 &ge; 0.9 with a probe{': ' + e(', '.join(wins)) if wins else ''}.</p>"
+        )
+        parts.append(table(["concept", "prevalence", "lexical F1", "probe F1", "at hook",
+                            "lift", "shuffled-label F1"], rows, left=1, also_left=(4,)))  # fmt: skip
+    return parts

@@ -311,7 +311,8 @@ def emotion_polarity(seed: int, n_train: int, n_heldout: int) -> SteeringSet:
         list(POSITIVE), list(NEGATIVE),
         description="good vs bad weather before 'feels', read at 'feels'; metric = "
         "positive vs negative emotion word next",
-        concept="positive_emotion", negative_concept="negative_emotion",
+        # contextual: at 'feels' no token names the polarity to come
+        concept="expect_positive", negative_concept="expect_negative",
     )  # fmt: skip
 
 
@@ -386,7 +387,8 @@ def past_vs_present(seed: int, n_train: int, n_heldout: int) -> SteeringSet:
     return SteeringSet(
         "past_vs_present", pairs, evals, past, present,
         description="past vs present tense sentence, read at its final '.'",
-        concept="past_tense", negative_concept="present_tense",
+        # contextual: the document's tense, read at a '.' that names none
+        concept="doc_past", negative_concept="doc_present",
     )  # fmt: skip
 
 

@@ -1,0 +1,155 @@
+"""Dense linear probes for every labelled concept at every cached hook: does the model
+represent a concept, and beyond token identity?
+
+Per hook, one L2-regularised logistic regression per concept (Alain & Bengio 2016,
+"Understanding intermediate layers using linear classifier probes"), all fitted in one
+LBFGS run on standardised activations, positives weighted to balance the classes. Each
+probe's threshold is the one that maximises F1 on its training rows; its F1 is then
+measured on held-out rows at the concept's natural prevalence: the rows, labels and F1
+of the lexical baseline (`stages/lexical.py`, the best token-id lookup on the same
+held-out rows). So `lift = probe F1 - lexical F1`: what the residual stream says about
+the concept that the current token does not.
+
+Control: the same fit on training labels shuffled across rows (one permutation per
+hook) gives the F1 a probe reaches by chance at that prevalence (`null_f1`).
+
+    table = probe_concepts(store, hooks)   # {concept: {lexical_f1, probe_f1: {hook: f1}, ...}}
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stages.lexical import store_lexical_baseline
+
+
+def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    return (x - mu) / sd, mu, sd
+
+
+def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4,
+               max_iter: int = 150) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Logistic regressions of every column of y [n, C] (0/1) on x [n, d], fitted jointly
+    (the losses are independent; LBFGS runs on their sum). Returns (W [d, C], b [C]) acting
+    on raw x. Positives are weighted by (#neg / #pos) per column."""
+    x, y = x.double(), y.double()
+    z, mu, sd = _standardise(x)
+    pos = y.sum(0)
+    pos_weight = ((len(y) - pos) / pos.clamp_min(1)).clamp_min(1e-3)
+    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            z @ w + b, y, pos_weight=pos_weight, reduction="none"
+        ).mean(0)
+        total = loss.sum() + l2 * (w * w).sum()
+        total.backward()
+        return total
+
+    with torch.enable_grad():
+        opt.step(closure)
+    w_raw = (w / sd[:, None]).detach()
+    return w_raw, (b - (w * (mu / sd)[:, None]).sum(0)).detach()
+
+
+def best_threshold(scores: np.ndarray, label: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) of the cut `score > threshold` with the best F1 on these rows."""
+    label = label.astype(bool)
+    n_pos = int(label.sum())
+    if n_pos == 0:
+        return float("inf"), 0.0
+    order = np.argsort(-scores, kind="stable")
+    s, tp = scores[order], np.cumsum(label[order])
+    f1 = 2 * tp / (np.arange(1, len(s) + 1) + n_pos)
+    # cuts only between distinct scores
+    valid = np.append(s[1:] < s[:-1], True)
+    f1 = np.where(valid, f1, -1.0)
+    k = int(np.argmax(f1))
+    thr = (s[k] + s[k + 1]) / 2 if k + 1 < len(s) else s[k] - 1.0
+    return float(thr), float(f1[k])
+
+
+def f1_score(pred: np.ndarray, label: np.ndarray) -> float:
+    """F1 of boolean predictions (0 when there are no positives and no predictions)."""
+    pred, label = pred.astype(bool), label.astype(bool)
+    tp = int((pred & label).sum())
+    denom = int(pred.sum()) + int(label.sum())
+    return 2 * tp / denom if denom else 0.0
+
+
+def _split_rows(store, name: str, split: str, max_rows: int) -> np.ndarray:
+    lo, hi = store.split_range(split)
+    return np.asarray(store.array(name)[lo : min(hi, lo + max_rows)])
+
+
+def probe_hook(x_tr: np.ndarray, y_tr: np.ndarray, x_he: np.ndarray, y_he: np.ndarray,
+               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """Held-out F1 per concept column of a probe fitted on the training rows, and of the
+    shuffled-label control."""
+    xt = torch.from_numpy(x_tr.astype(np.float32))
+    xh = torch.from_numpy(x_he.astype(np.float32)).double()
+    out = []
+    for labels in (y_tr, y_tr[np.random.default_rng(seed).permutation(len(y_tr))]):
+        w, b = fit_probes(xt, torch.from_numpy(labels.astype(np.float64)))
+        s_tr = (xt.double() @ w + b).numpy()
+        s_he = (xh @ w + b).numpy()
+        f1 = []
+        for j in range(labels.shape[1]):
+            thr, _ = best_threshold(s_tr[:, j], labels[:, j])
+            f1.append(f1_score(s_he[:, j] > thr, y_he[:, j]))
+        out.append(np.array(f1))
+    return out[0], out[1]
+
+
+def probe_concepts(store, hooks: list[str] | None = None, max_rows: int = 32768,
+                   min_positives: int = 20, seed: int = 0) -> dict:  # fmt: skip
+    """Per concept of an activation store: its held-out prevalence, lexical baseline F1,
+    and at each hook the held-out F1 of a dense probe and of the shuffled-label control.
+    Concepts with fewer than `min_positives` positive rows in either split are skipped
+    (listed under "skipped")."""
+    if not store.concept_names:
+        raise ValueError(f"{store.path}: the store has no concept labels (an unlabelled corpus)")
+    names = list(store.concept_names)
+    hooks = list(store.hooks if hooks is None else hooks)
+    y_tr = _split_rows(store, "concept_labels", "train", max_rows).astype(bool)
+    y_he = _split_rows(store, "concept_labels", "heldout", max_rows).astype(bool)
+    keep = [j for j in range(len(names))
+            if y_tr[:, j].sum() >= min_positives and y_he[:, j].sum() >= min_positives]  # fmt: skip
+    lexical = store_lexical_baseline(store, "heldout")
+    kinds = _kinds()
+    table = {names[j]: {"kind": kinds.get(names[j], "unknown"),
+                        "prevalence": round(float(y_he[:, j].mean()), 6),
+                        "lexical_f1": lexical[names[j]]["f1"], "probe_f1": {}, "null_f1": {}}
+             for j in keep}  # fmt: skip
+    for hook in hooks if keep else []:
+        f1, null = probe_hook(_split_rows(store, hook, "train", max_rows), y_tr[:, keep],
+                              _split_rows(store, hook, "heldout", max_rows), y_he[:, keep],
+                              seed)  # fmt: skip
+        for i, j in enumerate(keep):
+            table[names[j]]["probe_f1"][hook] = round(float(f1[i]), 6)
+            table[names[j]]["null_f1"][hook] = round(float(null[i]), 6)
+    for row in table.values():
+        best = max(row["probe_f1"], key=row["probe_f1"].get)
+        row["best_hook"], row["best_f1"] = best, row["probe_f1"][best]
+        row["lift"] = round(row["best_f1"] - row["lexical_f1"], 6)
+    return {"n_train_rows": len(y_tr), "n_heldout_rows": len(y_he), "hooks": hooks,
+            "concepts": table, "skipped": [names[j] for j in range(len(names)) if j not in keep]}  # fmt: skip
+
+
+def contextual_wins(table: dict, max_lexical: float = 0.6, min_probe: float = 0.9) -> list[str]:
+    """Contextual concepts a token lookup cannot read (lexical F1 <= max_lexical) that a
+    probe reads (F1 >= min_probe at some hook)."""
+    return sorted(c for c, r in table["concepts"].items()
+                  if r["kind"] == "contextual" and r["lexical_f1"] <= max_lexical
+                  and r["best_f1"] >= min_probe)  # fmt: skip
+
+
+def _kinds() -> dict[str, str]:
+    from stages.corpus import CONCEPTS
+
+    return {c.name: c.kind for c in CONCEPTS}
