@@ -66,8 +66,9 @@ from tqdm.auto import tqdm
 from upath import UPath
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from stages.activations_config import StoreParams
 from stages.compute import CPU, Device, on_device, to_numpy
-from stages.config import StoreParams, hook_layer
+from stages.hooks import hook_layer, hook_width
 from stages.io import atomic_dir, read_json, replace_dir, write_json
 from stages.tokens import Windows
 
@@ -523,7 +524,7 @@ def prepare_cache(
         _create(group, "concept_labels", labels.shape, np.uint8, params, True)[:] = labels
     d_of = {}
     for h in hooks:
-        d_of[h] = _hook_width(model, h)
+        d_of[h] = hook_width(h, model.cfg.d_model, model.cfg.d_mlp)
         _create(group, h, (n_rows, d_of[h]), dtype, params, compress=False)
     group.attrs.update(
         {
@@ -736,23 +737,6 @@ def summarize_cache(plan: CachePlan, stats: list[dict], todo: list[int]) -> dict
         "resumed_from_shard": todo[0] if todo else 0,
         "url": plan.url,  # where the store is, when in object storage
     }
-
-
-def _hook_width(model: HookedTransformer, hook: str) -> int:
-    """Width of a hook's activation per token (d_model, d_mlp, n_heads*d_head, ...)."""
-    cfg = model.cfg
-    tail = hook.split(".")[-1]
-    if tail in ("hook_pre", "hook_post") and ".mlp." in hook:
-        return cfg.d_mlp
-    if tail in ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result"):
-        raise ValueError(
-            f"hook {hook!r} has per-head shape; cache a residual / MLP / attention output hook"
-        )
-    if tail in ("hook_attn_scores", "hook_pattern"):
-        raise ValueError(f"hook {hook!r} is an attention pattern, not a per-token activation")
-    if tail == "hook_scale":
-        return 1
-    return cfg.d_model
 
 
 # ---------------------------------------------------------------------------- reading

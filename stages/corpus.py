@@ -63,7 +63,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.config import CorpusParams, HFCorpus
+from stages.corpus_config import CorpusParams, HFCorpus
 from stages.io import atomic_dir, write_json
 
 # ---------------------------------------------------------------------------- vocabulary
