@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from stages.alignment._common import (
+from stages.alignment.inputs import (
     Array,
     as_numpy_2d,
     as_tensor_2d,
@@ -50,7 +50,7 @@ from stages.alignment._common import (
     check_width,
     lockstep,
 )
-from stages.alignment._moments import CentredMoments
+from stages.alignment.moments import CentredMoments
 
 # ------------------------------------------------------------------ linear CKA, streaming
 
