@@ -4,7 +4,7 @@ Each section is a pydantic model beside the code that uses it, with its own chec
 
     corpus       stages/corpus_config.py        CorpusParams
     models       stages/models_config.py        ToyModel | PretrainedModel
-    activations  stages/activations_config.py   ActivationParams (hook names: stages/hooks.py)
+    activations  stages/activations/config.py   ActivationParams (hook names: stages/activations/hook_names.py)
     saes         stages/sae/config.py           SAEParams (+ one config class per architecture)
     steering     stages/steering/config.py      SteeringParams
     align        stages/alignment/config.py     AlignParams (+ AlignConfig)
@@ -33,11 +33,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError, model_validator
 
-from stages.activations_config import ActivationParams, StoreParams
+from stages.activations.config import ActivationParams, StoreParams
+from stages.activations.hook_names import check_hook_name, hook_layer
 from stages.alignment.config import AlignPair, AlignParams, SteeringTransfer
 from stages.compute_config import ComputeParams, DaskParams
 from stages.corpus_config import CorpusParams, HFCorpus, ToyCorpus
-from stages.hooks import check_hook_name, hook_layer
 from stages.models_config import (
     ModelParams,
     PretrainedModel,
@@ -99,7 +99,7 @@ class Params(StrictModel):
 
     def hook_width(self, model: str, hook: str) -> int | None:
         """Width of a hook's activations when params alone tell it (toy models), else None.
-        The same rule as the activations stage's (`stages.hooks.hook_width`)."""
+        The same rule as the activations stage's (`stages.activations.hook_names.hook_width`)."""
         return self.models[model].hook_width(hook)
 
     def sae_plan(self, model: str) -> dict[str, list[SAEConfig]]:

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from stages.hooks import check_hook_name, hook_width
+from stages.activations.hook_names import check_hook_name, hook_width
 from stages.layout import why_unsafe
 from stages.params_messages import KeyProblem
 from stages.params_types import NonNegInt, PosFloat, PosInt, Seed, StrictModel

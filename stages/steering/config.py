@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import model_validator
 
-from stages.hooks import check_hook_name
+from stages.activations.hook_names import check_hook_name
 from stages.layout import is_inside, why_unsafe
 from stages.models_config import a_model
 from stages.params_messages import KeyProblem

@@ -2,7 +2,7 @@
 index and their width.
 
 One place for these rules: the params check (`stages/config.py`) uses them before any
-work, the activations stage (`stages/activations.py`) again on the loaded model.
+work, the activations stage (`stages/activations/writer.py`) again on the loaded model.
 Light on purpose (no torch): every stage's params check imports it.
 """
 

@@ -1,5 +1,5 @@
 """`activations` in params.yaml: how every activation store is written, and which hooks
-each model caches (`stages/activations.py`).
+each model caches (`stages/activations/`).
 
 Its own module, pydantic only, so that every stage's params check (stages/config.py)
 reads it without importing torch or zarr.
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stages.hooks import check_hook_name
+from stages.activations.hook_names import check_hook_name
 from stages.models_config import ToyModel, a_model
 from stages.params_messages import MISSING, KeyProblem
 from stages.params_types import PosInt, StrictModel
