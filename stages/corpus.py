@@ -1,5 +1,8 @@
 """The corpus stage: documents plus character-span concept labels.
 
+(Over 500 lines: the toy world's vocabulary, exact probabilities, generator and its
+causal reader must agree word for word, so they stay in one file read top to bottom.)
+
 The embedded default is a seeded generator of simple English stories in which every
 mention of a planted concept carries a label, so every later stage has ground truth:
 an animal hierarchy (animal → mammal / bird / fish → species), colours, emotions with

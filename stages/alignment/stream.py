@@ -1,5 +1,8 @@
 """Align two models' features: one call from two activation stores and their SAEs.
 
+(Over 500 lines: the one pass over the tokens feeds every accumulator chunk by chunk;
+its steps are kept in order in one file so the single read of each chunk is visible.)
+
 `align_pair(store_a, store_b, saes_a, saes_b, cfg)` does everything the `align` stage
 reports, reading each aligned chunk of tokens once:
 
