@@ -24,14 +24,13 @@ runs.
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+from stages.compute_config import DEVICE_RE
 
 
 class DeviceError(ValueError):

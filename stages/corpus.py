@@ -1,5 +1,8 @@
 """The corpus stage: documents plus character-span concept labels.
 
+(Over 500 lines: the toy world's vocabulary, exact probabilities, generator and its
+causal reader must agree word for word, so they stay in one file read top to bottom.)
+
 The embedded default is a seeded generator of simple English stories in which every
 mention of a planted concept carries a label, so every later stage has ground truth:
 an animal hierarchy (animal → mammal / bird / fish → species), colours, emotions with
@@ -63,7 +66,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from stages.config import CorpusParams, HFCorpus
+from stages.corpus_config import CorpusParams, HFCorpus
 from stages.io import atomic_dir, write_json
 
 # ---------------------------------------------------------------------------- vocabulary

@@ -29,8 +29,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from stages.config import PretrainedModel, ToyModel
 from stages.io import load_safetensors, read_json, replace_dir, write_json
+from stages.models_config import PretrainedModel, ToyModel
 from stages.tokens import Windows, pack_windows, tokenise
 
 if TYPE_CHECKING:

@@ -4,12 +4,12 @@ expected (`models.toy-a.arch.d_model = -4, expected an integer ≥ 1`).
 pydantic reports an error's location and type; `message` reads that location against the
 schema (dropping the tags pydantic inserts for tagged unions, e.g. `models.<name>.toy`)
 and describes the expected value from the field's type and bounds. Validators raise
-`KeyProblem` for a problem that involves several keys.
+`KeyProblem` for a problem that involves several keys: it carries the key, the value and
+the expectation, so no message is ever parsed back out of another schema's error text.
 """
 
 from __future__ import annotations
 
-import re
 import types
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
@@ -20,12 +20,19 @@ MISSING = object()  # a KeyProblem's value for a key that is not there
 NO_VALUE = object()  # a KeyProblem about a whole entry: no "= value"
 
 
+class ParamsError(ValueError):
+    """A bad value in params.yaml; the message is one line naming key, value, expectation."""
+
+
 class KeyProblem(ValueError):
     """A problem that knows which key is at fault: `loc` from where it is raised (the
-    root for Params' checks, the model for a nested model's validator)."""
+    root for Params' checks, the model for a nested model's validator).
 
-    def __init__(self, loc: tuple, value: Any, expected: str):
-        super().__init__(expected)
+    `text` is what the error says where no params file is involved (a config built in
+    code, e.g. `TopKConfig(k=9, d_sae=8)`); by default the expectation alone."""
+
+    def __init__(self, loc: tuple, value: Any, expected: str, text: str | None = None):
+        super().__init__(text or expected)
         self.loc, self.value, self.expected = loc, value, expected
 
     def render(self, at: tuple = ()) -> str:
@@ -244,7 +251,7 @@ def message(e: dict, root: Any, raw: Any, prefix: tuple = ()) -> str:
         return f"{key}.{name} = {ctx.get('tag')!r}, {expected}"
     expected = expected_for(e, tp, metas)
     if kind == "value_error" and not expected.startswith("expected"):
-        return f"{key}: {re.sub(r'^SAE config .*?: ', '', expected)}"
+        return f"{key}: {expected}"
     return key_value(key, e.get("input"), expected)
 
 

@@ -91,6 +91,6 @@ _EXPORTS = {
         "hungarian_matches Matches max_matches NullComparison "
         "orthogonal_procrustes_map top_token_jaccard"
     ),
-    "_common": "RowChunks",
+    "inputs": "RowChunks",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

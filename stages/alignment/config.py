@@ -1,14 +1,37 @@
-"""`AlignConfig`: every knob of the `align` stage (`align.config` in params.yaml).
+"""`align` in params.yaml: the model pairs, `AlignConfig` (every knob of the `align`
+stage, `align.config`) and the steering transfer (`align.transfer`).
 
-Its own module, free of torch and scipy, so that checking params.yaml (stages/config.py,
-at the start of every stage) does not import the alignment machinery.
+Its own module, free of torch and scipy (pydantic only), so that checking params.yaml
+(stages/config.py, at the start of every stage) does not import the alignment machinery.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import (
+    TYPE_CHECKING,
+    Annotated,
+    Any,
+    Literal,
+    Union,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
+
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, create_model
+
+from stages.layout import why_unsafe
+from stages.models_config import a_model
+from stages.params_messages import NO_VALUE, KeyProblem, Said, message
+from stages.params_types import PosInt, StrictModel
+
+if TYPE_CHECKING:
+    from stages.config import Params
 
 
 @dataclass(frozen=True)
@@ -42,14 +65,15 @@ class AlignConfig:
                 "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2,
                 "n_parts": 1, "seed": 0}  # fmt: skip
         for name, low in ints.items():
-            if getattr(self, name) < low:
-                raise ValueError(
-                    f"align: {name} = {getattr(self, name)}, expected an integer >= {low}"
-                )
-        if not 0.0 < self.null_quantile < 1.0:
-            raise ValueError(f"align: null_quantile = {self.null_quantile}, expected in (0, 1)")
+            if (v := getattr(self, name)) < low:
+                raise KeyProblem((name,), v, f"expected an integer ≥ {low}",
+                                 text=f"align: {name} = {v}, expected an integer >= {low}")  # fmt: skip
+        if not 0.0 < (q := self.null_quantile) < 1.0:
+            raise KeyProblem(("null_quantile",), q, "expected in (0, 1)",
+                             text=f"align: null_quantile = {q}, expected in (0, 1)")  # fmt: skip
         if self.split not in ("heldout", "train", "all"):
-            raise ValueError(f"align: split = {self.split!r}, expected heldout, train or all")
+            raise KeyProblem(("split",), self.split, "expected heldout, train or all",
+                             text=f"align: split = {self.split!r}, expected heldout, train or all")  # fmt: skip
 
     @classmethod
     def from_params(cls, params: Mapping[str, object]) -> AlignConfig:
@@ -64,3 +88,129 @@ class AlignConfig:
         if isinstance(values.get("sae_names"), list):
             values["sae_names"] = tuple(values["sae_names"])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------- params
+
+
+@functools.cache
+def _align_schema() -> type[BaseModel]:
+    """`AlignConfig`'s fields as a strict pydantic model: the dataclass stays the one
+    place they are declared; this checks their types."""
+    hints = get_type_hints(AlignConfig)
+    fields: dict[str, Any] = {f.name: (_strict_scalars(hints[f.name]), f.default)
+                              for f in dataclasses.fields(AlignConfig)}  # fmt: skip
+    # a match "has a partner" when its correlation is >= threshold: a correlation
+    fields["threshold"] = (Annotated[float, Strict(), Field(ge=-1, le=1)], fields["threshold"][1])
+    return create_model("AlignConfig", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+def _strict_scalars(tp: Any) -> Any:
+    """`tp` with every int / float / bool / str strict (containers stay lax: a YAML list
+    is a valid tuple)."""
+    if tp in (int, float, bool, str):
+        return Annotated[tp, Strict()]
+    origin, args = get_origin(tp), get_args(tp)
+    if not args or origin is Literal:
+        return tp
+    if origin is Annotated:
+        return Annotated[(_strict_scalars(args[0]), *tp.__metadata__)]
+    new = tuple(a if a is ... else _strict_scalars(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return Union[new]  # noqa: UP007
+    return origin[new]
+
+
+def align_config(raw: dict[str, Any]) -> AlignConfig:
+    """`align.config` as the align stage will read it; errors name the key."""
+    schema = _align_schema()
+    try:
+        schema.model_validate(raw)
+    except ValidationError as err:
+        raise Said(message(err.errors()[0], schema, raw, ("align", "config"))) from None
+    try:
+        return AlignConfig.from_params(raw)
+    except KeyProblem as e:  # its own range checks
+        raise Said(e.render(("align", "config"))) from None
+
+
+class AlignPair(StrictModel):
+    a: str
+    b: str
+
+
+class SteeringTransfer(StrictModel):
+    """Carry A's steering vectors to B through the Hungarian feature matches."""
+
+    method: Literal["nnls", "encode"] = "nnls"  # A's vector -> A's feature coefficients
+    k: PosInt | None = None  # keep only the top-k features (None: all)
+    # drop matches whose activation correlation (the match score) is below this
+    min_correlation: Annotated[float, Field(ge=-1, le=1)] | None = None
+    # the null: random directions of B's own vector's norm (p-value floor 1 / (n + 1))
+    n_random: Annotated[int, Field(ge=2)] = 32
+
+
+class AlignParams(StrictModel):
+    # name "<A>__<B>" -> the pair; output data/alignment/<A>__<B>/
+    pairs: dict[str, AlignPair]
+    # `AlignConfig` fields (hook_pairs, sae_names, max_tokens, threshold, n_null,
+    # n_permutations, n_samples, knn_k, seed, ...)
+    config: dict[str, Any] = {}
+    transfer: SteeringTransfer = SteeringTransfer()
+
+    def check(self, p: Params) -> None:
+        """Against `models`, `activations` and `saes`: pairs of two known models, named
+        `<A>__<B>`, and hooks and SAE names of `config` that both models have."""
+        for key, pair in self.pairs.items():
+            loc = ("align", "pairs", key)
+            for side in ("a", "b"):
+                m = getattr(pair, side)
+                if m not in p.models:
+                    raise KeyProblem((*loc, side), m, a_model(p.models))
+            if pair.a == pair.b:
+                raise KeyProblem((*loc, "b"), pair.b, f"expected a model other than a = '{pair.a}'")
+            if key != f"{pair.a}__{pair.b}":
+                raise KeyProblem(loc, key, f"expected the pair's name '{pair.a}__{pair.b}' "
+                                "(it names the output folder data/alignment/<A>__<B>)")  # fmt: skip
+        cfg = align_config(self.config)
+        for key, pair in self.pairs.items():
+            _check_pair(p, key, pair, cfg)
+
+
+def _check_pair(p: Params, key: str, pair: AlignPair, cfg: AlignConfig) -> None:
+    """The hooks and SAE names of `align.config`, as the align stage will read them."""
+    hooks_a, hooks_b = p.hooks(pair.a), p.hooks(pair.b)
+    if cfg.hook_pairs is None:
+        hook_pairs = [(h, h) for h in hooks_a if h in hooks_b]
+        if not hook_pairs:
+            raise KeyProblem(("align", "pairs", key), NO_VALUE,
+                            f"expected models that cache a hook in common ({pair.a}: "
+                            f"{hooks_a}; {pair.b}: {hooks_b}), or align.config.hook_pairs")  # fmt: skip
+    else:
+        hook_pairs = list(cfg.hook_pairs)
+        for j, hp in enumerate(hook_pairs):
+            for side, (m, h, hooks) in enumerate(((pair.a, hp[0], hooks_a),
+                                                  (pair.b, hp[1], hooks_b))):  # fmt: skip
+                if h not in hooks:
+                    raise KeyProblem(("align", "config", "hook_pairs", j, side), h,
+                                    f"expected a hook cached by {m}: {hooks}")  # fmt: skip
+    if cfg.sae_names is None or cfg.sae_names == "all":
+        return
+    if isinstance(cfg.sae_names, str):
+        raise KeyProblem(("align", "config", "sae_names"), cfg.sae_names,
+                        "expected a list of SAE names, 'all' or null")  # fmt: skip
+    # A name neither model trains is a typo. (The stage also wants each name on every
+    # compared hook either model has SAEs on; that is left to it: a run of one stage
+    # may leave the align keys behind the sweep it changed.)
+    for j, n in enumerate(cfg.sae_names):
+        if why := why_unsafe(n):  # SAE folder names
+            raise KeyProblem(("align", "config", "sae_names", j), n, why)
+    folders = [p.sae_folders(m) for m in (pair.a, pair.b)]
+    if any(names is None for f in folders for names in f.values()):
+        return  # known only once the model is loaded: checked by the stage
+    known = sorted({n for f in folders for names in f.values() for n in names or []})
+    for j, n in enumerate(cfg.sae_names):
+        if n not in known:
+            raise KeyProblem(("align", "config", "sae_names", j), n,
+                            f"expected an SAE name of saes.sweep.{pair.a} or "
+                            f"saes.sweep.{pair.b} (align.pairs.{key}): {known}")  # fmt: skip

@@ -6,7 +6,7 @@ activations over the same tokens. With m_A = m_B = 16k latents and millions of t
 the activations never fit in memory together, so `CorrelationAccumulator` streams
 paired chunks of tokens and keeps only O(m_A·m_B) float64 statistics — n, the means,
 Σ(a − ā)², Σ(b − b̄)² and Σ(a − ā)ᵀ(b − b̄) (the sufficient statistics Σa, Σb, Σa², Σb²,
-ΣaᵀB in centred form; see `_moments.py` for why) — whatever the number of tokens.
+ΣaᵀB in centred form; see `moments.py` for why) — whatever the number of tokens.
 Accumulators over disjoint token ranges `merge` exactly, so workers can split a cache.
 
 Dead latents: a latent with zero variance over the tokens seen (never fires, or is
@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.alignment._common import (
+from stages.alignment.inputs import (
     Array,
     as_tensor_2d,
     check_paired,
     check_width,
 )
-from stages.alignment._moments import CentredMoments
+from stages.alignment.moments import CentredMoments
 
 
 class CorrelationAccumulator:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.optimize import linear_sum_assignment
 
-from stages.alignment._common import Array, as_numpy_2d, check_finite, check_paired
+from stages.alignment.inputs import Array, as_numpy_2d, check_finite, check_paired
 
 
 def _scores(scores: Array, name: str = "scores") -> np.ndarray:

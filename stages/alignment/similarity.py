@@ -1,10 +1,13 @@
 """Representation similarity between two sets of activations over the same tokens.
 
+(Over 500 lines: five measures, their permutation test and the registry that names them
+(`SIMILARITY`); a new measure is one function and one registry line here.)
+
 Five measures, with the definitions of ARCHITECTURE.md ("Metric definitions"):
 
 - **linear CKA** (Kornblith et al. 2019) = ‖C_xyᵀ‖_F² / (‖C_xx‖_F ‖C_yy‖_F) with centred
   covariances. Exact over any number of tokens with `LinearCKAAccumulator`, which streams
-  n, the means and the centred products in float64 (see `_moments.py`).
+  n, the means and the centred products in float64 (see `moments.py`).
 - **unbiased CKA**: CKA built on the unbiased HSIC_1 estimator of Song et al. (2012), as
   proposed for CKA by Nguyen et al. (2021); the plain estimator is biased upwards when
   the width is large against n, so two unrelated representations score well above 0.
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 from scipy.stats import rankdata
 
-from stages.alignment._common import (
+from stages.alignment.inputs import (
     Array,
     as_numpy_2d,
     as_tensor_2d,
@@ -50,7 +53,7 @@ from stages.alignment._common import (
     check_width,
     lockstep,
 )
-from stages.alignment._moments import CentredMoments
+from stages.alignment.moments import CentredMoments
 
 # ------------------------------------------------------------------ linear CKA, streaming
 

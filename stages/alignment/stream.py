@@ -1,5 +1,8 @@
 """Align two models' features: one call from two activation stores and their SAEs.
 
+(Over 500 lines: the one pass over the tokens feeds every accumulator chunk by chunk;
+its steps are kept in order in one file so the single read of each chunk is visible.)
+
 `align_pair(store_a, store_b, saes_a, saes_b, cfg)` does everything the `align` stage
 reports, reading each aligned chunk of tokens once:
 
@@ -41,7 +44,6 @@ import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
-from stages.alignment._moments import CentredMoments
 from stages.alignment.config import AlignConfig
 from stages.alignment.correlation import CorrelationAccumulator, TopActivations, random_derangement
 from stages.alignment.matching import (
@@ -56,6 +58,7 @@ from stages.alignment.matching import (
     orthogonal_procrustes_map,
     top_token_jaccard,
 )
+from stages.alignment.moments import CentredMoments
 from stages.alignment.similarity import (
     GRID_METRICS,
     PAIR_METRICS,
@@ -565,7 +568,7 @@ def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
     states = [_PairState(*p, cfg, plan.n_concepts, device=on) for p in plan.pairs]
     products = [(k, k) for k in plan.dims] + [(ka[a], kb[b]) for a in grid_a for b in grid_b]
     # float32 block products into float64 sums: the activations are float16 on disk, and
-    # _moments.py measures ~1e-6 error for this scheme, far below the sampling error.
+    # moments.py measures ~1e-6 error for this scheme, far below the sampling error.
     moments = CentredMoments(plan.dims, products, matmul_dtype=torch.float32, block_rows=4096,
                              device=on)  # fmt: skip
     sampler = RowSample(

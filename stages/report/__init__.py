@@ -64,42 +64,21 @@ streaming pass and the pages), `features` (features of a text), `steering` and
 report says "not run"), `html` (page shell, figures with captions), `provenance`.
 """
 
-from stages.report.build import Report, ReportPaths, build_report, default_dashboard_saes
-from stages.report.dashboards import (
-    DashboardConfig,
-    Partner,
-    SAEDashboardData,
-    collect_feature_stats,
-    compute_dashboard_data,
-    write_dashboards,
-)
-from stages.report.features import (
-    ActiveFeature,
-    TokenFeatures,
-    features_of_text,
-    format_token_features,
-    load_dashboard_data,
-)
-from stages.report.html import ReportFigure, Section
-from stages.report.provenance import Provenance
+from stages.lazy import lazy_exports
 
-__all__ = [
-    "ActiveFeature",
-    "DashboardConfig",
-    "Partner",
-    "Provenance",
-    "Report",
-    "ReportFigure",
-    "ReportPaths",
-    "SAEDashboardData",
-    "Section",
-    "TokenFeatures",
-    "build_report",
-    "collect_feature_stats",
-    "compute_dashboard_data",
-    "default_dashboard_saes",
-    "features_of_text",
-    "format_token_features",
-    "load_dashboard_data",
-    "write_dashboards",
-]
+# Names exported here, by the submodule defining them; each is imported on first use
+# (PEP 562), so that a light submodule (`stages.report.config`, read by every stage's
+# params check) does not pull in matplotlib and torch through this package.
+_EXPORTS = {
+    "build": "Report ReportPaths build_report default_dashboard_saes",
+    "dashboards": (
+        "DashboardConfig Partner SAEDashboardData collect_feature_stats compute_dashboard_data "
+        "write_dashboards"
+    ),
+    "features": (
+        "ActiveFeature TokenFeatures features_of_text format_token_features load_dashboard_data"
+    ),
+    "html": "ReportFigure Section",
+    "provenance": "Provenance",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

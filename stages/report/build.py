@@ -86,23 +86,27 @@ class Report:
 
 
 def default_dashboard_saes(saes: list[SAERef]) -> list[SAERef]:
-    """One SAE per (model, hook): the TopK SAE with the smallest k (the sweep's first
-    TopK in the default params), else the SAE with the lowest L0. The choice depends on
-    the names and configs only, so both models of a pair get the same SAE."""
+    """One SAE per (model, hook): of the architectures marked `dashboard_default` (TopK),
+    the SAE with the smallest k (the sweep's first TopK in the default params), else the
+    SAE with the lowest L0. The choice depends on the names and configs only, so both
+    models of a pair get the same SAE."""
     import json
 
+    from stages.sae.registry import ARCHITECTURES
+
+    preferred = {name for name, cls in ARCHITECTURES.items() if cls.dashboard_default}
     groups: dict[tuple[str, str], list[SAERef]] = defaultdict(list)
     for s in saes:
         groups[(s.model, s.hook)].append(s)
     out = []
     for group in groups.values():
-        topk = [s for s in group if s.architecture == "topk"]
-        if topk:
+        first_choice = [s for s in group if s.architecture in preferred]
+        if first_choice:
 
             def k_of(s: SAERef) -> tuple:
                 return (json.loads((s.path / "cfg.json").read_text()).get("k", 0), s.name)
 
-            out.append(min(topk, key=k_of))
+            out.append(min(first_choice, key=k_of))
         else:
             out.append(min(group, key=lambda s: (s.metrics.get("l0", float("inf")), s.name)))
     return out

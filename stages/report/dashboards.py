@@ -1,5 +1,8 @@
 """Feature dashboards (in the spirit of sae_vis / Neuronpedia), from the activation cache.
 
+(Over 500 lines: the one streaming pass and the pages it feeds share their per-latent
+records; split, each half would need the other to be read.)
+
 For one SAE, one streaming pass over the cached held-out rows (`sae.encode` in chunks;
 the model is never re-run) collects, for **every** latent: how often it fires, its
 running top-k activations (row indices), and how often it fires on each concept's

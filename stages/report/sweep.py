@@ -17,15 +17,7 @@ from typing import Any
 import numpy as np
 
 from stages.report.html import ReportContext, Section, e, fmt, not_run, table
-
-# A stable colour and marker per architecture across every figure.
-ARCH_STYLE = {
-    "topk": ("#1f77b4", "o"),
-    "batchtopk": ("#ff7f0e", "s"),
-    "relu": ("#2ca02c", "^"),
-    "jumprelu": ("#d62728", "D"),
-    "gated": ("#9467bd", "v"),
-}
+from stages.sae.registry import plot_style  # a stable colour and marker per architecture
 
 
 @dataclass
@@ -114,7 +106,7 @@ def pareto_figure(saes: list[SAERef], title: str):
             if _finite(f["l0"]) and _finite(f[key]):
                 by_arch[s.architecture].append((f["l0"], f[key], s.name))
         for arch in sorted(by_arch):
-            colour, marker = ARCH_STYLE.get(arch, ("#555555", "x"))
+            colour, marker = plot_style(arch)
             pts = by_arch[arch]
             ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=colour, marker=marker,
                        s=38, label=arch, zorder=3)  # fmt: skip
@@ -149,7 +141,7 @@ def density_figure(saes: list[SAERef], title: str, with_hook: bool = False):
     bins = np.linspace(-8, 0, 41)
     for ax, s in zip(axes.flat, saes, strict=False):
         dens = load_log_feature_density(s.path)
-        colour = ARCH_STYLE.get(s.architecture, ("#555555", "x"))[0]
+        colour = plot_style(s.architecture)[0]
         if dens is None:
             ax.text(0.5, 0.5, "no sparsity.safetensors", ha="center", transform=ax.transAxes)
         else:

@@ -44,6 +44,14 @@ class BaseSAE(nn.Module):
     architecture: ClassVar[str]  # our registry name
     config_class: ClassVar[type[SAEConfig]]
     saelens_architecture: ClassVar[str]  # the `architecture` written to cfg.json
+    # `load_sae` reads a folder of `saelens_architecture` into this class unless its
+    # metadata's `training_architecture` names another class of that format (BatchTopK
+    # is written in JumpReLU's format and read back by its name)
+    reads_saelens_by_default: ClassVar[bool] = True
+    # the report: a stable colour and marker per architecture across every figure, and
+    # whether its SAEs are the default dashboards (the one with the smallest k per hook)
+    plot_style: ClassVar[tuple[str, str]] = ("#555555", "x")
+    dashboard_default: ClassVar[bool] = False
     unit_norm_decoder: ClassVar[bool] = True  # keep decoder rows at norm 1 while training
     # encode (x - b_dec) rather than x; an instance attribute too, since SAELens folders
     # may set it either way
@@ -139,6 +147,15 @@ class BaseSAE(nn.Module):
 
     def saelens_config(self) -> dict[str, Any]:
         """Architecture-specific fields of SAELens' cfg.json."""
+        return {}
+
+    @classmethod
+    def from_saelens(
+        cls, cfg: dict[str, Any], meta: dict[str, Any], state: dict[str, Tensor], where: str
+    ) -> dict[str, Any]:
+        """Inverse of `saelens_config` for a SAELens folder (`where`) being loaded: this
+        architecture's config fields read from its cfg.json / metadata, with `state` (its
+        weights under SAELens' names) put into this class's form in place."""
         return {}
 
     def saelens_state_dict(self) -> dict[str, Tensor]:

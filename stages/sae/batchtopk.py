@@ -10,18 +10,24 @@ f = pre · 1[pre > θ], which is exactly SAELens' JumpReLU, so the folder is wri
 
 from __future__ import annotations
 
+import warnings
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
 from stages.sae.config import BatchTopKConfig, SAEConfig
+from stages.sae.jumprelu import threshold_from_log
 from stages.sae.topk import auxk_loss
 
 
 class BatchTopKSAE(BaseSAE):
     architecture = "batchtopk"
     config_class = BatchTopKConfig
-    saelens_architecture = "jumprelu"
+    saelens_architecture = "jumprelu"  # its inference is a JumpReLU with one threshold
+    reads_saelens_by_default = False  # a jumprelu folder is ours when its metadata says so
+    plot_style = ("#ff7f0e", "s")
     cfg: BatchTopKConfig
     threshold: Tensor
 
@@ -61,3 +67,14 @@ class BatchTopKSAE(BaseSAE):
         if aux is not None:
             terms["auxk"] = aux
         return self.dense_output(x, x_hat, f, terms)
+
+    @classmethod
+    def from_saelens(
+        cls, cfg: dict[str, Any], meta: dict[str, Any], state: dict[str, Tensor], where: str
+    ) -> dict[str, Any]:
+        threshold_from_log(state)
+        if "threshold" in state:
+            thr = state["threshold"]
+            if not torch.all(thr == thr[0]):
+                warnings.warn(f"{where}: batchtopk threshold differs per latent", stacklevel=3)
+        return {"k": float(meta.get("training_architecture_details", {}).get("k") or 1.0)}

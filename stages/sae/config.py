@@ -1,10 +1,12 @@
-"""Typed configuration of every SAE architecture, and the registry of their names.
+"""Typed configuration of every SAE architecture, the registry of their names, and the
+`saes` section of params.yaml.
 
 `SAEConfig` is the shared part; each architecture's subclass below pins `architecture`
 to its registry name and adds its own hyper-parameters under the names the papers use
 (`k`, `auxk_coefficient`, `l1_coefficient`, `l0_coefficient`, ...). `parse_sae_config`
 picks the subclass from the `architecture` key, so a `params.yaml` entry is one flat
-mapping.
+mapping. `SAEParams` is the `saes` section: evaluation, checkpoints, and per model the
+sweep of {hooks, saes} groups.
 
 The configs live here, not beside their SAE modules, because the params check of every
 stage reads them: this module imports only pydantic, so the DVC stages that validate
@@ -14,11 +16,27 @@ params (all of them) depend on this file, not on the SAE maths (see dvc.yaml).
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from stages.layout import why_unsafe
+from stages.models_config import a_model
+from stages.params_messages import MISSING, NO_VALUE, KeyProblem, Said, dotted, message, or_list
+from stages.params_types import PosInt, StrictModel
+
+if TYPE_CHECKING:
+    from stages.config import Params
 
 
 class SAEConfig(BaseModel):
@@ -72,17 +90,21 @@ class SAEConfig(BaseModel):
     @model_validator(mode="after")
     def _check_sizes(self) -> SAEConfig:
         where = f"SAE config '{self.name or self.architecture}'"
+
+        def problem(why: str) -> KeyProblem:  # about the entry as a whole
+            return KeyProblem((), NO_VALUE, why, text=f"{where}: {why}")
+
         if self.d_sae is None and self.expansion_factor is None:
-            raise ValueError(f"{where}: give d_sae or expansion_factor, got neither")
+            raise problem("give d_sae or expansion_factor, got neither")
         if self.d_sae is not None and self.expansion_factor is not None:
             if self.d_in is None or self.d_sae != round(self.expansion_factor * self.d_in):
-                raise ValueError(
-                    f"{where}: d_sae = {self.d_sae} and expansion_factor = "
+                raise problem(
+                    f"d_sae = {self.d_sae} and expansion_factor = "
                     f"{self.expansion_factor} disagree; give only one"
                 )
         if self.n_training_tokens < self.batch_size:
-            raise ValueError(
-                f"{where}: n_training_tokens = {self.n_training_tokens} is less than one "
+            raise problem(
+                f"n_training_tokens = {self.n_training_tokens} is less than one "
                 f"batch (batch_size = {self.batch_size})"
             )
         return self
@@ -173,9 +195,10 @@ class TopKConfig(SAEConfig):
     @model_validator(mode="after")
     def _k_fits(self) -> TopKConfig:
         if self.d_sae is not None and self.k > self.d_sae:
-            raise ValueError(
-                f"SAE config '{self.display_name}': k = {self.k} exceeds d_sae = {self.d_sae}"
-            )
+            raise KeyProblem(
+                ("k",), self.k, f"expected at most d_sae = {self.d_sae}",
+                text=f"SAE config '{self.display_name}': k = {self.k} exceeds d_sae = {self.d_sae}",
+            )  # fmt: skip
         return self
 
     def sparsity_tag(self) -> str:
@@ -242,3 +265,148 @@ def parse_sae_config(raw: dict[str, Any] | SAEConfig) -> SAEConfig:
             f"SAE config {raw!r}: missing key 'architecture', expected one of {sorted(CONFIGS)}"
         )
     return config_class(raw["architecture"]).model_validate(raw)
+
+
+# ---- the `saes` section of params.yaml -------------------------------------------------
+
+
+class SAEEval(StrictModel):
+    """Evaluation, always on the held-out split."""
+
+    max_rows: PosInt | None = 65_536  # rows for reconstruction metrics and ground truth
+    ce_windows: PosInt = 64  # windows for CE loss recovered / KL with the SAE spliced in
+
+
+class SAESweep(StrictModel):
+    """A group of a model's sweep: cached hooks x SAEs (each SAE is trained on every hook).
+
+    Each SAE entry is one flat mapping validated by its architecture's config class
+    above (`architecture`, `name`, `expansion_factor` or `d_sae`, `k`, ...).
+    """
+
+    hooks: list[str]
+    saes: list[dict[str, Any]]
+
+
+# One {hooks, saes} group or a list of them, told apart by the value's type (a tagged
+# union: errors name the group, not every member pydantic tried).
+SweepGroups = Annotated[
+    Union[Annotated[SAESweep, Tag("group")], Annotated[list[SAESweep], Tag("groups")]],  # noqa: UP007
+    Discriminator(lambda v: "groups" if isinstance(v, list) else "group"),
+]
+
+
+class SAEParams(StrictModel):
+    eval: SAEEval = SAEEval()
+    checkpoint_every: PosInt = 200  # optimizer steps between resumable checkpoints
+    # per model: one {hooks, saes} group, or a list of groups (e.g. the full architecture
+    # sweep on one hook and a single SAE on every other hook)
+    sweep: dict[str, SweepGroups]
+
+    def groups(self, model: str) -> list[SAESweep]:
+        s = self.sweep[model]
+        return s if isinstance(s, list) else [s]
+
+    def plan(self, model: str) -> dict[str, list[SAEConfig]]:
+        """hook -> the SAE configs to train on it, in params order (all groups merged)."""
+        plan: dict[str, list[SAEConfig]] = {}
+        if model not in self.sweep:
+            return plan
+        for group in self.groups(model):
+            cfgs = [parse_sae_config(raw) for raw in group.saes]
+            for hook in group.hooks:
+                plan.setdefault(hook, []).extend(cfgs)
+        return plan
+
+    def folders(
+        self, model: str, width: Callable[[str], int | None]
+    ) -> dict[str, list[str] | None]:
+        """hook -> the folder names of the SAEs trained on it (None: they need the hook's
+        width, which only the loaded model tells). `width(hook)`: the hook's width when
+        params alone tell it."""
+        out: dict[str, list[str] | None] = {}
+        for hook, cfgs in self.plan(model).items():
+            known = width(hook) is not None or all(c.name or c.d_sae for c in cfgs)
+            out[hook] = [folder_name(c, width(hook)) for c in cfgs] if known else None
+        return out
+
+    def check(self, p: Params) -> None:
+        """Against `models` and `activations`: a sweep per model, on cached hooks, each
+        entry valid for its architecture and its hook's width, folder names unique."""
+        for name in p.models:
+            if name not in self.sweep:
+                raise KeyProblem(("saes", "sweep", name), MISSING,
+                                f"expected the SAE sweep of model '{name}'")  # fmt: skip
+        for name in self.sweep:
+            if name not in p.models:
+                raise KeyProblem(("saes", "sweep", name), name, a_model(p.models))
+            # SAE folder names (data/saes/<model>/<hook>/<name>/) must be unique per hook
+            seen: dict[tuple[str, str], tuple] = {}
+            for g, sweep in enumerate(self.groups(name)):
+                loc = ("saes", "sweep", name) + ((g,) if isinstance(self.sweep[name], list) else ())
+                cfgs = _check_group(p, name, sweep, loc)
+                for i, cfg in enumerate(cfgs):
+                    for hook in sweep.hooks:
+                        folder = folder_name(cfg, p.hook_width(name, hook))
+                        first = seen.setdefault((hook, folder), (*loc, "saes", i))
+                        if first != (*loc, "saes", i):
+                            raise KeyProblem(
+                                (*loc, "saes", i), NO_VALUE,
+                                f"expected a unique SAE name per hook, but {dotted(first)} "
+                                f"also trains '{folder}' on {hook} (set `name` to tell them apart)",
+                            )  # fmt: skip
+
+
+def folder_name(cfg: SAEConfig, d_in: int | None) -> str:
+    """An SAE's folder name on a hook: `topk-1024-k8` once the width `d_in` is known."""
+    return cfg.with_d_in(d_in).display_name if d_in is not None else cfg.display_name
+
+
+def _check_group(p: Params, name: str, sweep: SAESweep, loc: tuple) -> list[SAEConfig]:
+    """Every SAE entry of a group, validated; widths checked where the hook's is known."""
+    cached = p.activations.hooks.get(name, [])
+    if not sweep.hooks:
+        raise KeyProblem((*loc, "hooks"), [], "expected at least one hook")
+    for i, hook in enumerate(sweep.hooks):
+        if hook not in cached:
+            raise KeyProblem((*loc, "hooks", i), hook, f"expected one of the cached hooks {cached}")
+        if hook in sweep.hooks[:i]:  # both would train into the same SAE folders
+            first = sweep.hooks.index(hook)
+            raise KeyProblem((*loc, "hooks", i), hook,
+                            f"expected each hook once in a group (also {dotted((*loc, 'hooks', first))})")  # fmt: skip
+    cfgs = []
+    for i, raw in enumerate(sweep.saes):
+        cfg = _sweep_entry(raw, (*loc, "saes", i))
+        k = getattr(cfg, "k", None)  # TopK / BatchTopK: at most d_sae latents fire
+        if k is not None and cfg.d_sae is not None and k > cfg.d_sae:
+            raise KeyProblem((*loc, "saes", i, "k"), k, f"expected at most d_sae = {cfg.d_sae}")
+        for hook in sweep.hooks:
+            d = p.hook_width(name, hook)
+            if d is None:
+                continue  # known only once the model is loaded: checked by the stage
+            if cfg.d_in is not None and cfg.d_in != d:
+                raise KeyProblem((*loc, "saes", i, "d_in"), cfg.d_in,
+                                f"expected the width of {hook}, {d} (or no d_in)")  # fmt: skip
+            width = cfg.with_d_in(d).width
+            if k is not None and k > width:
+                how = "" if cfg.d_sae else (
+                    f" (expansion_factor {cfg.expansion_factor:g} × {d}, the width of {hook})")  # fmt: skip
+                raise KeyProblem((*loc, "saes", i, "k"), k,
+                                f"expected at most d_sae = {width}{how}")  # fmt: skip
+        cfgs.append(cfg)
+    return cfgs
+
+
+def _sweep_entry(raw: dict[str, Any], loc: tuple) -> SAEConfig:
+    """One `saes.sweep` entry validated by its architecture's config class (strictly, like
+    the rest of the file); errors name the entry's key."""
+    archs = or_list([repr(a) for a in sorted(CONFIGS)])
+    if "architecture" not in raw:
+        raise KeyProblem((*loc, "architecture"), MISSING, f"expected {archs}")
+    if raw["architecture"] not in CONFIGS:
+        raise KeyProblem((*loc, "architecture"), raw["architecture"], f"expected {archs}")
+    cls = CONFIGS[raw["architecture"]]
+    try:
+        return cls.model_validate(raw, strict=True)
+    except ValidationError as err:
+        raise Said(message(err.errors()[0], cls, raw, loc)) from None

@@ -23,6 +23,7 @@ class GatedSAE(BaseSAE):
     architecture = "gated"
     config_class = GatedConfig
     saelens_architecture = "gated"
+    plot_style = ("#9467bd", "v")
     has_b_enc = False
     cfg: GatedConfig
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ from safetensors.torch import save_file
 
 from stages.io import load_safetensors
 from stages.sae.base import BaseSAE
-from stages.sae.registry import build_sae
+from stages.sae.registry import SAELENS_READERS, build_sae, saelens_reader
 
 CFG_FILENAME = "cfg.json"
 WEIGHTS_FILENAME = "sae_weights.safetensors"
@@ -43,9 +42,6 @@ METRICS_FILENAME = "metrics.json"
 CHECKSUMS_FILENAME = "checksums.json"  # sha256 of the weight files; SAELens ignores it
 # the SAELens config format we write (>= 6.0 means "no legacy key renaming" to SAELens)
 SAELENS_FORMAT_VERSION = "6.0.0"
-
-# SAELens inference architecture -> our class name (batchtopk is told apart by metadata)
-_FROM_SAELENS = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu", "gated": "gated"}
 
 
 class SAEFormatError(ValueError):
@@ -192,11 +188,12 @@ def load_sae(folder: str | Path) -> BaseSAE:
     cfg = json.loads(cfg_path.read_text())
     meta = cfg.get("metadata") or {}
     arch = cfg.get("architecture", "standard")
-    if arch not in _FROM_SAELENS:
+    if arch not in SAELENS_READERS:
         raise SAEFormatError(
             f"{cfg_path}: architecture '{arch}' is not supported; expected one of "
-            f"{sorted(_FROM_SAELENS)}"
+            f"{sorted(SAELENS_READERS)}"
         )
+    cls = saelens_reader(arch, meta.get("training_architecture"))
     for key in ("d_in", "d_sae"):
         if key not in cfg:
             raise SAEFormatError(f"{cfg_path}: missing key '{key}'")
@@ -211,37 +208,20 @@ def load_sae(folder: str | Path) -> BaseSAE:
     if cfg.get("reshape_activations", "none") not in ("none", "hook_z"):
         raise SAEFormatError(f"{cfg_path}: unsupported reshape_activations")
     state = _read_weights(folder / WEIGHTS_FILENAME)
-    ours = _FROM_SAELENS[arch]
-    if arch == "jumprelu" and meta.get("training_architecture") == "batchtopk":
-        ours = "batchtopk"
-    if arch == "jumprelu" and "threshold" not in state and "log_threshold" in state:
-        state["threshold"] = state.pop("log_threshold").exp()
     d_in, d_sae = int(cfg["d_in"]), int(cfg["d_sae"])
-    rescale = arch == "topk" and bool(cfg.get("rescale_acts_by_decoder_norm", False))
-    if rescale:  # topk over pre·‖W_dec‖, decode with W_dec/‖W_dec‖: fold the norms in
-        norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
-        state["W_enc"] = state["W_enc"] * norms
-        state["b_enc"] = state["b_enc"] * norms
-        state["W_dec"] = state["W_dec"] / norms[:, None]
     raw: dict[str, Any] = {
-        "architecture": ours,
+        "architecture": cls.architecture,
         "d_in": d_in,
         "d_sae": d_sae,
         "n_training_tokens": 4096,  # training fields are unknown for a loaded SAE
         "batch_size": 4096,
         "normalize_activations": False,
         "name": folder.name,
+        # the architecture's own fields (k, ...), its weights put into our form
+        **cls.from_saelens(cfg, meta, state, where=str(folder)),
     }
-    if ours == "topk":
-        raw["k"] = int(cfg.get("k", 0))
-    if ours == "batchtopk":
-        raw["k"] = float(meta.get("training_architecture_details", {}).get("k") or 1.0)
     sae = build_sae(raw)
     sae.apply_b_dec_to_input = bool(cfg.get("apply_b_dec_to_input", True))
-    if ours == "batchtopk" and "threshold" in state:
-        thr = state["threshold"]
-        if not torch.all(thr == thr[0]):
-            warnings.warn(f"{folder}: batchtopk threshold differs per latent", stacklevel=2)
     unknown = set(state) - set(sae.state_dict()) - {"finetuning_scaling_factor", "scaling_factor"}
     if unknown:
         raise SAEFormatError(

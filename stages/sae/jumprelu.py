@@ -70,6 +70,7 @@ class JumpReLUSAE(BaseSAE):
     architecture = "jumprelu"
     config_class = JumpReLUConfig
     saelens_architecture = "jumprelu"
+    plot_style = ("#d62728", "D")
     cfg: JumpReLUConfig
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -99,3 +100,16 @@ class JumpReLUSAE(BaseSAE):
     def after_optimizer_step(self) -> None:
         super().after_optimizer_step()
         self.threshold.clamp_(min=1e-6)
+
+    @classmethod
+    def from_saelens(
+        cls, cfg: dict[str, Any], meta: dict[str, Any], state: dict[str, Tensor], where: str
+    ) -> dict[str, Any]:
+        threshold_from_log(state)
+        return {}
+
+
+def threshold_from_log(state: dict[str, Tensor]) -> None:
+    """SAELens JumpReLU folders may store `log_threshold` instead of `threshold`."""
+    if "threshold" not in state and "log_threshold" in state:
+        state["threshold"] = state.pop("log_threshold").exp()

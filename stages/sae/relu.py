@@ -21,6 +21,7 @@ class ReLUSAE(BaseSAE):
     architecture = "relu"
     config_class = ReLUConfig
     saelens_architecture = "standard"
+    plot_style = ("#2ca02c", "^")
     unit_norm_decoder = False
     default_apply_b_dec_to_input = False
     cfg: ReLUConfig

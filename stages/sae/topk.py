@@ -69,6 +69,8 @@ class TopKSAE(BaseSAE):
     architecture = "topk"
     config_class = TopKConfig
     saelens_architecture = "topk"
+    plot_style = ("#1f77b4", "o")
+    dashboard_default = True  # the report's default dashboards: the smallest k per hook
     cfg: TopKConfig
 
     def encode(self, x: Tensor) -> Tensor:
@@ -116,3 +118,15 @@ class TopKSAE(BaseSAE):
 
     def saelens_config(self) -> dict[str, Any]:
         return {"k": self.cfg.k, "rescale_acts_by_decoder_norm": False}
+
+    @classmethod
+    def from_saelens(
+        cls, cfg: dict[str, Any], meta: dict[str, Any], state: dict[str, Tensor], where: str
+    ) -> dict[str, Any]:
+        if bool(cfg.get("rescale_acts_by_decoder_norm", False)):
+            # topk over pre·‖W_dec‖, decode with W_dec/‖W_dec‖: fold the norms in
+            norms = state["W_dec"].norm(dim=1).clamp_min(1e-8)
+            state["W_enc"] = state["W_enc"] * norms
+            state["b_enc"] = state["b_enc"] * norms
+            state["W_dec"] = state["W_dec"] / norms[:, None]
+        return {"k": int(cfg.get("k", 0))}

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from stages.activations import check_hooks, stop_layer
-from stages.config import hook_layer
+from stages.activations.hook_names import hook_layer
 from stages.steering.apply import Positions, steering_hook
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Tiny activation stores on disk, in the layout of `stages/activations.py`, and tiny SAEs.
+"""Tiny activation stores on disk, in the layout of `stages/activations/`, and tiny SAEs.
 
 The stores are real zarr groups read back through `ActivationStore`, so the alignment
 code under test reads them exactly as it reads a cached model.
