@@ -410,8 +410,19 @@ class TopTokens:
             raise ValueError(f"token_ids has shape {tuple(ids.shape)}: expected ({t.shape[0]},)")
         if ids.numel() and int(ids.min()) < 0:
             raise ValueError("token_ids: expected non-negative vocabulary ids")
-        rows, lat = torch.nonzero(t > 0, as_tuple=True)
+        rows, lat = torch.nonzero(t >= self._entry_threshold().to(t.device), as_tuple=True)
         self._absorb(lat, ids[rows], t[rows, lat].to(torch.float32))
+
+    def _entry_threshold(self) -> torch.Tensor:
+        """[n_latents] the least activation that can still enter each latent's top k: its
+        k-th best value once it has k ids (an id seen below it cannot pass the k ids kept,
+        whose maxima are all at least that), else the smallest positive float. Exact, and
+        it skips most fired entries after the first chunks (dense latents fire on many)."""
+        tiny = torch.finfo(torch.float32).tiny
+        out = torch.full((self.n_latents,), tiny, dtype=torch.float32, device=self.value.device)
+        full = torch.bincount(self.latent, minlength=self.n_latents) >= self.k
+        kth = torch.full_like(out, torch.inf).scatter_reduce_(0, self.latent, self.value, "amin")
+        return torch.where(full, kth, out)
 
     def _absorb(self, lat: torch.Tensor, tok: torch.Tensor, val: torch.Tensor) -> None:
         lat = torch.cat([self.latent, lat.to(self.latent.device)])
