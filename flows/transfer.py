@@ -10,7 +10,9 @@ B's own vector and `align.transfer.n_random` random directions, all at the own v
 norm (`stages.alignment.transfer_steering`). Outputs:
 
     data/transfer/<A>__<B>/transfer.json   per concept and hook: own / transferred /
-                                           random steerability, p, z, fraction of own
+                                           random steerability, p (floor 1/(n+1)), z, its
+                                           normal tail, Holm over the pair's tests,
+                                           fraction of own
     metrics/transfer/<A>__<B>.json         headline numbers (DVC metrics)
 
 Its own stage, so that changing steering re-runs this test and not the alignment pass.
@@ -100,7 +102,8 @@ def transfer_flow(pair_name: str) -> dict:
                 rnd = r["random"]
                 print(f"transfer@{pair_name}: {concept} @ {hook}: steerability in {b} — "
                       f"own {r['own']['steerability']:.3f}, transferred "
-                      f"{r['transferred']['steerability']:.3f} (p {r['p_vs_random']:.3f} "
+                      f"{r['transferred']['steerability']:.3f} (p {r['p_vs_random']:.3f}, "
+                      f"Holm {r['p_vs_random_holm']:.3f}, z {r['z_vs_random']:.2f} "
                       f"against {rnd['n']} random: {rnd['steerability']:.3f} ± "
                       f"{rnd['sd']:.3f})")  # fmt: skip
         print(f"transfer@{pair_name}: {len(transfer.get('concepts', {}))} concepts -> {out}/")

@@ -41,9 +41,12 @@ Three layers below them, each usable alone:
   (linear CKA streamed exactly, unbiased CKA, mutual kNN, SVCCA, RSA, permutation
   p-values, layer-by-layer matrices);
 - `correlation` — streaming Pearson correlation of every latent of SAE A with every
-  latent of SAE B, its shuffled-token null, and top-activating tokens per latent;
+  latent of SAE B, its shuffled-token null, and top-activating tokens per latent
+  (`TopTokens`: distinct vocabulary ids by max activation);
 - `matching` — turning scores into matches (max, Hungarian), null comparison, Jaccard
-  of top tokens, Procrustes decoder matching, feature splitting.
+  of top tokens (and its all-pairs chance level), Procrustes decoder matching, feature
+  splitting;
+- `pvalues` — the floor of an empirical p, the normal tail of a permutation null, Holm.
 
 A typical pass over two caches of one tokenizer (row i of A and row i of B hold the same
 token; `align_tokens` pairs the rows otherwise), reading each chunk once::
@@ -83,14 +86,15 @@ _EXPORTS = {
     ),
     "correlation": (
         "CorrelationAccumulator null_correlation shuffled_chunk_pairs "
-        "streaming_correlation TopActivations"
+        "streaming_correlation TopActivations TopTokens"
     ),
     "matching": (
         "compare_to_null decoder_cosine decoder_matches feature_splitting "
         "FeatureSplitting fit_orthogonal_procrustes ground_truth_agreement "
         "hungarian_matches Matches max_matches NullComparison "
-        "orthogonal_procrustes_map top_token_jaccard"
+        "mean_jaccard_all_pairs orthogonal_procrustes_map shared_vocabulary top_token_jaccard"
     ),
     "inputs": "RowChunks",
+    "pvalues": "empirical_p holm normal_tail p_floor",
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

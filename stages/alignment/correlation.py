@@ -364,3 +364,107 @@ class TopActivations:
         out = self.indices.clone()
         out[~(self.values > 0)] = -1
         return out.numpy()
+
+
+class TopTokens:
+    """Each latent's k distinct token ids with the highest activation, streaming.
+
+    A token id's score for a latent is its MAX activation over every occurrence of that
+    id in the stream (only activations > 0 count: a latent "fires" when > 0). The max,
+    not the mean: the top-k distinct ids by max merge exactly over chunks and workers —
+    an id in the top k of the whole stream is in the top k of the chunk holding its
+    largest activation, since every id ranked above it there ranks above it overall —
+    so O(m·k) state suffices, while a mean needs a running sum for every (latent, id)
+    pair ever seen (O(m·vocabulary)). Feeds `matching.top_token_jaccard` over vocabulary
+    ids, the measure ARCHITECTURE.md names ("not over row indices": for a dense latent
+    the top 20 of thousands of near-equal occurrences rarely coincide between models
+    even when they fire on the same few tokens).
+
+    Work per chunk is over the fired entries only (a sparse SAE fires L0 latents per
+    token): sort-unique their (latent, id) keys, max per key, keep k per latent.
+    """
+
+    def __init__(self, n_latents: int, k: int, device: torch.device | str = "cpu") -> None:
+        if k < 1 or n_latents < 1:
+            raise ValueError(f"(n_latents, k) = {(n_latents, k)}: expected both >= 1")
+        self.n_latents, self.k = int(n_latents), int(k)
+        self.latent = torch.empty(0, dtype=torch.int64, device=device)
+        self.token = torch.empty(0, dtype=torch.int64, device=device)
+        self.value = torch.empty(0, dtype=torch.float32, device=device)
+
+    def to(self, device: torch.device | str) -> TopTokens:
+        """Move the kept (latent, id, value) triples to `device` (in place)."""
+        self.latent, self.token = self.latent.to(device), self.token.to(device)
+        self.value = self.value.to(device)
+        return self
+
+    def update(self, chunk: Array, token_ids: Array) -> None:
+        """Absorb activations [n, n_latents] of tokens whose vocabulary ids are token_ids [n]."""
+        t = as_tensor_2d(chunk, "chunk") if not isinstance(chunk, torch.Tensor) else chunk
+        if t.ndim != 2:
+            raise ValueError(f"chunk has shape {tuple(t.shape)}: expected [n_tokens, n_latents]")
+        check_width(t, self.n_latents, "chunk")
+        ids = torch.as_tensor(np.asarray(token_ids) if not isinstance(token_ids, torch.Tensor)
+                              else token_ids).to(device=t.device, dtype=torch.int64)  # fmt: skip
+        if ids.shape != (t.shape[0],):
+            raise ValueError(f"token_ids has shape {tuple(ids.shape)}: expected ({t.shape[0]},)")
+        if ids.numel() and int(ids.min()) < 0:
+            raise ValueError("token_ids: expected non-negative vocabulary ids")
+        rows, lat = torch.nonzero(t >= self._entry_threshold().to(t.device), as_tuple=True)
+        self._absorb(lat, ids[rows], t[rows, lat].to(torch.float32))
+
+    def _entry_threshold(self) -> torch.Tensor:
+        """[n_latents] the least activation that can still enter each latent's top k: its
+        k-th best value once it has k ids (an id seen below it cannot pass the k ids kept,
+        whose maxima are all at least that), else the smallest positive float. Exact, and
+        it skips most fired entries after the first chunks (dense latents fire on many)."""
+        tiny = torch.finfo(torch.float32).tiny
+        out = torch.full((self.n_latents,), tiny, dtype=torch.float32, device=self.value.device)
+        full = torch.bincount(self.latent, minlength=self.n_latents) >= self.k
+        kth = torch.full_like(out, torch.inf).scatter_reduce_(0, self.latent, self.value, "amin")
+        return torch.where(full, kth, out)
+
+    def _absorb(self, lat: torch.Tensor, tok: torch.Tensor, val: torch.Tensor) -> None:
+        lat = torch.cat([self.latent, lat.to(self.latent.device)])
+        tok = torch.cat([self.token, tok.to(self.token.device)])
+        val = torch.cat([self.value, val.to(self.value.device)])
+        if lat.numel() == 0:
+            return
+        key, inverse = torch.unique(lat * (1 << 32) + tok, return_inverse=True)
+        best = torch.full(key.shape, -torch.inf, dtype=torch.float32, device=key.device)
+        best.scatter_reduce_(0, inverse, val, "amax")
+        klat = torch.div(key, 1 << 32, rounding_mode="floor")
+        # per latent, ids by value descending (ties: the lower id first, from unique's order)
+        order = torch.argsort(best, descending=True, stable=True)
+        order = order[torch.argsort(klat[order], stable=True)]
+        sorted_lat = klat[order]
+        rank = torch.arange(len(order), device=key.device) - torch.searchsorted(
+            sorted_lat, sorted_lat
+        )
+        keep = order[rank < self.k]
+        self.latent, self.token, self.value = (
+            klat[keep],
+            key[keep] - klat[keep] * (1 << 32),
+            best[keep],
+        )
+
+    def merge(self, other: TopTokens) -> TopTokens:
+        """Absorb a TopTokens over other tokens (same shape); return self."""
+        if (other.n_latents, other.k) != (self.n_latents, self.k):
+            raise ValueError(
+                f"cannot merge TopTokens {(other.n_latents, other.k)} into "
+                f"{(self.n_latents, self.k)}"
+            )
+        self._absorb(other.latent, other.token, other.value)
+        return self
+
+    def token_sets(self) -> np.ndarray:
+        """[n_latents, k] token ids, best first, -1 where the latent fired on fewer than k
+        distinct ids."""
+        out = np.full((self.n_latents, self.k), -1, dtype=np.int64)
+        lat, tok, val = (x.cpu().numpy() for x in (self.latent, self.token, self.value))
+        order = np.lexsort((tok, -val, lat))  # by latent, value descending, id
+        lat, tok = lat[order], tok[order]
+        rank = np.arange(len(lat)) - np.searchsorted(lat, lat)
+        out[lat, rank] = tok
+        return out

@@ -10,7 +10,9 @@ decoder cosines):
 - `Matches.fraction_with_partner`: fraction of features whose partner scores ≥ a threshold.
 - `compare_to_null`: the same matching on the shuffled-token null, as a threshold.
 - `top_token_jaccard`: an interpretable second check — do matched latents fire on the
-  same tokens?
+  same tokens (vocabulary ids, not token occurrences)? `mean_jaccard_all_pairs` is its
+  chance level (all latent pairs), `shared_vocabulary` renumbers two tokenizers' ids
+  into one vocabulary of decoded strings.
 - `fit_orthogonal_procrustes` + `decoder_cosine` / `decoder_matches`: match in decoder
   space, after mapping A's activation space onto B's with the orthogonal map fitted on
   paired activations (Schönemann 1966: R = UVᵀ from the SVD of the cross-covariance).
@@ -24,7 +26,7 @@ live latents (dead latents have correlation 0 to everything, so they have no par
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,25 +118,82 @@ def compare_to_null(observed: Matches, null: Matches, quantile: float = 0.99) ->
     )
 
 
+def _check_sets(name: str, t: np.ndarray, m: int) -> None:
+    if t.ndim != 2 or t.shape[0] != m:
+        raise ValueError(f"{name} has shape {t.shape}: expected [{m}, k] (one row per latent)")
+    srt = np.sort(t, axis=1)
+    if np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)):
+        raise ValueError(f"{name}: a row repeats a token index; expected sets of tokens")
+
+
 def top_token_jaccard(top_a: np.ndarray, top_b: np.ndarray, matches: Matches) -> np.ndarray:
     """|T_a ∩ T_b| / |T_a ∪ T_b| of the top-activating token sets of each matched pair.
 
-    top_a [m_A, k], top_b [m_B, k'] hold token indices (shared-token numbering), -1 for
-    empty slots (from `correlation.TopActivations.token_sets`). Two empty sets give 0.
+    top_a [m_A, k], top_b [m_B, k'] hold one set of non-negative integers per latent, -1
+    for empty slots; two empty sets give 0. The align stage passes vocabulary ids (each
+    latent's top-k distinct token ids by max activation, `correlation.TopTokens`; for
+    two tokenizers, ids into a shared vocabulary of decoded strings,
+    `shared_vocabulary`); row numbers of a stream (`correlation.TopActivations`) work
+    too, but over rows two dense latents firing on the same tokens rarely share rows.
     """
     ta, tb = np.asarray(top_a), np.asarray(top_b)
-    for name, t, m in (("top_a", ta, matches.n_a), ("top_b", tb, matches.n_b)):
-        if t.ndim != 2 or t.shape[0] != m:
-            raise ValueError(f"{name} has shape {t.shape}: expected [{m}, k] (one row per latent)")
-        srt = np.sort(t, axis=1)
-        if np.any((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)):
-            raise ValueError(f"{name}: a row repeats a token index; expected sets of tokens")
+    _check_sets("top_a", ta, matches.n_a)
+    _check_sets("top_b", tb, matches.n_b)
     sa, sb = ta[matches.a_index], tb[matches.b_index]  # [P, k], [P, k']
     valid_a, valid_b = sa >= 0, sb >= 0
     both = (sa[:, :, None] == sb[:, None, :]) & valid_a[:, :, None] & valid_b[:, None, :]
     inter = both.sum(axis=(1, 2))
     union = valid_a.sum(1) + valid_b.sum(1) - inter
     return np.divide(inter, union, out=np.zeros(len(inter)), where=union > 0)
+
+
+def mean_jaccard_all_pairs(top_a: np.ndarray, top_b: np.ndarray) -> float:
+    """Mean of `top_token_jaccard` over ALL m_A × m_B latent pairs (empty sets give 0),
+    exactly: the expected mean Jaccard of a uniformly random matching, the chance level
+    to read a matched pairs' mean against. Sparse: only pairs sharing a token are
+    visited (intersections = Iₐ I_bᵀ of the latent × token incidence matrices)."""
+    from scipy.sparse import csr_matrix
+
+    ta, tb = np.asarray(top_a), np.asarray(top_b)
+    _check_sets("top_a", ta, ta.shape[0] if ta.ndim == 2 else -1)
+    _check_sets("top_b", tb, tb.shape[0] if tb.ndim == 2 else -1)
+    n_tok = 1 + max(int(ta.max(initial=-1)), int(tb.max(initial=-1)), 0)
+
+    def incidence(t: np.ndarray) -> csr_matrix:
+        r, c = np.nonzero(t >= 0)
+        return csr_matrix((np.ones(len(r)), (r, t[r, c])), shape=(t.shape[0], n_tok))
+
+    ia, ib = incidence(ta), incidence(tb)
+    inter = (ia @ ib.T).tocoo()
+    size_a, size_b = (ta >= 0).sum(1), (tb >= 0).sum(1)
+    union = size_a[inter.row] + size_b[inter.col] - inter.data
+    return float(np.sum(inter.data / union) / (ta.shape[0] * tb.shape[0]))
+
+
+def shared_vocabulary(
+    top_a: np.ndarray, top_b: np.ndarray, strings_a: Sequence[str], strings_b: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two tokenizers' top-token id sets renumbered into one vocabulary: the decoded
+    strings, surrounding whitespace stripped (" the" of one tokenizer is "the" of the
+    other). Ids decoding to a string already in the row become -1 (sets stay sets).
+    `strings_x[i]` is the decoded string of token id i of that model."""
+    index: dict[str, int] = {}
+    out = []
+    for name, t, strings in (("top_a", top_a, strings_a), ("top_b", top_b, strings_b)):
+        t = np.asarray(t)
+        if t.size and int(t.max()) >= len(strings):
+            raise ValueError(
+                f"{name} holds token id {int(t.max())} but its vocabulary has "
+                f"{len(strings)} strings: expected the strings of this model's tokenizer"
+            )
+        mapped = np.full(t.shape, -1, dtype=np.int64)
+        for (i, j), tok in np.ndenumerate(t):
+            if tok >= 0:
+                mapped[i, j] = index.setdefault(strings[int(tok)].strip(), len(index))
+        srt = np.sort(mapped, axis=1)
+        srt[:, 1:][srt[:, 1:] == srt[:, :-1]] = -1  # a string twice in a row: once
+        out.append(srt)
+    return out[0], out[1]
 
 
 # ------------------------------------------------------------------------ decoder space

@@ -2,15 +2,22 @@
 
 Layout written by `write_alignment` (atomically: a temporary folder renamed into place):
 
-    scores.json        flat {name: number} headline scores — the DVC metrics file
-    similarity.json    layer-by-layer matrices (hooks of A × hooks of B) per measure,
-                       and every measure of the compared hook pairs, with p-values
+    scores.json        flat {name: number} headline scores — the DVC metrics file; every
+                       permutation test as `<m>`, `<m>_p` (exact, floor `p_floor`),
+                       `<m>_z`, `<m>_p_normal` (normal approx. of the permutation null)
+                       and `<m>_p_holm`, `<m>_p_normal_holm` (Holm over the pair's tests)
+    similarity.json    layer-by-layer matrices (hooks of A × hooks of B) per measure
+                       (value, p, floor, z, p_normal), and every measure of the compared
+                       hook pairs with p, floor, z, p_normal and both Holm-adjusted p
     null.json          per SAE pair: histograms of matched vs shuffled-null correlations
     ground_truth.json  per SAE pair and concept: best latents, their correlation, matched?
     matches/<hook>__<sae>.parquet   one row per match: latent_a, latent_b, correlation,
-                       method (hungarian | max_ab | max_ba), jaccard,
+                       method (hungarian | max_ab | max_ba), jaccard (top-k distinct
+                       token ids by max activation, matched latents; NaN for two
+                       tokenizers without decoded strings),
                        decoder_cosine_procrustes, above_threshold, above_null
-    meta.json          models, tokens used, token-alignment rule, config (timings: the
+    meta.json          models, tokens used, token-alignment rule, Jaccard vocabulary,
+                       the Holm family, config (timings: the
                        result's `timings`, logged to MLflow, not written: same bytes every run)
 
 `figures(result)` returns the plots (matched correlations vs the null, CKA and mutual
@@ -30,8 +37,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
+from stages.alignment.pvalues import HOLM
 from stages.alignment.similarity import metric_title
-from stages.alignment.stream import AlignmentResult, SAEPairResult
+from stages.alignment.stream import HOLM_FAMILY, AlignmentResult, SAEPairResult
 from stages.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -61,6 +69,9 @@ def _file_key(pair: SAEPairResult) -> str:
 
 
 def similarity_record(result: AlignmentResult) -> dict[str, Any]:
+    """Grids (p-values descriptive: not in the Holm family) and the compared hook pairs'
+    tests with their Holm-adjusted p (the family: `stream.HOLM_FAMILY`)."""
+    scores = result.scores
     return {
         "grid": {
             m: {
@@ -68,17 +79,36 @@ def similarity_record(result: AlignmentResult) -> dict[str, Any]:
                 "hooks_b": g.hooks_b,
                 "values": g.values,
                 "p_values": g.p_values,
+                "p_floor": g.p_floor,
+                "z": g.z,
+                "p_normal": g.p_normal,
+                "n_permutations": g.n_permutations,
                 "n_samples": g.n_samples,
             }  # fmt: skip
             for m, g in result.grid.items()
         },
         "hook_pairs": {
             name: {
-                m: {"value": t.statistic, "p_value": t.p_value, "n_samples": t.n_samples}
+                m: {
+                    "value": t.statistic,
+                    "p_value": t.p_value,
+                    "p_floor": t.p_floor,
+                    "z": t.z,
+                    "p_normal": t.p_normal,
+                    "p_holm": scores.get(f"{m}_p_holm/{name}"),
+                    "p_normal_holm": scores.get(f"{m}_p_normal_holm/{name}"),
+                    "n_permutations": t.n_permutations,
+                    "n_samples": t.n_samples,
+                }
                 for m, t in tests.items()
             }  # fmt: skip
             for name, tests in result.hook_pairs.items()
         },
+        "correction": {
+            "method": HOLM,
+            "family": HOLM_FAMILY,
+            "family_size": scores.get("holm_family_size"),
+        },  # fmt: skip
     }
 
 
@@ -113,6 +143,8 @@ def write_alignment(result: AlignmentResult, out_dir: Path) -> Path:
             "n_tokens": result.n_tokens,
             "n_heldout_tokens": result.n_heldout_tokens,
             "token_rule": result.token_rule,
+            "jaccard_vocabulary": result.jaccard_vocabulary,
+            "correction": {"method": HOLM, "family": HOLM_FAMILY},
             "config": dataclasses.asdict(result.config) if result.config else None,
             "sae_pairs": [p.key for p in result.pairs],
         }

@@ -22,7 +22,12 @@ Five measures, with the definitions of ARCHITECTURE.md ("Metric definitions"):
 All but linear CKA need every pair of samples, so they run on a seeded subsample of
 tokens (`subsample_rows`). Each measure has a permutation-test p-value
 (`permutation_test`): the pairing of samples between A and B is shuffled, which keeps
-both representations intact and destroys only their correspondence.
+both representations intact and destroys only their correspondence. Each p comes with
+its floor 1/(1 + n_permutations), and with the z-score of the statistic against the
+permutation null and that z's normal tail p ("normal approximation of the permutation
+null", `pvalues.normal_tail`), which resolves where every permutation falls below the
+statistic and the exact p sits at its floor. Holm correction across one model pair's
+tests is the align stage's (`stream.AlignmentResult.scores`).
 
 `layer_similarity` builds the layer-by-layer matrices across two models from dicts
 hook → chunk iterable, reading every chunk once.
@@ -54,6 +59,7 @@ from stages.alignment.inputs import (
     lockstep,
 )
 from stages.alignment.moments import CentredMoments
+from stages.alignment.pvalues import empirical_p, normal_tail, p_floor
 
 # ------------------------------------------------------------------ linear CKA, streaming
 
@@ -510,10 +516,16 @@ def rsa(x: Array, y: Array) -> float:
 
 @dataclass(frozen=True)
 class PermutationTest:
-    """A similarity score with its permutation-test p-value.
+    """A similarity score with its permutation-test p-value, its floor and a normal tail.
 
     p = (1 + #{null ≥ statistic}) / (1 + n_permutations) (Phipson & Smyth 2010): never 0,
-    so a p-value from 100 permutations cannot claim more than 1/101.
+    so a p-value from 100 permutations cannot claim more than its floor 1/101
+    (`p_floor`). Where the null is exhausted (no permutation reaches the statistic), `z`
+    and `p_normal` say how far beyond it the statistic lies: z against the permutation
+    null's mean and sd, p_normal = 1 − Φ(z), the *normal approximation of the
+    permutation null* (`stages.alignment.pvalues.normal_tail`, which says when it is
+    anti-conservative). Both are computed on the same subsample as the null; NaN
+    without permutations.
     """
 
     metric: str
@@ -521,10 +533,17 @@ class PermutationTest:
     p_value: float
     null: np.ndarray
     n_samples: int
+    z: float = float("nan")
+    p_normal: float = float("nan")
 
     @property
     def n_permutations(self) -> int:
         return int(self.null.shape[0])
+
+    @property
+    def p_floor(self) -> float:
+        """1 / (1 + n_permutations): the smallest p this test can report."""
+        return p_floor(self.n_permutations)
 
 
 def permutation_test(
@@ -557,8 +576,9 @@ def _run_permutations(
     rng = np.random.default_rng(seed)
     null = np.array([statistic(rng.permutation(n)) for _ in range(n_permutations)])
     # A tolerance so that a permutation scoring the same up to rounding counts as ≥.
-    exceed = int(np.sum(null >= observed - 1e-12 * max(1.0, abs(observed))))
-    return PermutationTest(metric, observed, (1 + exceed) / (1 + n_permutations), null, n)
+    p = empirical_p(observed, null, rtol=1e-12)
+    z, p_norm = normal_tail(observed, null)
+    return PermutationTest(metric, observed, p, null, n, z, p_norm)
 
 
 def similarity_scores(
@@ -676,16 +696,33 @@ class LayerSimilarity:
     values: np.ndarray
     p_values: np.ndarray | None
     n_samples: int
+    # per cell, as PermutationTest: z against the permutation null, its normal tail p
+    z: np.ndarray | None = None
+    p_normal: np.ndarray | None = None
+    n_permutations: int = 0
+
+    @property
+    def p_floor(self) -> float | None:
+        """1 / (1 + n_permutations) when there are p-values."""
+        return None if self.p_values is None else p_floor(self.n_permutations)
 
     def to_records(self) -> list[dict[str, object]]:
-        """Long format (hook_a, hook_b, metric, value, p_value), e.g. for a parquet table."""
+        """Long format (hook_a, hook_b, metric, value, p_value, its floor, z, p_normal),
+        e.g. for a parquet table."""
+
+        def cell(a: np.ndarray | None, i: int, j: int) -> float | None:
+            return None if a is None else float(a[i, j])
+
         return [
             {
                 "hook_a": ha,
                 "hook_b": hb,
                 "metric": self.metric,
                 "value": float(self.values[i, j]),
-                "p_value": None if self.p_values is None else float(self.p_values[i, j]),
+                "p_value": cell(self.p_values, i, j),
+                "p_floor": self.p_floor,
+                "z": cell(self.z, i, j),
+                "p_normal": cell(self.p_normal, i, j),
                 "n_samples": self.n_samples,
             }
             for i, ha in enumerate(self.hooks_a)
@@ -762,6 +799,7 @@ def _grid(metrics, chunks_a, chunks_b, keys_a, keys_b, moments, sample, n_permut
     for metric in metrics:
         values = np.zeros((len(hooks_a), len(hooks_b)))
         p_values = np.ones_like(values) if n_permutations > 0 else None
+        z, p_norm = np.full_like(values, np.nan), np.full_like(values, np.nan)
         for i, ha in enumerate(hooks_a):
             for j, hb in enumerate(hooks_b):
                 if metric == "linear_cka":
@@ -783,12 +821,17 @@ def _grid(metrics, chunks_a, chunks_b, keys_a, keys_b, moments, sample, n_permut
                         values[i, j] = test.statistic
                     if p_values is not None:
                         p_values[i, j] = test.p_value
+                        z[i, j], p_norm[i, j] = test.z, test.p_normal
         n_used = (
             moments.n
             if metric == "linear_cka" and moments is not None
             else (next(iter(sample.values())).shape[0])
         )
-        out[metric] = LayerSimilarity(metric, hooks_a, hooks_b, values, p_values, int(n_used))
+        out[metric] = LayerSimilarity(
+            metric, hooks_a, hooks_b, values, p_values, int(n_used),
+            z if p_values is not None else None, p_norm if p_values is not None else None,
+            n_permutations,
+        )  # fmt: skip
     return out
 
 

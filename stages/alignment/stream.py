@@ -15,10 +15,13 @@ reports, reading each aligned chunk of tokens once:
    - a seeded subsample of rows (raw activations and latents) for the O(n²) measures;
    - per SAE pair: the latent correlation matrix, `cfg.n_null` shuffled-token nulls
      (chunk i of A against rows of a different chunk σ(i) of B, re-read and encoded),
-     top-activating tokens, concept-label counts, and A's self-correlation over the
+     each latent's top-k distinct vocabulary ids by max activation (`TopTokens`),
+     concept-label counts, and A's self-correlation over the
      first `cfg.self_check_tokens` tokens;
 3. match and score: max matches both ways, Hungarian, null comparison, top-token
-   Jaccard, decoder cosines after an orthogonal Procrustes map fitted on the paired raw
+   Jaccard over vocabulary ids (matched pairs, and all pairs as the chance level),
+   permutation p-values with their floor, normal tail and Holm correction (`scores`),
+   decoder cosines after an orthogonal Procrustes map fitted on the paired raw
    activations (the cross co-moment of step 2), CKA of the matched latents, agreement of
    the concepts' best latents (ground truth), the self-match sanity check, and feature
    splitting between SAEs of different widths on one hook.
@@ -33,6 +36,8 @@ the measures themselves live in `similarity.py`, `correlation.py` and `matching.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import itertools
 import logging
 import time
@@ -45,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.alignment.config import AlignConfig
-from stages.alignment.correlation import CorrelationAccumulator, TopActivations, random_derangement
+from stages.alignment.correlation import CorrelationAccumulator, TopTokens, random_derangement
 from stages.alignment.matching import (
     Matches,
     NullComparison,
@@ -55,10 +60,13 @@ from stages.alignment.matching import (
     ground_truth_agreement,
     hungarian_matches,
     max_matches,
+    mean_jaccard_all_pairs,
     orthogonal_procrustes_map,
+    shared_vocabulary,
     top_token_jaccard,
 )
 from stages.alignment.moments import CentredMoments
+from stages.alignment.pvalues import holm_dict, p_floor
 from stages.alignment.similarity import (
     GRID_METRICS,
     PAIR_METRICS,
@@ -107,6 +115,15 @@ class SAEPairResult:
         return f"{hooks}/{names}"
 
 
+# The family of tests the align stage corrects for multiple comparisons (Holm), per model
+# pair: named here once, written to meta.json and shown by the report.
+HOLM_FAMILY = (
+    "every permutation test of one model pair in scores.json: each similarity measure "
+    "(linear CKA, mutual kNN, unbiased CKA, SVCCA, RSA) of each compared hook pair, and the "
+    "subspace CKA of each SAE pair (all matched latents, and those above the threshold)"
+)
+
+
 @dataclass
 class AlignmentResult:
     """What `align_pair` returns; `scores` is the flat dict written as DVC metrics."""
@@ -122,17 +139,38 @@ class AlignmentResult:
     splitting: dict[str, dict[str, float]]  # "a/<hook>/<narrow>><wide>" -> summary
     timings: dict[str, float] = field(default_factory=dict)
     config: AlignConfig | None = None
+    # what top-token Jaccard compared: "token ids" (one tokenizer), "decoded token
+    # strings" (two tokenizers, strings given) or "none" (two tokenizers, no strings)
+    jaccard_vocabulary: str = "token ids"
 
     @property
     def scores(self) -> dict[str, float]:
+        """Headline numbers. Every permutation test appears as its statistic, `_p` (exact
+        permutation p, floor `p_floor` = 1/(1 + n_permutations)), `_z` and `_p_normal`
+        (normal approximation of the permutation null), and `_p_holm` /
+        `_p_normal_holm`: Holm-adjusted over HOLM_FAMILY (`pvalues.holm`)."""
         out: dict[str, float] = {"n_tokens": float(self.n_tokens),
                                  "n_heldout_tokens": float(self.n_heldout_tokens)}  # fmt: skip
+        exact, normal = {}, {}  # raw p key -> its Holm key, one family each
         for name, tests in self.hook_pairs.items():
             for metric, test in tests.items():
                 out[f"{metric}/{name}"] = test.statistic
                 out[f"{metric}_p/{name}"] = test.p_value
+                out[f"{metric}_z/{name}"] = test.z
+                out[f"{metric}_p_normal/{name}"] = test.p_normal
+                exact[f"{metric}_p/{name}"] = f"{metric}_p_holm/{name}"
+                normal[f"{metric}_p_normal/{name}"] = f"{metric}_p_normal_holm/{name}"
         for pair in self.pairs:
             out.update({f"{pair.key}/{k}": v for k, v in pair.scores.items()})
+            for tag in ("", "_above_threshold"):
+                k = f"{pair.key}/subspace_cka{tag}"
+                exact[f"{k}_p"], normal[f"{k}_p_normal"] = f"{k}_p_holm", f"{k}_p_normal_holm"
+        for family in (exact, normal):
+            adjusted = holm_dict({k: out[k] for k in family if k in out})
+            out.update({family[k]: v for k, v in adjusted.items()})
+        n_perm = self.config.n_permutations if self.config else None
+        out["p_floor"] = p_floor(n_perm) if n_perm is not None else float("nan")
+        out["holm_family_size"] = float(sum(out[k] == out[k] for k in exact if k in out))
         for name, summary in self.splitting.items():
             out.update({f"splitting/{name}/{k}": v for k, v in summary.items()})
         return out  # timings stay out (they would make every metrics diff noisy): meta.json
@@ -220,8 +258,8 @@ class _PairState:
         self.nulls = [CorrelationAccumulator(m_a, m_b, **on) for _ in range(cfg.n_null)]
         self.self_corr = CorrelationAccumulator(m_a, m_a, **on)
         self.self_tokens = cfg.self_check_tokens
-        self.top_a = TopActivations(m_a, cfg.top_k, **on)
-        self.top_b = TopActivations(m_b, cfg.top_k, **on)
+        self.top_a = TopTokens(m_a, cfg.top_k, **on)  # top-k distinct vocabulary ids
+        self.top_b = TopTokens(m_b, cfg.top_k, **on)
         self.concepts_a = _ConceptCounts(n_concepts, m_a, **on) if n_concepts else None
         self.concepts_b = _ConceptCounts(n_concepts, m_b, **on) if n_concepts else None
 
@@ -233,10 +271,10 @@ class _PairState:
                 acc.to(device)
         return self
 
-    def update(self, fa, fb, token_index, labels_a, labels_b) -> None:
+    def update(self, fa, fb, token_ids_a, token_ids_b, labels_a, labels_b) -> None:
         self.corr.update(fa, fb)
-        self.top_a.update(fa, token_index)
-        self.top_b.update(fb, token_index)
+        self.top_a.update(fa, token_ids_a)  # each model's own vocabulary ids
+        self.top_b.update(fb, token_ids_b)
         need = self.self_tokens - self.self_corr.n_tokens
         if need > 0:
             self.self_corr.update(fa[:need], fa[:need])
@@ -301,6 +339,7 @@ def _finish_pair(
     concept_names: Sequence[str],
     best_a: Mapping[str, int] | None,
     best_b: Mapping[str, int] | None,
+    vocabulary: tuple[Sequence[str], Sequence[str]] | bool,
 ) -> SAEPairResult:
     corr = st.corr.correlation()
     hung, max_ab, max_ba = hungarian_matches(corr), max_matches(corr), _max_ba(corr)
@@ -309,6 +348,17 @@ def _finish_pair(
     null_max = _concat([max_matches(c) for c in null_corrs], "null_max")
     versus_null = compare_to_null(hung, null_hung, cfg.null_quantile)
     top_a, top_b = st.top_a.token_sets(), st.top_b.token_sets()
+    if vocabulary is True:  # one tokenizer: the ids are one vocabulary already
+        jaccard = functools.partial(top_token_jaccard, top_a, top_b)
+    elif vocabulary:  # two tokenizers: their decoded strings are the shared vocabulary
+        top_a, top_b = shared_vocabulary(top_a, top_b, *vocabulary)
+        jaccard = functools.partial(top_token_jaccard, top_a, top_b)
+    else:  # two tokenizers and no strings: ids of two vocabularies do not compare
+        top_a = top_b = None
+
+        def jaccard(m: Matches) -> np.ndarray:
+            return np.full(len(m.score), np.nan)
+
     dec_cos = decoder_cosine(
         st.sae_a.W_dec.detach().double(), st.sae_b.W_dec.detach().double(), rotation
     )
@@ -321,7 +371,7 @@ def _finish_pair(
                 "latent_b": m.b_index,
                 "correlation": m.score,
                 "method": np.full(len(m.score), "max_ab" if m.method == "max" else m.method),
-                "jaccard": top_token_jaccard(top_a, top_b, m),
+                "jaccard": jaccard(m),
                 "decoder_cosine_procrustes": dec_cos[m.a_index, m.b_index],
                 "above_threshold": m.score >= cfg.threshold,
                 "above_null": m.score > versus_null.threshold,
@@ -354,9 +404,16 @@ def _finish_pair(
         "null_p95_max": float(np.quantile(null_max.score, 0.95)),
         "null_threshold": versus_null.threshold,
         "fraction_above_null_hungarian": versus_null.fraction_above_null,
+        # top-token Jaccard over vocabulary ids, matched pairs against all pairs (chance)
         "mean_jaccard_hungarian": float(jac_h.mean()),
         "mean_jaccard_hungarian_above_threshold": float(jac_h[above].mean())
         if above.any()
+        else float("nan"),
+        "mean_jaccard_hungarian_below_threshold": float(jac_h[~above].mean())
+        if (~above).any()
+        else float("nan"),
+        "mean_jaccard_all_pairs": mean_jaccard_all_pairs(top_a, top_b)
+        if top_a is not None
         else float("nan"),
         "mean_decoder_cosine_hungarian": float(dec_cos[hung.a_index, hung.b_index].mean()),
         "decoder_hungarian_mean_cosine": float(dec_h.score.mean()),
@@ -404,8 +461,11 @@ def _subspace_scores(st, hung, above, sample, cfg) -> dict[str, float]:
             if ok
             else None
         )
-        out[f"subspace_cka{tag}"] = test.statistic if test else float("nan")
-        out[f"subspace_cka{tag}_p"] = test.p_value if test else float("nan")
+        nan = float("nan")
+        out[f"subspace_cka{tag}"] = test.statistic if test else nan
+        out[f"subspace_cka{tag}_p"] = test.p_value if test else nan
+        out[f"subspace_cka{tag}_z"] = test.z if test else nan
+        out[f"subspace_cka{tag}_p_normal"] = test.p_normal if test else nan
     return out
 
 
@@ -590,7 +650,8 @@ def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
         chunk = {ka[h]: x for h, x in xa.items()} | {kb[h]: x for h, x in xb.items()}
         moments.update(chunk)
         lab_a, lab_b = labels(store_a, ra), labels(store_b, rb)
-        token_index = torch.arange(lo, hi)
+        tok_a = torch.from_numpy(gather_rows(store_a, "token_ids", ra).astype(np.int64)).to(on)
+        tok_b = torch.from_numpy(gather_rows(store_b, "token_ids", rb).astype(np.int64)).to(on)
         nulls_b = []
         for k, sigma in enumerate(plan.sigmas):
             jlo, jhi = plan.bounds[int(sigma[i])]
@@ -599,7 +660,7 @@ def _run_part(plan: PassPlan, c0: int, c1: int, on: torch.device) -> PassState:
             nulls_b.append({h: _acts(store_b, h, rows[: hi - lo]).to(on) for h in null_hooks})
         for st in states:
             fa, fb = st.sae_a.encode(xa[st.hook_a]), st.sae_b.encode(xb[st.hook_b])
-            st.update(fa, fb, token_index, lab_a, lab_b)
+            st.update(fa, fb, tok_a, tok_b, lab_a, lab_b)
             chunk[_latent_key("a", st)], chunk[_latent_key("b", st)] = fa, fb
             for acc, xn in zip(st.nulls, nulls_b, strict=True):
                 fn = st.sae_b.encode(xn[st.hook_b])
@@ -625,6 +686,7 @@ def align_pair(
     progress: bool = True,
     map_parts: Callable[[PassPlan, list[tuple[int, int]]], list[PassState]] | None = None,
     device: Device = CPU,
+    token_strings: tuple[Sequence[str], Sequence[str]] | None = None,
 ) -> AlignmentResult:
     """Align model A's features with model B's (see the module docstring).
 
@@ -639,6 +701,12 @@ def align_pair(
     the co-moment products, float32 into float64 sums on any device; `precision` is not
     used: bf16 products would cost the correlations digits). Matching and similarity
     scores run on the CPU afterwards.
+
+    Top-token Jaccard compares vocabulary ids. When the paired rows hold the same token
+    ids (one tokenizer) they are compared as they are; for two tokenizers, give
+    `token_strings` = (A's, B's decoded string of every token id) and the ids are
+    compared through their strings (`matching.shared_vocabulary`); without them the
+    Jaccard scores are NaN (`AlignmentResult.jaccard_vocabulary` says which).
     """
     cfg = cfg or AlignConfig()
     _ = progress  # per-part progress bars would interleave; the flow logs parts instead
@@ -648,6 +716,13 @@ def align_pair(
     chosen = select_rows(alignment, store_a, cfg.split, cfg.max_tokens)
     lo, hi = store_a.split_range("heldout")
     n_heldout = int(((chosen.rows_a >= lo) & (chosen.rows_a < hi)).sum())
+    ids_a = np.asarray(store_a.array("token_ids")[:])[chosen.rows_a]
+    ids_b = np.asarray(store_b.array("token_ids")[:])[chosen.rows_b]
+    vocabulary: tuple[Sequence[str], Sequence[str]] | bool = (
+        True if np.array_equal(ids_a, ids_b) else (token_strings or False)
+    )
+    jaccard_vocabulary = ("token ids" if vocabulary is True else
+                          "decoded token strings" if vocabulary else "none")  # fmt: skip
     timings["align_tokens"] = time.perf_counter() - t0
 
     hook_pairs = _hook_pairs(cfg, store_a, store_b)
@@ -696,7 +771,8 @@ def align_pair(
             rotation = orthogonal_procrustes_map(comoment)
             best_a = (best_latents_a or {}).get(st.hook_a, {}).get(st.name_a)
             best_b = (best_latents_b or {}).get(st.hook_b, {}).get(st.name_b)
-            pairs.append(_finish_pair(st, cfg, rotation, sample, concepts, best_a, best_b))
+            pairs.append(_finish_pair(st, cfg, rotation, sample, concepts, best_a, best_b,
+                                      vocabulary))  # fmt: skip
         splitting = _splitting("a", saes_a) | _splitting("b", saes_b)
         timings["matching"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
@@ -704,6 +780,7 @@ def align_pair(
         str(store_a.attrs.get("model", store_a.path.name)),
         str(store_b.attrs.get("model", store_b.path.name)),
         len(chosen), n_heldout, chosen.rule, grid, by_pair, pairs, splitting, timings, cfg,
+        jaccard_vocabulary,
     )  # fmt: skip
     log.info("aligned %s vs %s on %d tokens (%d held out) in %.1f s", result.model_a,
              result.model_b, len(chosen), n_heldout, timings["total"])  # fmt: skip
@@ -725,38 +802,35 @@ def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
     """Layer grids (exact linear CKA; mutual kNN and every p-value on the subsample) and
     the extra measures for the compared hook pairs."""
     grid: dict[str, LayerSimilarity] = {}
+    cells: dict[tuple[str, str, str], PermutationTest] = {}  # (metric, ha, hb) -> test
     n_sample = next(iter(sample.values())).shape[0]
     for metric in GRID_METRICS:
         values = np.zeros((len(grid_a), len(grid_b)))
-        p_values = np.ones_like(values)
+        p_values, z, p_normal = np.ones_like(values), np.zeros_like(values), np.zeros_like(values)
         for (i, ha), (j, hb) in itertools.product(enumerate(grid_a), enumerate(grid_b)):
             test = permutation_test(
                 sample[ka[ha]], sample[kb[hb]], metric, n_permutations=cfg.n_permutations,
                 seed=cfg.seed, k=cfg.knn_k,
             )  # fmt: skip
             values[i, j], p_values[i, j] = test.statistic, test.p_value
+            z[i, j], p_normal[i, j] = test.z, test.p_normal
             if metric == "linear_cka":
+                # exact over every token; its p, z and null stay the subsample's
                 c = moments.comoment
                 values[i, j] = cka_from_products(
                     c[(ka[ha], kb[hb])], c[(ka[ha], ka[ha])], c[(kb[hb], kb[hb])]
                 )
+            cells[(metric, ha, hb)] = dataclasses.replace(
+                test, statistic=float(values[i, j]), n_samples=moments.n
+            ) if metric == "linear_cka" else test  # fmt: skip
         n_used = moments.n if metric == "linear_cka" else n_sample
-        grid[metric] = LayerSimilarity(metric, grid_a, grid_b, values, p_values, n_used)
+        grid[metric] = LayerSimilarity(metric, grid_a, grid_b, values, p_values, n_used, z,
+                                       p_normal, cfg.n_permutations)  # fmt: skip
 
     by_pair: dict[str, dict[str, PermutationTest]] = {}
     for ha, hb in hook_pairs:
         name = ha if ha == hb else f"{ha}~{hb}"
-        i, j = grid_a.index(ha), grid_b.index(hb)
-        tests = {
-            m: PermutationTest(
-                m,
-                float(grid[m].values[i, j]),
-                float(grid[m].p_values[i, j]),
-                np.empty(0),
-                grid[m].n_samples,
-            )  # fmt: skip
-            for m in GRID_METRICS
-        }
+        tests = {m: cells[(m, ha, hb)] for m in GRID_METRICS}
         for m in PAIR_METRICS:
             tests[m] = permutation_test(
                 sample[ka[ha]], sample[kb[hb]], m, n_permutations=cfg.n_permutations,

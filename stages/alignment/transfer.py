@@ -18,7 +18,10 @@ latents the same magnitude per unit of activation, so compare transferred vector
 direction, or rescale the result to the norm that steers B as intended.
 
 `evaluate_transfer` then asks whether the carried vector steers B: against B's own
-vector and a null of random directions, all at the own vector's norm (`TransferTest`).
+vector and a null of random directions, all at the own vector's norm (`TransferTest`:
+empirical p with its floor 1/(n_random + 1), z and its normal tail). `transfer_steering`
+runs it for every concept × hook of a pair and Holm-corrects that family
+(`correct_transfer`).
 
 The decomposition is self-contained on purpose (the steering stage has its own).
 """
@@ -36,6 +39,7 @@ from scipy.optimize import nnls
 from torch import Tensor
 
 from stages.alignment.matching import Matches
+from stages.alignment.pvalues import HOLM, holm, normal_tail, p_floor
 from stages.sae.base import BaseSAE
 from stages.steering.evaluate import Steerability, steerability
 from stages.steering.targeted import random_like
@@ -117,6 +121,17 @@ class TransferTest:
         return (1 + sum(r >= t for r in self.random_slopes)) / (len(self.random_slopes) + 1)
 
     @property
+    def p_floor(self) -> float:
+        """The smallest p_vs_random n_random directions can give: 1 / (n_random + 1)."""
+        return p_floor(len(self.random_slopes))
+
+    @property
+    def p_normal_vs_random(self) -> float:
+        """1 − Φ(z_vs_random): the normal approximation of the random-direction null,
+        which resolves below `p_floor` (`pvalues.normal_tail` says when to distrust it)."""
+        return normal_tail(self.transferred.slope, self.random_slopes)[1]
+
+    @property
     def random_sd(self) -> float:
         """Standard deviation of the null's slopes (nan with fewer than two)."""
         r = np.asarray(self.random_slopes, dtype=np.float64)
@@ -141,7 +156,8 @@ class TransferTest:
             "own": _summary(self.own), "transferred": _summary(self.transferred),
             "random": {"steerability": float(r.mean()), "sd": self.random_sd,
                        "n": len(r), "slopes": [float(x) for x in r]},
-            "p_vs_random": self.p_vs_random, "z_vs_random": self.z_vs_random,
+            "p_vs_random": self.p_vs_random, "p_floor": self.p_floor,
+            "z_vs_random": self.z_vs_random, "p_normal_vs_random": self.p_normal_vs_random,
             "fraction_of_own": self.fraction_of_own,
         }  # fmt: skip
 
@@ -249,7 +265,27 @@ def transfer_steering(
                                      n_random=n_random, seed=seed)  # fmt: skip
             rows[hook] = {"sae_a": name_a, "sae_b": name_b, **test.to_dict()}
         out["concepts"][concept] = rows
-    return out
+    return correct_transfer(out)
+
+
+TRANSFER_FAMILY = "every (concept, hook) transfer test of one model pair"
+
+
+def correct_transfer(transfer: dict[str, Any]) -> dict[str, Any]:
+    """Holm (1979) over the pair's family of transfer tests (every concept × hook of
+    `transfer["concepts"]`), in place: each row gains `p_vs_random_holm` (of the exact
+    empirical p, floor 1/(n_random + 1)) and `p_normal_vs_random_holm` (of the normal
+    approximation); `transfer["correction"]` names the method and the family. Returns
+    `transfer`."""
+    rows = [r for by_hook in transfer.get("concepts", {}).values() for r in by_hook.values()]
+    for raw in ("p_vs_random", "p_normal_vs_random"):
+        adjusted = holm([float(r.get(raw, float("nan"))) if r.get(raw) is not None
+                         else float("nan") for r in rows])  # fmt: skip
+        for r, v in zip(rows, adjusted, strict=True):
+            r[f"{raw}_holm"] = float(v)
+    transfer["correction"] = {"method": HOLM, "family": TRANSFER_FAMILY,
+                              "family_size": len(rows)}  # fmt: skip
+    return transfer
 
 
 def transfer_headline(transfer: dict[str, Any]) -> dict[str, float]:
@@ -260,7 +296,15 @@ def transfer_headline(transfer: dict[str, Any]) -> dict[str, float]:
             key = f"transfer/{concept}/{hook}"
             for kind in ("own", "transferred", "random"):
                 scores[f"{key}/{kind}"] = round(r[kind]["steerability"], 6)
-            for k in ("p_vs_random", "fraction_of_own", "cosine_transferred_own"):
-                if r[k] == r[k]:
-                    scores[f"{key}/{k}"] = round(r[k], 6)
+            for k in ("p_vs_random", "p_vs_random_holm", "p_floor", "z_vs_random",
+                      "p_normal_vs_random", "p_normal_vs_random_holm", "fraction_of_own",
+                      "cosine_transferred_own"):  # fmt: skip
+                v = r.get(k)
+                if v is not None and v == v:
+                    scores[f"{key}/{k}"] = _round(v)
     return scores
+
+
+def _round(v: float) -> float:
+    """6 decimals, or 6 significant digits below 1e-6 (a resolving p must not read 0)."""
+    return round(v, 6) if abs(v) >= 1e-6 or v == 0 else float(f"{v:.6g}")

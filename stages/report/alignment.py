@@ -158,10 +158,77 @@ SCORE_COLUMNS = (
     ("mean_matched_corr_hungarian", "mean matched r"),
     ("null_threshold", "null q"),
     ("fraction_above_null_hungarian", "above null"),
-    ("mean_jaccard_hungarian", "top-token Jaccard"),
+    ("mean_jaccard_hungarian", "Jaccard, matched"),
+    ("mean_jaccard_hungarian_above_threshold", "Jaccard, matched ≥ threshold"),
+    ("mean_jaccard_all_pairs", "Jaccard, all pairs (chance)"),
     ("mean_decoder_cosine_hungarian", "decoder cos (Procrustes)"),
     ("ground_truth_fraction_hungarian", "concepts matched"),
 )
+
+
+def fmt_p(p: Any) -> str:
+    """A p-value cell: 3 significant digits; an underflowed normal tail reads < 1e-300."""
+    if isinstance(p, float | int) and not isinstance(p, bool) and p == 0:
+        return "&lt; 1e-300"
+    return fmt(p)
+
+
+def _jaccard_note(pair: AlignedPair) -> str:
+    vocab = pair.meta.get("jaccard_vocabulary", "token ids")
+    k = (pair.meta.get("config") or {}).get("top_k")
+    over = {"token ids": "vocabulary ids",
+            "decoded token strings": "decoded token strings (two tokenizers)"}.get(vocab)  # fmt: skip
+    if over is None:
+        return ("<p class='muted'>Top-token Jaccard: not computed (two tokenizers, and no "
+                "decoded strings to compare their vocabularies).</p>")  # fmt: skip
+    return (
+        f"<p class='muted'>Top-token Jaccard over {over}: each latent's top {e(k)} distinct "
+        "tokens by maximum activation, |T_a ∩ T_b| / |T_a ∪ T_b| per Hungarian-matched pair; "
+        "'all pairs (chance)' is the mean over every latent pair, what a random matching "
+        "scores.</p>"
+    )
+
+
+def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
+    """Every permutation test of the pair with its floor, normal tail and Holm p."""
+    sim = pair.read("similarity.json") or {}
+    config = pair.meta.get("config") or {}
+    rows = []
+    for name, tests in (sim.get("hook_pairs") or {}).items():
+        for metric, t in tests.items():
+            rows.append([f"<code>{e(name)}</code>", e(metric_title(metric, config)),
+                         fmt(t.get("value")), fmt(t.get("z"), 2), fmt_p(t.get("p_value")),
+                         fmt_p(t.get("p_holm")), fmt_p(t.get("p_normal")),
+                         fmt_p(t.get("p_normal_holm"))])  # fmt: skip
+    for key in pair.meta.get("sae_pairs", []):
+        for tag, label in (("", "subspace CKA, matched latents"),
+                           ("_above_threshold", "subspace CKA, matched ≥ threshold")):  # fmt: skip
+            k = f"{key}/subspace_cka{tag}"
+            if scores.get(f"{k}_p") is None:
+                continue
+            rows.append([f"<code>{e(key)}</code>", label, fmt(scores.get(k)),
+                         fmt(scores.get(f"{k}_z"), 2), fmt_p(scores.get(f"{k}_p")),
+                         fmt_p(scores.get(f"{k}_p_holm")), fmt_p(scores.get(f"{k}_p_normal")),
+                         fmt_p(scores.get(f"{k}_p_normal_holm"))])  # fmt: skip
+    if not rows:
+        return ""
+    corr = sim.get("correction") or (pair.meta.get("correction") or {})
+    size = corr.get("family_size")
+    n_tests = int(size) if isinstance(size, int | float) else len(rows)
+    n_perm = config.get("n_permutations")
+    head = (
+        f"<h4>Similarity tests ({e(pair.model_a)} vs {e(pair.model_b)})</h4>"
+        f"<p class='muted'>p: permutation p-value over {e(n_perm)} shuffled pairings of the "
+        f"tokens, (1 + #null ≥ observed) / (1 + n), floor {fmt_p(scores.get('p_floor'))}; z: "
+        "the statistic against the permutation null's mean and sd; p (normal): 1 − Φ(z), "
+        "the normal approximation of the permutation null, which resolves below the floor "
+        "(but trusts the null's normal shape). Multiple comparisons: "
+        f"{e(corr.get('method', 'Holm (1979)'))}, over {e(corr.get('family', 'the pair’s tests'))}"
+        f" ({n_tests} tests); Holm columns are the adjusted "
+        "p-values.</p>"
+    )
+    return head + table(["hook pair / SAE pair", "measure", "value", "z", "p",
+                         "p (Holm)", "p (normal)", "p (normal, Holm)"], rows, left=2)  # fmt: skip
 
 
 def section(
@@ -194,6 +261,8 @@ def section(
                         + [fmt(scores.get(f"{key}/{s}")) for s, _ in SCORE_COLUMNS])  # fmt: skip
         if rows:
             parts.append(table(["SAE pair", *[h for _, h in SCORE_COLUMNS]], rows))
+            parts.append(_jaccard_note(pair))
+        parts.append(_tests_table(pair, scores))
         null = pair.read("null.json") or {}
         for key in pair.meta.get("sae_pairs", []):
             if key not in null:
@@ -262,17 +331,23 @@ def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict, sourc
 
     for concept, hook, r in items:
         rnd, p = r["random"], r["p_vs_random"]
+        # the verdict reads the Holm-corrected p (raw p in transfer.json written before
+        # the correction existed)
+        p_adj = r.get("p_vs_random_holm", p)
         if 1 / (rnd["n"] + 1) > 0.05:
             verdict = f"<span class='muted'>{rnd['n']} random: too few for p ≤ 0.05</span>"
-        elif p <= 0.05:
+        elif p_adj <= 0.05:
             verdict = '<span class="pos">beats random</span>'
         else:
             verdict = '<span class="neg">not above random</span>'
         rows.append([e(concept), f"<code>{e(hook)}</code>", ci(r["own"]), ci(r["transferred"]),
                      f"{fmt(rnd['steerability'])} ± {fmt(rnd['sd'])}", fmt(p),
+                     fmt_p(r.get("p_vs_random_holm")), fmt(r.get("z_vs_random"), 2),
+                     fmt_p(r.get("p_normal_vs_random_holm")),
                      fmt(r["fraction_of_own"], 2), fmt(r["cosine_transferred_own"], 2),
                      verdict])  # fmt: skip
     n, floor = transfer.get("n_random"), transfer.get("min_correlation")
+    corr = transfer.get("correction") or {}
     which = "the Hungarian matches" + (
         f" that correlate ≥ {fmt(floor, 2)}" if floor is not None else ""
     )
@@ -284,12 +359,17 @@ def _transfer_block(ctx: ReportContext, pair: AlignedPair, transfer: dict, sourc
         f"Steerability (slope of the behaviour metric against the multiplier, on {e(b)}'s "
         "held-out prompts, with a 95 % interval over prompts) of the own vector, the "
         f"transferred one and {e(n)} random directions of the same norm; p is the one-sided "
-        "empirical p of the transferred slope against the random ones (floor 1/(n+1)); "
-        "'of own' is transferred / own.</p>"
+        f"empirical p of the transferred slope against the random ones (floor "
+        f"{fmt(1 / (n + 1)) if isinstance(n, int) else '1/(n+1)'}); z: the transferred slope "
+        "against the random slopes' mean and sd, whose normal tail 1 − Φ(z) is the normal "
+        "approximation of the random-direction null; 'of own' is transferred / own. "
+        f"Multiple comparisons: {e(corr.get('method', 'Holm (1979)'))} over "
+        f"{e(corr.get('family', 'every concept × hook of the pair'))} "
+        f"({e(corr.get('family_size', len(items)))} tests); the verdict reads the Holm p.</p>"
     )
     table_html = table(["concept", "hook", f"own ({e(b)})", "transferred",
-                        "random (mean ± sd)", "p", "of own", "cos(transferred, own)", ""],
-                       rows, left=2)  # fmt: skip
+                        "random (mean ± sd)", "p", "p (Holm)", "z", "p (normal, Holm)",
+                        "of own", "cos(transferred, own)", ""], rows, left=2)  # fmt: skip
     block, _ = ctx.figure(
         _transfer_figure(items, a, b),
         f"alignment/{pair.path.name}__transfer",

@@ -14,6 +14,7 @@ from stages.alignment import (
     CorrelationAccumulator,
     RowChunks,
     TopActivations,
+    TopTokens,
     null_correlation,
     shuffled_chunk_pairs,
     streaming_correlation,
@@ -238,6 +239,44 @@ def test_top_activations_match_a_full_sort():
     first.update(acts[:250])
     second.update(acts[250:], token_index=np.arange(250, 500))
     np.testing.assert_array_equal(np.sort(first.merge(second).token_sets(), 1), np.sort(sets, 1))
+
+
+def _top_ids_by_max(acts: np.ndarray, ids: np.ndarray, j: int, k: int) -> list[int]:
+    """The definition, directly: distinct ids ranked by max activation (> 0) of latent j,
+    ties to the lower id."""
+    best: dict[int, float] = {}
+    for v, t in zip(acts[:, j], ids, strict=True):
+        if v > 0:
+            best[int(t)] = max(best.get(int(t), -np.inf), float(v))
+    return [t for t, _ in sorted(best.items(), key=lambda kv: (-kv[1], kv[0]))][:k]
+
+
+def test_top_tokens_are_distinct_ids_by_max_activation_in_any_chunking():
+    rng = np.random.default_rng(0)
+    acts = _sae_like(rng, 600, 10).astype(np.float32)
+    acts[:, 3] = 0.0  # never fires
+    ids = rng.integers(0, 25, size=600)  # 25 ids repeated ~24 times each
+    # a latent that fires hardest on many occurrences of one id: over rows its top 8
+    # would be 8 occurrences of id 7, over ids it is id 7 then 1 and 2
+    acts[:, 5] = 0.0
+    acts[ids == 7, 5] = 10.0
+    acts[np.flatnonzero(ids == 1)[:2], 5] = [2.0, 3.0]
+    acts[np.flatnonzero(ids == 2)[0], 5] = 2.5
+    top = TopTokens(10, k=8)
+    for lo in range(0, 600, 64):
+        top.update(acts[lo : lo + 64], ids[lo : lo + 64])
+    sets = top.token_sets()
+    for j in (0, 1, 2, 4, 9):
+        assert sets[j].tolist() == _top_ids_by_max(acts, ids, j, 8)
+    assert np.all(sets[3] == -1)
+    assert sets[5].tolist() == [7, 1, 2, -1, -1, -1, -1, -1]
+    # parts over other chunkings merge into the same sets (one part per worker)
+    first, second = TopTokens(10, k=8), TopTokens(10, k=8)
+    first.update(torch.from_numpy(acts[:250]), ids[:250])
+    second.update(acts[250:], torch.from_numpy(ids[250:]))
+    np.testing.assert_array_equal(first.merge(second).token_sets(), sets)
+    with pytest.raises(ValueError, match=r"token_ids has shape \(3,\): expected \(4,\)"):
+        top.update(acts[:4], ids[:3])
 
 
 def test_streaming_pairs_iterate_in_lockstep_with_zip():

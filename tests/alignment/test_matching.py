@@ -24,7 +24,9 @@ from stages.alignment import (
     ground_truth_agreement,
     hungarian_matches,
     max_matches,
+    mean_jaccard_all_pairs,
     orthogonal_procrustes_map,
+    shared_vocabulary,
     top_token_jaccard,
 )
 
@@ -135,6 +137,37 @@ def test_top_token_jaccard():
         top_token_jaccard(np.array([[1, 1], [2, 3], [4, 5]]), top_b, matches)
     with pytest.raises(ValueError, match=r"top_b has shape \(2, 4\): expected \[3, k\]"):
         top_token_jaccard(top_a, top_b[:2], matches)
+
+
+def test_mean_jaccard_all_pairs_is_the_mean_over_every_pair():
+    rng = np.random.default_rng(0)
+    top_a = np.full((7, 5), -1)
+    top_b = np.full((9, 4), -1)
+    for t, n_tok in ((top_a, 12), (top_b, 12)):
+        for i in range(1, t.shape[0]):  # row 0 empty (a dead latent)
+            size = rng.integers(1, t.shape[1] + 1)
+            t[i, :size] = rng.choice(n_tok, size, replace=False)
+    every = Matches(np.repeat(np.arange(7), 9), np.tile(np.arange(9), 7), np.zeros(63), 7, 9,
+                    "all")  # fmt: skip
+    direct = top_token_jaccard(top_a, top_b, every).mean()
+    assert mean_jaccard_all_pairs(top_a, top_b) == pytest.approx(direct, abs=1e-15)
+    # identical one-id sets on both sides: the identity scores 1, all pairs 1/m
+    ident = np.arange(6)[:, None]
+    assert mean_jaccard_all_pairs(ident, ident) == pytest.approx(1 / 6)
+
+
+def test_shared_vocabulary_compares_two_tokenizers_through_their_strings():
+    strings_a = ["the", " cat", "sat", "!", " the"]
+    strings_b = ["cat", "x", "the", "sat"]
+    top_a = np.array([[0, 1, 2], [3, -1, -1], [0, 4, -1]])  # row 2: "the" twice
+    top_b = np.array([[2, 0, -1], [1, -1, -1]])
+    sa, sb = shared_vocabulary(top_a, top_b, strings_a, strings_b)
+    m = Matches(np.array([0, 1, 2]), np.array([0, 1, 0]), np.zeros(3), 3, 2, "max")
+    # {the, cat, sat} vs {the, cat}: 2/3; {!} vs {x}: 0; {the} vs {the, cat}: 1/2
+    np.testing.assert_allclose(top_token_jaccard(sa, sb, m), [2 / 3, 0.0, 1 / 2])
+    assert (sa[2] >= 0).sum() == 1
+    with pytest.raises(ValueError, match="token id 4 but its vocabulary has 4 strings"):
+        shared_vocabulary(top_b + 2, top_b, strings_b, strings_b)
 
 
 # --------------------------------------------------------------------- decoder space

@@ -10,6 +10,7 @@ concept's best latent must be matched.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -88,7 +89,10 @@ def test_permuted_rotated_copy_is_matched_back(setup):
     assert s["mean_matched_corr_hungarian"] > 0.995
     # The shuffled-token null of independent-looking latents sits far below.
     assert s["null_p95_hungarian"] < 0.3 and s["fraction_above_null_hungarian"] == 1.0
-    assert s["mean_jaccard_hungarian"] > 0.9
+    # top-k distinct token ids by max activation: matched latents are the same latent,
+    # so the same ids; all pairs (the chance level of a random matching) far below
+    assert s["mean_jaccard_hungarian"] == 1.0 and s["mean_jaccard_all_pairs"] < 0.2
+    assert result.jaccard_vocabulary == "token ids"
     assert s["mean_decoder_cosine_hungarian"] > 0.99 and s["decoder_activation_agreement"] == 1.0
     assert s["subspace_cka"] > 0.99
     assert s["ground_truth_fraction_hungarian"] == 1.0 and s["ground_truth_fraction_max"] == 1.0
@@ -98,7 +102,18 @@ def test_permuted_rotated_copy_is_matched_back(setup):
     tests = result.hook_pairs[HOOK]
     assert tests["linear_cka"].statistic == pytest.approx(1.0, abs=1e-4)
     assert tests["mutual_knn"].statistic == pytest.approx(1.0)
-    assert tests["linear_cka"].p_value == pytest.approx(1 / 21)
+    assert tests["linear_cka"].p_value == pytest.approx(1 / 21) == tests["linear_cka"].p_floor
+    # ... its z far beyond the null; with 20 draws (< MIN_NORMAL_DRAWS) no normal tail p
+    assert tests["linear_cka"].z > 10 and math.isnan(tests["linear_cka"].p_normal)
+    # Holm over the pair's 12 tests (5 measures × 2 hooks, 2 subspace CKAs), every one
+    # at its floor 1/21: each adjusted p = 12/21
+    sc = result.scores
+    assert sc["holm_family_size"] == 12 and sc["p_floor"] == pytest.approx(1 / 21)
+    holm_keys = [k for k in sc if "_p_holm" in k]
+    assert len(holm_keys) == 12
+    assert all(sc[k] == pytest.approx(12 / 21) for k in holm_keys)
+    # no normal tail from 20 draws, so none to correct
+    assert math.isnan(sc[f"rsa_p_normal/{HOOK}"]) and math.isnan(sc[f"rsa_p_normal_holm/{HOOK}"])
     grid = result.grid["linear_cka"]
     assert grid.values.shape == (2, 2) and grid.values[0, 1] < 0.99
     # The narrow and the wide SAE of A on one hook: feature splitting is reported.
@@ -168,6 +183,20 @@ def test_different_tokenisation_streams_scattered_rows_of_b(tmp_path, setup):
     np.testing.assert_array_equal(pair.max_ab.b_index, np.argsort(perm))
     assert pair.scores["mean_matched_corr_hungarian"] > 0.995
     assert result.hook_pairs[HOOK]["linear_cka"].statistic == pytest.approx(1.0, abs=1e-4)
+    # B's token ids are another vocabulary: without decoded strings no Jaccard ...
+    assert result.jaccard_vocabulary == "none"
+    assert np.isnan(pair.scores["mean_jaccard_hungarian"])
+    # ... with them, ids compare through their strings: B's id 1000 + i decodes as A's i
+    b3 = write_store(tmp_path / "b3", arrays, doc_ids=store_b.read("doc_ids")[rows_b],
+                     char_end=store_b.read("char_end")[rows_b],
+                     token_ids=store_a.read("token_ids")[rows_b] + 1000, model="B3")  # fmt: skip
+    strings_a = [f"t{i}" for i in range(97)]
+    strings_b = ["?"] * 1000 + [f" t{i}" for i in range(97)]  # leading space stripped
+    both = align_pair(store_a, b3, saes_a, saes_b, cfg, progress=False,
+                      token_strings=(strings_a, strings_b))  # fmt: skip
+    assert both.jaccard_vocabulary == "decoded token strings"
+    s3 = both.pairs[0].scores
+    assert s3["mean_jaccard_hungarian"] > 0.9 and s3["mean_jaccard_all_pairs"] < 0.2
 
 
 def test_sae_with_itself_is_the_identity(setup):
@@ -195,6 +224,13 @@ def test_write_alignment_outputs(tmp_path, setup):
             "above_threshold"} <= set(table.column_names)  # fmt: skip
     sim = json.loads((out / "similarity.json").read_text())
     assert sim["grid"]["linear_cka"]["hooks_a"] == [HOOK, OTHER]
+    assert sim["grid"]["linear_cka"]["p_floor"] == pytest.approx(1 / 6)
+    test = sim["hook_pairs"][HOOK]["svcca"]
+    assert test["p_value"] == test["p_floor"] == pytest.approx(1 / 6)  # 5 permutations
+    assert test["p_holm"] == pytest.approx(min(1.0, 12 / 6)) and test["z"] > 3
+    assert sim["correction"]["method"].startswith("Holm") and sim["correction"]["family_size"] == 12
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["jaccard_vocabulary"] == "token ids" and "Holm" in meta["correction"]["method"]
     null = json.loads((out / "null.json").read_text())
     pair = null[f"{HOOK}/topk"]
     assert sum(pair["hungarian"]["observed"]) == M
@@ -215,6 +251,12 @@ def test_config_from_params_and_errors():
         AlignConfig(max_tokens=1)
 
 
+def _same(a: dict, b: dict) -> bool:
+    """Equal dicts of numbers, NaN equal to NaN (e.g. z without permutations)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k])
+                                        for k in a)  # fmt: skip
+
+
 def test_pass_in_parts_on_any_mapper_gives_the_same_result(setup):
     """Parts computed in any order (as Dask workers would) and merged in order give the
     same numbers as in-order parts; more parts change only rounding."""
@@ -233,11 +275,11 @@ def test_pass_in_parts_on_any_mapper_gives_the_same_result(setup):
     out = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False, map_parts=backwards)
     assert len(seen) == 3 and seen[0][0] == 0 and seen[-1][1] > seen[-1][0]
     assert [b for _, b in seen[:-1]] == [a for a, _ in seen[1:]]  # contiguous, in order
-    assert out.scores == ref.scores
+    assert _same(out.scores, ref.scores)
     one = align_pair(store_a, store_b, saes_a, saes_b,
                      AlignConfig(**{**cfg.__dict__, "n_parts": 1}), progress=False)  # fmt: skip
     for key, v in one.scores.items():
-        assert out.scores[key] == pytest.approx(v, rel=1e-5, abs=1e-6), key
+        assert out.scores[key] == pytest.approx(v, rel=1e-5, abs=1e-6, nan_ok=True), key
 
 
 def test_pass_on_an_explicit_device_gives_the_default_numbers(setup):
@@ -258,11 +300,11 @@ def test_pass_on_an_explicit_device_gives_the_default_numbers(setup):
 
     out = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False, map_parts=keep,
                      device=Device("cpu"))  # fmt: skip
-    assert out.scores == ref.scores and len(states) == 2
+    assert _same(out.scores, ref.scores) and len(states) == 2
     for s in states:
         assert {t.device.type for t in s.moments.comoment.values()} == {"cpu"}
         assert {t.device.type for st in s.states for t in (st.corr._moments.mean["a"],
-                st.top_a.values, st.concepts_b.tp)} == {"cpu"}  # fmt: skip
+                st.top_a.value, st.concepts_b.tp)} == {"cpu"}  # fmt: skip
 
 
 def test_row_samples_of_consecutive_chunks_merge_exactly():

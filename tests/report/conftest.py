@@ -107,6 +107,7 @@ def _transfer(data: Path, pair) -> None:
     """The transfer stage's transfer.json: tiny-a's emotion_polarity vector carried into tiny-b
     through the Hungarian matches and tested against tiny-b's own mean-difference vector."""
     from stages.alignment import evaluate_transfer, transfer_vector
+    from stages.alignment.transfer import correct_transfer
     from stages.io import write_json
     from stages.models import load_model
     from stages.sae import load_sae
@@ -122,8 +123,9 @@ def _transfer(data: Path, pair) -> None:
     vt = transfer_vector(carried_from[HOOK], sae_a, sae_b, pair.hungarian)
     test = evaluate_transfer(model_b, s, HOOK, own, vt, (-2.0, 0.0, 2.0), n_random=19)
     row = {"sae_a": pair.name_a, "sae_b": pair.name_b, **test.to_dict()}
-    write_json(out / "transfer.json", {"method": "nnls", "k": None, "n_random": 19,
-                                       "concepts": {"emotion_polarity": {HOOK: row}}})  # fmt: skip
+    transfer = {"method": "nnls", "k": None, "n_random": 19,
+                "concepts": {"emotion_polarity": {HOOK: row}}}  # fmt: skip
+    write_json(out / "transfer.json", correct_transfer(transfer))  # Holm, as the stage does
 
 
 def _align(data: Path):

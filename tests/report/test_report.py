@@ -148,7 +148,22 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
     block = html.split("Steering-vector transfer (tiny-a → tiny-b)", 1)[1]
     cells = re.search(r"<td[^>]*>emotion_polarity</td>(.*?)</tr>", block, re.S).group(1)
     assert fmt(row["transferred"]["steerability"]) in cells and fmt(row["p_vs_random"]) in cells
-    assert ("beats random" in cells) == (row["p_vs_random"] <= 0.05)
+    # one test in the fixture's family: Holm leaves p as it is; the verdict reads Holm's p
+    assert row["p_vs_random_holm"] == row["p_vs_random"] and row["p_floor"] == pytest.approx(1 / 20)
+    assert ("beats random" in cells) == (row["p_vs_random_holm"] <= 0.05)
+    assert "Holm (1979)" in block.split("</table>", 1)[0]
+    # the similarity tests: every p with its floor, normal tail and Holm p, family named
+    scores = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "scores.json").read_text())
+    tests = html.split("Similarity tests (tiny-a vs tiny-b)", 1)[1].split("</table>", 1)[0]
+    assert "Holm (1979)" in tests and "normal approximation of the permutation null" in tests
+    assert (
+        f"floor {fmt(scores['p_floor'])}" in tests
+        and f"({int(scores['holm_family_size'])} tests)" in tests
+    )
+    cells = re.search(r"<td[^>]*>Linear CKA</td>(.*?)</tr>", tests, re.S).group(1)
+    assert fmt(scores[f"linear_cka_p_holm/{HOOK}"]) in cells
+    # top-token Jaccard over token ids, beside its all-pairs chance level
+    assert "Jaccard, all pairs (chance)" in html and "Top-token Jaccard over vocabulary ids" in html
     assert len(row["random"]["slopes"]) == 19
     # every dashboarded latent links to its Hungarian partner's page (one hop)
     import pyarrow.parquet as pq

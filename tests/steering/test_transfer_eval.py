@@ -60,6 +60,9 @@ def test_the_null_is_random_directions_of_the_own_norm_and_p_counts_them(setup):
     assert lo < d["transferred"]["steerability"] < hi
     assert d["random"]["n"] == 6 and d["random"]["steerability"] == pytest.approx(mean)
     assert d["random"]["sd"] == pytest.approx(sd) and d["p_vs_random"] == t.p_vs_random
+    # the floor of 6 random directions; 6 draws are too few for a normal tail beyond it
+    assert d["p_floor"] == t.p_floor == pytest.approx(1 / 7)
+    assert math.isnan(d["p_normal_vs_random"])
     assert d["transferred"]["n_prompts"] == len(s.eval_prompts)
 
 
@@ -74,3 +77,34 @@ def test_a_null_of_one_is_refused(setup):
     model, s, v = setup
     with pytest.raises(ValueError, match="n_random = 1, expected an integer >= 2"):
         evaluate_transfer(model, s, HOOKS[0], v, v, MULTS, n_random=1)
+
+
+def test_holm_over_the_pairs_concepts_and_hooks():
+    """Holm across every concept × hook of one pair: hand-computed on four tests."""
+    from stages.alignment.transfer import correct_transfer, transfer_headline
+
+    def row(p, p_normal):
+        unit = {"steerability": 1.0, "ci95": [0.5, 1.5]}
+        return {"own": unit, "transferred": unit, "random": {"steerability": 0.0},
+                "p_vs_random": p, "p_floor": 1 / 33, "z_vs_random": 3.0,
+                "p_normal_vs_random": p_normal, "fraction_of_own": 1.0,
+                "cosine_transferred_own": 0.5}  # fmt: skip
+
+    transfer = {"concepts": {"a": {"h0": row(1 / 33, 1e-9), "h1": row(0.5, 0.4)},
+                             "b": {"h0": row(1 / 33, 1e-3), "h1": row(0.1, 0.02)}}}  # fmt: skip
+    correct_transfer(transfer)
+    c = transfer["concepts"]
+    # sorted 1/33, 1/33, 0.1, 0.5 (m = 4): 4/33, max(4/33, 3/33), max(·, 2·0.1), 0.5
+    assert c["a"]["h0"]["p_vs_random_holm"] == pytest.approx(4 / 33)
+    assert c["b"]["h0"]["p_vs_random_holm"] == pytest.approx(4 / 33)
+    assert c["b"]["h1"]["p_vs_random_holm"] == pytest.approx(0.2)
+    assert c["a"]["h1"]["p_vs_random_holm"] == pytest.approx(0.5)
+    # normal tail: 1e-9, 1e-3, 0.02, 0.4 -> 4e-9, 3e-3, 0.04, 0.4
+    assert [c[k][h]["p_normal_vs_random_holm"] for k, h in (("a", "h0"), ("b", "h0"),
+            ("b", "h1"), ("a", "h1"))] == pytest.approx([4e-9, 3e-3, 0.04, 0.4])  # fmt: skip
+    assert transfer["correction"]["family_size"] == 4
+    assert transfer["correction"]["method"].startswith("Holm")
+    scores = transfer_headline(transfer)
+    assert scores["transfer/a/h0/p_vs_random_holm"] == round(4 / 33, 6)
+    assert scores["transfer/a/h0/p_normal_vs_random_holm"] == pytest.approx(4e-9)  # not 0
+    assert scores["transfer/a/h0/p_floor"] == round(1 / 33, 6)
