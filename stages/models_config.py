@@ -24,6 +24,9 @@ class ToyArch(StrictModel):
     d_mlp: PosInt = 512
     n_ctx: PosInt = 128
     act_fn: Literal["gelu", "relu", "gelu_new", "silu"] = "gelu"
+    # standard: learned absolute positions | rotary: RoPE on queries and keys (Su et al.
+    # 2021, "RoFormer"), relative offsets, no hook_pos_embed
+    positional: Literal["standard", "rotary"] = "standard"
 
     @model_validator(mode="after")
     def _heads_divide(self) -> ToyArch:

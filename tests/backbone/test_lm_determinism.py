@@ -46,13 +46,15 @@ def test_embedding_backward_is_deterministic_inside_the_block(two_threads):
     assert not torch.are_deterministic_algorithms_enabled()  # restored
 
 
-def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path):
+@pytest.mark.parametrize("positional", ["standard", "rotary"])
+def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path, positional):
     from stages.config import CorpusParams, ToyModel
     from stages.corpus import build_toy_corpus
     from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
 
     corpus = build_toy_corpus(CorpusParams.model_validate({"toy": {"n_docs": 200, "seed": 0}}))
-    tok = train_tokenizer(corpus.texts, 1000, tmp_path)
+    (tmp_path / "tok").mkdir()
+    tok = train_tokenizer(corpus.texts, 1000, tmp_path / "tok")
     split = np.array(corpus.splits)
     texts, ids = np.array(corpus.texts, dtype=object), np.array(corpus.doc_ids)
     train, held = (windows_for(tok, list(texts[split == s]), list(ids[split == s]), 64)
@@ -60,7 +62,8 @@ def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path):
     m = ToyModel.model_validate({
         "source": "toy", "tokenizer": {"vocab_size": 1000},
         "train": {"seq_len": 64, "batch_size": 32, "tokens": 32 * 63 * 12, "warmup_steps": 2},
-        "arch": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 64}})  # fmt: skip
+        "arch": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 64,
+                 "positional": positional}})  # fmt: skip
     runs = []
     for _ in range(2):
         model = build_toy_model(m, tok)
@@ -70,3 +73,14 @@ def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path):
     assert result.steps == 12 and curve[11] < curve[0] - 1.5  # it learned something
     assert runs[0] == runs[1]
     assert not torch.are_deterministic_algorithms_enabled()
+    # rotary: relative positions on queries and keys, no learned position table
+    assert ("hook_pos_embed" in model.hook_dict) == (positional == "standard")
+    # the saved model loads back as it was (its config rebuilt from config.json)
+    from stages.models import load_model, save_toy_model
+
+    out = tmp_path / "saved"
+    out.mkdir()
+    save_toy_model(model, m, tmp_path / "tok", out)
+    again = load_model(out)
+    window = torch.as_tensor(train.tokens[:2]).long()
+    assert torch.equal(model(window), again(window))
