@@ -4,6 +4,7 @@ depends on data/prompts/ (dvc.yaml); params refuse a set anywhere else."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -34,7 +35,11 @@ def test_a_prompt_set_outside_data_prompts_is_refused(tmp_path):
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    r = subprocess.run([DVC, *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+    # a scratch repo has no .dvc/config with analytics off: without this, `dvc init` and
+    # `dvc commit` start DVC's analytics daemon, which tries to reach the network
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    r = subprocess.run([DVC, *args], cwd=cwd, capture_output=True, text=True, timeout=120,
+                       env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr
     return r.stdout
 
