@@ -181,9 +181,9 @@ def test_unsafe_names_and_non_finite_numbers_are_refused(tiny, mutate, expected)
 
 def test_yaml_inf_and_nan_in_the_file_are_refused(tmp_path):
     text = Path("params.yaml").read_text()
-    assert "kl_budget: 0.5" in text and "lr: 0.003," in text
+    assert "kl_budget: 0.5" in text and "lr: 0.01," in text
     for old, new, key in (("kl_budget: 0.5", "kl_budget: .inf", "steering.config.kl_budget = inf"),
-                          ("lr: 0.003,", "lr: .nan,", "models.toy-a.train.lr = nan")):  # fmt: skip
+                          ("lr: 0.01,", "lr: .nan,", "models.toy-a.train.lr = nan")):  # fmt: skip
         p = tmp_path / "params.yaml"
         p.write_text(text.replace(old, new, 1))
         with pytest.raises(ParamsError) as e:
