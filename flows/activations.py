@@ -139,8 +139,10 @@ def activations_flow(name: str) -> dict:
         if store.concept_names:  # token-level lexical baseline per concept, held-out rows
             lex = store_lexical_baseline(store, "heldout")
             summary["lexical_baseline_f1"] = {c: v["f1"] for c, v in lex.items()}
+            # beside the store, not in it: a store's folder is its bytes (or, for an
+            # object-storage store, its pointer) and nothing else
             probes = concept_probes(quote(store))
-            write_json(out / "probes.json", probes)
+            summary["probes"] = probes
             summary["probe_best_f1"] = {c: r["best_f1"] for c, r in probes["concepts"].items()}
             summary["contextual_read_by_probe"] = contextual_wins(probes)
             for c in summary["contextual_read_by_probe"]:

@@ -53,12 +53,14 @@ class ReportPaths:
     alignment: Path
     transfer: Path
     corpus: Path | None = None
+    probes: Path | None = None  # metrics/activations: the activations stage's probe tables
 
     @classmethod
     def under(cls, data: str | Path = "data") -> ReportPaths:
         d = Path(data)
         return cls(d / "saes", d / "activations", d / "models", d / "steering",
-                   d / "decomposition", d / "alignment", d / "transfer", d / "corpus")  # fmt: skip
+                   d / "decomposition", d / "alignment", d / "transfer", d / "corpus",
+                   d.parent / "metrics" / "activations")  # fmt: skip
 
     @classmethod
     def coerce(cls, value: ReportPaths | str | Path) -> ReportPaths:

@@ -25,7 +25,7 @@ def _ci(c: dict) -> str:
     return f"[{fmt(lo)}, {fmt(hi)}]"
 
 
-def section(corpus: Path, models: Path, activations: Path | None = None) -> Section | None:
+def section(corpus: Path, models: Path, probes: Path | None = None) -> Section | None:
     """The section, or None when the corpus exported no truth (an HF corpus)."""
     truth = _read(corpus / "truth.json")
     base = _read(corpus / "lexical_baseline.json")
@@ -92,21 +92,23 @@ def section(corpus: Path, models: Path, activations: Path | None = None) -> Sect
         for n, v in sorted(base["concepts"].items(), key=lambda kv: (kv[1]["kind"], kv[1]["f1"]))
     ]
     parts.append(table(["concept", "kind", "prevalence", "lexical F1"], crow, left=2))
-    if activations is not None:
-        parts += _probes(activations)
+    if probes is not None:
+        parts += _probes(probes)
     return Section("world", "The world and what the models learned", "".join(parts))
 
 
-def _probes(activations: Path) -> list[str]:
-    """Per model, each contextual concept's lexical F1 against a dense probe's (the best
-    cached hook) and the shuffled-label control (stages/concept_probes.py)."""
+def _probes(folder: Path) -> list[str]:
+    """Per model (`metrics/activations/<M>.json`, key "probes"), each contextual concept's
+    lexical F1 against a dense probe's (the best cached hook) and the shuffled-label
+    control (stages/concept_probes.py)."""
     from stages.concept_probes import contextual_wins
 
     parts = []
-    for d in sorted(activations.iterdir()) if activations.exists() else []:
-        probes = _read(d / "probes.json")
-        if probes is None:
+    for f in sorted(folder.glob("*.json")) if folder.exists() else []:
+        probes = (_read(f) or {}).get("probes")
+        if not probes:
             continue
+        name = f.stem
         rows = [
             [e(c), fmt(r["prevalence"]), fmt(r["lexical_f1"]), f"<b>{fmt(r['best_f1'])}</b>",
              e(r["best_hook"]), fmt(r["lift"]), fmt(max(r["null_f1"].values()))]
@@ -116,7 +118,7 @@ def _probes(activations: Path) -> list[str]:
             continue
         wins = contextual_wins(probes)
         parts.append(
-            f"<h3>Contextual concepts in {e(d.name)}'s residual stream</h3><p>A logistic probe "
+            f"<h3>Contextual concepts in {e(name)}'s residual stream</h3><p>A logistic probe "
             f"per concept and cached hook, trained on {fmt(probes['n_train_rows'])} training "
             f"rows (threshold chosen for F1 there), scored by F1 on {fmt(probes['n_heldout_rows'])} "
             "held-out rows at the concept's prevalence, as the lexical baseline is. Control: "
