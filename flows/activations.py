@@ -95,11 +95,11 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev)
 
 
 @task(cache_policy=NO_CACHE)
-def concept_probes(store) -> dict:
+def concept_probes(store, lexical: dict) -> dict:
     """A dense probe per labelled concept at every cached hook (stages/concept_probes.py)."""
     from stages.concept_probes import probe_concepts
 
-    return probe_concepts(store)
+    return probe_concepts(store, lexical=lexical)
 
 
 @flow(name="activations")
@@ -141,7 +141,7 @@ def activations_flow(name: str) -> dict:
             summary["lexical_baseline_f1"] = {c: v["f1"] for c, v in lex.items()}
             # beside the store, not in it: a store's folder is its bytes (or, for an
             # object-storage store, its pointer) and nothing else
-            probes = concept_probes(quote(store))
+            probes = concept_probes(quote(store), lex)
             summary["probes"] = probes
             summary["probe_best_f1"] = {c: r["best_f1"] for c, r in probes["concepts"].items()}
             summary["contextual_read_by_probe"] = contextual_wins(probes)

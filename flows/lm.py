@@ -58,11 +58,10 @@ def world(model, texts: list[str], entropy_nats) -> dict:
 def untrained_capture(m: ToyModel, tok, texts: list[str]) -> dict:
     """The control for capture: the same architecture and seed, untrained (a model that has
     seen no data should capture about 0 of every dependency)."""
-    from stages.capture import dependency_capture, heldout_sites, lm_log_odds_fn
+    from stages.capture import world_metrics
     from stages.models import build_toy_model
 
-    model = build_toy_model(m, tok)
-    return dependency_capture(lm_log_odds_fn(model), heldout_sites(texts, 64))
+    return world_metrics(build_toy_model(m, tok), texts, None)["capture"]
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)

@@ -107,11 +107,13 @@ def probe_hook(x_tr: np.ndarray, y_tr: np.ndarray, x_he: np.ndarray, y_he: np.nd
 
 
 def probe_concepts(store, hooks: list[str] | None = None, max_rows: int = 32768,
-                   min_positives: int = 20, seed: int = 0) -> dict:  # fmt: skip
+                   min_positives: int = 20, seed: int = 0,
+                   lexical: dict | None = None) -> dict:  # fmt: skip
     """Per concept of an activation store: its held-out prevalence, lexical baseline F1,
     and at each hook the held-out F1 of a dense probe and of the shuffled-label control.
     Concepts with fewer than `min_positives` positive rows in either split are skipped
-    (listed under "skipped")."""
+    (listed under "skipped"). `lexical`: the store's held-out lexical baseline
+    (`store_lexical_baseline(store, "heldout")`) when the caller has it already."""
     if not store.concept_names:
         raise ValueError(f"{store.path}: the store has no concept labels (an unlabelled corpus)")
     names = list(store.concept_names)
@@ -120,7 +122,7 @@ def probe_concepts(store, hooks: list[str] | None = None, max_rows: int = 32768,
     y_he = _split_rows(store, "concept_labels", "heldout", max_rows).astype(bool)
     keep = [j for j in range(len(names))
             if y_tr[:, j].sum() >= min_positives and y_he[:, j].sum() >= min_positives]  # fmt: skip
-    lexical = store_lexical_baseline(store, "heldout")
+    lexical = lexical if lexical is not None else store_lexical_baseline(store, "heldout")
     kinds = _kinds()
     table = {names[j]: {"kind": kinds.get(names[j], "unknown"),
                         "prevalence": round(float(y_he[:, j].mean()), 6),
