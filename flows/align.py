@@ -33,11 +33,11 @@ from stages.tracking import stage_run
 
 
 @task(cache_policy=NO_CACHE)
-def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev):
+def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev, strings):
     from stages.alignment.stream import align_pair
 
-    return align_pair(store_a, store_b, saes_a, saes_b, cfg,
-                      best_latents_a=best_a, best_latents_b=best_b, device=dev)  # fmt: skip
+    return align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
+                      best_latents_b=best_b, device=dev, token_strings=strings)  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -75,6 +75,7 @@ def align_flow(pair_name: str) -> dict:
     from stages.alignment import AlignConfig, figures
     from stages.alignment.outputs import write_alignment
     from stages.compute import Device
+    from stages.models import token_strings
     from stages.sae.io import load_model_saes
 
     params = load_params()
@@ -86,7 +87,7 @@ def align_flow(pair_name: str) -> dict:
     lay = Layout()
     cfg = AlignConfig.from_params(params.align.config)
     inputs = {f"{kind}.{m}": getattr(lay, kind)(m)
-              for kind in ("activations", "saes") for m in (a, b)}  # fmt: skip
+              for kind in ("activations", "saes", "model") for m in (a, b)}  # fmt: skip
     logged = {**flatten(params.align.config, "align.config."), "align.a": a, "align.b": b}
     # the token pass runs on compute.device, always in float32 products (align_pair)
     dev = Device(params.compute.with_env().device)
@@ -94,14 +95,17 @@ def align_flow(pair_name: str) -> dict:
         store_a, store_b = ActivationStore(lay.activations(a)), ActivationStore(lay.activations(b))
         saes_a, best_a = load_model_saes(lay.saes(a))
         saes_b, best_b = load_model_saes(lay.saes(b))
+        # two tokenizers: top tokens are compared through their decoded strings
+        strings = (token_strings(lay.model(a)), token_strings(lay.model(b)))
         if params.compute.with_env().runner == "dask":
             from stages.alignment.stream import align_pair
 
             result = align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
-                                best_latents_b=best_b, map_parts=parts_on_dask, device=dev)  # fmt: skip
+                                best_latents_b=best_b, map_parts=parts_on_dask, device=dev,
+                                token_strings=strings)  # fmt: skip
         else:
             result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
-                           best_a, best_b, dev)  # fmt: skip
+                           best_a, best_b, dev, quote(strings))  # fmt: skip
         out = lay.alignment(pair_name)
         write_alignment(result, out)
         metrics = {k: round(float(v), 6) for k, v in result.scores.items()

@@ -369,6 +369,30 @@ def write_pretrained_card(model: HookedTransformer, p: PretrainedModel, out: Pat
     )
 
 
+def token_strings(folder: Path) -> list[str]:
+    """The decoded string of every token id of the model in `folder` (what the `lm` stage
+    wrote), in id order: alignment compares two tokenizers' top tokens through these.
+    A pretrained model's tokenizer comes from the HF cache (or the hub)."""
+    folder = Path(folder)
+    card = read_json(folder / "config.json", "the lm stage's output (run `dvc repro lm`)")
+    if card["source"] == "pretrained":
+        from transformer_lens.loading_from_pretrained import get_official_model_name
+        from transformers import AutoTokenizer
+
+        official = get_official_model_name(PretrainedModel.model_validate(card["model"]).name)
+        try:
+            tok = AutoTokenizer.from_pretrained(official)
+        except Exception as e:  # hub / cache errors come in many types
+            home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            raise RuntimeError(
+                f"could not load the tokenizer of {official}: it needs the Hugging Face hub or "
+                f"an HF cache holding it (HF_HOME={home}). Cause: {type(e).__name__}: {e}"
+            ) from e
+    else:
+        tok = load_tokenizer(folder)
+    return [tok.decode([i]) for i in range(len(tok))]
+
+
 def load_model(folder: Path) -> HookedTransformer:
     """Load what the `lm` stage wrote for one model (toy or pretrained), in eval mode."""
     folder = Path(folder)
