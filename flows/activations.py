@@ -102,6 +102,17 @@ def concept_probes(store, lexical: dict) -> dict:
     return probe_concepts(store, lexical=lexical)
 
 
+@task(cache_policy=NO_CACHE)
+def untrained_probes(table: dict, store, m, tokenizer) -> dict:
+    """The probes' control: the same probes on the untrained model (same architecture and
+    seed) at the same rows (stages/concept_probes.py `probe_untrained`)."""
+    from stages.concept_probes import probe_untrained
+    from stages.models import build_toy_model
+
+    untrained = build_toy_model(m, tokenizer)
+    return probe_untrained(table, store, untrained.eval())
+
+
 @flow(name="activations")
 def activations_flow(name: str) -> dict:
     params = load_params()
@@ -142,6 +153,9 @@ def activations_flow(name: str) -> dict:
             # beside the store, not in it: a store's folder is its bytes (or, for an
             # object-storage store, its pointer) and nothing else
             probes = concept_probes(quote(store), lex)
+            if params.models[name].source == "toy":  # a pretrained model has no seed to redo
+                probes = untrained_probes(probes, quote(store), params.models[name],
+                                          quote(model.tokenizer))  # fmt: skip
             summary["probes"] = probes
             summary["probe_best_f1"] = {c: r["best_f1"] for c, r in probes["concepts"].items()}
             summary["contextual_read_by_probe"] = contextual_wins(probes)

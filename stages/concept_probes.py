@@ -10,8 +10,11 @@ of the lexical baseline (`stages/lexical.py`, the best token-id lookup on the sa
 held-out rows). So `lift = probe F1 - lexical F1`: what the residual stream says about
 the concept that the current token does not.
 
-Control: the same fit on training labels shuffled across rows (one permutation per
-hook) gives the F1 a probe reaches by chance at that prevalence (`null_f1`).
+Controls: the same fit on training labels shuffled across rows (one permutation per
+hook) gives the F1 a probe reaches by chance at that prevalence (`null_f1`); and
+`probe_untrained` fits the same probes on the residuals of the same architecture and seed
+before training, on the very same tokens (`untrained_f1`): what the architecture alone
+(embeddings plus random attention mixing earlier tokens) lets a probe read.
 
     table = probe_concepts(store, hooks)   # {concept: {lexical_f1, probe_f1: {hook: f1}, ...}}
 """
@@ -88,13 +91,14 @@ def _split_rows(store, name: str, split: str, max_rows: int) -> np.ndarray:
 
 
 def probe_hook(x_tr: np.ndarray, y_tr: np.ndarray, x_he: np.ndarray, y_he: np.ndarray,
-               seed: int = 0) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+               seed: int = 0, null: bool = True) -> tuple[np.ndarray, np.ndarray | None]:  # fmt: skip
     """Held-out F1 per concept column of a probe fitted on the training rows, and of the
-    shuffled-label control."""
+    shuffled-label control (None when `null` is False)."""
     xt = torch.from_numpy(x_tr.astype(np.float32))
     xh = torch.from_numpy(x_he.astype(np.float32)).double()
     out = []
-    for labels in (y_tr, y_tr[np.random.default_rng(seed).permutation(len(y_tr))]):
+    fits = [y_tr, y_tr[np.random.default_rng(seed).permutation(len(y_tr))]][: 2 if null else 1]
+    for labels in fits:
         w, b = fit_probes(xt, torch.from_numpy(labels.astype(np.float64)))
         s_tr = (xt.double() @ w + b).numpy()
         s_he = (xh @ w + b).numpy()
@@ -103,7 +107,7 @@ def probe_hook(x_tr: np.ndarray, y_tr: np.ndarray, x_he: np.ndarray, y_he: np.nd
             thr, _ = best_threshold(s_tr[:, j], labels[:, j])
             f1.append(f1_score(s_he[:, j] > thr, y_he[:, j]))
         out.append(np.array(f1))
-    return out[0], out[1]
+    return out[0], (out[1] if null else None)
 
 
 def probe_concepts(store, hooks: list[str] | None = None, max_rows: int = 32768,
@@ -141,6 +145,50 @@ def probe_concepts(store, hooks: list[str] | None = None, max_rows: int = 32768,
         row["lift"] = round(row["best_f1"] - row["lexical_f1"], 6)
     return {"n_train_rows": len(y_tr), "n_heldout_rows": len(y_he), "hooks": hooks,
             "concepts": table, "skipped": [names[j] for j in range(len(names)) if j not in keep]}  # fmt: skip
+
+
+def model_rows(model, store, split: str, hooks: list[str], max_rows: int,
+               batch_size: int = 64) -> dict[str, np.ndarray]:  # fmt: skip
+    """What `model` computes at `hooks` for the first `max_rows` rows of `split` of
+    `store` (the rows `probe_concepts` reads), from the store's own token windows
+    (`ActivationStore.windows`: row r of the split is window r // (seq_len - 1), position
+    1 + r % (seq_len - 1), BOS first). Another model's view of the very same tokens."""
+    lo, hi = store.split_range(split)
+    n = min(hi - lo, max_rows)
+    body = store.seq_len - 1
+    toks = store.windows(split, -(-n // body))
+    outs: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    with torch.no_grad():
+        for i in range(0, len(toks), batch_size):
+            _, cache = model.run_with_cache(toks[i : i + batch_size], names_filter=hooks)
+            for h in hooks:
+                outs[h].append(cache[h][:, 1:].reshape(-1, cache[h].shape[-1]).float())
+    # in the store's precision, so both probes see rows rounded alike
+    return {h: torch.cat(v)[:n].numpy().astype(store.array(h).dtype) for h, v in outs.items()}
+
+
+def probe_untrained(table: dict, store, untrained, max_rows: int = 32768) -> dict:
+    """Add the untrained-model control to a `probe_concepts` table, in place: per concept,
+    `untrained_f1` per hook and `untrained_best_f1`, the same probes fitted on the
+    residuals of `untrained` (the model's architecture and seed before training) at the
+    same rows. A concept a trained model represents should beat it; one the untrained model
+    reads as well is read off the architecture (token embeddings mixed by attention)."""
+    names = list(store.concept_names)
+    concepts = [c for c in names if c in table["concepts"]]
+    cols = [names.index(c) for c in concepts]
+    y_tr = _split_rows(store, "concept_labels", "train", max_rows).astype(bool)[:, cols]
+    y_he = _split_rows(store, "concept_labels", "heldout", max_rows).astype(bool)[:, cols]
+    hooks = table["hooks"]
+    x_tr = model_rows(untrained, store, "train", hooks, max_rows)
+    x_he = model_rows(untrained, store, "heldout", hooks, max_rows)
+    for hook in hooks if concepts else []:
+        f1, _ = probe_hook(x_tr[hook], y_tr, x_he[hook], y_he, null=False)
+        for i, c in enumerate(concepts):
+            table["concepts"][c].setdefault("untrained_f1", {})[hook] = round(float(f1[i]), 6)
+    for c in concepts:
+        row = table["concepts"][c]
+        row["untrained_best_f1"] = max(row.get("untrained_f1", {}).values(), default=float("nan"))
+    return table
 
 
 def contextual_wins(table: dict, max_lexical: float = 0.6, min_probe: float = 0.9) -> list[str]:

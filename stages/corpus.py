@@ -14,7 +14,9 @@ It also plants *contextual* concepts, whose value cannot be read from the curren
 token: document properties (the document's tense, the day's weather announced in the
 opening sentence), the animal a sentence is about (carried to every later word of the
 sentence), and "what comes next" at the word that predicts it (an emotion will follow,
-and with which polarity the generator will draw it; a number will follow). They are
+and with which polarity the generator will draw it; a number will follow; at an adverb
+between an animal and its verb, which class's verb; at "the" before the place of a
+fish's sentence, a water place). They are
 computed by `contextual_spans(text)`, a left-to-right reader of the text itself, so they
 are causal by construction: the label of word t is a function of words <= t (a span
 starts at the last character of the word that determines it, so it lands on that word's
@@ -105,6 +107,9 @@ MOVES = {
     ],
 }
 MOVE_PREP = {"mammal": "to", "bird": "over", "fish": "in"}
+# An adverb may sit between an animal and its verb ("The cat often runs"), so that a model
+# must carry the animal's class past a word that does not name it to predict the verb.
+ADVERBS = ["often", "slowly", "quickly", "always", "then"]
 COLOURS = ["red", "blue", "green", "yellow", "brown", "white", "black", "grey"]
 POSITIVE = ["happy", "glad", "joyful", "cheerful", "calm", "proud"]
 NEGATIVE = ["sad", "angry", "afraid", "upset", "lonely", "worried"]
@@ -160,6 +165,7 @@ FEED = ("feed", "feeds", "fed")
 # The generator draws with exactly these probabilities; `TRUTH` exports them.
 P_OWN_MOVE = 0.85  # an animal's verb comes from its own class; else from another, uniformly
 P_MISCOUNT = 0.1  # a count's next number is drawn uniformly from NUMBERS instead
+P_ADVERB = 0.5  # an adverb between a motion sentence's animal and its verb
 P_LIKED_POSITIVE = 0.8  # "likes the <animal> because it is <emotion>"
 PLEASANT_DAYS = ("sunny", "warm")  # the day's weather makes emotions likely positive
 GLOOMY_DAYS = ("rainy", "stormy", "foggy")  # ... likely negative (windy, cloudy: neither)
@@ -202,7 +208,7 @@ def _truth() -> dict:
             "p_outcome": {w: p_positive_on_day(w) for w in WEATHER},
         },
         "class_verb": {
-            "cue": "the animal noun before the verb in '<det> <animal> <verb>'",
+            "cue": "the animal noun before the verb in '<det> <animal> [<adverb>] <verb>'",
             "outcome": "the verb is one of the animal's own class' verbs (vs the others')",
             "p_outcome": {s: p_move_class(c, c) for s, c in cls_of.items()},
             "p_verb_class": {c: {v: p_move_class(c, v) for v in MOVES} for c in MOVES},
@@ -262,6 +268,10 @@ def _concepts() -> list[Concept]:
         ("expect_positive", "next", "the next word is an emotion, positive with probability > 0.5"),
         ("expect_negative", "next", "the next word is an emotion, positive with probability < 0.5"),
         ("next_is_number", "next", "the next word is a number of a count (at ':' and ',')"),
+        ("expect_mammal_move", "next", "the next word is a motion verb, most likely a mammal's (at an adverb after a mammal)"),
+        ("expect_bird_move", "next", "the next word is a motion verb, most likely a bird's (at an adverb after a bird)"),
+        ("expect_fish_move", "next", "the next word is a motion verb, most likely a fish's (at an adverb after a fish)"),
+        ("expect_water_place", "next", "the next word is a place, most likely a river, lake or beach (at 'the' before the place of a sentence about a fish)"),
     ]  # fmt: skip
     out += [Concept(n, None, g, d, "contextual") for n, g, d in ctx]
     return out
@@ -387,6 +397,8 @@ class _Story:
         cls = self.pick(list(ANIMALS))
         self.animal(cls, plural)
         self.w(" ")
+        if self.flip(P_ADVERB):
+            self.w(self.pick(ADVERBS) + " ")
         if self.flip(P_OWN_MOVE):
             verb_cls = cls
         else:
@@ -644,18 +656,28 @@ def read_context(text: str) -> tuple[list[tuple[int, int, str]], list[Site]]:
                 p = tuple(p_next_number(i, tix) for i in range(len(NUMBERS) - 1))
                 sites.append(Site("count_next", prev[1], prev[2], prev[0], e, (target,), others,
                                   tuple(NUMBERS[:-1]), p))  # fmt: skip
-        if wd in _VERB_CLASS and sent and sent[-1] in _CLASS_OF_WORD and sent_cue is not None:
-            # '<det> [<colour>] <animal> <verb>': the verb slot after the animal
-            if sent[0] not in NAMES and sent[0] != "In":
-                form = next(i for v in MOVES[_VERB_CLASS[wd]] for i, f in enumerate(v) if f == wd)
-                own = _CLASS_OF_WORD[sent[-1]]
-                outcome = tuple(v[form] for v in MOVES[own])
-                alts = tuple(v[form] for c in MOVES if c != own for v in MOVES[c])
-                plural = _plural_subject(sent[0], sent[-1], form)
-                cues = tuple(f[1 if plural else 0] for sp in ANIMALS.values() for f in sp.values())
-                p = tuple(p_move_class(_CLASS_OF_WORD[c], own) for c in cues)
-                sites.append(Site("class_verb", sent_cue[0], sent_cue[1], sent_cue[2], s - 1,
-                                  outcome, alts, cues, p))  # fmt: skip
+        # the motion sentence's animal, right before this word or before an adverb
+        noun = sent[-1] if sent and sent[-1] in _CLASS_OF_WORD else None
+        if noun is None and sent[-1:] and sent[-1] in ADVERBS and sent[-2:-1]:
+            noun = sent[-2] if sent[-2] in _CLASS_OF_WORD else None
+        motion = noun is not None and sent[0] not in NAMES and sent[0] != "In"
+        if wd in ADVERBS and motion and noun == sent[-1]:
+            # the verb follows, its class the animal's with P_OWN_MOVE > 0.5
+            spans.append((last, e, f"expect_{_CLASS_OF_WORD[noun]}_move"))
+        if wd == "the" and sent[-1:] in (["to"], ["over"], ["in"]) and about_cls == "fish":
+            if about_start >= 0:  # a fish's place is a water place (else 3 in 11 are)
+                spans.append((last, e, "expect_water_place"))
+        if wd in _VERB_CLASS and motion and sent_cue is not None:
+            # '<det> [<colour>] <animal> [<adverb>] <verb>': the verb slot after the animal
+            form = next(i for v in MOVES[_VERB_CLASS[wd]] for i, f in enumerate(v) if f == wd)
+            own = _CLASS_OF_WORD[noun]
+            outcome = tuple(v[form] for v in MOVES[own])
+            alts = tuple(v[form] for c in MOVES if c != own for v in MOVES[c])
+            plural = _plural_subject(sent[0], noun, form)
+            cues = tuple(f[1 if plural else 0] for sp in ANIMALS.values() for f in sp.values())
+            p = tuple(p_move_class(_CLASS_OF_WORD[c], own) for c in cues)
+            sites.append(Site("class_verb", sent_cue[0], sent_cue[1], sent_cue[2], s - 1,
+                              outcome, alts, cues, p))  # fmt: skip
         if wd in ("likes", "liked"):
             liked = True
         elif wd in ("feeds", "fed"):

@@ -99,8 +99,8 @@ def section(corpus: Path, models: Path, probes: Path | None = None) -> Section |
 
 def _probes(folder: Path) -> list[str]:
     """Per model (`metrics/activations/<M>.json`, key "probes"), each contextual concept's
-    lexical F1 against a dense probe's (the best cached hook) and the shuffled-label
-    control (stages/concept_probes.py)."""
+    lexical F1 against a dense probe's (the best cached hook), the shuffled-label control
+    and the untrained-model control (stages/concept_probes.py)."""
     from stages.concept_probes import contextual_wins
 
     parts = []
@@ -111,7 +111,8 @@ def _probes(folder: Path) -> list[str]:
         name = f.stem
         rows = [
             [e(c), fmt(r["prevalence"]), fmt(r["lexical_f1"]), f"<b>{fmt(r['best_f1'])}</b>",
-             e(r["best_hook"]), fmt(r["lift"]), fmt(max(r["null_f1"].values()))]
+             e(r["best_hook"]), fmt(r["lift"]), fmt(max(r["null_f1"].values())),
+             fmt(r["untrained_best_f1"]) if "untrained_best_f1" in r else "–"]
             for c, r in sorted(probes["concepts"].items()) if r["kind"] == "contextual"
         ]  # fmt: skip
         if not rows:
@@ -122,10 +123,12 @@ def _probes(folder: Path) -> list[str]:
             f"per concept and cached hook, trained on {fmt(probes['n_train_rows'])} training "
             f"rows (threshold chosen for F1 there), scored by F1 on {fmt(probes['n_heldout_rows'])} "
             "held-out rows at the concept's prevalence, as the lexical baseline is. Control: "
-            "the same probe on shuffled training labels (best hook). "
+            "the same probe on shuffled training labels, and on the untrained model (same "
+            "architecture and seed, same tokens), each at its best hook. "
             f"<b>{len(wins)}</b> contextual concepts that a token lookup reads at F1 &le; 0.6 "
             f"reach F1 &ge; 0.9 with a probe{': ' + e(', '.join(wins)) if wins else ''}.</p>"
         )
         parts.append(table(["concept", "prevalence", "lexical F1", "probe F1", "at hook",
-                            "lift", "shuffled-label F1"], rows, left=1, also_left=(4,)))  # fmt: skip
+                            "lift", "shuffled-label F1", "untrained-model F1"], rows, left=1,
+                           also_left=(4,)))  # fmt: skip
     return parts

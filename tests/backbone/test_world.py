@@ -161,10 +161,17 @@ def test_capture_of_a_model_that_ignores_the_context_is_zero(sites):
     res = K.dependency_capture(bigram, sites)
     for dep in ("weather_emotion", "day_emotion", "count_next"):  # cue is not the last word
         assert res[dep]["capture"] == pytest.approx(0.0, abs=1e-12), dep
-    # the animal is the word right before its verb: a bigram has this one
-    assert 0.8 < res["class_verb"]["capture"] < 1.2
+    # the animal right before its verb: a bigram has it; after an adverb, it does not
+    items = sites["class_verb"]
+    adjacent = [(t, s) for t, s in items if s.prefix_end == s.cue_end]
+    carried = [(t, s) for t, s in items if s.prefix_end > s.cue_end]
+    assert len(adjacent) > 20 and len(carried) > 20
+    near = K.dependency_capture(bigram, {"class_verb": adjacent})["class_verb"]
+    far = K.dependency_capture(bigram, {"class_verb": carried})["class_verb"]
+    assert 0.8 < near["capture"] < 1.2
+    assert far["capture"] == pytest.approx(0.0, abs=1e-12)
     lo, hi = res["class_verb"]["ci95"]
-    assert lo < res["class_verb"]["capture"] < hi
+    assert lo < res["class_verb"]["capture"] < hi < 0.8  # over both kinds of site
 
 
 def test_capture_is_the_ratio_of_contrasts_for_two_cues():
