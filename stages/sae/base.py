@@ -145,6 +145,12 @@ class BaseSAE(nn.Module):
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
 
+    def calibrate(self, x: Tensor) -> dict[str, Any] | None:
+        """Set inference-only parameters from raw training rows `x` once training ends
+        (the trainer calls it after folding the input scale); returns what it set, for the
+        SAE's metadata. Most architectures have none."""
+        return None
+
     def saelens_config(self) -> dict[str, Any]:
         """Architecture-specific fields of SAELens' cfg.json."""
         return {}

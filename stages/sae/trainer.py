@@ -443,11 +443,13 @@ def _train_group(
             continue
         if run.ckpt is not None and run.step != (run.last_good or (None, -1))[1]:
             run.save_checkpoint(run.scale)
-        results.append(_finish(run, seconds))
+        results.append(_finish(run, seconds, sample))
     return results, diverged
 
 
-def _finish(run: _Run, seconds: float) -> TrainResult:
+def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
+    """The trained SAE on raw activations, calibrated (`BaseSAE.calibrate`) on `sample`,
+    the training rows the input scale was estimated on (raw)."""
     sae = run.sae
     sae.eval()
     with torch.no_grad():
@@ -459,6 +461,7 @@ def _finish(run: _Run, seconds: float) -> TrainResult:
     scale = run.scale
     if scale != 1.0:
         sae.fold_input_scale(scale)
+    calibration = sae.calibrate(sample)
     terms: dict[str, float] = {}
     for rec in run.recent:
         for k, v in rec.items():
@@ -469,6 +472,7 @@ def _finish(run: _Run, seconds: float) -> TrainResult:
             "input_scale": scale,
             "n_training_tokens": run.step * run.cfg.batch_size,
             "training_numerics": numerics(run.dev),
+            **({"calibration": calibration} if calibration else {}),
         }
     )
     return TrainResult(

@@ -290,3 +290,19 @@ def test_bare_arrays_and_tensors_are_taken_as_sources():
     with pytest.raises(TypeError, match="SliceSource: got dict"):
         SliceSource({}, 0, 1)
     assert SliceSource(x, 10, 20).read(0, 2).tolist() == x[10:12].tolist()
+
+
+def test_batchtopk_inference_threshold_gives_mean_l0_k_on_training_rows():
+    """The moving average of per-batch minima still remembers the first batches at the end
+    of a short run; the calibrated θ gives the training L0 (k) at inference."""
+    from stages.sae.data import sample_rows
+
+    src = ArraySource(data(), chunk_rows=500)
+    (r,) = train_saes(src, [cfg(architecture="batchtopk", k=3)], progress=False)
+    cal = r.sae.metadata["calibration"]
+    rows = torch.from_numpy(sample_rows(src, 65536, 0))  # the trainer's calibration rows
+    assert cal["rows"] == len(rows) and cal["threshold"] != cal["ema_threshold"]
+    with torch.no_grad():
+        l0 = (r.sae.encode(rows) > 0).sum(1).double().mean().item()
+    assert l0 == pytest.approx(3, abs=3 / len(rows) + 1e-9)  # (n·k)-th largest, strict >
+    assert r.train_l0 == pytest.approx(3, abs=0.01)
