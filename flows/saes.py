@@ -31,7 +31,15 @@ from stages.tracking import stage_run
 # The headline numbers per SAE: what metrics/ and the Pareto plot carry.
 HEADLINE = ("l0", "fvu", "explained_variance", "mse", "cosine_similarity", "shrinkage",
             "dead_fraction", "dense_fraction")  # fmt: skip
-DOWNSTREAM = ("ce_loss_recovered", "kl_sae", "random_to_sae_kl_ratio")
+DOWNSTREAM = (
+    "ce_loss_recovered",
+    "kl_sae",
+    "random_to_sae_kl_ratio",
+    "ce_delta_sae",
+    "ce_loss_recovered_mean_ablation",
+    "ce_delta_pca",
+    "kl_sae_over_pca",
+)
 
 
 def _flat_metrics(m: dict) -> dict[str, float]:

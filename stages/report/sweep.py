@@ -48,6 +48,9 @@ class SAERef:
             "shrinkage": m.get("shrinkage"),
             "ce_loss_recovered": down.get("ce_loss_recovered"),
             "kl_sae": down.get("kl_sae"),
+            "ce_delta_sae": down.get("ce_delta_sae"),
+            "ce_delta_pca": down.get("ce_delta_pca"),
+            "kl_sae_over_pca": down.get("kl_sae_over_pca"),
             "mean_best_f1": gt.get("mean_best_f1"),
         }
 
@@ -190,7 +193,12 @@ def sweep_section(
                 parts.append(
                     '<p class="muted">Metrics from each SAE folder\'s <code>metrics.json</code> '
                     f"under <code>{e(Path(saes_dir) / model / hook)}</code>; linked names open "
-                    "the SAE's feature dashboards.</p>"
+                    "the SAE's feature dashboards. CE recovered is taken against "
+                    "zero-ablation, which can cost more than the unigram entropy, so it "
+                    "saturates; ΔCE is the rise in cross-entropy (nats) with the SAE spliced "
+                    "in, beside the same for the held-out activations projected on their "
+                    "top-round(L0) principal components (a dense code with as many numbers "
+                    "per token); KL / PCA's below 1 means the SAE beats that baseline.</p>"
                 )
         # A hook with one SAE has no frontier to draw: those hooks share one table and
         # one density figure instead of a one-dot Pareto figure each.
@@ -246,9 +254,11 @@ def _sweep_table(group: list[SAERef], links: dict[str, str], with_hook: bool = F
         name = f'<a href="{e(link)}">{e(s.name)}</a>' if link else e(s.name)
         hook = [f"<code>{e(s.hook)}</code>"] if with_hook else []
         rows.append([*hook, name, e(s.architecture), fmt(f["l0"], 2), fmt(f["fvu"]),
-                     fmt(f["ce_loss_recovered"]), fmt(f["kl_sae"]), fmt(f["dead_fraction"]),
+                     fmt(f["ce_loss_recovered"]), fmt(f["ce_delta_sae"]), fmt(f["ce_delta_pca"]),
+                     fmt(f["kl_sae"]), fmt(f["kl_sae_over_pca"]), fmt(f["dead_fraction"]),
                      fmt(f["dense_fraction"]), fmt(f["shrinkage"]), fmt(f["mean_best_f1"])])  # fmt: skip
-    headers = ["SAE", "architecture", "L0", "FVU", "CE rec.", "KL", "dead", "dense", "γ",
+    headers = ["SAE", "architecture", "L0", "FVU", "CE rec.", "ΔCE (nats)",
+               "ΔCE PCA rank L0", "KL", "KL / PCA's", "dead", "dense", "γ",
                "mean best F1"]  # fmt: skip
     return table(["hook", *headers] if with_hook else headers, rows, left=3 if with_hook else 2)
 

@@ -9,6 +9,12 @@ ground-truth concept labels. Formulas live in `metrics.py`; this file only strea
   random perturbation of the same per-token norm as the SAE error, as a ratio to the
   SAE's KL). CE and KL are averaged over next-token predictions made at positions
   1..seq−2 (the prediction at BOS is untouched by the splice, so it is left out).
+  Zero-ablating a residual stream can cost more than the unigram entropy, so CE
+  recovered against it saturates near 1 for every SAE; beside it sit the rise in CE in
+  nats (`ce_delta_sae`, Gao et al. 2024, "Scaling and evaluating sparse autoencoders"),
+  CE recovered against mean-ablation, and a dense baseline with as many numbers per token
+  as the SAE's L0: the held-out activations projected on their top-round(L0) principal
+  components (`ce_delta_pca`, `kl_pca`; `kl_sae_over_pca` < 1 means the SAE beats PCA).
 - `evaluate_ground_truth(sae, source, labels, names)`: per concept the best single
   latent by F1 (latent fires = act > 0), its F1 and AUROC; summary mean best-F1.
 - `evaluate_sae(...)` runs whichever apply and returns the `metrics.json` content.
@@ -72,7 +78,8 @@ def evaluate_reconstruction(
     return out, M.log10_density(dens)
 
 
-def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None):
+def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None,
+               baseline: tuple[Tensor, Tensor] | None = None):  # fmt: skip
     def hook(act: Tensor, hook: Any) -> Tensor:
         x = act[:, 1:]
         shape = x.shape
@@ -80,6 +87,10 @@ def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None):
         _check_width(sae, flat.shape[-1], f"hook '{hook.name}'")
         if kind == "zero":
             new = torch.zeros_like(flat)
+        elif kind in ("mean", "pca"):
+            assert baseline is not None
+            mu, basis = (t.to(flat.device, flat.dtype) for t in baseline)
+            new = mu.expand_as(flat) if kind == "mean" else (flat - mu) @ basis.T @ basis + mu
         else:
             x_hat = sae.decode(sae.encode(flat.float())).to(flat.dtype)
             if kind == "sae":
@@ -106,14 +117,30 @@ def evaluate_downstream(
     batch_size: int = 8,
     seed: int = 0,
     device: Device = CPU,
+    baseline: tuple[Tensor, Tensor] | None = None,
 ) -> dict[str, float]:
-    """CE loss recovered, KL(clean ‖ SAE) and the random-perturbation KL ratio."""
+    """CE loss recovered, KL(clean ‖ SAE) and the random-perturbation KL ratio; with
+    `baseline` = (mean [d], orthonormal principal directions [r, d]) of the hook's
+    activations, also mean-ablation and the rank-r PCA reconstruction (`pca_baseline`)."""
     with on_device(model, device), on_device(sae, device):
-        return _downstream(model, sae, hook_name, tokens.to(device.torch), batch_size, seed)
+        return _downstream(model, sae, hook_name, tokens.to(device.torch), batch_size, seed,
+                           baseline)  # fmt: skip
+
+
+def pca_baseline(source: SourceLike, rank: int, max_rows: int = 65536) -> tuple[Tensor, Tensor]:
+    """(mean, top-`rank` principal directions as orthonormal rows) of up to `max_rows`
+    rows of `source`: the dense reconstruction an SAE with L0 = rank is compared with."""
+    rows = torch.cat([b.double() for b in iter_rows(as_source(source, "pca_baseline"),
+                                                    4096, max_rows=max_rows)])  # fmt: skip
+    mu = rows.mean(0)
+    _, _, vt = torch.linalg.svd(rows - mu, full_matrices=False)
+    rank = max(1, min(rank, vt.shape[0]))
+    return mu.float(), vt[:rank].float()
 
 
 def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: Tensor,
-                batch_size: int, seed: int) -> dict[str, float]:  # fmt: skip
+                batch_size: int, seed: int,
+                baseline: tuple[Tensor, Tensor] | None = None) -> dict[str, float]:  # fmt: skip
     if tokens.ndim != 2 or tokens.shape[1] < 3:
         raise ValueError(f"tokens: expected LongTensor [n, seq ≥ 3], got {tuple(tokens.shape)}")
     if hook_name not in model.hook_dict:
@@ -123,6 +150,10 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
     sae.eval()
     gen = torch.Generator().manual_seed(seed)
     sums = {"ce_clean": 0.0, "ce_sae": 0.0, "ce_zero": 0.0, "kl_sae": 0.0, "kl_random": 0.0}
+    kinds = ("sae", "zero", "random")
+    if baseline is not None:
+        sums.update({"ce_mean": 0.0, "ce_pca": 0.0, "kl_pca": 0.0})
+        kinds += ("mean", "pca")
     n = 0
     for s in range(0, tokens.shape[0], batch_size):
         tok = tokens[s : s + batch_size]
@@ -130,13 +161,13 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
 
         clean = model(tok, return_type="logits")[:, 1:-1]
         sums["ce_clean"] += float(ce_full(clean, target).sum())
-        for kind in ("sae", "zero", "random"):
-            logits = model.run_with_hooks(
-                tok, return_type="logits", fwd_hooks=[(hook_name, _splice_fn(kind, sae, gen))]
-            )[:, 1:-1]
-            if kind in ("sae", "zero"):
+        for kind in kinds:
+            splice = _splice_fn(kind, sae, gen, baseline)
+            logits = model.run_with_hooks(tok, return_type="logits",
+                                          fwd_hooks=[(hook_name, splice)])[:, 1:-1]  # fmt: skip
+            if f"ce_{kind}" in sums:
                 sums[f"ce_{kind}"] += float(ce_full(logits, target).sum())
-            if kind in ("sae", "random"):
+            if f"kl_{kind}" in sums:
                 sums[f"kl_{kind}"] += float(M.kl_divergence(clean, logits).sum())
         n += target.numel()
     out = {k: v / n for k, v in sums.items()}
@@ -144,6 +175,17 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
     out["random_to_sae_kl_ratio"] = (
         out["kl_random"] / out["kl_sae"] if out["kl_sae"] > 0 else math.nan
     )
+    out["ce_delta_sae"] = out["ce_sae"] - out["ce_clean"]
+    if baseline is not None:
+        out["pca_rank"] = int(baseline[1].shape[0])
+        out["ce_delta_pca"] = out["ce_pca"] - out["ce_clean"]
+        out["ce_loss_recovered_mean_ablation"] = M.ce_loss_recovered(
+            out["ce_clean"], out["ce_sae"], out["ce_mean"]
+        )
+        out["ce_loss_recovered_pca"] = M.ce_loss_recovered(
+            out["ce_clean"], out["ce_pca"], out["ce_zero"]
+        )
+        out["kl_sae_over_pca"] = out["kl_sae"] / out["kl_pca"] if out["kl_pca"] > 0 else math.nan
     out["n_predictions"] = n
     return out
 
@@ -238,8 +280,11 @@ def evaluate_sae(
     if model is not None:
         if hook_name is None or tokens is None:
             raise ValueError("evaluate_sae: with a model, give hook_name and tokens too")
+        # the dense baseline: as many numbers per token as the SAE's (rounded) L0
+        rank = max(1, round(float(metrics.get("l0", 1.0))))
+        baseline = pca_baseline(eval_source, rank, max_rows or 65536)
         metrics["downstream"] = evaluate_downstream(
-            model, sae, hook_name, tokens, seed=seed, device=device
+            model, sae, hook_name, tokens, seed=seed, device=device, baseline=baseline
         )
     if labels is not None:
         if concept_names is None:

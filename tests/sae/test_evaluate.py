@@ -197,3 +197,37 @@ def test_bare_arrays_and_tensors_are_taken_as_sources():
         evaluate_sae(identity_sae(), x.tolist())
     with pytest.raises(ValueError, match=r"expected a 2-D \[n_rows, d_in\] array, got \(300,\)"):
         evaluate_sae(identity_sae(), x[:, 0])
+
+
+def _hook_rows(model, toks):
+    with torch.no_grad():
+        _, cache = model.run_with_cache(toks, names_filter=[HOOK])
+    return cache[HOOK][:, 1:].reshape(-1, D)
+
+
+def test_pca_baseline_closed_forms(model, model_tokens):
+    """Full-rank PCA is the identity (no CE rise, KL 0); rank 0 is mean-ablation's limit;
+    mean-ablation CE recovered of a perfect SAE is 1; the SAE-over-PCA KL ratio is a ratio."""
+    from stages.sae.evaluate import pca_baseline
+
+    rows = _hook_rows(model, model_tokens)
+    full = pca_baseline(rows, D)
+    assert torch.allclose(full[1] @ full[1].T, torch.eye(D), atol=1e-5)
+    out = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, baseline=full)
+    assert out["pca_rank"] == D and out["kl_pca"] == pytest.approx(0.0, abs=1e-6)
+    assert out["ce_delta_pca"] == pytest.approx(0.0, abs=1e-5)
+    assert out["ce_loss_recovered_pca"] == pytest.approx(1.0, abs=1e-5)
+    assert out["kl_sae_over_pca"] > 1e3  # any error is worse than an exact reconstruction
+    assert out["ce_delta_sae"] == pytest.approx(out["ce_sae"] - out["ce_clean"])
+    want = (out["ce_mean"] - out["ce_sae"]) / (out["ce_mean"] - out["ce_clean"])
+    assert out["ce_loss_recovered_mean_ablation"] == pytest.approx(want)
+    one = pca_baseline(rows, 1)
+    perfect = evaluate_downstream(model, identity_sae(), HOOK, model_tokens, baseline=one)
+    assert perfect["ce_loss_recovered_mean_ablation"] == pytest.approx(1.0, abs=1e-6)
+    assert perfect["kl_pca"] > 0 and perfect["kl_sae_over_pca"] == pytest.approx(0.0, abs=1e-6)
+    # the projection keeps the mean and the top direction: its error is the rest's variance
+    mu, basis = one
+    centred = rows.double() - rows.double().mean(0)
+    ev = torch.linalg.eigvalsh(centred.T @ centred / len(rows))
+    resid = ((rows - mu) - (rows - mu) @ basis.T @ basis).pow(2).sum(1).mean()
+    assert float(resid) == pytest.approx(float(ev[:-1].sum()), rel=1e-3)
