@@ -185,7 +185,10 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
         out["ce_loss_recovered_pca"] = M.ce_loss_recovered(
             out["ce_clean"], out["ce_pca"], out["ce_zero"]
         )
-        out["kl_sae_over_pca"] = out["kl_sae"] / out["kl_pca"] if out["kl_pca"] > 0 else math.nan
+        # at rank >= d the projection is the identity: no baseline left to beat
+        full = out["pca_rank"] >= baseline[1].shape[1]
+        out["kl_sae_over_pca"] = (out["kl_sae"] / out["kl_pca"]
+                                  if out["kl_pca"] > 0 and not full else math.nan)  # fmt: skip
     out["n_predictions"] = n
     return out
 
