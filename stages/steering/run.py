@@ -33,6 +33,7 @@ from stages.io import atomic_dir, write_json
 from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.apply import generate_steered
+from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
 from stages.steering.probes import concept_probe, cosine_table
@@ -65,7 +66,9 @@ class ConceptConfig:
     gt_rows: int = 65536  # held-out store rows for ground-truth latents
     probe_rows: int = 65536
     targeted_k: int = 5
-    n_random: int = 4  # random vectors (seeds) of the same norm, averaged
+    n_random: int = 32  # random directions of the same norm: the null of every effect
+    kl_windows: int = 8  # held-out windows for the equal-KL search
+    equal_kl_at: float = 1.0  # equal-KL target: the raw vector's KL at this multiplier
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
@@ -76,7 +79,15 @@ class ConceptConfig:
         if len(finite) < 2 or len(finite) != len(set(map(float, self.multipliers))):
             raise ValueError(f"ConceptConfig: multipliers = {list(self.multipliers)}, expected "
                              "at least two distinct finite values (steerability is a slope)")  # fmt: skip
-        for key in ("kl_multiplier", "kl_budget", "generation_multiplier", "gt_f1_threshold"):
+        if self.n_random < 2:
+            raise ValueError(f"ConceptConfig: n_random = {self.n_random}, expected ≥ 2")
+        for key in (
+            "kl_multiplier",
+            "kl_budget",
+            "generation_multiplier",
+            "gt_f1_threshold",
+            "equal_kl_at",
+        ):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"ConceptConfig: {key} = {getattr(self, key)}, expected a "
                                  "finite number")  # fmt: skip
@@ -169,6 +180,21 @@ def run_concept(
                         batch_size=bs)  # fmt: skip
     best = sweep.best_hook
     ev: dict[str, Any] = {"config": cfg.to_dict(), "set": s.to_dict()}
+    with_sae = [h for h in hooks if h in saes]
+    dh = (best if best in saes else max(with_sae, key=lambda h: sweep.steerability[h].slope)
+          ) if with_sae else None  # fmt: skip
+
+    def controls(h: str, named: dict[str, Tensor], kl: bool = True) -> dict[str, Any]:
+        return controlled_effects(model, s, h, named, cfg.multipliers,
+                                  tokens[: cfg.kl_windows] if kl else None,
+                                  n_random=cfg.n_random, seed=cfg.seed,
+                                  equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
+                                  side_positions=cfg.side_positions, batch_size=bs)  # fmt: skip
+
+    # every hook's raw vector against random directions (the decomposition hook's below,
+    # with the targeted variants)
+    # with, the decomposition hook's below with the targeted variants and at equal KL)
+    ev["controls"] = {h: controls(h, {"raw": vectors[h]}, kl=False) for h in hooks if h != dh}
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
@@ -200,13 +226,11 @@ def run_concept(
         probes = {}
 
     # ---- decomposition at the chosen hook, or the best-steering hook that has an SAE
-    with_sae = [h for h in hooks if h in saes]
-    if not with_sae:
+    if dh is None:
         log.info("steering %s: no SAE at %s; decomposition skipped", s.name, hooks)
         result.decomposition = {"skipped": "no SAE at any steering hook"}
         ev["seconds"] = time.perf_counter() - t0
         return result
-    dh = best if best in saes else max(with_sae, key=lambda h: sweep.steerability[h].slope)
     sae, v = saes[dh], vectors[dh]
     W = sae.W_dec.detach()
     x_eval = read_activations(model, [e.prompt for e in s.eval_prompts], [dh], -1, bs)[dh]
@@ -253,12 +277,16 @@ def run_concept(
                                               top_n=cfg.top_n).to_dict()
                         for h in hooks}  # fmt: skip
     # ---- targeted vs raw vs random
-    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, cfg.n_random)
+    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, 1)
     dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
                       "vectors": compare_vectors(model, s, dh, tv, cfg.multipliers, tokens,
                                                  cfg.kl_multiplier, positions=cfg.positions,
                                                  side_positions=cfg.side_positions,
                                                  batch_size=bs)}  # fmt: skip
+    # the raw vector and every variant against the same random directions, at equal norm
+    # and at equal KL
+    ev["controls"][dh] = dd["controls"] = controls(dh, {k: x for k, x in tv.items()
+                                                         if k != "random"})  # fmt: skip
     result.decomposition = dd
     ev["seconds"] = time.perf_counter() - t0
     return result
@@ -385,4 +413,35 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]
-    return {k: round(float(v), 6) for k, v in out.items()}
+    out.update(control_headline(ev.get("controls", {}).get(best)))
+    return {k: round(float(v), 6) if v is not None else float("nan") for k, v in out.items()}
+
+
+def control_headline(c: dict | None) -> dict[str, float]:
+    """Flat metrics of `controls.controlled_effects` at one hook: the raw vector's
+    steerability against random directions (`steerability_z`, `_p`, …) and each targeted
+    variant's at equal norm and at equal KL (`targeted.<kind>.equal_norm.z`, …)."""
+    if not c:
+        return {}
+    out: dict[str, float] = {"random.n": c["n_random"], "random.p_floor": c["p_floor"]}
+    for kind, r in c["vectors"].items():
+        pre = "steerability" if kind == "raw" else f"targeted.{kind}"
+        own, eq = r["own_norm"], r["equal_norm"]
+        if kind != "raw":
+            out[f"{pre}.norm"] = r["norm"]
+            out[f"{pre}.equal_norm.steerability"] = eq["steerability"]
+        lo, hi = own["ci95"]
+        out[f"{pre}_ci95_lo" if kind == "raw" else f"{pre}.ci95_lo"] = lo
+        out[f"{pre}_ci95_hi" if kind == "raw" else f"{pre}.ci95_hi"] = hi
+        sep = "_" if kind == "raw" else ".equal_norm."
+        for key in ("z", "p", "null_mean", "null_sd"):
+            out[f"{pre}{sep}{key}"] = eq[key]
+        kl = r.get("equal_kl")
+        if kl:
+            p2 = "equal_kl.raw" if kind == "raw" else f"{pre}.equal_kl"
+            for key in ("effect", "multiplier", "z", "p", "null_mean", "null_sd"):
+                out[f"{p2}.{key}"] = kl[key]
+            out[f"{p2}.ci95_lo"], out[f"{p2}.ci95_hi"] = kl["ci95"]
+    if "equal_kl" in c:
+        out["equal_kl.target_kl"] = c["equal_kl"]["target_kl"]
+    return out
