@@ -413,35 +413,43 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]
-    out.update(control_headline(ev.get("controls", {}).get(best)))
+    # the raw vector at the best hook; the targeted variants (and the equal-KL test) at
+    # the decomposition hook, the same hook by default
+    out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
+    out.update(control_headline(dd.get("controls"), raw=False))
     return {k: round(float(v), 6) if v is not None else float("nan") for k, v in out.items()}
 
 
-def control_headline(c: dict | None) -> dict[str, float]:
-    """Flat metrics of `controls.controlled_effects` at one hook: the raw vector's
-    steerability against random directions (`steerability_z`, `_p`, …) and each targeted
-    variant's at equal norm and at equal KL (`targeted.<kind>.equal_norm.z`, …)."""
+def control_headline(c: dict | None, raw: bool = True) -> dict[str, float]:
+    """Flat metrics of one hook's `controls.controlled_effects`. With `raw`: the raw
+    vector's steerability against random directions of its norm (`steerability_z`,
+    `steerability_p`, `_null_mean`, `_null_sd`, `_ci95_lo/hi`). Without: each targeted
+    variant rescaled to the raw norm (`targeted.<kind>.equal_norm.*`) and every vector at
+    the equal-KL multiplier (`targeted.<kind>.equal_kl.*`, `equal_kl.raw.*`)."""
     if not c:
         return {}
     out: dict[str, float] = {"random.n": c["n_random"], "random.p_floor": c["p_floor"]}
     for kind, r in c["vectors"].items():
-        pre = "steerability" if kind == "raw" else f"targeted.{kind}"
         own, eq = r["own_norm"], r["equal_norm"]
+        if raw and kind == "raw":
+            out["steerability_ci95_lo"], out["steerability_ci95_hi"] = own["ci95"]
+            for key in ("z", "p", "null_mean", "null_sd"):
+                out[f"steerability_{key}"] = eq[key]
+        if raw:
+            continue
+        pre = f"targeted.{kind}"
         if kind != "raw":
             out[f"{pre}.norm"] = r["norm"]
+            out[f"{pre}.ci95_lo"], out[f"{pre}.ci95_hi"] = own["ci95"]
             out[f"{pre}.equal_norm.steerability"] = eq["steerability"]
-        lo, hi = own["ci95"]
-        out[f"{pre}_ci95_lo" if kind == "raw" else f"{pre}.ci95_lo"] = lo
-        out[f"{pre}_ci95_hi" if kind == "raw" else f"{pre}.ci95_hi"] = hi
-        sep = "_" if kind == "raw" else ".equal_norm."
-        for key in ("z", "p", "null_mean", "null_sd"):
-            out[f"{pre}{sep}{key}"] = eq[key]
+            for key in ("z", "p", "null_mean", "null_sd"):
+                out[f"{pre}.equal_norm.{key}"] = eq[key]
         kl = r.get("equal_kl")
         if kl:
             p2 = "equal_kl.raw" if kind == "raw" else f"{pre}.equal_kl"
             for key in ("effect", "multiplier", "z", "p", "null_mean", "null_sd"):
                 out[f"{p2}.{key}"] = kl[key]
             out[f"{p2}.ci95_lo"], out[f"{p2}.ci95_hi"] = kl["ci95"]
-    if "equal_kl" in c:
+    if "equal_kl" in c and not raw:
         out["equal_kl.target_kl"] = c["equal_kl"]["target_kl"]
     return out
