@@ -39,7 +39,14 @@ from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_swee
 from stages.steering.probes import concept_probe, cosine_table
 from stages.steering.prompts import SteeringSet
 from stages.steering.targeted import compare_vectors, targeted_vectors
-from stages.steering.vectors import compute_vectors, pairs_hash, read_activations, save_vector
+from stages.steering.vectors import (
+    compute_vectors,
+    pairs_hash,
+    read_activations,
+    resolve_positions,
+    save_vector,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -63,6 +70,9 @@ class ConceptConfig:
     ks: tuple[int, ...] = (1, 3, 5, 10)  # precision@k
     top_n: int = 10  # features listed per ranking / per downstream hook
     gt_f1_threshold: float = 0.3
+    # read-position ground truth: firing-rate contrast above this, among read-token rows
+    gt_contrast_threshold: float = 0.3
+    gt_min_rows: int = 10  # positive and negative read-token rows it needs
     gt_rows: int = 65536  # held-out store rows for ground-truth latents
     probe_rows: int = 65536
     targeted_k: int = 5
@@ -263,6 +273,13 @@ def run_concept(
         f1 = D.latent_f1(sae, x, lab)[0]
         truth = D.concept_latents(f1, cfg.gt_f1_threshold)
         dd["ground_truth_f1"] = {str(j): float(f1[j]) for j in truth}
+    rp = read_position_truth(sae, s, store, dh, model, cfg)
+    if rp is not None:
+        dd["ground_truth_read_position"] = rp
+        if rp.get("latents"):
+            dd["precision_at_k_read_position"] = {
+                name: {str(k): D.precision_at_k(r, rp["latents"], k) for k in cfg.ks}
+                for name, r in rankings.items()}  # fmt: skip
     if truth:
         dd["ground_truth"] = truth
         dd["precision_at_k"] = {name: {str(k): D.precision_at_k(r, truth, k) for k in cfg.ks}
@@ -290,6 +307,52 @@ def run_concept(
     result.decomposition = dd
     ev["seconds"] = time.perf_counter() - t0
     return result
+
+
+def read_position_truth(sae, s: SteeringSet, store, hook: str, model: HookedTransformer,
+                        cfg: ConceptConfig) -> dict[str, Any] | None:  # fmt: skip
+    """Ground-truth latents where the vector lives: held-out store rows whose token is one
+    the training pairs are read at, split by the set's concept (positive) and its
+    negative concept (or its absence); latents whose firing-rate contrast exceeds
+    `gt_contrast_threshold` (`decompose.contrast_at_tokens`), best first, or the best one.
+    None without a store, labels or hook; a dict with `skipped` when too few rows."""
+    if store is None or not s.concept or s.concept not in (store.concept_names or []) \
+            or hook not in store.hooks:  # fmt: skip
+        return None
+    seqs = tokenize(model, [x for p in s.train_pairs for x in (p.positive, p.negative)])
+    rps = [p.read_position for p in s.train_pairs for _ in (0, 1)]
+    idx = resolve_positions(torch.tensor([len(q) for q in seqs]), rps)
+    read_ids = sorted({int(q[i]) for q, i in zip(seqs, idx, strict=True) if i != "mean"})
+    if not read_ids:
+        return {"skipped": "the pairs are read at the mean over positions"}
+    lo, hi = store.split_range("heldout")
+    hi = min(hi, lo + cfg.gt_rows)
+    tok = np.asarray(store.array("token_ids")[lo:hi])
+    at = np.isin(tok, read_ids)
+    names = store.concept_names
+    lab = np.asarray(store.array("concept_labels")[lo:hi])[at]
+    pos = lab[:, names.index(s.concept)].astype(bool)
+    if s.negative_concept and s.negative_concept in names:
+        neg = lab[:, names.index(s.negative_concept)].astype(bool) & ~pos
+    else:
+        neg = ~pos
+    out: dict[str, Any] = {"read_tokens": read_ids, "n_positive": int(pos.sum()),
+                           "n_negative": int(neg.sum()), "concept": s.concept,
+                           "negative": s.negative_concept or f"not {s.concept}",
+                           "threshold": cfg.gt_contrast_threshold,
+                           "rule": "P(fires | concept) − P(fires | negative) among held-out "
+                                   "rows at the pairs' read tokens"}  # fmt: skip
+    if pos.sum() < cfg.gt_min_rows or neg.sum() < cfg.gt_min_rows:
+        out["skipped"] = f"fewer than {cfg.gt_min_rows} positive or negative read-token rows"
+        return out
+    rows = np.flatnonzero(at)
+    x = torch.from_numpy(np.asarray(store.array(hook)[lo:hi])[rows].astype(np.float32))
+    c = D.contrast_at_tokens(sae, x, torch.from_numpy(pos), torch.from_numpy(neg))
+    order = torch.argsort(c, descending=True)
+    keep = [int(j) for j in order if float(c[j]) > cfg.gt_contrast_threshold]
+    out["latents"] = keep or [int(order[0])]
+    out["contrast"] = {str(j): float(c[j]) for j in out["latents"]}
+    return out
 
 
 def write_concept(result: ConceptResult, steering_dir: Path, decomposition_dir: Path) -> Path:
@@ -410,6 +473,9 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     for ranking, at in dd.get("precision_at_k", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}"] = at["5"]
+    for ranking, at in dd.get("precision_at_k_read_position", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}_read_position"] = at["5"]
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]

@@ -136,3 +136,24 @@ def test_planted_direction_beats_its_null_and_a_random_one_does_not(tiny_model, 
     assert dbl["equal_kl"]["effect"] == pytest.approx(raw["equal_kl"]["effect"])
     assert dbl["equal_kl"]["multiplier_own_norm"] == pytest.approx(0.5)
     assert raw["equal_kl"]["z"] > 3
+
+
+def test_read_position_contrast_closed_form():
+    """Latent 0 fires on every positive row only, 1 everywhere, 2 on negative rows only,
+    3 on half the positive rows: contrasts 1, 0, −1, 0.5."""
+    from types import SimpleNamespace
+
+    from stages.steering.decompose import contrast_at_tokens
+
+    sae = SimpleNamespace(d_sae=4, encode=lambda x: x)
+    pos = torch.tensor([True, True, True, True, False, False])
+    neg = ~pos
+    x = torch.zeros(6, 4)
+    x[pos, 0] = 1.0
+    x[:, 1] = 2.0
+    x[neg, 2] = 0.5
+    x[:2, 3] = 1.0
+    c = contrast_at_tokens(sae, x, pos, neg, batch_size=4)
+    assert c.tolist() == pytest.approx([1.0, 0.0, -1.0, 0.5])
+    with pytest.raises(ValueError, match="0 negative rows"):
+        contrast_at_tokens(sae, x, pos, torch.zeros(6, dtype=torch.bool))

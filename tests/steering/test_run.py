@@ -57,6 +57,12 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     for v in c["vectors"].values():
         assert v["equal_norm"]["p"] >= c["p_floor"] == 1 / 33
     assert "equal_kl" not in ev["controls"][HOOKS[0]]
+    # ground truth at the read position (the noun): mammal vs bird rows at those tokens
+    rp = dd["ground_truth_read_position"]
+    assert rp["read_tokens"] and rp["concept"] == "mammal" and rp["negative"] == "bird"
+    if "skipped" not in rp:
+        assert rp["latents"] and set(dd["precision_at_k_read_position"]) == {
+            "nnls", "cosine", "encode", "encode_shift"}  # fmt: skip
     head = concept_headline(ev, dd)
     assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
     figs = figures(r)
