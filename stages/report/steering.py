@@ -244,18 +244,21 @@ def _summary_table(concepts: list[SteeredConcept], pages: dict, resolve: Resolve
         raw = (((c.evaluation.get("controls") or {}).get(best) or {}).get("vectors") or {}).get(
             "raw", {}).get("equal_norm", {})  # fmt: skip
         curve = (dd.get("nn_decomposition") or {}).get("curve") or []
+        at = dd.get("attribution") or {}
         rows.append([
             e(c.concept), f"<code>{e(best or '–')}</code>", fmt(st.get("slope")),
             _z_p(raw), fmt(st.get("wrong_way_fraction"), 2), fmt(se.get("kl")),
             "yes" if sw.get("within_budget") else "no",
             f"<code>{e(dd.get('hook', '–'))}</code>", fmt(pk.get("5"), 2), fmt(pk_rp.get("5"), 2),
+            f"{fmt(at.get('pearson'), 2)} / {fmt(at.get('spearman'), 2)}" if at else "–",
             fmt(curve[min(4, len(curve) - 1)] if curve else None, 2), " ".join(feats) or "–",
         ])  # fmt: skip
     return table(
         ["concept", "best hook", "steerability", "z (p) vs random", "wrong-way", "KL",
-         "in budget", "SAE hook", "P@5 (NNLS)", "P@5 at read position", "error @5",
+         "in budget", "SAE hook", "P@5 (NNLS)", "P@5 at read position",
+         "attribution vs ablation r / ρ", "error @5",
          "top SAE features (coef)"],
-        rows, left=2, also_left=(7, 11),
+        rows, left=2, also_left=(7, 12),
     )  # fmt: skip
 
 

@@ -33,6 +33,7 @@ from stages.io import atomic_dir, write_json
 from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.apply import generate_steered
+from stages.steering.attribution import attribution_vs_ablation
 from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
@@ -73,6 +74,7 @@ class ConceptConfig:
     # read-position ground truth: firing-rate contrast above this, among read-token rows
     gt_contrast_threshold: float = 0.3
     gt_min_rows: int = 10  # positive and negative read-token rows it needs
+    attribution_sample: int = 16  # latents ablated: this many top by |attribution| + random
     gt_rows: int = 65536  # held-out store rows for ground-truth latents
     probe_rows: int = 65536
     targeted_k: int = 5
@@ -304,6 +306,9 @@ def run_concept(
     # and at equal KL
     ev["controls"][dh] = dd["controls"] = controls(dh, {k: x for k, x in tv.items()
                                                          if k != "random"})  # fmt: skip
+    # which latents carry the behaviour: attribution patching against true ablation
+    dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
+                                                cfg.attribution_sample, cfg.seed)  # fmt: skip
     result.decomposition = dd
     ev["seconds"] = time.perf_counter() - t0
     return result
@@ -473,6 +478,9 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     for ranking, at in dd.get("precision_at_k", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}"] = at["5"]
+    if "attribution" in dd:
+        out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
+        out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
     for ranking, at in dd.get("precision_at_k_read_position", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}_read_position"] = at["5"]

@@ -63,8 +63,11 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     if "skipped" not in rp:
         assert rp["latents"] and set(dd["precision_at_k_read_position"]) == {
             "nnls", "cosine", "encode", "encode_shift"}  # fmt: skip
+    at = dd["attribution"]
+    assert at["hook"] == HOOKS[1] and len(at["latents"]) == len(at["ablation"]) > 3
     head = concept_headline(ev, dd)
     assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
+    assert "attribution_vs_ablation.spearman" in head
     figs = figures(r)
     assert {"steerability", "layer_sweep", "decomposition", "downstream", "targeted"} <= set(figs)
     redrawn = figures_from_dict({"evaluation": ev, "decomposition": dd})
