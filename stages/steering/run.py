@@ -491,7 +491,10 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     # the decomposition hook, the same hook by default
     out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
     out.update(control_headline(dd.get("controls"), raw=False))
-    return {k: round(float(v), 6) if v is not None else float("nan") for k, v in out.items()}
+    # an undefined number (no null spread, a KL target never reached) is left out: the
+    # metrics file stays strict JSON and an absent key reads as "not measured"
+    return {k: round(float(v), 6) for k, v in out.items()
+            if v is not None and math.isfinite(float(v))}  # fmt: skip
 
 
 def control_headline(c: dict | None, raw: bool = True) -> dict[str, float]:
