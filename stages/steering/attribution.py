@@ -68,7 +68,8 @@ def latent_attribution(
         f = sae.encode(x.float()).detach().requires_grad_(True)
         err = x - sae.decode(f).detach().to(x.dtype)  # kept: the forward is unchanged
         held["f"] = f
-        return (sae.decode(f).to(x.dtype) + err) * live[..., None] + x * ~live[..., None]
+        keep = live[..., None].to(x.device)
+        return (sae.decode(f).to(x.dtype) + err) * keep + x * ~keep
 
     with torch.enable_grad():
         # the sum: row p of the gradient is then ∂m_p / ∂f_p
@@ -107,7 +108,7 @@ def ablation_effects(
     def ablate(act: Tensor, hook) -> Tensor:  # noqa: ARG001
         fj = f[state["p"], : act.shape[1], :].gather(
             2, state["j"][:, None, None].expand(-1, act.shape[1], 1))  # [B, L, 1]  # fmt: skip
-        return act - ((1.0 - scale) * fj * W[state["j"]][:, None, :]).to(act.dtype)
+        return act - ((1.0 - scale) * fj * W[state["j"]][:, None, :]).to(act.device, act.dtype)
 
     out = torch.zeros(len(lat), dtype=torch.float64)
     rows = len(lat) * n

@@ -90,7 +90,8 @@ def last_token_grid(
     state: dict[str, Tensor] = {}
 
     def add(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - TL's signature
-        return act + (state["mult"][:, None] * vecs[state["vec"]])[:, None, :].to(act.dtype)
+        add = state["mult"][:, None] * vecs[state["vec"]]
+        return act + add[:, None, :].to(act.device, act.dtype)
 
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):
@@ -180,7 +181,8 @@ def kl_curves(
     for mi, mult in enumerate(multipliers):
         for c0 in range(0, len(active), per):
             vi = torch.tensor(active[c0 : c0 + per])
-            delta = float(mult) * vectors[vi].float()[:, None, None, :] * mask[None]  # [a, n, L, d]
+            # [a, n, L, d]: each vector at every steered position of every window
+            delta = (float(mult) * vectors[vi].float()[:, None, None, :] * mask[None]).to(x0.device)
             if start is not None:
                 xs = (x0[None] + delta).reshape(-1, *x0.shape[1:])
                 steered = model(xs, start_at_layer=start)
