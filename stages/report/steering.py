@@ -197,6 +197,7 @@ def section(
         mine = [c for c in concepts if c.model == model]
         parts.append(f"<h3>{e(model)}</h3>")
         parts.append(_summary_table(mine, pages, resolve))
+        parts.append(_controls_table(mine))
         for c in mine:
             inputs = [Path(steering_dir) / model]
             if c.decomposition_path is not None:
@@ -239,18 +240,79 @@ def _summary_table(concepts: list[SteeredConcept], pages: dict, resolve: Resolve
             label = f"#{f}"
             feats.append((f'<a href="{e(url)}">{label}</a>' if url else label) + f" ({coef:.2f})")
         pk = (dd.get("precision_at_k") or {}).get("nnls") or {}
+        pk_rp = (dd.get("precision_at_k_read_position") or {}).get("nnls") or {}
+        raw = (((c.evaluation.get("controls") or {}).get(best) or {}).get("vectors") or {}).get(
+            "raw", {}).get("equal_norm", {})  # fmt: skip
         curve = (dd.get("nn_decomposition") or {}).get("curve") or []
+        at = dd.get("attribution") or {}
         rows.append([
             e(c.concept), f"<code>{e(best or '–')}</code>", fmt(st.get("slope")),
-            fmt(st.get("wrong_way_fraction"), 2), fmt(se.get("kl")),
+            _z_p(raw), fmt(st.get("wrong_way_fraction"), 2), fmt(se.get("kl")),
             "yes" if sw.get("within_budget") else "no",
-            f"<code>{e(dd.get('hook', '–'))}</code>", fmt(pk.get("5"), 2),
+            f"<code>{e(dd.get('hook', '–'))}</code>", fmt(pk.get("5"), 2), fmt(pk_rp.get("5"), 2),
+            f"{fmt(at.get('pearson'), 2)} / {fmt(at.get('spearman'), 2)}" if at else "–",
             fmt(curve[min(4, len(curve) - 1)] if curve else None, 2), " ".join(feats) or "–",
         ])  # fmt: skip
     return table(
-        ["concept", "best hook", "steerability", "wrong-way", "KL", "in budget", "SAE hook",
-         "P@5 (NNLS)", "error @5", "top SAE features (coef)"],
-        rows, left=2, also_left=(6, 9),
+        ["concept", "best hook", "steerability", "z (p) vs random", "wrong-way", "KL",
+         "in budget", "SAE hook", "P@5 (NNLS)", "P@5 at read position",
+         "attribution vs ablation r / ρ", "error @5",
+         "top SAE features (coef)"],
+        rows, left=2, also_left=(7, 12),
+    )  # fmt: skip
+
+
+def _z_p(r: dict) -> str:
+    """'z (p)' of one test against the random directions ('–' when absent)."""
+    if not r or r.get("z") is None:
+        return "–"
+    return f"{fmt(r.get('z'), 2)} ({fmt(r.get('p'), 3)})"
+
+
+def _ci(r: dict) -> str:
+    lo, hi = (r or {}).get("ci95") or (None, None)
+    return f"[{fmt(lo, 3)}, {fmt(hi, 3)}]"
+
+
+def _controls_table(concepts: list[SteeredConcept]) -> str:
+    """Every vector at the decomposition hook against the same random directions: at its
+    own norm, rescaled to the raw vector's norm, and at the multiplier giving the raw
+    vector's KL at the equal-KL multiplier (stages/steering/controls.py)."""
+    rows, n, floor, windows = [], None, None, None
+    for c in concepts:
+        ctl = c.decomposition.get("controls") or {}
+        if not ctl:
+            continue
+        n, floor = ctl.get("n_random"), ctl.get("p_floor")
+        kl = ctl.get("equal_kl") or {}
+        windows = kl.get("kl_windows", windows)
+        for kind, r in (ctl.get("vectors") or {}).items():
+            own, eq, ek = r.get("own_norm", {}), r.get("equal_norm", {}), r.get("equal_kl", {})
+            rows.append([
+                e(c.concept), e(kind), f"<code>{e(ctl.get('hook', '–'))}</code>",
+                fmt(r.get("norm"), 2), fmt(own.get("steerability")), _ci(own),
+                fmt(eq.get("steerability")), f"{fmt(eq.get('null_mean'))} ± {fmt(eq.get('null_sd'))}",
+                _z_p(eq), fmt(kl.get("target_kl")), fmt(ek.get("multiplier"), 2),
+                fmt(ek.get("effect")), _ci(ek),
+                f"{fmt(ek.get('null_mean'))} ± {fmt(ek.get('null_sd'))}", _z_p(ek),
+            ])  # fmt: skip
+    if not rows:
+        return ""
+    note = (f"<p class='muted'>Steering effects against {e(n)} random directions (seeded "
+            "Gaussian, uniform on the sphere). <b>Equal norm</b>: every vector rescaled to the "
+            "raw vector's norm, effect = steerability (slope of the behaviour metric over the "
+            "multipliers), beside the null's mean ± sd. <b>Equal KL</b>: the multiplier (× the "
+            "raw norm) at which KL(clean ‖ steered) on "
+            f"{e(windows)} held-out windows reaches the target (the raw vector's KL at ×1), "
+            "effect = mean change of the metric there against ×0, each random direction at "
+            "its own such multiplier. z against the null's mean and sd; p = (1 + #null ≥ "
+            f"effect) / (1 + n), one-sided, floor {fmt(floor, 4)}; not corrected across rows. "
+            "Intervals: 95 % t over prompts. Own norm: the variant as built, untested.</p>")  # fmt: skip
+    return note + table(
+        ["concept", "vector", "hook", "norm", "slope (own norm)", "95 % CI", "slope (equal norm)",
+         "null", "z (p)", "target KL", "multiplier", "effect (equal KL)", "95 % CI", "null",
+         "z (p)"],
+        rows, left=3,
     )  # fmt: skip
 
 

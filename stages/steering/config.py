@@ -47,6 +47,10 @@ class SteeringConfig(StrictModel):
     batch_size: PosInt = 64
     max_features: PosInt = 32  # non-negative OMP steps (the error curve's length)
     targeted_k: PosInt = 5  # features kept by the feature-targeted vector
+    # random directions every steering effect is tested against (stages/steering/controls.py)
+    n_random: PosInt = 32
+    kl_windows: PosInt = 8  # held-out windows for the equal-KL search (of n_windows)
+    equal_kl_at: PosFloat = 1.0  # equal-KL target = the raw vector's KL at this multiplier
     gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
     n_generations: NonNegInt = 3
     max_new_tokens: PosInt = 10
@@ -55,6 +59,9 @@ class SteeringConfig(StrictModel):
 
     @model_validator(mode="after")
     def _symmetric(self) -> SteeringConfig:
+        if self.n_random < 2:
+            raise KeyProblem(("n_random",), self.n_random, "expected an integer ≥ 2 (the "
+                            "random-direction null needs a spread; 32 or more for z and p)")  # fmt: skip
         m = sorted(self.multipliers)
         if len(set(m)) < 2:  # [0, 0, 0]: no slope to fit
             raise KeyProblem(("multipliers",), self.multipliers, "expected at least two "

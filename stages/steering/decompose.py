@@ -147,3 +147,26 @@ def concept_latents(f1_row: Tensor, threshold: float = 0.5) -> list[int]:
     order = torch.argsort(f1_row, descending=True)
     keep = [int(i) for i in order if float(f1_row[i]) > threshold]
     return keep or [int(order[0])]
+
+
+@torch.no_grad()
+def contrast_at_tokens(sae, x: Tensor, positive: Tensor, negative: Tensor,
+                       batch_size: int = 8192) -> Tensor:  # fmt: skip
+    """Firing-rate contrast [d_sae]: P(latent > 0 | positive row) − P(latent > 0 | negative
+    row), over rows x [n, d_in] with bool masks `positive`, `negative` [n].
+
+    The ground truth of a steering vector at the position where it is read: among rows
+    holding the read token ("feels", "."), the latents that fire when the concept holds
+    there (the next word is a positive emotion) and not when its opposite does. An F1 over
+    every row instead picks latents of the concept's own word, one token later."""
+    pos, neg = positive.bool(), negative.bool()
+    if int(pos.sum()) == 0 or int(neg.sum()) == 0:
+        raise ValueError(f"contrast_at_tokens: {int(pos.sum())} positive and {int(neg.sum())} "
+                         "negative rows, expected at least one of each")  # fmt: skip
+    fp = torch.zeros(sae.d_sae, dtype=torch.float64)
+    fn = torch.zeros(sae.d_sae, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        fired = (sae.encode(x[i : i + batch_size].float()) > 0).double()
+        fp += fired[pos[i : i + batch_size]].sum(0)
+        fn += fired[neg[i : i + batch_size]].sum(0)
+    return fp / pos.sum() - fn / neg.sum()

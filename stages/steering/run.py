@@ -33,12 +33,21 @@ from stages.io import atomic_dir, write_json
 from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.apply import generate_steered
+from stages.steering.attribution import attribution_vs_ablation
+from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
 from stages.steering.probes import concept_probe, cosine_table
 from stages.steering.prompts import SteeringSet
 from stages.steering.targeted import compare_vectors, targeted_vectors
-from stages.steering.vectors import compute_vectors, pairs_hash, read_activations, save_vector
+from stages.steering.vectors import (
+    compute_vectors,
+    pairs_hash,
+    read_activations,
+    resolve_positions,
+    save_vector,
+    tokenize,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -62,10 +71,16 @@ class ConceptConfig:
     ks: tuple[int, ...] = (1, 3, 5, 10)  # precision@k
     top_n: int = 10  # features listed per ranking / per downstream hook
     gt_f1_threshold: float = 0.3
+    # read-position ground truth: firing-rate contrast above this, among read-token rows
+    gt_contrast_threshold: float = 0.3
+    gt_min_rows: int = 10  # positive and negative read-token rows it needs
+    attribution_sample: int = 16  # latents ablated: this many top by |attribution| + random
     gt_rows: int = 65536  # held-out store rows for ground-truth latents
     probe_rows: int = 65536
     targeted_k: int = 5
-    n_random: int = 4  # random vectors (seeds) of the same norm, averaged
+    n_random: int = 32  # random directions of the same norm: the null of every effect
+    kl_windows: int = 8  # held-out windows for the equal-KL search
+    equal_kl_at: float = 1.0  # equal-KL target: the raw vector's KL at this multiplier
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
@@ -76,7 +91,15 @@ class ConceptConfig:
         if len(finite) < 2 or len(finite) != len(set(map(float, self.multipliers))):
             raise ValueError(f"ConceptConfig: multipliers = {list(self.multipliers)}, expected "
                              "at least two distinct finite values (steerability is a slope)")  # fmt: skip
-        for key in ("kl_multiplier", "kl_budget", "generation_multiplier", "gt_f1_threshold"):
+        if self.n_random < 2:
+            raise ValueError(f"ConceptConfig: n_random = {self.n_random}, expected ≥ 2")
+        for key in (
+            "kl_multiplier",
+            "kl_budget",
+            "generation_multiplier",
+            "gt_f1_threshold",
+            "equal_kl_at",
+        ):
             if not math.isfinite(getattr(self, key)):
                 raise ValueError(f"ConceptConfig: {key} = {getattr(self, key)}, expected a "
                                  "finite number")  # fmt: skip
@@ -169,6 +192,21 @@ def run_concept(
                         batch_size=bs)  # fmt: skip
     best = sweep.best_hook
     ev: dict[str, Any] = {"config": cfg.to_dict(), "set": s.to_dict()}
+    with_sae = [h for h in hooks if h in saes]
+    dh = (best if best in saes else max(with_sae, key=lambda h: sweep.steerability[h].slope)
+          ) if with_sae else None  # fmt: skip
+
+    def controls(h: str, named: dict[str, Tensor], kl: bool = True) -> dict[str, Any]:
+        return controlled_effects(model, s, h, named, cfg.multipliers,
+                                  tokens[: cfg.kl_windows] if kl else None,
+                                  n_random=cfg.n_random, seed=cfg.seed,
+                                  equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
+                                  side_positions=cfg.side_positions, batch_size=bs)  # fmt: skip
+
+    # every hook's raw vector against random directions (the decomposition hook's below,
+    # with the targeted variants)
+    # with, the decomposition hook's below with the targeted variants and at equal KL)
+    ev["controls"] = {h: controls(h, {"raw": vectors[h]}, kl=False) for h in hooks if h != dh}
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
@@ -200,13 +238,11 @@ def run_concept(
         probes = {}
 
     # ---- decomposition at the chosen hook, or the best-steering hook that has an SAE
-    with_sae = [h for h in hooks if h in saes]
-    if not with_sae:
+    if dh is None:
         log.info("steering %s: no SAE at %s; decomposition skipped", s.name, hooks)
         result.decomposition = {"skipped": "no SAE at any steering hook"}
         ev["seconds"] = time.perf_counter() - t0
         return result
-    dh = best if best in saes else max(with_sae, key=lambda h: sweep.steerability[h].slope)
     sae, v = saes[dh], vectors[dh]
     W = sae.W_dec.detach()
     x_eval = read_activations(model, [e.prompt for e in s.eval_prompts], [dh], -1, bs)[dh]
@@ -239,6 +275,13 @@ def run_concept(
         f1 = D.latent_f1(sae, x, lab)[0]
         truth = D.concept_latents(f1, cfg.gt_f1_threshold)
         dd["ground_truth_f1"] = {str(j): float(f1[j]) for j in truth}
+    rp = read_position_truth(sae, s, store, dh, model, cfg)
+    if rp is not None:
+        dd["ground_truth_read_position"] = rp
+        if rp.get("latents"):
+            dd["precision_at_k_read_position"] = {
+                name: {str(k): D.precision_at_k(r, rp["latents"], k) for k in cfg.ks}
+                for name, r in rankings.items()}  # fmt: skip
     if truth:
         dd["ground_truth"] = truth
         dd["precision_at_k"] = {name: {str(k): D.precision_at_k(r, truth, k) for k in cfg.ks}
@@ -253,15 +296,68 @@ def run_concept(
                                               top_n=cfg.top_n).to_dict()
                         for h in hooks}  # fmt: skip
     # ---- targeted vs raw vs random
-    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, cfg.n_random)
+    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, 1)
     dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
                       "vectors": compare_vectors(model, s, dh, tv, cfg.multipliers, tokens,
                                                  cfg.kl_multiplier, positions=cfg.positions,
                                                  side_positions=cfg.side_positions,
                                                  batch_size=bs)}  # fmt: skip
+    # the raw vector and every variant against the same random directions, at equal norm
+    # and at equal KL
+    ev["controls"][dh] = dd["controls"] = controls(dh, {k: x for k, x in tv.items()
+                                                         if k != "random"})  # fmt: skip
+    # which latents carry the behaviour: attribution patching against true ablation
+    dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
+                                                cfg.attribution_sample, cfg.seed)  # fmt: skip
     result.decomposition = dd
     ev["seconds"] = time.perf_counter() - t0
     return result
+
+
+def read_position_truth(sae, s: SteeringSet, store, hook: str, model: HookedTransformer,
+                        cfg: ConceptConfig) -> dict[str, Any] | None:  # fmt: skip
+    """Ground-truth latents where the vector lives: held-out store rows whose token is one
+    the training pairs are read at, split by the set's concept (positive) and its
+    negative concept (or its absence); latents whose firing-rate contrast exceeds
+    `gt_contrast_threshold` (`decompose.contrast_at_tokens`), best first, or the best one.
+    None without a store, labels or hook; a dict with `skipped` when too few rows."""
+    if store is None or not s.concept or s.concept not in (store.concept_names or []) \
+            or hook not in store.hooks:  # fmt: skip
+        return None
+    seqs = tokenize(model, [x for p in s.train_pairs for x in (p.positive, p.negative)])
+    rps = [p.read_position for p in s.train_pairs for _ in (0, 1)]
+    idx = resolve_positions(torch.tensor([len(q) for q in seqs]), rps)
+    read_ids = sorted({int(q[i]) for q, i in zip(seqs, idx, strict=True) if i != "mean"})
+    if not read_ids:
+        return {"skipped": "the pairs are read at the mean over positions"}
+    lo, hi = store.split_range("heldout")
+    hi = min(hi, lo + cfg.gt_rows)
+    tok = np.asarray(store.array("token_ids")[lo:hi])
+    at = np.isin(tok, read_ids)
+    names = store.concept_names
+    lab = np.asarray(store.array("concept_labels")[lo:hi])[at]
+    pos = lab[:, names.index(s.concept)].astype(bool)
+    if s.negative_concept and s.negative_concept in names:
+        neg = lab[:, names.index(s.negative_concept)].astype(bool) & ~pos
+    else:
+        neg = ~pos
+    out: dict[str, Any] = {"read_tokens": read_ids, "n_positive": int(pos.sum()),
+                           "n_negative": int(neg.sum()), "concept": s.concept,
+                           "negative": s.negative_concept or f"not {s.concept}",
+                           "threshold": cfg.gt_contrast_threshold,
+                           "rule": "P(fires | concept) − P(fires | negative) among held-out "
+                                   "rows at the pairs' read tokens"}  # fmt: skip
+    if pos.sum() < cfg.gt_min_rows or neg.sum() < cfg.gt_min_rows:
+        out["skipped"] = f"fewer than {cfg.gt_min_rows} positive or negative read-token rows"
+        return out
+    rows = np.flatnonzero(at)
+    x = torch.from_numpy(np.asarray(store.array(hook)[lo:hi])[rows].astype(np.float32))
+    c = D.contrast_at_tokens(sae, x, torch.from_numpy(pos), torch.from_numpy(neg))
+    order = torch.argsort(c, descending=True)
+    keep = [int(j) for j in order if float(c[j]) > cfg.gt_contrast_threshold]
+    out["latents"] = keep or [int(order[0])]
+    out["contrast"] = {str(j): float(c[j]) for j in out["latents"]}
+    return out
 
 
 def write_concept(result: ConceptResult, steering_dir: Path, decomposition_dir: Path) -> Path:
@@ -382,7 +478,55 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     for ranking, at in dd.get("precision_at_k", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}"] = at["5"]
+    if "attribution" in dd:
+        out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
+        out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
+    for ranking, at in dd.get("precision_at_k_read_position", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}_read_position"] = at["5"]
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]
-    return {k: round(float(v), 6) for k, v in out.items()}
+    # the raw vector at the best hook; the targeted variants (and the equal-KL test) at
+    # the decomposition hook, the same hook by default
+    out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
+    out.update(control_headline(dd.get("controls"), raw=False))
+    # an undefined number (no null spread, a KL target never reached) is left out: the
+    # metrics file stays strict JSON and an absent key reads as "not measured"
+    return {k: round(float(v), 6) for k, v in out.items()
+            if v is not None and math.isfinite(float(v))}  # fmt: skip
+
+
+def control_headline(c: dict | None, raw: bool = True) -> dict[str, float]:
+    """Flat metrics of one hook's `controls.controlled_effects`. With `raw`: the raw
+    vector's steerability against random directions of its norm (`steerability_z`,
+    `steerability_p`, `_null_mean`, `_null_sd`, `_ci95_lo/hi`). Without: each targeted
+    variant rescaled to the raw norm (`targeted.<kind>.equal_norm.*`) and every vector at
+    the equal-KL multiplier (`targeted.<kind>.equal_kl.*`, `equal_kl.raw.*`)."""
+    if not c:
+        return {}
+    out: dict[str, float] = {"random.n": c["n_random"], "random.p_floor": c["p_floor"]}
+    for kind, r in c["vectors"].items():
+        own, eq = r["own_norm"], r["equal_norm"]
+        if raw and kind == "raw":
+            out["steerability_ci95_lo"], out["steerability_ci95_hi"] = own["ci95"]
+            for key in ("z", "p", "null_mean", "null_sd"):
+                out[f"steerability_{key}"] = eq[key]
+        if raw:
+            continue
+        pre = f"targeted.{kind}"
+        if kind != "raw":
+            out[f"{pre}.norm"] = r["norm"]
+            out[f"{pre}.ci95_lo"], out[f"{pre}.ci95_hi"] = own["ci95"]
+            out[f"{pre}.equal_norm.steerability"] = eq["steerability"]
+            for key in ("z", "p", "null_mean", "null_sd"):
+                out[f"{pre}.equal_norm.{key}"] = eq[key]
+        kl = r.get("equal_kl")
+        if kl:
+            p2 = "equal_kl.raw" if kind == "raw" else f"{pre}.equal_kl"
+            for key in ("effect", "multiplier", "z", "p", "null_mean", "null_sd"):
+                out[f"{p2}.{key}"] = kl[key]
+            out[f"{p2}.ci95_lo"], out[f"{p2}.ci95_hi"] = kl["ci95"]
+    if "equal_kl" in c and not raw:
+        out["equal_kl.target_kl"] = c["equal_kl"]["target_kl"]
+    return out

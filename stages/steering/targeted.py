@@ -6,7 +6,9 @@ With the non-negative decomposition v ≈ Σ_i c_i W_dec[i] (`decompose.nn_decom
 - `topk`:         Σ_{i ∈ top-k} c_i W_dec[i]  (only the k largest coefficients)
 - `off_ablated`:  v − Σ_{i ∉ top-k} c_i W_dec[i]  (v minus what its other features add)
 - `random`:       seeded Gaussian directions scaled to ‖v‖; `compare_vectors` averages
-                  every metric over the `random*` entries (n_random seeds) into `random`
+                  every metric over the `random*` entries (n_random seeds) into `random`.
+                  The pipeline keeps one, as an example beside the others: the test of
+                  every vector against ≥ 32 random directions is `controls.py`
 """
 
 from __future__ import annotations

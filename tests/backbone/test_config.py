@@ -422,6 +422,10 @@ def test_key_paths_keep_keys_named_toy_or_pretrained(tiny, mutate, expected):
             lambda r: r["steering"]["config"].update(multipliers=[0, 1, 2]),
             "steering.config.multipliers = [0.0, 1.0, 2.0], expected a symmetric range around 0",
         ),
+        (
+            lambda r: r["steering"]["config"].update(n_random=1),
+            "steering.config.n_random = 1, expected an integer ≥ 2 (the random-direction null",
+        ),
         (lambda r: r.update(models={}), "models = {}, expected at least one model"),
         (
             lambda r: r.update(compute={"device": "gpu"}),

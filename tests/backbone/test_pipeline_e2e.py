@@ -310,6 +310,8 @@ def test_steering_alignment_and_report_outputs(project):
     assert set(vectors) == {"blocks.0.hook_resid_post"} and meta["n_pairs"] == 16
     m = json.loads((root / "metrics/steering/tiny-a.json").read_text())["past_vs_present"]
     assert np.isfinite(m["steerability"]) and 0 <= m["wrong_way_fraction"] <= 1 and m["kl"] >= 0
+    # against 32 random directions of its norm: p never below its floor 1/33
+    assert m["random.n"] == 32 and m["steerability_p"] >= m["random.p_floor"] == round(1 / 33, 6)
     dec = json.loads((root / "data/decomposition/tiny-a/past_vs_present/decomposition.json")
                      .read_text())  # fmt: skip
     assert dec["sae"] == "topk-128-k4" and len(dec["nn_decomposition"]["curve"]) == 8

@@ -100,6 +100,12 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     assert any(r.startswith("steering component #1 of emotion_polarity") for r in why)
     html = report.index.read_text()
     assert f'topk-64-k4/feature-{top}.html">#{top}</a>' in html  # the summary links it
+    # the controls table: every vector at equal norm and equal KL against the random null
+    assert "z (p) vs random" in html and "effect (equal KL)" in html
+    ctl = dec["controls"]
+    raw = ctl["vectors"]["raw"]["equal_norm"]
+    assert f"{raw['z']:.2f} ({raw['p']:.3f})" in html
+    assert f"floor {ctl['p_floor']:.4f}" in html
 
 
 def test_dashboards_and_partner_links(tiny_report):

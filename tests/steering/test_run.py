@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from stages.steering import (
     ConceptConfig,
+    concept_headline,
     figures,
     load_vector,
     run_concept,
@@ -47,6 +48,26 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     assert len(dd["nn_decomposition"]["curve"]) >= 1 and set(dd["precision_at_k"]) >= {"nnls"}
     assert dd["downstream"][HOOKS[0]]["hooks"] == [HOOKS[1]]  # steer at 0, read 1
     assert set(dd["targeted"]["vectors"]) == {"raw", "top5", "off_ablated5", "random"}
+    # every vector against 32 random directions: raw at each hook, the variants at the
+    # decomposition hook at equal norm and at equal KL; flat keys in the headline
+    assert set(ev["controls"]) == set(HOOKS) and dd["controls"] == ev["controls"][HOOKS[1]]
+    c = dd["controls"]
+    assert c["n_random"] == 32 and len(c["null_equal_norm_slopes"]) == 32
+    assert set(c["vectors"]) == {"raw", "top5", "off_ablated5"} and "equal_kl" in c
+    for v in c["vectors"].values():
+        assert v["equal_norm"]["p"] >= c["p_floor"] == 1 / 33
+    assert "equal_kl" not in ev["controls"][HOOKS[0]]
+    # ground truth at the read position (the noun): mammal vs bird rows at those tokens
+    rp = dd["ground_truth_read_position"]
+    assert rp["read_tokens"] and rp["concept"] == "mammal" and rp["negative"] == "bird"
+    if "skipped" not in rp:
+        assert rp["latents"] and set(dd["precision_at_k_read_position"]) == {
+            "nnls", "cosine", "encode", "encode_shift"}  # fmt: skip
+    at = dd["attribution"]
+    assert at["hook"] == HOOKS[1] and len(at["latents"]) == len(at["ablation"]) > 3
+    head = concept_headline(ev, dd)
+    assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
+    assert "attribution_vs_ablation.spearman" in head
     figs = figures(r)
     assert {"steerability", "layer_sweep", "decomposition", "downstream", "targeted"} <= set(figs)
     redrawn = figures_from_dict({"evaluation": ev, "decomposition": dd})
