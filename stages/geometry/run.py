@@ -358,3 +358,28 @@ def headline(summary: dict) -> dict:
         out[f"clusters/{key}"] = {"kmeans": _p(c, "kmeans"), "agglomerative": _p(c, "agglomerative"),
                                   "n_labelled": c["n_labelled"]}  # fmt: skip
     return out
+
+
+def config_from_params(p) -> GeometryConfig:
+    """`GeometryConfig` from the params section (`stages.geometry.config.GeometryParams`)."""
+    d = p.model_dump()
+    return GeometryConfig(**{**d, "sae_names": tuple(d["sae_names"])})
+
+
+def write_geometry(result: GeometryResult, out: Path) -> None:
+    """`out/geometry.json` (every test, nulls, projections, token sets, skips) and
+    `out/vectors.npz` (per space: concept names, vectors, cosine matrix; no pickle)."""
+    from stages.io import write_json
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "geometry.json", result.summary)
+    np.savez(out / "vectors.npz", **result.arrays)
+
+
+def read_vectors(folder: Path) -> dict[str, np.ndarray]:
+    """What `write_geometry` put in vectors.npz ({"<space>/vectors": ...})."""
+    path = Path(folder) / "vectors.npz"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing; expected the geometry stage's output")
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
