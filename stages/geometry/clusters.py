@@ -16,6 +16,8 @@ latents. Null: the same labels on random Gaussian directions, clustered the same
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.cluster.vq import kmeans2
@@ -61,7 +63,9 @@ def kmeans_clusters(w: np.ndarray, k: int, seed: int, n_init: int = 4) -> np.nda
     rng = np.random.default_rng(seed)
     best, best_inertia = None, np.inf
     for _ in range(n_init):
-        centres, lab = kmeans2(x, k, minit="++", seed=rng)
+        with warnings.catch_warnings():  # an empty cluster: that start just scores worse
+            warnings.simplefilter("ignore", UserWarning)
+            centres, lab = kmeans2(x, k, minit="++", seed=rng)
         inertia = float(((x - centres[lab]) ** 2).sum())
         if inertia < best_inertia:
             best, best_inertia = lab, inertia
