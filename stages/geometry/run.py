@@ -108,9 +108,11 @@ def token_strings(model_dir: Path, ids: np.ndarray) -> dict[int, str]:
 
 
 def flat_partition(names: list[str], sets: dict[str, np.ndarray], parent: dict) -> list[str]:
-    """Leaf concepts (no child among `names`) with a token set, dropping any whose tokens
-    overlap an earlier one's (singular / plural cut across the species): a partition."""
-    parents = {p for p in parent.values() if p}
+    """Leaf concepts (no child with tokens among `names`) with a token set, dropping any
+    whose tokens overlap an earlier one's (singular / plural cut across the species): a
+    partition. Species count although they get no vector: a latent's concept comes from
+    its activations, which needs no estimator."""
+    parents = {parent.get(n) for n in names if len(sets.get(n, ())) > 0}
     out, used = [], set()
     for n in names:
         if n in parents or len(sets.get(n, ())) == 0:
@@ -295,7 +297,7 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
         spaces[h], a = analyse_space(h, g, means, pool, sets, concepts, estimated, strings, cfg)
         arrays.update(a)
         seconds[h] = time.perf_counter() - t1
-    flat = flat_partition(estimated, sets, concepts.parent)
+    flat = flat_partition(lexical, sets, concepts.parent)
     clusters: dict[str, dict] = {}
     for h in hooks:
         for name in cfg.sae_names:

@@ -214,3 +214,18 @@ def test_token_sets_and_means():
     x = np.arange(20, dtype=np.float32).reshape(10, 2)
     sums, counts = token_means(x, ids, 5)
     np.testing.assert_allclose(sums[3] / counts[3], x[5:9].mean(0))
+
+
+def test_flat_partition_keeps_leaves_and_drops_overlaps():
+    from stages.geometry.run import flat_partition
+
+    names = ["animal", "mammal", "dog", "cat", "bird", "colour", "singular"]
+    parent = {"animal": None, "mammal": "animal", "dog": "mammal", "cat": "mammal",
+              "bird": "animal", "colour": None, "singular": None}  # fmt: skip
+    sets = {"animal": np.array([1, 2, 3]), "mammal": np.array([1, 2]), "dog": np.array([1]),
+            "cat": np.array([2]), "bird": np.array([3]), "colour": np.array([7]),
+            "singular": np.array([1, 3])}  # fmt: skip
+    assert flat_partition(names, sets, parent) == ["dog", "cat", "bird", "colour"]
+    # a class whose species have no tokens is a leaf itself
+    sets["dog"], sets["cat"] = np.array([], int), np.array([], int)
+    assert flat_partition(names, sets, parent) == ["mammal", "bird", "colour"]
