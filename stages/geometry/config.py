@@ -32,7 +32,7 @@ class GeometryParams(StrictModel):
     n_null_clusters: PosInt = 20  # random-direction draws of the cluster-purity null
     # SAEs whose decoder directions are clustered, at every hook that has one
     sae_names: list[str] = ["topk-1024-k16"]
-    cluster_rows: PosInt = 65_536  # held-out rows encoded to give each latent its concept
+    cluster_rows: PosInt = 32_768  # held-out rows encoded to give each latent its concept
     seed: Seed = 0
 
     def check(self, p: Params) -> None:

@@ -48,7 +48,7 @@ class GeometryConfig:
     n_null: int = 200
     n_null_clusters: int = 20
     sae_names: tuple[str, ...] = ("topk-1024-k16",)
-    cluster_rows: int = 65_536
+    cluster_rows: int = 32_768
     seed: int = 0
 
 
