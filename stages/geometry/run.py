@@ -17,7 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stages.geometry.claims import circle_fit, cosine_matrix, hierarchical_orthogonality, simplex
+from stages.geometry.claims import (
+    circle_fit,
+    cosine_matrix,
+    hierarchical_orthogonality,
+    plane_basis,
+    simplex,
+)
 from stages.geometry.clusters import cluster_purity, latent_concepts
 from stages.geometry.vectors import (
     concept_token_sets,
@@ -125,7 +131,9 @@ def flat_partition(names: list[str], sets: dict[str, np.ndarray], parent: dict) 
     return out
 
 
-def read_rows(store, hooks: list[str], max_rows: int | None) -> tuple[dict, np.ndarray, np.ndarray]:
+def _training_rows(
+    store, hooks: list[str], max_rows: int | None
+) -> tuple[dict, np.ndarray, np.ndarray]:
     lo, hi = store.split_range("train")
     n = hi - lo if max_rows is None else min(hi - lo, max_rows)
     ids = store.read("token_ids", "train")[:n].astype(np.int64)
@@ -165,8 +173,6 @@ def analyse_space(
         trio = [sets[c] for c in SIMPLEX]
         tips = np.stack([vectors[c] for c in SIMPLEX])
         res = simplex(g, trio, list(tips), pool, cfg.n_null, cfg.seed + 1)
-        from stages.geometry.claims import plane_basis
-
         basis = plane_basis(tips)
         res["projection"] = {
             "tips": ((tips - tips[0]) @ basis.T).tolist(),
@@ -263,7 +269,7 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
         return GeometryResult({"skipped": f"{store.path}: the store has no concept labels"})
     concepts = Concepts.read(corpus_dir, store.concept_names)
     hooks = list(store.hooks)
-    x, ids, labels = read_rows(store, hooks, cfg.max_rows)
+    x, ids, labels = _training_rows(store, hooks, cfg.max_rows)
     labels = labels[:, [store.concept_names.index(n) for n in concepts.names]]
     seconds["read"] = time.perf_counter() - t0
     sets, pool = concept_token_sets(ids, labels, concepts.names, cfg.min_token_count,
