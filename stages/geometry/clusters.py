@@ -10,8 +10,9 @@ seeded) and
 agglomerative clustering on cosine distance (average linkage, cut at k clusters).
 
 Purity = Σ_clusters max_c #(labelled latents of concept c in the cluster) / #labelled
-latents. Null: the same labels on random Gaussian directions, clustered the same way
-(what purity the cluster sizes give by chance).
+latents. Nulls: the same labels on random Gaussian directions, clustered the same way; and the
+observed clusters with the labels permuted among the labelled latents (keeps the observed
+cluster sizes, on which chance purity depends).
 """
 
 from __future__ import annotations
@@ -77,10 +78,29 @@ def agglomerative_clusters(w: np.ndarray, k: int) -> np.ndarray:
     return fcluster(z, t=k, criterion="maxclust")
 
 
-def cluster_purity(w_dec: np.ndarray, labels: np.ndarray, k: int, n_null: int, seed: int) -> dict:
+def _purity_permuted(clusters: np.ndarray, labels: np.ndarray, n: int, rng) -> np.ndarray:
+    """Purity of `clusters` against n random permutations of the labelled latents' labels
+    (vectorised contingency tables)."""
+    keep = labels >= 0
+    c = np.unique(clusters[keep], return_inverse=True)[1]
+    lab = np.unique(labels[keep], return_inverse=True)[1]
+    nc, nl = c.max() + 1, lab.max() + 1
+    out = np.empty(n)
+    for i in range(n):
+        table = np.zeros((nc, nl), np.int64)
+        np.add.at(table, (c, rng.permutation(lab)), 1)
+        out[i] = table.max(1).sum() / len(lab)
+    return out
+
+
+def cluster_purity(
+    w_dec: np.ndarray, labels: np.ndarray, k: int, n_null: int, seed: int, n_perm: int = 1000
+) -> dict:
     """Purity of k-means and agglomerative clusters of the decoder rows w_dec [d_sae, d]
-    against the latents' concepts `labels` (−1 unlabelled), each against random
-    directions (module docstring)."""
+    against the latents' concepts `labels` (−1 unlabelled), each against two nulls: random
+    Gaussian directions clustered the same way (`n_null` draws), and the same clusters with
+    the labels permuted among the labelled latents (`n_perm`; it keeps the observed cluster
+    sizes, which random directions do not, and resolves to 1/(n_perm + 1))."""
     rng = np.random.default_rng(seed)
     k = max(2, min(k, len(w_dec) - 1))
     km, ag = kmeans_clusters(w_dec, k, seed), agglomerative_clusters(w_dec, k)
@@ -91,7 +111,7 @@ def cluster_purity(w_dec: np.ndarray, labels: np.ndarray, k: int, n_null: int, s
         # k-means converges does not move the null's purity, only its cost (4x)
         null_km.append(purity(kmeans_clusters(r, k, seed + 1 + i, n_init=1), labels))
         null_ag.append(purity(agglomerative_clusters(r, k), labels))
-    return {
+    out = {
         "k": k,
         "n_latents": len(w_dec),
         "n_labelled": int((labels >= 0).sum()),
@@ -99,3 +119,8 @@ def cluster_purity(w_dec: np.ndarray, labels: np.ndarray, k: int, n_null: int, s
         "kmeans": null_summary(purity(km, labels), np.asarray(null_km), False),
         "agglomerative": null_summary(purity(ag, labels), np.asarray(null_ag), False),
     }
+    if out["n_labelled"] >= 2:
+        for name, cl in (("kmeans", km), ("agglomerative", ag)):
+            perm = _purity_permuted(cl, labels, n_perm, rng)
+            out[f"{name}_vs_permuted_labels"] = null_summary(out[name]["statistic"], perm, False)
+    return out

@@ -29,7 +29,7 @@ class GeometryParams(StrictModel):
     # a concept with fewer tokens gets no vector (skipped, and the skip recorded)
     min_tokens: PosInt = 3
     n_null: PosInt = 200  # draws of each null (p floor 1 / (n_null + 1))
-    n_null_clusters: PosInt = 20  # random-direction draws of the cluster-purity null
+    n_null_clusters: PosInt = 10  # random-direction draws of the cluster-purity null
     # SAEs whose decoder directions are clustered, at every hook that has one
     sae_names: list[str] = ["topk-1024-k16"]
     cluster_rows: PosInt = 32_768  # held-out rows encoded to give each latent its concept

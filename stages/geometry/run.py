@@ -52,7 +52,7 @@ class GeometryConfig:
     min_precision: float = 0.9
     min_tokens: int = 3
     n_null: int = 200
-    n_null_clusters: int = 20
+    n_null_clusters: int = 10
     sae_names: tuple[str, ...] = ("topk-1024-k16",)
     cluster_rows: int = 32_768
     seed: int = 0
@@ -364,6 +364,7 @@ def headline(summary: dict) -> dict:
         out[space] = m
     for key, c in summary["clusters"].items():
         out[f"clusters/{key}"] = {"kmeans": _p(c, "kmeans"), "agglomerative": _p(c, "agglomerative"),
+                                  "kmeans_vs_permuted": _p(c, "kmeans_vs_permuted_labels"),
                                   "n_labelled": c["n_labelled"]}  # fmt: skip
     return out
 

@@ -321,8 +321,10 @@ def _clusters(models: dict) -> list[str]:
             hook, sae = key.rsplit("/", 1)
             rows.append([e(m), e(_short(hook)), e(sae), str(c["k"]),
                          f"{c['n_labelled']} / {c['n_latents']}", str(c["n_concepts_present"]),
-                         *_null_cells(c["kmeans"]), *_null_cells(c["agglomerative"])])  # fmt: skip
-            ps.append(_p(c["kmeans"]))
+                         *_null_cells(c["kmeans"]),
+                         *_null_cells(c.get("kmeans_vs_permuted_labels"))[1:],
+                         *_null_cells(c["agglomerative"])])  # fmt: skip
+            ps.append(_p(c.get("kmeans_vs_permuted_labels")))
     if not rows:
         return []
     return [
@@ -333,8 +335,10 @@ def _clusters(models: dict) -> list[str]:
         "normalised decoder rows are clustered into k = (number of partition concepts) "
         "clusters by k-means and by agglomerative clustering on cosine distance (average "
         "linkage), both scipy. Purity = Σ<sub>clusters</sub> max<sub>c</sub> #c / #labelled. "
-        "Null: the same labels on random Gaussian directions, clustered the same way. Holm "
-        "over the k-means p's.</p>",
+        "Nulls: the same labels on random Gaussian directions, clustered the same way; and "
+        "the observed clusters with the labels permuted among the labelled latents (1000 "
+        "permutations; it keeps the observed cluster sizes, on which chance purity depends). "
+        "Holm over the k-means permutation p's.</p>",
         table(
             [
                 "model",
@@ -344,14 +348,17 @@ def _clusters(models: dict) -> list[str]:
                 "labelled latents",
                 "concepts",
                 "k-means purity",
-                "null",
+                "random-direction null",
+                "z",
+                "p",
+                "permuted-label null",
                 "z",
                 "p",
                 "agglomerative",
-                "null",
+                "random-direction null",
                 "z",
                 "p",
-                "Holm p (k-means)",
+                "Holm p (k-means, permuted)",
             ],
             _with_holm(rows, ps),
             left=3,

@@ -184,6 +184,8 @@ def test_cluster_purity_on_planted_clusters():
     r = cluster_purity(w, labels, k, 10, 0)
     assert r["kmeans"]["statistic"] == 1.0 and r["agglomerative"]["statistic"] == 1.0
     assert r["kmeans"]["null_mean"] < 0.6
+    assert r["kmeans_vs_permuted_labels"]["p"] == pytest.approx(1 / 1001)
+    assert r["kmeans_vs_permuted_labels"]["null_mean"] < 0.6
     assert purity(np.array([0, 0, 1, 1]), np.array([0, 1, 1, -1])) == pytest.approx(2 / 3)
 
 
