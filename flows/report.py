@@ -49,6 +49,7 @@ def report_flow() -> dict:
         "saes": LAYOUT.saes,
         "steering": LAYOUT.steering,
         "decomposition": LAYOUT.decomposition,
+        "geometry": LAYOUT.geometry,
     }
     inputs = {f"{kind}.{m}": at(m) for kind, at in where.items()
               for m in params.models if at(m).exists()}  # fmt: skip

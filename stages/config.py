@@ -8,6 +8,7 @@ Each section is a pydantic model beside the code that uses it, with its own chec
     saes         stages/sae/config.py           SAEParams (+ one config class per architecture)
     steering     stages/steering/config.py      SteeringParams
     align        stages/alignment/config.py     AlignParams (+ AlignConfig)
+    geometry     stages/geometry/config.py      GeometryParams
     report       stages/report/config.py        ReportParams
     compute      stages/compute_config.py       ComputeParams
 
@@ -38,6 +39,7 @@ from stages.activations.hook_names import check_hook_name, hook_layer
 from stages.alignment.config import AlignPair, AlignParams, SteeringTransfer
 from stages.compute_config import ComputeParams, DaskParams
 from stages.corpus_config import CorpusParams, HFCorpus, ToyCorpus
+from stages.geometry.config import GeometryParams
 from stages.models_config import (
     ModelParams,
     PretrainedModel,
@@ -63,7 +65,8 @@ from stages.steering.config import (
 # the sections' names, importable from here as before the split
 __all__ = [
     "PARAMS_FILE", "PROMPTS_DIR", "TOY_STEERING_SETS", "ActivationParams", "AlignPair",
-    "AlignParams", "ComputeParams", "CorpusParams", "DaskParams", "HFCorpus", "ModelParams",
+    "AlignParams", "ComputeParams", "CorpusParams", "DaskParams", "GeometryParams", "HFCorpus",
+    "ModelParams",
     "ModelSteering", "Params", "ParamsError", "PretrainedModel", "ReportDashboards",
     "ReportParams", "SAEEval", "SAEParams", "SAESweep", "SteeringConfig", "SteeringParams",
     "SteeringTransfer", "StoreParams", "ToyArch", "ToyCorpus", "ToyModel", "ToySteeringSets",
@@ -81,6 +84,7 @@ class Params(StrictModel):
     saes: SAEParams | None = None
     steering: SteeringParams | None = None
     align: AlignParams | None = None
+    geometry: GeometryParams = GeometryParams()
     report: ReportParams = ReportParams()
     compute: ComputeParams = ComputeParams()
 
@@ -89,7 +93,7 @@ class Params(StrictModel):
         """Each section's checks against the others (see the module docstring)."""
         check_models(self.models)
         self.activations.check(self)
-        for section in (self.saes, self.steering, self.align, self.report):
+        for section in (self.saes, self.steering, self.align, self.geometry, self.report):
             if section is not None:
                 section.check(self)
         return self

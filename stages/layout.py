@@ -152,6 +152,9 @@ class Layout:
     def transfer(self, pair: str = "") -> Path:
         return self._under("transfer", *[pair] if pair else [])
 
+    def geometry(self, model: str = "") -> Path:
+        return self._under("geometry", *[model] if model else [])
+
     # ---- DVC metrics, plots and the report -------------------------------------------
     def metrics(self, stage: str, name: str | None = None) -> Path:
         """`metrics/<stage>.json`, or `metrics/<stage>/<name>.json` for a foreach stage."""

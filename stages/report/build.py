@@ -18,6 +18,7 @@ from typing import Any
 
 from stages.io import atomic_dir
 from stages.report import alignment as alignment_section
+from stages.report import geometry as geometry_section
 from stages.report import steering as steering_section
 from stages.report import world as world_section
 from stages.report.dashboards import (
@@ -54,13 +55,14 @@ class ReportPaths:
     transfer: Path
     corpus: Path | None = None
     probes: Path | None = None  # metrics/activations: the activations stage's probe tables
+    geometry: Path | None = None  # data/geometry: the geometry stage's outputs
 
     @classmethod
     def under(cls, data: str | Path = "data") -> ReportPaths:
         d = Path(data)
         return cls(d / "saes", d / "activations", d / "models", d / "steering",
                    d / "decomposition", d / "alignment", d / "transfer", d / "corpus",
-                   d.parent / "metrics" / "activations")  # fmt: skip
+                   d.parent / "metrics" / "activations", d / "geometry")  # fmt: skip
 
     @classmethod
     def coerce(cls, value: ReportPaths | str | Path) -> ReportPaths:
@@ -232,6 +234,11 @@ def build_report(
         align = alignment_section.section(ctx, paths.alignment, rel_pages, paths.transfer)
         sections.append(align or _not_run("alignment", "Alignment across models", paths.alignment))
         seconds["section_alignment"] = time.perf_counter() - t0
+        if paths.geometry is not None:
+            t0 = time.perf_counter()
+            geo = geometry_section.section(ctx, paths.geometry)
+            sections.append(geo or _not_run("geometry", "Concept geometry", paths.geometry))
+            seconds["section_geometry"] = time.perf_counter() - t0
         sections.append(_dashboards_section(computed, rel_index, notes))
         ran = {s.id: not s.body.startswith('<p class="note"><b>Not run') for s in sections}
         (tmp / "index.html").write_text(_index_html(sections, prov))

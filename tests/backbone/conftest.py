@@ -70,6 +70,13 @@ TINY = {
             for m in ("tiny-a", "tiny-b")
         },
     },
+    # concept geometry: small nulls, the tiny TopK SAE's decoder clustered
+    "geometry": {
+        "n_null": 50,
+        "n_null_clusters": 5,
+        "sae_names": ["topk-128-k4"],
+        "min_token_count": 3,
+    },  # fmt: skip
     "steering": {
         "toy_sets": {"seed": 0, "n_train": 16, "n_heldout": 8},
         "config": {

@@ -80,7 +80,26 @@ def _build(root: Path) -> Path:
     aligned = _align(data)
     _steer(data)
     _transfer(data, aligned.pairs[0])
+    _geometry(data, corpus)
     return data
+
+
+def _geometry(data: Path, corpus) -> None:
+    """The geometry stage's files for both models (`model_geometry` + `write_geometry`),
+    small nulls. The corpus's concept list goes beside `data/`, not in `data/corpus/` (that
+    would turn the world section on)."""
+    from stages.activations import ActivationStore
+    from stages.geometry.run import GeometryConfig, model_geometry, write_geometry
+    from stages.io import write_json
+
+    concepts = data.parent / "concepts"
+    write_json(concepts / "concepts.json", [c.__dict__ for c in corpus.concepts])
+    cfg = GeometryConfig(n_null=20, n_null_clusters=3, sae_names=("topk-64-k4",),
+                         min_token_count=2)  # fmt: skip
+    for name in MODELS:
+        result = model_geometry(ActivationStore(data / "activations" / name),
+                                data / "models" / name, concepts, data / "saes" / name, cfg)  # fmt: skip
+        write_geometry(result, data / "geometry" / name)
 
 
 def _steer(data: Path) -> None:

@@ -42,8 +42,8 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
     # Pareto + density per model; steering: curves, layer sweep, decomposition,
     # downstream, targeted; alignment: a null histogram per SAE pair + 2 heatmaps + the
-    # steering-vector transfer
-    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2 + 1
+    # steering-vector transfer; geometry: cosine heatmap, simplex, circles
+    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2 + 1 + 3
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -64,7 +64,7 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
 def test_every_section_ran_and_nothing_is_external(tiny_report):
     report, _, _ = tiny_report
     assert report.sections == {"sweep": True, "concepts": True, "steering": True,
-                               "alignment": True, "dashboards": True}  # fmt: skip
+                               "alignment": True, "geometry": True, "dashboards": True}  # fmt: skip
     html = report.index.read_text()
     assert "<b>Not run.</b>" not in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
@@ -83,6 +83,25 @@ def test_sections_without_inputs_say_not_run(tiny_data, tmp_path):
     html = report.index.read_text()
     assert html.count("<b>Not run.</b>") == 2 and str(tmp_path / "no-alignment") in html
     assert list(report.dashboards) == [f"tiny-b/{HOOK}/topk-64-k4"]
+
+
+def test_geometry_section(tiny_report, tiny_data):
+    """Concept geometry: its tables (with the nulls' floors and Holm) and three figures,
+    drawn from data/geometry/<M>; the rare concepts' skips are named."""
+    report, _, _ = tiny_report
+    names = [f.name for f in report.figures if f.name.startswith("figures/geometry/")]
+    assert names == ["figures/geometry/cosine_heatmap.png", "figures/geometry/simplex.png",
+                     "figures/geometry/circles.png"]  # fmt: skip
+    html = report.index.read_text()
+    body = html[html.index('<section id="geometry">') :]
+    body = body[: body.index("</section>")]
+    for text in ("Hierarchical orthogonality", "mammal / bird / fish simplex", "Circles",
+                 "Clusters of SAE decoder directions", "Do the two models share",
+                 "floor 0.048", "Holm", "Concepts without a vector"):  # fmt: skip
+        assert text in body, text
+    g = json.loads((tiny_data / "geometry" / "tiny-a" / "geometry.json").read_text())
+    assert set(g["spaces"]) == {"unembed", HOOK}
+    assert "dog" in g["skipped"] and "expected >= 3" in g["skipped"]["dog"]
 
 
 def test_steering_section_and_components(tiny_report, tiny_data):
