@@ -33,6 +33,10 @@ class GeometryParams(StrictModel):
     # SAEs whose decoder directions are clustered, at every hook that has one
     sae_names: list[str] = ["topk-1024-k16"]
     cluster_rows: PosInt = 32_768  # held-out rows encoded to give each latent its concept
+    # simplex steering (stages/geometry/steer.py): held-out mammal sentences moved along
+    # the mammal -> bird edge at every hook, against this many random directions
+    steer_sentences: PosInt = 64
+    steer_random: PosInt = 32
     seed: Seed = 0
 
     def check(self, p: Params) -> None:

@@ -55,6 +55,8 @@ class GeometryConfig:
     n_null_clusters: int = 10
     sae_names: tuple[str, ...] = ("topk-1024-k16",)
     cluster_rows: int = 32_768
+    steer_sentences: int = 64
+    steer_random: int = 32
     seed: int = 0
 
 
@@ -292,11 +294,14 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
                                          strings, cfg)  # fmt: skip
     arrays.update(a)
     seconds["unembed"] = time.perf_counter() - t1
+    centroids: dict[str, dict[str, np.ndarray]] = {}
     for h in hooks:
         t1 = time.perf_counter()
         sums, counts = token_means(x[h], ids, max(vocab, int(ids.max()) + 1))
         means = np.zeros_like(sums)
         means[pool] = sums[pool] / counts[pool, None]
+        if all(c in estimated for c in SIMPLEX):  # the simplex's vertices, raw space
+            centroids[h] = {c: means[sets[c]].mean(0) for c in SIMPLEX}
         mean, w = whitener(means[pool])
         g = np.zeros_like(means)
         g[pool] = (means[pool] - mean) @ w
@@ -313,6 +318,9 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
             t1 = time.perf_counter()
             clusters[f"{h}/{name}"] = clusters_at(store, h, folder, flat, concepts, cfg)
             seconds[f"clusters {h}/{name}"] = time.perf_counter() - t1
+    t1 = time.perf_counter()
+    steering = steer_along_simplex(model_dir, corpus_dir, centroids, cfg)
+    seconds["simplex steering"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
     summary = {
         "method": {
@@ -330,9 +338,28 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
         "spaces": spaces,
         "flat_partition": flat,
         "clusters": clusters,
+        "simplex_steering": steering,
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
     return GeometryResult(summary, arrays, headline(summary))
+
+
+def steer_along_simplex(model_dir: Path, corpus_dir: Path,
+                        centroids: dict[str, dict[str, np.ndarray]], cfg: GeometryConfig) -> dict:  # fmt: skip
+    """Per hook, `stages.geometry.steer.simplex_steering` (mammal -> bird) on the held-out
+    documents, or why not."""
+    if not centroids:
+        return {"skipped": "no simplex: mammal, bird or fish has no vector"}
+    from stages.corpus import read_corpus
+    from stages.geometry.steer import simplex_steering
+    from stages.models import load_model
+
+    corpus = read_corpus(corpus_dir)
+    texts = [t for t, sp in zip(corpus.texts, corpus.splits, strict=True) if sp == "heldout"]
+    model = load_model(model_dir)
+    return {h: simplex_steering(model, texts, h, c, n_random=cfg.steer_random,
+                                max_sites=cfg.steer_sentences, seed=cfg.seed)
+            for h, c in centroids.items()}  # fmt: skip
 
 
 def _p(d: dict, key: str) -> dict:
@@ -362,6 +389,9 @@ def headline(summary: dict) -> dict:
                 m[f"circle_{name}_R"] = _p(c, "cyclic_order_R")
                 m[f"circle_{name}_residual"] = _p(c, "circle_residual")
         out[space] = m
+    for hook, r in (summary.get("simplex_steering") or {}).items():
+        if isinstance(r, dict) and "effect" in r:
+            out[f"simplex_steering/{hook}"] = {k: r[k] for k in ("effect", "z", "p", "flip_rate")}
     for key, c in summary["clusters"].items():
         out[f"clusters/{key}"] = {"kmeans": _p(c, "kmeans"), "agglomerative": _p(c, "agglomerative"),
                                   "kmeans_vs_permuted": _p(c, "kmeans_vs_permuted_labels"),

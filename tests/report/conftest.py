@@ -86,14 +86,18 @@ def _build(root: Path) -> Path:
 
 def _geometry(data: Path, corpus) -> None:
     """The geometry stage's files for both models (`model_geometry` + `write_geometry`),
-    small nulls. The corpus's concept list goes beside `data/`, not in `data/corpus/` (that
-    would turn the world section on)."""
+    small nulls. The corpus goes beside `data/`, not in `data/corpus/` (that would turn
+    the world section on)."""
     from stages.activations import ActivationStore
+    from stages.config import CorpusParams
+    from stages.corpus import write_corpus
     from stages.geometry.run import GeometryConfig, model_geometry, write_geometry
-    from stages.io import write_json
 
-    concepts = data.parent / "concepts"
-    write_json(concepts / "concepts.json", [c.__dict__ for c in corpus.concepts])
+    concepts = data.parent / "concepts"  # the whole corpus (simplex steering reads its text)
+    params = CorpusParams.model_validate(
+        {"heldout_fraction": 0.3, "toy": {"n_docs": 60, "seed": 0}}
+    )
+    write_corpus(corpus, concepts, params)
     cfg = GeometryConfig(n_null=20, n_null_clusters=3, sae_names=("topk-64-k4",),
                          min_token_count=2)  # fmt: skip
     for name in MODELS:
