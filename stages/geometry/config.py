@@ -35,7 +35,7 @@ class GeometryParams(StrictModel):
     cluster_rows: PosInt = 32_768  # held-out rows encoded to give each latent its concept
     # simplex steering (stages/geometry/steer.py): held-out mammal sentences moved along
     # the mammal -> bird edge at every hook, against this many random directions
-    steer_sentences: PosInt = 64
+    steer_sentences: PosInt = 32
     steer_random: PosInt = 32
     seed: Seed = 0
 

@@ -55,7 +55,7 @@ class GeometryConfig:
     n_null_clusters: int = 10
     sae_names: tuple[str, ...] = ("topk-1024-k16",)
     cluster_rows: int = 32_768
-    steer_sentences: int = 64
+    steer_sentences: int = 32
     steer_random: int = 32
     seed: int = 0
 
@@ -351,14 +351,15 @@ def steer_along_simplex(model_dir: Path, corpus_dir: Path,
     if not centroids:
         return {"skipped": "no simplex: mammal, bird or fish has no vector"}
     from stages.corpus import read_corpus
-    from stages.geometry.steer import simplex_steering
+    from stages.geometry.steer import sentences, simplex_steering
     from stages.models import load_model
 
     corpus = read_corpus(corpus_dir)
     texts = [t for t, sp in zip(corpus.texts, corpus.splits, strict=True) if sp == "heldout"]
     model = load_model(model_dir)
-    return {h: simplex_steering(model, texts, h, c, n_random=cfg.steer_random,
-                                max_sites=cfg.steer_sentences, seed=cfg.seed)
+    sents = sentences(model.tokenizer, texts, "mammal", "bird", model.cfg.n_ctx,
+                      cfg.steer_sentences)  # fmt: skip
+    return {h: simplex_steering(model, sents, h, c, n_random=cfg.steer_random, seed=cfg.seed)
             for h, c in centroids.items()}  # fmt: skip
 
 

@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stages.capture import heldout_sites
-from stages.corpus import ANIMALS, MOVES
+from stages.corpus import ANIMALS, MOVES, read_context
 
 
 @dataclass
 class Sentence:
-    tokens: list[int]  # BOS + prefix up to the verb slot
+    tokens: list[int]  # BOS + the previous and this sentence up to the verb slot
     noun: list[int]  # positions of the noun's tokens in `tokens`
     target: list[int]  # first token ids of the target class's verb forms here
     source: list[int]  # ... of the source class's
@@ -49,12 +48,15 @@ def sentences(tokenizer, texts: list[str], source: str, target: str, n_ctx: int,
         return tokenizer(s, add_special_tokens=False)["input_ids"]
 
     out = []
-    for text, site in heldout_sites(texts, max_per_dependency=10**6).get("class_verb", []):
-        if cls_of.get(site.cue) != source:
+    for text, site in ((t, x) for t in texts for x in read_context(t)[1]):
+        if site.dependency != "class_verb" or cls_of.get(site.cue) != source:
             continue
+        # context: the sentence and the one before it (the dependency lives in the
+        # sentence; a short prefix keeps the forward passes small)
+        start = text.rfind(". ", 0, text.rfind(". ", 0, site.cue_start) + 1) + 2
         # byte-level BPE writes the space before a word into the word's token
-        head, prefix = ids(text[: site.cue_start].removesuffix(" ")), ids(text[: site.prefix_end])
-        upto = ids(text[: site.cue_end])
+        head = ids(text[start : site.cue_start].removesuffix(" "))
+        prefix, upto = ids(text[start : site.prefix_end]), ids(text[start : site.cue_end])
         if prefix[: len(upto)] != upto or upto[: len(head)] != head or len(prefix) + 1 > n_ctx:
             continue  # the noun's tokens are not a clean slice of the prefix's
         words = list(site.outcome) + list(site.alternatives)
@@ -95,13 +97,12 @@ def _log_odds(model, sents: list[Sentence], hook: str, shifts: torch.Tensor) -> 
     return out
 
 
-def simplex_steering(model, texts: list[str], hook: str, centroids: dict[str, np.ndarray],
+def simplex_steering(model, sents: list[Sentence], hook: str, centroids: dict[str, np.ndarray],
                      source: str = "mammal", target: str = "bird", n_random: int = 32,
-                     max_sites: int = 64, seed: int = 0) -> dict:  # fmt: skip
+                     seed: int = 0) -> dict:  # fmt: skip
     """The edge's effect on the verb log-odds at `hook`, its flip rate, and the
-    random-direction control (module docstring). `centroids[c]`: the class's vertex in
-    the raw residual space of `hook`."""
-    sents = sentences(model.tokenizer, texts, source, target, model.cfg.n_ctx, max_sites)
+    random-direction control (module docstring), on `sentences(..., source, target)`.
+    `centroids[c]`: the class's vertex in the raw residual space of `hook`."""
     if len(sents) < 4:
         return {"skipped": f"{len(sents)} held-out {source} sentences with a verb slot "
                 "(need >= 4)"}  # fmt: skip

@@ -33,13 +33,13 @@ def test_a_zero_edge_does_nothing_and_the_null_has_its_floor(tiny_model, texts):
     d = tiny_model.cfg.d_model
     rng = np.random.default_rng(0)
     same = rng.standard_normal(d).astype(np.float32)
-    r = simplex_steering(tiny_model, texts, "blocks.0.hook_resid_post",
-                         {"mammal": same, "bird": same}, n_random=8, max_sites=16)  # fmt: skip
+    sents = sentences(tiny_model.tokenizer, texts, "mammal", "bird", tiny_model.cfg.n_ctx, 16)
+    r = simplex_steering(tiny_model, sents, "blocks.0.hook_resid_post",
+                         {"mammal": same, "bird": same}, n_random=8)  # fmt: skip
     assert r["edge_norm"] == 0 and r["effect"] == pytest.approx(0.0, abs=1e-9)
     assert r["flip_rate"] == 0 and r["p_floor"] == pytest.approx(1 / 9)
     edge = {"mammal": np.zeros(d, np.float32), "bird": 3 * same}
-    r = simplex_steering(tiny_model, texts, "blocks.0.hook_resid_post", edge, n_random=8,
-                         max_sites=16)  # fmt: skip
+    r = simplex_steering(tiny_model, sents, "blocks.0.hook_resid_post", edge, n_random=8)
     assert r["n_sentences"] == 16 and r["edge_norm"] == pytest.approx(3 * np.linalg.norm(same))
     assert r["p"] >= r["p_floor"] and r["null_sd"] > 0 and np.isfinite(r["z"])
     assert r["effect_ci95"][0] <= r["effect"] <= r["effect_ci95"][1]
