@@ -215,7 +215,7 @@ def build_report(
         rel_pages = {k: relpath(p, tmp) for k, p in page_of.items()}
         sections: list[Section] = []
         world = (
-            world_section.section(paths.corpus, paths.models, paths.activations)
+            world_section.section(paths.corpus, paths.models, paths.probes)
             if paths.corpus
             else None
         )

@@ -318,3 +318,33 @@ def test_hooks_with_one_sae_share_a_table_and_get_no_pareto_figure(tmp_path):
     single = section.body[section.body.index("hooks with one SAE") :]
     assert "<code>blocks.0.hook_mlp_out</code>" in single and "topk-64-k8" in single
     assert "<code>blocks.1.hook_resid_post</code>" in single and "topk-64-k2" in single
+
+
+def test_world_section_reads_the_probe_tables_from_metrics(tiny_data, tmp_path):
+    """build_report hands the world section `ReportPaths.probes` (metrics/activations/
+    <M>.json, key "probes"), where the activations stage writes them."""
+    import json
+
+    from stages.config import CorpusParams
+    from stages.corpus import build_corpus, write_corpus
+    from stages.report import ReportPaths, build_report
+
+    p = CorpusParams.model_validate({"heldout_fraction": 0.2, "toy": {"n_docs": 40, "seed": 1}})
+    write_corpus(build_corpus(p), tmp_path / "corpus", p)
+    probes = tmp_path / "metrics" / "activations"
+    probes.mkdir(parents=True)
+    row = {"kind": "contextual", "prevalence": 0.01, "lexical_f1": 0.4, "best_f1": 0.95,
+           "best_hook": HOOK, "lift": 0.55, "probe_f1": {HOOK: 0.95},
+           "null_f1": {HOOK: 0.02}, "untrained_f1": {HOOK: 0.3}, "untrained_best_f1": 0.3}  # fmt: skip
+    table = {"n_train_rows": 100, "n_heldout_rows": 100, "hooks": [HOOK], "skipped": [],
+             "concepts": {"expect_fish_move": row}}  # fmt: skip
+    (probes / "tiny-b.json").write_text(json.dumps({"probes": table}))
+    base = ReportPaths.under(tiny_data)
+    paths = ReportPaths(base.saes, base.activations, base.models, tmp_path / "no-steering",
+                        tmp_path / "no-decomposition", tmp_path / "no-alignment",
+                        tmp_path / "no-transfer", tmp_path / "corpus", probes)  # fmt: skip
+    report = build_report(tmp_path / "reports", data=paths, models=["tiny-b"],
+                          dashboards={"n_most_active": 1, "concept_features": False})  # fmt: skip
+    html = report.index.read_text()
+    assert "Contextual concepts in tiny-b" in html and "untrained-model F1" in html
+    assert "<b>1</b> contextual concepts" in html and "expect_fish_move" in html
