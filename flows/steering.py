@@ -1,5 +1,4 @@
-"""DVC stage `steering@<model>`: steering vectors per concept, their evaluation, their
-decomposition into SAE features and what they do to features downstream.
+"""DVC stage `steering@<model>`: steering vectors per concept and their evaluation.
 
     python -m flows.steering toy-a
 
@@ -7,12 +6,12 @@ For each contrastive set in `steering.models.<model>.sets` (generated from the c
 grammar, or a JSONL file under data/prompts/), `stages.steering.run_concept` builds the
 vector at every hook in `steering.models.<model>.hooks`, sweeps the layers (steerability,
 wrong-way fraction, KL / CE rise on held-out text, best layer within the KL budget),
-decomposes the chosen layer's vector with that hook's SAE, measures downstream feature
-changes at every later hook with an SAE, trains concept probes, and compares the
-feature-targeted vector with the raw and a random one. Outputs:
+tests every hook's vector against random directions of its norm, trains concept probes
+and writes generations. No SAE is read: `decompose@<model>` (flows/decompose.py) takes
+the vectors into SAE features. Outputs:
 
-    data/steering/<model>/<concept>/       vector.safetensors, meta.json, evaluation.json
-    data/decomposition/<model>/<concept>/  decomposition.json
+    data/steering/<model>/<concept>/       vector.safetensors, probe.safetensors,
+                                           meta.json, evaluation.json
     metrics/steering/<model>.json          headline numbers per concept (DVC metrics)
 
 One MLflow child run per concept, with its figures.
@@ -36,26 +35,11 @@ from stages.tracking import stage_run
 LAYOUT = Layout()
 
 
-def load_chosen_saes(model: str, chosen: dict[str, str]) -> dict:
-    from stages.sae import load_sae
-
-    saes = {}
-    for hook, name in chosen.items():
-        folder = LAYOUT.sae(model, hook, name)
-        if not (folder / "cfg.json").exists():
-            raise FileNotFoundError(
-                f"params.yaml: steering.models.{model}.saes.{hook} = '{name}': no SAE folder "
-                f"{folder}/ (expected one trained by saes@{model})"
-            )
-        saes[hook] = load_sae(folder).eval()
-    return saes
-
-
 @task(cache_policy=NO_CACHE)
-def concept(model, s, hooks, saes, store, cfg, name: str, hashes: dict):
+def concept(model, s, hooks, store, cfg, name: str, hashes: dict):
     from stages.steering import run_concept
 
-    return run_concept(model, s, hooks, saes, store, cfg, model_name=name, input_hashes=hashes)
+    return run_concept(model, s, hooks, store, cfg, model_name=name, input_hashes=hashes)
 
 
 @flow(name="steering")
@@ -79,31 +63,24 @@ def steering_flow(name: str) -> dict:
     sets = load_sets(ms.sets, st.toy_sets.seed, st.toy_sets.n_train, st.toy_sets.n_heldout,
                      f"steering.models.{name}.sets")  # fmt: skip
     model_dir, store_dir = LAYOUT.model(name), LAYOUT.activations(name)
-    inputs = {"model": model_dir, "activations": store_dir, "saes": LAYOUT.saes(name)}
+    inputs = {"model": model_dir, "activations": store_dir}
     inputs.update({f"set.{Path(n).stem}": Path(n) for n in ms.sets if n.endswith(".jsonl")})
     logged = {**flatten(st.config, "steering.config."), **flatten(st.toy_sets, "steering.toy_sets."),
-              **flatten(ms, f"steering.models.{name}.")}  # fmt: skip
+              **flatten({"sets": ms.sets, "hooks": ms.hooks}, f"steering.models.{name}.")}  # fmt: skip
     cfg = ConceptConfig(**{**st.config.model_dump(), "multipliers": tuple(st.config.multipliers)})
     with stage_run(f"steering@{name}", logged, inputs) as run:
         model = load_model(model_dir)
         store = ActivationStore(store_dir)
-        saes = load_chosen_saes(name, ms.saes)
         tags = run.client.get_run(run.run_id).data.tags
-        hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations", "saes")}
+        hashes = {k: tags.get(f"input.{k}", "") for k in ("model", "activations")}
         metrics: dict[str, dict] = {}
-        out_s, out_d = LAYOUT.steering(name), LAYOUT.decomposition(name)
-        with (
-            atomic_dir(out_s, within=LAYOUT.data) as tmp_s,
-            atomic_dir(out_d, within=LAYOUT.data) as tmp_d,
-        ):
+        out = LAYOUT.steering(name)
+        with atomic_dir(out, within=LAYOUT.data) as tmp:
             for cname, s in sets.items():
-                r = concept(quote(model), quote(s), ms.hooks, quote(saes), quote(store), cfg,
-                            name, hashes)  # fmt: skip
-                if "hook" in r.decomposition:  # which SAE the decomposition used
-                    r.decomposition["sae"] = ms.saes[r.decomposition["hook"]]
-                write_concept(r, tmp_s, tmp_d)
-                ev, dd = r.evaluation_dict(), r.decomposition
-                metrics[cname] = concept_headline(ev, dd)
+                r = concept(quote(model), quote(s), ms.hooks, quote(store), cfg, name, hashes)
+                write_concept(r, tmp)
+                ev = r.evaluation_dict()
+                metrics[cname] = concept_headline(ev)
                 with run.child(f"{name}/{cname}", {"concept": cname, "set.hash": s.content_hash()},
                                {"atlas.kind": "steering", "steering.model": name}) as child:  # fmt: skip
                     child.metrics({**metrics[cname], "seconds": r.evaluation.get("seconds")})
@@ -112,10 +89,11 @@ def steering_flow(name: str) -> dict:
                         plt.close(fig)
                 m = metrics[cname]
                 print(f"steering@{name}: {cname}: best hook {ev['sweep']['best_hook']}, "
-                      f"steerability {m['steerability']:.3f}, KL {m['kl']:.3f}, wrong-way "
+                      f"steerability {m['steerability']:.3f} (z {m.get('steerability_z', float('nan')):.1f} "
+                      f"against random directions), KL {m['kl']:.3f}, wrong-way "
                       f"{m['wrong_way_fraction']:.2f}")  # fmt: skip
         write_json(LAYOUT.metrics("steering", name), metrics)
-        print(f"steering@{name}: {len(sets)} concepts -> {out_s}/, {out_d}/")
+        print(f"steering@{name}: {len(sets)} concepts -> {out}/")
     return metrics
 
 

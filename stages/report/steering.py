@@ -1,13 +1,13 @@
-"""The steering section, drawn from the steering stage's files (layout in
-`stages/steering/run.py`):
+"""The steering section, drawn from the files of the steering and decompose stages
+(layouts in `stages/steering/run.py` and `stages/steering/decompose_run.py`):
 
     data/steering/<model>/<concept>/evaluation.json        layer sweep, generations, probes
     data/decomposition/<model>/<concept>/decomposition.json SAE decomposition, downstream,
                                                             targeted vs raw
 
 Figures are the steering package's own (`stages.steering.figures_from_dict`: steerability
-curves, layer sweep, decomposition bars + error curve, downstream-effect heatmap,
-targeted vs raw), redrawn from the JSON and captioned here with provenance, plus a
+curves, layer sweep; `decompose_run.decomposition_figures`: decomposition bars + error
+curve, downstream-effect heatmap, targeted vs raw), redrawn from the JSON and captioned here with provenance, plus a
 summary table per model whose decomposition latents link to their dashboards.
 
 `wanted_features` names the decomposition's top latents, so they get dashboards.
@@ -188,6 +188,7 @@ def section(
 ) -> Section | None:
     """The steering section, or None when no concept has been steered."""
     from stages.steering import figures_from_dict
+    from stages.steering.decompose_run import decomposition_figures
 
     concepts = steered_concepts(steering_dir, decomposition_dir)
     if not concepts:
@@ -203,8 +204,10 @@ def section(
             if c.decomposition_path is not None:
                 inputs.append(Path(decomposition_dir) / model)
             try:
-                figs = figures_from_dict({"evaluation": c.evaluation,
-                                          "decomposition": c.decomposition})  # fmt: skip
+                figs = {
+                    **figures_from_dict({"evaluation": c.evaluation}),
+                    **decomposition_figures(c.decomposition, c.concept),
+                }
             except (KeyError, TypeError, ValueError, IndexError) as err:
                 parts.append(f'<p class="note">{e(model)} {e(c.concept)}: figures could not be '
                              f"drawn from {e(c.steering_path)} ({e(type(err).__name__)}: "

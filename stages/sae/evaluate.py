@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from stages.compute import CPU, Device, on_device
+from stages.logits import ce_full
 from stages.sae import metrics as M
 from stages.sae.base import BaseSAE
 from stages.sae.data import SourceLike, as_source, iter_rows, source_name
@@ -191,12 +192,6 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
                                   if out["kl_pca"] > 0 and not full else math.nan)  # fmt: skip
     out["n_predictions"] = n
     return out
-
-
-def ce_full(logits: Tensor, target: Tensor) -> Tensor:
-    """Per-prediction cross-entropy from logits [..., vocab] and targets [...]."""
-    lp = torch.log_softmax(logits.double(), dim=-1)
-    return -lp.gather(-1, target[..., None]).squeeze(-1)
 
 
 @torch.no_grad()

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import Tensor
 
+from stages.logits import kl_divergence  # noqa: F401  (re-exported: metrics.kl_divergence)
+
 
 def mse(x: Tensor, x_hat: Tensor) -> float:
     """Mean over tokens and dimensions of (x - x̂)²."""
@@ -90,13 +92,6 @@ def ce_loss_recovered(ce_clean: float, ce_sae: float, ce_zero: float) -> float:
     e.g. an untrained model): there is then no loss to recover and the ratio means nothing."""
     denom = ce_zero - ce_clean
     return (ce_zero - ce_sae) / denom if denom > 0 else float("nan")
-
-
-def kl_divergence(logits_p: Tensor, logits_q: Tensor) -> Tensor:
-    """KL(p ‖ q) per position from logits [..., vocab] (float64)."""
-    lp = torch.log_softmax(logits_p.double(), dim=-1)
-    lq = torch.log_softmax(logits_q.double(), dim=-1)
-    return (lp.exp() * (lp - lq)).sum(-1)
 
 
 def binary_f1_counts(tp: Tensor, fp: Tensor, fn: Tensor) -> Tensor:

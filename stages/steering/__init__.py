@@ -2,15 +2,19 @@
 
 A library (no DVC, Prefect or MLflow in here). The pipeline stage calls, per concept::
 
-    from stages.steering import ConceptConfig, figures, read_sets, run_concept, toy_sets, write_concept
+    from stages.steering import (ConceptConfig, decompose_concept, figures, read_sets,
+                                 run_concept, toy_sets, write_concept, write_decomposition)
 
     sets = toy_sets(seed=0, n_train=64, n_heldout=32)       # toy corpus; or read_sets(Path("data/prompts"))
-    saes = {"blocks.1.hook_resid_post": load_sae(folder)}  # hook -> SAE (any subset of hooks)
     store = ActivationStore(Path("data/activations/toy-a"))
-    for s in sets.values():
-        r = run_concept(model, s, hooks, saes, store, ConceptConfig(), model_name="toy-a")
-        write_concept(r, Path("data/steering/toy-a"), Path("data/decomposition/toy-a"))
+    for s in sets.values():                                 # steering@toy-a
+        r = run_concept(model, s, hooks, store, ConceptConfig(), model_name="toy-a")
+        folder = write_concept(r, Path("data/steering/toy-a"))
         for name, fig in figures(r).items(): ...            # log to MLflow / save
+    saes = {"blocks.1.hook_resid_post": load_sae(folder)}  # hook -> SAE (any subset of hooks)
+    for s in sets.values():                                 # decompose@toy-a
+        dd = decompose_concept(model, s, vectors, evaluation, saes, store, ConceptConfig())
+        write_decomposition(dd, Path("data/decomposition/toy-a"), s.name, "toy-a")
 
 Conventions
 - Vectors are the raw mean difference mean(act(pos)) − mean(act(neg)) (not unit
@@ -46,7 +50,12 @@ Modules and public functions (every name below is importable from `stages.steeri
   `cosine_table({name: direction})`.
 - `targeted`: `targeted_vectors(v, W_dec, decomposition, k)`, `compare_vectors(...)`.
 - `run`: `ConceptConfig`, `run_concept(...) -> ConceptResult`, `write_concept(result,
-  steering_dir, decomposition_dir)`, `figures(result)`, `figures_from_dict(json)`.
+  steering_dir)`, `load_probes(folder)`, `figures(result)`, `figures_from_dict(json)`,
+  `concept_headline(evaluation)`.
+- `decompose_run`: `decompose_concept(model, set, vectors, evaluation, saes, store, cfg)
+  -> dict`, `write_decomposition(dd, decomposition_dir, concept, model)`,
+  `decomposition_figures(dd, concept)`, `decomposition_headline(dd)`,
+  `read_position_truth(...)`.
 """
 
 from __future__ import annotations
@@ -61,6 +70,10 @@ _EXPORTS = {
     "decompose": (
         "Decomposition concept_latents decoder_cosines encode_shift encode_vector latent_f1 nn_decompose precision_at_k top_by_cosine"
     ),
+    "decompose_run": (
+        "decompose_concept decomposition_figures decomposition_headline read_position_truth "
+        "write_decomposition"
+    ),
     "downstream": "DownstreamResult downstream_effects",
     "evaluate": (
         "LayerSweep SideEffects Steerability behaviour_metric layer_sweep metric_grid side_effects steerability"
@@ -71,8 +84,8 @@ _EXPORTS = {
         "write_set"
     ),
     "run": (
-        "ConceptConfig ConceptResult concept_headline figures figures_from_dict run_concept "
-        "write_concept"
+        "ConceptConfig ConceptResult concept_headline figures figures_from_dict load_probes "
+        "run_concept write_concept"
     ),
     "targeted": "compare_vectors targeted_vectors",
     "vectors": ("compute_vectors load_vector mean_diff pca_direction read_activations save_vector"),

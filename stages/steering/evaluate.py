@@ -27,8 +27,7 @@ import torch
 from torch import Tensor
 
 from stages.activations import check_hooks
-from stages.sae.evaluate import ce_full
-from stages.sae.metrics import kl_divergence
+from stages.logits import ce_full, kl_divergence
 from stages.steering.apply import Positions, position_mask, steer, steering_hooks
 from stages.steering.prompts import SteeringSet, target_ids
 from stages.steering.vectors import pad_right, tokenize

@@ -1,18 +1,22 @@
-"""The whole per-concept analysis in one call, its files and its figures.
+"""The steering analysis of one concept (the `steering@<model>` stage), its files and figures.
 
-    result = run_concept(model, steering_set, hooks, saes, store, ConceptConfig())
-    write_concept(result, Path("data/steering/toy-a"), Path("data/decomposition/toy-a"))
+    result = run_concept(model, steering_set, hooks, store, ConceptConfig())
+    write_concept(result, Path("data/steering/toy-a"))
     figs = figures(result)          # name -> matplotlib Figure
 
-Files (each folder written atomically):
+No SAE is read here: the vectors' decomposition into SAE features, downstream effects,
+targeted variants and attribution are `decompose_run.py` (the `decompose@<model>` stage),
+which reads these files, so changing the SAE sweep does not re-run the vectors.
+
+Files (the folder written atomically):
 
     <steering_dir>/<concept>/vector.safetensors   one float32 tensor per hook (key = hook)
+    <steering_dir>/<concept>/probe.safetensors    the concept probe's direction per hook
     <steering_dir>/<concept>/meta.json            model, hooks, method, read position(s),
                                                   n pairs, input hashes, norm per hook
     <steering_dir>/<concept>/evaluation.json      layer sweep (steerability curves, KL, CE
-                                                  rise), best hook, generations, probes
-    <decomposition_dir>/<concept>/decomposition.json   SAE decomposition, precision@k,
-                                                  downstream effects, cosines, targeted
+                                                  rise), best hook, random-direction
+                                                  controls per hook, generations, probes
 """
 
 from __future__ import annotations
@@ -26,27 +30,21 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
 
 from stages.activations import check_hooks
-from stages.io import atomic_dir, write_json
+from stages.io import atomic_dir, load_safetensors, write_json
 from stages.layout import inside, safe_name
-from stages.steering import decompose as D
 from stages.steering.apply import generate_steered
-from stages.steering.attribution import attribution_vs_ablation
 from stages.steering.controls import controlled_effects
-from stages.steering.downstream import downstream_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
-from stages.steering.probes import concept_probe, cosine_table
+from stages.steering.probes import concept_probe
 from stages.steering.prompts import SteeringSet
-from stages.steering.targeted import compare_vectors, targeted_vectors
 from stages.steering.vectors import (
     compute_vectors,
     pairs_hash,
-    read_activations,
-    resolve_positions,
     save_vector,
-    tokenize,
 )
 
 if TYPE_CHECKING:
@@ -116,24 +114,23 @@ class ConceptResult:
     meta: dict[str, Any]
     sweep: LayerSweep
     evaluation: dict[str, Any] = field(default_factory=dict)  # beyond the sweep
-    decomposition: dict[str, Any] = field(default_factory=dict)
+    probes: dict[str, Tensor] = field(default_factory=dict)  # hook -> probe direction
 
     def evaluation_dict(self) -> dict[str, Any]:
         return {"concept": self.name, "model": self.model, "sweep": self.sweep.to_dict(),
                 **self.evaluation}  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
-        return {"meta": self.meta, "evaluation": self.evaluation_dict(),
-                "decomposition": self.decomposition}  # fmt: skip
+        return {"meta": self.meta, "evaluation": self.evaluation_dict()}
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, Tensor):
-        return _jsonable(x.tolist())
+        return jsonable(x.tolist())
     if isinstance(x, np.generic):
         return x.item()
     if isinstance(x, float) and not np.isfinite(x):
@@ -145,26 +142,22 @@ def run_concept(
     model: HookedTransformer,
     s: SteeringSet,
     hooks: list[str],
-    saes: dict[str, Any],
     store=None,
     cfg: ConceptConfig | None = None,
     *,
     model_name: str = "",
     neutral_tokens: Tensor | None = None,
-    ground_truth: dict[str, list[int]] | None = None,
     input_hashes: dict[str, str] | None = None,
 ) -> ConceptResult:
-    """Vectors at each hook, layer sweep, SAE decomposition at the chosen hook (or the best
-    hook with an SAE), downstream effects, probes, targeted-vs-raw, generations.
+    """Vectors at each hook, layer sweep, every hook's vector against random directions
+    of its norm, held-out pair agreement, concept probes, generations.
 
-    `store` (an ActivationStore) supplies held-out windows (unless `neutral_tokens`),
-    concept labels for ground-truth latents and probes; without it those parts are
-    skipped. `ground_truth` (hook -> latent ids) overrides the latents found from labels.
+    `store` (an ActivationStore) supplies held-out windows (unless `neutral_tokens`) and
+    the concept labels for the probes; without it the probes are skipped.
     """
     cfg = cfg or ConceptConfig()
     t0 = time.perf_counter()
     check_hooks(model, hooks, "steering.hooks")
-    check_hooks(model, list(saes), "steering.saes")
     if not s.train_pairs:
         raise ValueError(f"steering set '{s.name}': no training pairs")
     if not s.eval_prompts:
@@ -192,21 +185,16 @@ def run_concept(
                         batch_size=bs)  # fmt: skip
     best = sweep.best_hook
     ev: dict[str, Any] = {"config": cfg.to_dict(), "set": s.to_dict()}
-    with_sae = [h for h in hooks if h in saes]
-    dh = (best if best in saes else max(with_sae, key=lambda h: sweep.steerability[h].slope)
-          ) if with_sae else None  # fmt: skip
 
-    def controls(h: str, named: dict[str, Tensor], kl: bool = True) -> dict[str, Any]:
-        return controlled_effects(model, s, h, named, cfg.multipliers,
-                                  tokens[: cfg.kl_windows] if kl else None,
-                                  n_random=cfg.n_random, seed=cfg.seed,
-                                  equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
-                                  side_positions=cfg.side_positions, batch_size=bs)  # fmt: skip
-
-    # every hook's raw vector against random directions (the decomposition hook's below,
-    # with the targeted variants)
-    # with, the decomposition hook's below with the targeted variants and at equal KL)
-    ev["controls"] = {h: controls(h, {"raw": vectors[h]}, kl=False) for h in hooks if h != dh}
+    # every hook's raw vector against random directions of its norm (the decomposition
+    # stage adds the targeted variants and the equal-KL test at its hook)
+    ev["controls"] = {
+        h: controlled_effects(model, s, h, {"raw": vectors[h]}, cfg.multipliers, None,
+                              n_random=cfg.n_random, seed=cfg.seed,
+                              equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
+                              side_positions=cfg.side_positions, batch_size=bs)
+        for h in hooks
+    }  # fmt: skip
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
@@ -237,152 +225,38 @@ def run_concept(
     else:
         probes = {}
 
-    # ---- decomposition at the chosen hook, or the best-steering hook that has an SAE
-    if dh is None:
-        log.info("steering %s: no SAE at %s; decomposition skipped", s.name, hooks)
-        result.decomposition = {"skipped": "no SAE at any steering hook"}
-        ev["seconds"] = time.perf_counter() - t0
-        return result
-    sae, v = saes[dh], vectors[dh]
-    W = sae.W_dec.detach()
-    x_eval = read_activations(model, [e.prompt for e in s.eval_prompts], [dh], -1, bs)[dh]
-    enc_v = D.encode_vector(sae, v)
-    shift = D.encode_shift(sae, x_eval, v, 1.0)
-    dec = D.nn_decompose(v, W, cfg.max_features, cfg.n_candidates)
-    rankings = {
-        "nnls": dec.top(len(dec.features)),
-        "cosine": D.top_by_cosine(v, W, max(cfg.ks + (cfg.top_n,)))[0],
-        "encode": D.top_by_value(enc_v, max(cfg.ks + (cfg.top_n,)))[0],
-        "encode_shift": D.top_by_value(shift, max(cfg.ks + (cfg.top_n,)))[0],
-    }
-    dd: dict[str, Any] = {"hook": dh, "chosen_hook": best, "sae_d": sae.d_sae,
-                          "vector_norm": float(v.norm())}  # fmt: skip
-    cos_all = D.decoder_cosines(v, W)
-    dd["top_features"] = {
-        name: [{"latent": j, "encode": float(enc_v[j]), "encode_shift": float(shift[j]),
-                "cosine": float(cos_all[j])} for j in r[: cfg.top_n]]
-        for name, r in rankings.items()
-    }  # fmt: skip
-    dd["nn_decomposition"] = dec.to_dict()
-    truth = (ground_truth or {}).get(dh)
-    if truth is None and store is not None and s.concept in (store.concept_names or []) \
-            and dh in store.hooks:  # fmt: skip
-        lo, hi = store.split_range("heldout")
-        hi = min(hi, lo + cfg.gt_rows)
-        x = torch.from_numpy(np.asarray(store.array(dh)[lo:hi]).astype(np.float32))
-        ci = store.concept_names.index(s.concept)
-        lab = torch.from_numpy(np.asarray(store.array("concept_labels")[lo:hi, ci : ci + 1]))
-        f1 = D.latent_f1(sae, x, lab)[0]
-        truth = D.concept_latents(f1, cfg.gt_f1_threshold)
-        dd["ground_truth_f1"] = {str(j): float(f1[j]) for j in truth}
-    rp = read_position_truth(sae, s, store, dh, model, cfg)
-    if rp is not None:
-        dd["ground_truth_read_position"] = rp
-        if rp.get("latents"):
-            dd["precision_at_k_read_position"] = {
-                name: {str(k): D.precision_at_k(r, rp["latents"], k) for k in cfg.ks}
-                for name, r in rankings.items()}  # fmt: skip
-    if truth:
-        dd["ground_truth"] = truth
-        dd["precision_at_k"] = {name: {str(k): D.precision_at_k(r, truth, k) for k in cfg.ks}
-                                for name, r in rankings.items()}  # fmt: skip
-        dirs = {"steering_vector": v, **{f"decoder_{j}": W[j] for j in truth[:3]}}
-        if dh in probes:
-            dirs["probe"] = probes[dh].weight.float()
-        dd["cosines"] = cosine_table(dirs)
-    # ---- downstream: steer at each hook, read every later hook with an SAE
-    dd["downstream"] = {h: downstream_effects(model, h, vectors[h], cfg.kl_multiplier, tokens,
-                                              saes, positions=cfg.side_positions,
-                                              top_n=cfg.top_n).to_dict()
-                        for h in hooks}  # fmt: skip
-    # ---- targeted vs raw vs random
-    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, 1)
-    dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
-                      "vectors": compare_vectors(model, s, dh, tv, cfg.multipliers, tokens,
-                                                 cfg.kl_multiplier, positions=cfg.positions,
-                                                 side_positions=cfg.side_positions,
-                                                 batch_size=bs)}  # fmt: skip
-    # the raw vector and every variant against the same random directions, at equal norm
-    # and at equal KL
-    ev["controls"][dh] = dd["controls"] = controls(dh, {k: x for k, x in tv.items()
-                                                         if k != "random"})  # fmt: skip
-    # which latents carry the behaviour: attribution patching against true ablation
-    dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
-                                                cfg.attribution_sample, cfg.seed)  # fmt: skip
-    result.decomposition = dd
     ev["seconds"] = time.perf_counter() - t0
+    result.probes = {h: p.weight.detach().float() for h, p in probes.items()}
     return result
 
 
-def read_position_truth(sae, s: SteeringSet, store, hook: str, model: HookedTransformer,
-                        cfg: ConceptConfig) -> dict[str, Any] | None:  # fmt: skip
-    """Ground-truth latents where the vector lives: held-out store rows whose token is one
-    the training pairs are read at, split by the set's concept (positive) and its
-    negative concept (or its absence); latents whose firing-rate contrast exceeds
-    `gt_contrast_threshold` (`decompose.contrast_at_tokens`), best first, or the best one.
-    None without a store, labels or hook; a dict with `skipped` when too few rows."""
-    if store is None or not s.concept or s.concept not in (store.concept_names or []) \
-            or hook not in store.hooks:  # fmt: skip
-        return None
-    seqs = tokenize(model, [x for p in s.train_pairs for x in (p.positive, p.negative)])
-    rps = [p.read_position for p in s.train_pairs for _ in (0, 1)]
-    idx = resolve_positions(torch.tensor([len(q) for q in seqs]), rps)
-    read_ids = sorted({int(q[i]) for q, i in zip(seqs, idx, strict=True) if i != "mean"})
-    if not read_ids:
-        return {"skipped": "the pairs are read at the mean over positions"}
-    lo, hi = store.split_range("heldout")
-    hi = min(hi, lo + cfg.gt_rows)
-    tok = np.asarray(store.array("token_ids")[lo:hi])
-    at = np.isin(tok, read_ids)
-    names = store.concept_names
-    lab = np.asarray(store.array("concept_labels")[lo:hi])[at]
-    pos = lab[:, names.index(s.concept)].astype(bool)
-    if s.negative_concept and s.negative_concept in names:
-        neg = lab[:, names.index(s.negative_concept)].astype(bool) & ~pos
-    else:
-        neg = ~pos
-    out: dict[str, Any] = {"read_tokens": read_ids, "n_positive": int(pos.sum()),
-                           "n_negative": int(neg.sum()), "concept": s.concept,
-                           "negative": s.negative_concept or f"not {s.concept}",
-                           "threshold": cfg.gt_contrast_threshold,
-                           "rule": "P(fires | concept) − P(fires | negative) among held-out "
-                                   "rows at the pairs' read tokens"}  # fmt: skip
-    if pos.sum() < cfg.gt_min_rows or neg.sum() < cfg.gt_min_rows:
-        out["skipped"] = f"fewer than {cfg.gt_min_rows} positive or negative read-token rows"
-        return out
-    rows = np.flatnonzero(at)
-    x = torch.from_numpy(np.asarray(store.array(hook)[lo:hi])[rows].astype(np.float32))
-    c = D.contrast_at_tokens(sae, x, torch.from_numpy(pos), torch.from_numpy(neg))
-    order = torch.argsort(c, descending=True)
-    keep = [int(j) for j in order if float(c[j]) > cfg.gt_contrast_threshold]
-    out["latents"] = keep or [int(order[0])]
-    out["contrast"] = {str(j): float(c[j]) for j in out["latents"]}
-    return out
-
-
-def write_concept(result: ConceptResult, steering_dir: Path, decomposition_dir: Path) -> Path:
-    """Write `<steering_dir>/<concept>/` and `<decomposition_dir>/<concept>/`; returns the
-    steering folder."""
+def write_concept(result: ConceptResult, steering_dir: Path) -> Path:
+    """Write `<steering_dir>/<concept>/`; returns the folder."""
     # the set's name was checked when read (stages.layout.safe_name); `inside` and
-    # `within` refuse a folder outside these roots anyway
+    # `within` refuse a folder outside this root anyway
     out = inside(steering_dir, safe_name(result.name, "steering set name"))
     with atomic_dir(out, within=steering_dir) as tmp:
         save_vector(tmp, result.vectors, result.meta)
+        if result.probes:
+            save_file({h: w.contiguous() for h, w in result.probes.items()},
+                      tmp / "probe.safetensors")  # fmt: skip
         # wall time stays out of the file (same inputs => same bytes); it is in `evaluation`
         ev = {k: v for k, v in result.evaluation_dict().items() if k != "seconds"}
-        write_json(tmp / "evaluation.json", _jsonable(ev))
-    with atomic_dir(inside(decomposition_dir, result.name), within=decomposition_dir) as tmp:
-        write_json(tmp / "decomposition.json",
-                   _jsonable({"concept": result.name, "model": result.model,
-                              **result.decomposition}))  # fmt: skip
+        write_json(tmp / "evaluation.json", jsonable(ev))
     log.info("steering %s: wrote %s", result.name, out)
     return out
 
 
+def load_probes(folder: Path) -> dict[str, Tensor]:
+    """hook -> the concept probe's direction (raw activation space) that `write_concept`
+    saved beside the vectors; empty when the concept had no probe."""
+    path = Path(folder) / "probe.safetensors"
+    return load_safetensors(path, "concept probes") if path.exists() else {}
+
+
 def figures(result: ConceptResult) -> dict[str, Figure]:
-    """Steerability curves, layer sweep, decomposition bars + error curve, downstream
-    heatmap, targeted vs raw. Each redrawable from the JSON (same keys)."""
-    return figures_from_dict(_jsonable(result.to_dict()))
+    """Steerability curves and the layer sweep, redrawable from the JSON (same keys)."""
+    return figures_from_dict(jsonable(result.to_dict()))
 
 
 def figures_from_dict(d: dict[str, Any]) -> dict[str, Figure]:
@@ -391,7 +265,7 @@ def figures_from_dict(d: dict[str, Any]) -> dict[str, Figure]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ev, dd = d["evaluation"], d.get("decomposition", {})
+    ev = d["evaluation"]
     name = ev["concept"]
     figs: dict[str, Figure] = {}
     sw = ev["sweep"]
@@ -418,50 +292,14 @@ def figures_from_dict(d: dict[str, Any]) -> dict[str, Figure]:
     fig.tight_layout()
     figs["layer_sweep"] = fig
 
-    if "nn_decomposition" in dd:
-        nd = dd["nn_decomposition"]
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
-        order = np.argsort(-np.asarray(nd["coefficients"]))[:15]
-        a1.bar(range(len(order)), [nd["coefficients"][i] for i in order])
-        a1.set_xticks(range(len(order)), [str(nd["features"][i]) for i in order],
-                      rotation=60, fontsize=7)  # fmt: skip
-        a1.set(title=f"{name}: NN decomposition at {dd['hook']}", ylabel="coefficient")
-        a2.plot(range(1, len(nd["curve"]) + 1), nd["curve"], marker=".")
-        a2.set(xlabel="features used", ylabel="‖v − v̂‖ / ‖v‖", title="reconstruction error")
-        fig.tight_layout()
-        figs["decomposition"] = fig
-    ds = dd.get("downstream", {})
-    first = next((r for r in ds.values() if r["hooks"]), None)
-    if first is not None:
-        fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * len(first["hooks"])))
-        mat = np.asarray(first["matrix"])
-        lim = float(np.abs(mat).max()) or 1.0
-        ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        for i, row in enumerate(first["latents"]):
-            for j, lat in enumerate(row):
-                ax.text(j, i, str(lat), ha="center", va="center", fontsize=6)
-        ax.set_yticks(range(len(first["hooks"])), first["hooks"], fontsize=7)
-        ax.set(xlabel="rank (latent id in cell)",
-               title=f"{name}: downstream of {first['hook']}")  # fmt: skip
-        fig.tight_layout()
-        figs["downstream"] = fig
-    if "targeted" in dd:
-        tv = dd["targeted"]["vectors"]
-        names = list(tv)
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        x = np.arange(len(names))
-        ax.bar(x - 0.2, [tv[n]["slope"] for n in names], 0.4, label="steerability")
-        ax.bar(x + 0.2, [tv[n]["kl"] for n in names], 0.4, label="KL")
-        ax.set_xticks(x, names, fontsize=8)
-        ax.set(title=f"{name}: targeted vs raw vs random")
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        figs["targeted"] = fig
     return figs
 
 
-def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
-    """The numbers a reader compares across experiments (DVC metrics / MLflow)."""
+def concept_headline(ev: dict) -> dict[str, float]:
+    """The steering numbers a reader compares across experiments (DVC metrics / MLflow):
+    the best hook's steerability, wrong-way fraction and side effects, its probe, and its
+    raw vector against the random directions (`decompose_run.decomposition_headline` has
+    the decomposition's)."""
     sweep = ev["sweep"]
     best = sweep["best_hook"]
     st, se = sweep["steerability"][best], sweep["side_effects"][best]
@@ -471,28 +309,14 @@ def concept_headline(ev: dict, dd: dict) -> dict[str, float]:
     probes = ev.get("probes", {})
     if best in probes:
         out["probe_heldout_accuracy"] = probes[best]["heldout_accuracy"]
-    if "nn_decomposition" in dd:
-        curve = dd["nn_decomposition"]["curve"]
-        out["nnls_rel_error_at_5"] = curve[min(4, len(curve) - 1)]
-        out["nnls_rel_error_at_max"] = curve[-1]
-    for ranking, at in dd.get("precision_at_k", {}).items():
-        if "5" in at:
-            out[f"precision_at_5_{ranking}"] = at["5"]
-    if "attribution" in dd:
-        out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
-        out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
-    for ranking, at in dd.get("precision_at_k_read_position", {}).items():
-        if "5" in at:
-            out[f"precision_at_5_{ranking}_read_position"] = at["5"]
-    for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
-        out[f"targeted.{kind}.steerability"] = r["slope"]
-        out[f"targeted.{kind}.kl"] = r["kl"]
-    # the raw vector at the best hook; the targeted variants (and the equal-KL test) at
-    # the decomposition hook, the same hook by default
     out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
-    out.update(control_headline(dd.get("controls"), raw=False))
-    # an undefined number (no null spread, a KL target never reached) is left out: the
-    # metrics file stays strict JSON and an absent key reads as "not measured"
+    return finite_rounded(out)
+
+
+def finite_rounded(out: dict[str, Any]) -> dict[str, float]:
+    """Rounded to 6 decimals; an undefined number (no null spread, a KL target never
+    reached) is left out: the metrics file stays strict JSON, and an absent key reads as
+    "not measured"."""
     return {k: round(float(v), 6) for k, v in out.items()
             if v is not None and math.isfinite(float(v))}  # fmt: skip
 

@@ -168,8 +168,8 @@ def test_steering_killed_mid_run_restarts_and_matches(reference, copy_of, tmp_pa
     parent = root / "data/steering"
 
     def concept_underway(_log: str) -> bool:
-        # the output's temporary folder exists: model, cache and SAEs are loaded and
-        # the first concept's vectors, sweep and decomposition are being computed
+        # the output's temporary folder exists: model and cache are loaded and the
+        # first concept's vectors, sweep and controls are being computed
         return any(parent.glob(".tiny-a.tmp-*"))
 
     _kill_part_way(root, env, "steering@tiny-a", concept_underway, tmp_path / "killed.log")
@@ -177,7 +177,7 @@ def test_steering_killed_mid_run_restarts_and_matches(reference, copy_of, tmp_pa
     assert any(p.name.startswith(".tiny-a.tmp-") for p in beside)
     from stages.steering import load_vector
 
-    with pytest.raises(FileNotFoundError):  # what align@tiny-a__tiny-b would load
+    with pytest.raises(FileNotFoundError):  # what decompose@ and transfer@ would load
         load_vector(parent / "tiny-a/past_vs_present")
 
     # the forced re-run also removes the killed run's temporary folder

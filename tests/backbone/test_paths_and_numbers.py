@@ -106,13 +106,16 @@ def test_write_concept_refuses_a_name_outside_its_folder(tmp_path):
     """Library use (no read_set): the result's name still cannot leave the folders."""
     from types import SimpleNamespace
 
+    from stages.steering.decompose_run import write_decomposition
     from stages.steering.run import write_concept
 
     canary = _canary(tmp_path)
     steering, decomposition = tmp_path / "s" / "m", tmp_path / "d" / "m"
     result = SimpleNamespace(name="../../canary")
     with pytest.raises(UnsafePathError):
-        write_concept(result, steering, decomposition)  # type: ignore[arg-type]
+        write_concept(result, steering)  # type: ignore[arg-type]
+    with pytest.raises(UnsafePathError):
+        write_decomposition({}, decomposition, "../../canary")
     assert (canary / "keep.txt").read_text() == "precious"
 
 

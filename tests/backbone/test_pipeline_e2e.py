@@ -120,7 +120,7 @@ def test_changing_one_models_hook_reruns_only_that_cache(project):
     p = _run(["dvc", "repro"], root, env)
     ran = [ln.split("'")[1] for ln in p.stdout.splitlines() if ln.startswith("Running stage")]
     # that model's cache, and what reads it; not the LMs, not the other model's stages
-    assert ran == ["activations@tiny-b", "saes@tiny-b", "steering@tiny-b",
+    assert ran == ["activations@tiny-b", "saes@tiny-b", "steering@tiny-b", "decompose@tiny-b",
                    "align@tiny-a__tiny-b", "transfer@tiny-a__tiny-b", "geometry@tiny-b",
                    "report"]  # fmt: skip
     from stages.activations import ActivationStore

@@ -108,11 +108,13 @@ def _geometry(data: Path, corpus) -> None:
 
 def _steer(data: Path) -> None:
     """The steering stage's files for one concept of tiny-a (`run_concept` +
-    `write_concept`), decomposed into tiny-a's smallest TopK SAE."""
+    `write_concept`), and the decompose stage's (`decompose_concept` into tiny-a's
+    smallest TopK SAE)."""
     from stages.activations import ActivationStore
     from stages.models import load_model
     from stages.sae import load_sae
-    from stages.steering import ConceptConfig, run_concept, toy_sets, write_concept
+    from stages.steering import ConceptConfig, load_probes, run_concept, toy_sets, write_concept
+    from stages.steering.decompose_run import decompose_concept, write_decomposition
 
     model = load_model(data / "models" / "tiny-a")
     s = toy_sets(seed=0, n_train=8, n_heldout=4, names=["emotion_polarity"])["emotion_polarity"]
@@ -120,10 +122,13 @@ def _steer(data: Path) -> None:
     cfg = ConceptConfig(multipliers=(-2.0, 0.0, 2.0), n_windows=4, max_features=6,
                         n_candidates=32, n_generations=1, max_new_tokens=3, gt_rows=2000,
                         probe_rows=2000, batch_size=16)  # fmt: skip
-    result = run_concept(model, s, ["blocks.0.hook_mlp_out", HOOK], saes,
-                         ActivationStore(data / "activations" / "tiny-a"), cfg,
+    store = ActivationStore(data / "activations" / "tiny-a")
+    result = run_concept(model, s, ["blocks.0.hook_mlp_out", HOOK], store, cfg,
                          model_name="tiny-a")  # fmt: skip
-    write_concept(result, data / "steering" / "tiny-a", data / "decomposition" / "tiny-a")
+    folder = write_concept(result, data / "steering" / "tiny-a")
+    dd = decompose_concept(model, s, result.vectors, result.evaluation_dict(), saes, store, cfg,
+                           probes=load_probes(folder))  # fmt: skip
+    write_decomposition(dd, data / "decomposition" / "tiny-a", s.name, "tiny-a")
 
 
 def _transfer(data: Path, pair) -> None:

@@ -1,4 +1,5 @@
-"""End to end: run_concept on the tiny model, store and SAE; files, JSON and figures."""
+"""End to end: run_concept then decompose_concept on the tiny model, store and SAE; files,
+JSON and figures."""
 
 from __future__ import annotations
 
@@ -11,10 +12,17 @@ from stages.steering import (
     ConceptConfig,
     concept_headline,
     figures,
+    load_probes,
     load_vector,
     run_concept,
     toy_sets,
     write_concept,
+)
+from stages.steering.decompose_run import (
+    decompose_concept,
+    decomposition_figures,
+    decomposition_headline,
+    write_decomposition,
 )
 from stages.steering.run import figures_from_dict
 from tests.steering.conftest import HOOKS, tiny_sae
@@ -26,9 +34,9 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     cfg = ConceptConfig(multipliers=(-2.0, 0.0, 2.0), n_windows=4, max_features=8,
                         n_candidates=64, gt_rows=2048, probe_rows=4096, n_generations=1,
                         max_new_tokens=3, kl_budget=10.0)  # fmt: skip
-    r = run_concept(tiny_model, s, HOOKS, saes, tiny_store, cfg, model_name="tiny",
+    r = run_concept(tiny_model, s, HOOKS, tiny_store, cfg, model_name="tiny",
                     input_hashes={"model": "abc"})  # fmt: skip
-    out = write_concept(r, tmp_path / "steering", tmp_path / "decomposition")
+    out = write_concept(r, tmp_path / "steering")
     assert out == tmp_path / "steering" / "mammal_vs_bird"
     assert set(load_file(out / "vector.safetensors")) == set(HOOKS)
     vecs, meta = load_vector(out)
@@ -41,22 +49,40 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     assert set(ev["probes"]) == set(HOOKS) and ev["generations"]["prompts"]
     # the held-out pairs give their own vector, compared with the training one
     assert set(ev["heldout_pair_cosine"]) == set(HOOKS)
-    dd = json.loads(
-        (tmp_path / "decomposition" / "mammal_vs_bird" / "decomposition.json").read_text()
-    )
+    # every hook's raw vector against 32 random directions of its norm, no KL test here
+    assert set(ev["controls"]) == set(HOOKS)
+    assert all("equal_kl" not in c and set(c["vectors"]) == {"raw"}
+               for c in ev["controls"].values())  # fmt: skip
+    # the probe directions travel beside the vectors, for the decomposition's cosines
+    assert set(load_probes(out)) == set(HOOKS)
+    head = concept_headline(ev)
+    assert head["random.n"] == 32 and "steerability_z" in head and "targeted.top5.kl" not in head
+    figs = figures(r)
+    assert set(figs) == {"steerability", "layer_sweep"}
+    assert set(figures_from_dict({"evaluation": ev})) == set(figs)
+
+    # ---- the decompose stage: from the files the steering stage wrote
+    vecs, _ = load_vector(out)
+    dd = decompose_concept(tiny_model, s, vecs, ev, saes, tiny_store, cfg,
+                           probes=load_probes(out))  # fmt: skip
+    dout = write_decomposition(dd, tmp_path / "decomposition", s.name, "tiny")
+    assert json.loads((dout / "decomposition.json").read_text())["concept"] == s.name
+    dd = json.loads((dout / "decomposition.json").read_text())
     assert dd["hook"] == HOOKS[1] and dd["ground_truth"]
     assert len(dd["nn_decomposition"]["curve"]) >= 1 and set(dd["precision_at_k"]) >= {"nnls"}
     assert dd["downstream"][HOOKS[0]]["hooks"] == [HOOKS[1]]  # steer at 0, read 1
     assert set(dd["targeted"]["vectors"]) == {"raw", "top5", "off_ablated5", "random"}
     # every vector against 32 random directions: raw at each hook, the variants at the
     # decomposition hook at equal norm and at equal KL; flat keys in the headline
-    assert set(ev["controls"]) == set(HOOKS) and dd["controls"] == ev["controls"][HOOKS[1]]
+    assert "probe" in dd["cosines"]
     c = dd["controls"]
+    # the raw vector's null is the steering stage's: same directions, same equal-norm test
+    raw_s = ev["controls"][HOOKS[1]]["vectors"]["raw"]["equal_norm"]
+    assert c["vectors"]["raw"]["equal_norm"] == raw_s
     assert c["n_random"] == 32 and len(c["null_equal_norm_slopes"]) == 32
     assert set(c["vectors"]) == {"raw", "top5", "off_ablated5"} and "equal_kl" in c
     for v in c["vectors"].values():
         assert v["equal_norm"]["p"] >= c["p_floor"] == 1 / 33
-    assert "equal_kl" not in ev["controls"][HOOKS[0]]
     # ground truth at the read position (the noun): mammal vs bird rows at those tokens
     rp = dd["ground_truth_read_position"]
     assert rp["read_tokens"] and rp["concept"] == "mammal" and rp["negative"] == "bird"
@@ -65,10 +91,7 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
             "nnls", "cosine", "encode", "encode_shift"}  # fmt: skip
     at = dd["attribution"]
     assert at["hook"] == HOOKS[1] and len(at["latents"]) == len(at["ablation"]) > 3
-    head = concept_headline(ev, dd)
+    head = decomposition_headline(dd)
     assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
-    assert "attribution_vs_ablation.spearman" in head
-    figs = figures(r)
-    assert {"steerability", "layer_sweep", "decomposition", "downstream", "targeted"} <= set(figs)
-    redrawn = figures_from_dict({"evaluation": ev, "decomposition": dd})
-    assert set(redrawn) == set(figs)
+    assert "attribution_vs_ablation.spearman" in head and "steerability" not in head
+    assert set(decomposition_figures(dd, s.name)) == {"decomposition", "downstream", "targeted"}

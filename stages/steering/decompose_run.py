@@ -1,0 +1,304 @@
+"""A steering vector in SAE features, per concept: the `decompose@<model>` stage's analysis.
+
+    vectors, meta = load_vector(Path("data/steering/toy-a/emotion_polarity"))
+    ev = read_json(... "evaluation.json")                # the steering stage's layer sweep
+    dd = decompose_concept(model, s, vectors, ev, saes, store, ConceptConfig(),
+                           probes=load_probes(folder))
+    write_decomposition(dd, Path("data/decomposition/toy-a"), s.name, "toy-a")
+
+It reads what `run.run_concept` wrote (the vectors and the layer sweep) and the SAEs, so
+changing the SAE sweep re-runs this and not the steering vectors. At the decomposition
+hook (the sweep's best hook, or the best-steering hook that has an SAE):
+
+- the vector's SAE decomposition (NN-OMP, cosine, encoder and encode-shift rankings),
+  precision@k against ground-truth latents from the concept's labels and, separately, at
+  the position the vector is read from (`read_position_truth`);
+- downstream effects: steer at each hook, read every later hook that has an SAE;
+- the feature-targeted vectors against the raw one and the random directions, at equal
+  norm and at equal KL (`controls.controlled_effects`);
+- attribution patching per latent against true ablation (`attribution`).
+
+File: `<decomposition_dir>/<concept>/decomposition.json` (written atomically).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.activations import check_hooks
+from stages.io import atomic_dir, write_json
+from stages.layout import inside, safe_name
+from stages.steering import decompose as D
+from stages.steering.attribution import attribution_vs_ablation
+from stages.steering.controls import controlled_effects
+from stages.steering.downstream import downstream_effects
+from stages.steering.probes import cosine_table
+from stages.steering.prompts import SteeringSet
+from stages.steering.run import ConceptConfig, control_headline, finite_rounded, jsonable
+from stages.steering.targeted import compare_vectors, targeted_vectors
+from stages.steering.vectors import read_activations, resolve_positions, tokenize
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from transformer_lens import HookedTransformer
+
+log = logging.getLogger(__name__)
+
+
+def decomposition_hook(evaluation: dict[str, Any], saes: dict[str, Any]) -> str | None:
+    """The sweep's best hook when it has an SAE, else the best-steering hook that has one;
+    None when no steering hook has an SAE."""
+    sweep = evaluation["sweep"]
+    best, slopes = sweep["best_hook"], sweep["steerability"]
+    with_sae = [h for h in slopes if h in saes]
+    if not with_sae:
+        return None
+    return best if best in saes else max(with_sae, key=lambda h: slopes[h]["slope"])
+
+
+def decompose_concept(
+    model: HookedTransformer,
+    s: SteeringSet,
+    vectors: dict[str, Tensor],
+    evaluation: dict[str, Any],
+    saes: dict[str, Any],
+    store=None,
+    cfg: ConceptConfig | None = None,
+    *,
+    probes: dict[str, Tensor] | None = None,
+    neutral_tokens: Tensor | None = None,
+    ground_truth: dict[str, list[int]] | None = None,
+) -> dict[str, Any]:
+    """The decomposition record of one concept (see the module docstring).
+
+    `vectors` and `evaluation` are the steering stage's (`run_concept`); `probes` (hook ->
+    probe direction, `run.load_probes`) adds the probe to the cosine table. `store`
+    supplies held-out windows (unless `neutral_tokens`) and the concept labels for the
+    ground truth; `ground_truth` (hook -> latent ids) overrides the latents found from
+    labels."""
+    cfg = cfg or ConceptConfig()
+    check_hooks(model, list(saes), "steering.saes")
+    hooks = list(evaluation["sweep"]["steerability"])
+    dh = decomposition_hook(evaluation, saes)
+    if dh is None:
+        log.info("decompose %s: no SAE at %s; skipped", s.name, hooks)
+        return {"skipped": "no SAE at any steering hook"}
+    if neutral_tokens is None:
+        if store is None:
+            raise ValueError("decompose_concept: give a store or neutral_tokens for side effects")
+        neutral_tokens = store.windows("heldout", max_windows=cfg.n_windows)
+    tokens = neutral_tokens[: cfg.n_windows]
+    bs = cfg.batch_size
+    best = evaluation["sweep"]["best_hook"]
+    sae, v = saes[dh], vectors[dh]
+    W = sae.W_dec.detach()
+    x_eval = read_activations(model, [e.prompt for e in s.eval_prompts], [dh], -1, bs)[dh]
+    enc_v = D.encode_vector(sae, v)
+    shift = D.encode_shift(sae, x_eval, v, 1.0)
+    dec = D.nn_decompose(v, W, cfg.max_features, cfg.n_candidates)
+    n_top = max(cfg.ks + (cfg.top_n,))
+    rankings = {
+        "nnls": dec.top(len(dec.features)),
+        "cosine": D.top_by_cosine(v, W, n_top)[0],
+        "encode": D.top_by_value(enc_v, n_top)[0],
+        "encode_shift": D.top_by_value(shift, n_top)[0],
+    }
+    dd: dict[str, Any] = {"hook": dh, "chosen_hook": best, "sae_d": sae.d_sae,
+                          "vector_norm": float(v.norm())}  # fmt: skip
+    cos_all = D.decoder_cosines(v, W)
+    dd["top_features"] = {
+        name: [{"latent": j, "encode": float(enc_v[j]), "encode_shift": float(shift[j]),
+                "cosine": float(cos_all[j])} for j in r[: cfg.top_n]]
+        for name, r in rankings.items()
+    }  # fmt: skip
+    dd["nn_decomposition"] = dec.to_dict()
+    truth = (ground_truth or {}).get(dh)
+    if truth is None and store is not None and s.concept in (store.concept_names or []) \
+            and dh in store.hooks:  # fmt: skip
+        lo, hi = store.split_range("heldout")
+        hi = min(hi, lo + cfg.gt_rows)
+        x = torch.from_numpy(np.asarray(store.array(dh)[lo:hi]).astype(np.float32))
+        ci = store.concept_names.index(s.concept)
+        lab = torch.from_numpy(np.asarray(store.array("concept_labels")[lo:hi, ci : ci + 1]))
+        f1 = D.latent_f1(sae, x, lab)[0]
+        truth = D.concept_latents(f1, cfg.gt_f1_threshold)
+        dd["ground_truth_f1"] = {str(j): float(f1[j]) for j in truth}
+    rp = read_position_truth(sae, s, store, dh, model, cfg)
+    if rp is not None:
+        dd["ground_truth_read_position"] = rp
+        if rp.get("latents"):
+            dd["precision_at_k_read_position"] = {
+                name: {str(k): D.precision_at_k(r, rp["latents"], k) for k in cfg.ks}
+                for name, r in rankings.items()}  # fmt: skip
+    if truth:
+        dd["ground_truth"] = truth
+        dd["precision_at_k"] = {name: {str(k): D.precision_at_k(r, truth, k) for k in cfg.ks}
+                                for name, r in rankings.items()}  # fmt: skip
+        dirs = {"steering_vector": v, **{f"decoder_{j}": W[j] for j in truth[:3]}}
+        if probes and dh in probes:
+            dirs["probe"] = probes[dh].float()
+        dd["cosines"] = cosine_table(dirs)
+    # ---- downstream: steer at each hook, read every later hook with an SAE
+    dd["downstream"] = {h: downstream_effects(model, h, vectors[h], cfg.kl_multiplier, tokens,
+                                              saes, positions=cfg.side_positions,
+                                              top_n=cfg.top_n).to_dict()
+                        for h in hooks}  # fmt: skip
+    # ---- targeted vs raw vs random
+    tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, 1)
+    dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
+                      "vectors": compare_vectors(model, s, dh, tv, cfg.multipliers, tokens,
+                                                 cfg.kl_multiplier, positions=cfg.positions,
+                                                 side_positions=cfg.side_positions,
+                                                 batch_size=bs)}  # fmt: skip
+    # the raw vector and every variant against the same random directions, at equal norm
+    # and at equal KL
+    dd["controls"] = controlled_effects(
+        model, s, dh, {k: x for k, x in tv.items() if k != "random"}, cfg.multipliers,
+        tokens[: cfg.kl_windows], n_random=cfg.n_random, seed=cfg.seed,
+        equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
+        side_positions=cfg.side_positions, batch_size=bs,
+    )  # fmt: skip
+    # which latents carry the behaviour: attribution patching against true ablation
+    dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
+                                                cfg.attribution_sample, cfg.seed)  # fmt: skip
+    return dd
+
+
+def read_position_truth(sae, s: SteeringSet, store, hook: str, model: HookedTransformer,
+                        cfg: ConceptConfig) -> dict[str, Any] | None:  # fmt: skip
+    """Ground-truth latents where the vector lives: held-out store rows whose token is one
+    the training pairs are read at, split by the set's concept (positive) and its
+    negative concept (or its absence); latents whose firing-rate contrast exceeds
+    `gt_contrast_threshold` (`decompose.contrast_at_tokens`), best first, or the best one.
+    None without a store, labels or hook; a dict with `skipped` when too few rows."""
+    if store is None or not s.concept or s.concept not in (store.concept_names or []) \
+            or hook not in store.hooks:  # fmt: skip
+        return None
+    seqs = tokenize(model, [x for p in s.train_pairs for x in (p.positive, p.negative)])
+    rps = [p.read_position for p in s.train_pairs for _ in (0, 1)]
+    idx = resolve_positions(torch.tensor([len(q) for q in seqs]), rps)
+    read_ids = sorted({int(q[i]) for q, i in zip(seqs, idx, strict=True) if i != "mean"})
+    if not read_ids:
+        return {"skipped": "the pairs are read at the mean over positions"}
+    lo, hi = store.split_range("heldout")
+    hi = min(hi, lo + cfg.gt_rows)
+    tok = np.asarray(store.array("token_ids")[lo:hi])
+    at = np.isin(tok, read_ids)
+    names = store.concept_names
+    lab = np.asarray(store.array("concept_labels")[lo:hi])[at]
+    pos = lab[:, names.index(s.concept)].astype(bool)
+    if s.negative_concept and s.negative_concept in names:
+        neg = lab[:, names.index(s.negative_concept)].astype(bool) & ~pos
+    else:
+        neg = ~pos
+    out: dict[str, Any] = {"read_tokens": read_ids, "n_positive": int(pos.sum()),
+                           "n_negative": int(neg.sum()), "concept": s.concept,
+                           "negative": s.negative_concept or f"not {s.concept}",
+                           "threshold": cfg.gt_contrast_threshold,
+                           "rule": "P(fires | concept) − P(fires | negative) among held-out "
+                                   "rows at the pairs' read tokens"}  # fmt: skip
+    if pos.sum() < cfg.gt_min_rows or neg.sum() < cfg.gt_min_rows:
+        out["skipped"] = f"fewer than {cfg.gt_min_rows} positive or negative read-token rows"
+        return out
+    rows = np.flatnonzero(at)
+    x = torch.from_numpy(np.asarray(store.array(hook)[lo:hi])[rows].astype(np.float32))
+    c = D.contrast_at_tokens(sae, x, torch.from_numpy(pos), torch.from_numpy(neg))
+    order = torch.argsort(c, descending=True)
+    keep = [int(j) for j in order if float(c[j]) > cfg.gt_contrast_threshold]
+    out["latents"] = keep or [int(order[0])]
+    out["contrast"] = {str(j): float(c[j]) for j in out["latents"]}
+    return out
+
+
+def write_decomposition(dd: dict[str, Any], decomposition_dir: Path, concept: str,
+                        model: str = "") -> Path:  # fmt: skip
+    """Write `<decomposition_dir>/<concept>/decomposition.json`; returns the folder."""
+    out = inside(decomposition_dir, safe_name(concept, "steering set name"))
+    with atomic_dir(out, within=decomposition_dir) as tmp:
+        write_json(tmp / "decomposition.json",
+                   jsonable({"concept": concept, "model": model, **dd}))  # fmt: skip
+    return out
+
+
+def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
+    """Decomposition bars + error curve, downstream heatmap, targeted vs raw vs random,
+    drawn from the JSON record (`decomposition.json`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dd = jsonable(dd)
+    figs: dict[str, Figure] = {}
+    if "nn_decomposition" in dd:
+        nd = dd["nn_decomposition"]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        order = np.argsort(-np.asarray(nd["coefficients"]))[:15]
+        a1.bar(range(len(order)), [nd["coefficients"][i] for i in order])
+        a1.set_xticks(range(len(order)), [str(nd["features"][i]) for i in order],
+                      rotation=60, fontsize=7)  # fmt: skip
+        a1.set(title=f"{name}: NN decomposition at {dd['hook']}", ylabel="coefficient")
+        a2.plot(range(1, len(nd["curve"]) + 1), nd["curve"], marker=".")
+        a2.set(xlabel="features used", ylabel="‖v − v̂‖ / ‖v‖", title="reconstruction error")
+        fig.tight_layout()
+        figs["decomposition"] = fig
+    ds = dd.get("downstream", {})
+    first = next((r for r in ds.values() if r["hooks"]), None)
+    if first is not None:
+        fig, ax = plt.subplots(figsize=(6, 1.2 + 0.5 * len(first["hooks"])))
+        mat = np.asarray(first["matrix"])
+        lim = float(np.abs(mat).max()) or 1.0
+        ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        for i, row in enumerate(first["latents"]):
+            for j, lat in enumerate(row):
+                ax.text(j, i, str(lat), ha="center", va="center", fontsize=6)
+        ax.set_yticks(range(len(first["hooks"])), first["hooks"], fontsize=7)
+        ax.set(xlabel="rank (latent id in cell)",
+               title=f"{name}: downstream of {first['hook']}")  # fmt: skip
+        fig.tight_layout()
+        figs["downstream"] = fig
+    if "targeted" in dd:
+        tv = dd["targeted"]["vectors"]
+        names = list(tv)
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        x = np.arange(len(names))
+        ax.bar(x - 0.2, [tv[n]["slope"] for n in names], 0.4, label="steerability")
+        ax.bar(x + 0.2, [tv[n]["kl"] for n in names], 0.4, label="KL")
+        ax.set_xticks(x, names, fontsize=8)
+        ax.set(title=f"{name}: targeted vs raw vs random")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs["targeted"] = fig
+    return figs
+
+
+def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
+    """The decomposition's numbers a reader compares across experiments (DVC metrics /
+    MLflow): reconstruction error, precision@5 (label and read-position ground truth),
+    attribution vs ablation, the targeted variants and every vector against the random
+    directions at equal norm and equal KL."""
+    out: dict[str, Any] = {}
+    if "nn_decomposition" in dd:
+        curve = dd["nn_decomposition"]["curve"]
+        out["nnls_rel_error_at_5"] = curve[min(4, len(curve) - 1)]
+        out["nnls_rel_error_at_max"] = curve[-1]
+    for ranking, at in dd.get("precision_at_k", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}"] = at["5"]
+    if "attribution" in dd:
+        out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
+        out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
+    for ranking, at in dd.get("precision_at_k_read_position", {}).items():
+        if "5" in at:
+            out[f"precision_at_5_{ranking}_read_position"] = at["5"]
+    for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
+        out[f"targeted.{kind}.steerability"] = r["slope"]
+        out[f"targeted.{kind}.kl"] = r["kl"]
+    out.update(control_headline(dd.get("controls"), raw=False))
+    return finite_rounded(out)
