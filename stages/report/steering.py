@@ -44,6 +44,13 @@ TITLES = {
     "downstream": ("Downstream-effect heatmap", "Steering at one hook, the change in mean "
                    "activation of the most affected SAE latents at later hooks (latent id in "
                    "each cell)."),
+    "downstream_null": ("Downstream effects against random directions", "Steering at the "
+                        "decomposition hook: how many later SAE latents the vector moves up "
+                        "(red) or down (blue) beyond random directions of its norm, "
+                        "Benjamini–Hochberg q < 0.05 (SAM statistic against the pooled null "
+                        "of the random draws), beside held-out random directions put "
+                        "through the same test (grey: mean and range), the test's false "
+                        "positives."),
     "targeted": ("Targeted vs raw vs random", "Steerability and KL of the raw vector, a "
                  "vector rebuilt from its top SAE features, and random controls."),
 }  # fmt: skip

@@ -13,7 +13,9 @@ hook (the sweep's best hook, or the best-steering hook that has an SAE):
 - the vector's SAE decomposition (NN-OMP, cosine, encoder and encode-shift rankings),
   precision@k against ground-truth latents from the concept's labels and, separately, at
   the position the vector is read from (`read_position_truth`);
-- downstream effects: steer at each hook, read every later hook that has an SAE;
+- downstream effects: steer at each hook, read every later hook that has an SAE; at the
+  decomposition hook, every later latent's change against random directions of the
+  vector's norm, Benjamini–Hochberg-corrected (`downstream.downstream_null`);
 - the feature-targeted vectors against the raw one and the random directions, at equal
   norm and at equal KL (`controls.controlled_effects`);
 - attribution patching per latent against true ablation (`attribution`).
@@ -37,7 +39,7 @@ from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.attribution import attribution_vs_ablation
 from stages.steering.controls import controlled_effects
-from stages.steering.downstream import downstream_effects
+from stages.steering.downstream import downstream_effects, downstream_null
 from stages.steering.probes import cosine_table
 from stages.steering.prompts import SteeringSet
 from stages.steering.run import ConceptConfig, control_headline, finite_rounded, jsonable
@@ -149,6 +151,12 @@ def decompose_concept(
                                               saes, positions=cfg.side_positions,
                                               top_n=cfg.top_n).to_dict()
                         for h in hooks}  # fmt: skip
+    # which later latents the decomposition hook's vector moves beyond random directions
+    # of its norm (BH-corrected; held-out random directions as the calibration check)
+    dd["downstream_null"] = downstream_null(model, dh, v, cfg.kl_multiplier,
+                                            tokens[: cfg.kl_windows], saes,
+                                            n_random=cfg.n_random, seed=cfg.seed,
+                                            top_n=cfg.top_n)  # fmt: skip
     # ---- targeted vs raw vs random
     tv = targeted_vectors(v, W, dec, cfg.targeted_k, cfg.seed, 1)
     dd["targeted"] = {"hook": dh, "k": cfg.targeted_k,
@@ -263,6 +271,25 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
                title=f"{name}: downstream of {first['hook']}")  # fmt: skip
         fig.tight_layout()
         figs["downstream"] = fig
+    dn = (dd.get("downstream_null") or {}).get("hooks") or {}
+    if dn:
+        hs = list(dn)
+        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        x = np.arange(len(hs))
+        ax.bar(x - 0.2, [dn[h]["n_up"] for h in hs], 0.4, color="C3", label="vector: up")
+        ax.bar(x - 0.2, [-dn[h]["n_down"] for h in hs], 0.4, color="C0", label="vector: down")
+        ctl = [dn[h]["control_n_significant"] for h in hs]
+        ax.errorbar(x + 0.2, [float(np.mean(c)) if c else 0.0 for c in ctl],
+                    yerr=[[float(np.mean(c) - min(c)) if c else 0.0 for c in ctl],
+                          [float(max(c) - np.mean(c)) if c else 0.0 for c in ctl]],
+                    fmt="s", color="grey", label="random directions (mean, range)")  # fmt: skip
+        ax.axhline(0, color="black", lw=0.5)
+        ax.set_xticks(x, hs, rotation=20, fontsize=7)
+        ax.set(ylabel=f"latents moved (BH q < {dd['downstream_null']['alpha']:g})",
+               title=f"{name}: downstream of {dd['downstream_null']['hook']} vs random")  # fmt: skip
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        figs["downstream_null"] = fig
     if "targeted" in dd:
         tv = dd["targeted"]["vectors"]
         names = list(tv)
@@ -297,6 +324,11 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
     for ranking, at in dd.get("precision_at_k_read_position", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}_read_position"] = at["5"]
+    for h, r in (dd.get("downstream_null") or {}).get("hooks", {}).items():
+        out[f"downstream_null.{h}.n_significant"] = r["n_significant"]
+        out[f"downstream_null.{h}.control_n_significant_max"] = max(
+            r["control_n_significant"], default=float("nan")
+        )
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]

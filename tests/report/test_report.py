@@ -41,9 +41,10 @@ class _Figures(HTMLParser):
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
     # Pareto + density per model; steering: curves, layer sweep, decomposition,
-    # downstream, targeted; alignment: a null histogram per SAE pair + 2 heatmaps + the
-    # steering-vector transfer; geometry: cosine heatmap, simplex, circles
-    assert report.index.exists() and len(report.figures) == 4 + 5 + 1 + 2 + 1 + 3
+    # downstream, downstream against random directions, targeted; alignment: a null
+    # histogram per SAE pair + 2 heatmaps + the steering-vector transfer; geometry: cosine
+    # heatmap, simplex, circles
+    assert report.index.exists() and len(report.figures) == 4 + 6 + 1 + 2 + 1 + 3
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -109,7 +110,7 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     names = [f.name for f in report.figures if f.name.startswith("figures/steering/")]
     assert [n.rsplit("__", 1)[-1] for n in names] == [
         "steerability.png", "layer_sweep.png", "decomposition.png", "downstream.png",
-        "targeted.png"]  # fmt: skip
+        "downstream_null.png", "targeted.png"]  # fmt: skip
     dec = json.loads((tiny_data / "decomposition" / "tiny-a" / "emotion_polarity" /
                       "decomposition.json").read_text())  # fmt: skip
     nd = dec["nn_decomposition"]

@@ -94,4 +94,8 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     head = decomposition_headline(dd)
     assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
     assert "attribution_vs_ablation.spearman" in head and "steerability" not in head
-    assert set(decomposition_figures(dd, s.name)) == {"decomposition", "downstream", "targeted"}
+    assert set(decomposition_figures(dd, s.name)) == {"decomposition", "downstream",
+                                                      "downstream_null", "targeted"}  # fmt: skip
+    dn = dd["downstream_null"]
+    assert dn["hook"] == HOOKS[1] and list(dn["hooks"]) == [HOOKS[1]]
+    assert f"downstream_null.{HOOKS[1]}.n_significant" in head
