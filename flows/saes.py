@@ -140,8 +140,8 @@ def saes_flow(name: str) -> dict:
     from stages.compute import Device
     from stages.models import load_model
     from stages.sae import save_sae
-    from stages.sae.io import resolve_pretrained_sae
     from stages.sae.figures import pareto_figure
+    from stages.sae.io import resolve_pretrained_sae
 
     params = load_params()
     if params.saes is None or name not in params.saes.sweep:

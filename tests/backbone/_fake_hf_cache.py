@@ -10,7 +10,6 @@ files through their own code paths.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 COMMIT = "0" * 40
@@ -86,11 +85,10 @@ def add_sae_release(hf_home: Path, release: str, sae_id: str, *, d_in: int, d_sa
     `release` / `sae_id` (`pretrained_saes.yaml`), at the folder it names: what a cached
     download of that release looks like."""
     import torch
+    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
     from stages.sae import build_sae, save_sae
     from stages.sae.io import CHECKSUMS_FILENAME, METRICS_FILENAME
-
-    from sae_lens.loading.pretrained_saes_directory import get_repo_id_and_folder_name
 
     repo_id, folder = get_repo_id_and_folder_name(release, sae_id)
     out = snapshot(hf_home, repo_id) / folder

@@ -58,7 +58,9 @@ def _texts() -> list[str]:
         for line in f.read_text().splitlines():
             d = json.loads(line)
             lines += [v for k, v in d.items() if k in ("positive", "negative", "prompt")]
-            lines += [" " + w for k in ("positive_targets", "negative_targets") for w in d.get(k) or []]
+            lines += [
+                " " + w for k in ("positive_targets", "negative_targets") for w in d.get(k) or []
+            ]
     return lines * 4
 
 
@@ -79,7 +81,7 @@ def test_real_profile_offline(tmp_path, prefect_api):
     local = tmp_path / "local-sae"
     _fake_hf_cache.copy_sae(hf, "gpt2-small-res-jb", "blocks.1.hook_resid_pre", local)
     corpus = tmp_path / "docs.txt"
-    corpus.write_text("\n".join(texts[: 400]) + "\n")
+    corpus.write_text("\n".join(texts[:400]) + "\n")
     root = tmp_path / "proj"
     root.mkdir()
     params = shrunk_profile(corpus, local)
@@ -112,7 +114,9 @@ def test_real_profile_offline(tmp_path, prefect_api):
             assert math.isfinite(m["steerability"]), (model, concept, m)
             ev = json.loads((root / f"data/steering/{model}/{concept}/evaluation.json").read_text())
             print(model, concept, {k: m[k] for k in m if not isinstance(m[k], dict)})
-            dec = json.loads((root / f"data/decomposition/{model}/{concept}/decomposition.json").read_text())
+            dec = json.loads(
+                (root / f"data/decomposition/{model}/{concept}/decomposition.json").read_text()
+            )
             assert dec["sae"] in ("res", "res-jb-6", "res-sm-2"), dec.get("sae")
             assert ev
 
