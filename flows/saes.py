@@ -63,7 +63,7 @@ def train(source, configs, ckpt: Path, every: int, dev):
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate(result, store, model, hook: str, eval_params, dev):
+def evaluate(sae, store, model, hook: str, eval_params, dev):
     import torch
 
     from stages.sae import SliceSource, evaluate_sae
@@ -74,7 +74,7 @@ def evaluate(result, store, model, hook: str, eval_params, dev):
     heldout = SliceSource(heldout, 0, n)
     labels = store.read("concept_labels", "heldout")[:n] if store.concept_names else None
     return evaluate_sae(
-        result.sae, heldout, model=model, hook_name=hook,
+        sae, heldout, model=model, hook_name=hook,
         tokens=store.windows("heldout", eval_params.ce_windows),
         labels=labels, concept_names=store.concept_names or None, max_rows=n, device=dev,
     )  # fmt: skip
@@ -107,7 +107,7 @@ def fit_one(store_dir: str, model_dir: str, hook: str, config, ckpt: Path, every
     (r,) = train_saes(store.source(hook, "train"), [config], checkpoint_dir=ckpt,
                       checkpoint_every=every, progress=False, device=dev)  # fmt: skip
     with exclusive(model):  # the worker's other threads share this model and its hooks
-        return r, evaluate.fn(r, store, model, hook, eval_params, dev)
+        return r, evaluate.fn(r.sae, store, model, hook, eval_params, dev)
 
 
 def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path, sp,
@@ -133,7 +133,7 @@ def _fit_all(plan, store, model, store_dir: Path, model_dir: Path, partial: Path
         results = train(quote(store.source(hook, "train")), configs, partial / hook,
                         sp.checkpoint_every, dev)  # fmt: skip
         for r in results:
-            yield hook, r, evaluate(quote(r), quote(store), quote(model), hook, sp.eval, dev)
+            yield hook, r, evaluate(quote(r.sae), quote(store), quote(model), hook, sp.eval, dev)
 
 
 @flow(name="saes")
@@ -143,6 +143,7 @@ def saes_flow(name: str) -> dict:
     from stages.models import load_model
     from stages.sae import save_sae
     from stages.sae.figures import pareto_figure
+    from stages.sae.io import resolve_pretrained_sae
 
     params = load_params()
     if params.saes is None or name not in params.saes.sweep:
@@ -152,10 +153,13 @@ def saes_flow(name: str) -> dict:
     store_dir, model_dir = lay.activations(name), lay.model(name)
     out = lay.saes(name)
     partial = lay.partial(out)
-    logged = {**flatten(sp.sweep[name], f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval.")}
+    logged = {**flatten(sp.sweep[name], f"saes.sweep.{name}."), **flatten(sp.eval, "saes.eval."),
+              **flatten(sp.pretrained.get(name, {}), f"saes.pretrained.{name}.")}  # fmt: skip
     compute = params.compute.with_env()
     dev = Device.from_params(compute)
     inputs = {"activations": store_dir, "model": model_dir}
+    pretrained = sp.pretrained.get(name, {})  # SAEs trained elsewhere: evaluated, then written
+    inputs.update({f"pretrained.{n}": Path(e.path) for n, e in pretrained.items() if e.path})
     with stage_run(f"saes@{name}", logged, inputs, dev.tags()) as run:
         store = ActivationStore(store_dir)
         model = load_model(model_dir)
@@ -176,6 +180,26 @@ def saes_flow(name: str) -> dict:
                 _log_sae_run(run, name, hook, r, ev, flat)
                 print(f"saes@{name}: {hook} {r.name}: L0 {flat.get('l0', 0):.1f}, "
                       f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
+                      f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
+            for sae_name, entry in pretrained.items():
+                hook = entry.hook
+                where = f"params.yaml: saes.pretrained.{name}.{sae_name}"
+                sae = resolve_pretrained_sae(entry, where, store.source(hook, "heldout").d_in)
+                ev = evaluate(quote(sae), quote(store), quote(model), hook, sp.eval, dev)
+                save_sae(inside(tmp, hook, sae_name), sae, hook_name=hook, model_name=name,
+                         log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
+                         training_config={"pretrained": sae.metadata["pretrained"]})  # fmt: skip
+                flat = _flat_metrics(ev.metrics)
+                metrics.setdefault(hook, {})[sae_name] = {k: round(v, 6) for k, v in flat.items()}
+                rows.append({"model": name, "hook": hook, "sae": sae_name,
+                             "architecture": f"pretrained:{sae.architecture}", **flat})  # fmt: skip
+                tags = {"atlas.kind": "sae", "sae.hook": hook, "sae.model": name,
+                        "sae.source": entry.source()}  # fmt: skip
+                with run.child(f"{name}/{hook}/{sae_name}",
+                               flatten(entry, "sae.pretrained."), tags) as child:  # fmt: skip
+                    child.metrics(flat)
+                print(f"saes@{name}: {hook} {sae_name} ({entry.source()}): L0 "
+                      f"{flat.get('l0', 0):.1f}, FVU {flat.get('fvu', 0):.3f}, CE recovered "
                       f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
         shutil.rmtree(partial, ignore_errors=True)
         write_json(lay.metrics("saes", name), metrics)

@@ -15,8 +15,10 @@ params (all of them) depend on this file, not on the SAE maths (see dvc.yaml).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -296,12 +298,55 @@ SweepGroups = Annotated[
 ]
 
 
+class PretrainedSAE(StrictModel):
+    """An SAE trained elsewhere, used wherever a trained SAE is named (steering's
+    decomposition and downstream effects, alignment, dashboards, `atlas features`).
+
+    One of two sources:
+    - `release` + `sae_id`: SAELens' pretrained registry (`pretrained_saes.yaml`), e.g.
+      `gpt2-small-res-jb` / `blocks.8.hook_resid_pre`; the files come from the Hugging
+      Face hub or the HF cache (`HF_HOME`, `HF_HUB_OFFLINE=1` to forbid downloads);
+    - `path`: a local SAELens-format folder (`cfg.json` + `sae_weights.safetensors`).
+
+    The saes stage evaluates it on the model's held-out activations like a trained SAE
+    and writes it to `data/saes/<model>/<hook>/<name>/` (`stages.sae.io.resolve_pretrained_sae`).
+    """
+
+    hook: str  # the TransformerLens hook it reads (and must be cached)
+    release: str | None = None
+    sae_id: str | None = None
+    path: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PretrainedSAE:
+        registry = self.release is not None or self.sae_id is not None
+        if registry and self.path is not None:
+            raise KeyProblem(("path",), self.path, "expected either path or release + sae_id, "
+                             "not both")  # fmt: skip
+        if not registry and self.path is None:
+            raise KeyProblem((), NO_VALUE, "expected a source: release + sae_id (SAELens' "
+                             "pretrained registry) or path (a local SAELens-format folder)")  # fmt: skip
+        for key in ("release", "sae_id"):
+            if registry and getattr(self, key) is None:
+                raise KeyProblem((key,), MISSING, "expected it beside "
+                                 f"{'sae_id' if key == 'release' else 'release'} (SAELens "
+                                 "names a pretrained SAE by release and id)")  # fmt: skip
+        return self
+
+    def source(self) -> str:
+        """What it is, in words: `release/sae_id` or the folder."""
+        return f"{self.release}/{self.sae_id}" if self.path is None else f"folder {self.path}"
+
+
 class SAEParams(StrictModel):
     eval: SAEEval = SAEEval()
     checkpoint_every: PosInt = 200  # optimizer steps between resumable checkpoints
     # per model: one {hooks, saes} group, or a list of groups (e.g. the full architecture
-    # sweep on one hook and a single SAE on every other hook)
+    # sweep on one hook and a single SAE on every other hook); [] when it only uses
+    # pretrained SAEs
     sweep: dict[str, SweepGroups]
+    # per model: SAE name (its folder name) -> a pretrained SAE (PretrainedSAE above)
+    pretrained: dict[str, dict[str, PretrainedSAE]] = {}
 
     def groups(self, model: str) -> list[SAESweep]:
         s = self.sweep[model]
@@ -319,15 +364,19 @@ class SAEParams(StrictModel):
         return plan
 
     def folders(
-        self, model: str, width: Callable[[str], int | None]
+        self, model: str, width: Callable[[str], int | None], pretrained: bool = True
     ) -> dict[str, list[str] | None]:
-        """hook -> the folder names of the SAEs trained on it (None: they need the hook's
-        width, which only the loaded model tells). `width(hook)`: the hook's width when
-        params alone tell it."""
+        """hook -> the folder names of the SAEs trained on it, and of the pretrained ones
+        (None: they need the hook's width, which only the loaded model tells).
+        `width(hook)`: the hook's width when params alone tell it."""
         out: dict[str, list[str] | None] = {}
         for hook, cfgs in self.plan(model).items():
             known = width(hook) is not None or all(c.name or c.d_sae for c in cfgs)
             out[hook] = [folder_name(c, width(hook)) for c in cfgs] if known else None
+        for name, entry in (self.pretrained.get(model, {}) if pretrained else {}).items():
+            names = out.setdefault(entry.hook, [])
+            if names is not None:
+                names.append(name)
         return out
 
     def check(self, p: Params) -> None:
@@ -336,7 +385,8 @@ class SAEParams(StrictModel):
         for name in p.models:
             if name not in self.sweep:
                 raise KeyProblem(("saes", "sweep", name), MISSING,
-                                f"expected the SAE sweep of model '{name}'")  # fmt: skip
+                                f"expected the SAE sweep of model '{name}' ([] when it "
+                                "only uses saes.pretrained)")  # fmt: skip
         for name in self.sweep:
             if name not in p.models:
                 raise KeyProblem(("saes", "sweep", name), name, a_model(p.models))
@@ -355,6 +405,34 @@ class SAEParams(StrictModel):
                                 f"expected a unique SAE name per hook, but {dotted(first)} "
                                 f"also trains '{folder}' on {hook} (set `name` to tell them apart)",
                             )  # fmt: skip
+        self._check_pretrained(p)
+
+    def _check_pretrained(self, p: Params) -> None:
+        """Each pretrained SAE: a known model, a cached hook, a folder name no trained SAE
+        of that hook has, and (for `path`) a folder holding cfg.json."""
+        for model, entries in self.pretrained.items():
+            loc = ("saes", "pretrained", model)
+            if model not in p.models:
+                raise KeyProblem(loc, model, a_model(p.models))
+            cached = p.activations.hooks.get(model, [])
+            widths = functools.partial(p.hook_width, model)
+            trained = {h: n or [] for h, n in self.folders(model, widths, pretrained=False).items()}
+            for name, entry in entries.items():
+                if why := why_unsafe(name):  # data/saes/<model>/<hook>/<name>/
+                    raise KeyProblem((*loc, name), name, why)
+                if entry.hook not in cached:
+                    raise KeyProblem((*loc, name, "hook"), entry.hook,
+                                    f"expected a cached hook of {model}: {cached} (the SAE "
+                                    "is evaluated on, and its features read from, that hook)")  # fmt: skip
+                if name in trained.get(entry.hook, []):
+                    raise KeyProblem((*loc, name), name, f"expected a name no SAE of "
+                                    f"saes.sweep.{model} trains on {entry.hook} (both would "
+                                    f"write data/saes/{model}/{entry.hook}/{name}/)")  # fmt: skip
+                if entry.path is not None and not (Path(entry.path) / "cfg.json").is_file():
+                    raise KeyProblem((*loc, name, "path"), entry.path,
+                                    "expected a SAELens-format folder holding cfg.json and "
+                                    "sae_weights.safetensors (paths are relative to the "
+                                    "repository root)")  # fmt: skip
 
 
 def folder_name(cfg: SAEConfig, d_in: int | None) -> str:

@@ -33,6 +33,7 @@ from safetensors.torch import save_file
 
 from stages.io import load_safetensors
 from stages.sae.base import BaseSAE
+from stages.sae.config import PretrainedSAE
 from stages.sae.registry import SAELENS_READERS, build_sae, saelens_reader
 
 CFG_FILENAME = "cfg.json"
@@ -282,9 +283,44 @@ def load_pretrained_sae(release: str, sae_id: str) -> BaseSAE:
             f"could not load pretrained SAE {release}/{sae_id}: it needs the files under "
             f"'{hf_folder}' of the Hugging Face repo '{repo_id}', downloaded from "
             "huggingface.co or present in the HF cache (HF_HOME); the download failed "
-            f"with {type(e).__name__}: {e}"
+            f"with {type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]}"
         ) from e
     return from_saelens(sae_lens_sae, name=f"{release}/{sae_id}")
+
+
+def resolve_pretrained_sae(entry: PretrainedSAE, where: str, d_in: int | None = None) -> BaseSAE:
+    """The SAE a `saes.pretrained.<model>.<name>` entry names (`where`: that key), loaded
+    into our classes: from SAELens' registry through the HF hub or cache, or from a local
+    SAELens-format folder. The one place a pretrained SAE is resolved: the saes stage
+    calls it and writes the result beside the trained SAEs, where every later stage reads it.
+
+    Checks what can be checked against the entry: the SAE's own hook (when its cfg names
+    one) is `entry.hook`, and its width is `d_in` (the cached hook's, when given).
+    Raises one line naming the key and what it needed."""
+    try:
+        if entry.path is not None:
+            sae = load_sae(entry.path)
+        else:
+            sae = load_pretrained_sae(entry.release, entry.sae_id)  # type: ignore[arg-type]
+    except ImportError as e:
+        raise ImportError(f"{where}: {e}") from e
+    except ConnectionError as e:
+        raise ConnectionError(f"{where}: {e}") from e
+    except (SAEFormatError, FileNotFoundError) as e:
+        raise SAEFormatError(f"{where}: {e}") from e
+    own_hook = sae.metadata.get("hook_name")
+    if own_hook and own_hook != entry.hook:
+        raise SAEFormatError(f"{where}.hook = '{entry.hook}', but {entry.source()} was trained "
+                             f"on '{own_hook}'; expected its own hook")  # fmt: skip
+    if d_in is not None and sae.d_in != d_in:
+        raise SAEFormatError(f"{where}: {entry.source()} reads d_in = {sae.d_in}, but "
+                             f"{entry.hook} is {d_in} wide; expected an SAE of that width")  # fmt: skip
+    # what save_sae writes under metadata.feature_atlas: the source, and the SAELens
+    # metadata it came with (its model_name is SAELens', e.g. gpt2-small, not ours)
+    trained_as = {k: v for k, v in sae.metadata.items()
+                  if k in ("model_name", "hook_name", "dataset_path", "context_size")}  # fmt: skip
+    sae.metadata = {"pretrained": entry.model_dump(exclude_none=True), "trained_as": trained_as}
+    return sae
 
 
 def from_saelens(sae_lens_sae: Any, name: str = "saelens") -> BaseSAE:

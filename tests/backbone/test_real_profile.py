@@ -1,0 +1,125 @@
+"""The real-model profile (profiles/gpt2-pythia.yaml), offline, end to end.
+
+The very params file a researcher runs with the hub, with only sizes and layer numbers
+shrunk, run stage by stage through the real flows against an HF cache holding tiny random
+models of the same architectures (a GPT-2 and a GPT-NeoX, saved with `transformers`) and
+SAELens-format SAEs at the repos and folders SAELens' registry names for the profile's
+releases. Nothing is mocked: TransformerLens' `from_pretrained`, SAELens'
+`SAE.from_pretrained` and HF `datasets` (streaming local text files) read a fake cache.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.backbone import _fake_hf_cache
+from tests.backbone.conftest import REPO, run, scratch_project
+
+pytestmark = pytest.mark.slow
+
+PROFILE = REPO / "profiles/gpt2-pythia.yaml"
+# the tiny models have 2 layers: the profile's layers, mapped onto them
+LAYERS = {"gpt2": {"6": "0", "8": "1"}, "pythia": {"2": "0", "3": "1"}}
+
+
+def shrunk_profile(corpus_file: Path, local_sae: Path) -> dict:
+    text = PROFILE.read_text()
+    for old, new in {**LAYERS["gpt2"], **LAYERS["pythia"]}.items():
+        text = text.replace(f"blocks.{old}.", f"blocks.{new}.")
+    p = yaml.safe_load(text)
+    # the same HF datasets builder, streamed, over a local file instead of the hub
+    p["corpus"]["hf"] = {"path": "text", "data_files": [str(corpus_file)], "streaming": True,
+                         "max_docs": 400}  # fmt: skip
+    p["corpus"]["heldout_fraction"] = 0.1
+    p["activations"]["store"] = {"seq_len": 32, "batch_size": 16, "shard_rows": 4096,
+                                 "chunk_rows": 1024}  # fmt: skip
+    p["saes"]["eval"] = {"max_rows": 2048, "ce_windows": 8}
+    # the other source: a local SAELens-format folder
+    p["saes"]["pretrained"]["gpt2"]["local"] = {"hook": "blocks.1.hook_resid_pre",
+                                                "path": str(local_sae)}  # fmt: skip
+    p["steering"]["config"].update(multipliers=[-4, -2, 0, 2, 4], n_windows=8, max_features=8,
+                                   targeted_k=3, n_generations=1, max_new_tokens=4)  # fmt: skip
+    p["align"]["config"].update(max_tokens=4000, n_permutations=10, n_samples=256,
+                                self_check_tokens=1024)  # fmt: skip
+    return p
+
+
+def _texts() -> list[str]:
+    """What the tiny tokenizers are trained on: the steering sets' own text (so that
+    ' love' and 'A' are tokens, as in GPT-2's vocabulary) and everyday sentences."""
+    lines = []
+    for f in sorted((REPO / "data/prompts").glob("*.jsonl")):
+        for line in f.read_text().splitlines():
+            d = json.loads(line)
+            lines += [v for k, v in d.items() if k in ("positive", "negative", "prompt")]
+            lines += [
+                " " + w for k in ("positive_targets", "negative_targets") for w in d.get(k) or []
+            ]
+    return lines * 4
+
+
+def test_real_profile_offline(tmp_path, prefect_api):
+    hf = tmp_path / "hf"
+    texts = _texts()
+    _fake_hf_cache.build(hf, texts=texts, vocab_size=600, n_ctx=256)  # CAA prompts: ~70 tokens
+    _fake_hf_cache.build_pythia(hf, texts=texts[::-1], vocab_size=500)
+    prof = yaml.safe_load(PROFILE.read_text())
+    for model, entries in prof["saes"]["pretrained"].items():
+        m = "gpt2" if model == "gpt2" else "pythia"
+        for e in entries.values():
+            hook = e["hook"]
+            for old, new in LAYERS[m].items():
+                hook = hook.replace(f"blocks.{old}.", f"blocks.{new}.")
+            _fake_hf_cache.add_sae_release(hf, e["release"], hook, hook=hook, d_sae=96,
+                                           d_in=32 if m == "gpt2" else 64)  # fmt: skip
+    local = tmp_path / "local-sae"
+    _fake_hf_cache.copy_sae(hf, "gpt2-small-res-jb", "blocks.1.hook_resid_pre", local)
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(texts[:400]) + "\n")
+    root = tmp_path / "proj"
+    root.mkdir()
+    params = shrunk_profile(corpus, local)
+    env = scratch_project(root, params, prefect_api, HF_HOME=str(hf), HF_HUB_OFFLINE="1",
+                          HF_DATASETS_OFFLINE="1")  # fmt: skip
+    models = ("gpt2", "pythia-70m-deduped")
+    stages = [("corpus",)] + [(s, m) for s in ("lm", "activations", "saes", "steering")
+                              for m in models] + [("align", "gpt2__pythia-70m-deduped")]  # fmt: skip
+    for stage, *arg in stages:
+        run([sys.executable, "-m", f"flows.{stage}", *arg], root, env)
+
+    # pretrained SAEs, from the registry and from the folder, evaluated and written
+    for model, hook, name in [("gpt2", "blocks.1.hook_resid_pre", "res"),
+                              ("gpt2", "blocks.1.hook_resid_pre", "local"),
+                              ("gpt2", "blocks.0.hook_resid_pre", "res-jb-6"),
+                              ("pythia-70m-deduped", "blocks.1.hook_resid_post", "res")]:  # fmt: skip
+        folder = root / "data/saes" / model / hook / name
+        cfg = json.loads((folder / "cfg.json").read_text())
+        assert cfg["d_sae"] == 96 and cfg["metadata"]["hook_name"] == hook
+        source = cfg["metadata"]["feature_atlas"]["pretrained"]
+        assert ("path" in source) == (name == "local")
+        m = json.loads((folder / "metrics.json").read_text())
+        assert 0 < m["l0"] < 96 and math.isfinite(m["fvu"])
+
+    # the CAA and ActAdd sets steered both models, with SAE decompositions
+    for model in models:
+        metrics = json.loads((root / f"metrics/steering/{model}.json").read_text())
+        assert set(metrics) == {"caa_ab", "sentiment_actadd"}, metrics
+        for concept, m in metrics.items():
+            assert math.isfinite(m["steerability"]), (model, concept, m)
+            ev = json.loads((root / f"data/steering/{model}/{concept}/evaluation.json").read_text())
+            print(model, concept, {k: m[k] for k in m if not isinstance(m[k], dict)})
+            dec = json.loads(
+                (root / f"data/decomposition/{model}/{concept}/decomposition.json").read_text()
+            )
+            assert dec["sae"] in ("res", "res-jb-6", "res-sm-2"), dec.get("sae")
+            assert ev
+
+    # aligned across tokenizers through the pretrained `res` SAEs
+    al = root / "data/alignment/gpt2__pythia-70m-deduped"
+    assert al.is_dir() and any(al.iterdir())
