@@ -145,6 +145,11 @@ class BaseSAE(nn.Module):
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
 
+    def init_for_target_l0(self, x: Tensor, target_l0: float) -> None:
+        """Before training towards `target_l0` (`SAEConfig.target_l0`), on training rows
+        `x` as the SAE sees them: set what the L0 starts from where an architecture's
+        own initialisation would leave it out of reach. Most need nothing."""
+
     def calibrate(self, x: Tensor) -> dict[str, Any] | None:
         """Set inference-only parameters from raw training rows `x` once training ends
         (the trainer calls it after folding the input scale); returns what it set, for the

@@ -92,9 +92,20 @@ class JumpReLUSAE(BaseSAE):
         l0 = StepFn.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
         terms = {
             "mse": self.mse(x_hat, x),
-            "l0": cfg.l0_coefficient * sparsity_scale * l0,
+            "l0_penalty": cfg.l0_coefficient * sparsity_scale * l0,
         }
         return self.dense_output(x, x_hat, f, terms)
+
+    @torch.no_grad()
+    def init_for_target_l0(self, x: Tensor, target_l0: float) -> None:
+        """θ (one value for every latent) at the quantile of the initial pre-activations
+        that lets `target_l0` latents fire per row. Adam moves θ by about `lr` per step,
+        so from the paper's small θ a short run cannot reach a low L0 at any λ (on the
+        toy model, 244 steps at lr 1e-3 leave L0 above 100 for λ from 0.05 to 0.8)."""
+        pre = self.pre_acts(x[:4096]).flatten()
+        q = 1.0 - min(max(target_l0 / self.d_sae, 0.0), 1.0)
+        theta = torch.quantile(pre.double()[: 2**24], q).float().clamp_min(1e-6)
+        self.threshold.fill_(float(theta))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
