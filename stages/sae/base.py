@@ -57,6 +57,8 @@ class BaseSAE(nn.Module):
     # may set it either way
     default_apply_b_dec_to_input: ClassVar[bool] = True
     has_b_enc: ClassVar[bool] = True
+    # with `target_l0` set, the loss itself pulls L0 to the target (no L0 controller)
+    loss_targets_l0: ClassVar[bool] = False
 
     W_enc: nn.Parameter
     W_dec: nn.Parameter

@@ -95,7 +95,7 @@ class SAEConfig(BaseModel):
         default=0.05, gt=0, lt=1, description="stop at |L0 / target_l0 - 1| within this"
     )
     l0_control_rate: float = Field(
-        default=0.05, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
+        default=0.2, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
     )
 
     @field_validator("name")
@@ -198,6 +198,11 @@ class SAEConfig(BaseModel):
         """Short text naming the sparsity setting; architectures override it."""
         return ""
 
+    @property
+    def intended_l0(self) -> float | None:
+        """The L0 this SAE is built to have: `target_l0`, or k for TopK / BatchTopK."""
+        return self.target_l0
+
     def with_d_in(self, d_in: int, source_name: str = "the activation source") -> SAEConfig:
         """Return a copy with `d_in` filled from the data (and checked against it)."""
         if self.d_in is not None and self.d_in != d_in:
@@ -265,6 +270,10 @@ class TopKConfig(SAEConfig):
     def sparsity_tag(self) -> str:
         return f"k{self.k}"
 
+    @property
+    def intended_l0(self) -> float | None:
+        return float(self.k)
+
 
 class BatchTopKConfig(SAEConfig):
     """Bussmann et al. 2024 (`stages/sae/batchtopk.py`)."""
@@ -277,6 +286,10 @@ class BatchTopKConfig(SAEConfig):
 
     def sparsity_tag(self) -> str:
         return f"k{self.k:g}"
+
+    @property
+    def intended_l0(self) -> float | None:
+        return float(self.k)
 
 
 class JumpReLUConfig(SAEConfig):

@@ -71,6 +71,7 @@ class JumpReLUSAE(BaseSAE):
     config_class = JumpReLUConfig
     saelens_architecture = "jumprelu"
     plot_style = ("#d62728", "D")
+    loss_targets_l0 = True  # with a target_l0 its loss holds L0 there itself (see forward)
     cfg: JumpReLUConfig
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -90,9 +91,13 @@ class JumpReLUSAE(BaseSAE):
         f = JumpReLUFn.apply(pre, self.threshold, cfg.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
         l0 = StepFn.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
+        if cfg.target_l0 is None:
+            penalty = l0
+        else:  # dictionary_learning's JumpReLU trainer: pulls L0 to the target from both sides
+            penalty = (l0 / cfg.target_l0 - 1).pow(2)
         terms = {
             "mse": self.mse(x_hat, x),
-            "l0_penalty": cfg.l0_coefficient * sparsity_scale * l0,
+            "l0_penalty": cfg.l0_coefficient * sparsity_scale * penalty,
         }
         return self.dense_output(x, x_hat, f, terms)
 

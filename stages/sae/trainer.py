@@ -139,7 +139,9 @@ class _Run:
         # start of the learning-rate decay instead, L0 kept falling: relu ended 13 % low)
         self.control = (
             L0Controller(cfg.target_l0, until_step=cfg.n_steps, rate=cfg.l0_control_rate)
-            if cfg.target_l0 is not None and cfg.l0_control_rate > 0
+            if cfg.target_l0 is not None
+            and cfg.l0_control_rate > 0
+            and not self.sae.loss_targets_l0
             else None
         )
         self.search: dict[str, Any] | None = None  # the calibration runs, if any
