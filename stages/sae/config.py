@@ -95,7 +95,7 @@ class SAEConfig(BaseModel):
         default=0.05, gt=0, lt=1, description="stop at |L0 / target_l0 - 1| within this"
     )
     l0_control_rate: float = Field(
-        default=0.2, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
+        default=0.05, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
     )
 
     @field_validator("name")

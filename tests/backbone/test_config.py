@@ -221,8 +221,10 @@ def _second_group(r: dict, hook: str = "blocks.1.hook_mlp_out", **sae) -> None:
             "saes.sweep.tiny-a.saes[0].target_l0 = -2, expected a number > 0",
         ),
         (
-            lambda r: (_sae(r).pop("k"), _sae(r).update(architecture="gated", target_l0=4,
-                                                        calibration_tokens=10)),
+            lambda r: (
+                _sae(r).pop("k"),
+                _sae(r).update(architecture="gated", target_l0=4, calibration_tokens=10),
+            ),
             "saes.sweep.tiny-a.saes[0].calibration_tokens = 10, expected at least one batch",
         ),  # fmt: skip
         (
