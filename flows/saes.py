@@ -169,11 +169,17 @@ def saes_flow(name: str) -> dict:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
                             compute, dev)  # fmt: skip
             for hook, r, ev in fits:
+                if r.config.intended_l0 is not None:  # k or target_l0: matched-L0 figures
+                    ev.metrics["target_l0"] = r.config.intended_l0
+                if "sparsity_calibration" in r.sae.metadata:  # coefficients tried, L0s, result
+                    ev.metrics["sparsity_calibration"] = r.sae.metadata["sparsity_calibration"]
                 folder = inside(tmp, hook, r.name)  # names checked by params; never outside
                 save_sae(folder, r.sae, hook_name=hook, model_name=name,
                          log_feature_density=ev.log10_feature_density, metrics=ev.metrics,
                          training_config=r.config)  # fmt: skip
                 flat = _flat_metrics(ev.metrics)
+                if r.config.intended_l0 is not None:  # k or target_l0: the matched-L0 plot
+                    flat["target_l0"] = r.config.intended_l0
                 metrics.setdefault(hook, {})[r.name] = {k: round(v, 6) for k, v in flat.items()}
                 rows.append({"model": name, "hook": hook, "sae": r.name,
                              "architecture": r.config.architecture, **flat})  # fmt: skip

@@ -52,6 +52,7 @@ class SAERef:
             "ce_delta_pca": down.get("ce_delta_pca"),
             "kl_sae_over_pca": down.get("kl_sae_over_pca"),
             "mean_best_f1": gt.get("mean_best_f1"),
+            "target_l0": m.get("target_l0"),  # k, or the target_l0 it was calibrated to
         }
 
 
@@ -97,12 +98,15 @@ def _finite(v: Any) -> bool:
 def pareto_figure(saes: list[SAERef], title: str):
     import matplotlib.pyplot as plt
 
+    from stages.sae.figures import mark_targets
+
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4))
     panels = (
         (axes[0], "fvu", "FVU (lower is better)", False),
         (axes[1], "ce_loss_recovered", "CE loss recovered (higher is better)", True),
     )
     for ax, key, label, higher in panels:
+        mark_targets(ax, [s.flat()["target_l0"] for s in saes])
         by_arch: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
         for s in saes:
             f = s.flat()
@@ -223,7 +227,9 @@ def _pareto_block(ctx: ReportContext, model: str, hook: str, group: list[SAERef]
         title=f"L0–FVU and L0–CE-recovered Pareto frontiers, {model} {hook}",
         description=(
             "Each point is one SAE of the sweep, evaluated on held-out rows; lines join "
-            "each architecture's non-dominated SAEs (lower L0 and better quality)."
+            "each architecture's non-dominated SAEs (lower L0 and better quality). Grey "
+            "bands: each SAE's intended L0 (TopK's k, or the target_l0 an L1-family SAE "
+            "was calibrated to) ±10 %: SAEs inside one band are compared at matched L0."
         ),
         inputs=src,
     )
@@ -253,11 +259,12 @@ def _sweep_table(group: list[SAERef], links: dict[str, str], with_hook: bool = F
         link = links.get(s.key)
         name = f'<a href="{e(link)}">{e(s.name)}</a>' if link else e(s.name)
         hook = [f"<code>{e(s.hook)}</code>"] if with_hook else []
-        rows.append([*hook, name, e(s.architecture), fmt(f["l0"], 2), fmt(f["fvu"]),
+        rows.append([*hook, name, e(s.architecture), fmt(f["target_l0"], 2), fmt(f["l0"], 2),
+                     fmt(f["fvu"]),
                      fmt(f["ce_loss_recovered"]), fmt(f["ce_delta_sae"]), fmt(f["ce_delta_pca"]),
                      fmt(f["kl_sae"]), fmt(f["kl_sae_over_pca"]), fmt(f["dead_fraction"]),
                      fmt(f["dense_fraction"]), fmt(f["shrinkage"]), fmt(f["mean_best_f1"])])  # fmt: skip
-    headers = ["SAE", "architecture", "L0", "FVU", "CE rec.", "ΔCE (nats)",
+    headers = ["SAE", "architecture", "target L0", "L0", "FVU", "CE rec.", "ΔCE (nats)",
                "ΔCE PCA rank L0", "KL", "KL / PCA's", "dead", "dense", "γ",
                "mean best F1"]  # fmt: skip
     return table(["hook", *headers] if with_hook else headers, rows, left=3 if with_hook else 2)

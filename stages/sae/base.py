@@ -57,6 +57,8 @@ class BaseSAE(nn.Module):
     # may set it either way
     default_apply_b_dec_to_input: ClassVar[bool] = True
     has_b_enc: ClassVar[bool] = True
+    # with `target_l0` set, the loss itself pulls L0 to the target (no L0 controller)
+    loss_targets_l0: ClassVar[bool] = False
 
     W_enc: nn.Parameter
     W_dec: nn.Parameter
@@ -144,6 +146,11 @@ class BaseSAE(nn.Module):
         self.W_enc.mul_(scale)
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
+
+    def init_for_target_l0(self, x: Tensor, target_l0: float) -> None:
+        """Before training towards `target_l0` (`SAEConfig.target_l0`), on training rows
+        `x` as the SAE sees them: set what the L0 starts from where an architecture's
+        own initialisation would leave it out of reach. Most need nothing."""
 
     def calibrate(self, x: Tensor) -> dict[str, Any] | None:
         """Set inference-only parameters from raw training rows `x` once training ends

@@ -19,7 +19,7 @@ import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -81,6 +81,25 @@ class SAEConfig(BaseModel):
         default=1_000_000, ge=1, description="a latent silent for this many tokens is dead"
     )
 
+    # sparsity calibration (stages/sae/calibrate.py), for the architectures whose L0 is
+    # set by a penalty coefficient (`sparsity_coefficient` names it): short runs search
+    # that coefficient, in log space, until their L0 is within `calibration_tolerance`
+    # of `target_l0`; the full run then trains at the coefficient found
+    sparsity_coefficient: ClassVar[str | None] = None  # e.g. "l1_coefficient"
+    target_l0: float | None = Field(
+        default=None, gt=0, description="calibrate the sparsity coefficient to this L0"
+    )
+    calibration_tokens: int | None = Field(
+        default=None, ge=1, description="tokens per calibration run; default 1/4 of training"
+    )
+    calibration_runs: int = Field(default=0, ge=0, description="most calibration runs")
+    calibration_tolerance: float = Field(
+        default=0.05, gt=0, lt=1, description="stop at |L0 / target_l0 - 1| within this"
+    )
+    l0_control_rate: float = Field(
+        default=0.05, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
+    )
+
     @field_validator("name")
     @classmethod
     def _folder_name(cls, v: str | None) -> str | None:
@@ -109,7 +128,34 @@ class SAEConfig(BaseModel):
                 f"n_training_tokens = {self.n_training_tokens} is less than one "
                 f"batch (batch_size = {self.batch_size})"
             )
+        self._check_calibration(where)
         return self
+
+    def _check_calibration(self, where: str) -> None:
+        t = _as_written(self.target_l0)
+        if t is not None and self.sparsity_coefficient is None:
+            raise KeyProblem(
+                ("target_l0",), t,
+                f"expected no target_l0 for a {self.architecture} SAE (its L0 is set by k)",
+                text=f"{where}: target_l0 = {t:g}, but a {self.architecture} SAE's L0 is set "
+                "by k; target_l0 is for relu, gated and jumprelu",
+            )  # fmt: skip
+        if t is not None and self.d_sae is not None and t >= self.d_sae:
+            raise KeyProblem(
+                ("target_l0",), t, f"expected less than d_sae = {self.d_sae}",
+                text=f"{where}: target_l0 = {t:g} is not less than d_sae = {self.d_sae}",
+            )  # fmt: skip
+        n = self.calibration_tokens
+        if n is not None and not self.batch_size <= n <= self.n_training_tokens:
+            expected = (
+                f"expected at least one batch (batch_size = {self.batch_size})"
+                if n < self.batch_size
+                else f"expected at most n_training_tokens = {self.n_training_tokens}"
+            )
+            raise KeyProblem(
+                ("calibration_tokens",), n, expected,
+                text=f"{where}: calibration_tokens = {n}, {expected}",
+            )  # fmt: skip
 
     # ---- derived values -------------------------------------------------------------
     @property
@@ -130,15 +176,34 @@ class SAEConfig(BaseModel):
 
     @property
     def display_name(self) -> str:
-        """`name`, or e.g. `topk-4096-k32` built from the architecture, size and sparsity."""
+        """`name`, or e.g. `topk-4096-k32` built from the architecture, size and sparsity
+        (`relu-1024-l0t16` for a calibrated SAE: its target, not the coefficient found)."""
         if self.name:
             return self.name
         size = str(self.d_sae) if self.d_sae is not None else f"x{self.expansion_factor:g}"
-        return "-".join(p for p in (self.architecture, size, self.sparsity_tag()) if p)
+        tag = f"l0t{self.target_l0:g}" if self.target_l0 is not None else self.sparsity_tag()
+        return "-".join(p for p in (self.architecture, size, tag) if p)
+
+    @property
+    def calibration_steps(self) -> int:
+        """Optimizer steps of one calibration run."""
+        tokens = self.calibration_tokens or self.n_training_tokens // 4
+        return max(1, tokens // self.batch_size)
+
+    def coefficient(self) -> float:
+        """The value of the sparsity coefficient (`sparsity_coefficient` names it)."""
+        if self.sparsity_coefficient is None:
+            raise ValueError(f"a {self.architecture} SAE has no sparsity coefficient")
+        return float(getattr(self, self.sparsity_coefficient))
 
     def sparsity_tag(self) -> str:
         """Short text naming the sparsity setting; architectures override it."""
         return ""
+
+    @property
+    def intended_l0(self) -> float | None:
+        """The L0 this SAE is built to have: `target_l0`, or k for TopK / BatchTopK."""
+        return self.target_l0
 
     def with_d_in(self, d_in: int, source_name: str = "the activation source") -> SAEConfig:
         """Return a copy with `d_in` filled from the data (and checked against it)."""
@@ -178,6 +243,7 @@ class ReLUConfig(SAEConfig):
     """Anthropic's April-2024 update (`stages/sae/relu.py`)."""
 
     architecture: Literal["relu"] = "relu"
+    sparsity_coefficient: ClassVar[str | None] = "l1_coefficient"
     l1_coefficient: float = Field(default=5.0, ge=0, description="λ in the update")
     decoder_init_norm: float = Field(default=0.1, gt=0)
 
@@ -206,6 +272,10 @@ class TopKConfig(SAEConfig):
     def sparsity_tag(self) -> str:
         return f"k{self.k}"
 
+    @property
+    def intended_l0(self) -> float | None:
+        return float(self.k)
+
 
 class BatchTopKConfig(SAEConfig):
     """Bussmann et al. 2024 (`stages/sae/batchtopk.py`)."""
@@ -219,11 +289,16 @@ class BatchTopKConfig(SAEConfig):
     def sparsity_tag(self) -> str:
         return f"k{self.k:g}"
 
+    @property
+    def intended_l0(self) -> float | None:
+        return float(self.k)
+
 
 class JumpReLUConfig(SAEConfig):
     """Rajamanoharan et al. 2024b (`stages/sae/jumprelu.py`)."""
 
     architecture: Literal["jumprelu"] = "jumprelu"
+    sparsity_coefficient: ClassVar[str | None] = "l0_coefficient"
     l0_coefficient: float = Field(default=0.05, ge=0, description="λ on the L0 penalty")
     bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width ε")
     threshold_init: float = Field(default=0.05, gt=0)
@@ -236,6 +311,7 @@ class GatedConfig(SAEConfig):
     """Rajamanoharan et al. 2024a (`stages/sae/gated.py`)."""
 
     architecture: Literal["gated"] = "gated"
+    sparsity_coefficient: ClassVar[str | None] = "l1_coefficient"
     l1_coefficient: float = Field(default=0.5, ge=0, description="λ on ‖ReLU(π_gate)‖₁")
 
     def sparsity_tag(self) -> str:
@@ -435,6 +511,11 @@ class SAEParams(StrictModel):
                                     "repository root)")  # fmt: skip
 
 
+def _as_written(x: float | None) -> float | int | None:
+    """A float field's value as params.yaml most likely spelt it (16, not 16.0)."""
+    return int(x) if x is not None and float(x).is_integer() else x
+
+
 def folder_name(cfg: SAEConfig, d_in: int | None) -> str:
     """An SAE's folder name on a hook: `topk-1024-k8` once the width `d_in` is known."""
     return cfg.with_d_in(d_in).display_name if d_in is not None else cfg.display_name
@@ -471,6 +552,12 @@ def _check_group(p: Params, name: str, sweep: SAESweep, loc: tuple) -> list[SAEC
                     f" (expansion_factor {cfg.expansion_factor:g} × {d}, the width of {hook})")  # fmt: skip
                 raise KeyProblem((*loc, "saes", i, "k"), k,
                                 f"expected at most d_sae = {width}{how}")  # fmt: skip
+            t = _as_written(cfg.target_l0)
+            if t is not None and t >= width:
+                how = "" if cfg.d_sae else (
+                    f" (expansion_factor {cfg.expansion_factor:g} × {d}, the width of {hook})")  # fmt: skip
+                raise KeyProblem((*loc, "saes", i, "target_l0"), t,
+                                f"expected less than d_sae = {width}{how}")  # fmt: skip
         cfgs.append(cfg)
     return cfgs
 

@@ -71,6 +71,7 @@ class JumpReLUSAE(BaseSAE):
     config_class = JumpReLUConfig
     saelens_architecture = "jumprelu"
     plot_style = ("#d62728", "D")
+    loss_targets_l0 = True  # with a target_l0 its loss holds L0 there itself (see forward)
     cfg: JumpReLUConfig
 
     def __init__(self, cfg: SAEConfig) -> None:
@@ -90,11 +91,26 @@ class JumpReLUSAE(BaseSAE):
         f = JumpReLUFn.apply(pre, self.threshold, cfg.bandwidth)
         x_hat = f @ self.W_dec + self.b_dec
         l0 = StepFn.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
+        if cfg.target_l0 is None:
+            penalty = l0
+        else:  # dictionary_learning's JumpReLU trainer: pulls L0 to the target from both sides
+            penalty = (l0 / cfg.target_l0 - 1).pow(2)
         terms = {
             "mse": self.mse(x_hat, x),
-            "l0": cfg.l0_coefficient * sparsity_scale * l0,
+            "l0_penalty": cfg.l0_coefficient * sparsity_scale * penalty,
         }
         return self.dense_output(x, x_hat, f, terms)
+
+    @torch.no_grad()
+    def init_for_target_l0(self, x: Tensor, target_l0: float) -> None:
+        """θ (one value for every latent) at the quantile of the initial pre-activations
+        that lets `target_l0` latents fire per row. Adam moves θ by about `lr` per step,
+        so from the paper's small θ a short run cannot reach a low L0 at any λ (on the
+        toy model, 244 steps at lr 1e-3 leave L0 above 100 for λ from 0.05 to 0.8)."""
+        pre = self.pre_acts(x[:4096]).flatten()
+        q = 1.0 - min(max(target_l0 / self.d_sae, 0.0), 1.0)
+        theta = torch.quantile(pre.double()[: 2**24], q).float().clamp_min(1e-6)
+        self.threshold.fill_(float(theta))
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

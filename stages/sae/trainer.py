@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from stages.compute import CPU, Device, numerics
 from stages.io import load_safetensors
 from stages.sae.base import BaseSAE
+from stages.sae.calibrate import L0Controller, search_coefficient
 from stages.sae.config import SAEConfig, parse_sae_config
 from stages.sae.data import (
     ActivationSource,
@@ -134,6 +135,16 @@ class _Run:
         self.history: list[dict[str, float]] = []
         self.scale = 1.0  # input scale s this SAE trains on
         self.scale_fix = 1.0  # s / (scale applied by the loader)
+        # a target L0: dual ascent on the coefficient, to the last step (held from the
+        # start of the learning-rate decay instead, L0 kept falling: relu ended 13 % low)
+        self.control = (
+            L0Controller(cfg.target_l0, until_step=cfg.n_steps, rate=cfg.l0_control_rate)
+            if cfg.target_l0 is not None
+            and cfg.l0_control_rate > 0
+            and not self.sae.loss_targets_l0
+            else None
+        )
+        self.search: dict[str, Any] | None = None  # the calibration runs, if any
 
     @property
     def done(self) -> bool:
@@ -166,6 +177,7 @@ class _Run:
             "numerics": numerics(self.dev),
             "recent": self.recent,
             "history": self.history,
+            **({"control": self.control.state()} if self.control else {}),
         }
         tmp = self.ckpt.with_name("checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +235,8 @@ class _Run:
         self.step = int(meta["step"])
         self.recent = list(meta.get("recent", []))
         self.history = list(meta.get("history", []))
+        if self.control is not None:
+            self.control.load(meta["control"])
         self.last_good = (self.ckpt, self.step)
         return float(meta["input_scale"])
 
@@ -274,10 +288,11 @@ class _Run:
         lr = cfg.lr_at(self.step)
         for group in self.opt.param_groups:
             group["lr"] = lr
+        sparsity_scale = cfg.sparsity_scale_at(self.step)
+        if self.control is not None:
+            sparsity_scale *= self.control.multiplier
         with self.dev.autocast():
-            out = sae(
-                x, sparsity_scale=cfg.sparsity_scale_at(self.step), dead_mask=self.dead_mask()
-            )
+            out = sae(x, sparsity_scale=sparsity_scale, dead_mask=self.dead_mask())
         loss = float(out.loss.detach())
         if not math.isfinite(loss):
             where = (
@@ -303,6 +318,8 @@ class _Run:
             if self.step >= self.density_from_step:
                 self.fire_counts += out.fire_counts
         self._record(out, x.shape[0])
+        if self.control is not None:
+            self.control.update(self.step, float(out.l0))
         self.step += 1
 
     def _record(self, out: Any, batch: int) -> None:
@@ -313,7 +330,12 @@ class _Run:
         if len(self.recent) > keep:
             self.recent.pop(0)
         if self.step % max(1, self.cfg.n_steps // 50) == 0 or self.step == self.cfg.n_steps - 1:
-            self.history.append({"step": float(self.step), "l0": l0, **terms})
+            extra = (
+                {"coefficient": self.cfg.coefficient() * self.control.multiplier}
+                if self.control is not None
+                else {}
+            )
+            self.history.append({"step": float(self.step), "l0": l0, **terms, **extra})
 
 
 def train_saes(
@@ -379,12 +401,23 @@ def _train_group(
     data_fp: dict[str, Any] | None,
 ) -> tuple[list[TrainResult], list[str]]:
     t0 = time.perf_counter()
-    runs = [_Run(c, ckpt_dir, dev, data_fp) for c in cfgs]
-    scales = [r.try_resume() if resume else None for r in runs]
-
     sample = torch.from_numpy(sample_rows(source, n_norm_rows, seed))
     mean_norm = float(sample.norm(dim=1).mean())
     data_scale = math.sqrt(source.d_in) / mean_norm if mean_norm > 0 else 1.0
+
+    searches: list[dict[str, Any] | None] = []
+    for i, c in enumerate(cfgs):  # a target L0: calibration runs set the coefficient
+        found = None
+        if c.target_l0 is not None and c.calibration_runs > 0:
+            scale = data_scale if c.normalize_activations else 1.0
+            found = _calibrate(source, c, sample, scale, buffer_rows, dev, ckpt_dir, data_fp)
+            cfgs[i] = c.model_copy(update={c.sparsity_coefficient: found["coefficient"]})
+        searches.append(found)
+    runs = [_Run(c, ckpt_dir, dev, data_fp) for c in cfgs]
+    for run, found in zip(runs, searches, strict=True):
+        run.search = found
+    scales = [r.try_resume() if resume else None for r in runs]
+
     for run, resumed_scale in zip(runs, scales, strict=True):
         if resumed_scale is not None:
             run.scale = resumed_scale
@@ -392,6 +425,8 @@ def _train_group(
         run.scale = data_scale if run.cfg.normalize_activations else 1.0
         with torch.no_grad():
             run.sae.b_dec.copy_(init_b_dec(sample * run.scale, run.cfg.b_dec_init))
+            if run.cfg.target_l0 is not None:
+                run.sae.init_for_target_l0((sample * run.scale).to(dev.torch), run.cfg.target_l0)
     # the loader thread applies the scale when all SAEs share it; otherwise each SAE
     # scales its own copy (an SAE gets bit-identical batches either way)
     loader_scale = runs[0].scale if len({r.scale for r in runs}) == 1 else 1.0
@@ -447,6 +482,78 @@ def _train_group(
     return results, diverged
 
 
+def _calibrate(
+    source: ActivationSource,
+    cfg: SAEConfig,
+    sample: torch.Tensor,
+    scale: float,
+    buffer_rows: int | None,
+    dev: Device,
+    ckpt_dir: Path | None,
+    data_fp: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """`search_coefficient` for `cfg.target_l0` with short runs: each a fresh SAE (same
+    seed, same first batches as the full run) trained for `calibration_steps` at one
+    coefficient, its L0 measured on up to 16 384 rows of the normalisation sample. The
+    result is kept beside the checkpoints, so a resumed run does not search again."""
+    key = {"config": cfg.model_dump(mode="json"), "data": data_fp}
+    cache = ckpt_dir / cfg.display_name / "calibration.json" if ckpt_dir else None
+    if cache is not None and cache.exists():
+        saved = json.loads(cache.read_text())
+        if saved.get("key") == key:
+            return saved["result"]
+    t0 = time.perf_counter()
+    steps = cfg.calibration_steps
+    shrink = steps / cfg.n_steps
+    rows = (sample[:16384] * scale).to(dev.torch)
+
+    def measure(coefficient: float) -> float:
+        short = cfg.model_copy(
+            update={
+                cfg.sparsity_coefficient: coefficient,
+                "target_l0": None,
+                "n_training_tokens": steps * cfg.batch_size,
+                "lr_warmup_steps": math.ceil(cfg.lr_warmup_steps * shrink),
+                "sparsity_warmup_steps": math.ceil(cfg.sparsity_warmup_steps * shrink),
+            }
+        )
+        run = _Run(short, None, dev)
+        run.scale = scale
+        with torch.no_grad():
+            run.sae.b_dec.copy_(init_b_dec(sample * scale, cfg.b_dec_init).to(dev.torch))
+            run.sae.init_for_target_l0((sample * scale).to(dev.torch), cfg.target_l0)
+        loader = ShuffleLoader(source, cfg.batch_size, seed=cfg.seed, buffer_rows=buffer_rows,
+                               scale=scale)  # fmt: skip
+        try:
+            while not run.done:
+                x = next(loader)
+                run.train_step(x.to(dev.torch, non_blocking=True) if dev.is_cuda else x)
+        finally:
+            loader.close()
+        if run.diverged:
+            return math.inf  # too little penalty is not how a run diverges; treat as dense
+        run.sae.eval()
+        with torch.no_grad():
+            return float((run.sae.encode(rows) > 0).sum(-1).float().mean())
+
+    result = search_coefficient(
+        measure, cfg.coefficient(), cfg.target_l0,  # type: ignore[arg-type]
+        tolerance=cfg.calibration_tolerance, max_runs=cfg.calibration_runs,
+    )  # fmt: skip
+    result = {
+        "target_l0": cfg.target_l0,
+        "coefficient_key": cfg.sparsity_coefficient,
+        "start": cfg.coefficient(),
+        "steps_per_run": steps,
+        **result,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "result": result}, indent=1))
+    return result
+
+
 def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
     """The trained SAE on raw activations, calibrated (`BaseSAE.calibrate`) on `sample`,
     the training rows the input scale was estimated on (raw)."""
@@ -467,6 +574,22 @@ def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
         for k, v in rec.items():
             terms[k] = terms.get(k, 0.0) + v / len(run.recent)
     train_l0 = terms.pop("l0", float("nan"))
+    if run.cfg.target_l0 is not None:
+        ctl = run.control
+        sae.metadata["sparsity_calibration"] = {
+            "target_l0": run.cfg.target_l0,
+            "coefficient_key": run.cfg.sparsity_coefficient,
+            # calibration runs (if any): coefficients tried, L0s reached, the one kept
+            "search": run.search,
+            # the full run: dual ascent from the coefficient the search kept
+            "control": None if ctl is None else {
+                "rate": ctl.rate, "until_step": ctl.until_step,
+                "start_coefficient": run.cfg.coefficient(),
+                "final_coefficient": run.cfg.coefficient() * ctl.multiplier,
+            },
+            "final_coefficient": run.cfg.coefficient() * (ctl.multiplier if ctl else 1.0),
+            "train_l0": train_l0,
+        }  # fmt: skip
     sae.metadata.update(
         {
             "input_scale": scale,

@@ -236,9 +236,11 @@ def downstream_null(
             zo = (x - mu_o) / (np.sqrt(np.clip(var_o, 0, None)) + s0[h])
         z_null.append(np.abs(zo[np.isfinite(zo)]))
     pooled = np.sort(np.concatenate(z_null)) if z_null else np.zeros(0)
-    out["p"] = ("SAM d = (change - null mean) / (null sd + s0), s0 = the hook's median null "
-                "sd (Tusher et al. 2001); two-sided, against the pooled leave-one-out d of "
-                "every null draw of every tested latent")
+    out["p"] = (
+        "SAM d = (change - null mean) / (null sd + s0), s0 = the hook's median null "
+        "sd (Tusher et al. 2001); two-sided, against the pooled leave-one-out d of "
+        "every null draw of every tested latent"
+    )
     out["s0"] = s0
     out["n_null_z"] = int(pooled.size)
     out["p_floor"] = p_floor(int(pooled.size))

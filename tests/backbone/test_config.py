@@ -206,6 +206,27 @@ def _second_group(r: dict, hook: str = "blocks.1.hook_mlp_out", **sae) -> None:
             ),
             "saes.sweep.tiny-a.saes[0].k = 8.5, expected at most d_sae = 5",
         ),
+        (  # a target L0 the SAE cannot have: known from expansion_factor x the width
+            lambda r: (_sae(r).pop("k"), _sae(r).update(architecture="relu", target_l0=128)),
+            "saes.sweep.tiny-a.saes[0].target_l0 = 128, expected less than d_sae = 128 "
+            "(expansion_factor 4 × 32, the width of blocks.0.hook_resid_post)",
+        ),
+        (  # TopK's L0 is k: a target would be silently ignored
+            lambda r: _sae(r).update(target_l0=8),
+            "saes.sweep.tiny-a.saes[0].target_l0 = 8, expected no target_l0 for a topk SAE "
+            "(its L0 is set by k)",
+        ),
+        (
+            lambda r: (_sae(r).pop("k"), _sae(r).update(architecture="jumprelu", target_l0=-2)),
+            "saes.sweep.tiny-a.saes[0].target_l0 = -2, expected a number > 0",
+        ),
+        (
+            lambda r: (
+                _sae(r).pop("k"),
+                _sae(r).update(architecture="gated", target_l0=4, calibration_tokens=10),
+            ),
+            "saes.sweep.tiny-a.saes[0].calibration_tokens = 10, expected at least one batch",
+        ),  # fmt: skip
         (
             lambda r: _sae(r).update(d_in=7),
             "saes.sweep.tiny-a.saes[0].d_in = 7, expected the width of "

@@ -1,0 +1,132 @@
+"""Sparsity calibration: bring an L1-family SAE (relu, gated, jumprelu) to a target L0.
+
+Their L0 is set indirectly, by a penalty coefficient λ (`l1_coefficient`,
+`l0_coefficient`), so comparing them with TopK at matched sparsity needs λ found per
+target. Two parts, both in log λ (L0 falls roughly as a power of λ):
+
+1. `search_coefficient` — short calibration runs, each a fresh SAE trained for
+   `calibration_steps` at one λ, bracket the target and narrow the bracket
+   (interpolation in log L0 against log λ, safeguarded bisection: each new λ lies in the
+   middle 80 % of the bracket). It stops when a run lands within `calibration_tolerance`
+   or after `calibration_runs` runs, and returns the λ whose run came closest.
+2. `L0Controller` — short runs overstate L0 (an L1 SAE keeps pruning latents long after
+   a quarter of its training: on the toy model's last residual stream a relu SAE at λ = 5
+   has L0 149 after 24 steps, 66 after 60 and 38 after 244), so the full run keeps L0 on
+   target by dual ascent on the constraint L0 = target (a Lagrange multiplier updated
+   by the constraint's violation, as in GECO: Rezende & Viola 2018, "Taming VAEs"):
+   log λ ← log λ + η · log(L0_batch / target) after each step, until the learning rate
+   starts to decay; λ is then held, so the last `lr_decay_fraction` of training is
+   ordinary training at one fixed λ.
+
+Neither changes an architecture's loss: the trainer multiplies the coefficient by
+`L0Controller.multiplier` through the `sparsity_scale` every SAE's forward already takes.
+JumpReLU gets no L0 target of its own in the loss: the published loss (Rajamanoharan et
+al. 2024b) is λ‖f‖₀; dictionary_learning's JumpReLU trainer replaces it by
+λ(L0 / target − 1)², which is a different objective, so we calibrate λ like the others.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def search_coefficient(
+    measure: Callable[[float], float],
+    start: float,
+    target: float,
+    *,
+    tolerance: float = 0.05,
+    max_runs: int = 8,
+    first_step: float = 4.0,
+) -> dict[str, Any]:
+    """λ with `measure(λ)` (the L0 a calibration run reaches) closest to `target`.
+
+    `measure` must fall as λ grows. Without a bracket yet, each run moves λ by the
+    log-log slope of the last two runs (−1 before there are two), by at most a factor
+    `first_step`² and at least `first_step`^(1/2); inside a bracket, by interpolation
+    in log-log, kept in the bracket's middle 80 %. Returns {"coefficient", "l0",
+    "runs": [{"coefficient", "l0"}, ...], "converged"}.
+    """
+    if not (start > 0 and target > 0):
+        raise ValueError(f"search_coefficient: start = {start}, target = {target}, expected > 0")
+
+    def err(l0: float) -> float:  # log(L0 / target); an L0 of 0 counts as 0.01
+        return math.log(max(l0, 1e-2) / target)
+
+    runs: list[dict[str, float]] = []
+    lam = start
+    for _ in range(max_runs):
+        l0 = float(measure(lam))
+        runs.append({"coefficient": lam, "l0": l0})
+        if abs(l0 / target - 1) <= tolerance:
+            break
+        lam = _next_coefficient(runs, err, first_step)
+    best = min(runs, key=lambda r: abs(err(r["l0"])))
+    return {
+        "coefficient": best["coefficient"],
+        "l0": best["l0"],
+        "runs": runs,
+        "converged": abs(best["l0"] / target - 1) <= tolerance,
+    }
+
+
+def _next_coefficient(
+    runs: list[dict[str, float]], err: Callable[[float], float], first_step: float
+) -> float:
+    pts = [(math.log(r["coefficient"]), err(r["l0"])) for r in runs]
+    above = [p for p in pts if p[1] > 0]  # L0 too high: λ must grow
+    below = [p for p in pts if p[1] < 0]
+    if above and below:  # a bracket: the largest λ still above, the smallest below
+        lo = max(above, key=lambda p: p[0])
+        hi = min(below, key=lambda p: p[0])
+        if hi[0] > lo[0]:
+            x = lo[0] + lo[1] * (hi[0] - lo[0]) / (lo[1] - hi[1])  # log-log regula falsi
+            w = hi[0] - lo[0]
+            return math.exp(min(max(x, lo[0] + 0.1 * w), hi[0] - 0.1 * w))
+    x0, e0 = pts[-1]
+    slope = -1.0
+    if len(pts) >= 2 and pts[-1][0] != pts[-2][0]:
+        s = (pts[-1][1] - pts[-2][1]) / (pts[-1][0] - pts[-2][0])
+        if s < -1e-3:  # only a falling L0 says how far to go
+            slope = s
+    step = -e0 / slope  # in log λ
+    lim_hi, lim_lo = 2 * math.log(first_step), 0.5 * math.log(first_step)
+    step = math.copysign(min(max(abs(step), lim_lo), lim_hi), step)
+    return math.exp(x0 + step)
+
+
+@dataclass
+class L0Controller:
+    """Dual ascent of log λ on the constraint L0 = `target` (see the module docstring).
+
+    `multiplier` = exp(log_multiplier) scales the configured coefficient; `update(step,
+    l0)` moves it after a training step while `step < until_step`."""
+
+    target: float
+    until_step: int
+    rate: float = 0.05
+    log_multiplier: float = 0.0
+    max_log_step: float = 0.1  # at most ×1.105 per step, so a noisy batch cannot jolt λ
+    trace: list[list[float]] = field(default_factory=list)  # [step, multiplier] samples
+
+    @property
+    def multiplier(self) -> float:
+        return math.exp(self.log_multiplier)
+
+    def update(self, step: int, l0: float) -> None:
+        if step >= self.until_step or not math.isfinite(l0):
+            return
+        delta = self.rate * math.log(max(l0, 1e-2) / self.target)
+        self.log_multiplier += max(-self.max_log_step, min(self.max_log_step, delta))
+
+    def state(self) -> dict[str, float]:
+        return {"log_multiplier": self.log_multiplier}
+
+    def load(self, state: dict[str, float]) -> None:
+        self.log_multiplier = float(state["log_multiplier"])
+
+
+__all__ = ["L0Controller", "search_coefficient"]
