@@ -206,6 +206,7 @@ def section(
         parts.append(f"<h3>{e(model)}</h3>")
         parts.append(_summary_table(mine, pages, resolve))
         parts.append(_controls_table(mine))
+        parts.append(_circuit_table(mine))
         for c in mine:
             inputs = [Path(steering_dir) / model]
             if c.decomposition_path is not None:
@@ -324,6 +325,45 @@ def _controls_table(concepts: list[SteeredConcept]) -> str:
          "z (p)"],
         rows, left=3,
     )  # fmt: skip
+
+
+def _circuit_table(concepts: list[SteeredConcept]) -> str:
+    """Each concept's sparse feature circuit (stages/steering/circuit.py): its nodes per
+    hook, its strongest edges, and the two random-latent controls."""
+    rows = []
+    for c in concepts:
+        circ = c.decomposition.get("circuit") or {}
+        if not circ.get("nodes"):
+            continue
+        nodes = "<br>".join(
+            f"<code>{e(h)}</code>: " + ", ".join(f"{n['latent']} ({fmt(n['attribution'], 3)})"
+                                                 for n in ns)
+            for h, ns in circ["nodes"].items())  # fmt: skip
+        top = sorted(circ.get("edges", []), key=lambda x: -abs(x["weight"]))[:5]
+        edges = "<br>".join(f"{x['from']} → {x['to']} ({fmt(x['weight'], 4)})" for x in top)
+        ec, ab = circ.get("edge_control") or {}, circ.get("ablation") or {}
+        rows.append([
+            e(c.concept), nodes, edges or "–",
+            f"{fmt(ec.get('circuit_mean_abs'), 4)} vs {fmt(ec.get('random_mean_abs'), 4)}; "
+            f"{fmt(ec.get('frac_circuit_above_random_p95'), 2)} above random p95",
+            f"{fmt(ab.get('circuit_delta'), 3)} vs {fmt(ab.get('random_delta_mean'), 3)} ± "
+            f"{fmt(ab.get('random_delta_sd'), 3)} (z {fmt(ab.get('z'), 2)})",
+        ])  # fmt: skip
+    if not rows:
+        return ""
+    note = (
+        "<p class='muted'>Sparse feature circuits (Marks et al. 2024), every SAE spliced "
+        "in with its error term kept: nodes = the latents with the largest attribution "
+        "(attribution patching of zero-ablation on the behaviour metric, in brackets) at "
+        "each hook from the decomposition hook on; edges = the first-order effect of "
+        "ablating the upstream latent on the downstream latent's contribution (strongest "
+        "five). Controls: the same edge weights from random active upstream latents into "
+        "the same nodes, and the metric's change when the whole circuit is zero-ablated "
+        "against as many random active latents per hook (mean ± sd over draws).</p>"
+    )
+    return note + table(["concept", "nodes (attribution)", "top edges (weight)",
+                         "|edge|: circuit vs random", "ablation Δm: circuit vs random"],
+                        rows, left=3)  # fmt: skip
 
 
 def _generations(c: SteeredConcept) -> str:

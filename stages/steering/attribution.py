@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from stages.steering.prompts import SteeringSet
 
 
-def _batch(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def prompt_batch(model: HookedTransformer, s: SteeringSet) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Right-padded tokens [n, L], lengths [n], target masks [n, V] × 2."""
     pos, neg = target_masks(model, s)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
@@ -59,7 +59,7 @@ def latent_attribution(
     """(attribution [d_sae], clean latents f [n, L, d_sae] with BOS and padding zeroed):
     attribution_j = mean over prompts of Σ_positions ∂m/∂f_j · (0 − f_j)."""
     check_hooks(model, [hook], "attribution.hook")
-    toks, lens, pos, neg = _batch(model, s)
+    toks, lens, pos, neg = prompt_batch(model, s)
     live = (torch.arange(toks.shape[1])[None] < lens[:, None]) & (torch.arange(toks.shape[1]) > 0)
     held: dict[str, Tensor] = {}
 
@@ -96,7 +96,7 @@ def ablation_effects(
     at every position but BOS, error term kept: x ← x − (1 − scale) f_j(x) W_dec[j].
     Rows of a batch are (latent, prompt) pairs; `f` as from `latent_attribution`."""
     check_hooks(model, [hook], "attribution.hook")
-    toks, lens, pos, neg = _batch(model, s)
+    toks, lens, pos, neg = prompt_batch(model, s)
     n = len(toks)
     if f is None:
         f = latent_attribution(model, s, hook, sae)[1]

@@ -18,7 +18,10 @@ hook (the sweep's best hook, or the best-steering hook that has an SAE):
   vector's norm, Benjamini–Hochberg-corrected (`downstream.downstream_null`);
 - the feature-targeted vectors against the raw one and the random directions, at equal
   norm and at equal KL (`controls.controlled_effects`);
-- attribution patching per latent against true ablation (`attribution`).
+- attribution patching per latent against true ablation (`attribution`);
+- a sparse feature circuit from that hook on (`circuit.feature_circuit`): nodes by
+  attribution at every later hook with an SAE, edges between adjacent hooks, against
+  random active latents.
 
 File: `<decomposition_dir>/<concept>/decomposition.json` (written atomically).
 """
@@ -38,6 +41,7 @@ from stages.io import atomic_dir, write_json
 from stages.layout import inside, safe_name
 from stages.steering import decompose as D
 from stages.steering.attribution import attribution_vs_ablation
+from stages.steering.circuit import feature_circuit
 from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects, downstream_null
 from stages.steering.probes import cosine_table
@@ -175,6 +179,9 @@ def decompose_concept(
     # which latents carry the behaviour: attribution patching against true ablation
     dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
                                                 cfg.attribution_sample, cfg.seed)  # fmt: skip
+    # the latents carrying the behaviour from the decomposition hook on, and their edges
+    dd["circuit"] = feature_circuit(model, s, saes, start=dh, n_nodes=cfg.targeted_k,
+                                    n_random=8, n_draws=8, seed=cfg.seed)  # fmt: skip
     return dd
 
 
@@ -321,6 +328,15 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
     if "attribution" in dd:
         out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
         out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
+    circ = dd.get("circuit") or {}
+    if "ablation" in circ:
+        out["circuit.ablation_delta"] = circ["ablation"]["circuit_delta"]
+        out["circuit.ablation_random_mean"] = circ["ablation"]["random_delta_mean"]
+        out["circuit.ablation_z"] = circ["ablation"]["z"]
+    if "edge_control" in circ:
+        out["circuit.edges_above_random_p95"] = circ["edge_control"][
+            "frac_circuit_above_random_p95"
+        ]
     for ranking, at in dd.get("precision_at_k_read_position", {}).items():
         if "5" in at:
             out[f"precision_at_5_{ranking}_read_position"] = at["5"]

@@ -126,6 +126,11 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     raw = ctl["vectors"]["raw"]["equal_norm"]
     assert f"{raw['z']:.2f} ({raw['p']:.3f})" in html
     assert f"floor {ctl['p_floor']:.4f}" in html
+    # the feature circuit: its first node and the ablation control, as the JSON has them
+    circ = dec["circuit"]
+    first = next(iter(circ["nodes"].values()))[0]
+    assert "Sparse feature circuits" in html and f"{first['latent']} (" in html
+    assert f"(z {circ['ablation']['z']:.2f})" in html
 
 
 def test_dashboards_and_partner_links(tiny_report):

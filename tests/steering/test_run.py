@@ -99,3 +99,6 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     dn = dd["downstream_null"]
     assert dn["hook"] == HOOKS[1] and list(dn["hooks"]) == [HOOKS[1]]
     assert f"downstream_null.{HOOKS[1]}.n_significant" in head
+    # the circuit from the decomposition hook on (one hook with an SAE here: nodes only)
+    assert dd["circuit"]["hooks"] == [HOOKS[1]] and dd["circuit"]["nodes"][HOOKS[1]]
+    assert "circuit.ablation_z" in head
