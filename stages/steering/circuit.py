@@ -35,7 +35,7 @@ from torch import Tensor
 
 from stages.activations import check_hooks
 from stages.steering.attribution import prompt_batch
-from stages.steering.downstream import hook_order
+from stages.steering.downstream import hook_order, later_hooks
 from stages.steering.evaluate import behaviour_metric
 
 if TYPE_CHECKING:
@@ -85,8 +85,7 @@ def feature_circuit(
 ) -> dict[str, Any]:
     """The circuit over the hooks with an SAE at or after `start` (all of them when None),
     in forward order; see the module docstring. Needs two or more such hooks for edges."""
-    hooks = sorted((h for h in saes if start is None or hook_order(h) >= hook_order(start)),
-                   key=hook_order)  # fmt: skip
+    hooks = later_hooks(start, saes) if start is not None else sorted(saes, key=hook_order)
     check_hooks(model, hooks, "circuit hooks")
     if not hooks:
         return {"skipped": "no SAE at or after the start hook"}

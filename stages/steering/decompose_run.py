@@ -46,7 +46,13 @@ from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects, downstream_null
 from stages.steering.probes import cosine_table
 from stages.steering.prompts import SteeringSet
-from stages.steering.run import ConceptConfig, control_headline, finite_rounded, jsonable
+from stages.steering.run import (
+    ConceptConfig,
+    control_headline,
+    finite_rounded,
+    jsonable,
+    neutral_windows,
+)
 from stages.steering.targeted import compare_vectors, targeted_vectors
 from stages.steering.vectors import read_activations, resolve_positions, tokenize
 
@@ -95,11 +101,7 @@ def decompose_concept(
     if dh is None:
         log.info("decompose %s: no SAE at %s; skipped", s.name, hooks)
         return {"skipped": "no SAE at any steering hook"}
-    if neutral_tokens is None:
-        if store is None:
-            raise ValueError("decompose_concept: give a store or neutral_tokens for side effects")
-        neutral_tokens = store.windows("heldout", max_windows=cfg.n_windows)
-    tokens = neutral_tokens[: cfg.n_windows]
+    tokens = neutral_windows(store, neutral_tokens, cfg.n_windows, "decompose_concept")
     bs = cfg.batch_size
     best = evaluation["sweep"]["best_hook"]
     sae, v = saes[dh], vectors[dh]

@@ -62,6 +62,12 @@ def hook_order(hook: str) -> tuple[int, int]:
     return (-1 if layer is None else layer, _RANK.get(hook.split(".")[-1], 7))
 
 
+def later_hooks(hook: str, hooks) -> list[str]:
+    """The hooks at or after `hook` in forward order (e.g. those with an SAE)."""
+    here = hook_order(hook)
+    return sorted((h for h in hooks if hook_order(h) >= here), key=hook_order)
+
+
 @dataclass
 class DownstreamResult:
     hook: str
@@ -92,8 +98,7 @@ def downstream_effects(
     batch_size: int = 16,
 ) -> DownstreamResult:
     check_hooks(model, [hook, *saes], "steering.downstream hooks")
-    here = hook_order(hook)
-    later = sorted((h for h in saes if hook_order(h) >= here), key=hook_order)
+    later = later_hooks(hook, saes)
     if not later:
         return DownstreamResult(hook, float(multiplier), [], [], [], [], 0)
     stop = stop_layer(model, later)
@@ -202,8 +207,7 @@ def downstream_null(
     check_hooks(model, [hook, *saes], "steering.downstream hooks")
     if n_random < 2:
         raise ValueError(f"n_random = {n_random}, expected an integer >= 2 (the null's spread)")
-    here = hook_order(hook)
-    later = sorted((h for h in saes if hook_order(h) >= here), key=hook_order)
+    later = later_hooks(hook, saes)
     out: dict[str, Any] = {"hook": hook, "multiplier": float(multiplier), "n_random": n_random,
                            "n_control": n_control, "alpha": alpha, "correction": BH,
                            "p_floor_per_latent": p_floor(n_random), "n_windows": len(tokens),

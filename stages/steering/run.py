@@ -162,11 +162,7 @@ def run_concept(
         raise ValueError(f"steering set '{s.name}': no training pairs")
     if not s.eval_prompts:
         raise ValueError(f"steering set '{s.name}': no eval prompts")
-    if neutral_tokens is None:
-        if store is None:
-            raise ValueError("run_concept: give a store or neutral_tokens for side effects")
-        neutral_tokens = store.windows("heldout", max_windows=cfg.n_windows)
-    tokens = neutral_tokens[: cfg.n_windows]
+    tokens = neutral_windows(store, neutral_tokens, cfg.n_windows, "run_concept")
     bs = cfg.batch_size
 
     vectors = compute_vectors(model, s.train_pairs, hooks, cfg.method, batch_size=bs)
@@ -228,6 +224,16 @@ def run_concept(
     ev["seconds"] = time.perf_counter() - t0
     result.probes = {h: p.weight.detach().float() for h, p in probes.items()}
     return result
+
+
+def neutral_windows(store, neutral_tokens: Tensor | None, n_windows: int, who: str) -> Tensor:
+    """The first `n_windows` of `neutral_tokens`, or of the store's held-out windows:
+    the neutral text side effects and downstream effects are measured on."""
+    if neutral_tokens is None:
+        if store is None:
+            raise ValueError(f"{who}: give a store or neutral_tokens for side effects")
+        neutral_tokens = store.windows("heldout", max_windows=n_windows)
+    return neutral_tokens[:n_windows]
 
 
 def write_concept(result: ConceptResult, steering_dir: Path) -> Path:
