@@ -46,6 +46,7 @@ TINY = {
     "saes": {
         "eval": {"max_rows": 2048, "ce_windows": 8},
         "checkpoint_every": 20,
+        "pretrained": {},  # a DVC param of saes@M: it must exist, even empty
         "sweep": {
             m: {
                 "hooks": ["blocks.0.hook_resid_post"],
