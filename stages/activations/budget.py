@@ -39,7 +39,10 @@ Time: `RATES` (`.benchmarks/activation_rates.json`, machine-local, not a DVC out
 the last measured forward rate of every model cached here and of the GPT-2-shape benchmark
 (`benchmarks/gpt2_estimate.py`) as FLOP/s. A model's own rate is used if recorded, else the
 best FLOP/s recorded on this machine divided by the model's forward FLOPs per token; with
-neither, the plan gives no minutes.
+neither, the plan gives no minutes. The FLOP route suits models big enough to be
+matmul-bound (GPT-2 small, from the GPT-2-shape benchmark: 81 % of this CPU's GEMM rate);
+a tiny model is bound by per-op overhead and runs far below it, so for one the figure is a
+lower bound until its own rate is recorded (after its first cache here).
 """
 
 from __future__ import annotations
@@ -111,14 +114,19 @@ class StoreBudget:
 
     def line(self, where: str) -> str:
         """The plan, printed before every cache run."""
-        t = f", ~{self.seconds / 60:.1f} min at {self.rate_from}" if self.seconds else ""
+        t = ""
+        if self.seconds is not None:
+            took = f"{self.seconds / 60:.1f} min" if self.seconds >= 60 else f"{self.seconds:.0f} s"
+            t = f", ~{took} of forward at {self.rate_from}"
         return (f"activations@{self.model_name}: plan {self.shape()} = {_gib(self.disk_bytes)} "
                 f"at {where} (activations {_gib(self.activation_bytes)}, metadata ≤ "
                 f"{_gib(self.metadata_bytes)}), memory peak {_gib(self.memory_bytes)}{t}")  # fmt: skip
 
 
 def _gib(n: float) -> str:
-    return f"{n / GiB:.1f} GiB" if n >= 0.1 * GiB else f"{n / 1024**2:.1f} MiB"
+    if n >= 0.1 * GiB:
+        return f"{n / GiB:.1f} GiB"
+    return f"{n / 1024**2:.1f} MiB" if n >= 0.1 * 1024**2 else f"{n / 1024:.1f} KiB"
 
 
 def _count(n: int) -> str:
