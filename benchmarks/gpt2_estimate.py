@@ -13,6 +13,19 @@ FLOPs as the real one):
 2. SAE training: one TopK SAE (768 -> 12288, k 32) on 768-wide rows — tokens/s;
 3. the float32 GEMM rate of this machine, to turn both into FLOP utilisation.
 
+Beside it, the same per-token costs (tokens/s of caching, bytes/token on disk against
+the activations stage's plan, stages/activations/budget.py) on the tiny models the tests and
+the default pipeline cache, and the GPT-2-shape rate recorded as FLOP/s in
+`.benchmarks/activation_rates.json`, which the stage's plan turns into minutes for a model
+not yet cached on this machine.
+
+Last measured (2026-12, this project's 2-core machine shared, load 4.7, 1 torch thread;
+`--windows 32 --sae-steps 3`): tests-d16 111,211 tok/s, 71.4 bytes/token on disk (planned
+100.0: metadata, counted uncompressed, dominates at d 16); toy-d128 26,423 tok/s, 519.2
+bytes/token (planned 537.0, +3.4 %); GPT-2-small shape 128 tok/s = 22 GFLOP/s (81 % of a
+27 GFLOP/s GEMM), 18,586 bytes/token; SAE TopK 768->12288 k32 1,235 tok/s. One run each,
+no interval: rates on a shared machine vary with its load; the bytes do not.
+
 Then the estimate: time = max(compute, I/O) per stage, where compute = FLOPs/token x
 tokens / (GPU dense bf16 peak x MFU) and I/O = bytes / disk bandwidth. The GPU figures
 are assumptions, printed with the result (H100 SXM: 989 TFLOP/s dense bf16); the CPU
@@ -49,9 +62,66 @@ def gemm_gflops(n: int = 2048) -> float:
 
 def forward_flops_per_token() -> float:
     """Blocks only (caching stops at n_layers: no unembedding): QKV/O + MLP matmuls and
-    attention scores/values at the mean causal context of a 128-token window."""
-    per_layer = 2 * (4 * D * D + 2 * D * D_MLP) + 2 * 2 * (SEQ / 2) * D
-    return L * per_layer
+    attention scores/values at the mean causal context of a 128-token window (the same
+    count the activations stage's plan uses: stages/activations/budget.py)."""
+    from stages.activations.budget import forward_flops_per_token as f
+
+    return f(L, D, D_MLP, SEQ)
+
+
+def measure_tiny(n_windows: int = 512) -> list[tuple[str, float, float, float]]:
+    """Per-token costs measured on the tiny models the tests and the default pipeline use:
+    the tests' 2-layer d16 model (tests/backbone/_cache_script.py) and the default toy
+    shape (2 layers, d_model 128, d_mlp 512, 4 heads, vocab 4k, seq 128), each caching 2
+    hooks. Returns (name, tok/s of cache_shards, bytes/token on disk, planned
+    bytes/token); the planned figure is the budget's (activations exact, metadata counted
+    uncompressed), so planned >= measured."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from stages.activations import (
+        CacheInputs,
+        cache_shards,
+        finish_cache,
+        prepare_cache,
+        store_budget,
+    )
+    from stages.config import StoreParams
+    from stages.tokens import Windows
+
+    out = []
+    shapes = {"tests-d16": (2, 16, 2, 32, 50, 16), "toy-d128": (2, 128, 4, 512, 4096, 128)}
+    for name, (n_l, d, h, d_mlp, vocab, seq) in shapes.items():
+        cfg = HookedTransformerConfig(n_layers=n_l, d_model=d, n_heads=h, d_head=d // h,
+                                      d_mlp=d_mlp, n_ctx=seq, d_vocab=vocab, act_fn="gelu",
+                                      seed=0)  # fmt: skip
+        model = HookedTransformer(cfg).eval()
+
+        class Tok:
+            bos_token_id = 0
+            padding_side = "right"
+
+        model.tokenizer = Tok()
+        rng = np.random.default_rng(0)
+        toks = rng.integers(1, vocab, (n_windows, seq)).astype(np.int32)
+        toks[:, 0] = 0
+        pos = np.tile(np.arange(seq, dtype=np.int32), (n_windows, 1))
+        docs = np.repeat(np.arange(n_windows), seq).reshape(n_windows, seq)
+        w = Windows(toks, docs, pos, pos + 1)
+        inputs = CacheInputs(w, Windows(toks[:0], docs[:0], pos[:0], pos[:0]), None, [], "x")
+        hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+        p = StoreParams(seq_len=seq, batch_size=64, shard_rows=8192, chunk_rows=1024)
+        with tempfile.TemporaryDirectory() as tmp:
+            plan = prepare_cache(model, name, hooks, inputs, p, Path(tmp) / "store")
+            t0 = time.perf_counter()
+            cache_shards(model, plan, plan.todo(), progress=False)
+            dt = time.perf_counter() - t0
+            finish_cache(plan)
+            on_disk = sum(f.stat().st_size for f in (Path(tmp) / "store").rglob("*")
+                          if f.is_file())  # fmt: skip
+        rows = n_windows * (seq - 1)
+        planned = store_budget(model, name, hooks, inputs, p).disk_bytes
+        out.append((name, rows / dt, on_disk / rows, planned / rows))
+    return out
 
 
 def sae_flops_per_token() -> float:
@@ -147,8 +217,14 @@ def main() -> None:
     gemm = gemm_gflops()
     f_fwd, f_sae = forward_flops_per_token(), sae_flops_per_token()
     tps_cache, bytes_tok = measure_caching(a.windows)
+    from stages.activations import record_rate
+
+    record_rate("gpt2-shape (benchmark)", tps_cache, f_fwd)
     tps_sae = measure_sae(a.sae_steps, 2048)
     print(f"float32 GEMM: {gemm:.0f} GFLOP/s")
+    for name, tps, b_tok, planned in measure_tiny():
+        print(f"caching, {name}, 2 hooks: {tps:,.0f} tok/s on this CPU; {b_tok:,.1f} "
+              f"bytes/token on disk, planned {planned:,.1f} (the plan's bound)")  # fmt: skip
     print(f"caching, GPT-2-small shape, 12 hooks: {tps_cache:,.0f} tok/s on this CPU = "
           f"{tps_cache * f_fwd / 1e9:.0f} GFLOP/s ({tps_cache * f_fwd / 1e9 / gemm:.0%} of GEMM);"
           f" {bytes_tok:,.0f} bytes/token on disk")  # fmt: skip

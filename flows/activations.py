@@ -4,7 +4,9 @@
 
 Runs the model over the whole corpus (training split, then held-out) in batches through
 TransformerLens hooks and writes `data/activations/<model>/`; see stages/activations.py
-for the layout. Interrupted and re-run, it resumes from the last complete shard. With
+for the layout. Before any forward it prints the plan (rows, GiB, memory, minutes at the
+last rate measured here) and refuses a store this disk or memory cannot hold
+(stages/activations/budget.py). Interrupted and re-run, it resumes from the last complete shard. With
 `activations.store.url` set, the store is written to object storage and
 `data/activations/<model>/` holds only a pointer to it (`remote.json`).
 """
@@ -56,12 +58,12 @@ def cache(model, name, hooks, inputs, store_params, model_hash, dev):
 
 
 @task(cache_policy=NO_CACHE)
-def prepare(model, name, hooks, inputs, store_params, model_hash, precision):
+def prepare(model, name, hooks, inputs, store_params, model_hash, precision, cuda):
     from stages.activations import prepare_cache
 
     return prepare_cache(model, name, hooks, inputs, store_params,
                          LAYOUT.activations(name), model_hash=model_hash,
-                         precision=precision)  # fmt: skip
+                         precision=precision, cuda=cuda)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=2)
@@ -86,7 +88,8 @@ def cache_on_dask(model, name, hooks, inputs, sp, model_hash, n_parts: int, dev)
     """Shard runs (document ranges) on the Dask workers; each writes its own shard files."""
     from stages.activations import finish_cache, shard_runs, summarize_cache
 
-    plan = prepare(quote(model), name, hooks, quote(inputs), sp, model_hash, dev.precision)
+    plan = prepare(quote(model), name, hooks, quote(inputs), sp, model_hash, dev.precision,
+                   dev.is_cuda)  # fmt: skip
     todo = plan.todo()
     runs = shard_runs(todo, n_parts)
     print(f"activations@{name}: {len(todo)} shards in {len(runs)} runs on Dask workers")
@@ -140,7 +143,12 @@ def activations_flow(name: str) -> dict:
         else:
             res = cache(quote(model), name, hooks, quote(inputs), sp, content_hash(model_dir),
                         dev)  # fmt: skip
-        from stages.activations import count_files
+        from stages.activations import count_files, forward_flops_per_token, record_rate
+
+        if res["rows_computed"]:  # the next plan's minutes (machine-local, not an output)
+            c = model.cfg
+            record_rate(name, res["tokens_per_s_forward"],
+                        forward_flops_per_token(c.n_layers, c.d_model, c.d_mlp or 0, sp.seq_len))  # fmt: skip
 
         out = LAYOUT.activations(name)
         summary = {"n_rows": res["n_rows"], "heldout_rows": res["n_rows"] - res["heldout_start"],

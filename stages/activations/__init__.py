@@ -43,6 +43,7 @@ an old store is never overwritten or deleted. The remote bytes equal a local sto
 
 Modules: `reader` (`ActivationStore`, `ActivationSource`, `read_rows`), `writer` (the
 resumable cache: `prepare_cache`, `cache_shards`, `finish_cache`, `cache_activations`),
+`budget` (disk, memory and time a store needs, checked before caching),
 `storage` (local or object storage: URL check, manifests, pointers), `labels`
 (`token_concept_labels`), `hooks` (`check_hooks`, `stop_layer` on a loaded model),
 `hook_names` (which hook names can be cached, their layer and width, no model needed)
@@ -58,6 +59,9 @@ from stages.lazy import lazy_exports
 # (PEP 562), so that a reader of stores (alignment, steering) does not run, and make a
 # DVC stage depend on, the writer.
 _EXPORTS = {
+    "budget": (
+        "BudgetError StoreBudget check_budget forward_flops_per_token plan_store record_rate"
+    ),
     "config": "ActivationParams StoreParams",
     "hook_names": "check_hook_name hook_layer hook_width",
     "hooks": "check_hooks stop_layer",
@@ -69,7 +73,7 @@ _EXPORTS = {
     ),
     "writer": (
         "CacheInputs CachePlan cache_activations cache_inputs cache_shards finish_cache "
-        "prepare_cache shard_runs summarize_cache"
+        "prepare_cache shard_runs store_budget summarize_cache"
     ),
 }
 __getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from upath import UPath
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from stages.activations.budget import StoreBudget, check_budget, plan_store
 from stages.activations.config import StoreParams
 from stages.activations.hook_names import hook_width
 from stages.activations.hooks import stop_layer
@@ -92,6 +93,20 @@ def _rows(w: Windows) -> dict[str, np.ndarray]:
         "char_start": w.char_start[:, 1:].reshape(-1),
         "char_end": w.char_end[:, 1:].reshape(-1),
     }
+
+
+def store_budget(model: HookedTransformer, model_name: str, hooks: list[str],
+                 inputs: CacheInputs, params: StoreParams) -> StoreBudget:  # fmt: skip
+    """The disk and memory `prepare_cache` + `cache_shards` will need for this store
+    (`stages/activations/budget.py`), from the arrays `prepare_cache` creates."""
+    widths = {h: hook_width(h, model.cfg.d_model, model.cfg.d_mlp) for h in hooks}
+    span = inputs.train.char_start.dtype.itemsize  # `_rows`, then the split
+    meta = {"token_ids": 4, "doc_ids": 4, "positions": 2, "char_start": span, "char_end": span,
+            "split": 1}  # fmt: skip
+    labelled = inputs.labels is not None and bool(inputs.concept_names)
+    attrs = len(json.dumps([hooks, inputs.concept_names, _what_is_stored(params)]))
+    return plan_store(model, model_name, widths, inputs, params, meta,
+                      len(inputs.concept_names) if labelled else 0, attrs)  # fmt: skip
 
 
 def _what_is_stored(params: StoreParams) -> dict:
@@ -221,12 +236,16 @@ def prepare_cache(
     model_hash: str = "",
     extra_attrs: dict | None = None,
     precision: str = "fp32",
+    cuda: bool = False,
 ) -> CachePlan:
     """Create (or find, to resume) `<out>.partial/` with every array and row metadata
     written; activations are then filled shard by shard by `cache_shards`.
 
-    With `params.url` the store goes to `<url>/<model_name>/<fingerprint[:16]>/` instead
-    (checked writable first); a complete store found there is used as it is."""
+    First the budget (`stages/activations/budget.py`): the disk and memory the store
+    needs, refused with the numbers (BudgetError) when this machine has less, and the
+    plan printed. With `params.url` the store goes to
+    `<url>/<model_name>/<fingerprint[:16]>/` instead (checked writable first); a complete
+    store found there is used as it is."""
     out = Path(out)
     dtype = np.dtype(params.dtype)
     seq_len = inputs.train.tokens.shape[1]
@@ -248,6 +267,8 @@ def prepare_cache(
         partial = UPath(params.url) / model_name / fp[:16]
     else:
         partial = out.with_name(out.name + ".partial")
+    budget = store_budget(model, model_name, hooks, inputs, params)
+    print(check_budget(budget, out, None if params.url else partial, params.url, cuda))
     plan = CachePlan(partial, out, list(hooks), params.dtype,
                      np.concatenate([inputs.train.tokens, inputs.heldout.tokens]), n_rows,
                      n_train_rows, params.shard_rows, params.batch_size, fp, model_name,
@@ -476,7 +497,7 @@ def cache_activations(
     throughput, seconds in forward vs waiting on writes).
     """
     plan = prepare_cache(model, model_name, hooks, inputs, params, out, model_hash, extra_attrs,
-                         device.precision)  # fmt: skip
+                         device.precision, device.is_cuda)  # fmt: skip
     todo = plan.todo()
     stats = [cache_shards(model, plan, run, device=device) for run in shard_runs(todo, 1)]
     finish_cache(plan)
