@@ -148,6 +148,8 @@ def test_ground_truth_finds_the_planted_latent():
     assert gt["concepts"]["planted"] == {
         "best_latent": 3,
         "f1": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
         "auroc": 1.0,
         "n_positive": int(labels[:, 0].sum()),
     }
