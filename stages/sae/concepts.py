@@ -203,7 +203,9 @@ def mean_diff_ranking(acts: Tensor, y: Tensor, k: int, rows: Tensor | None = Non
     pos_sum = (yk.float().T @ a).double()  # [C, d_sae]
     all_sum = (keep.float() @ a).double()[None]
     n_pos = yk.sum(0).double()[:, None]
-    diff = pos_sum / n_pos.clamp_min(1) - (all_sum - pos_sum) / (int(keep.sum()) - n_pos).clamp_min(1)
+    diff = pos_sum / n_pos.clamp_min(1) - (all_sum - pos_sum) / (int(keep.sum()) - n_pos).clamp_min(
+        1
+    )
     return diff.topk(min(k, acts.shape[1]), dim=1).indices
 
 

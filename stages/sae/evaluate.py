@@ -427,14 +427,26 @@ def evaluate_sae(
         rank = max(1, round(float(metrics.get("l0", 1.0))))
         baseline = pca_baseline(eval_source, rank, max_rows or 65536)
         metrics["downstream"] = evaluate_downstream(
-            model, sae, hook_name, tokens, seed=seed, device=device, baseline=baseline,
-            random_draws=random_draws, token_counts=token_counts,
+            model,
+            sae,
+            hook_name,
+            tokens,
+            seed=seed,
+            device=device,
+            baseline=baseline,
+            random_draws=random_draws,
+            token_counts=token_counts,
         )
     if labels is not None:
         if concept_names is None:
             raise ValueError("evaluate_sae: labels given without concept_names")
         metrics["ground_truth"] = evaluate_ground_truth(
-            sae, eval_source, labels, concept_names, context=context, batch_size=batch_size,
+            sae,
+            eval_source,
+            labels,
+            concept_names,
+            context=context,
+            batch_size=batch_size,
             device=device,
         )
     return EvalResult(metrics, log_density)
