@@ -118,6 +118,7 @@ def evaluate(result, store, model, hook: str, eval_params, dev):
         tokens=store.windows("heldout", eval_params.ce_windows),
         labels=labels, concept_names=store.concept_names or None, context=context,
         token_counts=_token_counts(store), random_draws=eval_params.random_draws,
+        random_windows=eval_params.random_windows,
         max_rows=n, device=dev,
     )  # fmt: skip
 

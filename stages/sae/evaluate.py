@@ -28,7 +28,6 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,36 +81,43 @@ def evaluate_reconstruction(
     return out, M.log10_density(dens)
 
 
-def _splice_fn(kind: str, sae: BaseSAE, gen: torch.Generator | None = None,
-               baseline: tuple[Tensor, Tensor] | None = None):  # fmt: skip
-    def hook(act: Tensor, hook: Any) -> Tensor:
-        x = act[:, 1:]
-        shape = x.shape
-        flat = x.reshape(-1, sae.d_in) if x.ndim > 3 else x.reshape(-1, shape[-1])
-        _check_width(sae, flat.shape[-1], f"hook '{hook.name}'")
-        if kind == "zero":
-            new = torch.zeros_like(flat)
-        elif kind in ("mean", "pca"):
-            assert baseline is not None
-            mu, basis = (t.to(flat.device, flat.dtype) for t in baseline)
-            new = mu.expand_as(flat) if kind == "mean" else (flat - mu) @ basis.T @ basis + mu
-        else:
-            x_hat = sae.decode(sae.encode(flat.float())).to(flat.dtype)
-            if kind == "sae":
-                new = x_hat
-            elif kind == "rescaled":  # x̂ with the norm of x (Gurnee's norm control)
-                new = x_hat * (flat.norm(dim=-1, keepdim=True)
-                               / x_hat.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # fmt: skip
-            else:  # random direction, same per-token norm as the SAE error
-                err_norm = (x_hat - flat).norm(dim=-1, keepdim=True)
-                u = torch.randn(flat.shape, generator=gen, dtype=torch.float32)  # CPU stream
-                u = u.to(flat.device, flat.dtype)
-                new = flat + u / u.norm(dim=-1, keepdim=True) * err_norm
-        act = act.clone()
-        act[:, 1:] = new.reshape(shape)
-        return act
+def _flat(sae: BaseSAE, act: Tensor, where: str) -> Tensor:
+    """The spliced positions (all but BOS) of a hook activation as rows [n, d_in]."""
+    x = act[:, 1:]
+    flat = x.reshape(-1, sae.d_in) if x.ndim > 3 else x.reshape(-1, x.shape[-1])
+    _check_width(sae, flat.shape[-1], where)
+    return flat
 
-    return hook
+
+def _replace(kind: str, act: Tensor, x_hat: Tensor | None, sae: BaseSAE,
+             gen: torch.Generator | None, baseline: tuple[Tensor, Tensor] | None,
+             where: str) -> Tensor:  # fmt: skip
+    """`act` with its non-BOS positions replaced by `kind`'s reconstruction; `x_hat`: the
+    SAE's reconstruction of those rows when already computed (it is the same for the SAE,
+    its rescaled version and every random draw)."""
+    flat = _flat(sae, act, where)
+    if kind == "zero":
+        new = torch.zeros_like(flat)
+    elif kind in ("mean", "pca"):
+        assert baseline is not None
+        mu, basis = (t.to(flat.device, flat.dtype) for t in baseline)
+        new = mu.expand_as(flat) if kind == "mean" else (flat - mu) @ basis.T @ basis + mu
+    else:
+        if x_hat is None:
+            x_hat = sae.decode(sae.encode(flat.float())).to(flat.dtype)
+        if kind == "sae":
+            new = x_hat
+        elif kind == "rescaled":  # x̂ with the norm of x (Gurnee's norm control)
+            new = x_hat * (flat.norm(dim=-1, keepdim=True)
+                           / x_hat.norm(dim=-1, keepdim=True).clamp_min(1e-12))  # fmt: skip
+        else:  # random direction, same per-token norm as the SAE error
+            err_norm = (x_hat - flat).norm(dim=-1, keepdim=True)
+            u = torch.randn(flat.shape, generator=gen, dtype=torch.float32)  # CPU stream
+            u = u.to(flat.device, flat.dtype)
+            new = flat + u / u.norm(dim=-1, keepdim=True) * err_norm
+    act = act.clone()
+    act[:, 1:] = new.reshape(act[:, 1:].shape)
+    return act
 
 
 @torch.no_grad()
@@ -126,17 +132,18 @@ def evaluate_downstream(
     device: Device = CPU,
     baseline: tuple[Tensor, Tensor] | None = None,
     random_draws: int = 16,
+    random_windows: int | None = 16,
     token_counts: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """CE loss recovered, KL(clean ‖ SAE) and Gurnee's random-perturbation null over
-    `random_draws` draws; with `baseline` = (mean [d], orthonormal principal directions
+    `random_draws` draws on the first `random_windows` windows (None: all); with `baseline` = (mean [d], orthonormal principal directions
     [r, d]) of the hook's activations, also mean-ablation and the rank-r PCA
     reconstruction (`pca_baseline`). `token_counts` [vocab]: training unigram counts, for
     the KL gap by token frequency and the unigram entropy (saturation flag of CE
     recovered); without them the eval tokens' own counts are used."""
     with on_device(model, device), on_device(sae, device):
         return _downstream(model, sae, hook_name, tokens.to(device.torch), batch_size, seed,
-                           baseline, random_draws, token_counts)  # fmt: skip
+                           baseline, random_draws, token_counts, random_windows)  # fmt: skip
 
 
 def pca_baseline(source: SourceLike, rank: int, max_rows: int = 65536) -> tuple[Tensor, Tensor]:
@@ -159,8 +166,8 @@ def _tail_layer(model: HookedTransformer, hook_name: str) -> int | None:
 
 def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: Tensor,
                 batch_size: int, seed: int, baseline: tuple[Tensor, Tensor] | None = None,
-                random_draws: int = 16,
-                token_counts: np.ndarray | None = None) -> dict[str, Any]:  # fmt: skip
+                random_draws: int = 16, token_counts: np.ndarray | None = None,
+                random_windows: int | None = None) -> dict[str, Any]:  # fmt: skip
     if tokens.ndim != 2 or tokens.shape[1] < 3:
         raise ValueError(f"tokens: expected LongTensor [n, seq ≥ 3], got {tuple(tokens.shape)}")
     if hook_name not in model.hook_dict:
@@ -172,7 +179,7 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
     sae.eval()
     gen = torch.Generator().manual_seed(seed)
     kinds = ["sae", "zero", "rescaled"] + (["mean", "pca"] if baseline is not None else [])
-    kinds += ["random"] * random_draws
+    n_rand = tokens.shape[0] if random_windows is None else min(random_windows, tokens.shape[0])
     tail = _tail_layer(model, hook_name)
     per: dict[str, list[Tensor]] = {}  # per-prediction values [n_windows, seq - 2]
     draw_kl = torch.zeros(random_draws, dtype=torch.float64)
@@ -183,46 +190,54 @@ def _downstream(model: HookedTransformer, sae: BaseSAE, hook_name: str, tokens: 
     for s in range(0, tokens.shape[0], batch_size):
         tok = tokens[s : s + batch_size]
         target = tok[:, 2:]
-        if tail is None:
-            clean = model(tok, return_type="logits")[:, 1:-1]
-        else:
-            _, cache = model.run_with_cache(tok, names_filter=[hook_name], stop_at_layer=tail)
-            resid = cache[hook_name]
-            clean = model(resid, start_at_layer=tail, return_type="logits")[:, 1:-1]
+        logits, cache = model.run_with_cache(tok, names_filter=[hook_name], stop_at_layer=tail)
+        act = cache[hook_name]
+        clean = (logits if tail is None else model(act, start_at_layer=tail))[:, 1:-1]
         lp_clean = torch.log_softmax(clean.double(), dim=-1)
+        p_clean = lp_clean.exp()
+        lp_clean32, p_clean32 = lp_clean.float(), p_clean.float()
         ce_clean = -lp_clean.gather(-1, target[..., None]).squeeze(-1)
         put("ce_clean", ce_clean)
         put("token", tok[:, 1:-1])
+        where = f"hook '{hook_name}'"
+        flat = _flat(sae, act, where)
+        x_hat = sae.decode(sae.encode(flat.float())).to(flat.dtype)  # once for every kind
         kl_rand = torch.zeros_like(ce_clean)
         d = 0
-        for kind in kinds:
-            splice = _splice_fn(kind, sae, gen, baseline)
+        draws = max(0, min(len(tok), n_rand - s))  # the windows of this batch with the null
+        for kind in kinds + ["random"] * (random_draws if draws else 0):
+            new = _replace(kind, act, x_hat, sae, gen, baseline, where)
             if tail is None:
                 logits = model.run_with_hooks(tok, return_type="logits",
-                                              fwd_hooks=[(hook_name, splice)])[:, 1:-1]  # fmt: skip
+                                              fwd_hooks=[(hook_name, lambda a, hook, new=new: new)])  # fmt: skip
             else:
-                new = splice(resid, SimpleNamespace(name=hook_name))
-                logits = model(new, start_at_layer=tail, return_type="logits")[:, 1:-1]
-            lp = torch.log_softmax(logits.double(), dim=-1)
-            kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
-            if kind == "random":
-                kl_rand += kl / random_draws
+                logits = model(new, start_at_layer=tail, return_type="logits")
+            if kind == "random":  # the null's draws in float32: their spread is far larger
+                lp = torch.log_softmax(logits[:draws, 1:-1].float(), dim=-1)
+                kl = (p_clean32[:draws] * (lp_clean32[:draws] - lp)).sum(-1).double()
+                kl_rand[:draws] += kl / random_draws
                 draw_kl[d] += float(kl.sum())
                 d += 1
                 continue
+            lp = torch.log_softmax(logits[:, 1:-1].double(), dim=-1)
+            kl = (p_clean * (lp_clean - lp)).sum(-1)
             put(f"kl_{kind}", kl)
             put(f"ce_{kind}", -lp.gather(-1, target[..., None]).squeeze(-1))
-        put("kl_random", kl_rand)
+        if draws:
+            put("kl_random", kl_rand[:draws])
     v = {k: torch.cat(t) for k, t in per.items()}  # [n_windows, seq - 2] each
     n = v["ce_clean"].numel()
     out: dict[str, Any] = {k: float(t.mean()) for k, t in v.items()
                            if k.startswith(("ce_", "kl_"))}  # fmt: skip
     out["ce_loss_recovered"] = M.ce_loss_recovered(out["ce_clean"], out["ce_sae"], out["ce_zero"])
+    # the null is drawn on the first windows only: compare on those (paired)
+    kl_sae_paired = float(v["kl_sae"][: len(v["kl_random"])].mean())
+    out["kl_sae_paired"] = kl_sae_paired
     out["random_to_sae_kl_ratio"] = (
-        out["kl_random"] / out["kl_sae"] if out["kl_sae"] > 0 else math.nan
+        out["kl_random"] / kl_sae_paired if kl_sae_paired > 0 else math.nan
     )
     out["ce_delta_sae"] = out["ce_sae"] - out["ce_clean"]
-    out.update(_gurnee(v, draw_kl / n, token_counts, seed))
+    out.update(_gurnee(v, draw_kl / v["kl_random"].numel(), token_counts, seed))
     if baseline is not None:
         out["pca_rank"] = int(baseline[1].shape[0])
         out["ce_delta_pca"] = out["ce_pca"] - out["ce_clean"]
@@ -255,8 +270,10 @@ def _gurnee(v: dict[str, Tensor], draw_kl: Tensor, token_counts: np.ndarray | No
         "kl_random_max_draw": float(draw_kl.max()),
     }
     win = {k: t.mean(1) for k, t in v.items() if k != "token"}  # per-window means
+    n_win, n_rand = len(win["kl_sae"]), len(win["kl_random"])
     g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, len(win["kl_sae"]), (n_boot, len(win["kl_sae"])), generator=g)
+    idx = torch.randint(0, n_win, (n_boot, n_win), generator=g)
+    idx_r = torch.randint(0, n_rand, (n_boot, n_rand), generator=g)
     q = torch.tensor([0.025, 0.975], dtype=torch.float64)
 
     def interval(stat: Tensor) -> tuple[float, float]:
@@ -266,11 +283,14 @@ def _gurnee(v: dict[str, Tensor], draw_kl: Tensor, token_counts: np.ndarray | No
         lo, hi = torch.quantile(stat, q)
         return float(lo), float(hi)
 
-    m = {k: t[idx].mean(1) for k, t in win.items()}  # [n_boot] each
-    kl_r = float(win["kl_random"].mean())
-    out["sae_to_random_kl_ratio"] = float(win["kl_sae"].mean()) / kl_r if kl_r > 0 else math.nan
+    m = {k: t[idx].mean(1) for k, t in win.items() if k != "kl_random"}  # [n_boot] each
+    kl_s, kl_r = win["kl_sae"][:n_rand], win["kl_random"]  # paired: the null's windows
+    out["random_windows"] = n_rand
+    out["sae_to_random_kl_ratio"] = (
+        float(kl_s.mean() / kl_r.mean()) if float(kl_r.mean()) > 0 else math.nan
+    )
     out["sae_to_random_kl_ratio_lo"], out["sae_to_random_kl_ratio_hi"] = interval(
-        m["kl_sae"] / m["kl_random"]
+        kl_s[idx_r].mean(1) / kl_r[idx_r].mean(1)
     )
     out["kl_sae_lo"], out["kl_sae_hi"] = interval(m["kl_sae"])
     out["ce_delta_sae_lo"], out["ce_delta_sae_hi"] = interval(m["ce_sae"] - m["ce_clean"])
@@ -279,15 +299,15 @@ def _gurnee(v: dict[str, Tensor], draw_kl: Tensor, token_counts: np.ndarray | No
     out["kl_sae_rescaled"] = kl_resc
     out["rescaled_to_sae_kl_ratio"] = kl_resc / kl_sae if kl_sae > 0 else math.nan
     # frequency of the current token (the position whose residual was replaced last)
-    tok = v["token"].long().flatten()
+    tok = v["token"][:n_rand].long().flatten()
     counts = (torch.as_tensor(np.asarray(token_counts), dtype=torch.float64)
               if token_counts is not None else torch.bincount(tok).double())  # fmt: skip
     if token_counts is not None and len(counts) > 0:
         p = counts / counts.sum()
         out["unigram_entropy"] = float(-(p[p > 0] * p[p > 0].log()).sum())
         out["ce_loss_recovered_saturated"] = float(v["ce_zero"].mean()) > out["unigram_entropy"]
-    freq = counts[tok.clamp_max(len(counts) - 1)]
-    ks, kr = v["kl_sae"].flatten(), v["kl_random"].flatten()
+    freq = counts[tok.clamp_max(len(counts) - 1)]  # over the null's windows
+    ks, kr = v["kl_sae"][:n_rand].flatten(), v["kl_random"].flatten()
     order = torch.argsort(freq, stable=True)
     bins = []
     for chunk in torch.tensor_split(order, n_bins):
@@ -402,6 +422,7 @@ def evaluate_sae(
     context: ConceptContext | None = None,
     token_counts: np.ndarray | None = None,
     random_draws: int = 16,
+    random_windows: int | None = 16,
     batch_size: int = 4096,
     max_rows: int | None = None,
     seed: int = 0,
@@ -409,7 +430,8 @@ def evaluate_sae(
 ) -> EvalResult:
     """Everything that applies: reconstruction always; downstream when model, hook_name
     and tokens are given (`token_counts`: training unigram counts for the KL-gap-vs-
-    frequency table and the saturation flag; `random_draws` for Gurnee's null); ground
+    frequency table and the saturation flag; `random_draws` on `random_windows` windows for
+    Gurnee's null); ground
     truth when labels and concept_names are given (with `context`, the SAEBench-style
     scores too).
 
@@ -435,6 +457,7 @@ def evaluate_sae(
             device=device,
             baseline=baseline,
             random_draws=random_draws,
+            random_windows=random_windows,
             token_counts=token_counts,
         )
     if labels is not None:

@@ -272,6 +272,10 @@ def test_random_null_over_draws_has_spread_and_a_paired_interval(model, model_to
     assert all(b["count_lo"] <= b["count_hi"] for b in bins)
     assert [b["count_hi"] for b in bins] == sorted(b["count_hi"] for b in bins)
     assert -1 <= out["kl_gap_freq_spearman"] <= 1
+    few = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_windows=2)
+    assert few["random_windows"] == 2 and few["kl_sae"] == pytest.approx(out["kl_sae"])
+    assert few["random_to_sae_kl_ratio"] == pytest.approx(few["kl_random"] / few["kl_sae_paired"])
+    assert sum(b["n"] for b in few["kl_gap_by_token_frequency"]) == 2 * (model_tokens.shape[1] - 2)
     with pytest.raises(ValueError, match="random_draws = 0"):
         evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_draws=0)
 
