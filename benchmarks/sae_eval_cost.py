@@ -3,7 +3,7 @@ Gurnee's follow-ups add, at the default run's shapes.
 
 The default toy model's architecture (4 layers, d_model 64, vocab 1024, rotary; untrained
 weights: the cost does not depend on them), 64 evaluation windows of 128 tokens, ~35 k
-held-out rows of the model's own activations with 44 synthetic concepts at the world's
+held-out rows of the model's own activations at blocks.0-3 with 44 synthetic concepts at the world's
 prevalences (0.3-20 %), documents of ~64 rows, and d_sae 1024 SAEs (TopK k 16 and a ReLU
 at L0 ≈ 120, the default run's densest). Each SAE is evaluated as `flows/saes.py` does,
 (a) as before this change (`--repo /path/to/main`: that checkout's code), (b) "legacy":
@@ -73,7 +73,7 @@ def main() -> None:
     n_win = -(-a.rows // 127)
     toks = torch.from_numpy(rng.integers(1, 1024, (n_win, 128)))
     toks[:, 0] = 0
-    hooks = ["blocks.3.hook_resid_post", "blocks.0.hook_resid_post"]
+    hooks = [f"blocks.{i}.hook_resid_post" for i in (3, 0, 1, 2)]
     with torch.no_grad():
         _, cache = model.run_with_cache(toks, names_filter=hooks)
     prevalence = np.geomspace(0.003, 0.2, 44)
@@ -91,7 +91,8 @@ def main() -> None:
         rows = (
             rows + torch.from_numpy(labels[:, :32].astype(np.float32)) @ torch.randn(32, 64) * 0.3
         )
-        for kind in ("topk", "relu"):
+        # the default sweep: 7 SAEs on blocks.3 (densest: L0 ~120), one TopK on the others
+        for kind in ("topk", "relu") if hook.startswith("blocks.3") else ("topk",):
             s = sae(kind, rows)
             for mode in ("legacy", "full") if ConceptContext else ("before",):
                 ctx = None
