@@ -306,7 +306,8 @@ class ConceptContext:
 
     def baselines_for(self, x: Tensor, labels: np.ndarray, names: list[str]) -> ConceptBaselines:
         if self.baselines is None or len(self.baselines.train) != len(x):
-            self.baselines = concept_baselines(x, labels, names, self.groups, self.token_ids,
+            tok = None if self.token_ids is None else self.token_ids[: len(x)]
+            self.baselines = concept_baselines(x, labels, names, self.groups[: len(x)], tok,
                                                self.hierarchy, seed=self.seed)  # fmt: skip
         return self.baselines
 

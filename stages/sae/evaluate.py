@@ -45,6 +45,12 @@ if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
 
 
+# k-sparse probing holds the held-out rows' codes in memory: at most this many numbers
+# (512 MB in float32; the default run's 35 k rows x 1024 latents are 36 M). A wider SAE is
+# probed on the first MAX_CODE_ELEMENTS // d_sae rows.
+MAX_CODE_ELEMENTS = 2**27
+
+
 @dataclass
 class EvalResult:
     metrics: dict[str, Any]  # JSON-serialisable, written as metrics.json
@@ -372,18 +378,34 @@ def evaluate_ground_truth(
     _check_width(sae, source.d_in, f"activation array '{source_name(source)}'")
     sae.eval()
     dev = device.torch
+    n = source.n_rows
+    # the SAEBench-style scores need the codes in memory: of at most MAX_CODE_ELEMENTS
+    keep = min(n, MAX_CODE_ELEMENTS // sae.d_sae) if context is not None else 0
     xs, fs = [], []
-    with on_device(sae, device):  # one pass; the codes of the held-out rows stay in memory
+    tp = torch.zeros(lab.shape[1], sae.d_sae, dtype=torch.float64)
+    fires = torch.zeros(sae.d_sae, dtype=torch.float64)
+    with on_device(sae, device):
+        row = 0
         for x in iter_rows(source, batch_size):
-            xs.append(x.float())
-            fs.append(sae.encode(x.to(dev)).float().cpu())
-    x_all, acts = torch.cat(xs), torch.cat(fs)
-    fired = (acts > 0).float()
-    tp = (lab.float().T @ fired).double()  # [c, d_sae]
-    fires = fired.sum(0).double()
-    pos = lab.sum(0).double()
-    f1 = M.binary_f1_counts(tp, fires[None, :] - tp, pos[:, None] - tp)
-    best_f1, best = f1.max(dim=1)
+            f = sae.encode(x.to(dev)).float().cpu()
+            fired = (f > 0).float()
+            tp += (lab[row : row + len(x)].float().T @ fired).double()
+            fires += fired.sum(0).double()
+            if row < keep:
+                xs.append(x[: keep - row].float())
+                fs.append(f[: keep - row])
+            row += len(x)
+        pos = lab.sum(0).double()
+        f1 = M.binary_f1_counts(tp, fires[None, :] - tp, pos[:, None] - tp)
+        best_f1, best = f1.max(dim=1)
+        if keep == n:
+            scores = torch.cat(fs)[:, best].double()
+        else:  # second pass: the activations of each concept's best latent, for AUROC
+            scores = torch.empty(n, lab.shape[1], dtype=torch.float64)
+            row = 0
+            for x in iter_rows(source, batch_size):
+                scores[row : row + len(x)] = sae.encode(x.to(dev))[:, best.to(dev)].double().cpu()
+                row += len(x)
     concepts = {}
     for j, name in enumerate(concept_names):
         t, fl = float(tp[j, best[j]]), float(fires[best[j]])
@@ -392,7 +414,7 @@ def evaluate_ground_truth(
             "f1": float(best_f1[j]),
             "precision": t / fl if fl > 0 else 0.0,
             "recall": t / float(pos[j]) if pos[j] > 0 else 0.0,
-            "auroc": M.auroc(acts[:, best[j]].double(), lab[:, j]),
+            "auroc": M.auroc(scores[:, j], lab[:, j]),
             "n_positive": int(pos[j]),
         }
     with_pos = [v["f1"] for v in concepts.values() if v["n_positive"] > 0]
@@ -400,8 +422,9 @@ def evaluate_ground_truth(
         "concepts": concepts,
         "mean_best_f1": float(np.mean(with_pos)) if with_pos else math.nan,
     }
-    if context is not None:
-        base = context.baselines_for(x_all, lab.numpy(), list(concept_names))
+    if context is not None and keep > 0:
+        x_all, acts = torch.cat(xs), torch.cat(fs)
+        base = context.baselines_for(x_all, lab[:keep].numpy(), list(concept_names))
         if base.names:
             probes = C.ksparse_probing(acts, base)
             w_dec, b_dec = sae.W_dec.detach().float().cpu(), sae.b_dec.detach().float().cpu()

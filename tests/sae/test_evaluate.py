@@ -305,3 +305,29 @@ def test_spearman_closed_forms():
     assert _spearman(a, a**3) == pytest.approx(1.0)
     assert _spearman(a, -a) == pytest.approx(-1.0)
     assert _spearman(torch.tensor([1.0, 1, 2, 2]), torch.tensor([1.0, 1, 2, 2])) == pytest.approx(1)
+
+
+def test_wide_saes_are_probed_on_the_first_rows_only(monkeypatch):
+    """The codes held for k-sparse probing are capped (MAX_CODE_ELEMENTS); the best-latent
+    table still reads every row, in a second pass, and is unchanged."""
+    from stages.sae import evaluate as ev
+    from stages.sae.concepts import ConceptContext
+
+    rng = np.random.default_rng(0)
+    n = 800
+    labels = rng.random((n, 2)) < 0.3
+    x = rng.standard_normal((n, D)).astype(np.float32) * 0.1
+    x[:, 3] = np.where(labels[:, 0], 2.0 + rng.random(n), -1.0)
+    groups = np.arange(n) // 8
+
+    def run():
+        ctx = ConceptContext(groups, rng.integers(0, 9, n))
+        return evaluate_ground_truth(identity_sae(), x, labels, ["a", "b"], context=ctx,
+                                     batch_size=64)  # fmt: skip
+
+    full = run()
+    monkeypatch.setattr(ev, "MAX_CODE_ELEMENTS", 400 * 2 * D)
+    capped = run()
+    assert capped["concepts"] == full["concepts"]
+    assert full["sparse_probing"]["n_rows"] == n and capped["sparse_probing"]["n_rows"] == 400
+    assert capped["sparse_probing"]["concepts"]["a"]["k1"]["f1"] == 1.0
