@@ -39,6 +39,22 @@ DOWNSTREAM = (
     "ce_loss_recovered_mean_ablation",
     "ce_delta_pca",
     "kl_sae_over_pca",
+    # Gurnee (2024): the random null over draws, the SAE / random ratio with its interval
+    "kl_random",
+    "kl_random_sd_draws",
+    "sae_to_random_kl_ratio",
+    "sae_to_random_kl_ratio_lo",
+    "sae_to_random_kl_ratio_hi",
+    "sae_to_random_kl_ratio_rare",
+    "sae_to_random_kl_ratio_common",
+    "kl_gap_freq_spearman",
+    "kl_sae_rescaled",
+    "ce_delta_sae_rescaled",
+    "kl_sae_lo",
+    "kl_sae_hi",
+    "ce_delta_sae_lo",
+    "ce_delta_sae_hi",
+    "ce_loss_recovered_saturated",
 )
 
 
@@ -52,7 +68,29 @@ def _flat_metrics(m: dict) -> dict[str, float]:
     gt = m.get("ground_truth") or {}
     if isinstance(gt.get("mean_best_f1"), int | float):
         out["mean_best_f1"] = gt["mean_best_f1"]
+    out.update(_flat_ground_truth(gt.get("sparse_probing") or {}))
     return {k: round_metric(v) for k, v in out.items()}
+
+
+def _flat_ground_truth(sp: dict) -> dict[str, float]:
+    """k-sparse probing (mean F1 over concepts with its interval, and over the contextual
+    ones) beside the dense probe and the lexical lookup; absorption per parent."""
+    out: dict[str, float] = {}
+    for tag, v in (sp.get("summary") or {}).items():
+        if isinstance(v, dict):
+            out[f"probe_{tag}"] = v["mean"]
+            out[f"probe_{tag}_lo"], out[f"probe_{tag}_hi"] = v["lo"], v["hi"]
+        else:
+            out[f"probe_{tag}"] = v
+    rates = []
+    for parent, a in (sp.get("absorption") or {}).items():
+        if isinstance(a.get("rate"), int | float) and a.get("n_tokens", 0) > 0:
+            out[f"absorption_{parent}"] = a["rate"]
+            out[f"absorption_{parent}_random"] = a["random_direction_rate"]
+            rates.append(a["rate"])
+    if rates:
+        out["absorption_mean"] = sum(rates) / len(rates)
+    return out
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -73,11 +111,44 @@ def evaluate(sae, store, model, hook: str, eval_params, dev):
     n = min(heldout.n_rows, eval_params.max_rows or heldout.n_rows)
     heldout = SliceSource(heldout, 0, n)
     labels = store.read("concept_labels", "heldout")[:n] if store.concept_names else None
+    probe = labels is not None and eval_params.sparse_probing
+    context = _concept_context(store, hook, n) if probe else None
     return evaluate_sae(
         sae, heldout, model=model, hook_name=hook,
         tokens=store.windows("heldout", eval_params.ce_windows),
-        labels=labels, concept_names=store.concept_names or None, max_rows=n, device=dev,
+        labels=labels, concept_names=store.concept_names or None, context=context,
+        token_counts=_token_counts(store), random_draws=eval_params.random_draws,
+        random_windows=eval_params.random_windows,
+        max_rows=n, device=dev,
     )  # fmt: skip
+
+
+# One per (store, hook): the SAEs of a hook share the held-out split, the dense probe and
+# the lexical lookup (computed by the first SAE evaluated there).
+@functools.lru_cache(maxsize=8)
+def _concept_context(store, hook: str, n: int):
+    from stages.corpus import CONCEPTS
+    from stages.sae.concepts import ConceptContext
+
+    names = set(store.concept_names)
+    hierarchy: dict[str, list[str]] = {}
+    for c in CONCEPTS:
+        if c.parent in names and c.name in names:
+            hierarchy.setdefault(c.parent, []).append(c.name)
+    return ConceptContext(
+        groups=store.read("doc_ids", "heldout")[:n],
+        token_ids=store.read("token_ids", "heldout")[:n],
+        hierarchy=hierarchy,
+        kinds={c.name: c.kind for c in CONCEPTS if c.name in names},
+    )
+
+
+@functools.lru_cache(maxsize=2)
+def _token_counts(store):
+    """Unigram counts of the training split (token frequency for Gurnee's KL gap)."""
+    import numpy as np
+
+    return np.bincount(store.read("token_ids", "train").astype(np.int64))
 
 
 @functools.lru_cache(maxsize=2)

@@ -19,6 +19,7 @@ from typing import Any
 from stages.io import atomic_dir
 from stages.report import alignment as alignment_section
 from stages.report import geometry as geometry_section
+from stages.report import ground_truth as ground_truth_section
 from stages.report import steering as steering_section
 from stages.report import world as world_section
 from stages.report.dashboards import (
@@ -225,6 +226,9 @@ def build_report(
         seconds["section_sweep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sections.append(concept_table_section(saes, rel_pages))
+        gt = ground_truth_section.section(saes)
+        if gt is not None:
+            sections.append(gt)
         steer = steering_section.section(
             ctx, paths.steering, paths.decomposition, rel_pages, resolve
         )

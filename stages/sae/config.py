@@ -353,6 +353,9 @@ class SAEEval(StrictModel):
 
     max_rows: PosInt | None = 65_536  # rows for reconstruction metrics and ground truth
     ce_windows: PosInt = 64  # windows for CE loss recovered / KL with the SAE spliced in
+    random_draws: PosInt = 16  # Gurnee's null: random perturbations of the SAE error's norm
+    random_windows: PosInt = 16  # ... drawn on the first this many of the ce_windows
+    sparse_probing: bool = True  # k-sparse probing, absorption (stages/sae/concepts.py)
 
 
 class SAESweep(StrictModel):

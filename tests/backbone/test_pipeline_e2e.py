@@ -96,6 +96,8 @@ def test_sae_stage_writes_saelens_folders_metrics_and_plots(project):
         topk = saes["topk-128-k4"]
         assert abs(topk["l0"] - 4) < 1e-6 and 0 <= topk["fvu"] < 0.8
         assert topk["ce_loss_recovered"] > 0.3 and 0 <= topk["mean_best_f1"] <= 1
+        ratio = [topk[f"sae_to_random_kl_ratio{s}"] for s in ("_lo", "", "_hi")]
+        assert ratio == sorted(ratio) and topk["kl_random_sd_draws"] > 0  # Gurnee, 16 draws
         folder = root / f"data/saes/{m}/blocks.0.hook_resid_post/topk-128-k4"
         sae = SAE.load_from_disk(str(folder))
         assert sae.cfg.d_in == 32 and sae.cfg.d_sae == 128

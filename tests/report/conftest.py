@@ -30,6 +30,7 @@ def _build(root: Path) -> Path:
     from stages.corpus import build_toy_corpus
     from stages.models import build_toy_model, save_toy_model, train_tokenizer, windows_for
     from stages.sae import SliceSource, build_sae, evaluate_sae, save_sae
+    from stages.sae.concepts import ConceptContext
 
     torch.set_num_threads(1)
     data = root / "data"
@@ -66,6 +67,12 @@ def _build(root: Path) -> Path:
         store = ActivationStore(sdir)
         heldout = store.source(HOOK, "heldout")
         lab = store.read("concept_labels", "heldout")
+        hierarchy: dict[str, list[str]] = {}
+        for c in corpus.concepts:
+            if c.parent:
+                hierarchy.setdefault(c.parent, []).append(c.name)
+        context = ConceptContext(store.read("doc_ids", "heldout"), store.read("token_ids", "heldout"),
+                                 hierarchy, {c.name: c.kind for c in corpus.concepts})  # fmt: skip
         for i, raw in enumerate(SAES):
             sae = build_sae({**raw, "d_in": 16, "n_training_tokens": 4096, "batch_size": 64,
                              "seed": seed * 10 + i}).eval()  # fmt: skip
@@ -73,7 +80,7 @@ def _build(root: Path) -> Path:
                 sae.b_enc.fill_(-0.2 if raw["architecture"] == "relu" else 0.0)
             ev = evaluate_sae(sae, SliceSource(heldout, 0, heldout.n_rows), model=model,
                               hook_name=HOOK, tokens=store.windows("heldout", 4), labels=lab,
-                              concept_names=names)  # fmt: skip
+                              concept_names=names, context=context, random_draws=4)  # fmt: skip
             save_sae(data / "saes" / name / HOOK / sae.cfg.display_name, sae, hook_name=HOOK,
                      model_name=name, log_feature_density=ev.log10_feature_density,
                      metrics=ev.metrics)  # fmt: skip

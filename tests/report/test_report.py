@@ -64,8 +64,9 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
 
 def test_every_section_ran_and_nothing_is_external(tiny_report):
     report, _, _ = tiny_report
-    assert report.sections == {"sweep": True, "concepts": True, "steering": True,
-                               "alignment": True, "geometry": True, "dashboards": True}  # fmt: skip
+    assert report.sections == {"sweep": True, "concepts": True, "ground-truth": True,
+                               "steering": True, "alignment": True, "geometry": True,
+                               "dashboards": True}  # fmt: skip
     html = report.index.read_text()
     assert "<b>Not run.</b>" not in html
     assert "<script" not in html and "http://" not in html and "https://" not in html
@@ -84,6 +85,28 @@ def test_sections_without_inputs_say_not_run(tiny_data, tmp_path):
     html = report.index.read_text()
     assert html.count("<b>Not run.</b>") == 2 and str(tmp_path / "no-alignment") in html
     assert list(report.dashboards) == [f"tiny-b/{HOOK}/topk-64-k4"]
+
+
+def test_ground_truth_section(tiny_report, tiny_data):
+    """k-sparse probing with its controls, absorption and Gurnee's null, from each SAE's
+    metrics.json, with the numbers that are there."""
+    import json
+
+    report, _, _ = tiny_report
+    html = report.index.read_text()
+    for head in ("k-sparse probing", "Feature absorption", "Gurnee's null", "dense probe",
+                 "lexical lookup", "SAE / random [95 % CI]"):  # fmt: skip
+        assert head in html, head
+    m = json.loads(
+        (tiny_data / "saes" / "tiny-a" / HOOK / "topk-64-k4" / "metrics.json").read_text()
+    )
+    sp = m["ground_truth"]["sparse_probing"]
+    k1 = sp["summary"]["k1_f1"]
+    assert 0 <= k1["lo"] <= k1["mean"] <= k1["hi"] <= 1
+    assert f"{k1['mean']:.2f} <span class='muted'>[{k1['lo']:.2f}, {k1['hi']:.2f}]" in html
+    d = m["downstream"]
+    assert d["random_draws"] == 4 and d["kl_random_sd_draws"] > 0
+    assert f"{d['sae_to_random_kl_ratio']:.3f}" in html
 
 
 def test_geometry_section(tiny_report, tiny_data):

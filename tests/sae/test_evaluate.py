@@ -148,6 +148,8 @@ def test_ground_truth_finds_the_planted_latent():
     assert gt["concepts"]["planted"] == {
         "best_latent": 3,
         "f1": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
         "auroc": 1.0,
         "n_positive": int(labels[:, 0].sum()),
     }
@@ -234,3 +236,98 @@ def test_pca_baseline_closed_forms(model, model_tokens):
     ev = torch.linalg.eigvalsh(centred.T @ centred / len(rows))
     resid = ((rows - mu) - (rows - mu) @ basis.T @ basis).pow(2).sum(1).mean()
     assert float(resid) == pytest.approx(float(ev[:-1].sum()), rel=1e-3)
+
+
+# ---- Gurnee's follow-ups (several draws, rescaled SAE, frequency) ----------------------
+
+
+def scaled_sae(c):
+    """x̂ = c·x: a pure shrinkage SAE, whose norm-rescaled reconstruction is exactly x."""
+    sae = identity_sae()
+    with torch.no_grad():
+        sae.W_dec.mul_(c)
+    return sae
+
+
+def test_rescaled_sae_of_pure_shrinkage_is_perfect(model, model_tokens):
+    out = evaluate_downstream(model, scaled_sae(0.5), HOOK, model_tokens, random_draws=4)
+    assert out["kl_sae"] > 1e-4
+    assert out["kl_sae_rescaled"] == pytest.approx(0.0, abs=1e-9)
+    assert out["ce_delta_sae_rescaled"] == pytest.approx(0.0, abs=1e-7)
+    assert out["rescaled_to_sae_kl_ratio"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_random_null_over_draws_has_spread_and_a_paired_interval(model, model_tokens):
+    out = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_draws=16)
+    assert out["random_draws"] == 16
+    assert out["kl_random_min_draw"] < out["kl_random"] < out["kl_random_max_draw"]
+    assert out["kl_random_sd_draws"] > 0
+    assert out["sae_to_random_kl_ratio"] == pytest.approx(out["kl_sae"] / out["kl_random"])
+    assert out["sae_to_random_kl_ratio_lo"] <= out["sae_to_random_kl_ratio"]
+    assert out["sae_to_random_kl_ratio"] <= out["sae_to_random_kl_ratio_hi"]
+    assert out["kl_sae_lo"] <= out["kl_sae"] <= out["kl_sae_hi"]
+    assert out["ce_delta_sae_lo"] <= out["ce_delta_sae"] <= out["ce_delta_sae_hi"]
+    bins = out["kl_gap_by_token_frequency"]
+    assert sum(b["n"] for b in bins) == out["n_predictions"]
+    assert all(b["count_lo"] <= b["count_hi"] for b in bins)
+    assert [b["count_hi"] for b in bins] == sorted(b["count_hi"] for b in bins)
+    assert -1 <= out["kl_gap_freq_spearman"] <= 1
+    few = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_windows=2)
+    assert few["random_windows"] == 2 and few["kl_sae"] == pytest.approx(out["kl_sae"])
+    assert few["random_to_sae_kl_ratio"] == pytest.approx(few["kl_random"] / few["kl_sae_paired"])
+    assert sum(b["n"] for b in few["kl_gap_by_token_frequency"]) == 2 * (model_tokens.shape[1] - 2)
+    with pytest.raises(ValueError, match="random_draws = 0"):
+        evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_draws=0)
+
+
+def test_tail_run_equals_a_full_forward_with_the_hook(model, model_tokens):
+    """A splice at blocks.0.hook_resid_post runs only the blocks after it; the same splice
+    at blocks.1.hook_resid_pre (the same vector) runs the full model: same numbers."""
+    tail = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_draws=2)
+    full = evaluate_downstream(model, noisy_sae(0.3), "blocks.1.hook_resid_pre", model_tokens,
+                               random_draws=2)  # fmt: skip
+    for key in ("ce_clean", "ce_sae", "kl_sae", "ce_zero", "kl_random", "kl_sae_rescaled"):
+        assert tail[key] == pytest.approx(full[key], rel=1e-6, abs=1e-9), key
+
+
+def test_unigram_entropy_and_saturation_flag(model, model_tokens):
+    counts = np.ones(40)
+    out = evaluate_downstream(model, noisy_sae(0.3), HOOK, model_tokens, random_draws=1,
+                              token_counts=counts)  # fmt: skip
+    assert out["unigram_entropy"] == pytest.approx(math.log(40))
+    assert out["ce_loss_recovered_saturated"] == (out["ce_zero"] > math.log(40))
+
+
+def test_spearman_closed_forms():
+    from stages.sae.evaluate import _spearman
+
+    a = torch.arange(10.0)
+    assert _spearman(a, a**3) == pytest.approx(1.0)
+    assert _spearman(a, -a) == pytest.approx(-1.0)
+    assert _spearman(torch.tensor([1.0, 1, 2, 2]), torch.tensor([1.0, 1, 2, 2])) == pytest.approx(1)
+
+
+def test_wide_saes_are_probed_on_the_first_rows_only(monkeypatch):
+    """The codes held for k-sparse probing are capped (MAX_CODE_ELEMENTS); the best-latent
+    table still reads every row, in a second pass, and is unchanged."""
+    from stages.sae import evaluate as ev
+    from stages.sae.concepts import ConceptContext
+
+    rng = np.random.default_rng(0)
+    n = 800
+    labels = rng.random((n, 2)) < 0.3
+    x = rng.standard_normal((n, D)).astype(np.float32) * 0.1
+    x[:, 3] = np.where(labels[:, 0], 2.0 + rng.random(n), -1.0)
+    groups = np.arange(n) // 8
+
+    def run():
+        ctx = ConceptContext(groups, rng.integers(0, 9, n))
+        return evaluate_ground_truth(identity_sae(), x, labels, ["a", "b"], context=ctx,
+                                     batch_size=64)  # fmt: skip
+
+    full = run()
+    monkeypatch.setattr(ev, "MAX_CODE_ELEMENTS", 400 * 2 * D)
+    capped = run()
+    assert capped["concepts"] == full["concepts"]
+    assert full["sparse_probing"]["n_rows"] == n and capped["sparse_probing"]["n_rows"] == 400
+    assert capped["sparse_probing"]["concepts"]["a"]["k1"]["f1"] == 1.0

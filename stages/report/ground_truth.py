@@ -1,0 +1,165 @@
+"""The SAE ground-truth section, SAEBench-style: k-sparse probing against a dense probe
+and the lexical lookup, feature absorption on the planted hierarchy, precision / recall
+per contextual concept, and Gurnee's random-perturbation null (several draws, a
+norm-rescaled SAE, the KL gap by token frequency).
+
+Reads each SAE folder's `metrics.json` only (`ground_truth.sparse_probing`,
+`downstream`); the definitions are in `stages/sae/concepts.py` and
+`stages/sae/evaluate.py` and the README ("SAE ground truth").
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from stages.report.html import Section, e, fmt, table
+from stages.report.sweep import SAERef
+
+KS = ("k1", "k2", "k5", "k20")
+
+
+def _ci(v: dict | None, digits: int = 2) -> str:
+    if not v:
+        return "–"
+    return (f"{fmt(v.get('mean', v.get('f1')), digits)} "
+            f"<span class='muted'>[{fmt(v.get('lo'), digits)}, {fmt(v.get('hi'), digits)}]</span>")  # fmt: skip
+
+
+def _sp(s: SAERef) -> dict:
+    return (s.metrics.get("ground_truth") or {}).get("sparse_probing") or {}
+
+
+def section(saes: list[SAERef]) -> Section | None:
+    """None when no SAE has the SAEBench-style scores (an unlabelled corpus, or
+    `saes.eval.sparse_probing: false`)."""
+    with_sp = [s for s in saes if _sp(s).get("summary")]
+    with_g = [s for s in saes if "sae_to_random_kl_ratio" in (s.metrics.get("downstream") or {})]
+    if not with_sp and not with_g:
+        return None
+    groups: dict[tuple[str, str], list[SAERef]] = defaultdict(list)
+    for s in saes:
+        groups[(s.model, s.hook)].append(s)
+    parts = [
+        "<p>SAEBench-style scores on the world's labelled concepts, on held-out rows split by "
+        "document (seeded) into a probe-train and a test half; every F1 is on the test half "
+        "at the concept's prevalence, with a 95 % interval from resampling test documents. "
+        "<b>k-sparse probing</b> (Gao et al. 2024; latents ranked by mean difference as in "
+        "SAEBench): a logistic probe on each concept's top-k latents. Controls on the same "
+        "rows: a dense probe on the raw activations, and the lexical lookup (the best "
+        "token-id set chosen on the train half). <b>Absorption</b> (Chanin et al. 2024, "
+        "SAEBench's full-absorption rule): on test tokens of a parent concept that its dense "
+        "probe reads, the share where the parent's main latents are silent while another "
+        "latent, aligned with the probe (cos ≥ 0.025), carries ≥ 40 % of the token's "
+        "projection on it; control: the same rule with a random direction.</p>"
+    ]
+    for (model, hook), group in groups.items():
+        sp_group = [s for s in group if _sp(s).get("summary")]
+        g_group = [s for s in group if s in with_g]
+        if not sp_group and not g_group:
+            continue
+        parts.append(f"<h3>{e(model)} · <code>{e(hook)}</code></h3>")
+        if sp_group:
+            parts.append(_probing_table(sp_group))
+            parts.append(_absorption_table(sp_group))
+            parts.append(_precision_recall_table(sp_group))
+        if g_group:
+            parts.append(_gurnee_table(g_group))
+    return Section("ground-truth", "SAE ground truth: sparse probing, absorption, Gurnee's null",
+                   "".join(parts))  # fmt: skip
+
+
+def _probing_table(group: list[SAERef]) -> str:
+    rows = []
+    for s in group:
+        summ = _sp(s)["summary"]
+        rows.append([e(s.name), e(s.architecture), fmt(s.metrics.get("l0"), 1),
+                     *(_ci(summ.get(f"{k}_f1")) for k in KS),
+                     fmt(summ.get("k5_f1_contextual"), 2)])  # fmt: skip
+    summ = _sp(group[0])["summary"]
+    for tag, label in (("dense", "dense probe (d_model dims)"), ("lexical", "lexical lookup")):
+        if summ.get(f"{tag}_f1"):
+            cell = _ci(summ[f"{tag}_f1"])
+            rows.append([f"<i>{label}</i>", "control", "–", cell, cell, cell, cell,
+                         fmt(summ.get(f"{tag}_f1_contextual"), 2)])  # fmt: skip
+    n = _sp(group[0])
+    caption = (f"<p class='muted'>Mean test F1 over {len(n.get('concepts', {}))} concepts "
+               f"({n.get('n_train_rows')} train / {n.get('n_test_rows')} test rows); last "
+               "column: k = 5 (controls: their own F1) over the contextual concepts only.</p>")  # fmt: skip
+    return "<h4>k-sparse probing</h4>" + table(
+        ["SAE", "architecture", "L0", "k = 1", "k = 2", "k = 5", "k = 20", "contextual"],
+        rows, left=2,
+    ) + caption  # fmt: skip
+
+
+def _absorption_table(group: list[SAERef]) -> str:
+    rows = []
+    for s in group:
+        for parent, a in (_sp(s).get("absorption") or {}).items():
+            children = a.get("children") or {}
+            worst = max(children.items(), key=lambda kv: kv[1].get("rate") or 0.0, default=None)
+            worst_s = f"{e(worst[0])} {fmt(worst[1].get('rate'), 2)}" if worst else "–"
+            rows.append([e(s.name), e(parent), str(a.get("n_tokens")),
+                         ", ".join(f"#{i}" for i in a.get("main_latents", [])),
+                         fmt(a.get("main_miss_rate"), 3),
+                         f"{fmt(a.get('rate'), 3)} <span class='muted'>[{fmt(a.get('lo'), 3)}, "
+                         f"{fmt(a.get('hi'), 3)}]</span>",
+                         fmt(a.get("random_direction_rate"), 3), worst_s])  # fmt: skip
+    if not rows:
+        return "<p class='muted'>No parent concept of the planted hierarchy has enough tokens.</p>"
+    return "<h4>Feature absorption</h4>" + table(
+        ["SAE", "parent", "tokens", "main latents", "main silent", "absorbed [95 % CI]",
+         "random direction", "most absorbed child"], rows, left=4,
+    ) + ("<p class='muted'>main silent: share of the parent's tokens where its main latents "
+         "do not fire (absorbed or simply missed); absorbed: Wilson interval.</p>")  # fmt: skip
+
+
+def _precision_recall_table(group: list[SAERef]) -> str:
+    first = _sp(group[0]).get("concepts") or {}
+    ctx = [c for c, v in first.items() if v.get("kind") == "contextual"]
+    if not ctx:
+        return ""
+    rows = []
+    for c in ctx:
+        base = first[c]
+        row = [e(c), fmt((base.get("lexical") or {}).get("f1"), 2),
+               fmt((base.get("dense") or {}).get("f1"), 2)]  # fmt: skip
+        for s in group:
+            v = (_sp(s).get("concepts") or {}).get(c) or {}
+            b, k5 = v.get("best_latent") or {}, v.get("k5") or {}
+            row.append(f"{fmt(b.get('precision'), 2)} / {fmt(b.get('recall'), 2)} "
+                       f"<span class='muted'>k5 {fmt(k5.get('precision'), 2)} / "
+                       f"{fmt(k5.get('recall'), 2)}</span>")  # fmt: skip
+        rows.append(row)
+    return "<h4>Contextual concepts: precision / recall</h4>" + table(
+        ["concept", "lexical F1", "dense F1", *[e(s.name) for s in group]], rows, left=1,
+    ) + ("<p class='muted'>Per SAE: precision / recall of the best single latent (fires = "
+         "activation > 0, all held-out rows), then of the k = 5 probe (test half).</p>")  # fmt: skip
+
+
+def _gurnee_table(group: list[SAERef]) -> str:
+    rows = []
+    for s in group:
+        d = s.metrics["downstream"]
+        rows.append([
+            e(s.name), fmt(d.get("kl_sae"), 3),
+            f"{fmt(d.get('kl_random'), 3)} ± {fmt(d.get('kl_random_sd_draws'), 2)}",
+            f"{fmt(d.get('sae_to_random_kl_ratio'), 3)} <span class='muted'>"
+            f"[{fmt(d.get('sae_to_random_kl_ratio_lo'), 3)}, "
+            f"{fmt(d.get('sae_to_random_kl_ratio_hi'), 3)}]</span>",
+            f"{fmt(d.get('sae_to_random_kl_ratio_rare'), 2)} / "
+            f"{fmt(d.get('sae_to_random_kl_ratio_common'), 2)}",
+            fmt(d.get("kl_gap_freq_spearman"), 2), fmt(d.get("kl_sae_rescaled"), 3),
+            fmt(d.get("ce_delta_sae_rescaled"), 3),
+            "yes" if d.get("ce_loss_recovered_saturated") else "no",
+        ])  # fmt: skip
+    d0 = group[0].metrics["downstream"]
+    return "<h4>Gurnee's null</h4>" + table(
+        ["SAE", "KL SAE", "KL random ± sd (draws)", "SAE / random [95 % CI]",
+         "ratio rare / common tokens", "Spearman (log freq, gap)", "KL rescaled SAE",
+         "ΔCE rescaled", "CE rec. saturated"], rows, left=1,
+    ) + (f"<p class='muted'>Gurnee (2024): the SAE's error replaced by a random direction of "
+         f"the same norm per token, {d0.get('random_draws')} draws on "
+         f"{d0.get('random_windows')} windows (the SAE's KL paired on the same windows; interval "
+         "from resampling windows). Rare / common: the lowest and highest fifth of predictions "
+         "by the training frequency of the current token. Rescaled: x̂·‖x‖/‖x̂‖. Saturated: "
+         "the zero-ablated CE exceeds the unigram entropy.</p>")  # fmt: skip
