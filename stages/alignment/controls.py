@@ -37,6 +37,12 @@ from stages.alignment.similarity import (
 CONTROLS = ("untrained", "trained_vs_untrained")
 
 
+def check_control_metrics(metrics: Sequence[str]) -> None:
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"align: control_metrics has {unknown}, expected some of {list(METRICS)}")
+
+
 def untrained_controls(
     trained_a: Mapping[str, np.ndarray],
     untrained_a: Mapping[str, np.ndarray],
@@ -46,12 +52,15 @@ def untrained_controls(
     n_permutations: int,
     seed: int,
     k: int = 10,
+    metrics: Sequence[str] = METRICS,
     trained_b: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, dict[str, dict[str, PermutationTest | float]]]:
-    """Per compared hook pair ("h" or "ha~hb"), per measure of METRICS: the `untrained`
-    and `trained_vs_untrained` PermutationTests, and (given `trained_b`) the trained
-    pair's linear CKA on these rows as `trained_subsample`. Every array holds the same
-    rows in the same order ([n, d] per hook)."""
+    """Per compared hook pair ("h" or "ha~hb"), per measure of `metrics`: the `untrained`
+    and `trained_vs_untrained` PermutationTests, and (given `trained_b`, with linear CKA
+    among the metrics) the trained pair's linear CKA on these rows as
+    `trained_subsample`. Every array holds the same rows in the same order ([n, d] per
+    hook)."""
+    check_control_metrics(metrics)
     out: dict[str, dict[str, dict[str, PermutationTest | float]]] = {}
     with shared_per_representation():
         for ha, hb in hook_pairs:
@@ -62,12 +71,12 @@ def untrained_controls(
                 raise ValueError(f"untrained controls at {name}: {len(xa)}, {len(ua)} and "
                                  f"{len(ub)} rows, expected the same rows")  # fmt: skip
             cells: dict[str, dict[str, PermutationTest | float]] = {}
-            for m in METRICS:
+            for m in metrics:
                 cells[m] = {
                     c: permutation_test(x, y, m, n_permutations=n_permutations, seed=seed, k=k)
                     for c, (x, y) in zip(CONTROLS, ((ua, ub), (xa, ub)), strict=True)
                 }
-            if trained_b is not None:
+            if trained_b is not None and "linear_cka" in cells:
                 cells["linear_cka"]["trained_subsample"] = linear_cka(
                     xa, np.asarray(trained_b[hb], dtype=np.float64)
                 )

@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.alignment.config import AlignConfig
-from stages.alignment.controls import control_scores, untrained_controls
+from stages.alignment.controls import check_control_metrics, control_scores, untrained_controls
 from stages.alignment.correlation import CorrelationAccumulator, TopTokens, random_derangement
 from stages.alignment.matching import (
     Matches,
@@ -737,6 +737,8 @@ def align_pair(
     timings["align_tokens"] = time.perf_counter() - t0
 
     hook_pairs = _hook_pairs(cfg, store_a, store_b)
+    if untrained is not None:
+        check_control_metrics(cfg.control_metrics)  # before the pass, not after it
     grid_a, grid_b = list(store_a.hooks), list(store_b.hooks)
     sae_pairs = _sae_pairs(hook_pairs, saes_a, saes_b, cfg.sae_names)
     concepts = _concept_names(store_a, store_b)
@@ -775,7 +777,7 @@ def align_pair(
             grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
         timings["similarity"] = time.perf_counter() - t1
         controls = {}
-        if untrained is not None:
+        if untrained is not None and cfg.control_metrics:
             t1 = time.perf_counter()
             controls = _untrained_controls(untrained, sampler.positions(), chosen, store_a,
                                            store_b, sample, ka, kb, hook_pairs, cfg)  # fmt: skip
@@ -818,7 +820,7 @@ def _untrained_controls(untrained, positions, chosen, store_a, store_b, sample, 
     return untrained_controls(
         {h: sample[ka[h]] for h in hooks_a}, ua, ub, hook_pairs,
         n_permutations=cfg.n_permutations, seed=cfg.seed, k=cfg.knn_k,
-        trained_b={h: sample[kb[h]] for h in hooks_b},
+        metrics=cfg.control_metrics, trained_b={h: sample[kb[h]] for h in hooks_b},
     )  # fmt: skip
 
 

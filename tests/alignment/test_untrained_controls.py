@@ -16,7 +16,7 @@ from stages.alignment.stream import AlignConfig, align_pair
 from stages.concept_probes import model_at_rows
 from stages.config import StoreParams, ToyModel
 from stages.corpus import CONCEPT_NAMES, generate_story
-from stages.models import build_toy_model, train_toy_model, train_tokenizer, windows_for
+from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
 from stages.sae import build_sae
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -93,7 +93,7 @@ def test_two_identical_untrained_models_give_cka_one(world):
 
 
 def test_trained_pair_beats_trained_vs_untrained(world):
-    (ma, model_a, sa), (mb, model_b, sb) = world["a"], world["b"]
+    (ma, _, sa), (mb, _, sb) = world["a"], world["b"]
     ua = build_toy_model(ma, world["tok"]).eval()
     ub = build_toy_model(mb, world["tok"]).eval()
     saes = {h: {"s": build_sae({"architecture": "topk", "d_in": 32, "d_sae": 64, "k": 4,
