@@ -29,10 +29,9 @@ import torch
 from stages.activations import ActivationStore, CacheInputs, cache_activations
 from stages.alignment import AlignConfig
 from stages.alignment.controls import untrained_controls
-from stages.concept_probes import model_at_rows
 from stages.config import StoreParams, load_params
 from stages.corpus import CONCEPT_NAMES, generate_story
-from stages.models import build_toy_model, train_tokenizer, windows_for
+from stages.models import build_toy_model, model_at_rows, train_tokenizer, windows_for
 
 
 def machine_context() -> str:

@@ -810,7 +810,7 @@ def _untrained_controls(untrained, positions, chosen, store_a, store_b, sample, 
                         hook_pairs, cfg):  # fmt: skip
     """The untrained models' activations at the subsample's rows of each store, then the
     controls of every compared hook pair (controls.py)."""
-    from stages.concept_probes import model_at_rows
+    from stages.models import model_at_rows
 
     model_a, model_b = untrained
     hooks_a = sorted({ha for ha, _ in hook_pairs})

@@ -13,10 +13,15 @@ import torch
 from stages.activations import ActivationStore, CacheInputs, cache_activations
 from stages.alignment.controls import untrained_controls
 from stages.alignment.stream import AlignConfig, align_pair
-from stages.concept_probes import model_at_rows
 from stages.config import StoreParams, ToyModel
 from stages.corpus import CONCEPT_NAMES, generate_story
-from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
+from stages.models import (
+    build_toy_model,
+    model_at_rows,
+    train_tokenizer,
+    train_toy_model,
+    windows_for,
+)
 from stages.sae import build_sae
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
@@ -110,4 +115,5 @@ def test_trained_pair_beats_trained_vs_untrained(world):
             assert trained > s[f"{m}_trained_vs_untrained/{h}"], (m, h)
         assert 0 < s[f"linear_cka_untrained/{h}"] < 1
     print({k: round(v, 3) for k, v in s.items()
-           if ("untrained" in k or "subsample" in k) and "_z/" not in k})  # fmt: skip
+           if any(k.startswith(f"{m}") for m in ("linear_cka", "mutual_knn", "svcca"))
+           and "_z" not in k and "holm" not in k and "normal" not in k})  # fmt: skip
