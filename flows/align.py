@@ -137,6 +137,10 @@ def align_flow(pair_name: str) -> dict:
             s = p.scores
             print(f"align@{pair_name}: {p.key}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in s.items() if isinstance(v, float))[:400])  # fmt: skip
+        for name, cells in result.controls.items():  # stages/alignment/controls.py
+            print(f"align@{pair_name}: {name}: untrained pair / trained vs untrained: " + ", ".join(
+                f"{m} {c['untrained'].statistic:.3f} / {c['trained_vs_untrained'].statistic:.3f}"
+                for m, c in cells.items()))  # fmt: skip
         print(f"align@{pair_name}: {result.n_tokens:,} aligned tokens -> {out}/")
     return metrics
 
