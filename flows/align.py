@@ -33,11 +33,26 @@ from stages.tracking import stage_run
 
 
 @task(cache_policy=NO_CACHE)
-def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev, strings):
+def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev, strings, untrained):
     from stages.alignment.stream import align_pair
 
     return align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
-                      best_latents_b=best_b, device=dev, token_strings=strings)  # fmt: skip
+                      best_latents_b=best_b, device=dev, token_strings=strings,
+                      untrained=untrained)  # fmt: skip
+
+
+def untrained_models(params, lay, a: str, b: str):
+    """The dense measures' control: both models' architectures and seeds before training
+    (`build_toy_model`, as the probes' control in flows/activations.py builds them), with
+    their own tokenizers; None unless both are toy models (a pretrained model has no seed
+    to redo)."""
+    from stages.models import build_toy_model, load_tokenizer
+
+    ms = [params.models[m] for m in (a, b)]
+    if any(m.source != "toy" for m in ms):
+        return None
+    return tuple(build_toy_model(m, load_tokenizer(lay.model(name))).eval()
+                 for m, name in zip(ms, (a, b), strict=True))  # fmt: skip
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_condition_fn=transient_only)
@@ -97,15 +112,16 @@ def align_flow(pair_name: str) -> dict:
         saes_b, best_b = load_model_saes(lay.saes(b))
         # two tokenizers: top tokens are compared through their decoded strings
         strings = (token_strings(lay.model(a)), token_strings(lay.model(b)))
+        untrained = untrained_models(params, lay, a, b)
         if params.compute.with_env().runner == "dask":
             from stages.alignment.stream import align_pair
 
             result = align_pair(store_a, store_b, saes_a, saes_b, cfg, best_latents_a=best_a,
                                 best_latents_b=best_b, map_parts=parts_on_dask, device=dev,
-                                token_strings=strings)  # fmt: skip
+                                token_strings=strings, untrained=untrained)  # fmt: skip
         else:
             result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
-                           best_a, best_b, dev, quote(strings))  # fmt: skip
+                           best_a, best_b, dev, quote(strings), quote(untrained))  # fmt: skip
         out = lay.alignment(pair_name)
         write_alignment(result, out)
         metrics = {k: round(float(v), 6) for k, v in result.scores.items()
@@ -121,6 +137,10 @@ def align_flow(pair_name: str) -> dict:
             s = p.scores
             print(f"align@{pair_name}: {p.key}: " + ", ".join(
                 f"{k} {v:.3f}" for k, v in s.items() if isinstance(v, float))[:400])  # fmt: skip
+        for name, cells in result.controls.items():  # stages/alignment/controls.py
+            print(f"align@{pair_name}: {name}: untrained pair / trained vs untrained: " + ", ".join(
+                f"{m} {c['untrained'].statistic:.3f} / {c['trained_vs_untrained'].statistic:.3f}"
+                for m, c in cells.items()))  # fmt: skip
         print(f"align@{pair_name}: {result.n_tokens:,} aligned tokens -> {out}/")
     return metrics
 

@@ -118,6 +118,47 @@ def build_toy_model(m: ToyModel, tokenizer) -> HookedTransformer:
     return HookedTransformer(toy_config(m, len(tokenizer)), tokenizer=tokenizer)
 
 
+def model_at_rows(model, store, rows: np.ndarray, hooks: list[str],
+                  batch_size: int = 64) -> dict[str, np.ndarray]:  # fmt: skip
+    """What `model` computes at `hooks` for the (any, scattered) rows `rows` of `store`, in
+    the store's precision: row g was cached at position 1 + g % (seq_len - 1) of window
+    g // (seq_len - 1) (the store's windows run on from row 0, BOS first), so each needed
+    window is run only up to the last position asked of it (the model is causal), and
+    only up to the deepest hook's block. `stages.concept_probes.model_rows` for the first rows of a split."""
+    rows = np.asarray(rows, dtype=np.int64)
+    body = store.seq_len - 1
+    win, pos = rows // body, rows % body + 1
+    needed, inverse = np.unique(win, return_inverse=True)
+    length = np.zeros(len(needed), dtype=np.int64)
+    np.maximum.at(length, inverse, pos + 1)
+    order = np.argsort(length, kind="stable")  # batches of similar prefix length
+    first = int(needed[0]) * body if len(needed) else 0
+    span = np.asarray(store.array("token_ids")[first : (int(needed[-1]) + 1) * body]) \
+        if len(needed) else np.empty(0, np.int32)  # fmt: skip
+    bos = int(store.attrs["bos_id"])
+    blocks = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
+    stop = max(blocks) + 1 if len(blocks) == len(hooks) else None
+    out = {h: np.empty((len(rows), store.d(h)), dtype=store.array(h).dtype) for h in hooks}
+    with torch.no_grad():
+        for i in range(0, len(order), batch_size):
+            sel = order[i : i + batch_size]
+            n = int(length[sel].max())
+            toks = np.full((len(sel), n), bos, dtype=np.int64)
+            for j, w in enumerate(needed[sel]):
+                toks[j, 1:] = span[w * body - first : w * body - first + n - 1]
+            _, cache = model.run_with_cache(torch.from_numpy(toks), names_filter=hooks,
+                                            stop_at_layer=stop)  # fmt: skip
+            # every asked row whose window is in this batch, and its place in the batch
+            place = np.full(len(needed), -1)
+            place[sel] = np.arange(len(sel))
+            mine = np.flatnonzero(place[inverse] >= 0)
+            b = place[inverse[mine]]
+            for h in hooks:
+                x = cache[h][torch.from_numpy(b), torch.from_numpy(pos[mine])].float().numpy()
+                out[h][mine] = x.astype(out[h].dtype)
+    return out
+
+
 @dataclass
 class TrainResult:
     heldout_loss: float

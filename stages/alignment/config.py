@@ -58,6 +58,11 @@ class AlignConfig:
     # accumulators are merged in order: on Dask workers or one after another, the same
     # numbers either way (the result depends on n_parts, never on the runner).
     n_parts: int = 2
+    # The untrained-model controls (controls.py): these measures, on the subsample, for
+    # (untrained A, untrained B) and (trained A, untrained B); toy models only; () turns
+    # them off. RSA and unbiased CKA cost ~9 s and ~0.7 s a test at n_samples 2048 on this
+    # machine (benchmarks/alignment_controls.py), so the default leaves them out.
+    control_metrics: tuple[str, ...] = ("linear_cka", "mutual_knn", "svcca")
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -85,8 +90,9 @@ class AlignConfig:
         values = dict(params)
         if values.get("hook_pairs") is not None:
             values["hook_pairs"] = tuple(tuple(p) for p in values["hook_pairs"])  # type: ignore[attr-defined]
-        if isinstance(values.get("sae_names"), list):
-            values["sae_names"] = tuple(values["sae_names"])  # type: ignore[arg-type]
+        for key in ("sae_names", "control_metrics"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])  # type: ignore[arg-type]
         return cls(**values)  # type: ignore[arg-type]
 
 

@@ -8,7 +8,11 @@ Layout written by `write_alignment` (atomically: a temporary folder renamed into
                        and `<m>_p_holm`, `<m>_p_normal_holm` (Holm over the pair's tests)
     similarity.json    layer-by-layer matrices (hooks of A × hooks of B) per measure
                        (value, p, floor, z, p_normal), and every measure of the compared
-                       hook pairs with p, floor, z, p_normal and both Holm-adjusted p
+                       hook pairs with p, floor, z, p_normal and both Holm-adjusted p;
+                       `controls`: the same measures for (untrained A, untrained B) and
+                       (trained A, untrained B) on the subsample (controls.py), also in
+                       scores.json as `<m>_untrained`, `<m>_trained_vs_untrained` (+ `_p`,
+                       `_z`) and `linear_cka_subsample` (the trained pair on those rows)
     null.json          per SAE pair: histograms of matched vs shuffled-null correlations
     ground_truth.json  per SAE pair and concept: best latents, their correlation, matched?
     matches/<hook>__<sae>.parquet   one row per match: latent_a, latent_b, correlation,
@@ -38,7 +42,7 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 from stages.alignment.pvalues import HOLM
-from stages.alignment.similarity import metric_title
+from stages.alignment.similarity import PermutationTest, metric_title
 from stages.alignment.stream import HOLM_FAMILY, AlignmentResult, SAEPairResult
 from stages.io import atomic_dir, write_json
 
@@ -109,6 +113,29 @@ def similarity_record(result: AlignmentResult) -> dict[str, Any]:
             "family": HOLM_FAMILY,
             "family_size": scores.get("holm_family_size"),
         },  # fmt: skip
+        # the untrained-model controls (controls.py); empty when not run (a pretrained
+        # model, or control_metrics = []); not in the Holm family
+        "controls": {
+            name: {
+                m: {
+                    c: (
+                        {
+                            "value": t.statistic,
+                            "p_value": t.p_value,
+                            "p_floor": t.p_floor,
+                            "z": t.z,
+                            "n_permutations": t.n_permutations,
+                            "n_samples": t.n_samples,
+                        }
+                        if isinstance(t, PermutationTest)
+                        else t
+                    )
+                    for c, t in tests.items()
+                }  # fmt: skip
+                for m, tests in cells.items()
+            }
+            for name, cells in result.controls.items()
+        },
     }
 
 

@@ -666,6 +666,11 @@ class RowSample:
             old = self._rows[name]
             self._rows[name] = kept if old.size == 0 else np.concatenate([old[keep_old], kept])
 
+    def positions(self) -> np.ndarray:
+        """The sampled rows' positions in the whole stream, in stream order (the order of
+        `result`)."""
+        return np.sort(self._index, kind="stable")
+
     def result(self) -> dict[str, np.ndarray]:
         """Sampled rows per stream, in stream order."""
         order = np.argsort(self._index, kind="stable")

@@ -50,6 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stages.alignment.config import AlignConfig
+from stages.alignment.controls import check_control_metrics, control_scores, untrained_controls
 from stages.alignment.correlation import CorrelationAccumulator, TopTokens, random_derangement
 from stages.alignment.matching import (
     Matches,
@@ -142,6 +143,9 @@ class AlignmentResult:
     # what top-token Jaccard compared: "token ids" (one tokenizer), "decoded token
     # strings" (two tokenizers, strings given) or "none" (two tokenizers, no strings)
     jaccard_vocabulary: str = "token ids"
+    # the dense measures' untrained-model controls (controls.py): hook pair -> metric ->
+    # {"untrained", "trained_vs_untrained": PermutationTest, "trained_subsample": float}
+    controls: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
 
     @property
     def scores(self) -> dict[str, float]:
@@ -171,6 +175,8 @@ class AlignmentResult:
         n_perm = self.config.n_permutations if self.config else None
         out["p_floor"] = p_floor(n_perm) if n_perm is not None else float("nan")
         out["holm_family_size"] = float(sum(out[k] == out[k] for k in exact if k in out))
+        # the controls stay out of the Holm family: they are references, not findings
+        out.update(control_scores(self.controls))
         for name, summary in self.splitting.items():
             out.update({f"splitting/{name}/{k}": v for k, v in summary.items()})
         return out  # timings stay out (they would make every metrics diff noisy): meta.json
@@ -687,6 +693,7 @@ def align_pair(
     map_parts: Callable[[PassPlan, list[tuple[int, int]]], list[PassState]] | None = None,
     device: Device = CPU,
     token_strings: tuple[Sequence[str], Sequence[str]] | None = None,
+    untrained: tuple[object, object] | None = None,
 ) -> AlignmentResult:
     """Align model A's features with model B's (see the module docstring).
 
@@ -707,6 +714,10 @@ def align_pair(
     `token_strings` = (A's, B's decoded string of every token id) and the ids are
     compared through their strings (`matching.shared_vocabulary`); without them the
     Jaccard scores are NaN (`AlignmentResult.jaccard_vocabulary` says which).
+
+    `untrained` = (A's, B's architecture and seed before training, HookedTransformers):
+    the dense measures' untrained-model controls (`controls.py`), run on the very rows of
+    the subsample, computed on the fly from each store's token windows.
     """
     cfg = cfg or AlignConfig()
     _ = progress  # per-part progress bars would interleave; the flow logs parts instead
@@ -726,6 +737,8 @@ def align_pair(
     timings["align_tokens"] = time.perf_counter() - t0
 
     hook_pairs = _hook_pairs(cfg, store_a, store_b)
+    if untrained is not None:
+        check_control_metrics(cfg.control_metrics)  # before the pass, not after it
     grid_a, grid_b = list(store_a.hooks), list(store_b.hooks)
     sae_pairs = _sae_pairs(hook_pairs, saes_a, saes_b, cfg.sae_names)
     concepts = _concept_names(store_a, store_b)
@@ -763,6 +776,12 @@ def align_pair(
         with shared_per_representation():  # each hook's Gram matrix etc. once, not per pair
             grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
         timings["similarity"] = time.perf_counter() - t1
+        controls = {}
+        if untrained is not None and cfg.control_metrics:
+            t1 = time.perf_counter()
+            controls = _untrained_controls(untrained, sampler.positions(), chosen, store_a,
+                                           store_b, sample, ka, kb, hook_pairs, cfg)  # fmt: skip
+            timings["untrained_controls"] = time.perf_counter() - t1
 
         t1 = time.perf_counter()
         pairs = []
@@ -780,11 +799,29 @@ def align_pair(
         str(store_a.attrs.get("model", store_a.path.name)),
         str(store_b.attrs.get("model", store_b.path.name)),
         len(chosen), n_heldout, chosen.rule, grid, by_pair, pairs, splitting, timings, cfg,
-        jaccard_vocabulary,
+        jaccard_vocabulary, controls,
     )  # fmt: skip
     log.info("aligned %s vs %s on %d tokens (%d held out) in %.1f s", result.model_a,
              result.model_b, len(chosen), n_heldout, timings["total"])  # fmt: skip
     return result
+
+
+def _untrained_controls(untrained, positions, chosen, store_a, store_b, sample, ka, kb,
+                        hook_pairs, cfg):  # fmt: skip
+    """The untrained models' activations at the subsample's rows of each store, then the
+    controls of every compared hook pair (controls.py)."""
+    from stages.models import model_at_rows
+
+    model_a, model_b = untrained
+    hooks_a = sorted({ha for ha, _ in hook_pairs})
+    hooks_b = sorted({hb for _, hb in hook_pairs})
+    ua = model_at_rows(model_a, store_a, chosen.rows_a[positions], hooks_a)
+    ub = model_at_rows(model_b, store_b, chosen.rows_b[positions], hooks_b)
+    return untrained_controls(
+        {h: sample[ka[h]] for h in hooks_a}, ua, ub, hook_pairs,
+        n_permutations=cfg.n_permutations, seed=cfg.seed, k=cfg.knn_k,
+        metrics=cfg.control_metrics, trained_b={h: sample[kb[h]] for h in hooks_b},
+    )  # fmt: skip
 
 
 def _single_threaded_blas() -> contextlib.AbstractContextManager:

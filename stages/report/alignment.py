@@ -231,6 +231,51 @@ def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
                          "p (Holm)", "p (normal)", "p (normal, Holm)"], rows, left=2)  # fmt: skip
 
 
+def _controls_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
+    """Each dense measure of the trained pair beside its untrained-model controls
+    (stages/alignment/controls.py): what architecture alone gives."""
+    sim = pair.read("similarity.json") or {}
+    controls = sim.get("controls") or {}
+    config = pair.meta.get("config") or {}
+    trained = sim.get("hook_pairs") or {}
+
+    def cell(t: dict | None) -> str:
+        if not t:
+            return "–"
+        return f"{fmt(t.get('value'))} (p {fmt_p(t.get('p_value'))})"
+
+    rows = []
+    for name, cells in controls.items():
+        for metric, c in cells.items():
+            t = (trained.get(name) or {}).get(metric) or {}
+            value = cell(t)
+            if metric == "linear_cka" and "trained_subsample" in c:
+                value += f"; {fmt(c['trained_subsample'])} on the subsample"
+            rows.append([f"<code>{e(name)}</code>", e(metric_title(metric, config)), value,
+                         cell(c.get("untrained")), cell(c.get("trained_vs_untrained"))])  # fmt: skip
+    a, b = e(pair.model_a), e(pair.model_b)
+    if not rows:
+        return (f"<h4>Untrained-model controls ({a} vs {b})</h4><p class='muted'>Not run: "
+                "both models must be toy models (a pretrained model has no seed to redo), "
+                "and <code>align.config.control_metrics</code> not empty.</p>")  # fmt: skip
+    head = (
+        f"<h4>Untrained-model controls ({a} vs {b})</h4>"
+        f"<p class='muted'>What architecture alone gives: the same measures on the same "
+        f"{fmt(config.get('n_samples'))} subsample tokens for two randomly initialised models "
+        f"of the same architectures, each with its own model's seed (untrained {a} vs "
+        f"untrained {b}), and for trained {a} vs untrained {b}. p: permutation p-value, "
+        f"floor {fmt_p(scores.get('p_floor'))}, as above (controls are references, not in "
+        "the Holm family). Linear CKA of the trained pair is exact over every paired "
+        "token; its value on the subsample is the one comparable with the controls. A "
+        "trained pair's similarity means something only by how far it stands above the "
+        "untrained pair’s. Partner fraction and the other SAE-latent measures have no "
+        "such control here: it would need SAEs trained on the untrained models' "
+        "activations (out of scope).</p>"
+    )
+    return head + table(["hook pair", "measure", "trained pair", f"untrained {a} vs untrained {b}",
+                         f"trained {a} vs untrained {b}"], rows, left=2)  # fmt: skip
+
+
 def section(
     ctx: ReportContext,
     alignment_dir: Path,
@@ -263,6 +308,7 @@ def section(
             parts.append(table(["SAE pair", *[h for _, h in SCORE_COLUMNS]], rows))
             parts.append(_jaccard_note(pair))
         parts.append(_tests_table(pair, scores))
+        parts.append(_controls_table(pair, scores))
         null = pair.read("null.json") or {}
         for key in pair.meta.get("sae_pairs", []):
             if key not in null:

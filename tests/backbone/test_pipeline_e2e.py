@@ -322,6 +322,13 @@ def test_steering_alignment_and_report_outputs(project):
     assert 1000 < scores["n_tokens"] <= 4000
     key = "blocks.0.hook_resid_post/topk-128-k4"
     assert 0 <= scores[f"{key}/fraction_with_partner_hungarian"] <= 1
+    # the untrained-model controls of the dense measures (both are toy models), with p
+    for m in ("linear_cka", "mutual_knn", "svcca"):
+        for c in ("untrained", "trained_vs_untrained"):
+            assert 0 <= scores[f"{m}_{c}/blocks.0.hook_resid_post"] <= 1
+            assert scores[f"{m}_{c}_p/blocks.0.hook_resid_post"] >= scores["p_floor"]
+    assert "rsa_untrained/blocks.0.hook_resid_post" not in scores  # not in control_metrics
+    assert 0 < scores["linear_cka_subsample/blocks.0.hook_resid_post"] <= 1
     transfer = json.loads((root / "data/transfer/tiny-a__tiny-b/transfer.json").read_text())
     row = transfer["concepts"]["past_vs_present"]["blocks.0.hook_resid_post"]
     assert {"own", "transferred", "random"} <= set(row) and row["random"]["n"] == 32

@@ -52,11 +52,13 @@ def _build(root: Path) -> Path:
         return windows_for(tok, list(texts[m]), list(ids[m]), 32)
 
     inputs = CacheInputs(windows("train"), windows("heldout"), labels, names, "tiny-corpus")
+    untrained = []  # the untrained-model controls' models, rebuilt as the align flow does
     for seed, name in enumerate(MODELS):
         m = ToyModel.model_validate({
             "source": "toy", "seed": seed, "tokenizer": {"vocab_size": 1000}, "train": {"seq_len": 32},
             "arch": {"n_layers": 1, "d_model": 16, "n_heads": 2, "d_mlp": 32, "n_ctx": 32}})  # fmt: skip
         model = build_toy_model(m, tok).eval()
+        untrained.append(build_toy_model(m, tok).eval())
         mdir = data / "models" / name
         mdir.mkdir(parents=True)
         save_toy_model(model, m, tok_dir, mdir)
@@ -84,7 +86,7 @@ def _build(root: Path) -> Path:
             save_sae(data / "saes" / name / HOOK / sae.cfg.display_name, sae, hook_name=HOOK,
                      model_name=name, log_feature_density=ev.log10_feature_density,
                      metrics=ev.metrics)  # fmt: skip
-    aligned = _align(data)
+    aligned = _align(data, tuple(untrained))
     _steer(data)
     _transfer(data, aligned.pairs[0])
     _geometry(data, corpus)
@@ -163,7 +165,7 @@ def _transfer(data: Path, pair) -> None:
     write_json(out / "transfer.json", correct_transfer(transfer))  # Holm, as the stage does
 
 
-def _align(data: Path):
+def _align(data: Path, untrained: tuple | None = None):
     """The align stage's files for tiny-a vs tiny-b, with the real writer."""
     from stages.activations import ActivationStore
     from stages.alignment.outputs import write_alignment
@@ -176,7 +178,8 @@ def _align(data: Path):
                       self_check_tokens=1024, sae_names=("topk-64-k4",))  # fmt: skip
     result = align_pair(ActivationStore(data / "activations" / "tiny-a"),
                         ActivationStore(data / "activations" / "tiny-b"), saes_a, saes_b, cfg,
-                        best_latents_a=best_a, best_latents_b=best_b, progress=False)  # fmt: skip
+                        best_latents_a=best_a, best_latents_b=best_b, progress=False,
+                        untrained=untrained)  # fmt: skip
     write_alignment(result, data / "alignment" / "tiny-a__tiny-b")
     return result
 

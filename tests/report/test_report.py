@@ -216,6 +216,15 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
     )
     cells = re.search(r"<td[^>]*>Linear CKA</td>(.*?)</tr>", tests, re.S).group(1)
     assert fmt(scores[f"linear_cka_p_holm/{HOOK}"]) in cells
+    # the untrained-model controls beside the trained pair; the fixture's models are
+    # untrained, so the untrained pair is the trained pair, up to the store's float16
+    ctl = html.split("Untrained-model controls (tiny-a vs tiny-b)", 1)[1].split("</table>", 1)[0]
+    assert "Partner fraction" in ctl and "out of scope" in ctl
+    cells = re.search(r"<td[^>]*>Linear CKA</td>(.*?)</tr>", ctl, re.S).group(1)
+    assert fmt(scores[f"linear_cka_untrained/{HOOK}"]) in cells
+    assert fmt(scores[f"linear_cka_trained_vs_untrained/{HOOK}"]) in cells
+    assert scores[f"linear_cka_untrained/{HOOK}"] == pytest.approx(
+        scores[f"linear_cka_subsample/{HOOK}"], abs=1e-4)  # fmt: skip
     # top-token Jaccard over token ids, beside its all-pairs chance level
     assert "Jaccard, all pairs (chance)" in html and "Top-token Jaccard over vocabulary ids" in html
     assert len(row["random"]["slopes"]) == 19
