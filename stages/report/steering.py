@@ -47,10 +47,12 @@ TITLES = {
     "downstream_null": ("Downstream effects against random directions", "Steering at the "
                         "decomposition hook: how many later SAE latents the vector moves up "
                         "(red) or down (blue) beyond random directions of its norm, "
-                        "Benjamini–Hochberg q < 0.05 (SAM statistic against the pooled null "
-                        "of the random draws), beside held-out random directions put "
-                        "through the same test (grey: mean and range), the test's false "
-                        "positives."),
+                        "Benjamini–Hochberg q < 0.05, beside held-out random directions put "
+                        "through the same test (grey: mean and range, the test's false "
+                        "positives). Left: SAM statistic against the null pooled over "
+                        "latents (conservative: it holds the rare large pushes a random "
+                        "direction gives some latent). Right: each latent's own normal "
+                        "tail (more power; trust it as far as the grey counts allow)."),
     "targeted": ("Targeted vs raw vs random", "Steerability and KL of the raw vector, a "
                  "vector rebuilt from its top SAE features, and random controls."),
 }  # fmt: skip

@@ -283,20 +283,26 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
     dn = (dd.get("downstream_null") or {}).get("hooks") or {}
     if dn:
         hs = list(dn)
-        fig, ax = plt.subplots(figsize=(5.5, 3.5))
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.5), sharey=False)
         x = np.arange(len(hs))
-        ax.bar(x - 0.2, [dn[h]["n_up"] for h in hs], 0.4, color="C3", label="vector: up")
-        ax.bar(x - 0.2, [-dn[h]["n_down"] for h in hs], 0.4, color="C0", label="vector: down")
-        ctl = [dn[h]["control_n_significant"] for h in hs]
-        ax.errorbar(x + 0.2, [float(np.mean(c)) if c else 0.0 for c in ctl],
-                    yerr=[[float(np.mean(c) - min(c)) if c else 0.0 for c in ctl],
-                          [float(max(c) - np.mean(c)) if c else 0.0 for c in ctl]],
-                    fmt="s", color="grey", label="random directions (mean, range)")  # fmt: skip
-        ax.axhline(0, color="black", lw=0.5)
-        ax.set_xticks(x, hs, rotation=20, fontsize=7)
-        ax.set(ylabel=f"latents moved (BH q < {dd['downstream_null']['alpha']:g})",
-               title=f"{name}: downstream of {dd['downstream_null']['hook']} vs random")  # fmt: skip
-        ax.legend(fontsize=7)
+        for ax, (label, get) in zip(axes, (("SAM, pooled null", lambda r: r),
+                                           ("per-latent normal tail",
+                                            lambda r: r.get("normal") or {})), strict=True):  # fmt: skip
+            rs = [get(dn[h]) for h in hs]
+            ax.bar(x - 0.2, [r.get("n_up", 0) for r in rs], 0.4, color="C3", label="vector: up")
+            ax.bar(x - 0.2, [-r.get("n_down", 0) for r in rs], 0.4, color="C0",
+                   label="vector: down")  # fmt: skip
+            ctl = [r.get("control_n_significant") or [0] for r in rs]
+            mean = [float(np.mean(c)) for c in ctl]
+            ax.errorbar(x + 0.2, mean, yerr=[[m - min(c) for m, c in zip(mean, ctl, strict=True)],
+                                             [max(c) - m for m, c in zip(mean, ctl, strict=True)]],
+                        fmt="s", color="grey", label="random directions (mean, range)")  # fmt: skip
+            ax.axhline(0, color="black", lw=0.5)
+            ax.set_xticks(x, hs, rotation=20, fontsize=7)
+            ax.set(title=label, ylabel=f"latents moved (BH q < {dd['downstream_null']['alpha']:g})")
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{name}: downstream of {dd['downstream_null']['hook']} vs random directions",
+                     fontsize=9)  # fmt: skip
         fig.tight_layout()
         figs["downstream_null"] = fig
     if "targeted" in dd:
@@ -347,6 +353,11 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
         out[f"downstream_null.{h}.control_n_significant_max"] = max(
             r["control_n_significant"], default=float("nan")
         )
+        if "normal" in r:
+            out[f"downstream_null.{h}.normal.n_significant"] = r["normal"]["n_significant"]
+            out[f"downstream_null.{h}.normal.control_n_significant_max"] = max(
+                r["normal"]["control_n_significant"], default=float("nan")
+            )
     for kind, r in dd.get("targeted", {}).get("vectors", {}).items():
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]

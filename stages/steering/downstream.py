@@ -30,6 +30,14 @@ draws, over every tested latent of every later hook. A latent's two-sided p is
 tested latent of every later hook. `n_control` further random directions, held out of
 the null, go through the same test: the number of latents they "move significantly" is
 what the test gives for a vector that carries no concept, the calibration check.
+
+Beside it, the per-latent normal tail 2 Φ(−|Δ − μ| / sd), BH-corrected the same way
+(`normal` in each hook's record): far more power, since a latent's own null is not
+diluted by other latents' rare large moves, but calibrated only as far as the held-out
+random directions' counts under the same test say. On the default toy models the
+pooled test finds nothing (its null holds rare pushes of 2–3 that a random direction
+gives some latent), while single latents move by 2.7 against a null of −0.07 ± 0.03:
+report both, with the controls.
 """
 
 from __future__ import annotations
@@ -258,6 +266,16 @@ def downstream_null(
         for h in later:
             above = pooled.size - np.searchsorted(pooled, np.abs(np.nan_to_num(z[h])), "left")
             p[h] = np.where(tested[h], (1 + above) / (1 + pooled.size), np.nan)
+        return z, p, bh(p)
+
+    def normal(row: int) -> dict[str, np.ndarray]:
+        """BH-adjusted q of the per-latent normal tail, 2 Φ(−|Δ − μ| / sd)."""
+        p = {h: np.where(tested[h], 2 * stats.norm.sf(np.abs(delta[h][row] - mu[h])
+                                                      / np.where(tested[h], sd[h], 1.0)), np.nan)
+             for h in later}  # fmt: skip
+        return bh(p)
+
+    def bh(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         flat = np.concatenate([p[h][tested[h]] for h in later])
         qs = stats.false_discovery_control(flat, method="bh") if flat.size else flat
         q, at = {}, 0
@@ -266,13 +284,16 @@ def downstream_null(
             k = int(tested[h].sum())
             q[h][tested[h]] = qs[at : at + k]
             at += k
-        return z, p, q
+        return q
 
     z, p, q = significant(0)
     controls = [significant(1 + n_random + c)[2] for c in range(n_control)]
+    q_norm = normal(0)
+    controls_norm = [normal(1 + n_random + c) for c in range(n_control)]
     for h in later:
         d0 = delta[h][0]
         sig = np.nan_to_num(q[h], nan=1.0) < alpha
+        sig_n = np.nan_to_num(q_norm[h], nan=1.0) < alpha
         dev = np.abs(null[h] - mu[h])
         emp = (1 + (dev >= np.abs(d0 - mu[h])[None]).sum(0)) / (1 + n_random)
         order = np.argsort(-np.nan_to_num(np.abs(z[h]), nan=-1.0))[:top_n]
@@ -283,6 +304,13 @@ def downstream_null(
             "n_down": int((sig & (d0 < mu[h])).sum()),
             "control_n_significant": [int((np.nan_to_num(c[h], nan=1.0) < alpha).sum())
                                       for c in controls],
+            # the per-latent normal tail: more power, calibrated only as far as the held-out
+            # random directions' counts say
+            "normal": {"n_significant": int(sig_n.sum()),
+                       "n_up": int((sig_n & (d0 > mu[h])).sum()),
+                       "n_down": int((sig_n & (d0 < mu[h])).sum()),
+                       "control_n_significant": [int((np.nan_to_num(c[h], nan=1.0) < alpha)
+                                                     .sum()) for c in controls_norm]},
             "top": [{"latent": int(j), "mean_change": float(d0[j]), "null_mean": float(mu[h][j]),
                      "null_sd": float(sd[h][j]), "z": float(z[h][j]), "p": float(p[h][j]),
                      "q": float(q[h][j]), "p_empirical": float(emp[j])}

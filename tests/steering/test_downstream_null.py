@@ -56,3 +56,5 @@ def test_a_latent_reading_the_vectors_direction_is_found_and_random_ones_move_no
     assert h["n_up"] >= 1 and top["p_empirical"] == 1 / 33  # beyond every random draw
     assert res["p_floor"] == 1 / (1 + res["n_null_z"]) and res["n_null_z"] > 32 * 100
     assert max(h["control_n_significant"]) <= 2, h["control_n_significant"]
+    # the per-latent normal tail finds j too; its controls are reported beside it
+    assert h["normal"]["n_up"] >= 1 and len(h["normal"]["control_n_significant"]) == 4
