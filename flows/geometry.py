@@ -59,11 +59,12 @@ def geometry_flow(name: str) -> dict:
         write_json(LAYOUT.metrics("geometry", name), result.metrics)
         run.metrics({re.sub(r"[^\w\-. :/]", "-", k): v for k, v in flatten(result.metrics).items()
                      if isinstance(v, int | float) and v == v})  # fmt: skip
+        run.metrics({f"seconds.{k}": v for k, v in result.seconds.items()})
         run.artifact(out / "geometry.json")
         for concept, why in result.summary.get("skipped", {}).items():
             print(f"geometry@{name}: {concept}: skipped ({why})")
         print(f"geometry@{name}: {len(result.summary.get('spaces', {}))} spaces in "
-              f"{result.metrics.get('seconds', 0):.1f} s -> {out}/")  # fmt: skip
+              f"{result.seconds.get('total', 0):.1f} s -> {out}/")  # fmt: skip
     return result.metrics
 
 
