@@ -88,7 +88,8 @@ def test_real_profile_offline(tmp_path, prefect_api):
     env = scratch_project(root, params, prefect_api, HF_HOME=str(hf), HF_HUB_OFFLINE="1",
                           HF_DATASETS_OFFLINE="1")  # fmt: skip
     models = ("gpt2", "pythia-70m-deduped")
-    stages = [("corpus",)] + [(s, m) for s in ("lm", "activations", "saes", "steering")
+    stages = [("corpus",)] + [(s, m) for s in ("lm", "activations", "saes", "steering",
+                                               "decompose")
                               for m in models] + [("align", "gpt2__pythia-70m-deduped")]  # fmt: skip
     for stage, *arg in stages:
         run([sys.executable, "-m", f"flows.{stage}", *arg], root, env)
