@@ -1,4 +1,6 @@
-"""Writing a store, resumably: plan it (`prepare_cache`), fill runs of shards
+"""Writing a store, resumably (over 500 lines: planning, the shard runs and finishing
+share one resume rule and one crash-safe layout, and split apart each would re-derive
+them): plan it (`prepare_cache`), fill runs of shards
 (`cache_shards`, on Dask workers or one after another), finish it (`finish_cache`);
 `cache_activations` does all three in one process. See the package docstring for the
 layout and the resume rule.

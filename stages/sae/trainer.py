@@ -1,4 +1,6 @@
-"""Train one or several SAEs on one activation source, sharing each batch.
+"""Train one or several SAEs on one activation source, sharing each batch. (Over 500
+lines: the shared loop, checkpoint/resume with its refusals, and sparsity calibration
+all act on the same per-SAE run state, `_Run`.)
 
     results = train_saes(source, [cfg_a, cfg_b], checkpoint_dir=Path("ckpt"))
 

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.backbone.conftest import TINY
@@ -57,6 +58,7 @@ def broken_store(root: Path, env: dict) -> Path:
     return db
 
 
+@pytest.mark.slow
 def test_a_broken_mlflow_db_is_named_before_any_work(tmp_path):
     root = tmp_path / "p"
     env = project(root, PREFECT_API_URL="http://127.0.0.1:9/api",
@@ -105,6 +107,7 @@ def runs(root: Path, env: dict) -> dict[str, tuple[str, str | None]]:
     return {k: tuple(v) for k, v in json.loads(p.stdout.strip().splitlines()[-1]).items()}
 
 
+@pytest.mark.slow
 def test_a_stage_run_whose_process_is_gone_is_marked_killed_by_the_next(tmp_path):
     root = tmp_path / "p"
     env = project(root)
@@ -124,6 +127,7 @@ def test_a_stage_run_whose_process_is_gone_is_marked_killed_by_the_next(tmp_path
     assert runs(root, env) == {"victim": ("KILLED", None), "next": ("FINISHED", None)}
 
 
+@pytest.mark.slow
 def test_the_dvc_repro_parent_run_is_closed_when_dvc_ends(tmp_path):
     root = tmp_path / "p"
     env = project(root)
@@ -165,6 +169,7 @@ def running(db: Path) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_a_stage_at_once_with_one_line(tmp_path):
     """SIGINT to the stage's process group, as a terminal's Ctrl-C sends it (Prefect's
     temporary server, the stage's child, gets it too): the stage stopped only after a
@@ -205,6 +210,7 @@ def test_ctrl_c_stops_a_stage_at_once_with_one_line(tmp_path):
 # ------------------------------------------------------------ 8: a checkout's own server
 
 
+@pytest.mark.slow
 def test_a_checkout_uses_its_own_prefect_server_and_no_other(tmp_path):
     """Another checkout's `atlas ui prefect` took every checkout's flow runs: a stage
     adopted any server answering on 4200. Now a checkout's server has a port of its own,

@@ -83,6 +83,7 @@ def _visit(browser, path: Path, shot: Path) -> dict:
     return {"errors": errors, "images": images, "hrefs": hrefs}
 
 
+@pytest.mark.slow
 def test_report_and_dashboard_in_chromium(browser, tiny_report, tmp_path):
     report, key_a, _ = tiny_report
     dashboard = report.feature_pages[key_a][3]  # has a cross-model partner link

@@ -9,9 +9,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from flows.common import ROOT
 
 
+@pytest.mark.slow
 def test_local_dask_workers_share_the_flows_temporary_server(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import fsspec
+import pytest
 
 MAKE = """\
 import random, sys
@@ -53,6 +54,7 @@ def _dvc(root: Path, env: dict, *args: str) -> str:
     return p.stdout
 
 
+@pytest.mark.slow
 def test_dvc_push_then_pull_from_an_s3_remote(tmp_path, s3_server):
     root = tmp_path / "project"
     root.mkdir()

@@ -30,6 +30,7 @@ def tracking_server(mlflow_server, monkeypatch, tmp_path):
     mlflow.set_tracking_uri(None)  # MLflow keeps the URI process-wide
 
 
+@pytest.mark.slow
 def test_stage_run_logs_to_the_tracking_server(tracking_server, tmp_path):
     import matplotlib
 
@@ -87,6 +88,7 @@ def test_atlas_ui_points_at_the_shared_server(tracking_server, monkeypatch, caps
     assert "does not answer" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.slow
 def test_stage_flow_reports_to_shared_prefect_and_mlflow_servers(
     tmp_path, prefect_server, mlflow_server

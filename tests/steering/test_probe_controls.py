@@ -5,6 +5,7 @@ control adds its F1 beside the trained probe's."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from stages.concept_probes import model_rows, probe_concepts, probe_untrained
 from tests.steering.conftest import HOOKS
@@ -21,6 +22,7 @@ def test_model_rows_are_the_cached_rows(tiny_model, tiny_store):
             np.testing.assert_allclose(got[h], cached, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.slow
 def test_untrained_control_sits_beside_every_probe(tiny_model, tiny_store):
     table = probe_concepts(tiny_store, min_positives=5)
     probe_untrained(table, tiny_store, tiny_model)  # the store's own model: the same F1
