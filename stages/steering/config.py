@@ -52,6 +52,14 @@ class SteeringConfig(StrictModel):
     kl_windows: PosInt = 8  # held-out windows for the equal-KL search (of n_windows)
     equal_kl_at: PosFloat = 1.0  # equal-KL target = the raw vector's KL at this multiplier
     gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
+    # the rest of the seeds' programme (stages/steering/multilayer.py, stability.py,
+    # similarity.py): every steering hook at once against random directions there; the
+    # vector over random halves of its pairs (and a shuffled-label null) and read 1, 2
+    # tokens earlier; n_effect_splits of the splits' half vectors also steer
+    multilayer: bool = True
+    stability_splits: NonNegInt = 20  # 0: no stability analysis
+    stability_effect_splits: NonNegInt = 1
+    similarity_draws: PosInt = 1000  # bootstrap and permutation draws of similarity vs effect
     n_generations: NonNegInt = 3
     max_new_tokens: PosInt = 10
     generation_multiplier: PosFloat = 4.0

@@ -53,6 +53,7 @@ from stages.steering.run import (
     jsonable,
     neutral_windows,
 )
+from stages.steering.similarity import similarity_headline, similarity_vs_effect
 from stages.steering.targeted import compare_vectors, targeted_vectors
 from stages.steering.vectors import read_activations, resolve_positions, tokenize
 
@@ -181,6 +182,10 @@ def decompose_concept(
     # which latents carry the behaviour: attribution patching against true ablation
     dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
                                                 cfg.attribution_sample, cfg.seed)  # fmt: skip
+    # does a latent's decoder cosine with the vector predict its ablation effect?
+    dd["similarity_vs_effect"] = similarity_vs_effect(
+        model, s, dh, sae, v, dd["attribution"], n_boot=cfg.similarity_draws,
+        n_perm=cfg.similarity_draws, seed=cfg.seed)  # fmt: skip
     # the latents carrying the behaviour from the decomposition hook on, and their edges
     dd["circuit"] = feature_circuit(model, s, saes, start=dh, n_nodes=cfg.targeted_k,
                                     n_random=8, n_draws=8, seed=cfg.seed)  # fmt: skip
@@ -362,4 +367,5 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
         out[f"targeted.{kind}.steerability"] = r["slope"]
         out[f"targeted.{kind}.kl"] = r["kl"]
     out.update(control_headline(dd.get("controls"), raw=False))
+    out.update(similarity_headline(dd.get("similarity_vs_effect")))
     return finite_rounded(out)

@@ -39,8 +39,10 @@ from stages.layout import inside, safe_name
 from stages.steering.apply import generate_steered
 from stages.steering.controls import controlled_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
+from stages.steering.multilayer import multilayer_headline, multilayer_steering
 from stages.steering.probes import concept_probe
 from stages.steering.prompts import SteeringSet
+from stages.steering.stability import stability_headline, vector_stability
 from stages.steering.vectors import (
     compute_vectors,
     pairs_hash,
@@ -69,6 +71,10 @@ class ConceptConfig:
     ks: tuple[int, ...] = (1, 3, 5, 10)  # precision@k
     top_n: int = 10  # features listed per ranking / per downstream hook
     gt_f1_threshold: float = 0.3
+    multilayer: bool = True  # every steering hook at once (multilayer.py)
+    stability_splits: int = 20  # random halves of the pairs; 0: no stability (stability.py)
+    stability_effect_splits: int = 1  # splits whose two half vectors also steer
+    similarity_draws: int = 1000  # bootstrap / permutation draws (similarity.py)
     # read-position ground truth: firing-rate contrast above this, among read-token rows
     gt_contrast_threshold: float = 0.3
     gt_min_rows: int = 10  # positive and negative read-token rows it needs
@@ -191,6 +197,16 @@ def run_concept(
                               side_positions=cfg.side_positions, batch_size=bs)
         for h in hooks
     }  # fmt: skip
+    # the rest of the seeds' programme: every hook at once, and the vector's stability
+    # over halves of its pairs and over read positions
+    if cfg.multilayer:
+        ev["multilayer"] = multilayer_steering(model, s, vectors, best, cfg.multipliers,
+                                               n_random=cfg.n_random, seed=cfg.seed)  # fmt: skip
+    if cfg.stability_splits and len(s.train_pairs) >= 4:
+        ev["stability"] = vector_stability(
+            model, s, vectors, best, cfg.multipliers,
+            ev["controls"][best]["null_equal_norm_slopes"], n_splits=cfg.stability_splits,
+            n_effect_splits=cfg.stability_effect_splits, seed=cfg.seed, batch_size=bs)  # fmt: skip
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
@@ -316,6 +332,8 @@ def concept_headline(ev: dict) -> dict[str, float]:
     if best in probes:
         out["probe_heldout_accuracy"] = probes[best]["heldout_accuracy"]
     out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
+    out.update(multilayer_headline(ev.get("multilayer")))
+    out.update(stability_headline(ev.get("stability"), best))
     return finite_rounded(out)
 
 

@@ -138,3 +138,44 @@ def test_similarity_vs_effect_on_the_tiny_model(tiny_model):
     r = similarity_vs_effect(tiny_model, s, HOOKS[0], sae, v, abl, n_boot=100, n_perm=100)
     assert 0 < r["n_active"] <= 128 and r["attribution"]["signed"]["n"] == r["n_active"]
     assert r["ablation"]["signed"]["n"] == 4
+
+
+# ---------------------------------------------------------------------------- in the stages
+
+
+def test_run_concept_and_decompose_carry_the_programme(tiny_model, tiny_store):
+    """run_concept writes `multilayer` and `stability`, decompose_concept
+    `similarity_vs_effect`, and their flat keys reach the headlines."""
+    from stages.steering import ConceptConfig, concept_headline, run_concept, toy_sets
+    from stages.steering.decompose_run import decompose_concept, decomposition_headline
+    from stages.steering.run import jsonable
+
+    s = toy_sets(0, 16, 8)["mammal_vs_bird"]
+    cfg = ConceptConfig(multipliers=(-2.0, 0.0, 2.0), n_windows=4, max_features=8,
+                        n_candidates=64, gt_rows=2048, probe_rows=4096, n_generations=1,
+                        max_new_tokens=3, kl_budget=10.0, stability_splits=8,
+                        similarity_draws=200)  # fmt: skip
+    r = run_concept(tiny_model, s, HOOKS, tiny_store, cfg, model_name="tiny")
+    ev = jsonable(r.evaluation_dict())
+    best = ev["sweep"]["best_hook"]
+    ml = ev["multilayer"]
+    assert ml["hooks"] == HOOKS and len(ml["null_slopes"]) == 32
+    # the paired single-hook row is the sweep's best hook at its own norm
+    assert ml["single"]["steerability"] == pytest.approx(
+        ev["controls"][best]["vectors"]["raw"]["own_norm"]["steerability"], rel=1e-6
+    )
+    st = ev["stability"]
+    assert st["split_half"][best]["n_splits"] == 8 and len(st["effects"]["halves"]) == 2
+    head = concept_headline(ev)
+    for key in ("multilayer.steerability", "multilayer.z", "multilayer.minus_single_ci95_lo",
+                "stability.split_half_cosine", "stability.null_cosine_mean",
+                "stability.position_minus_1.cosine"):  # fmt: skip
+        assert key in head, key
+    assert -1 <= head["stability.split_half_cosine"] <= 1
+    dd = decompose_concept(tiny_model, s, r.vectors, ev, {HOOKS[1]: tiny_sae()}, tiny_store, cfg)
+    sv = dd["similarity_vs_effect"]
+    assert sv["attribution"]["signed"]["n"] == sv["n_active"]
+    assert sv["ablation"]["signed"]["n"] == len(dd["attribution"]["latents"])
+    dh = decomposition_headline(dd)
+    assert "similarity_vs_effect.attribution.signed.spearman" in dh
+    assert "similarity_vs_effect.ablation.absolute.p" in dh
