@@ -17,7 +17,9 @@
 - **Read position**: the vector read `offset` tokens before each pair's own read
   position (offset 1, 2): cosine to the vector at every hook, and its steerability at
   the best hook (own norm, and at the full vector's norm against the same null). Pairs
-  whose earlier position would be BOS are left out (counted).
+  whose earlier position would be BOS are left out (counted); where the two sides are
+  the same text up to that position the vector is zero: cosine NaN, hook listed in
+  `same_text`, no steering.
 """
 
 from __future__ import annotations
@@ -146,12 +148,16 @@ def vector_stability(
         a = read_activations(model, [pp[i] for i in keep] + [nn[i] for i in keep], hooks,
                              [sp_[i] for i in keep] + [sn_[i] for i in keep], batch_size)  # fmt: skip
         vs = {h: mean_diff(a[h][: len(keep)], a[h][len(keep) :]) for h in hooks}
+        # a zero vector: the two sides are the same text up to there (no direction)
+        flat = {h: float(vs[h].norm()) <= 1e-6 * float(vectors[h].norm()) for h in hooks}
         out["positions"][str(off)] = {
             "n_pairs": len(keep),
-            "cosine": {h: _cos(vs[h], vectors[h]) for h in hooks},
+            "cosine": {h: float("nan") if flat[h] else _cos(vs[h], vectors[h]) for h in hooks},
             "norm_ratio": {h: float(vs[h].norm() / vectors[h].norm()) for h in hooks},
+            "same_text": [h for h in hooks if flat[h]],
         }  # fmt: skip
-        pos_vecs[off] = vs[best]
+        if not flat[best]:
+            pos_vecs[off] = vs[best]
     # steering: full vector, half vectors, earlier-position vectors at the best hook
     v = vectors[best].float()
     r_norm = float(v.norm())

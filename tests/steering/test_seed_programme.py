@@ -179,3 +179,17 @@ def test_run_concept_and_decompose_carry_the_programme(tiny_model, tiny_store):
     dh = decomposition_headline(dd)
     assert "similarity_vs_effect.attribution.signed.spearman" in dh
     assert "similarity_vs_effect.ablation.absolute.p" in dh
+
+
+def test_an_earlier_position_of_identical_text_has_no_vector(tiny_model):
+    """Pairs that differ only in their last token: one token earlier both sides are the
+    same text, the mean difference is exactly 0, its cosine undefined (NaN), no steering."""
+    pairs = [ContrastivePair(f"{n} sees the {a}", f"{n} sees the {b}")
+             for n in ("Anna", "Tom", "Mia", "Ben") for a, b in (("dog", "owl"), ("cat", "dog"))]  # fmt: skip
+    s = SteeringSet("last", pairs, _set().eval_prompts, ["happy"], ["sad"])
+    vec = compute_vectors(tiny_model, s, HOOKS)
+    st = vector_stability(tiny_model, s, vec, HOOKS[1], [-1.0, 0.0, 1.0], None, n_splits=3,
+                          n_effect_splits=0, offsets=(1,))  # fmt: skip
+    p1 = st["positions"]["1"]
+    assert p1["same_text"] == HOOKS and all(np.isnan(c) for c in p1["cosine"].values())
+    assert p1["norm_ratio"][HOOKS[0]] == 0.0 and "position_minus_1" not in st["effects"]
