@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from stages.report.html import ReportContext, Section, e, fmt, table
+from stages.report.steering_programme import programme_tables
 
 log = logging.getLogger(__name__)
 
@@ -209,6 +210,7 @@ def section(
         parts.append(_summary_table(mine, pages, resolve))
         parts.append(_controls_table(mine))
         parts.append(_circuit_table(mine))
+        parts.append(programme_tables(mine))
         for c in mine:
             inputs = [Path(steering_dir) / model]
             if c.decomposition_path is not None:

@@ -193,3 +193,32 @@ def test_an_earlier_position_of_identical_text_has_no_vector(tiny_model):
     p1 = st["positions"]["1"]
     assert p1["same_text"] == HOOKS and all(np.isnan(c) for c in p1["cosine"].values())
     assert p1["norm_ratio"][HOOKS[0]] == 0.0 and "position_minus_1" not in st["effects"]
+
+
+def test_report_tables_show_the_records(tiny_model, tiny_store):
+    """stages/report/steering_programme.py draws the three tables from the JSON records."""
+    from types import SimpleNamespace
+
+    from stages.report.steering_programme import programme_tables
+    from stages.steering import ConceptConfig, run_concept, toy_sets
+    from stages.steering.decompose_run import decompose_concept
+    from stages.steering.run import jsonable
+
+    s = toy_sets(0, 16, 8)["emotion_polarity"]
+    cfg = ConceptConfig(multipliers=(-2.0, 0.0, 2.0), n_windows=4, max_features=8,
+                        n_candidates=64, gt_rows=2048, probe_rows=4096, n_generations=0,
+                        kl_budget=10.0, stability_splits=6, similarity_draws=100)  # fmt: skip
+    r = run_concept(tiny_model, s, HOOKS, tiny_store, cfg, model_name="tiny")
+    ev = jsonable(r.evaluation_dict())
+    dd = jsonable(decompose_concept(tiny_model, s, r.vectors, ev, {HOOKS[1]: tiny_sae()},
+                                    tiny_store, cfg))  # fmt: skip
+    html = programme_tables([SimpleNamespace(concept=s.name, evaluation=ev, decomposition=dd)])
+    assert "Multi-layer steering" in html and "Vector stability" in html
+    assert "feature similarity predict" in html
+    m = ev["multilayer"]["multi"]
+    assert f"{m['z']:.2f} ({m['p']:.3f})" in html
+    best = ev["sweep"]["best_hook"]
+    assert f"{ev['stability']['split_half'][best]['cosine_mean']:.3f}" in html
+    rho = dd["similarity_vs_effect"]["ablation"]["signed"]["spearman"]
+    assert f"{rho:.3f}" in html
+    assert programme_tables([SimpleNamespace(concept="x", evaluation={}, decomposition={})]) == ""
