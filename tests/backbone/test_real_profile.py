@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 PROFILE = REPO / "profiles/gpt2-pythia.yaml"
 # the tiny models have 2 layers: the profile's layers, mapped onto them
+PAIR = "gpt2__pythia-70m-deduped"
 LAYERS = {"gpt2": {"6": "0", "8": "1"}, "pythia": {"2": "0", "3": "1"}}
 
 
@@ -90,9 +91,16 @@ def test_real_profile_offline(tmp_path, prefect_api):
     models = ("gpt2", "pythia-70m-deduped")
     stages = [("corpus",)] + [(s, m) for s in ("lm", "activations", "saes", "steering",
                                                "decompose")
-                              for m in models] + [("align", "gpt2__pythia-70m-deduped")]  # fmt: skip
+                              for m in models] + [("align", PAIR), ("transfer", PAIR)]  # fmt: skip
+    stages += [("geometry", m) for m in models] + [("report",)]
+    out = {}
     for stage, *arg in stages:
-        run([sys.executable, "-m", f"flows.{stage}", *arg], root, env)
+        out[(stage, *arg)] = run([sys.executable, "-m", f"flows.{stage}", *arg], root, env).stdout
+    for k, v in out.items():
+        print(k, v[-1500:])
+    feats = run([str(Path(sys.executable).parent / "atlas"), "features", "I love this film",
+                 "--model", "gpt2", "--hook", "blocks.1.hook_resid_pre", "--sae", "res"], root, env)  # fmt: skip
+    print(feats.stdout, feats.stderr)
 
     # pretrained SAEs, from the registry and from the folder, evaluated and written
     for model, hook, name in [("gpt2", "blocks.1.hook_resid_pre", "res"),
