@@ -1,7 +1,8 @@
-"""Every profile in profiles/ (and the default params.yaml) runs under `dvc repro` as documented (`cp profiles/<x>.yaml
-params.yaml && atlas run`): DVC refuses a stage whose `params:` key is missing from
-params.yaml ("Parameters 'compute.precision' are missing"), even where the schema has a
-default, so each profile must spell out every key a stage it runs depends on."""
+"""Every profile in profiles/ (and the default params.yaml) runs under `dvc repro` as
+documented (`cp profiles/<x>.yaml params.yaml && atlas run`): DVC refuses a stage whose
+`params:` key is missing from params.yaml ("Parameters 'compute.precision' are missing"),
+even where the schema has a default, so each profile must spell out every key a stage it
+runs depends on."""
 
 from __future__ import annotations
 
