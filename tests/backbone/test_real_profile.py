@@ -151,6 +151,7 @@ def test_real_profile_offline(tmp_path, prefect_api):
     for concept, rows in tr["concepts"].items():
         r = rows[f"{ha}~{hb}"]
         assert (r["hook_a"], r["hook_b"], r["sae_a"], r["sae_b"]) == (ha, hb, "res", "res")
+        assert r["norm_carried"] > 0 and math.isfinite(r["cosine_transferred_own"])  # not empty
         assert r["random"]["n"] == len(r["random"]["slopes"]) == n_random
         assert all(map(math.isfinite, r["random"]["slopes"])) and r["random"]["sd"] > 0
         assert r["p_floor"] == pytest.approx(1 / (n_random + 1))
