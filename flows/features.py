@@ -133,11 +133,18 @@ def main(argv: list[str] | None = None, prog: str = "python -m flows.features") 
         )
         dashboard = load_dashboard_data(dash_path) if dash_path.exists() else None
         model = load_model(model_dir)
-        rows = features_of_text(args.text, model, args.hook, load_sae(folder), dashboard, k=args.k)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        sae = load_sae(folder)
+        rows = features_of_text(args.text, model, args.hook, sae, dashboard, k=args.k)
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError, ConnectionError) as e:
+        # (RuntimeError: a pretrained model that neither the hub nor the HF cache has)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line
         return 2
-    print(f"{args.model} · {args.hook} · {folder.name}: top {args.k} active features per token")
+    from stages.report.dashboards import pretrained_source
+
+    src = pretrained_source(sae)  # a published SAE (saes.pretrained): say which
+    print(f"{args.model} · {args.hook} · {folder.name}"
+          + (f" (published: {src})" if src else "")
+          + f": top {args.k} active features per token")  # fmt: skip
     n_ctx = model.cfg.n_ctx
     if len(rows) > n_ctx - 1:  # said, not silent: the text is longer than the context
         print(f"(the text's {len(rows)} tokens exceed the context of {n_ctx}: read in "

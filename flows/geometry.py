@@ -61,6 +61,9 @@ def geometry_flow(name: str) -> dict:
                      if isinstance(v, int | float) and v == v})  # fmt: skip
         run.metrics({f"seconds.{k}": v for k, v in result.seconds.items()})
         run.artifact(out / "geometry.json")
+        if isinstance(whole := result.summary.get("skipped"), str):  # the stage as a whole
+            print(f"geometry@{name}: skipped: {whole}")
+            return result.metrics
         for concept, why in result.summary.get("skipped", {}).items():
             print(f"geometry@{name}: {concept}: skipped ({why})")
         print(f"geometry@{name}: {len(result.summary.get('spaces', {}))} spaces in "

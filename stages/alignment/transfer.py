@@ -243,7 +243,8 @@ def transfer_steering(
     vector carried through the Hungarian matches of the alignment at `alignment_dir` into
     B (`transfer_vector`) and tested on B's held-out set of that concept against B's own
     vector and random directions, all at the own vector's norm (`evaluate_transfer`).
-    Returns what `transfer.json` holds: settings, then concept -> hook -> test."""
+    Returns what `transfer.json` holds: settings, then concept -> hook -> test (the key
+    `<hook_a>~<hook_b>` where the alignment paired different hooks)."""
     matched = read_hungarian(alignment_dir)
     out: dict[str, Any] = {"method": method, "k": k, "min_correlation": min_correlation,
                            "n_random": n_random, "multipliers": list(multipliers),
@@ -252,18 +253,24 @@ def transfer_steering(
         if concept not in sets:
             continue
         va, vb, rows = vectors_a[concept], vectors_b[concept], {}
-        for hook in sorted(set(va) & set(vb)):
-            if (hook, hook) not in matched:
+        # the alignment's hook pairs: the same hook in two models of one architecture, or
+        # e.g. gpt2's blocks.8.hook_resid_pre with pythia's blocks.3.hook_resid_post
+        for (hook_a, hook_b), (name_a, name_b, m) in sorted(matched.items()):
+            if hook_a not in va or hook_b not in vb:
                 continue
-            name_a, name_b, m = matched[(hook, hook)]
-            sa, sb = saes_a[hook][name_a], saes_b[hook][name_b]
+            sa, sb = saes_a[hook_a][name_a], saes_b[hook_b][name_b]
             matches = Matches(m["latent_a"], m["latent_b"], m["correlation"], sa.d_sae,
                               sb.d_sae, "hungarian")  # fmt: skip
-            vt = transfer_vector(va[hook], sa, sb, matches, k, method=method,
+            vt = transfer_vector(va[hook_a], sa, sb, matches, k, method=method,
                                  min_score=min_correlation)  # fmt: skip
-            test = evaluate_transfer(model_b, sets[concept], hook, vb[hook], vt, multipliers,
-                                     n_random=n_random, seed=seed)  # fmt: skip
-            rows[hook] = {"sae_a": name_a, "sae_b": name_b, **test.to_dict()}
+            test = evaluate_transfer(model_b, sets[concept], hook_b, vb[hook_b], vt,
+                                     multipliers, n_random=n_random, seed=seed)  # fmt: skip
+            if hook_a == hook_b:
+                rows[hook_a] = {"sae_a": name_a, "sae_b": name_b, **test.to_dict()}
+            else:  # keyed as the alignment keys its SAE pairs
+                rows[f"{hook_a}~{hook_b}"] = {"hook_a": hook_a, "hook_b": hook_b,
+                                               "sae_a": name_a, "sae_b": name_b,
+                                               **test.to_dict()}  # fmt: skip
         out["concepts"][concept] = rows
     return correct_transfer(out)
 

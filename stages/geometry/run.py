@@ -269,7 +269,9 @@ def _model_geometry(store, model_dir: Path, corpus_dir: Path, sae_root: Path,
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     if not store.concept_names:
-        return GeometryResult({"skipped": f"{store.path}: the store has no concept labels"})
+        return GeometryResult({"skipped": f"{store.path} has no concept labels (geometry "
+                               "measures the planted world's concepts, which only "
+                               "`corpus.source: toy` labels)"})  # fmt: skip
     concepts = Concepts.read(corpus_dir, store.concept_names)
     hooks = list(store.hooks)
     x, ids, labels = _training_rows(store, hooks, cfg.max_rows)

@@ -303,6 +303,8 @@ class SAEDashboardData:
     descriptions: dict[int, dict[str, Any]]  # every live latent: short description
     records: dict[int, dict[str, Any]]  # selected latents: full dashboard record
     inputs: list[str] = field(default_factory=list)  # input paths (provenance)
+    # a published SAE's source (`saes.pretrained`): "release/sae_id" or "folder <path>"
+    pretrained: str | None = None
 
     @property
     def key(self) -> str:
@@ -322,6 +324,7 @@ class SAEDashboardData:
             "selected": {str(f): r for f, r in sorted(self.reasons.items())},
             "features": {str(f): d for f, d in sorted(self.descriptions.items())},
             "records": {str(f): r for f, r in sorted(self.records.items())},
+            **({"pretrained": self.pretrained} if self.pretrained else {}),
         }
 
 
@@ -506,8 +509,17 @@ def compute_dashboard_data(
         architecture=(sae.metadata.get("training_architecture") or sae.architecture),
         d_sae=sae.d_sae, n_rows=n, split=cfg.split, reasons=reasons,
         descriptions=descriptions, records=records,
-        inputs=[Path(p).as_posix() for p in inputs],
+        inputs=[Path(p).as_posix() for p in inputs], pretrained=pretrained_source(sae),
     )  # fmt: skip
+
+
+def pretrained_source(sae) -> str | None:
+    """`release/sae_id` or `folder <path>` of an SAE `saes.pretrained` named (what
+    `stages.sae.io.resolve_pretrained_sae` recorded in its cfg), else None."""
+    from stages.sae.config import PretrainedSAE
+
+    entry = (sae.metadata or {}).get("pretrained")
+    return PretrainedSAE.model_validate(entry).source() if isinstance(entry, dict) else None
 
 
 def vocab_strings(tokenizer, d_vocab: int) -> list[str]:
@@ -672,8 +684,10 @@ def write_dashboards(
         rows.append([f'<a href="feature-{f}.html">#{f}</a>', e("; ".join(data.records[f]["reasons"])),
                      fmt(data.records[f]["density"], 3), fmt(data.records[f]["max_act"], 3),
                      e(describe(d))])  # fmt: skip
+    published = (f"<p>Published SAE, not trained here: <code>{e(data.pretrained)}</code> "
+                 "(<code>saes.pretrained</code>).</p>" if data.pretrained else "")  # fmt: skip
     body = (
-        f"<p>{len(feats)} dashboarded latents of {data.d_sae} "
+        published + f"<p>{len(feats)} dashboarded latents of {data.d_sae} "
         f"({len(data.descriptions)} fire on the {data.n_rows} {data.split} tokens streamed). "
         f"One-line descriptions of every live latent are in <code>{DATA_FILENAME}</code>.</p>"
         + table(

@@ -69,6 +69,13 @@ def section(ctx: ReportContext, folder: Path) -> Section | None:
     models = _models(folder)
     if not models:
         return None
+    # a stage that skipped as a whole (e.g. a corpus with no concept labels) says why
+    whole = {m: g["skipped"] for m, g in models.items() if isinstance(g.get("skipped"), str)}
+    models = {m: g for m, g in models.items() if m not in whole}
+    why = "; ".join(f"geometry@{m} skipped: {r}" for m, r in whole.items())
+    if not models:
+        return Section("geometry", "Concept geometry",
+                       f'<p class="note"><b>Not run.</b> {e(why)}.</p>')  # fmt: skip
     inputs = {m: [folder / m] for m in models}
     parts = [
         '<p>Concept vectors by the LDA-style estimator of Park et al. 2024 ("The Geometry of '
@@ -84,6 +91,8 @@ def section(ctx: ReportContext, folder: Path) -> Section | None:
         "(1 + #null at least as extreme) / (1 + n) with its floor 1/(1 + n); the last column "
         f"is each table's {e(HOLM)} correction over its rows.</p>"
     ]
+    if whole:
+        parts.append(f'<p class="muted">{e(why)}.</p>')
     skipped = sorted({c for g in models.values() for c in g.get("skipped", {})})
     if skipped:
         parts.append(f'<p class="muted">Concepts without a vector (too few tokens): '

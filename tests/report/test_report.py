@@ -386,3 +386,19 @@ def test_world_section_reads_the_probe_tables_from_metrics(tiny_data, tmp_path):
     html = report.index.read_text()
     assert "Contextual concepts in tiny-b" in html and "untrained-model F1" in html
     assert "<b>1</b> contextual concepts" in html and "expect_fish_move" in html
+
+
+def test_geometry_section_says_why_a_model_skipped_geometry(tmp_path):
+    """geometry@M on a corpus without concept labels writes {"skipped": why}; the section
+    says so (as not run), rather than reading the reason as a list of skipped concepts."""
+    from stages.report.geometry import section
+    from stages.report.html import ReportContext
+    from stages.report.provenance import Provenance
+
+    why = "data/activations/gpt2 has no concept labels"
+    (tmp_path / "geometry/gpt2").mkdir(parents=True)
+    (tmp_path / "geometry/gpt2/geometry.json").write_text(json.dumps({"skipped": why}))
+    ctx = ReportContext(out=tmp_path / "report", provenance=Provenance())
+    s = section(ctx, tmp_path / "geometry")
+    assert s.body.startswith('<p class="note"><b>Not run.</b>')
+    assert f"geometry@gpt2 skipped: {why}" in s.body and not ctx.figures

@@ -108,3 +108,40 @@ def test_holm_over_the_pairs_concepts_and_hooks():
     assert scores["transfer/a/h0/p_vs_random_holm"] == round(4 / 33, 6)
     assert scores["transfer/a/h0/p_normal_vs_random_holm"] == pytest.approx(4e-9)  # not 0
     assert scores["transfer/a/h0/p_floor"] == round(1 / 33, 6)
+
+
+def test_transfer_follows_the_alignments_hook_pair(tiny_model, tmp_path):
+    """Across model families the alignment pairs different hooks (gpt2's
+    blocks.8.hook_resid_pre with pythia's blocks.3.hook_resid_post): A's vector at hook_a
+    is carried into B's SAE at hook_b and tested there. Here B's own vector at hook_b is the
+    carried vector itself, so the test must find it steering exactly like B's own."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from stages.alignment.transfer import Matches, transfer_steering, transfer_vector
+    from tests.alignment._stores import tiny_topk_sae
+
+    ha, hb = HOOKS
+    sae_a, sae_b = tiny_topk_sae(32, 64, 4, seed=1), tiny_topk_sae(32, 64, 4, seed=2)
+    la, lb = np.arange(64), np.random.default_rng(0).permutation(64)
+    corr = np.linspace(0.9, 0.3, 64)
+    key = f"{ha}~{hb}/x~y"
+    (tmp_path / "matches").mkdir()
+    (tmp_path / "meta.json").write_text(json.dumps({"sae_pairs": [key]}))
+    pq.write_table(pa.table({"method": ["hungarian"] * 64, "latent_a": la, "latent_b": lb,
+                             "correlation": corr}),
+                   tmp_path / "matches" / f"{key.replace('/', '__')}.parquet")  # fmt: skip
+    v = torch.randn(32, generator=torch.Generator().manual_seed(4)) * 3
+    carried = transfer_vector(v, sae_a, sae_b, Matches(la, lb, corr, 64, 64, "hungarian"), None)
+    s = toy_sets(0, 8, 8)["mammal_vs_bird"]
+    out = transfer_steering(tmp_path, {"c": {ha: v}}, {"c": {hb: carried}}, {ha: {"x": sae_a}},
+                            {hb: {"y": sae_b}}, tiny_model, {"c": s}, MULTS, n_random=3,
+                            seed=0)  # fmt: skip
+    r = out["concepts"]["c"][f"{ha}~{hb}"]
+    assert (r["hook_a"], r["hook_b"], r["sae_a"], r["sae_b"]) == (ha, hb, "x", "y")
+    assert r["cosine_transferred_own"] == pytest.approx(1.0, abs=1e-6)
+    assert r["transferred"]["steerability"] == pytest.approx(r["own"]["steerability"], rel=1e-4)
+    assert r["own"]["steerability"] != 0 and out["correction"]["family_size"] == 1
