@@ -420,7 +420,8 @@ def _interventions_table(concepts: list[SteeredConcept]) -> str:
             n_cl = (cl.get("random") or {}).get("n")
             add, diff = cl.get("add_equal_kl") or {}, cl.get("clamp_minus_add") or {}
             rows.append([
-                e(c.concept), f"clamp {e(cl.get('latents'))} at ×{fmt(cl.get('multiple'), 2)}",
+                e(c.concept), f"clamp {e(cl.get('latents'))} at ×{fmt(cl.get('clamp_at'), 2)}, "
+                f"KL {fmt(cl.get('kl'))}; add at ×{fmt(add.get('multiplier'), 2)}",
                 f"<code>{e(cl.get('hook', '–'))}</code>",
                 f"add {fmt(add.get('effect'))} {_ci(add)}",
                 f"clamp {fmt(cl.get('effect'))} {_ci(cl)}", _z_p(cl),
@@ -436,12 +437,12 @@ def _interventions_table(concepts: list[SteeredConcept]) -> str:
             "<b>Ablate+add</b>: the component along the vector set to m × its norm; slope over "
             "m of the metric on both sides of the pairs, against random directions of the "
             "vector's norm. <b>Clamp</b>: the decomposition's top latents clamped (SAE error "
-            "term kept) at the eval prompts' last token to the multiple of their largest "
-            "activation on the positive prompts at which KL on held-out text equals the raw "
-            "vector's KL at ×1; its mean change of the metric beside adding the raw vector "
-            f"there (paired difference), z (p) against {e(n_cl)} sets of as many random active "
-            "latents each at its own equal-KL multiple. p one-sided, floor 1/(n + 1), not "
-            "corrected across rows.</p>")  # fmt: skip
+            "term kept) at the eval prompts' last token to a multiple of their largest "
+            "activation on the positive prompts; its mean change of the metric beside adding "
+            "the raw vector at the multiplier whose KL on held-out text equals the clamp's "
+            f"(paired difference), z (p) against {e(n_cl)} sets of as many random active "
+            "latents clamped the same way. p one-sided, floor 1/(n + 1), not corrected across "
+            "rows.</p>")  # fmt: skip
     return note + table(
         ["concept", "intervention", "hook", "contrast / add effect", "retained / clamp effect",
          "z (p)", "ablate+add slope / clamp − add", "z (p)"],

@@ -52,11 +52,15 @@ class SteeringConfig(StrictModel):
     kl_windows: PosInt = 8  # held-out windows for the equal-KL search (of n_windows)
     equal_kl_at: PosFloat = 1.0  # equal-KL target = the raw vector's KL at this multiplier
     # directional ablation and ablate+add per steering hook (stages/steering/interventions.py)
-    ablation_random: PosInt = 32  # random directions of the vector's norm (p floor 1/(n+1))
+    # random directions of the vector's norm (p floor 1/(n+1)); 8 keeps the default run in
+    # its budget (~0.4 s a hook on the default models), 32 for the standard
+    ablation_random: PosInt = 8
     ablate_add_multipliers: list[float] = [-1.0, 0.0, 1.0]  # must include 0 (= ablation)
     # clamping the decomposition's top targeted_k latents, × their max on positive prompts
-    clamp_multiples: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]
+    clamp_multiples: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]  # the figure's grid
+    clamp_at: PosFloat = 1.0  # the tested clamp: each latent at its max on positive prompts
     clamp_random: PosInt = 32  # draws of as many random active latents clamped the same way
+    clamp_kl_random: NonNegInt = 8  # of those, how many also get their KL measured
     gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
     n_generations: NonNegInt = 3
     max_new_tokens: PosInt = 10

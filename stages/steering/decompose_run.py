@@ -185,8 +185,10 @@ def decompose_concept(
     top = dec.top(cfg.targeted_k)
     dd["clamp"] = feature_clamping(
         model, s, dh, sae, top, [coef[j] for j in top], v, tokens[: cfg.kl_windows],
-        multiples=tuple(cfg.clamp_multiples), equal_kl_at=cfg.equal_kl_at,
-        n_random=cfg.clamp_random, seed=cfg.seed, batch_size=bs,
+        multiples=tuple(cfg.clamp_multiples), clamp_at=cfg.clamp_at,
+        add_multipliers=tuple(cfg.multipliers), n_random=cfg.clamp_random,
+        n_kl_random=cfg.clamp_kl_random, seed=cfg.seed,
+        batch_size=bs,
     )  # fmt: skip
     # which latents carry the behaviour: attribution patching against true ablation
     dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
@@ -321,18 +323,21 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
         al = cl["multiples"]
         a1.plot(al, cl["effect_by_multiple"], "o-", color="C0",
                 label=f"top {cl['k']} latents {cl['latents']}")  # fmt: skip
-        mu, sd = cl["random"]["effect_by_multiple_mean"], cl["random"]["effect_by_multiple_sd"]
-        if mu and sd:
-            mu, sd = np.asarray(mu, float), np.asarray(sd, float)
-            a1.fill_between(al, mu - sd, mu + sd, color="grey", alpha=0.3,
-                            label=f"{cl['random']['n']} random active-latent sets (mean ± sd)")  # fmt: skip
-        a1.axhline(cl["add_equal_kl"]["effect"], color="C3", ls="--",
-                   label=f"add raw vector ×{cl['equal_kl_at']:g} (equal KL)")  # fmt: skip
+        ne = [u for u in cl["random"]["null_effects"] if u is not None]
+        if ne:
+            a1.errorbar([cl["clamp_at"]], [np.mean(ne)], yerr=[np.std(ne)], fmt="s",
+                        color="grey", label=f"{len(ne)} random active-latent sets (mean ± sd)")  # fmt: skip
+        if cl["add_equal_kl"]["effect"] is not None:
+            a1.axhline(cl["add_equal_kl"]["effect"], color="C3", ls="--",
+                       label=f"add raw vector at the KL of the clamp at ×{cl['clamp_at']:g}")  # fmt: skip
         a1.set(xscale="log", xlabel="clamp value (× max activation on positive prompts)",
                ylabel="Δ metric vs clean", title="behaviour")  # fmt: skip
         a1.legend(fontsize=6)
         a2.plot(al, [np.nan if k is None else k for k in cl["kl_curve"]], "o-", color="C0")
-        a2.axhline(cl["target_kl"], color="C3", ls="--", label="target: raw vector's KL")
+        nk = [u for u in cl["random"]["null_kl"] if u is not None]
+        if nk:
+            a2.errorbar([cl["clamp_at"]], [np.mean(nk)], yerr=[np.std(nk)], fmt="s",
+                        color="grey", label="random latent sets (mean ± sd)")  # fmt: skip
         a2.set(xscale="log", yscale="log", xlabel="clamp value (× max)", ylabel="KL (nats/token)",
                title="side effect")  # fmt: skip
         a2.legend(fontsize=7)
@@ -402,17 +407,19 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
 
 
 def clamp_headline(c: dict[str, Any] | None) -> dict[str, float]:
-    """Flat metrics of `interventions.feature_clamping`: the clamp's effect at the equal-KL
-    multiple (`clamp.effect`, interval, the multiple), z / p against random active
-    latents clamped the same way, adding the raw vector at equal KL (`clamp.add_effect`)
-    and the paired difference clamp − add (`clamp.minus_add`)."""
+    """Flat metrics of `interventions.feature_clamping`: the clamp's effect (`clamp.effect`,
+    interval) and KL (`clamp.kl`), z / p against random active latents clamped the same
+    way, adding the raw vector at the multiplier with the clamp's KL (`clamp.add_effect`,
+    `clamp.add_multiplier`) and the paired difference clamp − add (`clamp.minus_add`)."""
     if not c:
         return {}
-    out = {"clamp.k": c["k"], "clamp.effect": c["effect"], "clamp.multiple": c["multiple"],
+    out = {"clamp.k": c["k"], "clamp.effect": c["effect"], "clamp.kl": c["kl"],
            "clamp.random.n": c["random"]["n"], "clamp.random.p_floor": c["p_floor"],
-           "clamp.n_unreached": c["n_unreached"], "clamp.ablated_effect": c["ablated_effect"],
+           "clamp.ablated_effect": c["ablated_effect"],
+           "clamp.add_multiplier": c["add_equal_kl"]["multiplier"],
            "clamp.add_effect": c["add_equal_kl"]["effect"],
            "clamp.minus_add": c["clamp_minus_add"]["effect"]}  # fmt: skip
+    out["clamp.add_ci95_lo"], out["clamp.add_ci95_hi"] = c["add_equal_kl"]["ci95"]
     out["clamp.ci95_lo"], out["clamp.ci95_hi"] = c["ci95"]
     out["clamp.minus_add_ci95_lo"], out["clamp.minus_add_ci95_hi"] = c["clamp_minus_add"]["ci95"]
     for key in ("z", "p", "null_mean", "null_sd"):

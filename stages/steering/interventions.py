@@ -20,13 +20,16 @@
   x ← x + Σ_{j∈L} (c_j − f_j(x)) W_dec[j], exactly the clean x when c = f(x). The concept's
   top-k latents of the non-negative decomposition are clamped to α × their largest
   activation on the set's positive training prompts (signed by the decomposition's
-  coefficient) at each eval prompt's last token (where adding the vector steers), over a
-  grid of α; KL(clean ‖ clamped) on held-out windows with the clamp at every position but
-  BOS. At the α reaching the equal-KL target (the raw vector's KL at ×`equal_kl_at`, as in
-  `controls.controlled_effects`) the effect is the mean change of the metric against the
-  clean pass, compared (paired over prompts) with adding the raw vector at its equal-KL
-  multiplier, and against the same clamp of k random latents that fire on the positive
-  prompts, each at its own equal-KL α: z, empirical p with its floor, 95 % t interval.
+  coefficient) at each eval prompt's last token (where adding the vector steers); the
+  effect is the mean change of the metric against the clean pass at α = `clamp_at`, and
+  KL(clean ‖ clamped) is measured on held-out windows with the clamp at every position but
+  BOS. Equal side effect: the raw vector is added (last token for the metric, every
+  position for KL, as steering does) at the multiplier whose KL equals the clamp's
+  (`controls.kl_curves` + `crossing`, linear interpolation on its KL curve), and the
+  paired difference clamp − add gets a 95 % t interval over prompts. The null: `n_random`
+  draws of k random latents that fire on the positive prompts, clamped the same way at
+  the same α (the KL of the first `n_kl_random` recorded beside): z, empirical p with its
+  floor, interval over prompts.
 
 All passes are batched: the clean residual at the hook is cached once and the edited
 rows run the blocks after the hook only (`run_edits`); the clamp's behaviour rows run one
@@ -49,6 +52,7 @@ from stages.alignment.pvalues import p_floor
 from stages.steering.apply import steer
 from stages.steering.controls import (
     crossing,
+    kl_curves,
     last_token_edit_grid,
     last_token_grid,
     null_test,
@@ -91,12 +95,15 @@ def run_edits(
     *,
     batch_size: int = 64,
     clean: tuple[Tensor, Tensor] | None = None,
+    last: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(clean logits [N, L, V], reduce(edited logits [a, N, L, V]) stacked over variants).
 
     `edit(x0, i)` returns variant i's activation [N, L, d] from the clean one x0 at `hook`.
     At a residual hook only the blocks after it run; `batch_size` sequences per forward.
-    `clean`: (clean logits, x0) of an earlier call on the same tokens (`clean_pass`)."""
+    `clean`: (clean logits, x0) of an earlier call on the same tokens (`clean_pass`).
+    `last` [N]: only these positions are read: ln_final and the unembedding run on them
+    alone, and `reduce` gets [a, N, V]."""
     check_hooks(model, [hook], "intervention hook")
     start = resid_start(hook)
     clean_lg, x0 = clean if clean is not None else clean_pass(model, hook, tokens)
@@ -106,11 +113,18 @@ def run_edits(
     for c0 in range(0, n_variants, per):
         vi = range(c0, min(c0 + per, n_variants))
         xs = torch.cat([edit(x0, i) for i in vi])  # [a·N, L, d]
-        if start is not None:
-            lg = model(xs, start_at_layer=start)
+        if start is not None and last is not None:
+            r = model(xs, start_at_layer=start, stop_at_layer=model.cfg.n_layers)
+            rows = torch.arange(len(r))
+            lg = model.unembed(model.ln_final(r[rows, last.repeat(len(vi))][:, None]))[:, 0]
         else:
-            lg = model.run_with_hooks(tokens.repeat(len(vi), 1),
-                                      fwd_hooks=[(hook, lambda a, hook, xs=xs: xs)])  # fmt: skip
+            if start is not None:
+                lg = model(xs, start_at_layer=start)
+            else:
+                lg = model.run_with_hooks(tokens.repeat(len(vi), 1),
+                                          fwd_hooks=[(hook, lambda a, hook, xs=xs: xs)])  # fmt: skip
+            if last is not None:
+                lg = lg[torch.arange(len(lg)), last.repeat(len(vi))]
         outs.append(reduce(lg.reshape(len(vi), n, *lg.shape[1:])))
     return clean_lg, torch.cat(outs)
 
@@ -190,12 +204,11 @@ def directional_ablation(
     def edit(x0: Tensor, i: int) -> Tensor:
         return steer(x0, dirs[i // k], mults[i % k], mask, "ablate_add")
 
-    def reduce(lg: Tensor) -> Tensor:  # [a, N, L, V] -> [a, N]
-        last = lg[:, rows, lens - 1]
-        return torch.stack([behaviour_metric(x, pos_m, neg_m) for x in last])
+    def reduce(lg: Tensor) -> Tensor:  # [a, N, V] -> [a, N]
+        return torch.stack([behaviour_metric(x, pos_m, neg_m) for x in lg])
 
     clean_lg, grid = run_edits(model, hook, toks, len(dirs) * k, edit, reduce,
-                               batch_size=batch_size)  # fmt: skip
+                               batch_size=batch_size, last=lens - 1)  # fmt: skip
     m0 = behaviour_metric(clean_lg[rows, lens - 1], pos_m, neg_m)  # [2P]
     grid = grid.reshape(len(dirs), k, 2 * P).double()  # [dir, mult, prompt]
     c0 = (m0[:P] - m0[P:]).numpy()
@@ -289,15 +302,19 @@ def feature_clamping(
     kl_tokens: Tensor,
     *,
     multiples: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0),
-    equal_kl_at: float = 1.0,
+    clamp_at: float = 1.0,
+    add_multipliers: Sequence[float] = (1.0, 2.0, 4.0, 6.0, 8.0),
     n_random: int = 32,
+    n_kl_random: int = 8,
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """The clamp of `latents` against adding `raw_vector` at equal KL and against clamping
-    `n_random` draws of as many random active latents (module docstring)."""
-    alphas = sorted(float(a) for a in multiples)
-    if len(alphas) < 2 or alphas[0] <= 0 or len(set(alphas)) != len(alphas):
+    """The clamp of `latents` at `clamp_at` × their scale against adding `raw_vector` at
+    the multiplier giving the same KL, and against `n_random` draws of as many random
+    active latents clamped at the same multiple (module docstring). `multiples` is the
+    grid drawn in the figure (behaviour of every set, KL of the concept's)."""
+    alphas = sorted({float(a) for a in multiples} | {float(clamp_at)})
+    if len(alphas) < 2 or alphas[0] <= 0 or not math.isfinite(alphas[-1]):
         raise ValueError(f"clamp_multiples = {list(multiples)}, expected ≥ 2 distinct positive "
                          "values")  # fmt: skip
     lat = [int(j) for j in latents]
@@ -319,72 +336,71 @@ def feature_clamping(
     if fallback:
         sc[fallback] = float(scales[scales > 0].median()) if (scales > 0).any() else 1.0
     base = sgn * sc[sets]  # [1 + n, k]: the value at α = 1
-    # ---- behaviour at each eval prompt's last token, every (set, α)
-
-    grid = last_token_edit_grid(model, s, hook, len(sets), [0.0, *alphas],
-                                clamp_edit(sae, sets, base))  # fmt: skip
-    # α = 0 in the grid is a clamp to 0 (the latents ablated), not the clean pass
+    # ---- behaviour at each eval prompt's last token, every (set, α); α = 0 is a clamp to
+    # 0 (the latents ablated), not the clean pass
+    # the concept's latents over the grid, the random sets at clamp_at only
+    grid = last_token_edit_grid(model, s, hook, 1, [0.0, *alphas],
+                                clamp_edit(sae, sets[:1], base[:1]))[0]  # fmt: skip
     clean = last_token_grid(model, s, hook, torch.zeros(1, model.cfg.d_model), [0.0])[0, :, 0]
-    d_m = grid[:, :, 1:] - clean[None, :, None]  # [set, prompt, α]
-    # ---- KL of the clamp at every position but BOS, α ascending, until the target
-    mask = live_mask(kl_tokens)
+    d_m = grid[:, 1:] - clean[:, None]  # [prompt, α]
+    ai = alphas.index(float(clamp_at))
+    e0 = d_m[:, ai].numpy()
+    if draws:
+        ng = last_token_edit_grid(model, s, hook, len(draws), [float(clamp_at)],
+                                  clamp_edit(sae, sets[1:], base[1:]))[:, :, 0]  # fmt: skip
+        null = (ng - clean[None]).mean(1).numpy()
+    else:
+        null = np.zeros(0)
+    # ---- KL of the clamp at every position but BOS: the concept's over the grid, the
+    # first `n_kl_random` random sets' at clamp_at
+    mask = live_mask(kl_tokens)[..., None]
     cp = clean_pass(model, hook, kl_tokens)
     reduce = _kl_reduce(cp[0])
+    n_kl = min(n_kl_random, len(draws))
+    jobs = [(0, a) for a in alphas] + [(j, float(clamp_at)) for j in range(1, 1 + n_kl)]
+
+    def edit(x0: Tensor, i: int) -> Tensor:
+        j, a = jobs[i]
+        return x0 + mask * clamp_delta(sae, x0, sets[j], a * base[j])
+
+    kls = run_edits(model, hook, kl_tokens, len(jobs), edit, reduce, batch_size=batch_size,
+                    clean=cp)[1].tolist()  # fmt: skip
+    kl_curve, null_kl = kls[: len(alphas)], kls[len(alphas) :]
+    target = kl_curve[ai]
+    # ---- adding the raw vector (every position but BOS for KL, the last token for the
+    # metric, as steering does) at the multiplier reaching the clamp's KL
     raw = raw_vector.detach().float()
-    target = float(run_edits(model, hook, kl_tokens, 1,
-                             lambda x0, i: steer(x0, raw, equal_kl_at, mask, "add"), reduce,
-                             batch_size=batch_size, clean=cp)[1][0])  # fmt: skip
-    kl = torch.full((len(sets), len(alphas)), float("nan"), dtype=torch.float64)
-    active = list(range(len(sets)))
-    for ai, a in enumerate(alphas):
-        if not active:
-            break
-
-        def edit(x0: Tensor, i: int, a=a, act=tuple(active)) -> Tensor:
-            j = act[i]
-            return x0 + mask[..., None] * clamp_delta(sae, x0, sets[j], a * base[j])
-
-        kl[active, ai] = run_edits(model, hook, kl_tokens, len(active), edit, reduce,
-                                   batch_size=batch_size, clean=cp)[1]  # fmt: skip
-        active = [j for j in active if not kl[j, ai] >= target]
-    a_star = [crossing(alphas, kl[j].tolist(), target) if kl[j, 0] < target else float("nan")
-              for j in range(len(sets))]  # fmt: skip
-
-    def effect(j: int) -> np.ndarray:
-        if not math.isfinite(a_star[j]):
-            return np.full(d_m.shape[1], np.nan)
-        return np.array([np.interp(a_star[j], alphas, row) for row in d_m[j].numpy()])
-
-    e0 = effect(0)
-    null = np.array([float(np.mean(effect(j))) for j in range(1, len(sets))])
-    eff = float(np.mean(e0)) if math.isfinite(a_star[0]) else float("nan")
-    # adding the raw vector at its equal-KL multiplier (= equal_kl_at: the target is its KL
-    # there), per prompt, paired with the clamp
-    add_g = last_token_grid(model, s, hook, raw[None], [0.0, equal_kl_at])[0]
-    add_e = (add_g[:, 1] - add_g[:, 0]).numpy()
+    add_x = sorted({float(m) for m in add_multipliers if m > 0})
+    while add_x[-1] < 64 * max(add_x[0], 1.0) and len(add_x) < 16:  # room to reach a big KL
+        add_x.append(2 * add_x[-1])
+    add_kl = kl_curves(model, hook, raw[None], add_x, kl_tokens, until=target,
+                       batch_size=batch_size)[0].tolist()  # fmt: skip
+    m_star = crossing([0.0, *add_x], [0.0, *add_kl], target)
+    if math.isfinite(m_star):
+        add_g = last_token_grid(model, s, hook, raw[None], [0.0, m_star])[0]
+        add_e = (add_g[:, 1] - add_g[:, 0]).numpy()
+    else:
+        add_e = np.full(len(e0), np.nan)
     diff = e0 - add_e
+    eff = float(e0.mean())
     return {
         "hook": hook, "latents": lat, "signs": sgn[0].tolist(), "k": k,
         "scales": [float(sc[j]) for j in lat], "scale_fallback": fallback,
         "scale_rule": "max activation over the positive training prompts, every position but "
-                      "BOS; value = sign × α × scale",
-        "multiples": alphas, "target_kl": target, "equal_kl_at": equal_kl_at,
-        "kl_windows": int(len(kl_tokens)), "kl_curve": kl[0].tolist(),
-        "multiple": a_star[0], "effect": eff, "ci95": t_interval(e0),
-        "effect_by_multiple": d_m[0].mean(0).tolist(),
-        "ablated_effect": float((grid[0, :, 0] - clean).mean()),
-        "add_equal_kl": {"multiplier": equal_kl_at, "effect": float(add_e.mean()),
-                         "ci95": t_interval(add_e)},
-        "clamp_minus_add": {"effect": float(np.mean(diff)) if math.isfinite(eff)
-                            else float("nan"), "ci95": t_interval(diff)},
+                      "BOS; value = sign × multiple × scale",
+        "clamp_at": float(clamp_at), "multiples": alphas, "kl_windows": int(len(kl_tokens)),
+        "kl": target, "kl_curve": kl_curve, "effect": eff, "ci95": t_interval(e0),
+        "effect_by_multiple": d_m.mean(0).tolist(),
+        "ablated_effect": float((grid[:, 0] - clean).mean()),
+        "add_equal_kl": {"multiplier": m_star, "effect": float(np.mean(add_e)),
+                         "ci95": t_interval(add_e), "kl_multipliers": add_x,
+                         "kl_curve": add_kl},
+        "clamp_minus_add": {"effect": float(np.mean(diff)), "ci95": t_interval(diff)},
         "random": {"n": len(draws), "pool": len(pool), "null_effects": null.tolist(),
-                   "null_multiples": a_star[1:],
-                   "effect_by_multiple_mean": d_m[1:].mean(1).mean(0).tolist()
-                   if draws else [],
-                   "effect_by_multiple_sd": d_m[1:].mean(1).std(0).tolist()
-                   if len(draws) > 1 else []},
-        "p_floor": p_floor(len(draws)) if draws else float("nan"),
+                   "null_kl": null_kl, "n_kl": n_kl},
         **null_test(eff, null),
         "method": "Templeton et al. 2024 clamping with the SAE error term kept (Marks et al. "
-                  "2024); equal KL as controls.controlled_effects; p one-sided (null >= effect)",
+                  "2024); the raw vector added at the multiplier whose KL equals the clamp's "
+                  "(linear interpolation on its KL curve); random latents at the same multiple; "
+                  "p one-sided (null >= effect)",
     }  # fmt: skip

@@ -80,10 +80,12 @@ class ConceptConfig:
     n_random: int = 32  # random directions of the same norm: the null of every effect
     kl_windows: int = 8  # held-out windows for the equal-KL search
     equal_kl_at: float = 1.0  # equal-KL target: the raw vector's KL at this multiplier
-    ablation_random: int = 32  # directional ablation / ablate+add: random directions
+    ablation_random: int = 8  # directional ablation / ablate+add: random directions
     ablate_add_multipliers: tuple[float, ...] = (-1.0, 0.0, 1.0)
     clamp_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # × max on positives
+    clamp_at: float = 1.0  # the tested clamp (the grid is for the figure)
     clamp_random: int = 32  # random active-latent sets clamped the same way
+    clamp_kl_random: int = 8  # of those, how many also get their KL measured
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0

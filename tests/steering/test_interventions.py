@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -146,8 +145,9 @@ def test_ablating_a_direction_nothing_writes_to_changes_nothing(tiny_model):
 
 
 def test_feature_clamping_record_and_equal_kl(tiny_model, tiny_store):
-    """The clamp's KL target is the raw vector's KL at ×1 (as controls.kl_curves gives),
-    the null has the draws asked for, p is at least its floor, and it is deterministic."""
+    """The raw vector is added where its KL equals the clamp's: KL(add at that multiplier),
+    measured again, is the clamp's KL (to the interpolation's error); the null has the
+    draws asked for, p is at least its floor 1/(n + 1), and it is deterministic."""
     torch.manual_seed(0)
     sae, s = tiny_sae(k=8), _set()
     from stages.steering.vectors import compute_vectors
@@ -155,15 +155,20 @@ def test_feature_clamping_record_and_equal_kl(tiny_model, tiny_store):
     v = compute_vectors(tiny_model, s.train_pairs, [HOOKS[0]], "mean_diff")[HOOKS[0]]
     tokens = tiny_store.windows("heldout", max_windows=2)
     lat = torch.nonzero(sae.W_dec @ v > 0).flatten()[:3].tolist()
-    r = feature_clamping(tiny_model, s, HOOKS[0], sae, lat, [1.0] * 3, v, tokens,
-                         multiples=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0), n_random=6, seed=0)  # fmt: skip
-    want = float(kl_curves(tiny_model, HOOKS[0], v[None], [1.0], tokens)[0, 0])
-    assert r["target_kl"] == pytest.approx(want, rel=1e-5)
-    assert r["random"]["n"] == 6 and r["k"] == 3 and r["latents"] == lat
-    assert len(r["kl_curve"]) == 6
-    if r["p"] == r["p"]:  # defined when the clamp and ≥ 2 draws reach the target
-        assert r["p"] >= r["p_floor"] == pytest.approx(1 / 7)
-    again = feature_clamping(tiny_model, s, HOOKS[0], sae, lat, [1.0] * 3, v, tokens,
-                             multiples=(0.5, 1.0, 2.0, 4.0, 8.0, 16.0), n_random=6, seed=0)  # fmt: skip
-    np.testing.assert_array_equal(again["random"]["null_effects"], r["random"]["null_effects"])
-    assert again["effect_by_multiple"] == r["effect_by_multiple"]
+    kw = {"multiples": (0.5, 1.0, 2.0), "n_random": 6, "seed": 0,
+          "add_multipliers": (0.5, 1.0, 2.0, 4.0)}  # fmt: skip
+    r = feature_clamping(tiny_model, s, HOOKS[0], sae, lat, [1.0] * 3, v, tokens, **kw)
+    m = r["add_equal_kl"]["multiplier"]
+    assert m == m and m > 0, r["add_equal_kl"]
+    again_kl = float(kl_curves(tiny_model, HOOKS[0], v[None], [m], tokens)[0, 0])
+    assert again_kl == pytest.approx(r["kl"], rel=0.25)  # KL is convex in m: linear interp.
+    assert r["kl_curve"][r["multiples"].index(1.0)] == r["kl"]
+    assert r["random"]["n"] == r["n_null"] == 6 and r["k"] == 3 and r["latents"] == lat
+    assert r["p_floor"] == pytest.approx(1 / 7) and r["p"] >= r["p_floor"]
+    assert len(r["random"]["null_kl"]) == 6 and min(r["random"]["null_kl"]) > 0
+    again = feature_clamping(tiny_model, s, HOOKS[0], sae, lat, [1.0] * 3, v, tokens, **kw)
+    assert again["random"]["null_effects"] == r["random"]["null_effects"]
+    assert (
+        again["effect"] == r["effect"]
+        and again["add_equal_kl"]["effect"] == r["add_equal_kl"]["effect"]
+    )
