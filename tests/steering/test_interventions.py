@@ -121,14 +121,16 @@ def test_ablate_add_with_zero_multiplier_is_ablate_and_sets_the_component():
     assert torch.allclose(abl[:, 1:] @ u, torch.zeros(3, 4), atol=1e-5)
 
 
-def test_ablating_a_direction_nothing_writes_to_changes_nothing(tiny_model):
-    """Coordinate 0 of the residual stream is exactly 0 in this model: projecting it out
-    keeps every pair's contrast (retained 1, drop 0, no shift), while ablating the
-    pairs' own mean difference does change the contrast."""
+@pytest.mark.parametrize("hook", [HOOKS[0], "blocks.1.hook_mlp_out"])
+def test_ablating_a_direction_nothing_writes_to_changes_nothing(tiny_model, hook):
+    """Coordinate 0 of the residual stream (and of every block's output) is exactly 0 in
+    this model: projecting it out keeps every pair's contrast (retained 1, drop 0, no
+    shift), while ablating the pairs' own mean difference does change the contrast. At
+    an MLP output the whole forward runs with the edit hooked in (no `start_at_layer`)."""
     m, s = _zero_dim_model(tiny_model), _set()
     e0 = torch.zeros(32)
     e0[0] = 3.0
-    r = directional_ablation(m, s, HOOKS[0], e0, n_random=4, seed=0)
+    r = directional_ablation(m, s, hook, e0, n_random=4, seed=0)
     assert r["n_pairs"] == len(PAIRS) and r["pairs"] == "heldout"
     assert abs(r["clean_contrast"]) > 1e-3
     assert r["ablate"]["retained"] == pytest.approx(1.0, abs=1e-6)
@@ -138,8 +140,8 @@ def test_ablating_a_direction_nothing_writes_to_changes_nothing(tiny_model):
     assert r["ablate"]["n_null"] == 4 and r["p_floor"] == pytest.approx(1 / 5)
     from stages.steering.vectors import compute_vectors
 
-    v = compute_vectors(m, s.train_pairs, [HOOKS[0]], "mean_diff")[HOOKS[0]]
-    r2 = directional_ablation(m, s, HOOKS[0], v, n_random=4, seed=0)
+    v = compute_vectors(m, s.train_pairs, [hook], "mean_diff")[hook]
+    r2 = directional_ablation(m, s, hook, v, n_random=4, seed=0)
     assert r2["clean_contrast"] == pytest.approx(r["clean_contrast"], rel=1e-9)
     assert abs(r2["ablate"]["retained"] - 1.0) > 1e-3
 
@@ -172,3 +174,13 @@ def test_feature_clamping_record_and_equal_kl(tiny_model, tiny_store):
         again["effect"] == r["effect"]
         and again["add_equal_kl"]["effect"] == r["add_equal_kl"]["effect"]
     )
+
+
+@pytest.mark.parametrize(("key", "value"), [("ablate_add_multipliers", [1.0, 2.0]),
+                                            ("clamp_multiples", [0.0, 1.0]),
+                                            ("ablation_random", 1)])  # fmt: skip
+def test_bad_intervention_params_are_named(key, value):
+    from stages.steering.config import SteeringConfig
+
+    with pytest.raises(ValueError, match=key):
+        SteeringConfig(**{key: value})
