@@ -1,6 +1,7 @@
 """Feature interventions and controls vs a bare batched forward on the same rows.
 
     .venv/bin/python benchmarks/intervention_overhead.py [--model data/models/toy-a]
+        [--untrained toy-a --hook blocks.2.hook_resid_post --sae-shape 1024,16]
         [--sae data/saes/toy-a/blocks.2.hook_resid_post/topk-1024-k16]
         [--latents 32] [--directions 32] [--threads 1]
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -72,11 +74,21 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--store", default=None, help="activation store (default: beside the model)")
+    ap.add_argument("--untrained", default=None, metavar="NAME",
+                    help="no trained outputs: params.yaml's toy model NAME with random weights, "
+                         "a random TopK SAE (--sae-shape) at --hook and random windows (the "
+                         "costs do not depend on training)")  # fmt: skip
+    ap.add_argument("--hook", default="blocks.2.hook_resid_post")
+    ap.add_argument("--sae-shape", default="1024,16", help="d_sae,k of the random SAE")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    model = load_model(Path(a.model))
-    sae = load_sae(Path(a.sae)).eval()
-    hook = Path(a.sae).parent.name
+    if a.untrained:
+        model, sae, hook = untrained(a)
+        a.model, a.sae = f"untrained {a.untrained}", f"random topk {a.sae_shape}"
+    else:
+        model = load_model(Path(a.model))
+        sae = load_sae(Path(a.sae)).eval()
+        hook = Path(a.sae).parent.name
     s = toy_sets(0, 64, 32, [a.set])[a.set]
     toks, lens, _, _ = prompt_batch(model, s)
     n = len(toks)
@@ -164,9 +176,34 @@ def main() -> None:
               f"{100 * (t_kl / t_kb - 1):+.1f} %")  # fmt: skip
 
 
+def untrained(a):
+    """params.yaml's toy model `a.untrained` with random weights (a tokenizer trained on
+    toy stories to its vocabulary size) and a random TopK SAE at `a.hook`."""
+    from stages.config import load_params
+    from stages.corpus import generate_story
+    from stages.models import build_toy_model, train_tokenizer
+    from stages.sae import build_sae
+
+    m = load_params().models[a.untrained]
+    tok = train_tokenizer([generate_story(7, i)[0] for i in range(400)],
+                          m.tokenizer.vocab_size, Path(tempfile.mkdtemp()))  # fmt: skip
+    model = build_toy_model(m, tok).eval()
+    d_sae, k = (int(x) for x in a.sae_shape.split(","))
+    sae = build_sae({"architecture": "topk", "d_in": model.cfg.d_model, "d_sae": d_sae, "k": k,
+                     "n_training_tokens": 4096, "batch_size": 64, "seed": 0}).eval()  # fmt: skip
+    return model, sae, a.hook
+
+
 def store_windows(a, model) -> Tensor | None:
-    """8 held-out windows of the model's activation store (None without one)."""
+    """8 held-out windows of the model's activation store (None without one; random
+    tokens of the model's context length for --untrained)."""
     from stages.activations import ActivationStore
+
+    if a.untrained:
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(0, model.cfg.d_vocab, (8, model.cfg.n_ctx), generator=g)
+        w[:, 0] = model.tokenizer.bos_token_id or 0
+        return w
 
     path = Path(a.store) if a.store else Path(a.model).parent.parent / "activations" / Path(
         a.model).name  # fmt: skip

@@ -60,7 +60,7 @@ class SteeringConfig(StrictModel):
     clamp_multiples: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]  # the figure's grid
     clamp_at: PosFloat = 1.0  # the tested clamp: each latent at its max on positive prompts
     clamp_random: PosInt = 32  # draws of as many random active latents clamped the same way
-    clamp_kl_random: NonNegInt = 8  # of those, how many also get their KL measured
+    clamp_kl_random: NonNegInt = 4  # of those, how many also get their KL measured
     gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
     n_generations: NonNegInt = 3
     max_new_tokens: PosInt = 10

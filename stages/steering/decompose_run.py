@@ -330,7 +330,7 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
         if cl["add_equal_kl"]["effect"] is not None:
             a1.axhline(cl["add_equal_kl"]["effect"], color="C3", ls="--",
                        label=f"add raw vector at the KL of the clamp at ×{cl['clamp_at']:g}")  # fmt: skip
-        a1.set(xscale="log", xlabel="clamp value (× max activation on positive prompts)",
+        a1.set(xlabel="clamp value (× max activation on positive prompts)",
                ylabel="Δ metric vs clean", title="behaviour")  # fmt: skip
         a1.legend(fontsize=6)
         a2.plot(al, [np.nan if k is None else k for k in cl["kl_curve"]], "o-", color="C0")
@@ -338,7 +338,7 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
         if nk:
             a2.errorbar([cl["clamp_at"]], [np.mean(nk)], yerr=[np.std(nk)], fmt="s",
                         color="grey", label="random latent sets (mean ± sd)")  # fmt: skip
-        a2.set(xscale="log", yscale="log", xlabel="clamp value (× max)", ylabel="KL (nats/token)",
+        a2.set(xlabel="clamp value (× max)", ylabel="KL (nats/token)",
                title="side effect")  # fmt: skip
         a2.legend(fontsize=7)
         fig.suptitle(f"{name}: clamping SAE latents at {cl['hook']} vs adding the vector",

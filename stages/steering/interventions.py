@@ -305,7 +305,7 @@ def feature_clamping(
     clamp_at: float = 1.0,
     add_multipliers: Sequence[float] = (1.0, 2.0, 4.0, 6.0, 8.0),
     n_random: int = 32,
-    n_kl_random: int = 8,
+    n_kl_random: int = 4,
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:

@@ -85,7 +85,7 @@ class ConceptConfig:
     clamp_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # × max on positives
     clamp_at: float = 1.0  # the tested clamp (the grid is for the figure)
     clamp_random: int = 32  # random active-latent sets clamped the same way
-    clamp_kl_random: int = 8  # of those, how many also get their KL measured
+    clamp_kl_random: int = 4  # of those, how many also get their KL measured
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
