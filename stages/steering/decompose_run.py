@@ -18,6 +18,9 @@ hook (the sweep's best hook, or the best-steering hook that has an SAE):
   vector's norm, Benjamini–Hochberg-corrected (`downstream.downstream_null`);
 - the feature-targeted vectors against the raw one and the random directions, at equal
   norm and at equal KL (`controls.controlled_effects`);
+- steering by clamping the decomposition's top latents (SAE error term kept) against
+  adding the raw vector at the same KL and against clamping random active latents
+  (`interventions.feature_clamping`);
 - attribution patching per latent against true ablation (`attribution`);
 - a sparse feature circuit from that hook on (`circuit.feature_circuit`): nodes by
   attribution at every later hook with an SAE, edges between adjacent hooks, against

@@ -16,7 +16,9 @@ Files (the folder written atomically):
                                                   n pairs, input hashes, norm per hook
     <steering_dir>/<concept>/evaluation.json      layer sweep (steerability curves, KL, CE
                                                   rise), best hook, random-direction
-                                                  controls per hook, generations, probes
+                                                  controls per hook, directional ablation
+                                                  and ablate+add per hook, generations,
+                                                  probes
 """
 
 from __future__ import annotations
