@@ -54,6 +54,20 @@ TITLES = {
                         "latents (conservative: it holds the rare large pushes a random "
                         "direction gives some latent). Right: each latent's own normal "
                         "tail (more power; trust it as far as the grey counts allow)."),
+    "ablation": ("Directional ablation and ablate+add per hook", "Left: the held-out pairs' "
+                 "contrast (metric on the positive side minus the negative side) kept after "
+                 "projecting the steering vector out at every position but BOS (1 = untouched, "
+                 "0 = both sides read alike), 95 % t interval over pairs, beside random "
+                 "directions (mean ± sd). Right: the slope of the metric when the component "
+                 "along the vector is set to m × its norm (Arditi et al. 2024), against random "
+                 "directions of the same norm."),
+    "clamp": ("Clamping SAE latents vs adding the vector", "Left: mean change of the "
+              "behaviour metric when the decomposition's top latents are clamped (error term "
+              "kept) at each eval prompt's last token to a multiple of their largest "
+              "activation on the positive prompts, beside as many random active latents "
+              "clamped the same way (grey) and adding the raw vector at the equal-KL "
+              "multiplier (dashed). Right: KL(clean ‖ clamped) on held-out text, clamp at "
+              "every position; dashed: the equal-KL target."),
     "targeted": ("Targeted vs raw vs random", "Steerability and KL of the raw vector, a "
                  "vector rebuilt from its top SAE features, and random controls."),
 }  # fmt: skip
@@ -211,6 +225,7 @@ def section(
         parts.append(_controls_table(mine))
         parts.append(_circuit_table(mine))
         parts.append(programme_tables(mine))
+        parts.append(_interventions_table(mine))
         for c in mine:
             inputs = [Path(steering_dir) / model]
             if c.decomposition_path is not None:
@@ -384,3 +399,54 @@ def _generations(c: SteeredConcept) -> str:
         f"<p class='muted'>Greedy generations steered at <code>{e(g.get('hook', ''))}</code>:</p>"
         + table(["prompt", *[f"×{float(m):g}" for m in mults]], rows, left=len(mults) + 1)
     )
+
+
+def _interventions_table(concepts: list[SteeredConcept]) -> str:
+    """Directional ablation and ablate+add per hook (steering@M), and clamping the
+    decomposition's top latents against adding the vector at equal KL (decompose@M);
+    stages/steering/interventions.py."""
+    rows, n_abl, n_cl = [], None, None
+    for c in concepts:
+        for h, r in (c.evaluation.get("directional_ablation") or {}).items():
+            n_abl = r.get("n_random")
+            a, aa = r.get("ablate") or {}, r.get("ablate_add") or {}
+            lo, hi = a.get("retained_ci95") or (None, None)
+            rows.append([
+                e(c.concept), "ablate / ablate+add", f"<code>{e(h)}</code>",
+                f"{fmt(r.get('clean_contrast'), 2)} → {fmt(a.get('contrast'), 2)}",
+                f"{fmt(a.get('retained'), 2)} [{fmt(lo, 2)}, {fmt(hi, 2)}]",
+                _z_p(a), f"{fmt(aa.get('steerability'))} {_ci(aa)}", _z_p(aa),
+            ])  # fmt: skip
+        cl = c.decomposition.get("clamp") or {}
+        if cl:
+            n_cl = (cl.get("random") or {}).get("n")
+            add, diff = cl.get("add_equal_kl") or {}, cl.get("clamp_minus_add") or {}
+            rows.append([
+                e(c.concept), f"clamp {e(cl.get('latents'))} at ×{fmt(cl.get('clamp_at'), 2)}, "
+                f"KL {fmt(cl.get('kl'))}; add at ×{fmt(add.get('multiplier'), 2)}",
+                f"<code>{e(cl.get('hook', '–'))}</code>",
+                f"add {fmt(add.get('effect'))} {_ci(add)}",
+                f"clamp {fmt(cl.get('effect'))} {_ci(cl)}", _z_p(cl),
+                f"clamp − add {fmt(diff.get('effect'))} {_ci(diff)}", "–",
+            ])  # fmt: skip
+    if not rows:
+        return ""
+    note = ("<p class='muted'><b>Ablate</b>: the steering vector's direction projected out at "
+            "every position but BOS (Arditi et al. 2024); the held-out pairs' contrast (metric "
+            "on the positive minus the negative prompt) before → after, and the fraction "
+            "retained with its 95 % t interval over pairs (1 = untouched, 0 = the neutral "
+            f"baseline); z (p) of the drop against {e(n_abl)} random directions. "
+            "<b>Ablate+add</b>: the component along the vector set to m × its norm; slope over "
+            "m of the metric on both sides of the pairs, against random directions of the "
+            "vector's norm. <b>Clamp</b>: the decomposition's top latents clamped (SAE error "
+            "term kept) at the eval prompts' last token to a multiple of their largest "
+            "activation on the positive prompts; its mean change of the metric beside adding "
+            "the raw vector at the multiplier whose KL on held-out text equals the clamp's "
+            f"(paired difference), z (p) against {e(n_cl)} sets of as many random active "
+            "latents clamped the same way. p one-sided, floor 1/(n + 1), not corrected across "
+            "rows.</p>")  # fmt: skip
+    return note + table(
+        ["concept", "intervention", "hook", "contrast / add effect", "retained / clamp effect",
+         "z (p)", "ablate+add slope / clamp − add", "z (p)"],
+        rows, left=3,
+    )  # fmt: skip

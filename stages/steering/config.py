@@ -51,6 +51,16 @@ class SteeringConfig(StrictModel):
     n_random: PosInt = 32
     kl_windows: PosInt = 8  # held-out windows for the equal-KL search (of n_windows)
     equal_kl_at: PosFloat = 1.0  # equal-KL target = the raw vector's KL at this multiplier
+    # directional ablation and ablate+add per steering hook (stages/steering/interventions.py)
+    # random directions of the vector's norm (p floor 1/(n+1)); 8 keeps the default run in
+    # its budget (~0.4 s a hook on the default models), 32 for the issue's standard
+    ablation_random: PosInt = 8
+    ablate_add_multipliers: list[float] = [-1.0, 0.0, 1.0]  # must include 0 (= ablation)
+    # clamping the decomposition's top targeted_k latents, × their max on positive prompts
+    clamp_multiples: list[float] = [0.5, 1.0, 2.0, 4.0, 8.0]  # the figure's grid
+    clamp_at: PosFloat = 1.0  # the tested clamp: each latent at its max on positive prompts
+    clamp_random: PosInt = 32  # draws of as many random active latents clamped the same way
+    clamp_kl_random: NonNegInt = 4  # of those, how many also get their KL measured
     gt_f1_threshold: Fraction = 0.3  # a latent is a concept's ground truth above this F1
     # the rest of the seeds' programme (stages/steering/multilayer.py, stability.py,
     # similarity.py): every steering hook at once against random directions there; the
@@ -70,6 +80,18 @@ class SteeringConfig(StrictModel):
         if self.n_random < 2:
             raise KeyProblem(("n_random",), self.n_random, "expected an integer ≥ 2 (the "
                             "random-direction null needs a spread; 32 or more for z and p)")  # fmt: skip
+        a = self.ablate_add_multipliers
+        if 0.0 not in a or len(set(a)) < 2:
+            raise KeyProblem(("ablate_add_multipliers",), a, "expected at least two distinct "
+                            "values including 0 (m = 0 is the directional ablation)")  # fmt: skip
+        c = self.clamp_multiples
+        if len(set(c)) < 2 or len(set(c)) != len(c) or min(c) <= 0:
+            raise KeyProblem(("clamp_multiples",), c, "expected at least two distinct "
+                            "positive values (× each latent's max activation)")  # fmt: skip
+        for key in ("ablation_random", "clamp_random"):
+            if getattr(self, key) < 2:
+                raise KeyProblem((key,), getattr(self, key), "expected an integer ≥ 2 (the "
+                                "null needs a spread)")  # fmt: skip
         m = sorted(self.multipliers)
         if len(set(m)) < 2:  # [0, 0, 0]: no slope to fit
             raise KeyProblem(("multipliers",), self.multipliers, "expected at least two "

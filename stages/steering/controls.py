@@ -74,24 +74,46 @@ def last_token_grid(
     per vector (tests/steering/test_controls.py checks it), at a fraction of its cost:
     the prompts' prefixes run once into a key-value cache and every row runs one token.
     """
+    if vectors.ndim != 2 or vectors.shape[1] != model.cfg.d_model:
+        raise ValueError(f"vectors: expected [n, d_model = {model.cfg.d_model}], got "
+                         f"{tuple(vectors.shape)}")  # fmt: skip
+    vecs = vectors.float()
+
+    def add(act: Tensor, vi: Tensor, mult: Tensor) -> Tensor:
+        return act + (mult[:, None] * vecs[vi])[:, None, :].to(act.device, act.dtype)
+
+    return last_token_edit_grid(model, s, hook, len(vecs), multipliers, add,
+                                batch_size=batch_size)  # fmt: skip
+
+
+@torch.inference_mode()
+def last_token_edit_grid(
+    model: HookedTransformer,
+    s: SteeringSet,
+    hook: str,
+    n_variants: int,
+    multipliers: Sequence[float],
+    edit,
+    *,
+    batch_size: int = 2048,
+) -> Tensor:
+    """Behaviour metric [n_variants, n_prompts, n_multipliers] (float64) with
+    `edit(act [R, 1, d], variant [R], multiplier [R]) -> act` applied at `hook` at each
+    prompt's last token only (the key-value-cache path of `last_token_grid`: adding a
+    vector is one edit, clamping SAE latents another, `interventions.py`)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
     check_hooks(model, [hook], "steering.hook")
-    if vectors.ndim != 2 or vectors.shape[1] != model.cfg.d_model:
-        raise ValueError(f"vectors: expected [n, d_model = {model.cfg.d_model}], got "
-                         f"{tuple(vectors.shape)}")  # fmt: skip
     pos_mask, neg_mask = target_masks(model, s)
     seqs = tokenize(model, [e.prompt for e in s.eval_prompts])
-    n_v, k = len(vectors), len(multipliers)
+    n_v, k = n_variants, len(multipliers)
     out = torch.empty(n_v, len(seqs), k, dtype=torch.float64)
     mults = torch.tensor(list(multipliers), dtype=torch.float32)
-    vecs = vectors.float()
     state: dict[str, Tensor] = {}
 
     def add(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - TL's signature
-        add = state["mult"][:, None] * vecs[state["vec"]]
-        return act + add[:, None, :].to(act.device, act.dtype)
+        return edit(act, state["vec"], state["mult"])
 
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):

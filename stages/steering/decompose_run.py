@@ -18,6 +18,9 @@ hook (the sweep's best hook, or the best-steering hook that has an SAE):
   vector's norm, Benjamini–Hochberg-corrected (`downstream.downstream_null`);
 - the feature-targeted vectors against the raw one and the random directions, at equal
   norm and at equal KL (`controls.controlled_effects`);
+- steering by clamping the decomposition's top latents (SAE error term kept) against
+  adding the raw vector at the same KL and against clamping random active latents
+  (`interventions.feature_clamping`);
 - attribution patching per latent against true ablation (`attribution`);
 - a sparse feature circuit from that hook on (`circuit.feature_circuit`): nodes by
   attribution at every later hook with an SAE, edges between adjacent hooks, against
@@ -44,6 +47,7 @@ from stages.steering.attribution import attribution_vs_ablation
 from stages.steering.circuit import feature_circuit
 from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects, downstream_null
+from stages.steering.interventions import feature_clamping
 from stages.steering.probes import cosine_table
 from stages.steering.prompts import SteeringSet
 from stages.steering.run import (
@@ -179,6 +183,17 @@ def decompose_concept(
         equal_kl_at=cfg.equal_kl_at, positions=cfg.positions,
         side_positions=cfg.side_positions, batch_size=bs,
     )  # fmt: skip
+    # steering by clamping the decomposition's top latents (error term kept) against
+    # adding the raw vector at equal KL and against clamping random active latents
+    coef = dict(zip(dec.features, dec.coefficients, strict=True))
+    top = dec.top(cfg.targeted_k)
+    dd["clamp"] = feature_clamping(
+        model, s, dh, sae, top, [coef[j] for j in top], v, tokens[: cfg.kl_windows],
+        multiples=tuple(cfg.clamp_multiples), clamp_at=cfg.clamp_at,
+        add_multipliers=tuple(cfg.multipliers), n_random=cfg.clamp_random,
+        n_kl_random=cfg.clamp_kl_random, seed=cfg.seed,
+        batch_size=bs,
+    )  # fmt: skip
     # which latents carry the behaviour: attribution patching against true ablation
     dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
                                                 cfg.attribution_sample, cfg.seed)  # fmt: skip
@@ -310,6 +325,34 @@ def decomposition_figures(dd: dict[str, Any], name: str) -> dict[str, Figure]:
                      fontsize=9)  # fmt: skip
         fig.tight_layout()
         figs["downstream_null"] = fig
+    cl = dd.get("clamp")
+    if cl:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        al = cl["multiples"]
+        a1.plot(al, cl["effect_by_multiple"], "o-", color="C0",
+                label=f"top {cl['k']} latents {cl['latents']}")  # fmt: skip
+        ne = [u for u in cl["random"]["null_effects"] if u is not None]
+        if ne:
+            a1.errorbar([cl["clamp_at"]], [np.mean(ne)], yerr=[np.std(ne)], fmt="s",
+                        color="grey", label=f"{len(ne)} random active-latent sets (mean ± sd)")  # fmt: skip
+        if cl["add_equal_kl"]["effect"] is not None:
+            a1.axhline(cl["add_equal_kl"]["effect"], color="C3", ls="--",
+                       label=f"add raw vector at the KL of the clamp at ×{cl['clamp_at']:g}")  # fmt: skip
+        a1.set(xlabel="clamp value (× max activation on positive prompts)",
+               ylabel="Δ metric vs clean", title="behaviour")  # fmt: skip
+        a1.legend(fontsize=6)
+        a2.plot(al, [np.nan if k is None else k for k in cl["kl_curve"]], "o-", color="C0")
+        nk = [u for u in cl["random"]["null_kl"] if u is not None]
+        if nk:
+            a2.errorbar([cl["clamp_at"]], [np.mean(nk)], yerr=[np.std(nk)], fmt="s",
+                        color="grey", label="random latent sets (mean ± sd)")  # fmt: skip
+        a2.set(xlabel="clamp value (× max)", ylabel="KL (nats/token)",
+               title="side effect")  # fmt: skip
+        a2.legend(fontsize=7)
+        fig.suptitle(f"{name}: clamping SAE latents at {cl['hook']} vs adding the vector",
+                     fontsize=9)  # fmt: skip
+        fig.tight_layout()
+        figs["clamp"] = fig
     if "targeted" in dd:
         tv = dd["targeted"]["vectors"]
         names = list(tv)
@@ -368,4 +411,26 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
         out[f"targeted.{kind}.kl"] = r["kl"]
     out.update(control_headline(dd.get("controls"), raw=False))
     out.update(similarity_headline(dd.get("similarity_vs_effect")))
+    out.update(clamp_headline(dd.get("clamp")))
     return finite_rounded(out)
+
+
+def clamp_headline(c: dict[str, Any] | None) -> dict[str, float]:
+    """Flat metrics of `interventions.feature_clamping`: the clamp's effect (`clamp.effect`,
+    interval) and KL (`clamp.kl`), z / p against random active latents clamped the same
+    way, adding the raw vector at the multiplier with the clamp's KL (`clamp.add_effect`,
+    `clamp.add_multiplier`) and the paired difference clamp − add (`clamp.minus_add`)."""
+    if not c:
+        return {}
+    out = {"clamp.k": c["k"], "clamp.effect": c["effect"], "clamp.kl": c["kl"],
+           "clamp.random.n": c["random"]["n"], "clamp.random.p_floor": c["p_floor"],
+           "clamp.ablated_effect": c["ablated_effect"],
+           "clamp.add_multiplier": c["add_equal_kl"]["multiplier"],
+           "clamp.add_effect": c["add_equal_kl"]["effect"],
+           "clamp.minus_add": c["clamp_minus_add"]["effect"]}  # fmt: skip
+    out["clamp.add_ci95_lo"], out["clamp.add_ci95_hi"] = c["add_equal_kl"]["ci95"]
+    out["clamp.ci95_lo"], out["clamp.ci95_hi"] = c["ci95"]
+    out["clamp.minus_add_ci95_lo"], out["clamp.minus_add_ci95_hi"] = c["clamp_minus_add"]["ci95"]
+    for key in ("z", "p", "null_mean", "null_sd"):
+        out[f"clamp.{key}"] = c[key]
+    return out

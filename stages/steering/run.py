@@ -16,7 +16,9 @@ Files (the folder written atomically):
                                                   n pairs, input hashes, norm per hook
     <steering_dir>/<concept>/evaluation.json      layer sweep (steerability curves, KL, CE
                                                   rise), best hook, random-direction
-                                                  controls per hook, generations, probes
+                                                  controls per hook, directional ablation
+                                                  and ablate+add per hook, generations,
+                                                  probes
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from stages.layout import inside, safe_name
 from stages.steering.apply import generate_steered
 from stages.steering.controls import controlled_effects
 from stages.steering.evaluate import DEFAULT_MULTIPLIERS, LayerSweep, layer_sweep
+from stages.steering.interventions import directional_ablation
 from stages.steering.multilayer import multilayer_headline, multilayer_steering
 from stages.steering.probes import concept_probe
 from stages.steering.prompts import SteeringSet
@@ -85,6 +88,12 @@ class ConceptConfig:
     n_random: int = 32  # random directions of the same norm: the null of every effect
     kl_windows: int = 8  # held-out windows for the equal-KL search
     equal_kl_at: float = 1.0  # equal-KL target: the raw vector's KL at this multiplier
+    ablation_random: int = 8  # directional ablation / ablate+add: random directions
+    ablate_add_multipliers: tuple[float, ...] = (-1.0, 0.0, 1.0)
+    clamp_multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)  # × max on positives
+    clamp_at: float = 1.0  # the tested clamp (the grid is for the figure)
+    clamp_random: int = 32  # random active-latent sets clamped the same way
+    clamp_kl_random: int = 4  # of those, how many also get their KL measured
     n_generations: int = 3
     max_new_tokens: int = 10
     generation_multiplier: float = 4.0
@@ -207,6 +216,14 @@ def run_concept(
             model, s, vectors, best, cfg.multipliers,
             ev["controls"][best]["null_equal_norm_slopes"], n_splits=cfg.stability_splits,
             n_effect_splits=cfg.stability_effect_splits, seed=cfg.seed, batch_size=bs)  # fmt: skip
+    # directional ablation (does the pairs' contrast vanish?) and ablate+add, every hook,
+    # against random directions of the vector's norm (stages/steering/interventions.py)
+    ev["directional_ablation"] = {
+        h: directional_ablation(model, s, h, vectors[h],
+                                multipliers=tuple(cfg.ablate_add_multipliers),
+                                n_random=cfg.ablation_random, seed=cfg.seed, batch_size=bs)
+        for h in hooks
+    }  # fmt: skip
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
@@ -314,6 +331,36 @@ def figures_from_dict(d: dict[str, Any]) -> dict[str, Figure]:
     fig.tight_layout()
     figs["layer_sweep"] = fig
 
+    da = ev.get("directional_ablation") or {}
+    if da:
+        hs = list(da)
+        x = np.arange(len(hs))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
+        for ax, key, get_v, get_null, ylab in (
+            (a1, "ablate", lambda r: r["ablate"]["retained"],
+             lambda r: r["ablate"]["null_retained"], "contrast retained (1 = untouched)"),
+            (a2, "ablate_add", lambda r: r["ablate_add"]["steerability"],
+             lambda r: r["ablate_add"]["null_slopes"], "ablate+add steerability"),
+        ):  # fmt: skip
+            vals = [np.nan if get_v(da[h]) is None else get_v(da[h]) for h in hs]
+            ci = [[np.nan if u is None else u for u in (da[h]["ablate"]["retained_ci95"]
+                   if key == "ablate" else da[h]["ablate_add"]["ci95"])] for h in hs]  # fmt: skip
+            err = np.nan_to_num([[v - c[0] for v, c in zip(vals, ci, strict=True)],
+                                 [c[1] - v for v, c in zip(vals, ci, strict=True)]])  # fmt: skip
+            ax.bar(x - 0.2, vals, 0.4, yerr=err, color="C0", label="concept vector (95 % CI)")
+            nulls = [np.asarray([u for u in get_null(da[h]) if u is not None], float) for h in hs]
+            ax.errorbar(x + 0.2, [n.mean() if n.size else np.nan for n in nulls],
+                        yerr=[n.std(ddof=1) if n.size > 1 else 0 for n in nulls], fmt="s",
+                        color="grey", label="random directions (mean ± sd)")  # fmt: skip
+            ax.axhline(1.0 if key == "ablate" else 0.0, color="black", lw=0.5)
+            ax.set_xticks(x, hs, rotation=20, fontsize=7)
+            ax.set(ylabel=ylab)
+        a1.set_title("directional ablation", fontsize=9)
+        a2.set_title("ablate + add", fontsize=9)
+        a1.legend(fontsize=7)
+        fig.suptitle(f"{name}: projecting the vector out, per hook", fontsize=9)
+        fig.tight_layout()
+        figs["ablation"] = fig
     return figs
 
 
@@ -334,7 +381,27 @@ def concept_headline(ev: dict) -> dict[str, float]:
     out.update(control_headline(ev.get("controls", {}).get(best), raw=True))
     out.update(multilayer_headline(ev.get("multilayer")))
     out.update(stability_headline(ev.get("stability"), best))
+    out.update(ablation_headline((ev.get("directional_ablation") or {}).get(best)))
     return finite_rounded(out)
+
+
+def ablation_headline(r: dict | None) -> dict[str, float]:
+    """Flat metrics of one hook's `interventions.directional_ablation`: the pairs' contrast
+    kept after projecting the vector out (`ablation.retained`, 1 = nothing removed, 0 =
+    the neutral baseline) with its interval, the drop's z / p against random directions,
+    and the ablate+add steerability against the same directions (`ablate_add.*`)."""
+    if not r:
+        return {}
+    a, aa = r["ablate"], r["ablate_add"]
+    out = {"ablation.clean_contrast": r["clean_contrast"], "ablation.retained": a["retained"],
+           "ablation.random.n": r["n_random"], "ablation.random.p_floor": r["p_floor"],
+           "ablate_add.steerability": aa["steerability"]}  # fmt: skip
+    out["ablation.retained_ci95_lo"], out["ablation.retained_ci95_hi"] = a["retained_ci95"]
+    out["ablate_add.ci95_lo"], out["ablate_add.ci95_hi"] = aa["ci95"]
+    for key in ("z", "p", "null_mean", "null_sd"):
+        out[f"ablation.drop_{key}"] = a[key]
+        out[f"ablate_add.{key}"] = aa[key]
+    return out
 
 
 def finite_rounded(out: dict[str, Any]) -> dict[str, float]:

@@ -318,6 +318,12 @@ def test_steering_alignment_and_report_outputs(project):
     dec = json.loads((root / "data/decomposition/tiny-a/past_vs_present/decomposition.json")
                      .read_text())  # fmt: skip
     assert dec["sae"] == "topk-128-k4" and len(dec["nn_decomposition"]["curve"]) == 8
+    # directional ablation against 8 random directions (the default), the clamp against
+    # 32 random latent sets: p never below its floor
+    assert m["ablation.random.n"] == 8 and m["ablation.drop_p"] >= m["ablation.random.p_floor"]
+    dm = json.loads((root / "metrics/decomposition/tiny-a.json").read_text())["past_vs_present"]
+    assert dm["clamp.random.n"] == 32 and dm["clamp.p"] >= dm["clamp.random.p_floor"]
+    assert dec["clamp"]["latents"] and dm["clamp.kl"] > 0
     scores = json.loads((root / "metrics/alignment/tiny-a__tiny-b.json").read_text())
     assert 1000 < scores["n_tokens"] <= 4000
     key = "blocks.0.hook_resid_post/topk-128-k4"

@@ -40,11 +40,11 @@ class _Figures(HTMLParser):
 
 def test_every_figure_carries_provenance(tiny_report, tiny_data):
     report, _, _ = tiny_report
-    # Pareto + density per model; steering: curves, layer sweep, decomposition,
-    # downstream, downstream against random directions, targeted; alignment: a null
+    # Pareto + density per model; steering: curves, layer sweep, ablation, decomposition,
+    # downstream, downstream against random directions, clamp, targeted; alignment: a null
     # histogram per SAE pair + 2 heatmaps + the steering-vector transfer; geometry: cosine
     # heatmap, simplex, circles
-    assert report.index.exists() and len(report.figures) == 4 + 6 + 1 + 2 + 1 + 3
+    assert report.index.exists() and len(report.figures) == 4 + 8 + 1 + 2 + 1 + 3
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
@@ -132,8 +132,8 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     report, key_a, _ = tiny_report
     names = [f.name for f in report.figures if f.name.startswith("figures/steering/")]
     assert [n.rsplit("__", 1)[-1] for n in names] == [
-        "steerability.png", "layer_sweep.png", "decomposition.png", "downstream.png",
-        "downstream_null.png", "targeted.png"]  # fmt: skip
+        "steerability.png", "layer_sweep.png", "ablation.png", "decomposition.png",
+        "downstream.png", "downstream_null.png", "clamp.png", "targeted.png"]  # fmt: skip
     dec = json.loads((tiny_data / "decomposition" / "tiny-a" / "emotion_polarity" /
                       "decomposition.json").read_text())  # fmt: skip
     nd = dec["nn_decomposition"]
@@ -154,6 +154,13 @@ def test_steering_section_and_components(tiny_report, tiny_data):
     first = next(iter(circ["nodes"].values()))[0]
     assert "Sparse feature circuits" in html and f"{first['latent']} (" in html
     assert f"(z {circ['ablation']['z']:.2f})" in html
+    # interventions: ablation per hook and the clamp, with their z (p) as the JSON has them
+    ev = json.loads((tiny_data / "steering" / "tiny-a" / "emotion_polarity" /
+                     "evaluation.json").read_text())  # fmt: skip
+    ab = next(iter(ev["directional_ablation"].values()))["ablate"]
+    assert "<b>Ablate+add</b>" in html and f"{ab['z']:.2f} ({ab['p']:.3f})" in html
+    cl = dec["clamp"]
+    assert f"clamp {fmt(cl['effect'])} [" in html and "clamp − add" in html
 
 
 def test_dashboards_and_partner_links(tiny_report):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 from safetensors.torch import load_file
 
 from stages.steering import (
@@ -57,8 +58,14 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     assert set(load_probes(out)) == set(HOOKS)
     head = concept_headline(ev)
     assert head["random.n"] == 32 and "steerability_z" in head and "targeted.top5.kl" not in head
+    # directional ablation and ablate+add at every hook, against random directions
+    da = ev["directional_ablation"]
+    assert set(da) == set(HOOKS) and all(d["n_random"] == 8 for d in da.values())
+    assert all(len(d["ablate"]["null_retained"]) == 8 for d in da.values())
+    assert "ablation.retained" in head and "ablate_add.z" in head
+    assert head["ablation.random.p_floor"] == pytest.approx(1 / 9)
     figs = figures(r)
-    assert set(figs) == {"steerability", "layer_sweep"}
+    assert set(figs) == {"steerability", "layer_sweep", "ablation"}
     assert set(figures_from_dict({"evaluation": ev})) == set(figs)
 
     # ---- the decompose stage: from the files the steering stage wrote
@@ -95,7 +102,13 @@ def test_run_concept_end_to_end(tiny_model, tiny_store, tmp_path):
     assert head["random.n"] == 32 and "targeted.top5.equal_kl.z" in head
     assert "attribution_vs_ablation.spearman" in head and "steerability" not in head
     assert set(decomposition_figures(dd, s.name)) == {"decomposition", "downstream",
-                                                      "downstream_null", "targeted"}  # fmt: skip
+                                                      "downstream_null", "targeted", "clamp"}  # fmt: skip
+    # clamping the top targeted_k latents against adding the vector and random latents
+    cl = dd["clamp"]
+    assert cl["hook"] == HOOKS[1] and cl["k"] == cfg.targeted_k
+    assert set(cl["latents"]) <= set(dd["nn_decomposition"]["features"])
+    assert cl["random"]["n"] == 32 and len(cl["random"]["null_effects"]) == 32
+    assert "clamp.effect" in head and "clamp.z" in head and head["clamp.random.n"] == 32
     dn = dd["downstream_null"]
     assert dn["hook"] == HOOKS[1] and list(dn["hooks"]) == [HOOKS[1]]
     assert f"downstream_null.{HOOKS[1]}.n_significant" in head
