@@ -218,12 +218,24 @@ def run_concept(
             n_effect_splits=cfg.stability_effect_splits, seed=cfg.seed, batch_size=bs)  # fmt: skip
     # directional ablation (does the pairs' contrast vanish?) and ablate+add, every hook,
     # against random directions of the vector's norm (stages/steering/interventions.py)
-    ev["directional_ablation"] = {
-        h: directional_ablation(model, s, h, vectors[h],
-                                multipliers=tuple(cfg.ablate_add_multipliers),
-                                n_random=cfg.ablation_random, seed=cfg.seed, batch_size=bs)
-        for h in hooks
-    }  # fmt: skip
+    # A set whose targets live on its eval prompts only (CAA A/B: each question has its
+    # own answer letters) gives its pairs no targets to read a contrast at: not measured.
+    if s.positive_targets and s.negative_targets:
+        ev["directional_ablation"] = {
+            h: directional_ablation(model, s, h, vectors[h],
+                                    multipliers=tuple(cfg.ablate_add_multipliers),
+                                    n_random=cfg.ablation_random, seed=cfg.seed, batch_size=bs)
+            for h in hooks
+        }  # fmt: skip
+    else:
+        ev["directional_ablation_skipped"] = (
+            "the set's targets are per eval prompt, so its pairs have no targets to read the "
+            "contrast at"
+        )
+        print(
+            f"steering: {s.name}: directional ablation not measured "
+            f"({ev['directional_ablation_skipped']})"
+        )
     # do held-out pairs give the same vector?
     if s.heldout_pairs:
         vh = compute_vectors(model, s.heldout_pairs, hooks, cfg.method, batch_size=bs,
