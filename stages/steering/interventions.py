@@ -280,7 +280,8 @@ def latent_scales(model: HookedTransformer, s: SteeringSet, hook: str, sae,
         raise ValueError(f"steering set '{s.name}': no training pairs for clamp scales")
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     toks, lens = pad_right(tokenize(model, texts), pad)
-    layer = resid_start(hook)
+    m = _RESID.match(hook)  # run through the block that fires the hook (resid_pre L: L + 1)
+    layer = None if m is None else int(m[1]) + 1
     out = torch.zeros(sae.d_sae)
     for b0 in range(0, len(toks), batch_size):
         t, ln = toks[b0 : b0 + batch_size], lens[b0 : b0 + batch_size]

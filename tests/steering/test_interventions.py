@@ -17,6 +17,7 @@ from stages.steering.interventions import (
     clamp_edit,
     directional_ablation,
     feature_clamping,
+    latent_scales,
     live_mask,
 )
 from tests.steering.conftest import HOOKS, tiny_sae
@@ -186,3 +187,20 @@ def test_bad_intervention_params_are_named(key, value):
 
     with pytest.raises(ValueError, match=key):
         SteeringConfig(**{key: value})
+
+
+@pytest.mark.parametrize("hook", ["blocks.1.hook_resid_pre", HOOKS[1], "blocks.1.hook_mlp_out"])
+def test_clamp_scales_are_read_where_the_hook_fires(tiny_model, hook):
+    """latent_scales stops the forward after the block that fires the hook: for a
+    `resid_pre` hook that is its own block (stopping at its index never reaches it; the
+    offline GPT-2 profile, whose SAEs read resid_pre, caught that as a KeyError). Equal to
+    the largest encoding over a full forward's cache, every position but BOS."""
+    torch.manual_seed(0)
+    sae, s = tiny_sae(k=8), _set()
+    got = latent_scales(tiny_model, s, hook, sae)
+    want = torch.zeros(sae.d_sae)
+    for p in s.train_pairs:
+        _, cache = tiny_model.run_with_cache(p.positive, names_filter=[hook])
+        want = torch.maximum(want, sae.encode(cache[hook][0, 1:].float()).amax(0))
+    assert got.shape == want.shape and bool((want > 0).any())
+    assert torch.allclose(got, want, atol=1e-5)
