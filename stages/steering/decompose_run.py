@@ -43,7 +43,7 @@ from stages.activations import check_hooks
 from stages.io import atomic_dir, write_json
 from stages.layout import inside, safe_name
 from stages.steering import decompose as D
-from stages.steering.attribution import attribution_vs_ablation
+from stages.steering.attribution import ablation_side_effects, attribution_vs_ablation
 from stages.steering.circuit import feature_circuit
 from stages.steering.controls import controlled_effects
 from stages.steering.downstream import downstream_effects, downstream_null
@@ -197,6 +197,12 @@ def decompose_concept(
     # which latents carry the behaviour: attribution patching against true ablation
     dd["attribution"] = attribution_vs_ablation(model, s, dh, sae, cfg.attribution_sample,
                                                 cfg.attribution_sample, cfg.seed)  # fmt: skip
+    # the same single-latent ablations' cost on held-out text: CE rise and KL per token
+    att = dd["attribution"]
+    n_top = min(cfg.attribution_sample, len(att["latents"]))
+    att["side_effects"] = ablation_side_effects(model, dh, sae, att["latents"],
+                                                tokens[: cfg.kl_windows], n_top=n_top,
+                                                seed=cfg.seed)  # fmt: skip
     # does a latent's decoder cosine with the vector predict its ablation effect?
     dd["similarity_vs_effect"] = similarity_vs_effect(
         model, s, dh, sae, v, dd["attribution"], n_boot=cfg.similarity_draws,
@@ -384,6 +390,16 @@ def decomposition_headline(dd: dict[str, Any]) -> dict[str, float]:
     if "attribution" in dd:
         out["attribution_vs_ablation.pearson"] = dd["attribution"]["pearson"]
         out["attribution_vs_ablation.spearman"] = dd["attribution"]["spearman"]
+        se = dd["attribution"].get("side_effects") or {}
+        for key in ("delta_ce", "kl"):
+            if f"{key}_top_mean" in se:
+                pre = f"latent_ablation.{key}"
+                out[f"{pre}.top_mean"] = se[f"{key}_top_mean"]
+                out[f"{pre}.random_mean"] = se[f"{key}_random_mean"]
+                out[f"{pre}.top_minus_random"] = se[f"{key}_top_minus_random"]
+                lo, hi = se[f"{key}_top_minus_random_ci95"]
+                out[f"{pre}.top_minus_random_ci95_lo"] = lo
+                out[f"{pre}.top_minus_random_ci95_hi"] = hi
     circ = dd.get("circuit") or {}
     if "ablation" in circ:
         out["circuit.ablation_delta"] = circ["ablation"]["circuit_delta"]

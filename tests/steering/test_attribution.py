@@ -9,6 +9,7 @@ import torch
 from stages.steering import EvalPrompt, SteeringSet
 from stages.steering.attribution import (
     ablation_effects,
+    ablation_side_effects,
     attribution_vs_ablation,
     latent_attribution,
 )
@@ -58,3 +59,44 @@ def test_report_has_sample_and_correlations(setup):
     assert -1 <= r["spearman"] <= 1 and -1 <= r["pearson"] <= 1
     again = attribution_vs_ablation(model, s, hook, sae, n_top=5, n_random=5, seed=0)
     assert again["latents"] == r["latents"] and again["ablation"] == r["ablation"]
+
+
+def test_single_latent_ablation_costs_match_the_spliced_sae(setup, tiny_store):
+    """ablation_side_effects against the closed form: splicing the SAE in with its error
+    term kept and latent j's code set to 0 (x' = decode(f with f_j = 0) + x − decode(f))
+    gives the same CE rise and KL; a latent silent on the windows costs exactly 0; KL is
+    never negative; the top/random split gives its difference with an interval."""
+    from stages.logits import ce_full, kl_divergence
+
+    model, _, hook, sae = setup
+    tokens = torch.as_tensor(tiny_store.windows("heldout", max_windows=2)).long()
+    with torch.no_grad():
+        clean, cache = model.run_with_cache(tokens, names_filter=[hook])
+        f = sae.encode(cache[hook].float())
+    f[:, 0] = 0
+    fired = f.abs().amax((0, 1))
+    live = torch.nonzero(fired > 0).flatten()[:4].tolist()
+    dead = torch.nonzero(fired == 0).flatten()[:1].tolist()
+    assert len(live) == 4 and dead
+    r = ablation_side_effects(model, hook, sae, live + dead, tokens, n_top=2, n_boot=200)
+    assert r["delta_ce"][-1] == 0.0 and r["kl"][-1] == 0.0  # the silent latent
+    assert min(r["kl"]) >= 0.0 and max(r["kl"]) > 0.0
+    j = live[0]
+
+    def splice(act, hook):  # noqa: ARG001
+        x = act.float()
+        g = sae.encode(x)
+        g0 = g.clone()
+        g0[:, 1:, j] = 0.0
+        return (sae.decode(g0) + x - sae.decode(g)).to(act.dtype)
+
+    with torch.no_grad():
+        lg = model.run_with_hooks(tokens, fwd_hooks=[(hook, splice)])
+    want_ce = float(ce_full(lg[:, :-1], tokens[:, 1:]).mean()
+                    - ce_full(clean[:, :-1], tokens[:, 1:]).mean())  # fmt: skip
+    want_kl = float(kl_divergence(clean[:, :-1], lg[:, :-1]).mean())
+    assert r["delta_ce"][0] == pytest.approx(want_ce, abs=1e-5)
+    assert r["kl"][0] == pytest.approx(want_kl, rel=1e-3, abs=1e-8)
+    lo, hi = r["kl_top_minus_random_ci95"]
+    assert lo <= r["kl_top_minus_random"] <= hi
+    assert r["kl_top_mean"] == pytest.approx(sum(r["kl"][:2]) / 2)
