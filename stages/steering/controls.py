@@ -90,7 +90,7 @@ def last_token_grid(
 def last_token_edit_grid(
     model: HookedTransformer,
     s: SteeringSet,
-    hook: str,
+    hook: str | Sequence[str],
     n_variants: int,
     multipliers: Sequence[float],
     edit,
@@ -100,11 +100,14 @@ def last_token_edit_grid(
     """Behaviour metric [n_variants, n_prompts, n_multipliers] (float64) with
     `edit(act [R, 1, d], variant [R], multiplier [R]) -> act` applied at `hook` at each
     prompt's last token only (the key-value-cache path of `last_token_grid`: adding a
-    vector is one edit, clamping SAE latents another, `interventions.py`)."""
+    vector is one edit, clamping SAE latents another, `interventions.py`). Several hooks
+    at once: `hook` a list and `edit` a dict hook -> edit (`multilayer.multi_hook_grid`)."""
     from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
     from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
 
-    check_hooks(model, [hook], "steering.hook")
+    hooks = [hook] if isinstance(hook, str) else list(hook)
+    edits = edit if isinstance(edit, dict) else {h: edit for h in hooks}
+    check_hooks(model, hooks, "steering.hook" if isinstance(hook, str) else "steering.hooks")
     pos_mask, neg_mask = target_masks(model, s)
     seqs = tokenize(model, [e.prompt for e in s.eval_prompts])
     n_v, k = n_variants, len(multipliers)
@@ -112,8 +115,8 @@ def last_token_edit_grid(
     mults = torch.tensor(list(multipliers), dtype=torch.float32)
     state: dict[str, Tensor] = {}
 
-    def add(act: Tensor, hook) -> Tensor:  # noqa: ARG001 - TL's signature
-        return edit(act, state["vec"], state["mult"])
+    def add(act: Tensor, hook) -> Tensor:
+        return edits[hook.name](act, state["vec"], state["mult"])
 
     by_len: dict[int, list[int]] = {}
     for i, sq in enumerate(seqs):
@@ -139,7 +142,7 @@ def last_token_edit_grid(
                 previous_attention_mask=cache.previous_attention_mask[p], frozen=True,
             )  # fmt: skip
             state["vec"], state["mult"] = vi, mults[mi]
-            with model.hooks(fwd_hooks=[(hook, add)]):
+            with model.hooks(fwd_hooks=[(h, add) for h in hooks]):
                 logits = model(toks[p, -1:], past_kv_cache=rows,
                                attention_mask=torch.ones(len(r), 1, dtype=torch.long))[:, -1]  # fmt: skip
             pi = torch.tensor(idx)[p]

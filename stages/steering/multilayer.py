@@ -29,9 +29,8 @@ from torch import Tensor
 
 from stages.activations import check_hooks
 from stages.alignment.pvalues import p_floor
-from stages.steering.controls import null_test, random_directions, t_interval
-from stages.steering.evaluate import behaviour_metric, slope, target_masks
-from stages.steering.vectors import tokenize
+from stages.steering.controls import last_token_edit_grid, null_test, random_directions, t_interval
+from stages.steering.evaluate import slope
 
 if TYPE_CHECKING:
     from transformer_lens import HookedTransformer
@@ -52,9 +51,6 @@ def multi_hook_grid(
     m · vectors[h][i] at every hook h at once, at each prompt's last token only.
     `vectors`: hook -> [n_vectors, d_model]. With one hook this is
     `controls.last_token_grid` (tests/steering/test_multilayer.py checks it)."""
-    from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
-    from transformer_lens.cache.key_value_cache_entry import TransformerLensKeyValueCacheEntry
-
     hooks = list(vectors)
     check_hooks(model, hooks, "steering.hooks")
     shapes = {tuple(v.shape) for v in vectors.values()}
@@ -65,47 +61,17 @@ def multi_hook_grid(
     ):
         raise ValueError(f"multi_hook_grid: vectors {[tuple(v.shape) for v in vectors.values()]}, "
                          f"expected one [n, d_model = {model.cfg.d_model}] per hook")  # fmt: skip
-    pos_mask, neg_mask = target_masks(model, s)
-    seqs = tokenize(model, [e.prompt for e in s.eval_prompts])
-    n_v, k = next(iter(shapes))[0], len(multipliers)
-    out = torch.empty(n_v, len(seqs), k, dtype=torch.float64)
-    mults = torch.tensor(list(multipliers), dtype=torch.float32)
     vecs = {h: v.float() for h, v in vectors.items()}
-    state: dict[str, Tensor] = {}
 
-    def add(act: Tensor, hook) -> Tensor:
-        delta = state["mult"][:, None] * vecs[hook.name][state["vec"]]
-        return act + delta[:, None, :].to(act.device, act.dtype)
+    def adder(h: str):
+        def add(act: Tensor, vi: Tensor, mult: Tensor) -> Tensor:
+            delta = mult[:, None] * vecs[h][vi]
+            return act + delta[:, None, :].to(act.device, act.dtype)
 
-    by_len: dict[int, list[int]] = {}
-    for i, sq in enumerate(seqs):
-        if len(sq) < 2:
-            raise ValueError(f"steering set '{s.name}': eval prompt {i} has no token after "
-                             "BOS to steer")  # fmt: skip
-        by_len.setdefault(len(sq), []).append(i)
-    for length, idx in sorted(by_len.items()):
-        toks = torch.tensor([seqs[i] for i in idx], dtype=torch.long)
-        g = len(idx)
-        cache = TransformerLensKeyValueCache.init_cache(model.cfg, model.cfg.device, g)
-        model(toks[:, :-1], past_kv_cache=cache,
-              attention_mask=torch.ones(g, length - 1, dtype=torch.long))  # fmt: skip
-        n_rows = g * n_v * k  # row r = (prompt r // (n_v k), vector (r // k) % n_v, mult r % k)
-        for r0 in range(0, n_rows, batch_size):
-            r = torch.arange(r0, min(r0 + batch_size, n_rows))
-            p, vi, mi = r // (n_v * k), (r // k) % n_v, r % k
-            rows = TransformerLensKeyValueCache(
-                entries=[TransformerLensKeyValueCacheEntry(e.past_keys[p], e.past_values[p],
-                                                           frozen=True)
-                         for e in cache.entries],
-                previous_attention_mask=cache.previous_attention_mask[p], frozen=True,
-            )  # fmt: skip
-            state["vec"], state["mult"] = vi, mults[mi]
-            with model.hooks(fwd_hooks=[(h, add) for h in hooks]):
-                logits = model(toks[p, -1:], past_kv_cache=rows,
-                               attention_mask=torch.ones(len(r), 1, dtype=torch.long))[:, -1]  # fmt: skip
-            pi = torch.tensor(idx)[p]
-            out[vi, pi, mi] = behaviour_metric(logits, pos_mask[pi], neg_mask[pi])
-    return out
+        return add
+
+    return last_token_edit_grid(model, s, hooks, next(iter(shapes))[0], multipliers,
+                                {h: adder(h) for h in hooks}, batch_size=batch_size)  # fmt: skip
 
 
 def split_weights(vectors: dict[str, Tensor], reference: str) -> dict[str, float]:
