@@ -44,7 +44,10 @@ class AlignConfig:
     # on both sides of a hook pair with no name in common are an error, not zero pairs.
     sae_names: tuple[str, ...] | str | None = None
     split: str = "heldout"  # rows of A to use: heldout | train | all
-    max_tokens: int = 200_000  # heldout topped up with the nearest training rows
+    max_tokens: int = 200_000  # at most this many rows of the split
+    # split "heldout" with fewer rows than max_tokens: add the nearest training rows (rows
+    # the SAEs were trained on) up to max_tokens; False: held-out rows only
+    top_up: bool = False
     chunk_rows: int = 8192  # tokens per streamed chunk (rounded to the zarr chunking)
     threshold: float = 0.5  # a feature "has a partner" when its match correlates ≥ this
     n_null: int = 1  # shuffled-token-order null passes

@@ -7,7 +7,7 @@ its steps are kept in order in one file so the single read of each chunk is visi
 reports, reading each aligned chunk of tokens once:
 
 1. pair the two stores' rows (`tokens.align_tokens`) and pick the tokens to use
-   (`cfg.split`, topped up with training rows up to `cfg.max_tokens`);
+   (`cfg.split`, at most `cfg.max_tokens`; held-out rows only unless `cfg.top_up`);
 2. stream chunks of paired rows (chunk-aligned zarr reads; B's rows may be scattered
    for a different tokenizer, so B's covering chunks are read and indexed in memory)
    and feed, per chunk:
@@ -132,7 +132,7 @@ class AlignmentResult:
     model_a: str
     model_b: str
     n_tokens: int
-    n_heldout_tokens: int  # of n_tokens, those in A's held-out split (select_rows tops up)
+    n_heldout_tokens: int  # of n_tokens, those in A's held-out split (all, unless top_up)
     token_rule: str
     grid: dict[str, LayerSimilarity]  # metric -> A hooks × B hooks
     hook_pairs: dict[str, dict[str, PermutationTest]]  # "ha~hb" or "h" -> metric -> test
@@ -724,7 +724,7 @@ def align_pair(
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     alignment: TokenAlignment = align_tokens(store_a, store_b)
-    chosen = select_rows(alignment, store_a, cfg.split, cfg.max_tokens)
+    chosen = select_rows(alignment, store_a, cfg.split, cfg.max_tokens, cfg.top_up)
     lo, hi = store_a.split_range("heldout")
     n_heldout = int(((chosen.rows_a >= lo) & (chosen.rows_a < hi)).sum())
     ids_a = np.asarray(store_a.array("token_ids")[:])[chosen.rows_a]

@@ -137,15 +137,19 @@ def align_tokens(store_a: RowStore, store_b: RowStore) -> TokenAlignment:
 
 
 def select_rows(
-    alignment: TokenAlignment, store_a: RowStore, split: str, max_tokens: int
+    alignment: TokenAlignment,
+    store_a: RowStore,
+    split: str,
+    max_tokens: int,
+    top_up: bool = False,
 ) -> TokenAlignment:
     """The pairs to analyse: those whose row of A lies in `split`, at most `max_tokens`.
 
     Too many: the first `max_tokens` in row order (contiguous rows read fastest). For
-    split "heldout" with fewer than `max_tokens` held-out pairs, training pairs are
-    added from the end of A's training range (nearest the held-out rows), since the
-    held-out split of a small corpus is too small for stable correlations; alignment
-    compares fixed SAEs, so having been trained on those tokens biases no score much.
+    split "heldout" with fewer than `max_tokens` held-out pairs and `top_up`, training
+    pairs are added from the end of A's training range (nearest the held-out rows): more
+    rows for the correlations, but rows the SAEs were trained on. Without `top_up` (the
+    default) the held-out pairs are all there is: no SAE or LM has seen those tokens.
     """
     if max_tokens < 2:
         raise ValueError(f"max_tokens = {max_tokens}, expected an integer >= 2")
@@ -154,7 +158,7 @@ def select_rows(
     start, stop = np.searchsorted(rows, [lo, hi])
     if stop - start >= max_tokens:
         return alignment.restrict(slice(start, start + max_tokens))
-    if split == "heldout":
+    if split == "heldout" and top_up:
         train_lo, _ = store_a.split_range("train")
         first = np.searchsorted(rows, train_lo)
         start = max(first, stop - max_tokens)

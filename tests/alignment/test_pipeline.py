@@ -24,8 +24,8 @@ from tests.alignment._stores import permuted_copy, tiny_topk_sae, write_store
 D, M, K, N = 16, 32, 4, 3000
 HOOK = "blocks.0.hook_resid_post"
 OTHER = "blocks.1.hook_resid_post"
-CFG = AlignConfig(max_tokens=N, chunk_rows=512, n_permutations=20, n_samples=256, top_k=8,
-                  self_check_tokens=1024)  # fmt: skip
+CFG = AlignConfig(max_tokens=N, top_up=True, chunk_rows=512, n_permutations=20, n_samples=256,
+                  top_k=8, self_check_tokens=1024)  # fmt: skip
 
 
 def _orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -323,3 +323,12 @@ def test_row_samples_of_consecutive_chunks_merge_exactly():
     first.merge(second)
     a, b = whole.result()["x"], first.result()["x"]
     assert a.shape == (64, 3) and np.array_equal(a, b)
+
+
+def test_without_top_up_alignment_reads_held_out_rows_only(setup):
+    store_a, store_b, saes_a, saes_b, perm, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "top_up": False, "n_permutations": 0})
+    result = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False)
+    assert result.n_tokens == result.n_heldout_tokens == 600
+    (pair,) = result.pairs
+    np.testing.assert_array_equal(pair.hungarian.b_index, np.argsort(perm))

@@ -98,6 +98,10 @@ def test_heldout_selection_is_topped_up_with_the_nearest_training_rows(tmp_path)
     doc, end = np.repeat(np.arange(10), 10), np.tile(np.arange(10), 10)
     a = write_store(tmp_path / "a", _acts(100), doc_ids=doc, char_end=end, heldout_start=90)
     al = align_tokens(a, a)
-    np.testing.assert_array_equal(select_rows(al, a, "heldout", 25).rows_a, np.arange(75, 100))
+    np.testing.assert_array_equal(
+        select_rows(al, a, "heldout", 25, top_up=True).rows_a, np.arange(75, 100)
+    )
+    # without top_up: the held-out rows only, however many max_tokens allows
+    np.testing.assert_array_equal(select_rows(al, a, "heldout", 25).rows_a, np.arange(90, 100))
     np.testing.assert_array_equal(select_rows(al, a, "heldout", 5).rows_a, np.arange(90, 95))
     np.testing.assert_array_equal(select_rows(al, a, "train", 1000).rows_a, np.arange(90))

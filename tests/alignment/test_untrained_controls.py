@@ -104,7 +104,7 @@ def test_trained_pair_beats_trained_vs_untrained(world):
     saes = {h: {"s": build_sae({"architecture": "topk", "d_in": 32, "d_sae": 64, "k": 4,
                                 "n_training_tokens": 4096, "batch_size": 64, "seed": 0})}
             for h in HOOKS}  # fmt: skip
-    cfg = AlignConfig(n_permutations=19, n_samples=600, max_tokens=4000, chunk_rows=1024,
+    cfg = AlignConfig(n_permutations=19, n_samples=600, max_tokens=4000, top_up=True, chunk_rows=1024,
                       n_null=1, seed=0)  # fmt: skip
     with torch.no_grad():
         res = align_pair(sa, sb, saes, saes, cfg, untrained=(ua, ub))

@@ -102,6 +102,7 @@ TINY = {
         "config": {
             "sae_names": ["topk-128-k4"],
             "max_tokens": 4000,
+            "top_up": True,  # the tiny corpus's held-out split is too small on its own
             "n_permutations": 10,
             "n_samples": 256,
             "self_check_tokens": 1024,

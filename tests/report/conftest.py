@@ -174,7 +174,7 @@ def _align(data: Path, untrained: tuple | None = None):
 
     saes_a, best_a = load_model_saes(data / "saes" / "tiny-a")
     saes_b, best_b = load_model_saes(data / "saes" / "tiny-b")
-    cfg = AlignConfig(max_tokens=4000, chunk_rows=512, n_permutations=5, n_samples=256, top_k=8,
+    cfg = AlignConfig(max_tokens=4000, top_up=True, chunk_rows=512, n_permutations=5, n_samples=256, top_k=8,
                       self_check_tokens=1024, sae_names=("topk-64-k4",))  # fmt: skip
     result = align_pair(ActivationStore(data / "activations" / "tiny-a"),
                         ActivationStore(data / "activations" / "tiny-b"), saes_a, saes_b, cfg,
