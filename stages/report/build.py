@@ -226,7 +226,7 @@ def build_report(
         seconds["section_sweep"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         sections.append(concept_table_section(saes, rel_pages))
-        gt = ground_truth_section.section(saes)
+        gt = ground_truth_section.section(saes, ctx)
         if gt is not None:
             sections.append(gt)
         steer = steering_section.section(

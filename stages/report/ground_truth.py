@@ -10,9 +10,11 @@ Reads each SAE folder's `metrics.json` only (`ground_truth.sparse_probing`,
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from pathlib import Path
 
-from stages.report.html import Section, e, fmt, table
+from stages.report.html import ReportContext, Section, e, fmt, table
 from stages.report.sweep import SAERef
 
 KS = ("k1", "k2", "k5", "k20")
@@ -29,9 +31,10 @@ def _sp(s: SAERef) -> dict:
     return (s.metrics.get("ground_truth") or {}).get("sparse_probing") or {}
 
 
-def section(saes: list[SAERef]) -> Section | None:
+def section(saes: list[SAERef], ctx: ReportContext | None = None) -> Section | None:
     """None when no SAE has the SAEBench-style scores (an unlabelled corpus, or
-    `saes.eval.sparse_probing: false`)."""
+    `saes.eval.sparse_probing: false`). With `ctx`, a hook with several SAEs also gets
+    the quality-against-downstream figure (`quality_figure`)."""
     with_sp = [s for s in saes if _sp(s).get("summary")]
     with_g = [s for s in saes if "sae_to_random_kl_ratio" in (s.metrics.get("downstream") or {})]
     if not with_sp and not with_g:
@@ -60,6 +63,8 @@ def section(saes: list[SAERef]) -> Section | None:
         parts.append(f"<h3>{e(model)} · <code>{e(hook)}</code></h3>")
         if sp_group:
             parts.append(_probing_table(sp_group))
+            if ctx is not None and len(sp_group) >= 3:
+                parts.append(_quality_block(ctx, model, hook, sp_group))
             parts.append(_absorption_table(sp_group))
             parts.append(_precision_recall_table(sp_group))
         if g_group:
@@ -163,3 +168,99 @@ def _gurnee_table(group: list[SAERef]) -> str:
          "from resampling windows). Rare / common: the lowest and highest fifth of predictions "
          "by the training frequency of the current token. Rescaled: x̂·‖x‖/‖x̂‖. Saturated: "
          "the zero-ablated CE exceeds the unigram entropy.</p>")  # fmt: skip
+
+
+def quality_vs_probing(group: list[SAERef], k: str = "k1") -> dict[str, float]:
+    """Does a better reconstruction come with a better downstream score? Spearman's ρ
+    between each SAE's held-out FVU and its k-sparse probing F1 (mean over concepts)
+    across the SAEs of one hook, with its two-sided permutation p-value over the
+    pairings (scipy.stats.permutation_test: exact, all n! pairings, for n ≤ 8; 9,999
+    random ones beyond, floor 1/10,000). ρ < 0: lower FVU, higher F1. NaN with fewer
+    than 3 SAEs."""
+    import numpy as np
+    from scipy import stats
+
+    pts = [(s.metrics.get("fvu"), _sp(s)["summary"].get(f"{k}_f1", {}).get("mean"))
+           for s in group]  # fmt: skip
+    pts = [(x, y) for x, y in pts if _finite(x) and _finite(y)]
+    n = len(pts)
+    if n < 3:
+        return {"n": float(n), "rho": math.nan, "p": math.nan}
+    x, y = np.array(pts, dtype=float).T
+
+    def rho(a: np.ndarray) -> float:
+        return float(stats.spearmanr(a, y).statistic)
+
+    res = stats.permutation_test((x,), rho, permutation_type="pairings",
+                                 n_resamples=9999 if n > 8 else np.inf, random_state=0)  # fmt: skip
+    return {"n": float(n), "rho": rho(x), "p": float(res.pvalue)}
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def quality_figure(group: list[SAERef], title: str):
+    """SAE quality against a downstream task, one point per SAE: held-out FVU (left) and
+    L0 (right) against k-sparse probing F1 at k = 1 (filled) and k = 20 (open), with the
+    F1 interval over test documents; dashed: the dense probe, dotted: the lexical lookup
+    (the same rows, so the same for every SAE of the hook)."""
+    import matplotlib.pyplot as plt
+
+    from stages.sae.registry import plot_style
+
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharey=True)
+    summ0 = _sp(group[0])["summary"]
+    for ax, key, label in ((axes[0], "fvu", "FVU (held-out, lower is better)"),
+                           (axes[1], "l0", "L0 (held-out)")):  # fmt: skip
+        for s in group:
+            colour, marker = plot_style(s.architecture)
+            summ = _sp(s)["summary"]
+            for k, fill in (("k1", colour), ("k20", "none")):
+                v = summ.get(f"{k}_f1") or {}
+                if not (_finite(s.metrics.get(key)) and _finite(v.get("mean"))):
+                    continue
+                ax.errorbar([s.metrics[key]], [v["mean"]],
+                            yerr=[[v["mean"] - v.get("lo", v["mean"])],
+                                  [v.get("hi", v["mean"]) - v["mean"]]],
+                            color=colour, marker=marker, mfc=fill, ms=7, lw=0.8, capsize=2)  # fmt: skip
+        for tag, style in (("dense", "--"), ("lexical", ":")):
+            if _finite((summ0.get(f"{tag}_f1") or {}).get("mean")):
+                ax.axhline(summ0[f"{tag}_f1"]["mean"], color="0.4", ls=style, lw=1,
+                           label=f"{tag} probe" if tag == "dense" else "lexical lookup")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("k-sparse probing F1 (mean over concepts)")
+    handles = [plt.Line2D([], [], color=plot_style(a)[0], marker=plot_style(a)[1], ls="",
+                          label=a) for a in sorted({s.architecture for s in group})]  # fmt: skip
+    handles += [plt.Line2D([], [], color="0.3", marker="o", ls="", label="k = 1"),
+                plt.Line2D([], [], color="0.3", marker="o", mfc="none", ls="", label="k = 20")]  # fmt: skip
+    h2, _ = axes[0].get_legend_handles_labels()
+    axes[1].legend(handles=handles + h2, fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _quality_block(ctx: ReportContext, model: str, hook: str, group: list[SAERef]) -> str:
+    block, _ = ctx.figure(
+        quality_figure(group, f"{model} {hook}: SAE quality against k-sparse probing"),
+        f"ground_truth/{model}__{hook}__quality",
+        title=f"SAE quality against a downstream task, {model} {hook}",
+        description=(
+            "Each SAE of the hook: reconstruction (FVU, L0) against k-sparse probing F1 on "
+            "the world's concepts (k = 1 filled, k = 20 open; 95 % interval over test "
+            "documents), beside the dense probe and the lexical lookup on the same rows."
+        ),
+        inputs=sorted({str(Path(s.path).parent) for s in group}),
+    )
+    rows = []
+    for k in ("k1", "k20"):
+        q = quality_vs_probing(group, k)
+        rows.append([f"k = {k[1:]}", fmt(q["n"], 0), fmt(q["rho"], 2), fmt(q["p"], 3)])
+    return block + table(["probe", "SAEs", "Spearman ρ (FVU, F1)", "permutation p"], rows,
+                         left=1) + (
+        "<p class='muted'>ρ < 0: the SAEs that reconstruct better also probe better. "
+        "Permutation p over the pairings of FVU and F1 (exact for up to 8 SAEs); with this "
+        "few SAEs only a strong rank agreement can reach p < 0.05.</p>")  # fmt: skip

@@ -4,6 +4,7 @@ partner links, sections that did not run, features of a text, the CLI."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from html.parser import HTMLParser
 from pathlib import Path
@@ -409,3 +410,36 @@ def test_geometry_section_says_why_a_model_skipped_geometry(tmp_path):
     s = section(ctx, tmp_path / "geometry")
     assert s.body.startswith('<p class="note"><b>Not run.</b>')
     assert f"geometry@gpt2 skipped: {why}" in s.body and not ctx.figures
+
+
+def _sae_ref(i: int, fvu: float, f1: float):
+    from stages.report.sweep import SAERef
+
+    summary = {"k1_f1": {"mean": f1, "lo": f1 - 0.01, "hi": f1 + 0.01},
+               "k20_f1": {"mean": f1 + 0.1, "lo": f1 + 0.09, "hi": f1 + 0.11},
+               "dense_f1": {"mean": 0.9, "lo": 0.89, "hi": 0.91}}  # fmt: skip
+    metrics = {"fvu": fvu, "l0": 8.0 * (i + 1),
+               "ground_truth": {"sparse_probing": {"summary": summary}}}  # fmt: skip
+    return SAERef("m", HOOK, f"s{i}", Path("/nowhere") / f"s{i}", "topk", metrics)
+
+
+def test_quality_against_probing_rank_correlation_and_exact_permutation_p():
+    """Spearman's ρ between FVU and k-sparse F1 over a hook's SAEs, with the exact
+    permutation p: for n = 5 perfectly ranked SAEs, ρ = -1 and only the 2 pairings with
+    |ρ| = 1 of the 5! = 120 are as extreme (p = 2/120); a NaN FVU drops its SAE."""
+    from stages.report.ground_truth import quality_figure, quality_vs_probing
+
+    group = [_sae_ref(i, fvu=0.01 * (i + 1), f1=0.8 - 0.1 * i) for i in range(5)]
+    q = quality_vs_probing(group, "k1")
+    assert q["n"] == 5 and q["rho"] == pytest.approx(-1.0)
+    assert q["p"] == pytest.approx(2 / 120)
+    shuffled = [_sae_ref(i, fvu=f, f1=g) for i, (f, g) in
+                enumerate([(0.01, 0.5), (0.02, 0.7), (0.03, 0.4), (0.04, 0.6)])]  # fmt: skip
+    q = quality_vs_probing(shuffled, "k20")
+    # ranks (1,2,3,4) vs (2,4,1,3): ρ = 1 - 6·(1+4+4+1)/(4·15) = 0
+    assert q["rho"] == pytest.approx(0.0) and q["p"] == pytest.approx(1.0)
+    group[0].metrics["fvu"] = float("nan")
+    assert quality_vs_probing(group[:3], "k1")["n"] == 2
+    assert math.isnan(quality_vs_probing(group[:3], "k1")["rho"])
+    fig = quality_figure(group, "t")
+    assert len(fig.axes) == 2
