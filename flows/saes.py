@@ -239,7 +239,9 @@ def saes_flow(name: str) -> dict:
         with atomic_dir(out, within=lay.saes()) as tmp:
             fits = _fit_all(plan, store, model, store_dir, model_dir, partial, sp, data_fp,
                             compute, dev)  # fmt: skip
+            trained: dict[str, dict] = {}  # hook -> name -> (SAE, config), for seed groups
             for hook, r, ev in fits:
+                trained.setdefault(hook, {})[r.name] = (r.sae, r.config.model_dump(mode="json"))
                 if r.config.intended_l0 is not None:  # k or target_l0: matched-L0 figures
                     ev.metrics["target_l0"] = r.config.intended_l0
                 if "sparsity_calibration" in r.sae.metadata:  # coefficients tried, L0s, result
@@ -258,6 +260,9 @@ def saes_flow(name: str) -> dict:
                 print(f"saes@{name}: {hook} {r.name}: L0 {flat.get('l0', 0):.1f}, "
                       f"FVU {flat.get('fvu', 0):.3f}, CE recovered "
                       f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
+            seeds = _seed_groups(trained, metrics, store, sp.eval.max_rows)
+            if seeds:
+                write_json(tmp / "seeds.json", seeds)
             for sae_name, entry in pretrained.items():
                 hook = entry.hook
                 where = f"params.yaml: saes.pretrained.{name}.{sae_name}"
@@ -279,11 +284,36 @@ def saes_flow(name: str) -> dict:
                       f"{flat.get('l0', 0):.1f}, FVU {flat.get('fvu', 0):.3f}, CE recovered "
                       f"{flat.get('ce_loss_recovered', float('nan')):.3f}")  # fmt: skip
         shutil.rmtree(partial, ignore_errors=True)
+        if seeds:  # mean ± sd over seeds, and the overlap's, beside the SAEs' own metrics
+            metrics["seeds"] = {f"{hook}/{first}": {**g["metrics"], **g["overlap"]}
+                                for hook, groups in seeds.items() for first, g in groups.items()}  # fmt: skip
         write_json(lay.metrics("saes", name), metrics)
         write_json(lay.plot("saes", name), rows)
         run.figure(pareto_figure(rows, name), "pareto.png")
         print(f"saes@{name}: {len(rows)} SAEs -> {out}/, metrics -> metrics/saes/{name}.json")
     return metrics
+
+
+def _seed_groups(trained: dict, metrics: dict, store, max_rows: int | None) -> dict:
+    """hook -> `stages.sae.seeds.seed_report` for the SAEs of each hook that differ only
+    in their seed (none in the default sweep: empty), on the held-out rows."""
+    from stages.sae.data import iter_rows
+    from stages.sae.seeds import seed_groups, seed_report
+
+    out = {}
+    for hook, by_name in trained.items():
+        configs = {n: c for n, (_, c) in by_name.items()}
+        if not seed_groups(configs):
+            continue
+        source = store.source(hook, "heldout")
+        out[hook] = seed_report({n: s for n, (s, _) in by_name.items()}, configs,
+                                metrics.get(hook, {}), functools.partial(iter_rows, source, 8192, max_rows))  # fmt: skip
+        for first, g in out[hook].items():
+            o = g["overlap"]["fraction_with_partner_hungarian"]
+            print(f"saes: {hook} {first} over {len(g['seeds'])} seeds: FVU "
+                  f"{g['metrics']['fvu']['mean']:.4f} ± {g['metrics']['fvu']['sd']:.4f}, "
+                  f"seed-to-seed partners {o['mean']:.3f} ± {o['sd']:.3f}")  # fmt: skip
+    return out
 
 
 def _log_sae_run(stage, model: str, hook: str, r, ev, flat: dict) -> None:

@@ -69,6 +69,7 @@ def section(saes: list[SAERef], ctx: ReportContext | None = None) -> Section | N
             parts.append(_precision_recall_table(sp_group))
         if g_group:
             parts.append(_gurnee_table(g_group))
+        parts.append(_seeds_table(group))
     return Section("ground-truth", "SAE ground truth: sparse probing, absorption, Gurnee's null",
                    "".join(parts))  # fmt: skip
 
@@ -264,3 +265,40 @@ def _quality_block(ctx: ReportContext, model: str, hook: str, group: list[SAERef
         "<p class='muted'>ρ < 0: the SAEs that reconstruct better also probe better. "
         "Permutation p over the pairings of FVU and F1 (exact for up to 8 SAEs); with this "
         "few SAEs only a strong rank agreement can reach p < 0.05.</p>")  # fmt: skip
+
+
+SEED_KEYS = (("fvu", "FVU", 4), ("l0", "L0", 1), ("ce_delta_sae", "ΔCE (nats)", 3),
+             ("probe_k1_f1", "k = 1 F1", 2), ("probe_k20_f1", "k = 20 F1", 2))  # fmt: skip
+
+
+def _seeds_table(group: list[SAERef]) -> str:
+    """The seed groups of this hook (`data/saes/<M>/seeds.json`, written when SAEs differ
+    only in seed: `stages/sae/seeds.py`); "" when there are none."""
+    import json
+
+    path = Path(group[0].path).parent.parent / "seeds.json"
+    if not path.exists():
+        return ""
+    groups = json.loads(path.read_text()).get(group[0].hook) or {}
+    if not groups:
+        return ""
+
+    def msd(v: dict, digits: int) -> str:
+        return (f"{fmt(v.get('mean'), digits)} ± {fmt(v.get('sd'), digits)} <span class='muted'>"
+                f"[{fmt(v.get('lo'), digits)}, {fmt(v.get('hi'), digits)}]</span>")  # fmt: skip
+
+    rows = []
+    for first, g in groups.items():
+        m, o = g["metrics"], g["overlap"]
+        rows.append([e(first), str(len(g["seeds"])),
+                     *(msd(m[k], d) if k in m else "–" for k, _, d in SEED_KEYS),
+                     msd(o["fraction_with_partner_hungarian"], 3),
+                     fmt(o["null_fraction_with_partner_hungarian"].get("mean"), 3)])  # fmt: skip
+    return "<h4>Seeds</h4>" + table(
+        ["SAE (first seed)", "seeds", *(label for _, label, _ in SEED_KEYS),
+         "seed-to-seed partners", "shuffled-row null"], rows, left=1,
+    ) + ("<p class='muted'>SAEs whose configs differ only in their seed: mean ± sd over "
+         "seeds [95 % t interval]. Seed-to-seed partners: the share of latents whose "
+         "Hungarian match in another seed's SAE correlates ≥ 0.5 over held-out rows (mean "
+         "± sd over seed pairs), the same measure as the cross-model "
+         "<code>fraction_with_partner_hungarian</code> in the alignment section.</p>")  # fmt: skip
