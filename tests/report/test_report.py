@@ -44,8 +44,13 @@ def test_every_figure_carries_provenance(tiny_report, tiny_data):
     # Pareto + density per model; steering: curves, layer sweep, ablation, decomposition,
     # downstream, downstream against random directions, clamp, targeted; alignment: a null
     # histogram per SAE pair + 2 heatmaps + the steering-vector transfer; geometry: cosine
-    # heatmap, simplex, circles
-    assert report.index.exists() and len(report.figures) == 4 + 8 + 1 + 2 + 1 + 3
+    # heatmap, simplex, circles; ground truth: SAE quality against probing per model (the
+    # hooks with >= 3 SAEs)
+    assert report.index.exists() and len(report.figures) == 4 + 8 + 1 + 2 + 1 + 3 + 2
+    quality = [f.name for f in report.figures if f.name.startswith("figures/ground_truth/")]
+    assert quality == [
+        f"figures/ground_truth/{m}__{HOOK}__quality.png" for m in ("tiny-a", "tiny-b")
+    ]
     p = _Figures()
     p.feed(report.index.read_text())
     imgs = [f for f in p.figs if f["src"]]
