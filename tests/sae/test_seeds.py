@@ -66,3 +66,29 @@ def test_seed_report_summarises_metrics_and_overlap_over_seed_pairs():
     assert g["metrics"]["fvu"]["mean"] == pytest.approx(0.2)
     assert g["metrics"]["fvu"]["sd"] == pytest.approx(0.1)
     assert g["overlap"]["fraction_with_partner_hungarian"]["mean"] == 1.0
+
+
+def test_the_saes_flow_finds_seed_groups_on_a_store(tmp_path):
+    """flows.saes._seed_groups: per hook, the groups of SAEs that differ only in seed,
+    scored on the store's held-out rows; hooks without a group are left out."""
+    from flows.saes import _seed_groups
+    from tests.alignment._stores import write_store
+
+    n, hook = 4000, "blocks.0.hook_resid_post"
+    x = np.random.default_rng(0).standard_normal((n, 16)).astype(np.float32)
+    store = write_store(tmp_path / "store", {hook: x, "blocks.1.hook_resid_post": x},
+                        doc_ids=np.arange(n) // 50, char_end=np.arange(n), heldout_start=1000)  # fmt: skip
+    a = tiny_topk_sae(16, 48, 4, seed=0)
+    trained = {
+        hook: {"s0": (a, {**BASE, "seed": 0, "name": None}),
+               "s1": (permuted_copy(a, np.arange(48)[::-1].copy()), {**BASE, "seed": 1, "name": "s1"}),
+               "k8": (a, {**BASE, "k": 8, "seed": 0, "name": None})},
+        "blocks.1.hook_resid_post": {"s0": (a, {**BASE, "seed": 0, "name": None})},
+    }  # fmt: skip
+    metrics = {hook: {"s0": {"fvu": 0.1, "l0": 4.0}, "s1": {"fvu": 0.3, "l0": 4.0}}}
+    out = _seed_groups(trained, metrics, store, max_rows=None)
+    assert list(out) == [hook] and list(out[hook]) == ["s0"]
+    g = out[hook]["s0"]
+    assert g["seeds"] == ["s0", "s1"] and g["metrics"]["fvu"]["mean"] == pytest.approx(0.2)
+    (pair,) = g["overlap_pairs"].values()
+    assert pair["n_rows"] == 3000 and pair["fraction_with_partner_hungarian"] == 1.0
