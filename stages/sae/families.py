@@ -1,0 +1,278 @@
+"""Latent families across SAE widths, matched to the world's planted hierarchy.
+
+Given SAEs of increasing width on one hook (w_0 < w_1 < …, typically doubling) and
+held-out rows with concept labels:
+
+- **Parent links** (feature splitting, Bricken et al. 2023, "Towards Monosemanticity",
+  §"Feature Splitting"): the parent of latent ℓ at width w_{i+1} is the latent p at
+  width w_i maximising ½ (cos(d_ℓ, d_p) + ρ(a_ℓ, a_p)), the mean of the decoder cosine
+  and the Pearson correlation of the two latents' activations over the held-out rows
+  (a dead latent correlates 0 with everything). The decoder-cosine-only parent
+  (`stages.alignment.matching.feature_splitting` without co-activation) is kept as the
+  reported control. Ancestors at width w_i of a latent at width w_j (j > i) follow the
+  links down.
+- **Best latent per concept and width** (as `stages/sae/evaluate.py`): fires = act > 0,
+  the latent with the best F1 at the concept's natural prevalence. It is chosen on the
+  probe-train half of the rows (split by document, `concepts.split_by_group`) and its F1
+  reported on the test half with a document-bootstrap 95 % interval
+  (`concepts.f1_with_interval`).
+- **Hierarchy match**: for each parent concept P of the hierarchy (animal → mammal /
+  bird / fish → species; emotion → polarity), each width w_i and each gap g (w_{i+g} =
+  2^g w_i), each child concept c of P: does the best latent of c at w_{i+g} descend from
+  the best latent of P at w_i? The reported fraction is over all (P, c, i, g) with both
+  concepts scored. Null: the same fraction with the parent links shuffled (each layer's
+  parent array permuted over the wide latents, which keeps every parent's number of
+  children), `n_draws` seeded draws → the null mean, its 95 % interval and the empirical
+  p = (1 + #{null ≥ observed}) / (1 + n_draws). "Splitting follows the hierarchy" is
+  claimed only where the observed fraction beats that null.
+
+Feature absorption (Chanin et al. 2024, "A is for Absorption") is the failure this
+measures from the other side: a child latent that absorbs its parent's direction has the
+parent's decoder direction, so it is linked to the parent latent by cosine even where the
+two never co-fire; the co-activation term separates splitting (a parent that fires with
+its children) from absorption (a parent silent where the child fires).
+
+Pure functions on arrays; `codes_of` encodes rows with loaded SAEs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from stages.alignment.matching import feature_splitting
+from stages.sae.concepts import Bootstrap, f1_with_interval, split_by_group, wilson
+
+N_DRAWS = 1000
+GAPS = (1, 2)
+
+
+def codes_of(sae, x: torch.Tensor, batch_size: int = 4096) -> sp.csr_matrix:
+    """The SAE's latent activations on rows x [n, d_in] as a sparse [n, d_sae] matrix."""
+    parts = []
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            f = sae.encode(x[i : i + batch_size].float()).float().cpu().numpy()
+            parts.append(sp.csr_matrix(np.where(f > 0, f, 0.0)))
+    return sp.vstack(parts).tocsr() if parts else sp.csr_matrix((0, sae.d_sae))
+
+
+def coactivation(acts_wide, acts_narrow) -> np.ndarray:
+    """Pearson correlation [m_wide, m_narrow] between every wide and every narrow latent's
+    activation over the same rows (dense or scipy-sparse [n, m]); 0 where a latent is
+    constant (dead)."""
+    a, b = sp.csc_matrix(acts_wide, dtype=np.float64), sp.csc_matrix(acts_narrow, dtype=np.float64)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"coactivation: acts_wide has {a.shape[0]} rows and acts_narrow {b.shape[0]}: "
+            f"expected the same rows"
+        )
+    n = a.shape[0]
+    ma, mb = np.asarray(a.mean(0)).ravel(), np.asarray(b.mean(0)).ravel()
+    sa = np.sqrt(np.maximum(np.asarray(a.multiply(a).mean(0)).ravel() - ma**2, 0.0))
+    sb = np.sqrt(np.maximum(np.asarray(b.multiply(b).mean(0)).ravel() - mb**2, 0.0))
+    cov = (a.T @ b).toarray() / n - np.outer(ma, mb)
+    den = np.outer(sa, sb)
+    ok = den > 1e-12 * max(1.0, float(den.max(initial=0.0)))
+    return np.where(ok, cov / np.where(ok, den, 1.0), 0.0).clip(-1.0, 1.0)
+
+
+def best_latents(acts, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per concept column of labels [n, C] the latent (fires = act > 0) with the best F1,
+    and that F1: (best [C], f1 [C]). Ties: the lowest index."""
+    fired = sp.csr_matrix(acts, dtype=np.float64)
+    fired.data = (fired.data > 0).astype(np.float64)
+    lab = sp.csc_matrix(np.asarray(labels, dtype=np.float64))
+    tp = (lab.T @ fired).toarray()  # [C, m]
+    fires = np.asarray(fired.sum(0)).ravel()[None]
+    pos = np.asarray(lab.sum(0)).ravel()[:, None]
+    den = fires + pos
+    f1 = np.where(den > 0, 2 * tp / np.where(den > 0, den, 1.0), 0.0)
+    best = f1.argmax(1)
+    return best, f1[np.arange(len(best)), best]
+
+
+def ancestors(parents: Sequence[np.ndarray], i: int, j: int, latents: np.ndarray) -> np.ndarray:
+    """Ancestors at width index i of `latents` at width index j ≥ i; parents[k] maps width
+    k + 1's latents to width k's."""
+    out = np.asarray(latents)
+    for k in range(j - 1, i - 1, -1):
+        out = parents[k][out]
+    return out
+
+
+def hierarchy_match(
+    best: np.ndarray,
+    parents: Sequence[np.ndarray],
+    names: Sequence[str],
+    hierarchy: Mapping[str, Sequence[str]],
+    *,
+    gaps: Sequence[int] = GAPS,
+    n_draws: int = N_DRAWS,
+    seed: int = 0,
+) -> dict:
+    """The hierarchy-match fraction (module docstring) and its shuffled-links null.
+
+    best [W, C]: each concept's best latent at each width; parents: W − 1 parent arrays.
+    Returns {"fraction", "k", "n", "wilson", "null_mean", "null_lo", "null_hi", "p",
+    "by_gap": {g: same}, "pairs": [one row per (parent, child, width, gap)]}."""
+    best = np.asarray(best)
+    if best.shape != (len(parents) + 1, len(names)):
+        raise ValueError(
+            f"best has shape {best.shape}: expected [{len(parents) + 1} widths, "
+            f"{len(names)} concepts]"
+        )
+    col = {n: j for j, n in enumerate(names)}
+    tuples = [(p, c, i, g) for p, children in hierarchy.items() if p in col
+              for c in children if c in col for g in gaps
+              for i in range(len(best) - g)]  # fmt: skip
+    if not tuples:
+        return {"n": 0, "pairs": []}
+    pj = np.array([col[p] for p, _, _, _ in tuples])
+    cj = np.array([col[c] for _, c, _, _ in tuples])
+    ii = np.array([t[2] for t in tuples])
+    gg = np.array([t[3] for t in tuples])
+
+    def hits(links: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.empty(len(tuples), dtype=bool)
+        for t in range(len(tuples)):
+            anc = ancestors(links, ii[t], ii[t] + gg[t], best[ii[t] + gg[t], cj[t]])
+            out[t] = anc == best[ii[t], pj[t]]
+        return out
+
+    observed = hits(parents)
+    rng = np.random.default_rng(seed)
+    null = np.empty((n_draws, len(tuples)), dtype=bool)
+    for d in range(n_draws):
+        null[d] = hits([p[rng.permutation(len(p))] for p in parents])
+
+    def stats(mask: np.ndarray) -> dict:
+        k, n = int(observed[mask].sum()), int(mask.sum())
+        frac = k / n if n else math.nan
+        nf = null[:, mask].mean(1) if n else np.full(n_draws, math.nan)
+        return {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n)),
+                "null_mean": float(nf.mean()), "null_lo": float(np.quantile(nf, 0.025)),
+                "null_hi": float(np.quantile(nf, 0.975)),
+                "p": float((1 + np.sum(nf >= frac)) / (1 + n_draws))}  # fmt: skip
+
+    out = stats(np.ones(len(tuples), dtype=bool))
+    out["by_gap"] = {int(g): stats(gg == g) for g in gaps if (gg == g).any()}
+    out["pairs"] = [{"parent": p, "child": c, "width_index": i, "gap": g, "match": bool(m)}
+                    for (p, c, i, g), m in zip(tuples, observed, strict=True)]  # fmt: skip
+    return out
+
+
+@dataclass
+class WidthInputs:
+    """One SAE of the ladder: its decoder [d_sae, d_in] and its codes on the rows."""
+
+    name: str
+    w_dec: np.ndarray
+    acts: sp.csr_matrix
+
+
+def families(
+    ladder: Sequence[WidthInputs],
+    labels: np.ndarray,
+    concept_names: Sequence[str],
+    groups: np.ndarray,
+    hierarchy: Mapping[str, Sequence[str]],
+    *,
+    min_positives: int = 10,
+    n_draws: int = N_DRAWS,
+    seed: int = 0,
+) -> dict:
+    """The family table (JSON-ready): per width the best latent and test F1 of every
+    hierarchy concept, the parent links' summaries, and the hierarchy match under the
+    combined rule and under the decoder-cosine control. `ladder` in increasing width;
+    labels [n, len(concept_names)] and groups [n] (document ids) row-aligned with the codes."""
+    widths = [int(s.w_dec.shape[0]) for s in ladder]
+    if len(ladder) < 2 or any(b <= a for a, b in zip(widths, widths[1:], strict=False)):
+        raise ValueError(f"families: widths {widths}, expected ≥ 2 SAEs of increasing width")
+    lab = np.asarray(labels).astype(bool)
+    n = ladder[0].acts.shape[0]
+    if lab.shape != (n, len(concept_names)) or any(s.acts.shape[0] != n for s in ladder):
+        raise ValueError(
+            f"families: labels {lab.shape}, codes {[s.acts.shape for s in ladder]}: expected "
+            f"[{n} rows, {len(concept_names)} concepts] and every SAE's codes on those rows"
+        )
+    wanted = {p for p in hierarchy} | {c for ch in hierarchy.values() for c in ch}
+    train = split_by_group(groups, seed)
+    cols = [j for j, c in enumerate(concept_names) if c in wanted
+            and lab[train, j].sum() >= min_positives and lab[~train, j].sum() >= min_positives]  # fmt: skip
+    names = [concept_names[j] for j in cols]
+    y = lab[:, cols]
+    boot = Bootstrap.of(np.asarray(groups).ravel()[~train], seed=seed)
+    best, per_width = [], []
+    for s in ladder:
+        b, train_f1 = best_latents(s.acts[train], y[train])
+        fired = s.acts[~train][:, b].toarray() > 0
+        r = f1_with_interval(torch.from_numpy(fired), torch.from_numpy(y[~train]), boot)
+        best.append(b)
+        per_width.append({
+            "name": s.name, "d_sae": int(s.w_dec.shape[0]),
+            "concepts": {c: {"latent": int(b[k]), "f1": float(r["f1"][k]),
+                             "lo": float(r["lo"][k]), "hi": float(r["hi"][k]),
+                             "train_f1": float(train_f1[k])} for k, c in enumerate(names)},
+            "distinct_animal_latents": None,
+        })  # fmt: skip
+    best = np.stack(best)
+    links = {"combined": [], "cosine": []}
+    link_summary = []
+    for narrow, wide in zip(ladder, ladder[1:], strict=False):
+        rho = coactivation(wide.acts, narrow.acts)
+        comb = feature_splitting(narrow.w_dec, wide.w_dec, coactivation=rho)
+        cos = feature_splitting(narrow.w_dec, wide.w_dec)
+        links["combined"].append(comb.parent)
+        links["cosine"].append(cos.parent)
+        link_summary.append({
+            "narrow": narrow.name, "wide": wide.name,
+            "agreement_with_cosine": float(np.mean(comb.parent == cos.parent)),
+            "combined": comb.summary(), "cosine": cos.summary(),
+        })  # fmt: skip
+    hier = {p: [c for c in ch if c in names] for p, ch in hierarchy.items() if p in names}
+    hier = {p: ch for p, ch in hier.items() if ch}
+    subtree = _subtree(hier, "animal")
+    for w, row in enumerate(per_width):
+        row["distinct_animal_latents"] = len({int(best[w, names.index(c)]) for c in subtree})
+    match = {rule: hierarchy_match(best, links[rule], names, hier, n_draws=n_draws, seed=seed)
+             for rule in ("combined", "cosine")}  # fmt: skip
+    tree = _tree(best, links["combined"], names, subtree)
+    return {
+        "widths": widths, "concepts": names, "hierarchy": hier,
+        "rule": "parent = argmax over the narrower SAE's latents of ½ (decoder cosine + "
+                "activation correlation); control: decoder cosine only",
+        "n_rows": int(n), "n_test_rows": int((~train).sum()), "n_draws": n_draws,
+        "seed": seed, "per_width": per_width, "links": link_summary,
+        "hierarchy_match": match, "animal_tree": tree,
+    }  # fmt: skip
+
+
+def _subtree(hier: Mapping[str, Sequence[str]], root: str) -> list[str]:
+    out, todo = [], [root]
+    while todo:
+        c = todo.pop(0)
+        if c in out:
+            continue
+        out.append(c)
+        todo += list(hier.get(c, []))
+    return out if root in hier else []
+
+
+def _tree(best: np.ndarray, parents: Sequence[np.ndarray], names: Sequence[str],
+          concepts: Sequence[str]) -> list[dict]:  # fmt: skip
+    """Per concept and width: its best latent and that latent's parent at the previous
+    width (the family tree's edges)."""
+    out = []
+    for c in concepts:
+        j = names.index(c)
+        for w in range(len(best)):
+            lat = int(best[w, j])
+            out.append({"concept": c, "width_index": w, "latent": lat,
+                        "parent_latent": int(parents[w - 1][lat]) if w else None})  # fmt: skip
+    return out
