@@ -321,8 +321,7 @@ def feature_splitting(
         rho = _scores(coactivation, "coactivation")
         if rho.shape != cos.shape:
             raise ValueError(
-                f"coactivation has shape {rho.shape}: expected [m_wide, m_narrow] = "
-                f"{cos.shape}"
+                f"coactivation has shape {rho.shape}: expected [m_wide, m_narrow] = {cos.shape}"
             )
         score = 0.5 * (cos + rho)
     parent = np.argmax(score, axis=1)

@@ -40,6 +40,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -276,3 +277,175 @@ def _tree(best: np.ndarray, parents: Sequence[np.ndarray], names: Sequence[str],
             out.append({"concept": c, "width_index": w, "latent": lat,
                         "parent_latent": int(parents[w - 1][lat]) if w else None})  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------- on disk
+
+
+def planted_hierarchy(names: Sequence[str]) -> dict[str, list[str]]:
+    """Parent -> children of the world's concepts (stages/corpus.py) among `names`."""
+    from stages.corpus import CONCEPTS
+
+    have = set(names)
+    out: dict[str, list[str]] = {}
+    for c in CONCEPTS:
+        if c.parent in have and c.name in have:
+            out.setdefault(c.parent, []).append(c.name)
+    return out
+
+
+def ladders(sae_dirs: Sequence[str | Path]) -> dict[str, list[Path]]:
+    """SAE folders grouped into width ladders: the same training config but for the width
+    (architecture, sparsity, seed, tokens, batch size, learning rate; read from cfg.json's
+    training config), at least two widths, in increasing width. Key: `<arch>-k<k>-s<seed>`
+    (`l0t<target>` for calibrated SAEs, plus tokens and lr where a hook has several)."""
+    import json
+
+    groups: dict[tuple, dict[int, Path]] = {}
+    for d in sorted(map(Path, sae_dirs)):
+        cfg = json.loads((d / "cfg.json").read_text())
+        tc = ((cfg.get("metadata") or {}).get("feature_atlas") or {}).get("training_config") or {}
+        tc = {**cfg, **tc}
+        sparsity = f"k{tc['k']:g}" if tc.get("k") else f"l0t{tc.get('target_l0')}"
+        key = (tc.get("architecture"), sparsity, tc.get("seed", 0), tc.get("n_training_tokens"),
+               tc.get("batch_size"), tc.get("lr"))  # fmt: skip
+        groups.setdefault(key, {}).setdefault(int(cfg["d_sae"]), d)  # first name wins a tie
+    found = {k: v for k, v in groups.items() if len(v) >= 2}
+    settings = {k[3:] for k in found}
+    return {
+        f"{k[0]}-{k[1]}-s{k[2]}" + (f"-t{k[3]}-lr{k[5]}" if len(settings) > 1 else ""):
+        [v[w] for w in sorted(v)]
+        for k, v in sorted(found.items(), key=lambda kv: str(kv[0]))
+    }  # fmt: skip
+
+
+def family_study(sae_dirs: Sequence[str | Path], store, hook: str, *, max_rows: int = 40_000,
+                 n_draws: int = N_DRAWS, seed: int = 0) -> dict:  # fmt: skip
+    """Families for every width ladder among `sae_dirs` (all on `hook` of the activation
+    store `store`), on the store's first `max_rows` held-out rows. {} when no ladder."""
+    from stages.sae.io import load_sae
+
+    found = ladders(sae_dirs)
+    if not found:
+        return {}
+    if not store.concept_names:
+        raise ValueError(f"{store.path}: the activation store has no concept labels")
+    src = store.source(hook, "heldout")
+    n = min(src.n_rows, max_rows)
+    x = torch.from_numpy(src.read(0, n)).float()
+    labels = store.read("concept_labels", "heldout")[:n]
+    groups = store.read("doc_ids", "heldout")[:n]
+    names = list(store.concept_names)
+    hier = planted_hierarchy(names)
+    out = {}
+    for key, dirs in found.items():
+        lad = []
+        for d in dirs:
+            sae = load_sae(d)
+            sae.eval()
+            lad.append(WidthInputs(d.name, sae.W_dec.detach().double().numpy(), codes_of(sae, x)))
+        out[key] = families(lad, labels, names, groups, hier, n_draws=n_draws, seed=seed)
+    return {"hook": hook, "store": str(store.path), "ladders": out}
+
+
+def seed_summary(study: dict) -> dict:
+    """Across ladders (seeds): the pooled hierarchy-match fraction per rule and gap, and
+    per width and concept the mean best-latent F1 and its range over seeds."""
+    lads = list(study.get("ladders", {}).values())
+    if not lads:
+        return {}
+    pooled = {}
+    for rule in ("combined", "cosine"):
+        ms = [lad["hierarchy_match"][rule] for lad in lads]
+        k, n = sum(m["k"] for m in ms), sum(m["n"] for m in ms)
+        pooled[rule] = {"k": k, "n": n, "fraction": k / n if n else math.nan,
+                        "null_mean": float(np.mean([m["null_mean"] for m in ms])),
+                        "p_per_ladder": [m["p"] for m in ms]}  # fmt: skip
+    f1 = {}
+    widths = lads[0]["widths"]
+    if all(lad["widths"] == widths for lad in lads):
+        for c in lads[0]["concepts"]:
+            if all(c in lad["concepts"] for lad in lads):
+                v = np.array([[w["concepts"][c]["f1"] for w in lad["per_width"]] for lad in lads])
+                f1[c] = {"mean": v.mean(0).tolist(), "min": v.min(0).tolist(),
+                         "max": v.max(0).tolist()}  # fmt: skip
+    return {"n_ladders": len(lads), "widths": widths, "hierarchy_match": pooled, "f1": f1}
+
+
+def families_figure(result: dict, title: str = ""):
+    """Two panels for one ladder: best-latent test F1 by width, parent concepts against
+    leaves (species; mean and range); the animal family tree, each concept's best latent
+    per width, an edge to its hierarchy parent at the previous width, solid where the
+    latent descends from the parent's best latent, dotted where not."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 5), layout="tight")
+    ax, tx = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.4]})
+    widths = result["widths"]
+    hier = result["hierarchy"]
+    parents = [c for c in hier if c in _subtree(hier, "animal")]
+    leaves = [c for c in _subtree(hier, "animal") if c not in hier]
+    f1 = {c: [w["concepts"][c]["f1"] for w in result["per_width"]] for c in result["concepts"]}
+    for c in parents:
+        ax.plot(widths, f1[c], marker="o", lw=2, label=c)
+    if leaves:
+        leaf = np.array([f1[c] for c in leaves])
+        ax.fill_between(widths, leaf.min(0), leaf.max(0), color="0.6", alpha=0.3, lw=0)
+        ax.plot(widths, leaf.mean(0), color="0.3", ls="--", marker="s",
+                label=f"species (mean, range of {len(leaves)})")  # fmt: skip
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("SAE width (d_sae)")
+    ax.set_ylabel("best single latent, test F1")
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=8)
+    ax.set_title("concept F1 by width: parents vs leaves")
+    order = _subtree(hier, "animal")
+    ypos = {c: -i for i, c in enumerate(order)}
+    tree = {(t["concept"], t["width_index"]): t for t in result["animal_tree"]}
+    parent_of = {c: p for p, ch in hier.items() for c in ch}
+    for (c, w), t in tree.items():
+        tx.scatter(w, ypos[c], s=30, color="C0" if c in hier else "C2", zorder=3)
+        tx.annotate(str(t["latent"]), (w, ypos[c]), xytext=(4, 3), textcoords="offset points",
+                    fontsize=7)  # fmt: skip
+        p = parent_of.get(c)
+        if w and p in ypos:
+            ok = t["parent_latent"] == tree[(p, w - 1)]["latent"]
+            tx.plot([w - 1, w], [ypos[p], ypos[c]], color="C2" if ok else "C3",
+                    ls="-" if ok else ":", lw=1.5 if ok else 0.8, zorder=2)  # fmt: skip
+    tx.set_yticks([ypos[c] for c in order], order, fontsize=8)
+    tx.set_xticks(range(len(widths)), [str(w) for w in widths])
+    tx.set_xlabel("SAE width; label: the concept's best latent")
+    tx.set_title("animal family tree: green = child's latent descends from parent's")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def match_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """HTML-table rows of one ladder: per width the best-latent F1 of the parent concepts
+    and the species' mean, the distinct best latents of the animal concepts, and per rule
+    and gap the hierarchy match against its null."""
+    hier = result["hierarchy"]
+    sub = _subtree(hier, "animal")
+    parents = [c for c in sub if c in hier]
+    leaves = [c for c in sub if c not in hier]
+    head = ["row", *[str(w) for w in result["widths"]]]
+    rows = []
+    for c in parents:
+        rows.append([f"F1 {c}", *(f"{w['concepts'][c]['f1']:.2f} [{w['concepts'][c]['lo']:.2f}, "
+                                   f"{w['concepts'][c]['hi']:.2f}]" for w in result["per_width"])])  # fmt: skip
+    if leaves:
+        rows.append([f"F1 species (mean of {len(leaves)})",
+                     *(f"{np.mean([w['concepts'][c]['f1'] for c in leaves]):.2f}"
+                       for w in result["per_width"])])  # fmt: skip
+    rows.append(["distinct best latents (animal subtree)",
+                 *(str(w["distinct_animal_latents"]) for w in result["per_width"])])  # fmt: skip
+    for rule, m in result["hierarchy_match"].items():
+        if not m.get("n"):
+            continue
+        cells = [f"gap {g} (×{2**int(g)}): {b['k']}/{b['n']} = {b['fraction']:.2f}, null "
+                 f"{b['null_mean']:.3f} [{b['null_lo']:.3f}, {b['null_hi']:.3f}], p {b['p']:.3f}"
+                 for g, b in m["by_gap"].items()]  # fmt: skip
+        rows.append([f"hierarchy match, {rule}", "; ".join(cells),
+                     *([""] * (len(head) - 2))])  # fmt: skip
+    return head, rows
