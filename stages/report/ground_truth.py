@@ -305,7 +305,7 @@ def families_section(saes: list[SAERef], ctx: ReportContext, activations: Path) 
              "activation correlation on held-out rows); control: decoder cosine only. Hierarchy "
              "match: the share of (parent concept, child concept, width, gap) where the child's "
              "best latent at the wider SAE descends from the parent's best latent, against "
-             "the same share with the parent links shuffled (1000 draws: null mean and 95 % "
-             "interval, empirical p).</p>")  # fmt: skip
+             "two nulls (1000 draws each: mean, 95 % interval, empirical p): the parent links "
+             "shuffled, and an unrelated concept of the hierarchy in the parent's place.</p>")  # fmt: skip
     return Section("families", "SAE widths: feature splitting against the planted hierarchy",
                    intro + "".join(parts))  # fmt: skip

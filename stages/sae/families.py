@@ -23,8 +23,14 @@ held-out rows with concept labels:
   concepts scored. Null: the same fraction with the parent links shuffled (each layer's
   parent array permuted over the wide latents, which keeps every parent's number of
   children), `n_draws` seeded draws → the null mean, its 95 % interval and the empirical
-  p = (1 + #{null ≥ observed}) / (1 + n_draws). "Splitting follows the hierarchy" is
-  claimed only where the observed fraction beats that null.
+  p = (1 + #{null ≥ observed}) / (1 + n_draws). That null only says the links carry
+  information. The second, stricter one keeps the links and puts an unrelated concept in
+  the parent's place: per (parent, child, width, gap), a concept of the hierarchy drawn at
+  random among those that are neither the child nor its ancestor or descendant (for
+  `dog`: bird, fish, their species, the emotions) → `unrelated_null_mean / lo / hi` and
+  `unrelated_p`: does the child's latent descend from its parent concept's latent more
+  often than from an unrelated concept's? "Splitting follows the hierarchy" is claimed
+  only where the observed fraction beats both.
 
 Feature absorption (Chanin et al. 2024, "A is for Absorption") is the failure this
 measures from the other side: a child latent that absorbs its parent's direction has the
@@ -121,6 +127,7 @@ def hierarchy_match(
 
     best [W, C]: each concept's best latent at each width; parents: W − 1 parent arrays.
     Returns {"fraction", "k", "n", "wilson", "null_mean", "null_lo", "null_hi", "p",
+    "unrelated_null_mean", "unrelated_null_lo", "unrelated_null_hi", "unrelated_p",
     "by_gap": {g: same}, "pairs": [one row per (parent, child, width, gap)]}."""
     best = np.asarray(best)
     if best.shape != (len(parents) + 1, len(names)):
@@ -151,15 +158,30 @@ def hierarchy_match(
     null = np.empty((n_draws, len(tuples)), dtype=bool)
     for d in range(n_draws):
         null[d] = hits([p[rng.permutation(len(p))] for p in parents])
+    # second null: the true links, an unrelated concept in the parent's place (any scored
+    # hierarchy concept that is neither the child nor one of its ancestors or descendants)
+    anc = np.array([ancestors(parents, ii[t], ii[t] + gg[t], best[ii[t] + gg[t], cj[t]])
+                    for t in range(len(tuples))])  # fmt: skip
+    related = _relatives(hierarchy)
+    in_tree = sorted({x for p, ch in hierarchy.items() for x in (p, *ch) if x in col})
+    cands = [np.array([col[x] for x in in_tree if x != c and x not in related.get(c, ())])
+             for _, c, _, _ in tuples]  # fmt: skip
+    unull = np.zeros((n_draws, len(tuples)), dtype=bool)
+    for t, cand in enumerate(cands):
+        if len(cand):
+            pick = cand[rng.integers(0, len(cand), n_draws)]
+            unull[:, t] = anc[t] == best[ii[t], pick]
 
     def stats(mask: np.ndarray) -> dict:
         k, n = int(observed[mask].sum()), int(mask.sum())
         frac = k / n if n else math.nan
-        nf = null[:, mask].mean(1) if n else np.full(n_draws, math.nan)
-        return {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n)),
-                "null_mean": float(nf.mean()), "null_lo": float(np.quantile(nf, 0.025)),
-                "null_hi": float(np.quantile(nf, 0.975)),
-                "p": float((1 + np.sum(nf >= frac)) / (1 + n_draws))}  # fmt: skip
+        out = {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n))}
+        for tag, ptag, draws in (("null_", "p", null), ("unrelated_null_", "unrelated_p", unull)):
+            nf = draws[:, mask].mean(1) if n else np.full(n_draws, math.nan)
+            out.update({f"{tag}mean": float(nf.mean()), f"{tag}lo": float(np.quantile(nf, 0.025)),
+                        f"{tag}hi": float(np.quantile(nf, 0.975)),
+                        ptag: float((1 + np.sum(nf >= frac)) / (1 + n_draws))})  # fmt: skip
+        return out
 
     out = stats(np.ones(len(tuples), dtype=bool))
     out["by_gap"] = {int(g): stats(gg == g) for g in gaps if (gg == g).any()}
@@ -252,6 +274,19 @@ def families(
         "seed": seed, "per_width": per_width, "links": link_summary,
         "hierarchy_match": match, "animal_tree": tree,
     }  # fmt: skip
+
+
+def _relatives(hier: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
+    """Each concept's ancestors and descendants in the hierarchy."""
+    up: dict[str, str] = {c: p for p, ch in hier.items() for c in ch}
+    out: dict[str, set[str]] = {}
+    for c in {*up, *hier}:
+        a = c
+        while a in up:
+            a = up[a]
+            out.setdefault(c, set()).add(a)
+            out.setdefault(a, set()).add(c)
+    return out
 
 
 def _subtree(hier: Mapping[str, Sequence[str]], root: str) -> list[str]:
@@ -360,7 +395,9 @@ def seed_summary(study: dict) -> dict:
         k, n = sum(m["k"] for m in ms), sum(m["n"] for m in ms)
         pooled[rule] = {"k": k, "n": n, "fraction": k / n if n else math.nan,
                         "null_mean": float(np.mean([m["null_mean"] for m in ms])),
-                        "p_per_ladder": [m["p"] for m in ms]}  # fmt: skip
+                        "p_per_ladder": [m["p"] for m in ms],
+                        "unrelated_null_mean": float(np.mean([m["unrelated_null_mean"] for m in ms])),
+                        "unrelated_p_per_ladder": [m["unrelated_p"] for m in ms]}  # fmt: skip
     f1 = {}
     widths = lads[0]["widths"]
     if all(lad["widths"] == widths for lad in lads):
@@ -443,9 +480,11 @@ def match_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for rule, m in result["hierarchy_match"].items():
         if not m.get("n"):
             continue
-        cells = [f"gap {g} (×{2**int(g)}): {b['k']}/{b['n']} = {b['fraction']:.2f}, null "
-                 f"{b['null_mean']:.3f} [{b['null_lo']:.3f}, {b['null_hi']:.3f}], p {b['p']:.3f}"
-                 for g, b in m["by_gap"].items()]  # fmt: skip
+        cells = [f"gap {g} (×{2**int(g)}): {b['k']}/{b['n']} = {b['fraction']:.2f}; shuffled "
+                 f"links {b['null_mean']:.3f} [{b['null_lo']:.3f}, {b['null_hi']:.3f}], p "
+                 f"{b['p']:.3f}; unrelated concept {b['unrelated_null_mean']:.2f} "
+                 f"[{b['unrelated_null_lo']:.2f}, {b['unrelated_null_hi']:.2f}], p "
+                 f"{b['unrelated_p']:.3f}" for g, b in m["by_gap"].items()]  # fmt: skip
         rows.append([f"hierarchy match, {rule}", "; ".join(cells),
                      *([""] * (len(head) - 2))])  # fmt: skip
     return head, rows

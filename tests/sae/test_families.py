@@ -160,6 +160,11 @@ def test_families_recovers_the_planted_split():
     # = (6 · 2/4 + 6 · 2/8) / 12 = 0.375
     assert m["by_gap"][1]["null_mean"] == pytest.approx(0.375, abs=0.03)
     assert m["p"] < 0.01
+    # unrelated-concept null at gap 1: at width 2 every animal concept is latent 0, so any
+    # stand-in matches (6 pairs); at width 4 a class's stand-ins (the other class and its
+    # species) never do, a species' four stand-ins once (its sibling): (6 + 4 · 1/4) / 12
+    assert m["by_gap"][1]["unrelated_null_mean"] == pytest.approx(7 / 12, abs=0.02)
+    assert m["by_gap"][1]["unrelated_p"] < 0.01 and m["by_gap"][2]["unrelated_p"] == 1.0
     # the last 'other' latent at width 8 (direction e7 + e4, firing with width 4's e7 + e6
     # latent) is nearer e7 by cosine (0.71 vs 0.5): the one link where the rules differ
     assert out["links"][0]["agreement_with_cosine"] == 1.0
@@ -174,3 +179,25 @@ def test_families_rejects_a_shrinking_ladder():
     lad = _ladder(kind)
     with pytest.raises(ValueError, match="increasing width"):
         families(lad[::-1], lab, NAMES, np.arange(len(kind)), HIER)
+
+
+def test_unrelated_concept_null_closed_form():
+    """Parents P, Q with one child each (c1, c2), two widths. c1's unrelated concepts are
+    Q and c2 (P is its ancestor), c2's are P and c1, each drawn with probability 1/2."""
+    names = ["P", "Q", "c1", "c2"]
+    hier = {"P": ["c1"], "Q": ["c2"]}
+    parents = [np.array([0, 0, 1, 1])]
+    # narrow: P at latent 0, Q at 1, c1 at 0, c2 at 0; wide: c1 at 0 (parent 0), c2 at 2
+    # (parent 1). Observed: both match. Null: c1 matches when c2 is drawn (its narrow
+    # latent is 0 too), never with Q; c2 (ancestor 1) matches neither P nor c1 (both 0).
+    best = np.array([[0, 1, 0, 0], [3, 2, 0, 2]])
+    r = hierarchy_match(best, parents, names, hier, n_draws=4000, seed=2)
+    assert r["fraction"] == 1.0
+    assert r["unrelated_null_mean"] == pytest.approx(0.25, abs=0.02)
+    assert r["unrelated_p"] == pytest.approx(1 / 4001)
+    # every concept read by one narrow latent: any concept "matches", the null says so
+    same = np.array([[0, 0, 0, 0], [3, 2, 0, 1]])
+    r = hierarchy_match(same, parents, names, hier, n_draws=500)
+    assert r["fraction"] == 1.0 and r["unrelated_null_mean"] == 1.0 and r["unrelated_p"] == 1.0
+    # ...while the shuffled-links null still calls it significant: links are informative
+    assert r["p"] < 0.5
