@@ -128,6 +128,8 @@ def hierarchy_match(
     best [W, C]: each concept's best latent at each width; parents: W − 1 parent arrays.
     Returns {"fraction", "k", "n", "wilson", "null_mean", "null_lo", "null_hi", "p",
     "unrelated_null_mean", "unrelated_null_lo", "unrelated_null_hi", "unrelated_p",
+    "k_unsplit" (matches whose child still shares the parent's best latent at the wider
+    width: the parent latent persisting, not splitting),
     "by_gap": {g: same}, "pairs": [one row per (parent, child, width, gap)]}."""
     best = np.asarray(best)
     if best.shape != (len(parents) + 1, len(names)):
@@ -154,6 +156,9 @@ def hierarchy_match(
         return out
 
     observed = hits(parents)
+    # a match where child and parent concept still share their best latent at the wider
+    # width is persistence, not splitting: counted apart as `k_unsplit`
+    unsplit = best[ii + gg, cj] == best[ii + gg, pj]
     rng = np.random.default_rng(seed)
     null = np.empty((n_draws, len(tuples)), dtype=bool)
     for d in range(n_draws):
@@ -175,7 +180,8 @@ def hierarchy_match(
     def stats(mask: np.ndarray) -> dict:
         k, n = int(observed[mask].sum()), int(mask.sum())
         frac = k / n if n else math.nan
-        out = {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n))}
+        out = {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n)),
+               "k_unsplit": int((observed & unsplit)[mask].sum())}  # fmt: skip
         for tag, ptag, draws in (("null_", "p", null), ("unrelated_null_", "unrelated_p", unull)):
             nf = draws[:, mask].mean(1) if n else np.full(n_draws, math.nan)
             out.update({f"{tag}mean": float(nf.mean()), f"{tag}lo": float(np.quantile(nf, 0.025)),
@@ -185,8 +191,9 @@ def hierarchy_match(
 
     out = stats(np.ones(len(tuples), dtype=bool))
     out["by_gap"] = {int(g): stats(gg == g) for g in gaps if (gg == g).any()}
-    out["pairs"] = [{"parent": p, "child": c, "width_index": i, "gap": g, "match": bool(m)}
-                    for (p, c, i, g), m in zip(tuples, observed, strict=True)]  # fmt: skip
+    out["pairs"] = [{"parent": p, "child": c, "width_index": i, "gap": g, "match": bool(m),
+                     "unsplit": bool(u)}
+                    for (p, c, i, g), m, u in zip(tuples, observed, unsplit, strict=True)]  # fmt: skip
     return out
 
 
@@ -480,7 +487,8 @@ def match_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     for rule, m in result["hierarchy_match"].items():
         if not m.get("n"):
             continue
-        cells = [f"gap {g} (×{2**int(g)}): {b['k']}/{b['n']} = {b['fraction']:.2f}; shuffled "
+        cells = [f"gap {g} (×{2**int(g)}): {b['k']}/{b['n']} = {b['fraction']:.2f} "
+                 f"({b['k_unsplit']} unsplit); shuffled "
                  f"links {b['null_mean']:.3f} [{b['null_lo']:.3f}, {b['null_hi']:.3f}], p "
                  f"{b['p']:.3f}; unrelated concept {b['unrelated_null_mean']:.2f} "
                  f"[{b['unrelated_null_lo']:.2f}, {b['unrelated_null_hi']:.2f}], p "

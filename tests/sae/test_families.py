@@ -153,9 +153,18 @@ def test_families_recovers_the_planted_split():
     assert (m["by_gap"][1]["k"], m["by_gap"][1]["n"]) == (11, 12)
     assert (m["by_gap"][2]["k"], m["by_gap"][2]["n"]) == (6, 6)
     other = "B" if w1["concepts"]["animal"]["latent"] == w1["concepts"]["A"]["latent"] else "A"
-    miss = [q for q in m["pairs"] if not q["match"]]
-    assert miss == [{"parent": "animal", "child": other, "width_index": 1, "gap": 1,
-                     "match": False}]  # fmt: skip
+    miss = [{k: q[k] for k in ("parent", "child", "width_index", "gap")}
+            for q in m["pairs"] if not q["match"]]  # fmt: skip
+    assert miss == [{"parent": "animal", "child": other, "width_index": 1, "gap": 1}]
+    # unsplit: the child's best latent at the wider width is also the parent's. A species
+    # at width 4 is read by its class latent (4 pairs); at width 8 a class's best latent is
+    # one of its two species' latents, so exactly one species per class is unsplit
+    pair = {(q["parent"], q["child"], q["width_index"], q["gap"]): q for q in m["pairs"]}
+    assert all(pair[(c, sp_, 0, 1)]["unsplit"] for c, ch in SPECIES.items() for sp_ in ch)
+    assert [sum(pair[(c, sp_, 1, 1)]["unsplit"] for sp_ in ch) for c, ch in SPECIES.items()] == [
+        1,
+        1,
+    ]
     # null at gap 1: mean over pairs of children(parent's latent) / m_wide
     # = (6 · 2/4 + 6 · 2/8) / 12 = 0.375
     assert m["by_gap"][1]["null_mean"] == pytest.approx(0.375, abs=0.03)
