@@ -270,7 +270,6 @@ def families_section(saes: list[SAERef], ctx: ReportContext, activations: Path) 
     """Feature splitting across widths (`stages/sae/families.py`), for every hook whose
     SAEs form a width ladder (the widths study, `python -m flows.sae_study --widths`);
     None otherwise, after reading only each SAE's cfg.json."""
-    from stages.activations import ActivationStore
     from stages.sae.families import families_figure, family_study, ladders, match_rows
 
     groups: dict[tuple[str, str], list[SAERef]] = defaultdict(list)
@@ -282,6 +281,8 @@ def families_section(saes: list[SAERef], ctx: ReportContext, activations: Path) 
         store_dir = Path(activations) / model
         if not ladders(dirs) or not store_dir.exists():
             continue
+        from stages.activations import ActivationStore
+
         study = family_study(dirs, ActivationStore(store_dir), hook)
         parts.append(f"<h3>{e(model)} · <code>{e(hook)}</code></h3>")
         for key, lad in study["ladders"].items():

@@ -129,7 +129,9 @@ def hierarchy_match(
     Returns {"fraction", "k", "n", "wilson", "null_mean", "null_lo", "null_hi", "p",
     "unrelated_null_mean", "unrelated_null_lo", "unrelated_null_hi", "unrelated_p",
     "k_unsplit" (matches whose child still shares the parent's best latent at the wider
-    width: the parent latent persisting, not splitting),
+    width: the parent latent persisting, not splitting), "split_fraction" (the matches
+    that are splits) with its unrelated-concept null ("split_unrelated_null_mean / hi",
+    "split_unrelated_p"),
     "by_gap": {g: same}, "pairs": [one row per (parent, child, width, gap)]}."""
     best = np.asarray(best)
     if best.shape != (len(parents) + 1, len(names)):
@@ -172,16 +174,25 @@ def hierarchy_match(
     cands = [np.array([col[x] for x in in_tree if x != c and x not in related.get(c, ())])
              for _, c, _, _ in tuples]  # fmt: skip
     unull = np.zeros((n_draws, len(tuples)), dtype=bool)
+    usplit = np.zeros((n_draws, len(tuples)), dtype=bool)  # ... and a split from it
     for t, cand in enumerate(cands):
         if len(cand):
             pick = cand[rng.integers(0, len(cand), n_draws)]
             unull[:, t] = anc[t] == best[ii[t], pick]
+            usplit[:, t] = unull[:, t] & (best[ii[t] + gg[t], cj[t]] != best[ii[t] + gg[t], pick])
 
     def stats(mask: np.ndarray) -> dict:
         k, n = int(observed[mask].sum()), int(mask.sum())
         frac = k / n if n else math.nan
         out = {"fraction": frac, "k": k, "n": n, "wilson": list(wilson(k, n)),
                "k_unsplit": int((observed & unsplit)[mask].sum())}  # fmt: skip
+        ks = int((observed & ~unsplit)[mask].sum())
+        out["split_fraction"] = ks / n if n else math.nan
+        sf = usplit[:, mask].mean(1) if n else np.full(n_draws, math.nan)
+        out.update({"split_unrelated_null_mean": float(sf.mean()),
+                    "split_unrelated_null_hi": float(np.quantile(sf, 0.975)),
+                    "split_unrelated_p": float((1 + np.sum(sf >= out["split_fraction"]))
+                                               / (1 + n_draws))})  # fmt: skip
         for tag, ptag, draws in (("null_", "p", null), ("unrelated_null_", "unrelated_p", unull)):
             nf = draws[:, mask].mean(1) if n else np.full(n_draws, math.nan)
             out.update({f"{tag}mean": float(nf.mean()), f"{tag}lo": float(np.quantile(nf, 0.025)),
@@ -492,7 +503,9 @@ def match_rows(result: dict) -> tuple[list[str], list[list[str]]]:
                  f"links {b['null_mean']:.3f} [{b['null_lo']:.3f}, {b['null_hi']:.3f}], p "
                  f"{b['p']:.3f}; unrelated concept {b['unrelated_null_mean']:.2f} "
                  f"[{b['unrelated_null_lo']:.2f}, {b['unrelated_null_hi']:.2f}], p "
-                 f"{b['unrelated_p']:.3f}" for g, b in m["by_gap"].items()]  # fmt: skip
+                 f"{b['unrelated_p']:.3f}; splits only {b['split_fraction']:.2f} vs "
+                 f"{b['split_unrelated_null_mean']:.2f}, p {b['split_unrelated_p']:.3f}"
+                 for g, b in m["by_gap"].items()]  # fmt: skip
         rows.append([f"hierarchy match, {rule}", "; ".join(cells),
                      *([""] * (len(head) - 2))])  # fmt: skip
     return head, rows

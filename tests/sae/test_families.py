@@ -204,6 +204,11 @@ def test_unrelated_concept_null_closed_form():
     assert r["fraction"] == 1.0
     assert r["unrelated_null_mean"] == pytest.approx(0.25, abs=0.02)
     assert r["unrelated_p"] == pytest.approx(1 / 4001)
+    # splits only: c1's wide latent 0 is not P's wide best (3), a split; c2 shares Q's
+    # wide latent 2, persistence. Null: c1 with stand-in c2 (wide latent 2 ≠ 0) is a split
+    assert r["k_unsplit"] == 1 and r["split_fraction"] == 0.5
+    assert r["split_unrelated_null_mean"] == pytest.approx(0.25, abs=0.02)
+    assert r["split_unrelated_p"] == pytest.approx(0.5, abs=0.03)
     # every concept read by one narrow latent: any concept "matches", the null says so
     same = np.array([[0, 0, 0, 0], [3, 2, 0, 1]])
     r = hierarchy_match(same, parents, names, hier, n_draws=500)
