@@ -3,6 +3,9 @@ study").
 
     python -m flows.sae_study              # queue one experiment per seed and run the queue
     python -m flows.sae_study --dry-run    # print the dvc commands instead
+    python -m flows.sae_study --widths 256 512 1024 2048 4096   # the widths study instead
+    python -m flows.sae_study --families data/saes/toy-a/blocks.3.hook_resid_post
+                                           # its analysis: family table (JSON) + figures
 
 Every architecture × every L0 target × every seed, on one hook of every model: TopK and
 BatchTopK at k = target, relu / gated / jumprelu calibrated to `target_l0` = target
@@ -13,6 +16,13 @@ stages only (the corpus, LMs and activations come from the DVC cache), with
 runs them.
 Each experiment's SAEs are MLflow child runs (tags `atlas.kind = sae`, params `sae.*`),
 so the study compares in the MLflow UI; `dvc exp show` lists the experiments' metrics.
+
+The widths study (`--widths`) queues, per seed, TopK at k = 16 at every width on the same
+hook (names `topk-w<width>-k16-s<seed>`), same training settings; `--families <saes dir>`
+then builds latent families across the widths found in that folder and matches them to
+the planted hierarchy (`stages/sae/families.py`), writing `families.json` and one figure
+per width ladder into `--out`. The report shows the same table when the study's SAEs are
+in the default run's `data/saes/<model>/<hook>/`.
 """
 
 from __future__ import annotations
@@ -28,6 +38,8 @@ L0_TARGETS = (8, 16, 32)
 SEEDS = (0, 1, 2)
 HOOK = "blocks.3.hook_resid_post"
 # the default sweep's training settings (params.yaml), so study and default compare
+WIDTHS = (256, 512, 1024, 2048, 4096)  # the widths study (--widths): TopK at k = WIDTH_K
+WIDTH_K = 16
 BASE = {"expansion_factor": 16, "n_training_tokens": 1_000_000, "batch_size": 4096,
         "lr": 0.001}  # fmt: skip
 
@@ -44,19 +56,34 @@ def study_saes(seed: int, targets=L0_TARGETS, architectures=ARCHITECTURES) -> li
     return out
 
 
+def width_saes(seed: int, widths=WIDTHS, k: int = WIDTH_K) -> list[dict]:
+    """One seed's SAEs of the widths study: TopK at k at every width (d_sae), the default
+    sweep's training settings otherwise; names `topk-w1024-k16-s0`."""
+    base = {key: v for key, v in BASE.items() if key != "expansion_factor"}
+    return [{"architecture": "topk", **base, "d_sae": int(w), "k": k, "seed": seed,
+             "name": f"topk-w{int(w)}-k{k}-s{seed}"} for w in widths]  # fmt: skip
+
+
 def commands(
-    sweeps: dict[str, list[dict]], seeds=SEEDS, hook: str = HOOK, jobs: int = 1
+    sweeps: dict[str, list[dict]],
+    seeds=SEEDS,
+    hook: str = HOOK,
+    jobs: int = 1,
+    widths: list[int] | None = None,
 ) -> list[list[str]]:
-    """The dvc commands that queue and run the study; `sweeps`: model -> its default
-    sweep groups (params.yaml's `saes.sweep`, as plain data)."""
+    """The dvc commands that queue and run the study (the widths study when `widths` is
+    given); `sweeps`: model -> its default sweep groups (params.yaml's `saes.sweep`, as
+    plain data)."""
     cmds = []
     models = list(sweeps)
     for seed in seeds:
-        study = {"hooks": [hook], "saes": study_saes(seed)}
+        saes = width_saes(seed, widths) if widths else study_saes(seed)
+        study = {"hooks": [hook], "saes": saes}
         sets = [a for m in models
                 for a in ("-S", f"saes.sweep.{m}={json.dumps([*sweeps[m], study])}")]  # fmt: skip
         stages = [f"saes@{m}" for m in models]
-        cmds.append(["dvc", "exp", "run", "--queue", "-n", f"sae-study-s{seed}", *sets, *stages])
+        name = f"sae-widths-s{seed}" if widths else f"sae-study-s{seed}"
+        cmds.append(["dvc", "exp", "run", "--queue", "-n", name, *sets, *stages])
     cmds.append(["dvc", "queue", "start", "-j", str(jobs)])
     return cmds
 
@@ -69,13 +96,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hook", default=HOOK)
     ap.add_argument("--jobs", type=int, default=1, help="experiments run at once")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--widths", type=int, nargs="+",
+                    help=f"queue the widths study instead (TopK k {WIDTH_K}), e.g. "
+                         f"{' '.join(map(str, WIDTHS))}")  # fmt: skip
+    ap.add_argument("--families", metavar="SAES_DIR",
+                    help="analyse the width ladders in data/saes/<model>/<hook>/ instead")  # fmt: skip
+    ap.add_argument("--store", help="activation store for --families "
+                                    "(default data/activations/<model>)")  # fmt: skip
+    ap.add_argument(
+        "--out",
+        default="studies/families",
+        help="where --families writes <model>/<hook>/families.json and figures",
+    )
     args = ap.parse_args(argv)
+    if args.families:
+        return families(args.families, args.store, args.out)
     p = load_params()
     sweeps = {m: [g.model_dump(mode="json") for g in p.saes.groups(m)] for m in p.models}
-    for cmd in commands(sweeps, args.seeds, args.hook, args.jobs):
+    for cmd in commands(sweeps, args.seeds, args.hook, args.jobs, args.widths):
         print(shlex.join(cmd))
         if not args.dry_run:
             subprocess.run(cmd, check=True)
+    return 0
+
+
+def families(saes_dir: str, store: str | None, out: str) -> int:
+    """The widths study's analysis: family table and figures for `saes_dir`
+    (`data/saes/<model>/<hook>/`)."""
+    from pathlib import Path
+
+    from stages.activations import ActivationStore
+    from stages.sae.families import families_figure, family_study, seed_summary
+
+    folder = Path(saes_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"--families {saes_dir}: not a folder; expected data/saes/<model>/<hook>")
+    hook, model = folder.name, folder.parent.name
+    store_dir = Path(store) if store else Path("data/activations") / model
+    dirs = [d for d in sorted(folder.iterdir()) if (d / "cfg.json").exists()]
+    result = family_study(dirs, ActivationStore(store_dir), hook)
+    if not result:
+        raise SystemExit(f"{folder}: no width ladder (≥ 2 widths of one config) among "
+                         f"{[d.name for d in dirs]}")  # fmt: skip
+    result["seeds"] = seed_summary(result)
+    dest = Path(out) / model / hook
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "families.json").write_text(json.dumps(result, indent=1) + "\n")
+    for key, lad in result["ladders"].items():
+        families_figure(lad, f"{model} {hook} {key}").savefig(dest / f"families-{key}.png",
+                                                             dpi=110)  # fmt: skip
+    print(f"wrote {dest}/families.json and {len(result['ladders'])} figure(s)")
     return 0
 
 

@@ -17,8 +17,9 @@ decoder cosines):
   space, after mapping A's activation space onto B's with the orthogonal map fitted on
   paired activations (Schönemann 1966: R = UVᵀ from the SVD of the cross-covariance).
 - `feature_splitting`: for two SAEs of different widths on the same hook, each wide
-  latent's parent in the narrow SAE by decoder cosine (Bricken et al. 2023, "feature
-  splitting"), children per parent and child→parent cosine.
+  latent's parent in the narrow SAE by decoder cosine, or by decoder cosine plus
+  co-activation (Bricken et al. 2023, "feature splitting"), children per parent and
+  child→parent cosine.
 
 Sanity built in: an SAE matched with itself is the identity with correlation 1 on its
 live latents (dead latents have correlation 0 to everything, so they have no partner).
@@ -271,6 +272,7 @@ class FeatureSplitting:
     parent_cosine: np.ndarray  # [m_wide]
     children_per_parent: np.ndarray  # [m_narrow]
     min_cosine: float
+    parent_score: np.ndarray | None = None  # [m_wide] the score the parent maximised
 
     def summary(self) -> dict[str, float]:
         adopted = self.parent_cosine >= self.min_cosine
@@ -288,10 +290,20 @@ class FeatureSplitting:
 
 
 def feature_splitting(
-    w_dec_narrow: Array, w_dec_wide: Array, *, min_cosine: float = 0.0
+    w_dec_narrow: Array,
+    w_dec_wide: Array,
+    *,
+    min_cosine: float = 0.0,
+    coactivation: Array | None = None,
 ) -> FeatureSplitting:
     """Parent of every latent of the wider SAE = the narrow SAE's latent with the highest
-    decoder cosine (both SAEs on the same hook, so no map is needed)."""
+    decoder cosine (both SAEs on the same hook, so no map is needed).
+
+    With `coactivation` [m_wide, m_narrow] (the Pearson correlation of the two SAEs'
+    activations over the same rows, `stages/sae/families.py`), the parent maximises
+    ½ (cosine + correlation) instead: Bricken et al. 2023 relate features across widths by
+    both their decoder directions and their co-activation. `parent_cosine` stays the
+    decoder cosine to the chosen parent, so `min_cosine` keeps its meaning."""
     wn, ww = as_numpy_2d(w_dec_narrow, "w_dec_narrow"), as_numpy_2d(w_dec_wide, "w_dec_wide")
     if wn.shape[1] != ww.shape[1]:
         raise ValueError(
@@ -304,11 +316,20 @@ def feature_splitting(
             f"{ww.shape[0]}: expected the narrow SAE to be the smaller"
         )
     cos = decoder_cosine(ww, wn)  # [m_wide, m_narrow]
-    parent = np.argmax(cos, axis=1)
-    parent_cos = cos[np.arange(len(parent)), parent]
+    score = cos
+    if coactivation is not None:
+        rho = _scores(coactivation, "coactivation")
+        if rho.shape != cos.shape:
+            raise ValueError(
+                f"coactivation has shape {rho.shape}: expected [m_wide, m_narrow] = {cos.shape}"
+            )
+        score = 0.5 * (cos + rho)
+    parent = np.argmax(score, axis=1)
+    rows = np.arange(len(parent))
+    parent_cos = cos[rows, parent]
     counted = parent_cos >= min_cosine
     children = np.bincount(parent[counted], minlength=wn.shape[0])
-    return FeatureSplitting(parent, parent_cos, children, float(min_cosine))
+    return FeatureSplitting(parent, parent_cos, children, float(min_cosine), score[rows, parent])
 
 
 def ground_truth_agreement(

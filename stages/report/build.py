@@ -229,6 +229,9 @@ def build_report(
         gt = ground_truth_section.section(saes, ctx)
         if gt is not None:
             sections.append(gt)
+        fam = ground_truth_section.families_section(saes, ctx, paths.activations)
+        if fam is not None:  # only when a hook's SAEs form a width ladder
+            sections.append(fam)
         steer = steering_section.section(
             ctx, paths.steering, paths.decomposition, rel_pages, resolve
         )

@@ -448,3 +448,38 @@ def test_quality_against_probing_rank_correlation_and_exact_permutation_p():
     assert math.isnan(quality_vs_probing(group[:3], "k1")["rho"])
     fig = quality_figure(group, "t")
     assert len(fig.axes) == 2
+
+
+def test_families_section_only_for_a_width_ladder(tiny_report, tiny_data, tmp_path):
+    """The default SAEs (one width per config) give no families section; two TopK widths
+    of one config do, with the family table's numbers (stages/sae/families.py)."""
+    from stages.activations import ActivationStore
+    from stages.report.ground_truth import families_section
+    from stages.report.html import ReportContext
+    from stages.report.provenance import Provenance
+    from stages.report.sweep import discover_saes
+    from stages.sae import build_sae, save_sae
+    from stages.sae.families import family_study
+
+    report, _, _ = tiny_report
+    assert "families" not in report.sections
+    assert "feature splitting against the planted hierarchy" not in report.index.read_text()
+    saes_dir = tmp_path / "saes"
+    folder = saes_dir / "tiny-a" / HOOK
+    for w in (32, 64):
+        sae = build_sae({"architecture": "topk", "d_sae": w, "k": 4, "d_in": 16, "seed": 3,
+                         "n_training_tokens": 4096, "batch_size": 64}).eval()  # fmt: skip
+        save_sae(folder / f"topk-w{w}-k4-s3", sae, hook_name=HOOK, model_name="tiny-a")
+    saes = discover_saes(saes_dir, None)
+    ctx = ReportContext(tmp_path / "out", Provenance(run_id="r1", git_commit="c1"))
+    sec = families_section(saes, ctx, tiny_data / "activations")
+    assert sec is not None and sec.id == "families"
+    study = family_study(
+        sorted(folder.iterdir()), ActivationStore(tiny_data / "activations" / "tiny-a"), HOOK
+    )
+    (lad,) = study["ladders"].values()
+    assert lad["widths"] == [32, 64]
+    assert len(ctx.figures) == 1 and ctx.figures[0].path.exists()
+    row = lad["per_width"][0]["concepts"].get("animal")
+    if row is not None:
+        assert f"{row['f1']:.2f} [{row['lo']:.2f}, {row['hi']:.2f}]" in sec.body

@@ -31,3 +31,24 @@ def test_study_queues_one_valid_sweep_per_seed():
         }
     names = [e["name"] for s in (0, 1, 2) for e in study_saes(s)]
     assert len(set(names)) == 45
+
+
+def test_widths_study_queues_topk_at_every_width():
+    raw = yaml.safe_load(open("params.yaml"))
+    default = parse_params(raw).saes
+    sweeps = {m: [g.model_dump(mode="json") for g in default.groups(m)] for m in default.sweep}
+    widths = [256, 512, 1024, 2048, 4096]
+    cmds = commands(sweeps, seeds=[0, 1], widths=widths)
+    assert [c[5] for c in cmds[:2]] == ["sae-widths-s0", "sae-widths-s1"]
+    for seed, cmd in enumerate(cmds[:2]):
+        for a in cmd:
+            if a.startswith("saes.sweep."):
+                model, value = a.split("=", 1)
+                raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
+        p = parse_params(raw)
+        cfgs = [c for c in p.saes.plan("toy-a")["blocks.3.hook_resid_post"]
+                if c.name and c.name.startswith("topk-w")]  # fmt: skip
+        assert [(c.architecture, c.d_sae, c.k, c.seed) for c in cfgs] == [
+            ("topk", w, 16, seed) for w in widths
+        ]
+        assert {c.n_training_tokens for c in cfgs} == {1_000_000}
