@@ -6,6 +6,7 @@ study").
     python -m flows.sae_study --widths 256 512 1024 2048 4096   # the widths study instead
     python -m flows.sae_study --families data/saes/toy-a/blocks.3.hook_resid_post
                                            # its analysis: family table (JSON) + figures
+    python -m flows.sae_study --headline-seeds 1 2   # the headline SAE at more seeds
 
 Every architecture × every L0 target × every seed, on one hook of every model: TopK and
 BatchTopK at k = target, relu / gated / jumprelu calibrated to `target_l0` = target
@@ -23,6 +24,11 @@ then builds latent families across the widths found in that folder and matches t
 the planted hierarchy (`stages/sae/families.py`), writing `families.json` and one figure
 per width ladder into `--out`. The report shows the same table when the study's SAEs are
 in the default run's `data/saes/<model>/<hook>/`.
+
+The seeds study (`--headline-seeds 1 2`) queues ONE experiment (`sae-seeds`) in which
+the default sweep's headline SAE (TopK k = 16 on the hook) is trained again at each
+given seed beside seed 0 (names `topk-1024-k16-s<seed>`): `saes@<model>` then writes the
+seed group's mean ± sd and seed-to-seed overlap (`stages/sae/seeds.py`, `seeds.json`).
 """
 
 from __future__ import annotations
@@ -88,6 +94,34 @@ def commands(
     return cmds
 
 
+def headline_seed_saes(groups: list[dict], seeds, hook: str = HOOK, k: int = WIDTH_K,
+                       hook_width: int | None = None) -> list[dict]:  # fmt: skip
+    """Copies of the default sweep's unnamed TopK k entry on `hook` at each of `seeds`,
+    named like its folder plus `-s<seed>` (`topk-1024-k16-s1`; the width from `d_sae`, or
+    `expansion_factor` × `hook_width`); an error when the sweep has no such entry."""
+    for g in groups:
+        if hook in g["hooks"]:
+            for e in g["saes"]:
+                if e["architecture"] == "topk" and e.get("k") == k and not e.get("name"):
+                    width = e.get("d_sae") or (e.get("expansion_factor") or 0) * (hook_width or 0)
+                    stem = f"topk-{int(width)}-k{k}" if width else f"topk-k{k}"
+                    return [{**e, "seed": int(s), "name": f"{stem}-s{int(s)}"} for s in seeds]
+    raise SystemExit(f"params.yaml: saes.sweep has no unnamed topk entry with k {k} on {hook}")
+
+
+def seed_commands(sweeps: dict[str, list[dict]], seeds, hook: str = HOOK,
+                  hook_widths: dict[str, int | None] | None = None) -> list[list[str]]:  # fmt: skip
+    """One queued experiment (`sae-seeds`) with the headline SAE at `seeds` beside the
+    default sweep on every model, then `dvc queue start`."""
+    sets = []
+    for m, groups in sweeps.items():
+        extra = headline_seed_saes(groups, seeds, hook, hook_width=(hook_widths or {}).get(m))
+        sets += ["-S", f"saes.sweep.{m}={json.dumps([*groups, {'hooks': [hook], 'saes': extra}])}"]
+    stages = [f"saes@{m}" for m in sweeps]
+    return [["dvc", "exp", "run", "--queue", "-n", "sae-seeds", *sets, *stages],
+            ["dvc", "queue", "start", "-j", "1"]]  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from stages.config import load_params
 
@@ -99,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--widths", type=int, nargs="+",
                     help=f"queue the widths study instead (TopK k {WIDTH_K}), e.g. "
                          f"{' '.join(map(str, WIDTHS))}")  # fmt: skip
+    ap.add_argument("--headline-seeds", type=int, nargs="+", metavar="SEED",
+                    help=f"queue the headline SAE (TopK k {WIDTH_K}) at these extra seeds instead")  # fmt: skip
     ap.add_argument("--families", metavar="SAES_DIR",
                     help="analyse the width ladders in data/saes/<model>/<hook>/ instead")  # fmt: skip
     ap.add_argument("--store", help="activation store for --families "
@@ -113,7 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         return families(args.families, args.store, args.out)
     p = load_params()
     sweeps = {m: [g.model_dump(mode="json") for g in p.saes.groups(m)] for m in p.models}
-    for cmd in commands(sweeps, args.seeds, args.hook, args.jobs, args.widths):
+    if args.headline_seeds:
+        widths = {m: p.hook_width(m, args.hook) for m in p.models}
+        cmds = seed_commands(sweeps, args.headline_seeds, args.hook, widths)
+    else:
+        cmds = commands(sweeps, args.seeds, args.hook, args.jobs, args.widths)
+    for cmd in cmds:
         print(shlex.join(cmd))
         if not args.dry_run:
             subprocess.run(cmd, check=True)

@@ -52,3 +52,28 @@ def test_widths_study_queues_topk_at_every_width():
             ("topk", w, 16, seed) for w in widths
         ]
         assert {c.n_training_tokens for c in cfgs} == {1_000_000}
+
+
+def test_seeds_study_adds_the_headline_sae_at_other_seeds():
+    """One experiment: the default sweep plus TopK k16 on blocks.3 at seeds 1 and 2,
+    named like the default's folder; the seed groups of stages/sae/seeds.py find them."""
+    from flows.sae_study import seed_commands
+    from stages.sae.seeds import seed_groups
+
+    raw = yaml.safe_load(open("params.yaml"))
+    p0 = parse_params(raw)
+    sweeps = {m: [g.model_dump(mode="json") for g in p0.saes.groups(m)] for m in p0.saes.sweep}
+    widths = {m: p0.hook_width(m, "blocks.3.hook_resid_post") for m in sweeps}
+    cmds = seed_commands(sweeps, [1, 2], hook_widths=widths)
+    assert cmds[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "sae-seeds"]
+    assert cmds[0][-2:] == ["saes@toy-a", "saes@toy-b"] and len(cmds) == 2
+    for a in cmds[0]:
+        if a.startswith("saes.sweep."):
+            model, value = a.split("=", 1)
+            raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
+    p = parse_params(raw)
+    cfgs = p.saes.plan("toy-a")["blocks.3.hook_resid_post"]
+    assert [c.name for c in cfgs if c.name] == ["topk-1024-k16-s1", "topk-1024-k16-s2"]
+    named = {c.name or f"default-{i}": c.model_dump(mode="json") for i, c in enumerate(cfgs)}
+    (group,) = seed_groups(named).values()
+    assert len(group) == 3 and group[1:] == ["topk-1024-k16-s1", "topk-1024-k16-s2"]
