@@ -145,8 +145,12 @@ class _Run:
         # a target L0: dual ascent on the coefficient, to the last step (held from the
         # start of the learning-rate decay instead, L0 kept falling: relu ended 13 % low)
         self.control = (
-            L0Controller(cfg.target_l0, until_step=cfg.n_steps, rate=cfg.l0_control_rate,
-                         decay_steps=math.floor(cfg.lr_decay_fraction * cfg.n_steps))  # fmt: skip
+            L0Controller(
+                cfg.target_l0,
+                until_step=cfg.n_steps,
+                rate=cfg.l0_control_rate,
+                decay_steps=math.floor(cfg.lr_decay_fraction * cfg.n_steps),
+            )  # fmt: skip
             if cfg.target_l0 is not None
             and cfg.l0_control_rate > 0
             and not self.sae.loss_targets_l0
