@@ -18,11 +18,16 @@ target. Two parts, both in log λ (L0 falls roughly as a power of λ):
    starts to decay; λ is then held, so the last `lr_decay_fraction` of training is
    ordinary training at one fixed λ.
 
-Neither changes an architecture's loss: the trainer multiplies the coefficient by
+Neither changes a relu or gated SAE's loss: the trainer multiplies the coefficient by
 `L0Controller.multiplier` through the `sparsity_scale` every SAE's forward already takes.
-JumpReLU gets no L0 target of its own in the loss: the published loss (Rajamanoharan et
-al. 2024b) is λ‖f‖₀; dictionary_learning's JumpReLU trainer replaces it by
-λ(L0 / target − 1)², which is a different objective, so we calibrate λ like the others.
+JumpReLU with a target keeps the published λ‖f‖₀ (Rajamanoharan et al. 2024b) under the
+same controller, but its straight-through gradient reaches the pre-activations as well
+as θ, and θ learns faster (`JumpReLUSAE.init_for_target_l0` says why, with the trace).
+Where this differs from the references: dictionary_learning's JumpReLU trainer holds L0
+with the penalty λ(L0 / target − 1)² at a fixed λ, and it, SAELens' training JumpReLU
+and the paper pass the step function's gradient to θ only (θ started at 0.001 with a
+0.001 bandwidth, for runs far longer than ours). Our first version used that penalty
+with θ started at the target's quantile; L0 ended at 2 for 16.
 """
 
 from __future__ import annotations
