@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--archs", default="relu,gated,jumprelu")
     p.add_argument("--calibration-runs", type=int, default=0)
     p.add_argument("--seeds", default="0")
+    p.add_argument("--extra", default="{}", help="JSON merged into every targeted config")
     p.add_argument("--no-control", action="store_true", help="skip the untargeted control")
     a = p.parse_args()
     store = ActivationStore(Path(a.store))
@@ -70,7 +71,7 @@ def main() -> None:
                                   "seconds": round(plain_s, 1)}), flush=True)  # fmt: skip
             for t in map(float, a.targets.split(",")):
                 cfg = {"architecture": arch, **BASE, "seed": seed, "target_l0": t,
-                       "calibration_runs": a.calibration_runs}  # fmt: skip
+                       "calibration_runs": a.calibration_runs, **json.loads(a.extra)}  # fmt: skip
                 t0 = time.perf_counter()
                 (r,) = train_saes(train, [cfg], progress=False)
                 sec = time.perf_counter() - t0
@@ -78,7 +79,7 @@ def main() -> None:
                 cal = r.sae.metadata["sparsity_calibration"]
                 search = cal["search"]
                 print(json.dumps({
-                    "arch": arch, "seed": seed, "target_l0": t, "heldout_l0": round(l0, 2),
+                    "arch": arch, "extra": json.loads(a.extra), "seed": seed, "target_l0": t, "heldout_l0": round(l0, 2),
                     "rel_error": round(l0 / t - 1, 3), "within_10pct": abs(l0 / t - 1) <= 0.1,
                     "fvu": round(fvu, 4), "final_coefficient": round(cal["final_coefficient"], 5),
                     "calibration_runs": None if search is None else [

@@ -147,6 +147,10 @@ class BaseSAE(nn.Module):
         self.W_dec.div_(scale)
         self.b_dec.div_(scale)
 
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate factors per parameter name (absent: 1); none by default."""
+        return {}
+
     def init_for_target_l0(self, x: Tensor, target_l0: float) -> None:
         """Before training towards `target_l0` (`SAEConfig.target_l0`), on training rows
         `x` as the SAE sees them: set what the L0 starts from where an architecture's

@@ -122,8 +122,13 @@ class _Run:
         self.sae.train()
         self.params = [p for _, p in self.sae.named_parameters()]
         self.param_names = [n for n, _ in self.sae.named_parameters()]
+        lr_scales = self.sae.lr_scales()  # {} unless a target L0 asks (calibrate.py)
+        groups: Any = self.params
+        if lr_scales:
+            groups = [{"params": [p], "lr_scale": lr_scales.get(n, 1.0)}
+                      for n, p in zip(self.param_names, self.params, strict=True)]  # fmt: skip
         self.opt = torch.optim.Adam(
-            self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True
+            groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), foreach=True
         )
         self.step = 0
         self.tokens_since_fired = torch.zeros(self.sae.d_sae, dtype=torch.int64, device=dev.torch)
@@ -140,7 +145,12 @@ class _Run:
         # a target L0: dual ascent on the coefficient, to the last step (held from the
         # start of the learning-rate decay instead, L0 kept falling: relu ended 13 % low)
         self.control = (
-            L0Controller(cfg.target_l0, until_step=cfg.n_steps, rate=cfg.l0_control_rate)
+            L0Controller(
+                cfg.target_l0,
+                until_step=cfg.n_steps,
+                rate=cfg.l0_control_rate,
+                decay_steps=math.floor(cfg.lr_decay_fraction * cfg.n_steps),
+            )  # fmt: skip
             if cfg.target_l0 is not None
             and cfg.l0_control_rate > 0
             and not self.sae.loss_targets_l0
@@ -289,7 +299,7 @@ class _Run:
         cfg, sae = self.cfg, self.sae
         lr = cfg.lr_at(self.step)
         for group in self.opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         sparsity_scale = cfg.sparsity_scale_at(self.step)
         if self.control is not None:
             sparsity_scale *= self.control.multiplier

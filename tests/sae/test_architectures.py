@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stages.sae import ARCHITECTURES, build_sae, parse_sae_config
-from stages.sae.jumprelu import JumpReLUFn, StepFn
+from stages.sae.jumprelu import JumpReLUFn, StepFn, StepFnToPreActs
 
 D_IN, D_SAE = 12, 40
 ARCH_CFG = {
@@ -117,6 +117,11 @@ def test_jumprelu_straight_through_gradients():
     th.grad = None
     StepFn.apply(z.detach(), th, eps).sum().backward()
     assert th.grad.tolist() == pytest.approx([0.0, -10.0, 0.0])
+    # with a target L0 the step's gradient reaches z too: +(1/ε)·K((z−θ)/ε)
+    th.grad, z.grad = None, None
+    StepFnToPreActs.apply(z, th, eps).sum().backward()
+    assert th.grad.tolist() == pytest.approx([0.0, -10.0, 0.0])
+    assert z.grad.tolist() == [pytest.approx([0.0, 10.0, 0.0])]
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])

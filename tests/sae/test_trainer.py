@@ -97,9 +97,12 @@ def test_deterministic_given_seed_and_seed_matters():
     assert not torch.equal(a["W_dec"], c["W_dec"])
 
 
-@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk"])
+@pytest.mark.parametrize("arch", ["topk", "jumprelu", "batchtopk", "jumprelu-target"])
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, arch):
-    extra = {"topk": {}, "jumprelu": {"l0_coefficient": 0.01}, "batchtopk": {"k": 3}}[arch]
+    # jumprelu-target: the L0 controller's state and θ's own learning rate are resumed too
+    extra = {"topk": {}, "jumprelu": {"l0_coefficient": 0.01}, "batchtopk": {"k": 3},
+             "jumprelu-target": {"l0_coefficient": 0.01, "target_l0": 3.0}}[arch]  # fmt: skip
+    arch = arch.removesuffix("-target")
     c = cfg(architecture=arch, sparsity_warmup_steps=5, lr_warmup_steps=3, **extra)
     if arch == "jumprelu":
         c.pop("k")
