@@ -18,10 +18,11 @@ so the study compares in the MLflow UI; `dvc exp show` lists the experiments' me
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
+
+from flows.overrides import hydra_value
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu")
 L0_TARGETS = (8, 16, 32)
@@ -54,7 +55,7 @@ def commands(
     for seed in seeds:
         study = {"hooks": [hook], "saes": study_saes(seed)}
         sets = [a for m in models
-                for a in ("-S", f"saes.sweep.{m}={json.dumps([*sweeps[m], study])}")]  # fmt: skip
+                for a in ("-S", f"saes.sweep.{m}={hydra_value([*sweeps[m], study])}")]  # fmt: skip
         stages = [f"saes@{m}" for m in models]
         cmds.append(["dvc", "exp", "run", "--queue", "-n", f"sae-study-s{seed}", *sets, *stages])
     cmds.append(["dvc", "queue", "start", "-j", str(jobs)])

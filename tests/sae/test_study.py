@@ -1,14 +1,15 @@
 """The matched-L0 study (flows/sae_study.py): what it queues is a valid params sweep."""
 
-import json
+import shutil
 
 import yaml
+from dvc.utils.hydra import apply_overrides
 
 from flows.sae_study import commands, study_saes
-from stages.config import parse_params
+from stages.config import load_params, parse_params
 
 
-def test_study_queues_one_valid_sweep_per_seed():
+def test_study_queues_one_valid_sweep_per_seed(tmp_path):
     raw = yaml.safe_load(open("params.yaml"))
     default = parse_params(raw).saes
     sweeps = {m: [g.model_dump(mode="json") for g in default.groups(m)] for m in default.sweep}
@@ -17,10 +18,10 @@ def test_study_queues_one_valid_sweep_per_seed():
     assert cmds[-1] == ["dvc", "queue", "start", "-j", "1"]
     for seed, cmd in enumerate(cmds[:3]):
         assert cmd[-2:] == ["saes@toy-a", "saes@toy-b"]  # only the SAE stages re-run
-        sets = dict(a.split("=", 1) for a in cmd if a.startswith("saes.sweep."))
-        for model, value in sets.items():
-            raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
-        p = parse_params(raw)  # as `dvc exp run -S` would write params.yaml
+        # what `dvc exp run -S` does to params.yaml: DVC's own Hydra override code
+        path = shutil.copy("params.yaml", tmp_path / f"params-{seed}.yaml")
+        apply_overrides(path, [a for a in cmd if a.startswith("saes.sweep.")])
+        p = load_params(path)
         cfgs = [c for c in p.saes.plan("toy-a")["blocks.3.hook_resid_post"] if c.name]
         assert len(cfgs) == 5 * 3 and {c.seed for c in cfgs} == {seed}
         assert sorted(c.intended_l0 for c in cfgs) == sorted([8.0, 16.0, 32.0] * 5)
