@@ -39,6 +39,8 @@ import shlex
 import subprocess
 import sys
 
+from flows.overrides import hydra_value
+
 ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu")
 L0_TARGETS = (8, 16, 32)
 SEEDS = (0, 1, 2)
@@ -86,7 +88,7 @@ def commands(
         saes = width_saes(seed, widths) if widths else study_saes(seed)
         study = {"hooks": [hook], "saes": saes}
         sets = [a for m in models
-                for a in ("-S", f"saes.sweep.{m}={json.dumps([*sweeps[m], study])}")]  # fmt: skip
+                for a in ("-S", f"saes.sweep.{m}={hydra_value([*sweeps[m], study])}")]  # fmt: skip
         stages = [f"saes@{m}" for m in models]
         name = f"sae-widths-s{seed}" if widths else f"sae-study-s{seed}"
         cmds.append(["dvc", "exp", "run", "--queue", "-n", name, *sets, *stages])
@@ -116,7 +118,7 @@ def seed_commands(sweeps: dict[str, list[dict]], seeds, hook: str = HOOK,
     sets = []
     for m, groups in sweeps.items():
         extra = headline_seed_saes(groups, seeds, hook, hook_width=(hook_widths or {}).get(m))
-        sets += ["-S", f"saes.sweep.{m}={json.dumps([*groups, {'hooks': [hook], 'saes': extra}])}"]
+        sets += ["-S", f"saes.sweep.{m}={hydra_value([*groups, {'hooks': [hook], 'saes': extra}])}"]
     stages = [f"saes@{m}" for m in sweeps]
     return [["dvc", "exp", "run", "--queue", "-n", "sae-seeds", *sets, *stages],
             ["dvc", "queue", "start", "-j", "1"]]  # fmt: skip

@@ -289,7 +289,7 @@ def section(
     pairs = aligned_pairs(alignment_dir)
     if not pairs:
         return None
-    parts = []
+    parts = [aggregate_html(pairs, transfer_dir)]
     for pair in pairs:
         src = [pair.path]
         scores = pair.read("scores.json") or {}
@@ -357,6 +357,137 @@ def section(
         if transfer.get("concepts"):
             parts.append(_transfer_block(ctx, pair, transfer, transfer_file))
     return Section("alignment", "Alignment across models", "".join(parts))
+
+
+def _mean_sd(s: Any) -> str:
+    if s is None or not s.n:
+        return "–"
+    sd = f" ± {fmt(s.sd)}" if s.n > 1 else ""
+    return f"{fmt(s.mean)}{sd} <span class='muted'>(n {s.n})</span>"
+
+
+def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -> str:
+    """The aggregate tables over every aligned pair (two or more; "" for one): each
+    universality measure as mean ± sd across pairs beside its controls, and transfer over
+    every pair, concept and hook in one Holm family."""
+    from stages.alignment.aggregate import transfer_aggregate, universality_rows
+
+    if len(pairs) < 2:
+        return ""
+    names = [f"{p.model_a} vs {p.model_b}" for p in pairs]
+    rows = []
+    for r in universality_rows({p.path.name: p.read("scores.json") or {} for p in pairs}):
+        ref = f"{_mean_sd(r.reference)} <span class='muted'>{e(r.reference_label)}</span>" \
+            if r.reference else "–"  # fmt: skip
+        rows.append([e(r.measure), f"<code>{e(r.where)}</code>", _mean_sd(r.trained),
+                     _mean_sd(r.untrained), _mean_sd(r.trained_vs_untrained), ref])  # fmt: skip
+    thresholds = {(p.meta.get("config") or {}).get("threshold") for p in pairs}
+    out = [
+        f"<h3>Across {len(pairs)} model pairs</h3>",
+        f"<p class='muted'>Pairs: {e(', '.join(names))}. Mean ± sample sd across the pairs "
+        "(n: pairs with the measure); the pairs share models, so the sd describes the "
+        "spread between pairs, it is not a standard error. Controls, per pair and then "
+        "averaged the same way: untrained A vs untrained B and trained A vs untrained B "
+        "(randomly initialised models of the same architecture, each with its model's "
+        "seed), on the same subsample as 'linear CKA (subsample)' — the exact linear CKA "
+        "over every paired token has no control of its own. SAE-latent measures sit beside "
+        "the align stage's references: the shuffled-token null of the matched correlation "
+        "and the chance level of top-token Jaccard over vocabulary ids (every latent pair); "
+        "partner fraction has none (an untrained model's SAEs are not trained). Partner "
+        f"threshold {e(', '.join(fmt(t, 2) for t in thresholds))}.</p>",
+        table(
+            [
+                "measure",
+                "hook / SAE pair",
+                "trained pairs",
+                "untrained vs untrained",
+                "trained vs untrained",
+                "null / chance",
+            ],
+            rows,
+            left=2,
+        ),  # fmt: skip
+    ]
+    transfers = {}
+    for p in pairs:
+        f = Path(transfer_dir or "") / p.path.name / "transfer.json"
+        if transfer_dir and f.exists():
+            transfers[p.path.name] = json.loads(f.read_text())
+    agg = transfer_aggregate(transfers) if transfers else None
+    if agg is None or not agg.m:
+        return "".join(out)
+    lo, hi = agg.interval
+    nlo, nhi = agg.interval_normal
+    own = agg.fraction_of_own_steering
+    out += [
+        f"<h4>Steering transfer over {len(transfers)} pairs</h4>",
+        f"<p class='muted'>Every concept × hook of every pair (A's vector carried into B, "
+        f"for each pair A__B) is one test in a single Holm (1979) family of {agg.m}: the "
+        f"carried vector's steerability against random directions of its norm. A vector "
+        f"transfers when its Holm-adjusted p ≤ {fmt(agg.alpha, 2)}; interval: Wilson 95 %. "
+        f"The empirical p has floor {fmt(agg.tests[0].p_floor)}, so over {agg.m} tests no "
+        f"Holm p can fall below {fmt(agg.best_possible_holm)}: "
+        + (
+            "the empirical column cannot reject anything at this family size, and the "
+            "normal-tail approximation of the random-direction null is the one that can "
+            "resolve (it trusts the null's normal shape). "
+            if agg.best_possible_holm > agg.alpha
+            else ""
+        )
+        + "'Of own': transferred slope / the target's own vector's slope, over every test and "
+        "over the tests where the own vector steers (its 95 % interval above 0); where it "
+        "does not, the ratio is not meaningful.</p>",
+        table(
+            ["", "transfer (of tests)", "fraction", "95 % interval (Wilson)"],
+            [
+                [
+                    "empirical p, Holm",
+                    f"{agg.transfers}/{agg.m}",
+                    fmt(agg.transfers / agg.m),
+                    f"[{fmt(lo)}, {fmt(hi)}]",
+                ],
+                [
+                    "normal-tail p, Holm",
+                    f"{agg.transfers_normal}/{agg.n_normal}",
+                    fmt(agg.transfers_normal / agg.n_normal) if agg.n_normal else "–",
+                    f"[{fmt(nlo)}, {fmt(nhi)}]",
+                ],
+            ],
+        ),  # fmt: skip
+        table(
+            ["fraction of the target's own effect", "mean ± sd (n)"],
+            [["every test", _mean_sd(agg.fraction_of_own)], ["own vector steers", _mean_sd(own)]],
+        ),  # fmt: skip
+        table(
+            [
+                "pair",
+                "concept",
+                "hook",
+                "p",
+                "p (Holm, all pairs)",
+                "p (normal)",
+                "p (normal, Holm, all pairs)",
+                "of own",
+                "own steers",
+            ],
+            [
+                [
+                    e(t.pair),
+                    e(t.concept),
+                    f"<code>{e(t.hook)}</code>",
+                    fmt_p(t.p),
+                    fmt_p(t.p_holm),
+                    fmt_p(t.p_normal),
+                    fmt_p(t.p_normal_holm),
+                    fmt(t.fraction_of_own, 2),
+                    "yes" if t.own_steers else "no",
+                ]
+                for t in agg.tests
+            ],
+            left=3,
+        ),  # fmt: skip
+    ]
+    return "".join(out)
 
 
 def _transfer_rows(transfer: dict) -> list[tuple[str, str, dict]]:

@@ -1,14 +1,15 @@
 """The matched-L0 study (flows/sae_study.py): what it queues is a valid params sweep."""
 
-import json
+import shutil
 
 import yaml
+from dvc.utils.hydra import apply_overrides
 
 from flows.sae_study import commands, study_saes
-from stages.config import parse_params
+from stages.config import load_params, parse_params
 
 
-def test_study_queues_one_valid_sweep_per_seed():
+def test_study_queues_one_valid_sweep_per_seed(tmp_path):
     raw = yaml.safe_load(open("params.yaml"))
     default = parse_params(raw).saes
     sweeps = {m: [g.model_dump(mode="json") for g in default.groups(m)] for m in default.sweep}
@@ -17,10 +18,10 @@ def test_study_queues_one_valid_sweep_per_seed():
     assert cmds[-1] == ["dvc", "queue", "start", "-j", "1"]
     for seed, cmd in enumerate(cmds[:3]):
         assert cmd[-2:] == ["saes@toy-a", "saes@toy-b"]  # only the SAE stages re-run
-        sets = dict(a.split("=", 1) for a in cmd if a.startswith("saes.sweep."))
-        for model, value in sets.items():
-            raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
-        p = parse_params(raw)  # as `dvc exp run -S` would write params.yaml
+        # what `dvc exp run -S` does to params.yaml: DVC's own Hydra override code
+        path = shutil.copy("params.yaml", tmp_path / f"params-{seed}.yaml")
+        apply_overrides(path, [a for a in cmd if a.startswith("saes.sweep.")])
+        p = load_params(path)
         cfgs = [c for c in p.saes.plan("toy-a")["blocks.3.hook_resid_post"] if c.name]
         assert len(cfgs) == 5 * 3 and {c.seed for c in cfgs} == {seed}
         assert sorted(c.intended_l0 for c in cfgs) == sorted([8.0, 16.0, 32.0] * 5)
@@ -33,7 +34,7 @@ def test_study_queues_one_valid_sweep_per_seed():
     assert len(set(names)) == 45
 
 
-def test_widths_study_queues_topk_at_every_width():
+def test_widths_study_queues_topk_at_every_width(tmp_path):
     raw = yaml.safe_load(open("params.yaml"))
     default = parse_params(raw).saes
     sweeps = {m: [g.model_dump(mode="json") for g in default.groups(m)] for m in default.sweep}
@@ -41,11 +42,9 @@ def test_widths_study_queues_topk_at_every_width():
     cmds = commands(sweeps, seeds=[0, 1], widths=widths)
     assert [c[5] for c in cmds[:2]] == ["sae-widths-s0", "sae-widths-s1"]
     for seed, cmd in enumerate(cmds[:2]):
-        for a in cmd:
-            if a.startswith("saes.sweep."):
-                model, value = a.split("=", 1)
-                raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
-        p = parse_params(raw)
+        path = shutil.copy("params.yaml", tmp_path / f"params-{seed}.yaml")
+        apply_overrides(path, [a for a in cmd if a.startswith("saes.sweep.")])
+        p = load_params(path)
         cfgs = [c for c in p.saes.plan("toy-a")["blocks.3.hook_resid_post"]
                 if c.name and c.name.startswith("topk-w")]  # fmt: skip
         assert [(c.architecture, c.d_sae, c.k, c.seed) for c in cfgs] == [
@@ -54,7 +53,7 @@ def test_widths_study_queues_topk_at_every_width():
         assert {c.n_training_tokens for c in cfgs} == {1_000_000}
 
 
-def test_seeds_study_adds_the_headline_sae_at_other_seeds():
+def test_seeds_study_adds_the_headline_sae_at_other_seeds(tmp_path):
     """One experiment: the default sweep plus TopK k16 on blocks.3 at seeds 1 and 2,
     named like the default's folder; the seed groups of stages/sae/seeds.py find them."""
     from flows.sae_study import seed_commands
@@ -67,11 +66,9 @@ def test_seeds_study_adds_the_headline_sae_at_other_seeds():
     cmds = seed_commands(sweeps, [1, 2], hook_widths=widths)
     assert cmds[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "sae-seeds"]
     assert cmds[0][-2:] == ["saes@toy-a", "saes@toy-b"] and len(cmds) == 2
-    for a in cmds[0]:
-        if a.startswith("saes.sweep."):
-            model, value = a.split("=", 1)
-            raw["saes"]["sweep"][model.split(".")[-1]] = json.loads(value)
-    p = parse_params(raw)
+    path = shutil.copy("params.yaml", tmp_path / "params-seeds.yaml")
+    apply_overrides(path, [a for a in cmds[0] if a.startswith("saes.sweep.")])
+    p = load_params(path)
     cfgs = p.saes.plan("toy-a")["blocks.3.hook_resid_post"]
     assert [c.name for c in cfgs if c.name] == ["topk-1024-k16-s1", "topk-1024-k16-s2"]
     named = {c.name or f"default-{i}": c.model_dump(mode="json") for i, c in enumerate(cfgs)}

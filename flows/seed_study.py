@@ -1,0 +1,155 @@
+"""The seed study: more toy models (seeds) aligned pairwise, as one DVC experiment beside
+the default run (README, "The seed study").
+
+    python -m flows.seed_study              # queue the experiment and start the queue
+    python -m flows.seed_study --seeds 2 3  # toy-s2 and toy-s3: 4 models, 6 pairs
+    python -m flows.seed_study --workspace  # run it here (dvc exp run, no queue)
+    python -m flows.seed_study --dry-run    # print the dvc commands instead
+
+The default run has two toy models (toy-a: seed 0, toy-b: seed 1), one pair. Each study
+seed adds a model `toy-s<seed>` with exactly the base model's params (toy-a's: shape,
+tokenizer, training) but that seed, with `dvc exp run -S +key=value` (Hydra's "append"
+override; flows/overrides.py): `models`, `activations.hooks`, `steering.models` copied from
+the base; `saes.sweep` cut down to the SAEs the other stages read (`align.config.sae_names`
+on the hooks alignment compares, the SAE steering names per hook, `geometry.sae_names`),
+so a new model costs its LM, its cache and a few SAEs; and `align.pairs` gets every pair
+of the models not already there (3 models: 3 pairs). Geometry, steering, decomposition
+and transfer run per model / pair from the same params. Every default stage keeps its
+params, so DVC takes its outputs from the cache. The report then shows the aggregate
+tables over all pairs (stages/alignment/aggregate.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+import sys
+from typing import Any
+
+from flows.overrides import hydra_value
+
+SEEDS = (2,)
+BASE = "toy-a"
+NAME = "seed-study"
+
+
+def study_model(seed: int) -> str:
+    return f"toy-s{seed}"
+
+
+def _needed_saes(raw: dict[str, Any], p: Any, base: str) -> dict[str, set[str]]:
+    """SAE folder name -> the base model's hooks where some stage reads it."""
+    hooks = p.hooks(base)
+    cfg = ((raw.get("align") or {}).get("config")) or {}
+    if cfg.get("hook_pairs"):
+        align_hooks = [h for h in hooks if any(h in hp for hp in cfg["hook_pairs"])]
+    else:
+        align_hooks = hooks  # None: every hook both models cache (all of the base's)
+    folders = p.sae_folders(base)
+    need: dict[str, set[str]] = {}
+    names = cfg.get("sae_names")
+    for h in align_hooks:
+        have = sorted(folders.get(h) or [])
+        picked = have if names == "all" else have[:1] if names is None else list(names)
+        for n in picked:
+            need.setdefault(n, set()).add(h)
+    steering = (raw.get("steering") or {}).get("models", {}).get(base) or {}
+    for h, n in (steering.get("saes") or {}).items():
+        need.setdefault(n, set()).add(h)
+    for n in (raw.get("geometry") or {}).get("sae_names") or []:
+        for h in hooks:
+            if n in (folders.get(h) or []):
+                need.setdefault(n, set()).add(h)
+    return need
+
+
+def study_sweep(raw: dict[str, Any], p: Any, base: str = BASE) -> list[dict[str, Any]]:
+    """The new model's `saes.sweep`: the base's SAE entries that some stage reads, each on
+    the hooks where it is read (one group per entry), in params order."""
+    from stages.sae.config import folder_name, parse_sae_config
+
+    need = _needed_saes(raw, p, base)
+    groups = raw["saes"]["sweep"][base]
+    groups = groups if isinstance(groups, list) else [groups]
+    out, seen = [], set()
+    order = p.hooks(base)
+    for g in groups:
+        for entry in g["saes"]:
+            hook = g["hooks"][0]
+            name = folder_name(parse_sae_config(entry), p.hook_width(base, hook))
+            if name in need and name not in seen:
+                seen.add(name)
+                out.append({"hooks": [h for h in order if h in need[name]], "saes": [entry]})
+    missing = sorted(set(need) - seen)
+    if missing:
+        raise ValueError(f"params.yaml: saes.sweep.{base} trains no SAE named {missing}, "
+                         "expected the SAEs align / steering / geometry read")  # fmt: skip
+    return out
+
+
+def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE) -> list[str]:
+    """The `-S` values (Hydra overrides) that add one model per seed and all their pairs.
+    `raw`: params.yaml as plain data."""
+    from stages.config import parse_params
+
+    p = parse_params(raw)
+    if base not in p.models or raw["models"][base].get("source") != "toy":
+        raise ValueError(f"params.yaml: models.{base}: expected a toy model to copy")
+    taken = {m["seed"]: n for n, m in raw["models"].items() if m.get("source") == "toy"}
+    out = []
+    for seed in seeds:
+        name = study_model(seed)
+        if seed in taken or name in raw["models"]:
+            raise ValueError(f"--seeds {seed}: model {taken.get(seed, name)} already has it, "
+                             "expected seeds no toy model in params.yaml uses")  # fmt: skip
+        model = {**raw["models"][base], "seed": int(seed)}
+        out.append(f"+models.{name}={hydra_value(model)}")
+        out.append(f"+activations.hooks.{name}={hydra_value(list(p.hooks(base)))}")
+        out.append(f"+saes.sweep.{name}={hydra_value(study_sweep(raw, p, base))}")
+        steering = (raw.get("steering") or {}).get("models", {}).get(base)
+        if steering is not None:
+            out.append(f"+steering.models.{name}={hydra_value(steering)}")
+    models = [*raw["models"], *(study_model(s) for s in seeds)]
+    have = {frozenset((v["a"], v["b"])) for v in (raw["align"]["pairs"] or {}).values()}
+    for a, b in itertools.combinations(models, 2):
+        if frozenset((a, b)) not in have:
+            out.append(f"+align.pairs.{a}__{b}={hydra_value({'a': a, 'b': b})}")
+    return out
+
+
+def commands(
+    raw: dict[str, Any], seeds=SEEDS, base: str = BASE, queue: bool = True, name: str = NAME
+) -> list[list[str]]:
+    """The dvc commands that run the study: one experiment (queued and started, or run
+    in the workspace); every stage is a target, DVC skips those whose inputs did not change."""
+    sets = [a for o in overrides(raw, seeds, base) for a in ("-S", o)]
+    run = ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", name, *sets]
+    return [run, ["dvc", "queue", "start", "-j", "1"]] if queue else [run]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import yaml
+
+    from stages.config import PARAMS_FILE, _UniqueKeyLoader
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--base", default=BASE, help="the toy model whose params are copied")
+    ap.add_argument("--name", default=NAME, help="the experiment's name")
+    ap.add_argument("--workspace", action="store_true",
+                    help="dvc exp run in this workspace instead of the queue")  # fmt: skip
+    ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    args = ap.parse_args(argv)
+    # the project's loader: the same YAML reading (1e-3 is a number) as every stage's
+    raw = yaml.load(open(PARAMS_FILE).read(), Loader=_UniqueKeyLoader)  # noqa: S506
+    for cmd in commands(raw, args.seeds, args.base, not args.workspace, args.name):
+        print(shlex.join(cmd), flush=True)
+        if not args.dry_run:
+            subprocess.run(cmd, check=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

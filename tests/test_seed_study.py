@@ -1,0 +1,93 @@
+"""The seed study (flows/seed_study.py): its `-S` overrides, applied to the real
+params.yaml by DVC's own Hydra override code, give params that the pipeline's schema
+accepts, with one more toy model (toy-a's params, another seed) and every pair."""
+
+import itertools
+import shutil
+
+import pytest
+import yaml
+from dvc.exceptions import InvalidArgumentError
+from dvc.utils.hydra import apply_overrides
+
+from flows.overrides import hydra_value
+from flows.seed_study import commands, overrides
+from stages.config import PARAMS_FILE, _UniqueKeyLoader, load_params
+
+HOOKS = [f"blocks.{i}.hook_resid_post" for i in range(4)]
+
+
+def _raw() -> dict:
+    return yaml.load(PARAMS_FILE.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506
+
+
+def _applied(tmp_path, overrides_):
+    path = shutil.copy(PARAMS_FILE, tmp_path / "params.yaml")
+    apply_overrides(path, overrides_)  # what `dvc exp run -S` does to params.yaml
+    return load_params(path), yaml.load(open(path).read(), Loader=_UniqueKeyLoader)  # noqa: S506
+
+
+def test_overrides_add_a_seed_model_and_every_pair(tmp_path):
+    raw = _raw()
+    before = load_params()
+    p, new = _applied(tmp_path, overrides(raw, seeds=[2]))
+    assert list(p.models) == ["toy-a", "toy-b", "toy-s2"]
+    # exactly toy-a's params but the seed
+    assert new["models"]["toy-s2"] == {**raw["models"]["toy-a"], "seed": 2}
+    assert p.models["toy-s2"].seed == 2
+    assert p.hooks("toy-s2") == HOOKS
+    # only the SAE alignment, steering and geometry read: topk-1024-k16 on every hook
+    assert p.sae_folders("toy-s2") == {h: ["topk-1024-k16"] for h in HOOKS}
+    assert [(c.architecture, c.k, c.seed) for c in p.sae_plan("toy-s2")[HOOKS[0]]] == [
+        ("topk", 16, 0)
+    ]
+    assert new["steering"]["models"]["toy-s2"] == raw["steering"]["models"]["toy-a"]
+    pairs = {(v.a, v.b) for v in p.align.pairs.values()}
+    assert pairs == set(itertools.combinations(["toy-a", "toy-b", "toy-s2"], 2))
+    assert set(p.align.pairs) == {"toy-a__toy-b", "toy-a__toy-s2", "toy-b__toy-s2"}
+    # the default models' params are untouched: DVC takes their outputs from the cache
+    for m in ("toy-a", "toy-b"):
+        assert p.models[m] == before.models[m]
+        assert p.sae_plan(m) == before.sae_plan(m)
+        assert p.hooks(m) == before.hooks(m)
+    assert p.align.pairs["toy-a__toy-b"] == before.align.pairs["toy-a__toy-b"]
+    assert p.align.config == before.align.config
+
+
+def test_two_seeds_give_six_pairs(tmp_path):
+    p, _ = _applied(tmp_path, overrides(_raw(), seeds=[2, 3]))
+    assert len(p.align.pairs) == 6 and [p.models[m].seed for m in p.models] == [0, 1, 2, 3]
+
+
+def test_bad_seed_or_override_fails(tmp_path):
+    with pytest.raises(ValueError, match="toy-a already has it"):
+        overrides(_raw(), seeds=[0])
+    # JSON is not Hydra's grammar: a quoted dict key does not parse
+    bad = '+align.pairs.toy-a__toy-s2={"a": "toy-a", "b": "toy-s2"}'
+    with pytest.raises(InvalidArgumentError):
+        _applied(tmp_path, [bad])
+    # a pair naming a model that params.yaml lacks: the schema refuses it
+    from stages.config import ParamsError
+
+    with pytest.raises(ParamsError, match="toy-s9"):
+        _applied(
+            tmp_path, [f"+align.pairs.toy-a__toy-s9={hydra_value({'a': 'toy-a', 'b': 'toy-s9'})}"]
+        )
+
+
+def test_hydra_value_round_trips_strings_that_look_like_other_types(tmp_path):
+    v = {"s": ["1e-3", "true", "null", "a b", 'q"uote'], "n": [1, 0.001, 1e-05, True, None],
+         "blocks.0.hook_resid_post": {"k": "topk-1024-k16"}}  # fmt: skip
+    path = tmp_path / "x.yaml"
+    path.write_text("x: {}\n")
+    apply_overrides(path, [f"+x.y={hydra_value(v)}"])
+    # read as every stage reads params.yaml (YAML 1.2 numbers: 1e-05 is a float)
+    assert yaml.load(path.read_text(), Loader=_UniqueKeyLoader)["x"]["y"] == v  # noqa: S506
+
+
+def test_commands_queue_or_workspace():
+    q = commands(_raw())
+    assert q[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "seed-study"]
+    assert q[1] == ["dvc", "queue", "start", "-j", "1"]
+    w = commands(_raw(), queue=False)
+    assert len(w) == 1 and "--queue" not in w[0] and w[0].count("-S") == 6
