@@ -367,13 +367,31 @@ def _mean_sd(s: Any) -> str:
 
 
 def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -> str:
-    """The aggregate tables over every aligned pair (two or more; "" for one): each
-    universality measure as mean ± sd across pairs beside its controls, and transfer over
-    every pair, concept and hook in one Holm family."""
-    from stages.alignment.aggregate import transfer_aggregate, universality_rows
+    """The aggregate tables over every aligned pair: each universality measure as mean ±
+    sd across pairs beside its controls (two pairs or more), and transfer over every pair,
+    concept and hook in one Holm family (with one pair only its summary: how many vectors
+    transfer, with the Wilson interval, and the fraction of the target's own effect; the
+    pair's own table lists the tests)."""
+    from stages.alignment.aggregate import transfer_aggregate
 
-    if len(pairs) < 2:
+    if not pairs:
         return ""
+    single = len(pairs) == 1
+    out = [] if single else _universality_html(pairs)
+    transfers = {}
+    for p in pairs:
+        f = Path(transfer_dir or "") / p.path.name / "transfer.json"
+        if transfer_dir and f.exists():
+            transfers[p.path.name] = json.loads(f.read_text())
+    agg = transfer_aggregate(transfers) if transfers else None
+    if agg is None or not agg.m:
+        return "".join(out)
+    return "".join(out) + _transfer_summary_html(agg, len(transfers), with_tests=not single)
+
+
+def _universality_html(pairs: list[AlignedPair]) -> list[str]:
+    from stages.alignment.aggregate import universality_rows
+
     names = [f"{p.model_a} vs {p.model_b}" for p in pairs]
     rows = []
     for r in universality_rows({p.path.name: p.read("scores.json") or {} for p in pairs}):
@@ -408,19 +426,15 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
             left=2,
         ),  # fmt: skip
     ]
-    transfers = {}
-    for p in pairs:
-        f = Path(transfer_dir or "") / p.path.name / "transfer.json"
-        if transfer_dir and f.exists():
-            transfers[p.path.name] = json.loads(f.read_text())
-    agg = transfer_aggregate(transfers) if transfers else None
-    if agg is None or not agg.m:
-        return "".join(out)
+    return out
+
+
+def _transfer_summary_html(agg, n_pairs: int, with_tests: bool) -> str:
     lo, hi = agg.interval
     nlo, nhi = agg.interval_normal
     own = agg.fraction_of_own_steering
-    out += [
-        f"<h4>Steering transfer over {len(transfers)} pairs</h4>",
+    out = [
+        f"<h4>Steering transfer over {n_pairs} pair{'s' if n_pairs > 1 else ''}</h4>",
         f"<p class='muted'>Every concept × hook of every pair (A's vector carried into B, "
         f"for each pair A__B) is one test in a single Holm (1979) family of {agg.m}: the "
         f"carried vector's steerability against random directions of its norm. A vector "
@@ -458,6 +472,10 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
             ["fraction of the target's own effect", "mean ± sd (n)"],
             [["every test", _mean_sd(agg.fraction_of_own)], ["own vector steers", _mean_sd(own)]],
         ),  # fmt: skip
+    ]
+    if not with_tests:
+        return "".join(out)
+    out += [
         table(
             [
                 "pair",

@@ -106,7 +106,10 @@ def _pair_folder(root, name, scores, transfer_root=None, transfer=None):
 def test_report_aggregate_only_with_two_pairs(tmp_path):
     align, transfer = tmp_path / "alignment", tmp_path / "transfer"
     _pair_folder(align, "a__b", PAIRS["a__b"], transfer, _transfer((0.009, 0.04)))
-    assert aggregate_html(aligned_pairs(align), transfer) == ""  # one pair: unchanged
+    one = aggregate_html(aligned_pairs(align), transfer)
+    # one pair: the transfer summary only (no mean ± sd over pairs, no per-test table)
+    assert "Steering transfer over 1 pair<" in one and "family of 2" in one
+    assert "model pairs</h3>" not in one and "p (Holm, all pairs)" not in one
     _pair_folder(align, "a__c", PAIRS["a__c"], transfer, _transfer((0.03, 0.5)))
     html = aggregate_html(aligned_pairs(align), transfer)
     assert "Across 2 model pairs" in html

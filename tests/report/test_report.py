@@ -483,3 +483,16 @@ def test_families_section_only_for_a_width_ladder(tiny_report, tiny_data, tmp_pa
     row = lad["per_width"][0]["concepts"].get("animal")
     if row is not None:
         assert f"{row['f1']:.2f} [{row['lo']:.2f}, {row['hi']:.2f}]" in sec.body
+
+
+def test_one_pair_gets_the_transfer_summary_but_no_aggregate_over_pairs(tiny_report):
+    """With one aligned pair: how many carried vectors transfer (Holm over the pair's
+    tests, Wilson interval) and the fraction of the target's own effect; the mean ± sd
+    over pairs needs two pairs or more, so that table is absent."""
+    report, _, _ = tiny_report
+    html = report.index.read_text()
+    body = html[html.index('<section id="alignment">') :]
+    body = body[: body.index("</section>")]
+    assert "Steering transfer over 1 pair<" in body
+    assert "95 % interval (Wilson)" in body and "fraction of the target's own effect" in body
+    assert "model pairs</h3>" not in body and "p (Holm, all pairs)" not in body
