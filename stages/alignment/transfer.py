@@ -181,11 +181,22 @@ def evaluate_transfer(
     *,
     n_random: int = 32,
     seed: int = 0,
+    extend_to: int | None = None,
 ) -> TransferTest:
     """Steerability of B's own vector, of the carried vector rescaled to its norm, and of
-    `n_random` seeded random directions of that norm, at `hook` of model B."""
+    `n_random` seeded random directions of that norm, at `hook` of model B.
+
+    Two-stage null (after Besag & Clifford 1991, sequential Monte Carlo p-values): when
+    none of the first `n_random` directions reaches the carried vector's slope (p at its
+    floor 1/(n_random + 1)), more are drawn, up to `extend_to` in all (default 4 ×
+    n_random), and p counts them all; otherwise the first n_random decide. Still a valid
+    p at every level α: under the null the first stage's rank is uniform, so a rejection
+    without extending has probability ⌊α(n+1)⌋/(n+1) − 1/(n+1) and one after extending at
+    most min(α, 1/(n+1)). It lets a strong effect's p fall below 1/(n_random + 1) — and
+    below α/m after Holm over m tests — at the cost of extra draws only where needed."""
     if n_random < 2:
         raise ValueError(f"n_random = {n_random}, expected an integer >= 2 (the null's spread)")
+    extend_to = 4 * n_random if extend_to is None else max(extend_to, n_random)
     own, carried = own.detach().float(), carried.detach().float()
     norm_own, norm_carried = float(own.norm()), float(carried.norm())
     scaled = carried * (norm_own / norm_carried) if norm_carried > 0 else carried
@@ -194,9 +205,12 @@ def evaluate_transfer(
     def slope(v: Tensor) -> Steerability:
         return steerability(model_b, steering_set, hook, v, multipliers)
 
+    transferred = slope(scaled)
+    randoms = [slope(random_like(own, seed + i)).slope for i in range(n_random)]
+    if all(r < transferred.slope for r in randoms):  # at the floor: draw more
+        randoms += [slope(random_like(own, seed + i)).slope for i in range(n_random, extend_to)]
     return TransferTest(
-        own=slope(own), transferred=slope(scaled),
-        random_slopes=[slope(random_like(own, seed + i)).slope for i in range(n_random)],
+        own=slope(own), transferred=transferred, random_slopes=randoms,
         cosine=cos, norm_own=norm_own, norm_carried=norm_carried,
     )  # fmt: skip
 

@@ -145,3 +145,31 @@ def test_transfer_follows_the_alignments_hook_pair(tiny_model, tmp_path):
     assert r["cosine_transferred_own"] == pytest.approx(1.0, abs=1e-6)
     assert r["transferred"]["steerability"] == pytest.approx(r["own"]["steerability"], rel=1e-4)
     assert r["own"]["steerability"] != 0 and out["correction"]["family_size"] == 1
+
+
+def test_a_null_at_its_floor_is_extended_and_p_counts_every_draw(setup):
+    """Two-stage null: where the carried vector beats its first 3 random directions, 9
+    more are drawn (4 × 3 in all), continuing the same seeded sequence, and p's floor
+    falls from 1/4 to 1/13. Not extended when a first-stage draw reaches it."""
+    model, s, v = setup
+    own = steerability(model, s, HOOKS[0], v, MULTS).slope
+
+    def first3(seed: int) -> list[float]:
+        return [steerability(model, s, HOOKS[0], random_like(v, seed + i), MULTS).slope
+                for i in range(3)]  # fmt: skip
+
+    # a seed whose first three directions all fall below the own vector's slope, and one
+    # where one of them reaches it (the tiny model is untrained, so both exist)
+    beaten = next(sd for sd in range(0, 200, 3) if max(first3(sd)) < own)
+    reached = next(sd for sd in range(0, 200, 3) if max(first3(sd)) >= own)
+    t = evaluate_transfer(model, s, HOOKS[0], v, v, MULTS, n_random=3, seed=beaten)
+    assert len(t.random_slopes) == 12 and t.p_floor == pytest.approx(1 / 13)
+    above = sum(r >= t.transferred.slope for r in t.random_slopes)
+    assert t.p_vs_random == pytest.approx((1 + above) / 13)
+    extra = steerability(model, s, HOOKS[0], random_like(v, beaten + 10), MULTS).slope
+    assert t.random_slopes[10] == extra
+    short = evaluate_transfer(model, s, HOOKS[0], v, v, MULTS, n_random=3, seed=beaten,
+                              extend_to=3)  # fmt: skip
+    assert short.random_slopes == t.random_slopes[:3] and short.p_floor == pytest.approx(1 / 4)
+    kept = evaluate_transfer(model, s, HOOKS[0], v, v, MULTS, n_random=3, seed=reached)
+    assert len(kept.random_slopes) == 3
