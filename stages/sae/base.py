@@ -156,6 +156,15 @@ class BaseSAE(nn.Module):
         `x` as the SAE sees them: set what the L0 starts from where an architecture's
         own initialisation would leave it out of reach. Most need nothing."""
 
+    def retarget_l0(self, x: Tensor, target_l0: float, coefficient: float) -> float | None:
+        """Called once in a run towards `target_l0`, when its L0's first fast fall has
+        ended (`L0Controller.fall_over`), on the batch `x` just trained on, with the
+        sparsity coefficient λ in force: an architecture whose L0 answers λ too slowly
+        to reach the target in the run may move itself onto the target here, and returns
+        the λ at which its new state is stationary (the controller continues from it).
+        None: nothing moved (the default)."""
+        return None
+
     def calibrate(self, x: Tensor) -> dict[str, Any] | None:
         """Set inference-only parameters from raw training rows `x` once training ends
         (the trainer calls it after folding the input scale); returns what it set, for the

@@ -136,6 +136,8 @@ class L0Controller:
     horizon: float = 60.0  # steps ahead the error is predicted
     ema_log_l0: float | None = None
     ema_trend: float = 0.0
+    fell: bool = False  # the smoothed L0 has fallen faster than `settled_trend` a step
+    settled_trend: float = 0.01  # a fall slower than this (in log L0 a step) has ended
     trace: list[list[float]] = field(default_factory=list)  # [step, multiplier] samples
 
     @property
@@ -153,9 +155,23 @@ class L0Controller:
             prev = self.ema_log_l0
             self.ema_log_l0 = b * prev + (1 - b) * y
             self.ema_trend = b * self.ema_trend + (1 - b) * (self.ema_log_l0 - prev)
+        self.fell = self.fell or self.ema_trend < -self.settled_trend
         err = self.ema_log_l0 - math.log(self.target) + self._horizon(step) * self.ema_trend
         delta = self.rate * err
         self.log_multiplier += max(-self.max_log_step, min(self.max_log_step, delta))
+
+    @property
+    def fall_over(self) -> bool:
+        """The L0's first fast fall (from the dense start of training) has ended: the
+        smoothed L0 fell by more than `settled_trend` a step and now falls slower."""
+        return self.fell and self.ema_trend > -self.settled_trend
+
+    def restart_at(self, l0: float, coefficient_ratio: float) -> None:
+        """After the SAE moved itself (`BaseSAE.retarget_l0`): L0 is now `l0`, with no
+        trend, and λ is multiplied by `coefficient_ratio`."""
+        self.ema_log_l0 = math.log(max(l0, 1e-2))
+        self.ema_trend = 0.0
+        self.log_multiplier += math.log(coefficient_ratio)
 
     def _horizon(self, step: int) -> float:
         """`horizon`, or less where less learning is left: the steps at full learning
@@ -172,6 +188,7 @@ class L0Controller:
             "log_multiplier": self.log_multiplier,
             "ema_log_l0": self.ema_log_l0,
             "ema_trend": self.ema_trend,
+            "fell": self.fell,
         }
 
     def load(self, state: dict[str, float | None]) -> None:
@@ -179,6 +196,7 @@ class L0Controller:
         e = state.get("ema_log_l0")
         self.ema_log_l0 = None if e is None else float(e)
         self.ema_trend = float(state.get("ema_trend") or 0.0)
+        self.fell = bool(state.get("fell", False))
 
 
 __all__ = ["L0Controller", "search_coefficient"]

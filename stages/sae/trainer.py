@@ -157,6 +157,7 @@ class _Run:
             else None
         )
         self.search: dict[str, Any] | None = None  # the calibration runs, if any
+        self.retarget: dict[str, Any] | None = None  # when and where retarget_l0 moved it
 
     @property
     def done(self) -> bool:
@@ -190,6 +191,7 @@ class _Run:
             "recent": self.recent,
             "history": self.history,
             **({"control": self.control.state()} if self.control else {}),
+            **({"retarget": self.retarget} if self.retarget else {}),
         }
         tmp = self.ckpt.with_name("checkpoint.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -249,6 +251,7 @@ class _Run:
         self.history = list(meta.get("history", []))
         if self.control is not None:
             self.control.load(meta["control"])
+        self.retarget = meta.get("retarget")
         self.last_good = (self.ckpt, self.step)
         return float(meta["input_scale"])
 
@@ -332,7 +335,23 @@ class _Run:
         self._record(out, x.shape[0])
         if self.control is not None:
             self.control.update(self.step, float(out.l0))
+            self._maybe_retarget(x, sparsity_scale)
         self.step += 1
+
+    def _maybe_retarget(self, x: torch.Tensor, sparsity_scale: float) -> None:
+        """Once, when the L0's first fast fall is over: let the SAE move itself onto the
+        target (`BaseSAE.retarget_l0`; only JumpReLU does) and restart the controller
+        from where it put L0 and λ."""
+        ctl = self.control
+        if ctl is None or self.retarget is not None or not ctl.fall_over:
+            return
+        lam = self.cfg.coefficient() * sparsity_scale
+        with torch.no_grad():
+            new_lam = self.sae.retarget_l0(x, ctl.target, lam)
+            l0 = float((self.sae.encode(x) > 0).sum(-1).float().mean()) if new_lam else None
+        self.retarget = {"step": float(self.step), "coefficient": new_lam, "l0": l0}
+        if new_lam is not None and l0 is not None:
+            ctl.restart_at(l0, new_lam / lam)
 
     def _record(self, out: Any, batch: int) -> None:
         l0 = float(out.l0)
@@ -599,6 +618,8 @@ def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
                 "start_coefficient": run.cfg.coefficient(),
                 "final_coefficient": run.cfg.coefficient() * ctl.multiplier,
             },
+            # once the first fall of L0 was over: where the SAE moved itself (JumpReLU)
+            "retarget": run.retarget,
             "final_coefficient": run.cfg.coefficient() * (ctl.multiplier if ctl else 1.0),
             "train_l0": train_l0,
         }  # fmt: skip
