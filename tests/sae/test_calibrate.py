@@ -10,6 +10,7 @@ import torch
 from stages.sae import train_saes
 from stages.sae.calibrate import L0Controller, search_coefficient
 from stages.sae.config import parse_sae_config
+from stages.sae.registry import build_sae
 from stages.sae.synthetic import SyntheticFeatures
 
 
@@ -88,6 +89,48 @@ def test_controller_does_not_wind_up_on_a_velocity_limited_plant():
     assert min(_velocity_limited_plant(old)) < 0.2 * 16
 
 
+def test_controller_says_when_the_first_fast_fall_is_over():
+    # smoothed log L0 falling 5 % a step, then flat: fall_over turns on only after the
+    # trend has been steeper than 1 % a step and is now shallower; never before falling
+    ctl = L0Controller(16.0, until_step=500)
+    seen = []
+    for step in range(200):
+        ctl.update(step, 500.0 * math.exp(-0.05 * min(step, 60)))
+        seen.append(ctl.fall_over)
+    assert not any(seen[:60]) and seen[-1]
+    flat = L0Controller(16.0, until_step=500)
+    for step in range(200):
+        flat.update(step, 30.0)
+    assert not flat.fall_over  # a flat L0 never fell: nothing to retarget
+    ctl2 = L0Controller(16.0, until_step=500)
+    ctl2.load(ctl.state())
+    assert ctl2.fall_over
+
+
+def test_jumprelu_retarget_puts_each_latents_firings_at_the_targets_share():
+    # closed form: latent i keeps floor(c_i · target / L0) firings of the batch (continuous
+    # data: no ties), θ never falls, the batch's L0 lands just under the target, and λ is
+    # returned unchanged; below the target nothing moves
+    torch.manual_seed(0)
+    sae = build_sae(parse_sae_config({**_cfg("jumprelu"), "d_in": D}))
+    x = torch.randn(2048, D) * 2.0
+    with torch.no_grad():
+        sae.threshold.fill_(0.01)
+        before = sae.threshold.clone()
+        fires = sae.pre_acts(x) > sae.threshold
+    c, l0 = fires.sum(0), float(fires.sum(-1).float().mean())
+    assert l0 > 20
+    assert sae.retarget_l0(x, 6.0, 0.3) == 0.3
+    with torch.no_grad():
+        after = sae.pre_acts(x) > sae.threshold
+    assert torch.equal(after.sum(0), (c.double() * 6.0 / l0).floor().long())
+    assert (sae.threshold >= before).all() and (sae.threshold > before).any()
+    assert 6.0 - D * 64 / 2048 <= float(after.sum(-1).float().mean()) <= 6.0
+    held = sae.threshold.clone()
+    assert sae.retarget_l0(x, 20.0, 0.3) is None  # L0 is already under 20
+    assert torch.equal(sae.threshold, held)
+
+
 D, N_FEAT = 16, 64
 
 
@@ -120,6 +163,8 @@ def test_trainer_reaches_the_target_l0_on_held_out_synthetic_rows(arch):
     cal = r.sae.metadata["sparsity_calibration"]
     assert cal["target_l0"] == 6.0 and cal["search"] is None
     assert cal["final_coefficient"] != r.config.coefficient()  # the controller moved λ
+    if arch == "jumprelu":  # its thresholds moved once, after the first fall of L0
+        assert 0 < cal["retarget"]["step"] < r.n_steps and cal["retarget"]["l0"] <= 6.0
     assert r.name == f"{arch}-64-l0t6"
 
 
