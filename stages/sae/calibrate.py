@@ -22,12 +22,17 @@ Neither changes a relu or gated SAE's loss: the trainer multiplies the coefficie
 `L0Controller.multiplier` through the `sparsity_scale` every SAE's forward already takes.
 JumpReLU with a target keeps the published λ‖f‖₀ (Rajamanoharan et al. 2024b) under the
 same controller, but its straight-through gradient reaches the pre-activations as well
-as θ, and θ learns faster (`JumpReLUSAE.init_for_target_l0` says why, with the trace).
+as θ, and θ learns faster (`JumpReLUSAE.init_for_target_l0` says why, with the trace);
+once L0's first fast fall is over (`L0Controller.fall_over`) the trainer lets the SAE
+move itself onto the target once (`BaseSAE.retarget_l0`: JumpReLU's thresholds go to the
+target's per-latent quantile, λ stays), because after that fall its L0 answers λ by only
+~0.6 % a step (`JumpReLUSAE.retarget_l0` has the trace).
 Where this differs from the references: dictionary_learning's JumpReLU trainer holds L0
 with the penalty λ(L0 / target − 1)² at a fixed λ, and it, SAELens' training JumpReLU
 and the paper pass the step function's gradient to θ only (θ started at 0.001 with a
-0.001 bandwidth, for runs far longer than ours). Our first version used that penalty
-with θ started at the target's quantile; L0 ended at 2 for 16.
+0.001 bandwidth, for runs far longer than ours), and none of them moves θ other than by
+its gradient. Our first version used that penalty with θ started at the target's
+quantile at step 0; L0 ended at 2 for 16.
 """
 
 from __future__ import annotations

@@ -140,7 +140,9 @@ class JumpReLUSAE(BaseSAE):
         the gradient on the pre-activations too, the penalty moves the encoder (64
         weights and a bias per latent) as an L1 penalty moves a ReLU SAE's, so L0
         follows λ within tens of steps. The paper, SAELens and dictionary_learning pass
-        the step function's gradient to θ only; with no target we do as they do.
+        the step function's gradient to θ only; with no target we do as they do. The
+        target's quantile is taken later instead, once L0's first fall is over
+        (`retarget_l0`).
         """
 
     @torch.no_grad()
@@ -165,7 +167,12 @@ class JumpReLUSAE(BaseSAE):
         loss makes the new θ stationary (λ = θ_i · E[−∂‖x − x̂‖²/∂f_i] over ε's window)
         overshot: L0 fell to 2 and ended at 5.5 for 8, 26.3 for 32, so λ is left alone.
         Neither the paper, SAELens nor dictionary_learning move θ other than by its
-        gradient (θ from 0.001, runs far longer than ours).
+        gradient (θ from 0.001, runs far longer than ours). Closest: Anthropic's
+        January 2025 "Dictionary Learning Optimization Techniques" (as reimplemented in
+        goodfire-ai/spd, `my_experiments/anthropic_jumprelu_sae.py`; the note itself not
+        read here) sets b_enc once at initialisation from each latent's quantile of the
+        pre-activations, at a dense starting rate rather than the target, with ε = 2 and
+        the straight-through gradient reaching every parameter as ours does.
         """
         pre = self.pre_acts(x)
         th = self.threshold
