@@ -165,7 +165,9 @@ class JumpReLUSAE(BaseSAE):
         Moved here at step ~80, L0 came back up to 16 in 30 steps and ended at 9.5 for 8
         (29.4 for 32: λ cannot pull a stuck L0 back up either). λ set where the published
         loss makes the new θ stationary (λ = θ_i · E[−∂‖x − x̂‖²/∂f_i] over ε's window)
-        overshot: L0 fell to 2 and ended at 5.5 for 8, 26.3 for 32, so λ is left alone.
+        overshot: L0 fell to 2 and ended at 5.5 for 8, 26.3 for 32 (5.0 and 27.0 with the
+        penalty then reaching θ only, as published), so λ is left alone; θ back at the
+        published `lr` after the retarget let L0 drift down to 6.2 for 8.
         Neither the paper, SAELens nor dictionary_learning move θ other than by its
         gradient (θ from 0.001, runs far longer than ours). Closest: Anthropic's
         January 2025 "Dictionary Learning Optimization Techniques" (as reimplemented in
