@@ -298,17 +298,17 @@ def _seed_groups(trained: dict, metrics: dict, store, max_rows: int | None) -> d
     """hook -> `stages.sae.seeds.seed_report` for the SAEs of each hook that differ only
     in their seed (none in the default sweep: empty), on the held-out rows."""
     from stages.sae.data import iter_rows
-    from stages.sae.seeds import seed_groups, seed_report
+    from stages.sae.seeds import seed_report
 
     out = {}
     for hook, by_name in trained.items():
-        configs = {n: c for n, (_, c) in by_name.items()}
-        if not seed_groups(configs):
+        rows = functools.partial(iter_rows, store.source(hook, "heldout"), 8192, max_rows)
+        groups = seed_report({n: s for n, (s, _) in by_name.items()},
+                             {n: c for n, (_, c) in by_name.items()}, metrics.get(hook, {}), rows)  # fmt: skip
+        if not groups:
             continue
-        source = store.source(hook, "heldout")
-        out[hook] = seed_report({n: s for n, (s, _) in by_name.items()}, configs,
-                                metrics.get(hook, {}), functools.partial(iter_rows, source, 8192, max_rows))  # fmt: skip
-        for first, g in out[hook].items():
+        out[hook] = groups
+        for first, g in groups.items():
             o = g["overlap"]["fraction_with_partner_hungarian"]
             print(f"saes: {hook} {first} over {len(g['seeds'])} seeds: FVU "
                   f"{g['metrics']['fvu']['mean']:.4f} ± {g['metrics']['fvu']['sd']:.4f}, "

@@ -49,20 +49,16 @@ def seed_groups(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]
 
 
 def mean_sd_interval(values: Sequence[float], level: float = 0.95) -> dict[str, float]:
-    """Mean, sample sd (ddof 1) and the Student-t interval of the mean over the finite
-    values; sd and interval NaN with fewer than two."""
+    """Mean and sample sd of the finite values (`stages.alignment.aggregate.summarise`)
+    with the Student-t interval of the mean; sd and interval NaN with fewer than two."""
     from scipy import stats
 
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
-    n = len(v)
-    if n == 0:
-        return {"n": 0.0, "mean": math.nan, "sd": math.nan, "lo": math.nan, "hi": math.nan}
-    mean = float(v.mean())
-    if n < 2:
-        return {"n": 1.0, "mean": mean, "sd": math.nan, "lo": math.nan, "hi": math.nan}
-    sd = float(v.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return {"n": float(n), "mean": mean, "sd": sd, "lo": mean - half, "hi": mean + half}
+    from stages.alignment.aggregate import summarise
+
+    s = summarise(values)
+    half = (float(stats.t.ppf(0.5 + level / 2, s.n - 1)) * s.sd / math.sqrt(s.n)
+            if s.n >= 2 else math.nan)  # fmt: skip
+    return {"n": float(s.n), "mean": s.mean, "sd": s.sd, "lo": s.mean - half, "hi": s.mean + half}
 
 
 def seed_summary(flat: Mapping[str, Mapping[str, float]], names: Sequence[str],
