@@ -4,6 +4,7 @@ scratch projects that run the real flows."""
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -159,8 +161,10 @@ def out_md5s(lock: dict) -> dict[str, str]:
 
 def differing_files(a: Path, b: Path, outs: list[str]) -> list[str]:
     """The files under `outs` (paths relative to projects `a` and `b`) whose bytes differ
-    or that exist in one project only: what an assertion on whole-output md5s names, so
-    a failure says which file moved (weights, metrics.json, ...) and not just which stage."""
+    or that exist in one project only, each with what differs in it (`what_differs`):
+    what an assertion on whole-output md5s names, so that a failure says which file moved
+    and which values, not just which stage (issue 28: a flaky difference is diagnosed by
+    the one CI log it fails in)."""
     import hashlib
 
     def md5s(root: Path, out: str) -> dict[str, str]:
@@ -171,8 +175,48 @@ def differing_files(a: Path, b: Path, outs: list[str]) -> list[str]:
     found = []
     for out in outs:
         fa, fb = md5s(a, out), md5s(b, out)
-        found += sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k))
+        for k in sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)):
+            found.append(f"{k} ({what_differs(a / k, b / k)})")
     return found
+
+
+def what_differs(fa: Path, fb: Path, show: int = 4) -> str:
+    """One line on how two versions of a file differ: a JSON file's differing leaves
+    (key: a -> b, the first `show`), a safetensors file's tensors (largest |a - b|), or
+    'only in one' / 'bytes'."""
+    if not (fa.is_file() and fb.is_file()):
+        return "only in one"
+    if fa.suffix == ".json":
+
+        def leaves(x, pre=""):
+            if isinstance(x, dict):
+                for k, v in x.items():
+                    yield from leaves(v, f"{pre}{k}.")
+            elif isinstance(x, list):
+                for i, v in enumerate(x):
+                    yield from leaves(v, f"{pre}{i}.")
+            else:
+                yield pre.rstrip("."), x
+
+        la, lb = dict(leaves(json.loads(fa.read_text()))), dict(leaves(json.loads(fb.read_text())))
+        diff = [k for k in la.keys() | lb.keys() if la.get(k, "<absent>") != lb.get(k, "<absent>")]
+        shown = "; ".join(f"{k}: {la.get(k, '<absent>')} -> {lb.get(k, '<absent>')}"
+                          for k in sorted(diff)[:show])  # fmt: skip
+        return f"{len(diff)} of {len(la)} JSON values differ: {shown}"
+    if fa.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        ta, tb = load_file(fa), load_file(fb)
+        parts = []
+        for k in sorted(ta.keys() | tb.keys()):
+            if k not in ta or k not in tb or ta[k].shape != tb[k].shape:
+                parts.append(f"{k}: shape or presence")
+                continue
+            d = np.abs(ta[k].astype(np.float64) - tb[k].astype(np.float64))
+            if d.size and d.max() > 0:
+                parts.append(f"{k}: max |a - b| {d.max():.3g} in {int((d > 0).sum())} of {d.size}")
+        return "; ".join(parts) or "same tensors, other bytes"
+    return "bytes"
 
 
 def scratch_project(root: Path, params: dict, prefect: dict, **extra_env: str) -> dict:

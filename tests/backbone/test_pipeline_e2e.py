@@ -381,8 +381,12 @@ def test_the_dask_path_gives_the_local_paths_bytes(tiny_pipeline, tmp_path):
     first = out_md5s(tiny_pipeline["lock"])
     differ = {p: (first[p], md5) for p, md5 in again.items() if first[p] != md5}
     files = differing_files(tiny_pipeline["root"], root, list(differ)) if differ else []
+    # a retried or rescheduled task, or a resumed checkpoint, is the first thing to rule out
+    events = [ln for ln in said.splitlines()
+              if any(w in ln.lower() for w in ("retr", "resum", "reschedul", "lost", "numerics"))]  # fmt: skip
     assert not differ, (
-        f"outputs differ between the local and the Dask run: {differ}; files: {files}"
+        f"outputs differ between the local and the Dask run: {differ}; files: {files}; "
+        f"retries, resumes, lost workers in the Dask run's log: {events[-10:]}"
     )
     status = _run(["dvc", "status"], root, env).stdout
     assert "Data and pipelines are up to date" in status, status
