@@ -26,7 +26,9 @@ as θ, and θ learns faster (`JumpReLUSAE.init_for_target_l0` says why, with the
 once L0's first fast fall is over (`L0Controller.fall_over`) the trainer lets the SAE
 move itself onto the target once (`BaseSAE.retarget_l0`: JumpReLU's thresholds go to the
 target's per-latent quantile, λ stays), because after that fall its L0 answers λ by only
-~0.6 % a step (`JumpReLUSAE.retarget_l0` has the trace).
+~0.6 % a step (`JumpReLUSAE.retarget_l0` has the trace). A gated SAE does the same with
+its gate biases, in both directions, and λ moves to λ · L0 / target: a gate that closed
+while L0 overshot downwards gets no gradient to reopen (`GatedSAE.retarget_l0`).
 Where this differs from the references: dictionary_learning's JumpReLU trainer holds L0
 with the penalty λ(L0 / target − 1)² at a fixed λ, and it, SAELens' training JumpReLU
 and the paper pass the step function's gradient to θ only (θ started at 0.001 with a

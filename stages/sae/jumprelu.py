@@ -14,6 +14,7 @@ change); positivity is kept by clamping after each step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -148,7 +149,7 @@ class JumpReLUSAE(BaseSAE):
     @torch.no_grad()
     def retarget_l0(self, x: Tensor, target_l0: float, coefficient: float) -> float | None:
         """Thresholds at the target's quantile, measured once the first fast fall of L0
-        is over (the trainer calls this then); λ stays where the controller had it.
+        is over (the trainer calls this then), and λ raised by √(L0 / target).
 
         Each latent keeps its share of the batch's firings: θ_i rises to the value that
         its ⌊c_i · target / L0⌋-th largest pre-activation on `x` reaches (c_i its count
@@ -166,8 +167,11 @@ class JumpReLUSAE(BaseSAE):
         (29.4 for 32: λ cannot pull a stuck L0 back up either). λ set where the published
         loss makes the new θ stationary (λ = θ_i · E[−∂‖x − x̂‖²/∂f_i] over ε's window)
         overshot: L0 fell to 2 and ended at 5.5 for 8, 26.3 for 32 (5.0 and 27.0 with the
-        penalty then reaching θ only, as published), so λ is left alone; θ back at the
-        published `lr` after the retarget let L0 drift down to 6.2 for 8.
+        penalty then reaching θ only, as published); θ back at the published `lr` after
+        the retarget let L0 drift down to 6.2 for 8. λ left where it was: 9.44 for 8
+        (+18 %), 15.83 for 16. λ · L0 / target (L0 ∝ 1/λ, the search's prior): 7.41 and
+        14.73 (−7 %, −8 %). λ · √(L0 / target), i.e. L0 ∝ λ⁻² after the fall, which
+        those two bracket: 8.40 and 15.23 (+5 %, −5 %).
         Neither the paper, SAELens nor dictionary_learning move θ other than by its
         gradient (θ from 0.001, runs far longer than ours). Closest: Anthropic's
         January 2025 "Dictionary Learning Optimization Techniques" (as reimplemented in
@@ -186,7 +190,7 @@ class JumpReLUSAE(BaseSAE):
         ranked = pre.sort(0, descending=True).values
         at = ranked.gather(0, keep.clamp(max=pre.shape[0] - 1)[None]).squeeze(0)
         th.copy_(torch.maximum(th, at.clamp_min(1e-6)))
-        return coefficient
+        return coefficient * math.sqrt(l0 / target_l0)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:

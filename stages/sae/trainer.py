@@ -340,8 +340,8 @@ class _Run:
 
     def _maybe_retarget(self, x: torch.Tensor, sparsity_scale: float) -> None:
         """Once, when the L0's first fast fall is over: let the SAE move itself onto the
-        target (`BaseSAE.retarget_l0`; only JumpReLU does) and restart the controller
-        from where it put L0 and λ."""
+        target (`BaseSAE.retarget_l0`: JumpReLU's thresholds, gated's gate biases) and
+        restart the controller from where it put L0 and λ."""
         ctl = self.control
         if ctl is None or self.retarget is not None or not ctl.fall_over:
             return

@@ -109,8 +109,8 @@ def test_controller_says_when_the_first_fast_fall_is_over():
 
 def test_jumprelu_retarget_puts_each_latents_firings_at_the_targets_share():
     # closed form: latent i keeps floor(c_i · target / L0) firings of the batch (continuous
-    # data: no ties), θ never falls, the batch's L0 lands just under the target, and λ is
-    # returned unchanged; below the target nothing moves
+    # data: no ties), θ never falls, the batch's L0 lands just under the target, and λ
+    # comes back as λ · √(L0 / target); below the target nothing moves
     torch.manual_seed(0)
     sae = build_sae(parse_sae_config({**_cfg("jumprelu"), "d_in": D}))
     x = torch.randn(2048, D) * 2.0
@@ -120,7 +120,7 @@ def test_jumprelu_retarget_puts_each_latents_firings_at_the_targets_share():
         fires = sae.pre_acts(x) > sae.threshold
     c, l0 = fires.sum(0), float(fires.sum(-1).float().mean())
     assert l0 > 20
-    assert sae.retarget_l0(x, 6.0, 0.3) == 0.3
+    assert sae.retarget_l0(x, 6.0, 0.3) == pytest.approx(0.3 * math.sqrt(l0 / 6.0))
     with torch.no_grad():
         after = sae.pre_acts(x) > sae.threshold
     assert torch.equal(after.sum(0), (c.double() * 6.0 / l0).floor().long())
@@ -130,6 +130,41 @@ def test_jumprelu_retarget_puts_each_latents_firings_at_the_targets_share():
     assert sae.retarget_l0(x, 20.0, 0.3) is None  # L0 is already under 20
     assert torch.equal(sae.threshold, held)
 
+
+@pytest.mark.parametrize("target", [40.0, 200.0])  # 200: some latents open every row
+def test_gated_retarget_reopens_each_gate_to_the_targets_share(target):
+    # closed form: latent i keeps floor(c_i · target / L0) of the rows where its magnitude
+    # path is positive, or all of them when that is more (± the one row at its new
+    # boundary: b_gate − π is rounded, where JumpReLU compares with θ itself); gates of
+    # latents that never fired stay; λ comes back as λ · L0 / target. Above the target
+    # nothing moves.
+    torch.manual_seed(0)
+    sae = build_sae(parse_sae_config({**_cfg("gated"), "d_in": D}))
+    x = torch.randn(2048, D) * 2.0
+    with torch.no_grad():
+        sae.b_gate.normal_(0.0, 0.5)
+        sae.b_gate[:4] = -1e3  # never open
+        sae.b_mag.fill_(0.5)
+        pi_gate, pi_mag = sae._paths(x)
+        fires = (pi_gate > 0) & (pi_mag > 0)
+        before = sae.b_gate.clone()
+    c, l0 = fires.sum(0), float(fires.sum(-1).float().mean())
+    assert 3.0 < l0 < 40.0 and int(c[:4].sum()) == 0
+    assert sae.retarget_l0(x, 3.0, 0.3) is None  # above the target: λ's job
+    assert torch.equal(sae.b_gate, before)
+    assert sae.retarget_l0(x, target, 0.3) == pytest.approx(0.3 * l0 / target)
+    with torch.no_grad():
+        pi_gate, pi_mag = sae._paths(x)
+        after = (pi_gate > 0) & (pi_mag > 0)
+    n_pos = (pi_mag > 0).sum(0)
+    want = torch.minimum((c.double() * target / l0).floor().long(), n_pos)
+    got = after.sum(0)
+    assert int((got - want).abs().max()) <= 1
+    assert int((got - want).abs().sum()) <= 6  # a few boundary rows
+    assert torch.equal(sae.b_gate[:4], before[:4])
+    assert l0 < float(after.sum(-1).float().mean()) <= target
+    if target == 200.0:
+        assert bool((want == n_pos).any())  # the 'every row' branch ran
 
 D, N_FEAT = 16, 64
 
@@ -165,6 +200,8 @@ def test_trainer_reaches_the_target_l0_on_held_out_synthetic_rows(arch):
     assert cal["final_coefficient"] != r.config.coefficient()  # the controller moved λ
     if arch == "jumprelu":  # its thresholds moved once, after the first fall of L0
         assert 0 < cal["retarget"]["step"] < r.n_steps and cal["retarget"]["l0"] <= 6.0
+    if arch == "gated":  # asked once, after the first fall; L0 was still above 6 then
+        assert 0 < cal["retarget"]["step"] < r.n_steps and cal["retarget"]["l0"] is None
     assert r.name == f"{arch}-64-l0t6"
 
 
