@@ -38,6 +38,18 @@ class SAEOutput(NamedTuple):
         return self.fire_counts > 0
 
 
+def share_cutoffs(scores: Tensor, counts: Tensor, ratio: float) -> tuple[Tensor, Tensor]:
+    """Per latent (column of `scores` [rows, latents]): keep_i = ⌊counts_i · ratio⌋, and
+    the cutoff that exactly its keep_i largest scores exceed (its (keep_i + 1)-th largest,
+    the smallest score when keep_i covers every row). The retargets of an SAE onto a
+    target L0 (`retarget_l0`) move each latent's threshold there: every latent keeps its
+    share of the batch's firings, scaled by `ratio` = target / L0."""
+    keep = (counts.double() * ratio).floor().long()
+    ranked = scores.sort(0, descending=True).values
+    at = ranked.gather(0, keep.clamp(max=scores.shape[0] - 1)[None]).squeeze(0)
+    return at, keep
+
+
 class BaseSAE(nn.Module):
     """Linear encoder, architecture-specific nonlinearity, linear decoder."""
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from stages.sae.base import BaseSAE, SAEOutput
+from stages.sae.base import BaseSAE, SAEOutput, share_cutoffs
 from stages.sae.config import GatedConfig, SAEConfig
 
 
@@ -87,19 +87,16 @@ class GatedSAE(BaseSAE):
         target)² (0.45): 33.0 (+3 %).
         """
         pi_gate, pi_mag = self._paths(x)
-        counted = torch.where(pi_mag > 0, pi_gate, torch.full_like(pi_gate, -torch.inf))
-        fires = counted > 0
-        c = fires.sum(0)
+        can = pi_mag > 0  # rows where an open gate counts at all
+        counted = torch.where(can, pi_gate, torch.full_like(pi_gate, -torch.inf))
+        c = (counted > 0).sum(0)
         l0 = float(c.sum()) / x.shape[0]
         if not 0 < l0 < target_l0:  # above the target, λ closes gates well enough
             return None
-        n_pos = (pi_mag > 0).sum(0)  # rows that can count at all
-        keep = (c.double() * (target_l0 / l0)).floor().long()
-        ranked = counted.sort(0, descending=True).values
-        at = ranked.gather(0, keep.clamp(max=x.shape[0] - 1)[None]).squeeze(0)
+        at, keep = share_cutoffs(counted, c, target_l0 / l0)
         # asked for every row that can count: open just below the lowest of them
-        low = ranked.gather(0, (n_pos - 1).clamp(min=0)[None]).squeeze(0)
-        at = torch.where(keep >= n_pos, low - 1e-4 * (1 + low.abs()), at)
+        low = torch.where(can, pi_gate, torch.full_like(pi_gate, torch.inf)).amin(0)
+        at = torch.where(keep >= can.sum(0), low - 1e-4 * (1 + low.abs()), at)
         move = (c > 0) & torch.isfinite(at)
         self.b_gate.sub_(torch.where(move, at, torch.zeros_like(at)))
         return coefficient * l0 / target_l0

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.sae.base import BaseSAE, SAEOutput
+from stages.sae.base import BaseSAE, SAEOutput, share_cutoffs
 from stages.sae.config import JumpReLUConfig, SAEConfig
 
 
@@ -186,9 +186,7 @@ class JumpReLUSAE(BaseSAE):
         l0 = float(fires.sum(-1).float().mean())
         if not l0 > target_l0:
             return None
-        keep = (fires.sum(0).double() * (target_l0 / l0)).floor().long()
-        ranked = pre.sort(0, descending=True).values
-        at = ranked.gather(0, keep.clamp(max=pre.shape[0] - 1)[None]).squeeze(0)
+        at, _ = share_cutoffs(pre, fires.sum(0), target_l0 / l0)
         th.copy_(torch.maximum(th, at.clamp_min(1e-6)))
         return coefficient * math.sqrt(l0 / target_l0)
 

@@ -618,7 +618,7 @@ def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
                 "start_coefficient": run.cfg.coefficient(),
                 "final_coefficient": run.cfg.coefficient() * ctl.multiplier,
             },
-            # once the first fall of L0 was over: where the SAE moved itself (JumpReLU)
+            # once the first fall of L0 was over: where the SAE moved itself (JumpReLU, gated)
             "retarget": run.retarget,
             "final_coefficient": run.cfg.coefficient() * (ctl.multiplier if ctl else 1.0),
             "train_l0": train_l0,
