@@ -54,6 +54,12 @@ class AlignConfig:
     null_quantile: float = 0.99  # matched scores beat this quantile of the null's
     top_k: int = 20  # top-activating tokens per latent, for the Jaccard check
     n_permutations: int = 100  # permutation p-values of the similarity measures
+    # The Holm family's tests are sequential (Besag & Clifford 1991): each stops once
+    # `stop_after` permutations reach its statistic, or at a cap set so that a family of
+    # strong effects reaches a Holm-adjusted p ≤ `family_alpha` (pvalues.holm_caps; at
+    # least n_permutations). None: every test draws n_permutations (floor 1/101 each).
+    family_alpha: float | None = 0.01
+    stop_after: int = 10
     n_samples: int = 2048  # subsample for mutual kNN, RSA, unbiased CKA, SVCCA, p-values
     knn_k: int = 10
     self_check_tokens: int = 16_384  # tokens for the SAE-with-itself sanity check
@@ -71,7 +77,7 @@ class AlignConfig:
     def __post_init__(self) -> None:
         ints = {"max_tokens": 2, "chunk_rows": 1, "n_null": 1, "top_k": 1, "n_permutations": 0,
                 "n_samples": self.knn_k + 2, "knn_k": 1, "self_check_tokens": 2,
-                "n_parts": 1, "seed": 0}  # fmt: skip
+                "n_parts": 1, "seed": 0, "stop_after": 1}  # fmt: skip
         for name, low in ints.items():
             if (v := getattr(self, name)) < low:
                 raise KeyProblem((name,), v, f"expected an integer ≥ {low}",
@@ -79,6 +85,9 @@ class AlignConfig:
         if not 0.0 < (q := self.null_quantile) < 1.0:
             raise KeyProblem(("null_quantile",), q, "expected in (0, 1)",
                              text=f"align: null_quantile = {q}, expected in (0, 1)")  # fmt: skip
+        if (a := self.family_alpha) is not None and not 0.0 < a < 1.0:
+            raise KeyProblem(("family_alpha",), a, "expected in (0, 1) or null",
+                             text=f"align: family_alpha = {a}, expected in (0, 1) or null")  # fmt: skip
         if self.split not in ("heldout", "train", "all"):
             raise KeyProblem(("split",), self.split, "expected heldout, train or all",
                              text=f"align: split = {self.split!r}, expected heldout, train or all")  # fmt: skip

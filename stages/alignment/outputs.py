@@ -41,7 +41,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
-from stages.alignment.pvalues import HOLM
+from stages.alignment.pvalues import HOLM, SEQUENTIAL
 from stages.alignment.similarity import PermutationTest, metric_title
 from stages.alignment.stream import HOLM_FAMILY, AlignmentResult, SAEPairResult
 from stages.io import atomic_dir, write_json
@@ -102,6 +102,8 @@ def similarity_record(result: AlignmentResult) -> dict[str, Any]:
                     "p_holm": scores.get(f"{m}_p_holm/{name}"),
                     "p_normal_holm": scores.get(f"{m}_p_normal_holm/{name}"),
                     "n_permutations": t.n_permutations,
+                    "max_permutations": t.max_permutations,  # sequential: its cap
+                    "stop_after": t.stop_after,  # sequential: exceedances that stop it
                     "n_samples": t.n_samples,
                 }
                 for m, t in tests.items()
@@ -112,6 +114,10 @@ def similarity_record(result: AlignmentResult) -> dict[str, Any]:
             "method": HOLM,
             "family": HOLM_FAMILY,
             "family_size": scores.get("holm_family_size"),
+            # the largest Holm-adjusted p of a family whose tests all sit at their floors
+            "holm_floor": scores.get("holm_floor"),
+            "family_alpha": (alpha := result.config.family_alpha if result.config else None),
+            "sequential": SEQUENTIAL if alpha is not None else None,
         },  # fmt: skip
         # the untrained-model controls (controls.py); empty when not run (a pretrained
         # model, or control_metrics = []); not in the Holm family

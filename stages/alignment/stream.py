@@ -67,7 +67,7 @@ from stages.alignment.matching import (
     top_token_jaccard,
 )
 from stages.alignment.moments import CentredMoments
-from stages.alignment.pvalues import holm_dict, p_floor
+from stages.alignment.pvalues import holm_caps, holm_dict, p_floor
 from stages.alignment.similarity import (
     GRID_METRICS,
     PAIR_METRICS,
@@ -111,9 +111,14 @@ class SAEPairResult:
 
     @property
     def key(self) -> str:
-        hooks = self.hook_a if self.hook_a == self.hook_b else f"{self.hook_a}~{self.hook_b}"
-        names = self.name_a if self.name_a == self.name_b else f"{self.name_a}~{self.name_b}"
-        return f"{hooks}/{names}"
+        return sae_pair_key(self.hook_a, self.hook_b, self.name_a, self.name_b)
+
+
+def sae_pair_key(hook_a: str, hook_b: str, name_a: str, name_b: str) -> str:
+    """`<hook>/<name>` of an SAE pair (`a~b` where the two sides differ)."""
+    hooks = hook_a if hook_a == hook_b else f"{hook_a}~{hook_b}"
+    names = name_a if name_a == name_b else f"{name_a}~{name_b}"
+    return f"{hooks}/{names}"
 
 
 # The family of tests the align stage corrects for multiple comparisons (Holm), per model
@@ -123,6 +128,44 @@ HOLM_FAMILY = (
     "(linear CKA, mutual kNN, unbiased CKA, SVCCA, RSA) of each compared hook pair, and the "
     "subspace CKA of each SAE pair (all matched latents, and those above the threshold)"
 )
+# The family's order for the permutation caps (`pvalues.holm_caps`: the first tests get
+# the largest): cheapest per permutation first. Measured at n_samples 2048 on this
+# machine (ms per permutation, benchmarks/alignment_pvalues.py): mutual kNN 0.3, unbiased
+# CKA 0.5, SVCCA 0.6 and linear CKA 0.6 (feature space), subspace CKA and RSA (n² Gram
+# gathers) several.
+CAP_ORDER = ("mutual_knn", "unbiased_cka", "svcca", "linear_cka", "subspace_cka", "rsa")
+
+
+def family_caps(hook_pairs: Sequence[tuple[str, str]], sae_pairs: Sequence[tuple[str, str, str]],
+                cfg: AlignConfig) -> dict[str, int]:  # fmt: skip
+    """Each Holm-family test's raw p key (as in `AlignmentResult.scores`) -> its permutation
+    cap, planned before any data is seen (`pvalues.holm_caps` over the family in
+    CAP_ORDER); {} when `cfg.family_alpha` is None (every test draws n_permutations)."""
+    if cfg.family_alpha is None:
+        return {}
+    missing = set(GRID_METRICS + PAIR_METRICS) - set(CAP_ORDER)
+    if missing:
+        raise ValueError(f"CAP_ORDER lacks {sorted(missing)}: every measure needs a place")
+    names = [ha if ha == hb else f"{ha}~{hb}" for ha, hb in hook_pairs]
+    keys: list[str] = []
+    for metric in CAP_ORDER:
+        if metric == "subspace_cka":
+            keys += [f"{sae_pair_key(ha, hb, n, n)}/subspace_cka{tag}_p"
+                     for ha, hb, n in sae_pairs for tag in ("", "_above_threshold")]  # fmt: skip
+        else:
+            keys += [f"{metric}_p/{name}" for name in names]
+    caps = holm_caps(len(keys), cfg.family_alpha, at_least=cfg.n_permutations)
+    return dict(zip(keys, caps, strict=True))
+
+
+def _family_test(x, y, metric: str, key: str, caps: Mapping[str, int], cfg: AlignConfig,
+                 **kw) -> PermutationTest:  # fmt: skip
+    """A Holm-family test: sequential up to its cap when `caps` has it, else fixed."""
+    cap = caps.get(key)
+    return permutation_test(
+        x, y, metric, n_permutations=cfg.n_permutations if cap is None else cap,
+        seed=cfg.seed, stop_after=None if cap is None else cfg.stop_after, **kw,
+    )  # fmt: skip
 
 
 @dataclass
@@ -160,6 +203,7 @@ class AlignmentResult:
             for metric, test in tests.items():
                 out[f"{metric}/{name}"] = test.statistic
                 out[f"{metric}_p/{name}"] = test.p_value
+                out[f"{metric}_p_floor/{name}"] = test.p_floor
                 out[f"{metric}_z/{name}"] = test.z
                 out[f"{metric}_p_normal/{name}"] = test.p_normal
                 exact[f"{metric}_p/{name}"] = f"{metric}_p_holm/{name}"
@@ -174,6 +218,12 @@ class AlignmentResult:
             out.update({family[k]: v for k, v in adjusted.items()})
         n_perm = self.config.n_permutations if self.config else None
         out["p_floor"] = p_floor(n_perm) if n_perm is not None else float("nan")
+        # the Holm family's own floor: the smallest adjusted p its caps allow
+        floors = [out[k + "_floor" if k.endswith("_p") else k.replace("_p/", "_p_floor/")]
+                  for k in exact if out.get(k) == out.get(k) and k in out]  # fmt: skip
+        if floors:
+            m = len(floors)
+            out["holm_floor"] = float(max((m - j) * f for j, f in enumerate(sorted(floors))))
         out["holm_family_size"] = float(sum(out[k] == out[k] for k in exact if k in out))
         # the controls stay out of the Holm family: they are references, not findings
         out.update(control_scores(self.controls))
@@ -346,6 +396,7 @@ def _finish_pair(
     best_a: Mapping[str, int] | None,
     best_b: Mapping[str, int] | None,
     vocabulary: tuple[Sequence[str], Sequence[str]] | bool,
+    caps: Mapping[str, int],
 ) -> SAEPairResult:
     corr = st.corr.correlation()
     hung, max_ab, max_ba = hungarian_matches(corr), max_matches(corr), _max_ba(corr)
@@ -428,7 +479,7 @@ def _finish_pair(
         if hung.n_a <= hung.n_b
         else float("nan"),
     }
-    scores.update(_subspace_scores(st, hung, above, sample, cfg))
+    scores.update(_subspace_scores(st, hung, above, sample, cfg, caps))
     self_check = _self_check(st.self_corr)
     scores.update(self_check)
 
@@ -453,23 +504,22 @@ def _finish_pair(
     )  # fmt: skip
 
 
-def _subspace_scores(st, hung, above, sample, cfg) -> dict[str, float]:
+def _subspace_scores(st, hung, above, sample, cfg, caps) -> dict[str, float]:
     """Linear CKA of the matched latents (all Hungarian pairs, and those above the
-    threshold) on the row subsample, with a permutation p-value."""
+    threshold) on the row subsample, with a permutation p-value (sequential up to its cap
+    in `caps`, the Holm family's plan)."""
     za, zb = sample[_latent_key("a", st)], sample[_latent_key("b", st)]
     out: dict[str, float] = {}
     for tag, keep in (("", np.ones_like(above)), ("_above_threshold", above)):
         a_idx, b_idx = hung.a_index[keep], hung.b_index[keep]
         x, y = za[:, a_idx], zb[:, b_idx]
         ok = a_idx.size > 0 and x.std(0).max(initial=0) > 0 and y.std(0).max(initial=0) > 0
-        test = (
-            permutation_test(x, y, "linear_cka", n_permutations=cfg.n_permutations, seed=cfg.seed)
-            if ok
-            else None
-        )
+        key = f"{sae_pair_key(st.hook_a, st.hook_b, st.name_a, st.name_b)}/subspace_cka{tag}_p"
+        test = _family_test(x, y, "linear_cka", key, caps, cfg) if ok else None
         nan = float("nan")
         out[f"subspace_cka{tag}"] = test.statistic if test else nan
         out[f"subspace_cka{tag}_p"] = test.p_value if test else nan
+        out[f"subspace_cka{tag}_p_floor"] = test.p_floor if test else nan
         out[f"subspace_cka{tag}_z"] = test.z if test else nan
         out[f"subspace_cka{tag}_p_normal"] = test.p_normal if test else nan
     return out
@@ -741,6 +791,7 @@ def align_pair(
         check_control_metrics(cfg.control_metrics)  # before the pass, not after it
     grid_a, grid_b = list(store_a.hooks), list(store_b.hooks)
     sae_pairs = _sae_pairs(hook_pairs, saes_a, saes_b, cfg.sae_names)
+    caps = family_caps(hook_pairs, sae_pairs, cfg)  # planned before any data is seen
     concepts = _concept_names(store_a, store_b)
     # (hook_a, hook_b, name_a, name_b, sae_a, sae_b): each part builds its accumulators
     specs = [(ha, hb, n, n, saes_a[ha][n], saes_b[hb][n]) for ha, hb, n in sae_pairs]
@@ -774,7 +825,8 @@ def align_pair(
         t1 = time.perf_counter()
         sample = sampler.result()
         with shared_per_representation():  # each hook's Gram matrix etc. once, not per pair
-            grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg)
+            grid, by_pair = _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs,
+                                        cfg, caps)  # fmt: skip
         timings["similarity"] = time.perf_counter() - t1
         controls = {}
         if untrained is not None and cfg.control_metrics:
@@ -791,7 +843,7 @@ def align_pair(
             best_a = (best_latents_a or {}).get(st.hook_a, {}).get(st.name_a)
             best_b = (best_latents_b or {}).get(st.hook_b, {}).get(st.name_b)
             pairs.append(_finish_pair(st, cfg, rotation, sample, concepts, best_a, best_b,
-                                      vocabulary))  # fmt: skip
+                                      vocabulary, caps))  # fmt: skip
         splitting = _splitting("a", saes_a) | _splitting("b", saes_b)
         timings["matching"] = time.perf_counter() - t1
     timings["total"] = time.perf_counter() - t0
@@ -835,9 +887,10 @@ def _single_threaded_blas() -> contextlib.AbstractContextManager:
     return threadpool_limits(1, user_api="blas")
 
 
-def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
-    """Layer grids (exact linear CKA; mutual kNN and every p-value on the subsample) and
-    the extra measures for the compared hook pairs."""
+def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg, caps):
+    """Layer grids (exact linear CKA; mutual kNN and every p-value on the subsample; grid
+    p-values descriptive, n_permutations each) and every measure of the compared hook
+    pairs, the Holm family's tests (sequential up to their `caps`)."""
     grid: dict[str, LayerSimilarity] = {}
     cells: dict[tuple[str, str, str], PermutationTest] = {}  # (metric, ha, hb) -> test
     n_sample = next(iter(sample.values())).shape[0]
@@ -867,11 +920,16 @@ def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg):
     by_pair: dict[str, dict[str, PermutationTest]] = {}
     for ha, hb in hook_pairs:
         name = ha if ha == hb else f"{ha}~{hb}"
-        tests = {m: cells[(m, ha, hb)] for m in GRID_METRICS}
-        for m in PAIR_METRICS:
-            tests[m] = permutation_test(
-                sample[ka[ha]], sample[kb[hb]], m, n_permutations=cfg.n_permutations,
-                seed=cfg.seed, k=cfg.knn_k,
-            )  # fmt: skip
+        tests = {}
+        for m in GRID_METRICS + PAIR_METRICS:
+            key = f"{m}_p/{name}"
+            if m in GRID_METRICS and key not in caps:
+                tests[m] = cells[(m, ha, hb)]  # the grid's own test: n_permutations
+                continue
+            test = _family_test(sample[ka[ha]], sample[kb[hb]], m, key, caps, cfg, k=cfg.knn_k)
+            if m == "linear_cka":  # exact over every token, as in the grid
+                test = dataclasses.replace(test, statistic=cells[(m, ha, hb)].statistic,
+                                           n_samples=moments.n)  # fmt: skip
+            tests[m] = test
         by_pair[name] = tests
     return grid, by_pair

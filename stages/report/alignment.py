@@ -198,6 +198,8 @@ def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
         for metric, t in tests.items():
             rows.append([f"<code>{e(name)}</code>", e(metric_title(metric, config)),
                          fmt(t.get("value")), fmt(t.get("z"), 2), fmt_p(t.get("p_value")),
+                         _draws(t.get("n_permutations"), t.get("max_permutations"),
+                                t.get("p_floor")),
                          fmt_p(t.get("p_holm")), fmt_p(t.get("p_normal")),
                          fmt_p(t.get("p_normal_holm"))])  # fmt: skip
     for key in pair.meta.get("sae_pairs", []):
@@ -208,6 +210,7 @@ def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
                 continue
             rows.append([f"<code>{e(key)}</code>", label, fmt(scores.get(k)),
                          fmt(scores.get(f"{k}_z"), 2), fmt_p(scores.get(f"{k}_p")),
+                         _draws(None, None, scores.get(f"{k}_p_floor")),
                          fmt_p(scores.get(f"{k}_p_holm")), fmt_p(scores.get(f"{k}_p_normal")),
                          fmt_p(scores.get(f"{k}_p_normal_holm"))])  # fmt: skip
     if not rows:
@@ -216,10 +219,22 @@ def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
     size = corr.get("family_size")
     n_tests = int(size) if isinstance(size, int | float) else len(rows)
     n_perm = config.get("n_permutations")
+    alpha, h = config.get("family_alpha"), config.get("stop_after")
+    how = (
+        f"p: permutation p-value over shuffled pairings of the tokens, drawn sequentially "
+        f"(Besag &amp; Clifford 1991): a test stops once {e(h)} shuffles reach its statistic "
+        f"(p = {e(h)} / draws) or at its cap (p = (1 + #null ≥ observed) / (1 + cap)); the "
+        f"caps were planned before the data, largest for the measures cheapest per shuffle, "
+        f"so that a family of strong effects still reads a Holm-adjusted p ≤ {fmt(alpha)} "
+        f"(the family's floor here: {fmt_p(scores.get('holm_floor'))}). Draws: made / cap, "
+        "and the test's floor 1 / (1 + cap)"
+        if alpha is not None
+        else f"p: permutation p-value over {e(n_perm)} shuffled pairings of the tokens, "
+        f"(1 + #null ≥ observed) / (1 + n), floor {fmt_p(scores.get('p_floor'))}"
+    )
     head = (
         f"<h4>Similarity tests ({e(pair.model_a)} vs {e(pair.model_b)})</h4>"
-        f"<p class='muted'>p: permutation p-value over {e(n_perm)} shuffled pairings of the "
-        f"tokens, (1 + #null ≥ observed) / (1 + n), floor {fmt_p(scores.get('p_floor'))}; z: "
+        f"<p class='muted'>{how}; z: "
         "the statistic against the permutation null's mean and sd; p (normal): 1 − Φ(z), "
         "the normal approximation of the permutation null, which resolves below the floor "
         "(but trusts the null's normal shape). Multiple comparisons: "
@@ -227,8 +242,17 @@ def _tests_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
         f" ({n_tests} tests); Holm columns are the adjusted "
         "p-values.</p>"
     )
-    return head + table(["hook pair / SAE pair", "measure", "value", "z", "p",
+    return head + table(["hook pair / SAE pair", "measure", "value", "z", "p", "draws (floor)",
                          "p (Holm)", "p (normal)", "p (normal, Holm)"], rows, left=2)  # fmt: skip
+
+
+def _draws(made: Any, cap: Any, floor: Any) -> str:
+    """The draws cell: "made / cap (floor)" of a sequential test, "made (floor)" of a
+    fixed one, or the floor alone (the subspace tests' scores carry only that)."""
+    if made is None:
+        return f"floor {fmt_p(floor)}"
+    drawn = f"{int(made)} / {int(cap)}" if cap is not None else f"{int(made)}"
+    return f"{drawn} ({fmt_p(floor)})"
 
 
 def _controls_table(pair: AlignedPair, scores: dict[str, Any]) -> str:

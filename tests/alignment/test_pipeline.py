@@ -25,7 +25,7 @@ D, M, K, N = 16, 32, 4, 3000
 HOOK = "blocks.0.hook_resid_post"
 OTHER = "blocks.1.hook_resid_post"
 CFG = AlignConfig(max_tokens=N, top_up=True, chunk_rows=512, n_permutations=20, n_samples=256,
-                  top_k=8, self_check_tokens=1024)  # fmt: skip
+                  top_k=8, self_check_tokens=1024, family_alpha=None)  # fmt: skip
 
 
 def _orthogonal(rng: np.random.Generator, d: int) -> np.ndarray:
@@ -118,6 +118,31 @@ def test_permuted_rotated_copy_is_matched_back(setup):
     assert grid.values.shape == (2, 2) and grid.values[0, 1] < 0.99
     # The narrow and the wide SAE of A on one hook: feature splitting is reported.
     assert "a/blocks.0.hook_resid_post/topk>wide" in result.splitting
+
+
+def test_sequential_family_resolves_after_holm(setup):
+    """family_alpha = 0.05: each of the 12 tests draws until 10 permutations reach it or
+    its planned cap (⌈(12 − j + 1)/0.05⌉ − 1, at least 20); every effect here is strong,
+    so each sits at its own floor and every Holm-adjusted p is 12/240 = 0.05, where the
+    fixed 20 permutations give 12/21 = 0.57."""
+    store_a, store_b, saes_a, saes_b, _, _ = setup
+    cfg = AlignConfig(**{**CFG.__dict__, "family_alpha": 0.05})
+    result = align_pair(store_a, store_b, saes_a, saes_b, cfg, progress=False)
+    sc = result.scores
+    assert sc["holm_family_size"] == 12
+    # CAP_ORDER: mutual kNN (2 hooks), unbiased CKA, SVCCA, linear CKA, subspace (2), RSA
+    caps = {f"mutual_knn_p/{HOOK}": 239, f"mutual_knn_p/{OTHER}": 219,
+            f"linear_cka_p/{HOOK}": 119, f"rsa_p/{OTHER}": 20}  # fmt: skip
+    for key, cap in caps.items():
+        metric, name = key.split("_p/")
+        test = result.hook_pairs[name][metric]
+        assert test.n_permutations == test.max_permutations == cap and test.stop_after == 10
+        assert sc[key] == pytest.approx(1 / (cap + 1)) == sc[f"{metric}_p_floor/{name}"]
+    holm_keys = [k for k in sc if k.endswith("_p_holm") or "_p_holm/" in k]
+    assert len(holm_keys) == 12 and all(sc[k] <= 0.05 + 1e-12 for k in holm_keys)
+    assert sc["holm_floor"] == pytest.approx(0.05)
+    # the grid stays descriptive: 20 permutations a cell
+    assert result.grid["linear_cka"].n_permutations == 20
 
 
 def test_scores_are_plain_floats(setup):

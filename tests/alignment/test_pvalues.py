@@ -12,9 +12,11 @@ from stages.alignment.pvalues import (
     MIN_NORMAL_DRAWS,
     empirical_p,
     holm,
+    holm_caps,
     holm_dict,
     normal_tail,
     p_floor,
+    sequential_p,
 )
 from stages.alignment.similarity import _run_permutations
 
@@ -93,3 +95,64 @@ def test_a_strong_effect_resolves_below_the_floor():
     assert related.p_value == pytest.approx(related.p_floor) == pytest.approx(1 / 51)
     assert related.z > 10 and related.p_normal < 1e-20  # far beyond the floor
     assert unrelated.p_value > 0.05 and unrelated.p_normal > 0.01
+
+
+def test_sequential_p_closed_forms():
+    # stopped at h = 10 exceedances after 40 draws: h / L (Besag & Clifford 1991)
+    assert sequential_p(10, 40, 10) == pytest.approx(0.25)
+    # the cap came first: 3 exceedances in 999 draws -> (3 + 1) / (999 + 1)
+    assert sequential_p(3, 999, 10) == pytest.approx(0.004)
+    assert sequential_p(0, 999, 10) == pytest.approx(p_floor(999))
+    with pytest.raises(ValueError, match="stop_after = 0"):
+        sequential_p(0, 5, 0)
+    with pytest.raises(ValueError, match="exceedances = 6, draws = 5"):
+        sequential_p(6, 5, 1)
+
+
+def test_sequential_p_is_valid_under_the_null():
+    """P(p ≤ α) ≤ α when the statistic is one more draw of the null: 20,000 replicate
+    tests with h = 5 and a cap of 200, each a uniform observed value against uniform
+    null draws (the rank of the observed among the draws is all that matters)."""
+    rng = np.random.default_rng(0)
+    h, cap, reps = 5, 200, 20_000
+    observed = rng.uniform(size=reps)
+    draws = rng.uniform(size=(reps, cap)) >= observed[:, None]  # exceedances, in order
+    counts = np.cumsum(draws, axis=1)
+    stopped = counts[:, -1] >= h
+    at = np.where(stopped, np.argmax(counts >= h, axis=1) + 1, cap)
+    p = np.array([sequential_p(int(min(c[-1], h)) if s else int(c[-1]), int(n), h)
+                  for c, s, n in zip(counts, stopped, at, strict=True)])  # fmt: skip
+    se = lambda a: math.sqrt(a * (1 - a) / reps)  # noqa: E731
+    for alpha in (0.01, 0.05, 0.2, 0.5):
+        assert np.mean(p <= alpha) <= alpha + 3 * se(alpha)
+    # and not wastefully conservative: a weak effect stops after about h / p draws
+    assert np.median(at) < 20
+
+
+def test_holm_caps_resolve_a_family_of_strong_effects():
+    caps = holm_caps(28, 0.01, at_least=100)
+    assert caps[:3] == [2799, 2699, 2599] and caps[-1] == 100 and caps[-2] == 199
+    # every test at its floor 1/(cap + 1): every Holm-adjusted p <= 0.01
+    adjusted = holm([p_floor(c) for c in caps])
+    assert adjusted.max() == pytest.approx(0.01)
+    # the fixed 100 permutations: 28/101 for all
+    assert holm([p_floor(100)] * 28).max() == pytest.approx(28 / 101)
+    assert holm_caps(4, 0.05) == [79, 59, 39, 19]
+    with pytest.raises(ValueError, match="alpha = 1"):
+        holm_caps(3, 1.0)
+
+
+def test_a_sequential_test_stops_early_on_a_weak_effect_and_shares_the_fixed_draws():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((200, 4))
+    y = rng.standard_normal((200, 4))  # unrelated: p is large, h exceedances come fast
+    fixed = permutation_test(x, y, "linear_cka", n_permutations=50, seed=3)
+    seq = permutation_test(x, y, "linear_cka", n_permutations=5000, seed=3, stop_after=10)
+    assert seq.max_permutations == 5000 and seq.n_permutations < 60
+    np.testing.assert_array_equal(seq.null, fixed.null[: seq.n_permutations])
+    assert seq.p_value == pytest.approx(10 / seq.n_permutations)
+    assert seq.p_floor == pytest.approx(1 / 5001)
+    # a strong effect runs to its cap and sits at that floor
+    strong = permutation_test(x, x @ rng.standard_normal((4, 4)), "linear_cka",
+                              n_permutations=300, seed=3, stop_after=10)  # fmt: skip
+    assert strong.n_permutations == 300 and strong.p_value == pytest.approx(1 / 301)

@@ -256,9 +256,27 @@ def test_permuted_statistic_equals_recomputation_on_permuted_rows(metric):
     x = rng.standard_normal((80, 6))
     y = x[:, :3] @ rng.standard_normal((3, 4)) + rng.standard_normal((80, 4))
     statistic = SIMILARITY[metric].prepare(x, y)
+    # RSA's null draws gather its rank matrix in float32 (`_permuted_vdot`): a float32 dot
+    # over n² terms; every other measure here works in float64 feature space
+    tol = 1e-7 if metric == "rsa" else 1e-12
     for _ in range(3):
         p = rng.permutation(80)
-        assert statistic(p) == pytest.approx(SIMILARITY[metric].prepare(x, y[p])(None), abs=1e-12)
+        assert statistic(p) == pytest.approx(SIMILARITY[metric].prepare(x, y[p])(None), abs=tol)
+
+
+@pytest.mark.parametrize("metric", ["linear_cka", "unbiased_cka"])
+def test_gram_form_null_draws_equal_recomputation_to_float32_accuracy(metric):
+    """Wide representations (d_x·d_y > 128 n, e.g. SAE latents) score permutations through
+    the n² Gram gather in float32: equal to rescoring y[p] in float64 within 1e-6."""
+    rng = np.random.default_rng(8)
+    x = np.maximum(rng.standard_normal((64, 120)), 0)
+    y = x[:, :90] @ np.abs(rng.standard_normal((90, 100))) + rng.standard_normal((64, 100))
+    statistic = SIMILARITY[metric].prepare(x, y)
+    for _ in range(3):
+        p = rng.permutation(64)
+        exact = SIMILARITY[metric].prepare(x, y[p])(None)
+        assert statistic(p) == pytest.approx(exact, abs=1e-6)
+        assert statistic(p) != exact  # the float32 path did run (else this proves nothing)
 
 
 @pytest.mark.parametrize("metric", METRICS)

@@ -166,6 +166,7 @@ def test_gated_retarget_reopens_each_gate_to_the_targets_share(target):
     if target == 200.0:
         assert bool((want == n_pos).any())  # the 'every row' branch ran
 
+
 D, N_FEAT = 16, 64
 
 
