@@ -41,6 +41,11 @@ def align(store_a, store_b, saes_a, saes_b, cfg, best_a, best_b, dev, strings, u
                       untrained=untrained)  # fmt: skip
 
 
+def trained(model) -> bool:
+    """False for an untrained control model (a toy model with train.tokens 0)."""
+    return not (model.source == "toy" and model.train.tokens == 0)
+
+
 def untrained_models(params, lay, a: str, b: str):
     """The dense measures' control: both models' architectures and seeds before training
     (`build_toy_model`, as the probes' control in flows/activations.py builds them), with
@@ -122,6 +127,7 @@ def align_flow(pair_name: str) -> dict:
         else:
             result = align(quote(store_a), quote(store_b), quote(saes_a), quote(saes_b), cfg,
                            best_a, best_b, dev, quote(strings), quote(untrained))  # fmt: skip
+        result.trained = {m: trained(params.models[m]) for m in (a, b)}
         out = lay.alignment(pair_name)
         write_alignment(result, out)
         metrics = {k: round(float(v), 6) for k, v in result.scores.items()

@@ -119,7 +119,8 @@ def lm_flow(name: str) -> dict:
                 "heldout_loss": round(res.heldout_loss, 6),
                 "unigram_entropy": round(res.unigram_entropy, 6),
                 "loss_ratio_to_unigram": round(res.heldout_loss / res.unigram_entropy, 6),
-                "final_train_loss": round(res.final_train_loss, 6),
+                # None for an untrained model (train.tokens 0: no step, no loss)
+                "final_train_loss": round(res.final_train_loss, 6) if res.steps else None,
                 "steps": res.steps,
                 "tokens_seen": res.tokens_seen,
                 "n_params": sum(p.numel() for p in model.parameters()),

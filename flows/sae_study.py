@@ -3,6 +3,9 @@ study").
 
     python -m flows.sae_study              # queue one experiment per seed and run the queue
     python -m flows.sae_study --dry-run    # print the dvc commands instead
+    python -m flows.sae_study --seeds 0 --workspace   # one seed, here (dvc exp run, no queue)
+    python -m flows.sae_study --summary data/saes/toy-a/blocks.3.hook_resid_post
+                                           # its analysis: matched-L0 table (JSON) + figures
     python -m flows.sae_study --widths 256 512 1024 2048 4096   # the widths study instead
     python -m flows.sae_study --families data/saes/toy-a/blocks.3.hook_resid_post
                                            # its analysis: family table (JSON) + figures
@@ -48,6 +51,7 @@ HOOK = "blocks.3.hook_resid_post"
 # the default sweep's training settings (params.yaml), so study and default compare
 WIDTHS = (256, 512, 1024, 2048, 4096)  # the widths study (--widths): TopK at k = WIDTH_K
 WIDTH_K = 16
+FAMILIES_OUT = "studies/families"
 BASE = {"expansion_factor": 16, "n_training_tokens": 1_000_000, "batch_size": 4096,
         "lr": 0.001}  # fmt: skip
 
@@ -78,10 +82,11 @@ def commands(
     hook: str = HOOK,
     jobs: int = 1,
     widths: list[int] | None = None,
+    queue: bool = True,
 ) -> list[list[str]]:
     """The dvc commands that queue and run the study (the widths study when `widths` is
     given); `sweeps`: model -> its default sweep groups (params.yaml's `saes.sweep`, as
-    plain data)."""
+    plain data). `queue=False`: one `dvc exp run` per seed in this workspace instead."""
     cmds = []
     models = list(sweeps)
     for seed in seeds:
@@ -91,8 +96,10 @@ def commands(
                 for a in ("-S", f"saes.sweep.{m}={hydra_value([*sweeps[m], study])}")]  # fmt: skip
         stages = [f"saes@{m}" for m in models]
         name = f"sae-widths-s{seed}" if widths else f"sae-study-s{seed}"
-        cmds.append(["dvc", "exp", "run", "--queue", "-n", name, *sets, *stages])
-    cmds.append(["dvc", "queue", "start", "-j", str(jobs)])
+        cmds.append(["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", name, *sets,
+                     *stages])  # fmt: skip
+    if queue:
+        cmds.append(["dvc", "queue", "start", "-j", str(jobs)])
     return cmds
 
 
@@ -132,6 +139,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hook", default=HOOK)
     ap.add_argument("--jobs", type=int, default=1, help="experiments run at once")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--workspace", action="store_true",
+                    help="dvc exp run in this workspace, one seed after another, not queued")  # fmt: skip
+    ap.add_argument("--models", nargs="+", metavar="MODEL",
+                    help="only these models' SAE stages (default: every model)")  # fmt: skip
+    ap.add_argument("--summary", metavar="SAES_DIR",
+                    help="the matched-L0 table and figures of the study's SAEs in "
+                         "data/saes/<model>/<hook>/ instead")  # fmt: skip
     ap.add_argument("--widths", type=int, nargs="+",
                     help=f"queue the widths study instead (TopK k {WIDTH_K}), e.g. "
                          f"{' '.join(map(str, WIDTHS))}")  # fmt: skip
@@ -143,19 +157,27 @@ def main(argv: list[str] | None = None) -> int:
                                     "(default data/activations/<model>)")  # fmt: skip
     ap.add_argument(
         "--out",
-        default="studies/families",
-        help="where --families writes <model>/<hook>/families.json and figures",
+        default=FAMILIES_OUT,
+        help="where --families (default studies/families) or --summary (default studies/sae) "
+        "writes <model>/<hook>/ and its JSON and figures",
     )
     args = ap.parse_args(argv)
     if args.families:
         return families(args.families, args.store, args.out)
+    if args.summary:
+        return summary(args.summary, "studies/sae" if args.out == FAMILIES_OUT else args.out)
     p = load_params()
-    sweeps = {m: [g.model_dump(mode="json") for g in p.saes.groups(m)] for m in p.models}
+    models = args.models or list(p.models)
+    unknown = sorted(set(models) - set(p.models))
+    if unknown:
+        raise SystemExit(f"--models: {unknown} not in params.yaml models {sorted(p.models)}")
+    sweeps = {m: [g.model_dump(mode="json") for g in p.saes.groups(m)] for m in models}
     if args.headline_seeds:
         widths = {m: p.hook_width(m, args.hook) for m in p.models}
         cmds = seed_commands(sweeps, args.headline_seeds, args.hook, widths)
     else:
-        cmds = commands(sweeps, args.seeds, args.hook, args.jobs, args.widths)
+        cmds = commands(sweeps, args.seeds, args.hook, args.jobs, args.widths,
+                        queue=not args.workspace)  # fmt: skip
     for cmd in cmds:
         print(shlex.join(cmd))
         if not args.dry_run:
@@ -189,6 +211,102 @@ def families(saes_dir: str, store: str | None, out: str) -> int:
         families_figure(lad, f"{model} {hook} {key}").savefig(dest / f"families-{key}.png",
                                                              dpi=110)  # fmt: skip
     print(f"wrote {dest}/families.json and {len(result['ladders'])} figure(s)")
+    return 0
+
+
+def matched_table(saes: list) -> list[dict]:
+    """One row per (architecture, L0 target) of the study's SAEs (`SAERef`s named
+    `<arch>-l0t<target>-s<seed>`): held-out L0 of each seed, its largest deviation from
+    the target, whether every seed is inside the ±10 % band, and mean ± sd over seeds of
+    FVU, ΔCE, KL, dead fraction and k-sparse probing F1 (k = 1, 20)."""
+    import re
+
+    import numpy as np
+
+    from stages.sae.figures import MATCH_TOLERANCE
+
+    name = re.compile(r"^(?P<arch>[a-z]+)-l0t(?P<t>[0-9.]+)-s(?P<seed>[0-9]+)$")
+    groups: dict[tuple[str, float], list] = {}
+    for s in saes:
+        if (m := name.match(s.name)) and m["arch"] == s.architecture:
+            groups.setdefault((m["arch"], float(m["t"])), []).append((int(m["seed"]), s))
+
+    def stat(vals: list) -> dict:
+        v = np.array([x for x in vals if isinstance(x, int | float) and np.isfinite(x)])
+        if not v.size:
+            return {"mean": None, "sd": None, "n": 0}
+        return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else None,
+                "n": int(v.size)}  # fmt: skip
+
+    rows = []
+    for (arch, target), members in sorted(groups.items(), key=lambda kv: (ARCHITECTURES.index(kv[0][0])
+                                          if kv[0][0] in ARCHITECTURES else 99, kv[0][1])):  # fmt: skip
+        members.sort(key=lambda m: m[0])
+        l0 = [s.metrics.get("l0") for _, s in members]
+        dev = [abs(x / target - 1) for x in l0 if isinstance(x, int | float)]
+        probe = [(s.metrics.get("ground_truth") or {}).get("sparse_probing") or {}
+                 for _, s in members]  # fmt: skip
+
+        def f1(k: str, probe: list = probe) -> list:
+            return [((p.get("summary") or {}).get(f"{k}_f1") or {}).get("mean") for p in probe]
+
+        down = [s.metrics.get("downstream") or {} for _, s in members]
+        rows.append({
+            "architecture": arch, "target_l0": target, "seeds": [sd for sd, _ in members],
+            "l0": l0, "max_deviation": max(dev) if dev else None,
+            "within_band": bool(dev) and max(dev) <= MATCH_TOLERANCE + 1e-12,
+            "fvu": stat([s.metrics.get("fvu") for _, s in members]),
+            "ce_delta_sae": stat([d.get("ce_delta_sae") for d in down]),
+            "kl_sae": stat([d.get("kl_sae") for d in down]),
+            "dead_fraction": stat([s.metrics.get("dead_fraction") for _, s in members]),
+            "probe_k1_f1": stat(f1("k1")), "probe_k20_f1": stat(f1("k20")),
+        })  # fmt: skip
+    return rows
+
+
+def summary(saes_dir: str, out: str) -> int:
+    """The matched-L0 study's analysis for `saes_dir` (`data/saes/<model>/<hook>/`):
+    `matched_l0.json` (`matched_table`), the Pareto figure of the study's SAEs with the
+    ±10 % bands, and the quality-against-probing figure, into `out/<model>/<hook>/`."""
+    from pathlib import Path
+
+    from stages.report.ground_truth import quality_figure
+    from stages.report.sweep import discover_saes, pareto_figure
+
+    folder = Path(saes_dir)
+    if not folder.is_dir():
+        raise SystemExit(f"--summary {saes_dir}: not a folder; expected data/saes/<model>/<hook>")
+    hook, model = folder.name, folder.parent.name
+    saes = [s for s in discover_saes(folder.parent.parent, [model]) if s.hook == hook]
+    rows = matched_table(saes)
+    if not rows:
+        raise SystemExit(f"{folder}: no study SAEs (<arch>-l0t<target>-s<seed>) among "
+                         f"{[s.name for s in saes]}; run python -m flows.sae_study first")  # fmt: skip
+    study = [s for s in saes if any(s.name.endswith(f"-s{sd}") and "-l0t" in s.name
+                                    for r in rows for sd in r["seeds"])]  # fmt: skip
+    dest = Path(out) / model / hook
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "matched_l0.json").write_text(json.dumps(rows, indent=1) + "\n")
+    pareto_figure(study, f"{model} {hook}: the matched-L0 study").savefig(dest / "pareto.png",
+                                                                          dpi=110)  # fmt: skip
+    quality_figure(study, f"{model} {hook}: study SAEs against k-sparse probing").savefig(
+        dest / "quality.png", dpi=110)  # fmt: skip
+    print("| architecture | target | L0 (seeds) | max dev. | FVU | ΔCE (nats) | dead | "
+          "k=1 F1 | k=20 F1 |\n|---|---|---|---|---|---|---|---|---|")  # fmt: skip
+
+    def ms(v: dict, d: int) -> str:
+        if v["mean"] is None:
+            return "–"
+        return f"{v['mean']:.{d}f}" + (f" ± {v['sd']:.{d}f}" if v["sd"] is not None else "")
+
+    for r in rows:
+        l0 = ", ".join(f"{x:.2f}" for x in r["l0"] if x is not None)
+        print(f"| {r['architecture']} | {r['target_l0']:g} | {l0} | "
+              f"{100 * r['max_deviation']:+.1f} % | {ms(r['fvu'], 4)} | {ms(r['ce_delta_sae'], 4)} | "
+              f"{ms(r['dead_fraction'], 3)} | {ms(r['probe_k1_f1'], 3)} | {ms(r['probe_k20_f1'], 3)} |")  # fmt: skip
+    inside = sum(r["within_band"] for r in rows)
+    print(f"{inside} of {len(rows)} (architecture, target) cells within ±10 % at every seed; "
+          f"wrote {dest}/matched_l0.json, pareto.png, quality.png")  # fmt: skip
     return 0
 
 

@@ -5,6 +5,7 @@ the default run (README, "The seed study").
     python -m flows.seed_study --seeds 2 3  # toy-s2 and toy-s3: 4 models, 6 pairs
     python -m flows.seed_study --workspace  # run it here (dvc exp run, no queue)
     python -m flows.seed_study --dry-run    # print the dvc commands instead
+    python -m flows.seed_study --seeds --untrained 0 1   # the untrained-model control only
 
 The default run has two toy models (toy-a: seed 0, toy-b: seed 1), one pair. Each study
 seed adds a model `toy-s<seed>` with exactly the base model's params (toy-a's: shape,
@@ -17,6 +18,15 @@ of the models not already there (3 models: 3 pairs). Geometry, steering, decompo
 and transfer run per model / pair from the same params. Every default stage keeps its
 params, so DVC takes its outputs from the cache. The report then shows the aggregate
 tables over all pairs (stages/alignment/aggregate.py).
+
+`--untrained S…` adds the untrained-model control that the SAE-latent measures lack in
+the default run: per seed a model `toy-u<seed>` with the base's params but
+`train.tokens: 0` (the architecture and seed at initialisation), cached, given SAEs of
+its own (the same configs as the base's) and steered like every other model. Pairs are
+formed between models of different seeds only, so `--seeds --untrained 0 1` adds
+untrained vs untrained (toy-u0__toy-u1) and trained vs untrained (toy-a__toy-u1,
+toy-b__toy-u0); the report puts their partner fractions and matched correlations beside
+the trained pairs' (`aggregate.pair_kind`).
 """
 
 from __future__ import annotations
@@ -37,6 +47,10 @@ NAME = "seed-study"
 
 def study_model(seed: int) -> str:
     return f"toy-s{seed}"
+
+
+def untrained_model(seed: int) -> str:
+    return f"toy-u{seed}"
 
 
 def _needed_saes(raw: dict[str, Any], p: Any, base: str) -> dict[str, set[str]]:
@@ -89,8 +103,9 @@ def study_sweep(raw: dict[str, Any], p: Any, base: str = BASE) -> list[dict[str,
     return out
 
 
-def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE) -> list[str]:
-    """The `-S` values (Hydra overrides) that add one model per seed and all their pairs.
+def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE, untrained=()) -> list[str]:
+    """The `-S` values (Hydra overrides) that add one model per seed (and one untrained
+    model per `untrained` seed) and every pair of models with different seeds.
     `raw`: params.yaml as plain data."""
     from stages.config import parse_params
 
@@ -99,32 +114,41 @@ def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE) -> list[str]:
         raise ValueError(f"params.yaml: models.{base}: expected a toy model to copy")
     taken = {m["seed"]: n for n, m in raw["models"].items() if m.get("source") == "toy"}
     out = []
-    for seed in seeds:
-        name = study_model(seed)
-        if seed in taken or name in raw["models"]:
+    base_model = raw["models"][base]
+    added = [(study_model(s), s, {**base_model, "seed": int(s)}) for s in seeds]
+    added += [(untrained_model(s), s, {**base_model, "seed": int(s),
+                                       "train": {**base_model.get("train", {}), "tokens": 0}})
+              for s in untrained]  # fmt: skip
+    for name, seed, model in added:
+        if name in raw["models"] or (not name.startswith("toy-u") and seed in taken):
             raise ValueError(f"--seeds {seed}: model {taken.get(seed, name)} already has it, "
                              "expected seeds no toy model in params.yaml uses")  # fmt: skip
-        model = {**raw["models"][base], "seed": int(seed)}
         out.append(f"+models.{name}={hydra_value(model)}")
         out.append(f"+activations.hooks.{name}={hydra_value(list(p.hooks(base)))}")
         out.append(f"+saes.sweep.{name}={hydra_value(study_sweep(raw, p, base))}")
         steering = (raw.get("steering") or {}).get("models", {}).get(base)
         if steering is not None:
             out.append(f"+steering.models.{name}={hydra_value(steering)}")
-    models = [*raw["models"], *(study_model(s) for s in seeds)]
+    seed_of = {n: m.get("seed") for n, m in raw["models"].items()}
+    seed_of |= {name: seed for name, seed, _ in added}
     have = {frozenset((v["a"], v["b"])) for v in (raw["align"]["pairs"] or {}).values()}
-    for a, b in itertools.combinations(models, 2):
-        if frozenset((a, b)) not in have:
+    for a, b in itertools.combinations(seed_of, 2):
+        if frozenset((a, b)) not in have and seed_of[a] != seed_of[b]:
             out.append(f"+align.pairs.{a}__{b}={hydra_value({'a': a, 'b': b})}")
     return out
 
 
 def commands(
-    raw: dict[str, Any], seeds=SEEDS, base: str = BASE, queue: bool = True, name: str = NAME
+    raw: dict[str, Any],
+    seeds=SEEDS,
+    base: str = BASE,
+    queue: bool = True,
+    name: str = NAME,
+    untrained=(),
 ) -> list[list[str]]:
     """The dvc commands that run the study: one experiment (queued and started, or run
     in the workspace); every stage is a target, DVC skips those whose inputs did not change."""
-    sets = [a for o in overrides(raw, seeds, base) for a in ("-S", o)]
+    sets = [a for o in overrides(raw, seeds, base, untrained) for a in ("-S", o)]
     run = ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", name, *sets]
     return [run, ["dvc", "queue", "start", "-j", "1"]] if queue else [run]
 
@@ -135,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     from stages.config import PARAMS_FILE, _UniqueKeyLoader
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=list(SEEDS))
+    ap.add_argument("--seeds", type=int, nargs="*", default=list(SEEDS),
+                    help="trained models to add (none: --seeds alone)")  # fmt: skip
+    ap.add_argument("--untrained", type=int, nargs="+", default=[], metavar="SEED",
+                    help="untrained control models to add (train.tokens 0), e.g. 0 1")  # fmt: skip
     ap.add_argument("--base", default=BASE, help="the toy model whose params are copied")
     ap.add_argument("--name", default=NAME, help="the experiment's name")
     ap.add_argument("--workspace", action="store_true",
@@ -144,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # the project's loader: the same YAML reading (1e-3 is a number) as every stage's
     raw = yaml.load(open(PARAMS_FILE).read(), Loader=_UniqueKeyLoader)  # noqa: S506
-    for cmd in commands(raw, args.seeds, args.base, not args.workspace, args.name):
+    if not args.seeds and not args.untrained:
+        raise SystemExit("--seeds is empty and no --untrained: nothing to add")
+    for cmd in commands(raw, args.seeds, args.base, not args.workspace, args.name,
+                        args.untrained):  # fmt: skip
         print(shlex.join(cmd), flush=True)
         if not args.dry_run:
             subprocess.run(cmd, check=True)

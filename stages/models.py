@@ -261,12 +261,13 @@ def _train_toy_model(model, m, train, heldout, ckpt_dir, ckpt_every) -> TrainRes
     if t.seq_len != train.tokens.shape[1]:
         raise ValueError(f"windows of {train.tokens.shape[1]} tokens, expected {t.seq_len}")
     tokens_per_step = t.batch_size * (t.seq_len - 1)
-    steps = max(1, t.tokens // tokens_per_step)
+    steps = 0 if t.tokens == 0 else max(1, t.tokens // tokens_per_step)  # 0: untrained
     rng = np.random.default_rng(m.seed)
     # Enough epochs of shuffled window indices for all steps; fixed up front so a
     # resumed run sees exactly the same batches.
     order = np.concatenate(
         [rng.permutation(train.n) for _ in range(math.ceil(steps * t.batch_size / train.n))]
+        or [np.zeros(0, dtype=np.int64)]
     )
     data = torch.from_numpy(train.tokens.astype(np.int64))
     opt = torch.optim.AdamW(

@@ -41,7 +41,9 @@ class ToyTokenizer(StrictModel):
 
 
 class ToyTrain(StrictModel):
-    tokens: PosInt = 600_000
+    # 0: no training at all, the architecture and seed at initialisation (an untrained
+    # control model that goes through the pipeline like any other)
+    tokens: NonNegInt = 600_000
     batch_size: PosInt = 32
     seq_len: PosInt = 128
     lr: PosFloat = 3e-3

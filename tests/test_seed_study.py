@@ -91,3 +91,17 @@ def test_commands_queue_or_workspace():
     assert q[1] == ["dvc", "queue", "start", "-j", "1"]
     w = commands(_raw(), queue=False)
     assert len(w) == 1 and "--queue" not in w[0] and w[0].count("-S") == 6
+
+
+def test_untrained_controls_are_models_with_no_training_paired_across_seeds(tmp_path):
+    raw = _raw()
+    p, new = _applied(tmp_path, overrides(raw, seeds=[], untrained=[0, 1]))
+    assert list(p.models) == ["toy-a", "toy-b", "toy-u0", "toy-u1"]
+    assert new["models"]["toy-u1"]["train"] == {**raw["models"]["toy-a"]["train"], "tokens": 0}
+    assert p.models["toy-u0"].seed == 0 and p.models["toy-u1"].train.tokens == 0
+    assert p.sae_folders("toy-u0") == {h: ["topk-1024-k16"] for h in HOOKS}
+    # pairs of different seeds only: the untrained pair and trained vs untrained
+    assert set(p.align.pairs) == {"toy-a__toy-b", "toy-a__toy-u1", "toy-b__toy-u0",
+                                  "toy-u0__toy-u1"}  # fmt: skip
+    with pytest.raises(ValueError, match="toy-u0"):
+        overrides(new, seeds=[], untrained=[0])  # already there

@@ -13,7 +13,10 @@ the same numbers as `metrics/alignment/<A>__<B>.json`) and the transfer stage's
   model's own seed) and trained A vs untrained B (stages/alignment/controls.py), on the
   same subsample as the trained pair's `linear_cka_subsample`; for SAE-latent measures,
   the references the align stage has: the shuffled-token null of the matched
-  correlation and the all-pairs (chance) Jaccard over top-token ids.
+  correlation and the all-pairs (chance) Jaccard over top-token ids, and, where the
+  study aligned untrained control models (`python -m flows.seed_study --untrained`:
+  models with train.tokens 0 and SAEs of their own), the same measure over those
+  pairs (`pair_kind`): untrained vs untrained, trained vs untrained.
 - Transfer: every (pair, concept, hook) test of "the carried vector steers more than
   random directions of its norm" in one Holm (1979) family (`pvalues.holm`), on the
   empirical p (floor 1/(n_random + 1)) and on its normal-tail approximation; the
@@ -78,14 +81,35 @@ class AggregateRow:
     reference_label: str | None = None
 
 
-def universality_rows(scores: Mapping[str, Mapping[str, Any]]) -> list[AggregateRow]:
-    """`scores`: pair name -> its flat scores. One row per measure and hook (or SAE pair)
-    that some pair has, in the order of DENSE_MEASURES then SAE_MEASURES."""
-    keys = [k for s in scores.values() for k in s]
+PAIR_KINDS = ("trained", "untrained", "trained_vs_untrained")
+
+
+def pair_kind(trained: Mapping[str, bool] | None) -> str:
+    """A pair's kind from its meta.json `trained` (model -> trained?): "trained" when
+    both are (or nothing is recorded), "untrained" when neither is, else
+    "trained_vs_untrained"."""
+    flags = list((trained or {}).values())
+    if all(flags):
+        return "trained"
+    return "untrained" if not any(flags) else "trained_vs_untrained"
+
+
+def universality_rows(
+    scores: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None = None
+) -> list[AggregateRow]:
+    """`scores`: pair name -> its flat scores; `kinds`: pair name -> `PAIR_KINDS` entry
+    (default: every pair trained). One row per measure and hook (or SAE pair) that a
+    trained pair has, in the order of DENSE_MEASURES then SAE_MEASURES; SAE measures of
+    control pairs fill the untrained columns."""
+    kinds = kinds or {}
+    by_kind = {k: {n: s for n, s in scores.items() if kinds.get(n, "trained") == k}
+               for k in PAIR_KINDS}  # fmt: skip
+    trained_scores = by_kind["trained"]
+    keys = [k for s in trained_scores.values() for k in s]
     keys = list(dict.fromkeys(keys))  # first-seen order, no repeats
 
-    def over(key: str) -> Summary:
-        return summarise([_num(s.get(key)) for s in scores.values()])
+    def over(key: str, kind: str = "trained") -> Summary:
+        return summarise([_num(s.get(key)) for s in by_kind[kind].values()])
 
     rows = []
     for stat, label, control in DENSE_MEASURES:
@@ -100,7 +124,9 @@ def universality_rows(scores: Mapping[str, Mapping[str, Any]]) -> list[Aggregate
     for stat, label, ref, ref_label in SAE_MEASURES:
         for where in dict.fromkeys(w for w, s in sae_keys if s == stat):
             r = over(f"{where}/{ref}") if ref else None
+            ctl = {c: over(f"{where}/{stat}", c) for c in PAIR_KINDS[1:]}
             rows.append(AggregateRow(label, stat, where, over(f"{where}/{stat}"),
+                                     **{c: s if s.n else None for c, s in ctl.items()},
                                      reference=r if r and r.n else None,
                                      reference_label=ref_label if r and r.n else None))  # fmt: skip
     return rows

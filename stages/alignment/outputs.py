@@ -180,6 +180,7 @@ def write_alignment(result: AlignmentResult, out_dir: Path) -> Path:
             "correction": {"method": HOLM, "family": HOLM_FAMILY},
             "config": dataclasses.asdict(result.config) if result.config else None,
             "sae_pairs": [p.key for p in result.pairs],
+            "trained": result.trained,
         }
         write_json(tmp / "meta.json", _safe(meta))
     log.info("alignment %s vs %s written to %s", result.model_a, result.model_b, out_dir)

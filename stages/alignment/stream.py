@@ -189,6 +189,9 @@ class AlignmentResult:
     # the dense measures' untrained-model controls (controls.py): hook pair -> metric ->
     # {"untrained", "trained_vs_untrained": PermutationTest, "trained_subsample": float}
     controls: dict[str, dict[str, dict[str, object]]] = field(default_factory=dict)
+    # model name -> trained? (False: an untrained control model, train.tokens 0); set by
+    # the align flow from params, written to meta.json: the report aggregates pairs by it
+    trained: dict[str, bool] = field(default_factory=dict)
 
     @property
     def scores(self) -> dict[str, float]:

@@ -292,9 +292,10 @@ def _controls_table(pair: AlignedPair, scores: dict[str, Any]) -> str:
         "the Holm family). Linear CKA of the trained pair is exact over every paired "
         "token; its value on the subsample is the one comparable with the controls. A "
         "trained pair's similarity means something only by how far it stands above the "
-        "untrained pair’s. Partner fraction and the other SAE-latent measures have no "
-        "such control here: it would need SAEs trained on the untrained models' "
-        "activations (out of scope).</p>"
+        "untrained pair’s. Partner fraction and the other SAE-latent measures need SAEs "
+        "trained on the untrained models' activations, so their control runs beside the "
+        "default as a study (<code>python -m flows.seed_study --seeds --untrained 0 1</code>; "
+        "the table across pairs above shows it when present).</p>"
     )
     return head + table(["hook pair", "measure", "trained pair", f"untrained {a} vs untrained {b}",
                          f"trained {a} vs untrained {b}"], rows, left=2)  # fmt: skip
@@ -396,14 +397,15 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
     concept and hook in one Holm family (with one pair only its summary: how many vectors
     transfer, with the Wilson interval, and the fraction of the target's own effect; the
     pair's own table lists the tests)."""
-    from stages.alignment.aggregate import transfer_aggregate
+    from stages.alignment.aggregate import pair_kind, transfer_aggregate
 
     if not pairs:
         return ""
-    single = len(pairs) == 1
+    trained = [p for p in pairs if pair_kind(p.meta.get("trained")) == "trained"]
+    single = len(trained) <= 1 and len(pairs) == 1
     out = [] if single else _universality_html(pairs)
-    transfers = {}
-    for p in pairs:
+    transfers = {}  # the control pairs (an untrained model) stay out of the family
+    for p in trained:
         f = Path(transfer_dir or "") / p.path.name / "transfer.json"
         if transfer_dir and f.exists():
             transfers[p.path.name] = json.loads(f.read_text())
@@ -414,18 +416,21 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
 
 
 def _universality_html(pairs: list[AlignedPair]) -> list[str]:
-    from stages.alignment.aggregate import universality_rows
+    from stages.alignment.aggregate import pair_kind, universality_rows
 
-    names = [f"{p.model_a} vs {p.model_b}" for p in pairs]
+    kinds = {p.path.name: pair_kind(p.meta.get("trained")) for p in pairs}
+    names = [f"{p.model_a} vs {p.model_b}" for p in pairs if kinds[p.path.name] == "trained"]
+    controls = [f"{p.model_a} vs {p.model_b}" for p in pairs if kinds[p.path.name] != "trained"]
     rows = []
-    for r in universality_rows({p.path.name: p.read("scores.json") or {} for p in pairs}):
+    scores = {p.path.name: p.read("scores.json") or {} for p in pairs}
+    for r in universality_rows(scores, kinds):
         ref = f"{_mean_sd(r.reference)} <span class='muted'>{e(r.reference_label)}</span>" \
             if r.reference else "–"  # fmt: skip
         rows.append([e(r.measure), f"<code>{e(r.where)}</code>", _mean_sd(r.trained),
                      _mean_sd(r.untrained), _mean_sd(r.trained_vs_untrained), ref])  # fmt: skip
     thresholds = {(p.meta.get("config") or {}).get("threshold") for p in pairs}
     out = [
-        f"<h3>Across {len(pairs)} model pairs</h3>",
+        f"<h3>Across {len(names)} model pairs</h3>",
         f"<p class='muted'>Pairs: {e(', '.join(names))}. Mean ± sample sd across the pairs "
         "(n: pairs with the measure); the pairs share models, so the sd describes the "
         "spread between pairs, it is not a standard error. Controls, per pair and then "
@@ -434,9 +439,16 @@ def _universality_html(pairs: list[AlignedPair]) -> list[str]:
         "seed), on the same subsample as 'linear CKA (subsample)' — the exact linear CKA "
         "over every paired token has no control of its own. SAE-latent measures sit beside "
         "the align stage's references: the shuffled-token null of the matched correlation "
-        "and the chance level of top-token Jaccard over vocabulary ids (every latent pair); "
-        "partner fraction has none (an untrained model's SAEs are not trained). Partner "
-        f"threshold {e(', '.join(fmt(t, 2) for t in thresholds))}.</p>",
+        "and the chance level of top-token Jaccard over vocabulary ids (every latent pair)"
+        + (
+            f"; and the same SAE measures over the control pairs, whose untrained models "
+            f"(train.tokens 0) have SAEs of their own, trained as the others': "
+            f"{e(', '.join(controls))}"
+            if controls
+            else "; partner fraction has no control here: that needs untrained models "
+            "with SAEs of their own (python -m flows.seed_study --untrained 0 1)"
+        )
+        + f". Partner threshold {e(', '.join(fmt(t, 2) for t in thresholds))}.</p>",
         table(
             [
                 "measure",

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from stages.alignment.aggregate import summarise, transfer_aggregate, universality_rows
+from stages.alignment.aggregate import pair_kind, summarise, transfer_aggregate, universality_rows
 from stages.report.alignment import aggregate_html, aligned_pairs
 
 H = "blocks.1.hook_resid_post"
@@ -53,6 +53,26 @@ def test_universality_rows_mean_sd_across_pairs_beside_controls():
     assert jac.reference.mean == pytest.approx(0.2)
     assert jac.reference_label == "all latent pairs (chance)"
     assert ("p_floor", "") not in rows and len(rows) == 6
+
+
+def test_control_pairs_fill_the_sae_measures_untrained_columns():
+    """Pairs with an untrained model (meta.json `trained`) are not averaged with the
+    trained pairs: their SAE measures become the controls beside them."""
+    assert pair_kind({"toy-a": True, "toy-b": True}) == "trained" == pair_kind(None)
+    assert pair_kind({"toy-u0": False, "toy-u1": False}) == "untrained"
+    assert pair_kind({"toy-a": True, "toy-u1": False}) == "trained_vs_untrained"
+    scores = {**PAIRS, "u0__u1": {f"{S}/fraction_with_partner": 0.05},
+              "a__u1": {f"{S}/fraction_with_partner": 0.09},
+              "b__u0": {f"{S}/fraction_with_partner": 0.11}}  # fmt: skip
+    kinds = {"u0__u1": "untrained", "a__u1": "trained_vs_untrained",
+             "b__u0": "trained_vs_untrained"}  # fmt: skip
+    rows = {(r.key, r.where): r for r in universality_rows(scores, kinds)}
+    partner = rows[("fraction_with_partner", S)]
+    assert partner.trained.mean == pytest.approx(0.35) and partner.trained.n == 3
+    assert partner.untrained.mean == pytest.approx(0.05) and partner.untrained.n == 1
+    assert partner.trained_vs_untrained.mean == pytest.approx(0.10)
+    assert partner.trained_vs_untrained.sd == pytest.approx(0.02**0.5 / 10)
+    assert len(rows) == 6  # the control pairs add no rows of their own
 
 
 def _transfer(ps, own_lo=(0.1, -0.2), frac=(0.5, 2.0), normal=(1e-4, 0.3)):

@@ -64,6 +64,13 @@ def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path, pos
         "train": {"seq_len": 64, "batch_size": 32, "tokens": 32 * 63 * 12, "warmup_steps": 2},
         "arch": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 64,
                  "positional": positional}})  # fmt: skip
+    # train.tokens 0: an untrained control, exactly the initialisation, scored as it is
+    untrained = m.model_copy(update={"train": m.train.model_copy(update={"tokens": 0})})
+    model = build_toy_model(untrained, tok)
+    init = _md5(model.state_dict().values())
+    result = train_toy_model(model, untrained, train, held)
+    assert result.steps == 0 and result.tokens_seen == 0 and result.loss_curve == []
+    assert _md5(model.state_dict().values()) == init and result.heldout_loss > 6.0
     runs = []
     for _ in range(2):
         model = build_toy_model(m, tok)

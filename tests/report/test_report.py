@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.report.alignment import fmt_p
 from stages.report.html import fmt
 from tests.report.conftest import HOOK
 
@@ -223,16 +224,21 @@ def test_alignment_section_and_partner_pages(tiny_report, tiny_data):
     scores = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "scores.json").read_text())
     tests = html.split("Similarity tests (tiny-a vs tiny-b)", 1)[1].split("</table>", 1)[0]
     assert "Holm (1979)" in tests and "normal approximation of the permutation null" in tests
-    assert (
-        f"floor {fmt(scores['p_floor'])}" in tests
-        and f"({int(scores['holm_family_size'])} tests)" in tests
-    )
+    # sequential tests (the default family_alpha): the family's floor, and per test the
+    # draws made / its cap with its own floor
+    assert "Besag &amp; Clifford" in tests
+    assert f"the family's floor here: {fmt_p(scores['holm_floor'])}" in tests
+    assert f"({int(scores['holm_family_size'])} tests)" in tests
     cells = re.search(r"<td[^>]*>Linear CKA</td>(.*?)</tr>", tests, re.S).group(1)
-    assert fmt(scores[f"linear_cka_p_holm/{HOOK}"]) in cells
+    assert fmt_p(scores[f"linear_cka_p_holm/{HOOK}"]) in cells
+    sim = json.loads((tiny_data / "alignment" / "tiny-a__tiny-b" / "similarity.json").read_text())
+    t = sim["hook_pairs"][HOOK]["linear_cka"]
+    assert t["stop_after"] == 10 and t["n_permutations"] <= t["max_permutations"]
+    assert f"{t['n_permutations']} / {t['max_permutations']} ({fmt_p(t['p_floor'])})" in cells
     # the untrained-model controls beside the trained pair; the fixture's models are
     # untrained, so the untrained pair is the trained pair, up to the store's float16
     ctl = html.split("Untrained-model controls (tiny-a vs tiny-b)", 1)[1].split("</table>", 1)[0]
-    assert "Partner fraction" in ctl and "out of scope" in ctl
+    assert "Partner fraction" in ctl and "--untrained" in ctl
     cells = re.search(r"<td[^>]*>Linear CKA</td>(.*?)</tr>", ctl, re.S).group(1)
     assert fmt(scores[f"linear_cka_untrained/{HOOK}"]) in cells
     assert fmt(scores[f"linear_cka_trained_vs_untrained/{HOOK}"]) in cells
