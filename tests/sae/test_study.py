@@ -2,6 +2,7 @@
 
 import shutil
 
+import pytest
 import yaml
 from dvc.utils.hydra import apply_overrides
 
@@ -74,3 +75,40 @@ def test_seeds_study_adds_the_headline_sae_at_other_seeds(tmp_path):
     named = {c.name or f"default-{i}": c.model_dump(mode="json") for i, c in enumerate(cfgs)}
     (group,) = seed_groups(named).values()
     assert len(group) == 3 and group[1:] == ["topk-1024-k16-s1", "topk-1024-k16-s2"]
+
+
+def test_workspace_runs_each_seed_in_place_without_the_queue():
+    sweeps = {"toy-a": [{"hooks": ["blocks.3.hook_resid_post"], "saes": []}]}
+    cmds = commands(sweeps, seeds=[0, 1], queue=False)
+    assert [c[:4] for c in cmds] == [["dvc", "exp", "run", "-n"]] * 2
+    assert all("--queue" not in c and c[-1] == "saes@toy-a" for c in cmds)
+
+
+def test_matched_table_against_hand_computed_rows(tmp_path):
+    """Rows per (architecture, target) over seeds: L0 deviation from the target and the
+    ±10 % verdict at every seed, mean ± sd of the metrics; other SAEs are left out."""
+    from flows.sae_study import matched_table
+    from stages.report.sweep import SAERef
+
+    def ref(name, arch, l0, fvu, k1=None):
+        gt = {"sparse_probing": {"summary": {"k1_f1": {"mean": k1}}}} if k1 else {}
+        return SAERef("toy-a", "h", name, tmp_path, arch,
+                      {"l0": l0, "fvu": fvu, "ground_truth": gt})  # fmt: skip
+
+    rows = matched_table([
+        ref("relu-l0t16-s0", "relu", 15.2, 0.02, 0.4), ref("relu-l0t16-s1", "relu", 17.0, 0.04, 0.5),
+        ref("topk-l0t8-s0", "topk", 8.0, 0.03), ref("gated-l0t32-s0", "gated", 27.0, 0.01),
+        ref("topk-1024-k16", "topk", 16.0, 0.02),  # the default sweep's: not a study SAE
+        ref("relu-l0t8-s0", "topk", 8.0, 0.02),  # name and architecture disagree: skipped
+    ])  # fmt: skip
+    assert [(r["architecture"], r["target_l0"]) for r in rows] == [
+        ("topk", 8.0), ("relu", 16.0), ("gated", 32.0)]  # fmt: skip
+    relu = rows[1]
+    assert relu["seeds"] == [0, 1] and relu["l0"] == [15.2, 17.0]
+    assert relu["max_deviation"] == pytest.approx(1 / 16) and relu["within_band"]
+    assert relu["fvu"]["mean"] == pytest.approx(0.03)
+    assert relu["fvu"]["sd"] == pytest.approx(0.02**0.5 / 10)
+    assert relu["probe_k1_f1"]["mean"] == pytest.approx(0.45)
+    gated = rows[2]
+    assert gated["max_deviation"] == pytest.approx(5 / 32) and not gated["within_band"]
+    assert rows[0]["fvu"]["sd"] is None  # one seed: no sd
