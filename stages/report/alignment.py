@@ -430,7 +430,13 @@ def _universality_html(pairs: list[AlignedPair]) -> list[str]:
                      _mean_sd(r.untrained), _mean_sd(r.trained_vs_untrained), ref])  # fmt: skip
     thresholds = {(p.meta.get("config") or {}).get("threshold") for p in pairs}
     out = [
-        f"<h3>Across {len(names)} model pairs</h3>",
+        f"<h3>Across {len(names)} model pair{'' if len(names) == 1 else 's'}"
+        + (
+            f" and {len(controls)} control pair{'' if len(controls) == 1 else 's'}"
+            if controls
+            else ""
+        )
+        + "</h3>",  # fmt: skip
         f"<p class='muted'>Pairs: {e(', '.join(names))}. Mean ± sample sd across the pairs "
         "(n: pairs with the measure); the pairs share models, so the sd describes the "
         "spread between pairs, it is not a standard error. Controls, per pair and then "
