@@ -1,4 +1,4 @@
-"""The SAE-sweep section: L0–FVU and L0–CE-recovered Pareto frontiers per architecture,
+"""The SAE-sweep section: L0–FVU and L0–ΔCE Pareto frontiers per architecture,
 log10 feature-density histograms, the sweep table, and the concept ground-truth table.
 
 Everything here reads the SAE folders only (`metrics.json`, `sparsity.safetensors`,
@@ -101,9 +101,12 @@ def pareto_figure(saes: list[SAERef], title: str):
     from stages.sae.figures import mark_targets
 
     fig, axes = plt.subplots(1, 2, figsize=(10.5, 4))
+    # ΔCE, not CE loss recovered: zero-ablation costs more than the unigram entropy here,
+    # so CE recovered saturates near 1 for every usable SAE (the sweep table keeps it).
+    # Both axes logarithmic: an L1 SAE far off the frontier would flatten the others.
     panels = (
         (axes[0], "fvu", "FVU (lower is better)", False),
-        (axes[1], "ce_loss_recovered", "CE loss recovered (higher is better)", True),
+        (axes[1], "ce_delta_sae", "ΔCE, nats (lower is better)", False),
     )
     for ax, key, label, higher in panels:
         mark_targets(ax, [s.flat()["target_l0"] for s in saes])
@@ -121,6 +124,8 @@ def pareto_figure(saes: list[SAERef], title: str):
             if len(front) > 1:
                 ax.plot(*zip(*front, strict=True), color=colour, lw=1.4, zorder=2)
         ax.set_xscale("log")
+        if all(p[1] > 0 for pts in by_arch.values() for p in pts) and by_arch:
+            ax.set_yscale("log")
         ax.set_xlabel("L0 (active latents per token, held-out)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
@@ -224,12 +229,14 @@ def _pareto_block(ctx: ReportContext, model: str, hook: str, group: list[SAERef]
     block, _ = ctx.figure(
         pareto_figure(group, f"{model} {hook}: sparsity vs reconstruction"),
         f"sweep/{model}__{hook}__pareto",
-        title=f"L0–FVU and L0–CE-recovered Pareto frontiers, {model} {hook}",
+        title=f"L0–FVU and L0–ΔCE Pareto frontiers, {model} {hook}",
         description=(
             "Each point is one SAE of the sweep, evaluated on held-out rows; lines join "
             "each architecture's non-dominated SAEs (lower L0 and better quality). Grey "
             "bands: each SAE's intended L0 (TopK's k, or the target_l0 an L1-family SAE "
-            "was calibrated to) ±10 %: SAEs inside one band are compared at matched L0."
+            "was calibrated to) ±10 %: SAEs inside one band are compared at matched L0. "
+            "ΔCE: the rise in next-token cross-entropy (nats) with the SAE spliced in; "
+            "log axes."
         ),
         inputs=src,
     )
