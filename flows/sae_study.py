@@ -83,14 +83,19 @@ def commands(
     jobs: int = 1,
     widths: list[int] | None = None,
     queue: bool = True,
+    together: bool = False,
 ) -> list[list[str]]:
     """The dvc commands that queue and run the study (the widths study when `widths` is
     given); `sweeps`: model -> its default sweep groups (params.yaml's `saes.sweep`, as
-    plain data). `queue=False`: one `dvc exp run` per seed in this workspace instead."""
+    plain data). `queue=False`: one `dvc exp run` per seed in this workspace instead.
+    `together`: one experiment with every seed's SAEs (so one folder holds them all, for
+    `--summary` over seeds and the report), instead of one per seed."""
     cmds = []
     models = list(sweeps)
-    for seed in seeds:
-        saes = width_saes(seed, widths) if widths else study_saes(seed)
+    batches = [list(seeds)] if together else [[s] for s in seeds]
+    for batch in batches:
+        seed = batch[0] if len(batch) == 1 else "-".join(map(str, batch))
+        saes = [e for s in batch for e in (width_saes(s, widths) if widths else study_saes(s))]
         study = {"hooks": [hook], "saes": saes}
         sets = [a for m in models
                 for a in ("-S", f"saes.sweep.{m}={hydra_value([*sweeps[m], study])}")]  # fmt: skip
@@ -141,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
     ap.add_argument("--workspace", action="store_true",
                     help="dvc exp run in this workspace, one seed after another, not queued")  # fmt: skip
+    ap.add_argument("--together", action="store_true",
+                    help="one experiment with every seed's SAEs, not one per seed")  # fmt: skip
     ap.add_argument("--models", nargs="+", metavar="MODEL",
                     help="only these models' SAE stages (default: every model)")  # fmt: skip
     ap.add_argument("--summary", metavar="SAES_DIR",
@@ -177,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         cmds = seed_commands(sweeps, args.headline_seeds, args.hook, widths)
     else:
         cmds = commands(sweeps, args.seeds, args.hook, args.jobs, args.widths,
-                        queue=not args.workspace)  # fmt: skip
+                        queue=not args.workspace, together=args.together)  # fmt: skip
     for cmd in cmds:
         print(shlex.join(cmd))
         if not args.dry_run:

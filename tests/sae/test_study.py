@@ -112,3 +112,11 @@ def test_matched_table_against_hand_computed_rows(tmp_path):
     gated = rows[2]
     assert gated["max_deviation"] == pytest.approx(5 / 32) and not gated["within_band"]
     assert rows[0]["fvu"]["sd"] is None  # one seed: no sd
+
+
+def test_together_puts_every_seed_in_one_experiment():
+    sweeps = {"toy-a": [{"hooks": ["blocks.3.hook_resid_post"], "saes": []}]}
+    (cmd,) = commands(sweeps, seeds=[0, 1, 2], queue=False, together=True)
+    assert cmd[cmd.index("-n") + 1] == "sae-study-s0-1-2"
+    sweep = cmd[cmd.index("-S") + 1]
+    assert all(f"-l0t8-s{s}" in sweep for s in (0, 1, 2)) and sweep.count("l0t") == 45
