@@ -13,12 +13,22 @@ is of the trainers. Reported:
 
     python benchmarks/sae_vs_saelens.py             # d_in 256, d_sae 4096, k 32, 1M tokens
     python benchmarks/sae_vs_saelens.py --quick     # a small smoke run
+    python benchmarks/sae_vs_saelens.py --arch relu --target-l0 32   # an L1-family SAE
+
+The L1 family (`--arch relu | jumprelu | gated`): ours trains with `target_l0` (its
+sparsity coefficient steered online onto the target, `stages/sae/calibrate.py`; no extra
+runs), SAELens at a fixed coefficient (it has no calibration). SAELens starts at the
+coefficient ours ended with; the two define their losses on other scales, so its L0 can
+land elsewhere, and it gets up to `--saelens-runs` runs, each rescaling the coefficient
+by (L0 / target)^(1/2) for JumpReLU and (L0 / target) otherwise. Every run's tokens/s
+is reported; FVUs are compared only where both L0s sit within ±10 % of the target.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -35,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.sae import TopKConfig, ZarrSource, train_saes  # noqa: E402
 from stages.sae import metrics as M  # noqa: E402
+from stages.sae.config import GatedConfig, JumpReLUConfig, ReLUConfig  # noqa: E402
 from stages.sae.data import ShuffleLoader, iter_rows  # noqa: E402
 from stages.sae.synthetic import SyntheticFeatures  # noqa: E402
 
@@ -112,6 +123,8 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     ev = held_out(path, args.tokens)
     common = dict(d_in=args.d, d_sae=args.n, k=args.k, lr=args.lr, batch_size=args.batch)
     t0 = time.perf_counter()
+    if args.arch != "topk":
+        return l1_family_worker(args, train, ev, t0)
     if args.worker in ("ours", "ours-dense"):
         cfg = TopKConfig(
             **common, n_training_tokens=args.tokens, lr_warmup_steps=0, lr_decay_fraction=0.2,
@@ -154,6 +167,109 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     return res
 
 
+L1_FAMILY = {"relu": (ReLUConfig, "l1_coefficient"), "jumprelu": (JumpReLUConfig, "l0_coefficient"),
+             "gated": (GatedConfig, "l1_coefficient")}  # fmt: skip
+
+
+def l1_family_worker(args: argparse.Namespace, train, ev, t0: float) -> dict[str, float]:
+    """One L1-family fit: ours calibrated to `--target-l0`, or SAELens at `--coefficient`."""
+    common = dict(d_in=args.d, d_sae=args.n, lr=args.lr, batch_size=args.batch)
+    if args.worker == "ours":
+        cls, _ = L1_FAMILY[args.arch]
+        cfg = cls(**common, n_training_tokens=args.tokens, lr_warmup_steps=0,
+                  lr_decay_fraction=0.2, dead_feature_window=args.dead_window,
+                  b_dec_init="geometric_median", target_l0=args.target_l0)  # fmt: skip
+        (r,) = train_saes(train, [cfg], progress=False, n_norm_rows=16 * args.batch)
+        seconds = time.perf_counter() - t0
+        res = evaluate(r.sae.encode, r.sae.decode, ev)
+        res["coefficient"] = r.sae.metadata["sparsity_calibration"]["final_coefficient"]
+    else:
+        from sae_lens.config import SAETrainerConfig
+        from sae_lens.training.sae_trainer import SAETrainer
+
+        steps = args.tokens // args.batch
+        norm = "expected_average_only_in"
+        if args.arch == "relu":
+            from sae_lens.saes.standard_sae import StandardTrainingSAE as SAE
+            from sae_lens.saes.standard_sae import StandardTrainingSAEConfig as Cfg
+
+            scfg = Cfg(d_in=args.d, d_sae=args.n, l1_coefficient=args.coefficient,
+                       normalize_activations=norm)  # fmt: skip
+        elif args.arch == "gated":
+            from sae_lens.saes.gated_sae import GatedTrainingSAE as SAE
+            from sae_lens.saes.gated_sae import GatedTrainingSAEConfig as Cfg
+
+            scfg = Cfg(d_in=args.d, d_sae=args.n, l1_coefficient=args.coefficient,
+                       normalize_activations=norm)  # fmt: skip
+        else:
+            from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAE as SAE
+            from sae_lens.saes.jumprelu_sae import JumpReLUTrainingSAEConfig as Cfg
+
+            scfg = Cfg(d_in=args.d, d_sae=args.n, l0_coefficient=args.coefficient,
+                       normalize_activations=norm)  # fmt: skip
+        sae = SAE(scfg)
+        tcfg = SAETrainerConfig(
+            total_training_samples=args.tokens + 16 * args.batch,
+            train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr,
+            lr_decay_steps=int(0.2 * steps), lr_warm_up_steps=0, device="cpu",
+            dead_feature_window=max(1, args.dead_window // args.batch),
+            feature_sampling_window=10**9, n_batches_for_norm_estimate=16,
+        )  # fmt: skip
+        loader = ShuffleLoader(train, args.batch, seed=0)
+        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=loader)
+        trainer.n_training_samples = 16 * args.batch
+        trainer.fit()
+        loader.close()
+        seconds = time.perf_counter() - t0
+        sae.eval()
+        res = evaluate(sae.encode, sae.decode, ev)
+        res["coefficient"] = args.coefficient
+    res["seconds"] = seconds
+    res["tokens_per_s"] = args.tokens / seconds
+    res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return res
+
+
+def l1_family_main(args: argparse.Namespace, path: Path) -> None:
+    """Ours calibrated to the target, then SAELens from ours' final coefficient."""
+
+    def run(kind: str, coefficient: float | None = None) -> dict[str, float]:
+        cmd = [sys.executable, __file__, "--worker", kind, "--data", str(path),
+               f"--arch={args.arch}", f"--target-l0={args.target_l0}",
+               f"--coefficient={coefficient or 0.0}"] + [
+            f"--{k}={getattr(args, k.replace('-', '_'))}"
+            for k in ("d", "n", "batch", "tokens", "lr", "dead-window")]  # fmt: skip
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            print(out.stderr[-3000:])
+            raise SystemExit(f"worker {kind} failed")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  {kind:8s} coefficient {r['coefficient']:.4g}: {r['tokens_per_s']:8.0f} tokens/s "
+              f"({r['seconds']:.1f} s)  held-out FVU {r['fvu']:.4f}  L0 {r['l0']:.2f}  "
+              f"dead {r['dead_fraction']:.3f}", flush=True)  # fmt: skip
+        return r
+
+    target = args.target_l0
+    ours = run("ours")
+    power = 0.5 if args.arch == "jumprelu" else 1.0
+    coefficient, theirs = ours["coefficient"], []
+    for _ in range(args.saelens_runs):
+        theirs.append(run("saelens", coefficient))
+        l0 = max(theirs[-1]["l0"], 0.01)
+        if abs(l0 / target - 1) <= 0.10:
+            break
+        coefficient *= (l0 / target) ** power
+    best = min(theirs, key=lambda r: abs(math.log(max(r["l0"], 0.01) / target)))
+    mean_speed = sum(r["tokens_per_s"] for r in theirs) / len(theirs)
+    print(f"speed-up ours / SAELens ({args.arch}): {ours['tokens_per_s'] / mean_speed:.2f}x "
+          f"(SAELens' mean over its {len(theirs)} run(s); target >= 1.5x)")  # fmt: skip
+    matched = all(abs(r["l0"] / target - 1) <= 0.10 for r in (ours, best))
+    print(f"at target L0 {target:g}: ours L0 {ours['l0']:.2f} FVU {ours['fvu']:.4f}; SAELens' "
+          f"closest L0 {best['l0']:.2f} FVU {best['fvu']:.4f} -> "
+          + ("matched: FVUs compare" if matched else "not matched within ±10 %: FVUs do not "
+             "compare"))  # fmt: skip
+
+
 def loader_rate(path: Path, n_rows: int, batch: int, n_batches: int) -> float:
     from stages.sae.data import SliceSource
 
@@ -178,6 +294,10 @@ def main() -> None:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--skip-dense", action="store_true")
     p.add_argument("--worker", choices=["ours", "ours-dense", "saelens"])
+    p.add_argument("--arch", choices=["topk", *L1_FAMILY], default="topk")
+    p.add_argument("--target-l0", type=float, default=32.0, help="L1 family: ours' target")
+    p.add_argument("--coefficient", type=float, default=0.0, help="(worker) SAELens' λ")
+    p.add_argument("--saelens-runs", type=int, default=3)
     p.add_argument("--data")
     args = p.parse_args()
     if args.quick:
@@ -197,6 +317,11 @@ def main() -> None:
             f"data: {args.tokens} train + {n_eval} held-out rows, d_in {args.d}, float16 zarr "
             f"(chunks 4096 rows, shards of 16 chunks), made in {time.perf_counter() - t:.0f} s"
         )
+        if args.arch != "topk":
+            print(f"SAE: {args.arch}, d_sae {args.n}, target L0 {args.target_l0:g}, batch "
+                  f"{args.batch}, lr {args.lr}, {args.tokens} training tokens")  # fmt: skip
+            l1_family_main(args, path)
+            return
         print(
             f"SAE: TopK, d_sae {args.n}, k {args.k}, batch {args.batch}, lr {args.lr}, "
             f"{args.tokens} training tokens ({args.tokens // args.batch} steps)"
