@@ -250,7 +250,8 @@ def matched_table(saes: list) -> list[dict]:
                                           if kv[0][0] in ARCHITECTURES else 99, kv[0][1])):  # fmt: skip
         members.sort(key=lambda m: m[0])
         l0 = [s.metrics.get("l0") for _, s in members]
-        dev = [abs(x / target - 1) for x in l0 if isinstance(x, int | float)]
+        signed = [x / target - 1 for x in l0 if isinstance(x, int | float)]
+        dev = [abs(d) for d in signed]
         probe = [(s.metrics.get("ground_truth") or {}).get("sparse_probing") or {}
                  for _, s in members]  # fmt: skip
 
@@ -261,6 +262,7 @@ def matched_table(saes: list) -> list[dict]:
         rows.append({
             "architecture": arch, "target_l0": target, "seeds": [sd for sd, _ in members],
             "l0": l0, "max_deviation": max(dev) if dev else None,
+            "worst_deviation": max(signed, key=abs) if signed else None,  # with its sign
             "within_band": bool(dev) and max(dev) <= MATCH_TOLERANCE + 1e-12,
             "fvu": stat([s.metrics.get("fvu") for _, s in members]),
             "ce_delta_sae": stat([d.get("ce_delta_sae") for d in down]),
@@ -309,7 +311,7 @@ def summary(saes_dir: str, out: str) -> int:
     for r in rows:
         l0 = ", ".join(f"{x:.2f}" for x in r["l0"] if x is not None)
         print(f"| {r['architecture']} | {r['target_l0']:g} | {l0} | "
-              f"{100 * r['max_deviation']:+.1f} % | {ms(r['fvu'], 4)} | {ms(r['ce_delta_sae'], 4)} | "
+              f"{100 * r['worst_deviation']:+.1f} % | {ms(r['fvu'], 4)} | {ms(r['ce_delta_sae'], 4)} | "
               f"{ms(r['dead_fraction'], 3)} | {ms(r['probe_k1_f1'], 3)} | {ms(r['probe_k20_f1'], 3)} |")  # fmt: skip
     inside = sum(r["within_band"] for r in rows)
     print(f"{inside} of {len(rows)} (architecture, target) cells within ±10 % at every seed; "

@@ -111,6 +111,7 @@ def test_matched_table_against_hand_computed_rows(tmp_path):
     assert relu["probe_k1_f1"]["mean"] == pytest.approx(0.45)
     gated = rows[2]
     assert gated["max_deviation"] == pytest.approx(5 / 32) and not gated["within_band"]
+    assert gated["worst_deviation"] == pytest.approx(-5 / 32)
     assert rows[0]["fvu"]["sd"] is None  # one seed: no sd
 
 
