@@ -87,8 +87,8 @@ def test_workspace_runs_each_seed_in_place_without_the_queue():
 def test_matched_table_against_hand_computed_rows(tmp_path):
     """Rows per (architecture, target) over seeds: L0 deviation from the target and the
     ±10 % verdict at every seed, mean ± sd of the metrics; other SAEs are left out."""
-    from flows.sae_study import matched_table
     from stages.report.sweep import SAERef
+    from stages.sae.matched import matched_table
 
     def ref(name, arch, l0, fvu, k1=None):
         gt = {"sparse_probing": {"summary": {"k1_f1": {"mean": k1}}}} if k1 else {}
