@@ -101,6 +101,27 @@ def held_out(path: Path, n_rows: int) -> ZarrSource:
     return SliceSource(src, n_rows, src.n_rows)  # type: ignore[return-value]
 
 
+def fit_saelens(sae, train, args: argparse.Namespace) -> None:
+    """SAELens' own trainer on our shuffling loader, the same schedule as ours: constant
+    lr, decayed over the last 20 %, no warm-up, 16 batches for the norm estimate."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    steps = args.tokens // args.batch
+    tcfg = SAETrainerConfig(
+        total_training_samples=args.tokens + 16 * args.batch,  # + the norm estimate
+        train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr,
+        lr_decay_steps=int(0.2 * steps), lr_warm_up_steps=0, device="cpu",
+        dead_feature_window=max(1, args.dead_window // args.batch),
+        feature_sampling_window=10**9, n_batches_for_norm_estimate=16,
+    )  # fmt: skip
+    loader = ShuffleLoader(train, args.batch, seed=0)
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=loader)
+    trainer.n_training_samples = 16 * args.batch  # the norm-estimate batches count
+    trainer.fit()
+    loader.close()
+
+
 def evaluate(encode, decode, source) -> dict[str, float]:
     stats = None
     with torch.no_grad():
@@ -136,28 +157,14 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
         sae = r.sae
         res = evaluate(sae.encode, sae.decode, ev)
     else:
-        from sae_lens.config import SAETrainerConfig
         from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
-        from sae_lens.training.sae_trainer import SAETrainer
 
-        steps = args.tokens // args.batch
         scfg = TopKTrainingSAEConfig(
             d_in=args.d, d_sae=args.n, k=args.k, aux_loss_coefficient=1 / 32,
             normalize_activations="expected_average_only_in",
         )  # fmt: skip
         sae = TopKTrainingSAE(scfg)
-        tcfg = SAETrainerConfig(
-            total_training_samples=args.tokens + 16 * args.batch,  # + the norm estimate
-            train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr,
-            lr_decay_steps=int(0.2 * steps), lr_warm_up_steps=0, device="cpu",
-            dead_feature_window=max(1, args.dead_window // args.batch),
-            feature_sampling_window=10**9, n_batches_for_norm_estimate=16,
-        )  # fmt: skip
-        loader = ShuffleLoader(train, args.batch, seed=0)
-        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=loader)
-        trainer.n_training_samples = 16 * args.batch  # the norm-estimate batches count
-        trainer.fit()
-        loader.close()
+        fit_saelens(sae, train, args)
         seconds = time.perf_counter() - t0
         sae.eval()
         res = evaluate(sae.encode, sae.decode, ev)
@@ -184,10 +191,6 @@ def l1_family_worker(args: argparse.Namespace, train, ev, t0: float) -> dict[str
         res = evaluate(r.sae.encode, r.sae.decode, ev)
         res["coefficient"] = r.sae.metadata["sparsity_calibration"]["final_coefficient"]
     else:
-        from sae_lens.config import SAETrainerConfig
-        from sae_lens.training.sae_trainer import SAETrainer
-
-        steps = args.tokens // args.batch
         norm = "expected_average_only_in"
         if args.arch == "relu":
             from sae_lens.saes.standard_sae import StandardTrainingSAE as SAE
@@ -208,18 +211,7 @@ def l1_family_worker(args: argparse.Namespace, train, ev, t0: float) -> dict[str
             scfg = Cfg(d_in=args.d, d_sae=args.n, l0_coefficient=args.coefficient,
                        normalize_activations=norm)  # fmt: skip
         sae = SAE(scfg)
-        tcfg = SAETrainerConfig(
-            total_training_samples=args.tokens + 16 * args.batch,
-            train_batch_size_samples=args.batch, lr=args.lr, lr_end=args.lr,
-            lr_decay_steps=int(0.2 * steps), lr_warm_up_steps=0, device="cpu",
-            dead_feature_window=max(1, args.dead_window // args.batch),
-            feature_sampling_window=10**9, n_batches_for_norm_estimate=16,
-        )  # fmt: skip
-        loader = ShuffleLoader(train, args.batch, seed=0)
-        trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=loader)
-        trainer.n_training_samples = 16 * args.batch
-        trainer.fit()
-        loader.close()
+        fit_saelens(sae, train, args)
         seconds = time.perf_counter() - t0
         sae.eval()
         res = evaluate(sae.encode, sae.decode, ev)
