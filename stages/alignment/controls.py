@@ -30,6 +30,7 @@ from stages.alignment.similarity import (
     METRICS,
     PermutationTest,
     linear_cka,
+    pair_name,
     permutation_test,
     shared_per_representation,
 )
@@ -64,7 +65,7 @@ def untrained_controls(
     out: dict[str, dict[str, dict[str, PermutationTest | float]]] = {}
     with shared_per_representation():
         for ha, hb in hook_pairs:
-            name = ha if ha == hb else f"{ha}~{hb}"
+            name = pair_name(ha, hb)
             xa, ua, ub = (np.asarray(d[h], dtype=np.float64) for d, h in
                           ((trained_a, ha), (untrained_a, ha), (untrained_b, hb)))  # fmt: skip
             if not (len(xa) == len(ua) == len(ub)):

@@ -200,6 +200,12 @@ def _self_norm(xc: np.ndarray) -> float:
 PairedStatistic = Callable[[np.ndarray | None], float]
 
 
+def pair_name(a: str, b: str) -> str:
+    """The name of a compared pair (of hooks, or of SAE names): `a`, or `a~b` when the
+    two sides differ."""
+    return a if a == b else f"{a}~{b}"
+
+
 def _permuted(m: np.ndarray, p: np.ndarray) -> np.ndarray:
     """M[p][:, p], the Gram-type matrix of the samples reordered by p (two `take`s are
     about three times faster than np.ix_ fancy indexing)."""

@@ -67,7 +67,7 @@ from stages.alignment.matching import (
     top_token_jaccard,
 )
 from stages.alignment.moments import CentredMoments
-from stages.alignment.pvalues import holm_caps, holm_dict, p_floor
+from stages.alignment.pvalues import holm, holm_caps, holm_dict, p_floor
 from stages.alignment.similarity import (
     GRID_METRICS,
     PAIR_METRICS,
@@ -75,6 +75,7 @@ from stages.alignment.similarity import (
     PermutationTest,
     RowSample,
     cka_from_products,
+    pair_name,
     permutation_test,
     shared_per_representation,
 )
@@ -116,9 +117,7 @@ class SAEPairResult:
 
 def sae_pair_key(hook_a: str, hook_b: str, name_a: str, name_b: str) -> str:
     """`<hook>/<name>` of an SAE pair (`a~b` where the two sides differ)."""
-    hooks = hook_a if hook_a == hook_b else f"{hook_a}~{hook_b}"
-    names = name_a if name_a == name_b else f"{name_a}~{name_b}"
-    return f"{hooks}/{names}"
+    return f"{pair_name(hook_a, hook_b)}/{pair_name(name_a, name_b)}"
 
 
 # The family of tests the align stage corrects for multiple comparisons (Holm), per model
@@ -146,7 +145,7 @@ def family_caps(hook_pairs: Sequence[tuple[str, str]], sae_pairs: Sequence[tuple
     missing = set(GRID_METRICS + PAIR_METRICS) - set(CAP_ORDER)
     if missing:
         raise ValueError(f"CAP_ORDER lacks {sorted(missing)}: every measure needs a place")
-    names = [ha if ha == hb else f"{ha}~{hb}" for ha, hb in hook_pairs]
+    names = [pair_name(ha, hb) for ha, hb in hook_pairs]
     keys: list[str] = []
     for metric in CAP_ORDER:
         if metric == "subspace_cka":
@@ -202,6 +201,7 @@ class AlignmentResult:
         out: dict[str, float] = {"n_tokens": float(self.n_tokens),
                                  "n_heldout_tokens": float(self.n_heldout_tokens)}  # fmt: skip
         exact, normal = {}, {}  # raw p key -> its Holm key, one family each
+        floor_of = {}  # raw p key -> its floor key
         for name, tests in self.hook_pairs.items():
             for metric, test in tests.items():
                 out[f"{metric}/{name}"] = test.statistic
@@ -210,23 +210,24 @@ class AlignmentResult:
                 out[f"{metric}_z/{name}"] = test.z
                 out[f"{metric}_p_normal/{name}"] = test.p_normal
                 exact[f"{metric}_p/{name}"] = f"{metric}_p_holm/{name}"
+                floor_of[f"{metric}_p/{name}"] = f"{metric}_p_floor/{name}"
                 normal[f"{metric}_p_normal/{name}"] = f"{metric}_p_normal_holm/{name}"
         for pair in self.pairs:
             out.update({f"{pair.key}/{k}": v for k, v in pair.scores.items()})
             for tag in ("", "_above_threshold"):
                 k = f"{pair.key}/subspace_cka{tag}"
                 exact[f"{k}_p"], normal[f"{k}_p_normal"] = f"{k}_p_holm", f"{k}_p_normal_holm"
+                floor_of[f"{k}_p"] = f"{k}_p_floor"
         for family in (exact, normal):
             adjusted = holm_dict({k: out[k] for k in family if k in out})
             out.update({family[k]: v for k, v in adjusted.items()})
         n_perm = self.config.n_permutations if self.config else None
         out["p_floor"] = p_floor(n_perm) if n_perm is not None else float("nan")
-        # the Holm family's own floor: the smallest adjusted p its caps allow
-        floors = [out[k + "_floor" if k.endswith("_p") else k.replace("_p/", "_p_floor/")]
-                  for k in exact if out.get(k) == out.get(k) and k in out]  # fmt: skip
+        # the Holm family's own floor: the largest adjusted p when every test sits at its
+        # floor, i.e. what a family of strong effects reads
+        floors = [out[floor_of[k]] for k in exact if out.get(k) == out.get(k) and k in out]
         if floors:
-            m = len(floors)
-            out["holm_floor"] = float(max((m - j) * f for j, f in enumerate(sorted(floors))))
+            out["holm_floor"] = float(holm(floors).max())
         out["holm_family_size"] = float(sum(out[k] == out[k] for k in exact if k in out))
         # the controls stay out of the Holm family: they are references, not findings
         out.update(control_scores(self.controls))
@@ -922,7 +923,7 @@ def _similarity(moments, sample, grid_a, grid_b, ka, kb, hook_pairs, cfg, caps):
 
     by_pair: dict[str, dict[str, PermutationTest]] = {}
     for ha, hb in hook_pairs:
-        name = ha if ha == hb else f"{ha}~{hb}"
+        name = pair_name(ha, hb)
         tests = {}
         for m in GRID_METRICS + PAIR_METRICS:
             key = f"{m}_p/{name}"
