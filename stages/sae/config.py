@@ -304,6 +304,9 @@ class JumpReLUConfig(SAEConfig):
     l0_coefficient: float = Field(default=0.05, ge=0, description="λ on the L0 penalty")
     bandwidth: float = Field(default=0.05, gt=0, description="STE kernel width ε")
     threshold_init: float = Field(default=0.05, gt=0)
+    pre_act_coefficient: float = Field(
+        default=0.0, ge=0, description="λ_p on the dead latents' pre-activation loss"
+    )
 
     def sparsity_tag(self) -> str:
         return f"l0c{self.l0_coefficient:g}"

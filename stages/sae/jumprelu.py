@@ -80,6 +80,16 @@ class StepFnToPreActs(StepFn):
         return k, -k.reshape(-1, threshold.shape[-1]).sum(0), None
 
 
+def pre_act_loss(pre: Tensor, threshold: Tensor, dead: Tensor, W_dec: Tensor) -> Tensor:
+    """Anthropic's pre-activation loss for dead latents (Circuits Updates, January 2025;
+    as SAELens' `calculate_pre_act_loss`): mean over rows of
+    Σ_{i dead} ReLU(θ_i − pre_i) · ‖W_dec,i‖. Its gradient lifts a dead latent's
+    pre-activations (through W_enc and b_enc) and lowers its θ until the latent fires
+    again, where the L0 penalty's straight-through gradient has nothing to work on."""
+    gap = (threshold - pre).relu() * dead.to(pre.dtype)
+    return (gap * W_dec.norm(dim=1)).sum(-1).mean()
+
+
 class JumpReLUSAE(BaseSAE):
     architecture = "jumprelu"
     config_class = JumpReLUConfig
@@ -112,6 +122,10 @@ class JumpReLUSAE(BaseSAE):
             "mse": self.mse(x_hat, x),
             "l0_penalty": cfg.l0_coefficient * sparsity_scale * penalty,
         }
+        if cfg.pre_act_coefficient > 0 and dead_mask is not None and bool(dead_mask.any()):
+            terms["pre_act"] = cfg.pre_act_coefficient * pre_act_loss(
+                pre, self.threshold, dead_mask, self.W_dec
+            )
         return self.dense_output(x, x_hat, f, terms)
 
     def lr_scales(self) -> dict[str, float]:

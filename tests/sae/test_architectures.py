@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stages.sae import ARCHITECTURES, build_sae, parse_sae_config
-from stages.sae.jumprelu import JumpReLUFn, StepFn, StepFnToPreActs
+from stages.sae.jumprelu import JumpReLUFn, StepFn, StepFnToPreActs, pre_act_loss
 
 D_IN, D_SAE = 12, 40
 ARCH_CFG = {
@@ -122,6 +122,46 @@ def test_jumprelu_straight_through_gradients():
     StepFnToPreActs.apply(z, th, eps).sum().backward()
     assert th.grad.tolist() == pytest.approx([0.0, -10.0, 0.0])
     assert z.grad.tolist() == [pytest.approx([0.0, 10.0, 0.0])]
+
+
+def test_pre_act_loss_closed_form():
+    """mean_b Σ_{i dead} ReLU(θ_i − pre_bi) ‖W_dec,i‖: rows (0.9·2, 0.5·2), mean 1.4;
+    its gradient lifts only a dead latent's pre-activations below θ, by ‖W_dec,i‖ / B."""
+    pre = torch.tensor([[0.1, 2.0, 0.0], [0.5, -1.0, 3.0]], requires_grad=True)
+    th = torch.tensor([1.0, 1.5, 1.0], requires_grad=True)
+    dead = torch.tensor([True, False, True])
+    W_dec = torch.tensor([[2.0, 0.0], [0.0, 1.0], [0.6, 0.8]])
+    loss = pre_act_loss(pre, th, dead, W_dec)
+    assert float(loss.detach()) == pytest.approx(
+        (1.8 + 1.0 + 1.0) / 2
+    )  # latent 2: row 1 is above θ
+    loss.backward()
+    assert pre.grad.tolist() == [pytest.approx([-1.0, 0.0, -0.5]), pytest.approx([-1.0, 0.0, 0.0])]
+    assert th.grad.tolist() == pytest.approx([2.0, 0.0, 0.5])
+
+
+def test_pre_act_loss_revives_dead_jumprelu_latents():
+    """Half the latents start with a threshold no row reaches. Trained with the trainer's
+    dead mask, they stay silent without the loss (θ's straight-through gradient lives only
+    within ε of θ) and fire again with it."""
+    x = torch.randn(256, D_IN, generator=torch.Generator().manual_seed(0))
+    dead = torch.arange(D_SAE) % 2 == 0
+
+    def firing_after(pre_act_coefficient, steps=60):
+        sae = make("jumprelu", pre_act_coefficient=pre_act_coefficient)
+        randomise(sae)
+        with torch.no_grad():
+            sae.threshold[dead] = 4.0 + sae.pre_acts(x).max()
+        opt = torch.optim.Adam(sae.parameters(), lr=0.05)
+        for _ in range(steps):
+            opt.zero_grad()
+            sae(x, dead_mask=dead).loss.backward()
+            opt.step()
+            sae.after_optimizer_step()
+        return int((sae.encode(x)[:, dead] > 0).any(0).sum())
+
+    assert firing_after(0.0) == 0
+    assert firing_after(1.0) == int(dead.sum())
 
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk", "jumprelu", "gated"])
