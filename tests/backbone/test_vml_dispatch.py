@@ -4,7 +4,7 @@ torch 2.13's wheel carries oneMKL 2024.2, which picks each VML function's kernel
 function's first call. When the first call runs on two intra-op threads at once, one
 thread can run the low-accuracy (AVX2 EP) kernel for its whole chunk: `torch.sqrt` then
 errs by up to ~4e-4 relative instead of half an ulp. In an SAE's first Adam step that
-moved the weights' last bits in about 1 start in 5 (cold page cache), so a resumed or
+moved the weights' last bits in 22 of 204 cold starts (page cache dropped), so a resumed or
 Dask-trained SAE differed from the uninterrupted local one. `import stages` resolves the
 dispatch on one thread first (`stages.resolve_vml_dispatch`).
 
