@@ -14,6 +14,10 @@ is of the trainers. Reported:
     python benchmarks/sae_vs_saelens.py             # d_in 256, d_sae 4096, k 32, 1M tokens
     python benchmarks/sae_vs_saelens.py --quick     # a small smoke run
     python benchmarks/sae_vs_saelens.py --arch relu --target-l0 32   # an L1-family SAE
+    python benchmarks/sae_vs_saelens.py --data data/activations/toy-a/blocks.3.hook_resid_post \
+        --n 1024 --train-rows 700000 --tokens 999424 --lr 1e-3 --arch relu --target-l0 32
+        # cached activations: the SAE study's settings (244 steps), the rows after 700,000
+        # held out
 
 The L1 family (`--arch relu | jumprelu | gated`): ours trains with `target_l0` (its
 sparsity coefficient steered online onto the target, `stages/sae/calibrate.py`; no extra
@@ -21,7 +25,11 @@ runs), SAELens at a fixed coefficient (it has no calibration). SAELens starts at
 coefficient ours ended with; the two define their losses on other scales, so its L0 can
 land elsewhere, and it gets up to `--saelens-runs` runs, each rescaling the coefficient
 by (L0 / target)^(1/2) for JumpReLU and (L0 / target) otherwise. Every run's tokens/s
-is reported; FVUs are compared only where both L0s sit within ±10 % of the target.
+is reported; FVUs are compared only where both L0s sit within ±10 % of the target, and
+each SAELens run is placed against ours on the (L0, FVU) plane: one dominates when it is
+both sparser and reconstructs better. Ours trains the L1 family through the sparse
+kernels on every batch where few latents are active (`stages/sae/sparse_ops.py`), dense
+before that; SAELens trains dense throughout.
 """
 
 from __future__ import annotations
@@ -95,10 +103,11 @@ def make_data(path: Path, d: int, n_rows: int, n_eval: int, chunk: int) -> None:
 
 
 def held_out(path: Path, n_rows: int) -> ZarrSource:
+    """The rows after the training rows, at most 65,536 of them."""
     from stages.sae.data import SliceSource
 
     src = ZarrSource.open(str(path), "")
-    return SliceSource(src, n_rows, src.n_rows)  # type: ignore[return-value]
+    return SliceSource(src, n_rows, min(src.n_rows, n_rows + 16 * 4096))  # type: ignore[return-value]
 
 
 def fit_saelens(sae, train, args: argparse.Namespace) -> None:
@@ -140,8 +149,8 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     full = ZarrSource.open(str(path), "")
     from stages.sae.data import SliceSource
 
-    train = SliceSource(full, 0, args.tokens)
-    ev = held_out(path, args.tokens)
+    train = SliceSource(full, 0, args.train_rows)
+    ev = held_out(path, args.train_rows)
     common = dict(d_in=args.d, d_sae=args.n, k=args.k, lr=args.lr, batch_size=args.batch)
     t0 = time.perf_counter()
     if args.arch != "topk":
@@ -230,7 +239,7 @@ def l1_family_main(args: argparse.Namespace, path: Path) -> None:
                f"--arch={args.arch}", f"--target-l0={args.target_l0}",
                f"--coefficient={coefficient or 0.0}"] + [
             f"--{k}={getattr(args, k.replace('-', '_'))}"
-            for k in ("d", "n", "batch", "tokens", "lr", "dead-window")]  # fmt: skip
+            for k in ("d", "n", "batch", "tokens", "train-rows", "lr", "dead-window")]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(out.stderr[-3000:])
@@ -260,6 +269,29 @@ def l1_family_main(args: argparse.Namespace, path: Path) -> None:
           f"closest L0 {best['l0']:.2f} FVU {best['fvu']:.4f} -> "
           + ("matched: FVUs compare" if matched else "not matched within ±10 %: FVUs do not "
              "compare"))  # fmt: skip
+    # unmatched runs still order where one is sparser *and* reconstructs better
+    for r in theirs:
+        ahead = ours["l0"] <= r["l0"] and ours["fvu"] <= r["fvu"]
+        behind = ours["l0"] >= r["l0"] and ours["fvu"] >= r["fvu"]
+        verdict = ("ours dominates (sparser, lower FVU)" if ahead else
+                   "SAELens dominates" if behind else "neither dominates")  # fmt: skip
+        print(f"  against SAELens at λ {r['coefficient']:.4g} (L0 {r['l0']:.2f}, FVU "
+              f"{r['fvu']:.4f}): {verdict}")  # fmt: skip
+    gemm_report(args, {"ours": ours["tokens_per_s"], "saelens": mean_speed})
+
+
+def gemm_report(args: argparse.Namespace, speeds: dict[str, float]) -> None:
+    """Each trainer's rate in dense-equivalent SAE FLOPs against this machine's GEMM."""
+    rate = gemm_rate(args.batch, args.d, args.n)
+    dense_flops = 12 * args.d * args.n  # 6 x (2 d n): forward + backward, enc + dec
+    print(f"float32 GEMM rate at [{args.batch}x{args.d}]@[{args.d}x{args.n}]: "
+          f"{rate / 1e9:.1f} GFLOP/s")  # fmt: skip
+    for kind, tps in speeds.items():
+        print(
+            f"  {kind:10s}: dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
+            f"{dense_flops * tps / 1e9:.1f} GFLOP/s = {100 * dense_flops * tps / rate:.0f} % "
+            "of the GEMM rate (target >= 50 %)"
+        )
 
 
 def loader_rate(path: Path, n_rows: int, batch: int, n_batches: int) -> float:
@@ -290,25 +322,46 @@ def main() -> None:
     p.add_argument("--target-l0", type=float, default=32.0, help="L1 family: ours' target")
     p.add_argument("--coefficient", type=float, default=0.0, help="(worker) SAELens' λ")
     p.add_argument("--saelens-runs", type=int, default=3)
-    p.add_argument("--data")
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        help="rows trained on (default --tokens; fewer "
+        "rows than tokens: several epochs); the next 65,536 are held out",
+    )
+    p.add_argument(
+        "--data",
+        help="an existing 2-D zarr array of activations (a cached hook) "
+        "instead of the synthetic one",
+    )
     args = p.parse_args()
     if args.quick:
         args.d, args.n, args.k, args.batch, args.tokens = 64, 512, 8, 1024, 1024 * 40
         args.dead_window = 1024 * 10
+    args.train_rows = args.train_rows or args.tokens
     if args.worker:
         print(json.dumps(worker(args)))
         return
 
     print(f"machine: {machine()}")
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "acts.zarr"
         n_eval = 16 * 4096 if not args.quick else 8192
-        t = time.perf_counter()
-        make_data(path, args.d, args.tokens, n_eval, chunk=4096)
-        print(
-            f"data: {args.tokens} train + {n_eval} held-out rows, d_in {args.d}, float16 zarr "
-            f"(chunks 4096 rows, shards of 16 chunks), made in {time.perf_counter() - t:.0f} s"
-        )
+        if args.data:
+            path = Path(args.data)
+            src = ZarrSource.open(str(path), "")
+            args.d, n_eval = src.d_in, min(n_eval, src.n_rows - args.train_rows)
+            if n_eval <= 0:
+                raise SystemExit(f"--data {path}: {src.n_rows} rows, --train-rows "
+                                 f"{args.train_rows} leaves none held out; expected fewer")  # fmt: skip
+            print(f"data: {path}, {args.train_rows} train + {n_eval} held-out rows, d_in "
+                  f"{args.d}, {args.tokens} training tokens")  # fmt: skip
+        else:
+            path = Path(tmp) / "acts.zarr"
+            t = time.perf_counter()
+            make_data(path, args.d, args.train_rows, n_eval, chunk=4096)
+            print(
+                f"data: {args.train_rows} train + {n_eval} held-out rows, d_in {args.d}, float16 zarr "
+                f"(chunks 4096 rows, shards of 16 chunks), made in {time.perf_counter() - t:.0f} s"
+            )
         if args.arch != "topk":
             print(f"SAE: {args.arch}, d_sae {args.n}, target L0 {args.target_l0:g}, batch "
                   f"{args.batch}, lr {args.lr}, {args.tokens} training tokens")  # fmt: skip
@@ -323,7 +376,7 @@ def main() -> None:
         for kind in kinds:
             cmd = [sys.executable, __file__, "--worker", kind, "--data", str(path)] + [
                 f"--{k}={getattr(args, k.replace('-', '_'))}"
-                for k in ("d", "n", "k", "batch", "tokens", "lr", "dead-window")
+                for k in ("d", "n", "k", "batch", "tokens", "train-rows", "lr", "dead-window")
             ]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if out.returncode != 0:
@@ -348,28 +401,17 @@ def main() -> None:
                 f"{ours['tokens_per_s'] / results['ours-dense']['tokens_per_s']:.2f}x"
             )
 
+        gemm_report(args, {kind: results[kind]["tokens_per_s"] for kind in kinds})
         rate = gemm_rate(args.batch, args.d, args.n)
-        dense_flops = 12 * args.d * args.n  # 6 x (2 d n): forward + backward, enc + dec
         # ours: the dense encoder GEMM + five k-sparse products (decode, its two grads, the
         # encoder weight grad and input grad); AuxK adds k_aux-sparse ones while latents are dead
         executed = 2 * args.d * args.n + 10 * args.k * args.d
-        print(
-            f"float32 GEMM rate at [{args.batch}x{args.d}]@[{args.d}x{args.n}]: "
-            f"{rate / 1e9:.1f} GFLOP/s"
-        )
-        for kind in kinds:
-            tps = results[kind]["tokens_per_s"]
-            print(
-                f"  {kind:10s}: dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
-                f"{dense_flops * tps / 1e9:.1f} GFLOP/s = {100 * dense_flops * tps / rate:.0f} % "
-                "of the GEMM rate (target >= 50 %)"
-            )
         print(
             f"  ours executes ~{executed / 1e6:.1f} M FLOPs/token (one dense encoder GEMM + "
             f"k-sparse decode and gradients; encoder weight grad is sparse too): "
             f"{100 * executed * ours['tokens_per_s'] / rate:.0f} % of the GEMM rate"
         )
-        lr_ = loader_rate(path, args.tokens, args.batch, min(200, args.tokens // args.batch))
+        lr_ = loader_rate(path, args.train_rows, args.batch, min(200, args.tokens // args.batch))
         print(
             f"loader alone (zarr float16 -> shuffled, scaled float32 batches): {lr_:.0f} rows/s "
             f"= {lr_ / ours['tokens_per_s']:.1f}x our trainer's consumption (target >= 3x)"

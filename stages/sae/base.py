@@ -21,6 +21,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from stages.sae import sparse_ops
 from stages.sae.config import SAEConfig
 
 
@@ -127,6 +128,35 @@ class BaseSAE(nn.Module):
     def mse(x_hat: Tensor, x: Tensor) -> Tensor:
         """Squared error summed over d_in, mean over the batch."""
         return (x_hat - x).pow(2).sum(-1).mean()
+
+    def fused_pre_acts(self, x: Tensor, bias: Tensor) -> Tensor:
+        """(x − b_dec) W_enc + `bias` in one GEMM (the training passes of the L1 family;
+        `pre_acts` adds the bias after the product, as inference always has)."""
+        return torch.addmm(bias, self.sae_in(x), self.W_enc)
+
+    def sparse_code(
+        self, x: Tensor, pre: Tensor, floor: Tensor | float = 0.0
+    ) -> sparse_ops.Code | None:
+        """For an architecture whose gradients vanish off the entries where its encoder
+        pre-activations `pre` (computed for the dense path) exceed `floor`: those entries
+        as a sparse code, when sparse kernels apply (a CPU batch, `use_sparse_kernels`)
+        and the code is sparse enough to pay (`sparse_ops.active_set`); None means train
+        dense, on `pre` as it is. The sparse path recomputes the code's values with
+        their own gradient path, so the dense GEMM's graph is simply dropped."""
+        if not (self.cfg.use_sparse_kernels and x.device.type == "cpu"):
+            return None
+        with torch.no_grad():
+            return sparse_ops.active_set(pre.detach(), floor)
+
+    def sparse_output(
+        self, x: Tensor, x_hat: Tensor, fired: Tensor, terms: dict[str, Tensor]
+    ) -> SAEOutput:
+        """`dense_output` for a sparse code: `fired` holds the latent id of every active
+        entry."""
+        counts = torch.bincount(fired, minlength=self.d_sae)
+        l0 = torch.tensor(fired.numel() / x.shape[0], dtype=x.dtype, device=x.device)
+        loss = sum(terms.values(), torch.zeros((), dtype=x.dtype, device=x.device))
+        return SAEOutput(x_hat, loss, terms, counts, l0)
 
     @staticmethod
     def dense_output(x: Tensor, x_hat: Tensor, f: Tensor, terms: dict[str, Tensor]) -> SAEOutput:

@@ -82,6 +82,11 @@ class SAEConfig(BaseModel):
     dead_feature_window: int = Field(
         default=1_000_000, ge=1, description="a latent silent for this many tokens is dead"
     )
+    use_sparse_kernels: bool = Field(
+        default=True,
+        description="CPU: train through sparse kernels where the code is sparse (TopK "
+        "always; relu, gated and jumprelu on batches where few latents are active)",
+    )
 
     # sparsity calibration (stages/sae/calibrate.py), for the architectures whose L0 is
     # set by a penalty coefficient (`sparsity_coefficient` names it): short runs search
@@ -260,7 +265,6 @@ class TopKConfig(SAEConfig):
     k: int = Field(ge=1)
     auxk_coefficient: float = Field(default=1 / 32, ge=0)
     k_aux: int | None = Field(default=None, ge=1, description="default d_in // 2")
-    use_sparse_kernels: bool = True
 
     @model_validator(mode="after")
     def _k_fits(self) -> TopKConfig:

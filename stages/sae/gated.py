@@ -8,6 +8,11 @@ Two paths share W_enc (SAELens names: W_enc, b_gate, r_mag, b_mag):
 Loss = ‖x − x̂‖² + λ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², where the auxiliary
 reconstruction uses a stop-gradient copy of the decoder (the paper's frozen decoder), so
 it trains the gate without pulling the dictionary.
+
+On a CPU, a batch on which few gates open trains through the sparse kernels
+(`sparse_ops.py`): a closed gate passes no gradient to any term, and at an open gate
+π_mag = exp(r_mag) ⊙ (π_gate − b_gate) + b_mag, so the code of open gates carries both
+paths.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from stages.sae import sparse_ops
 from stages.sae.base import BaseSAE, SAEOutput, share_cutoffs
 from stages.sae.config import GatedConfig, SAEConfig
 
@@ -38,10 +44,11 @@ class GatedSAE(BaseSAE):
         return self.sae_in(x) @ self.W_enc + self.b_gate
 
     def _paths(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_c = self.sae_in(x)
-        pi_gate = x_c @ self.W_enc + self.b_gate
-        pi_mag = x_c @ (self.W_enc * self.r_mag.exp()) + self.b_mag
-        return pi_gate, pi_mag
+        return self.pre_acts(x), self._magnitudes(x)
+
+    def _magnitudes(self, x: Tensor) -> Tensor:
+        """π_mag."""
+        return self.sae_in(x) @ (self.W_enc * self.r_mag.exp()) + self.b_mag
 
     def encode(self, x: Tensor) -> Tensor:
         pi_gate, pi_mag = self._paths(x)
@@ -50,7 +57,10 @@ class GatedSAE(BaseSAE):
     def forward(
         self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
     ) -> SAEOutput:
-        pi_gate, pi_mag = self._paths(x)
+        pi_gate = self.fused_pre_acts(x, self.b_gate)
+        if (code := self.sparse_code(x, pi_gate)) is not None:
+            return self._sparse_forward(x, code, sparsity_scale)
+        pi_mag = self._magnitudes(x)
         f = (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()
         x_hat = f @ self.W_dec + self.b_dec
         gate_acts = pi_gate.relu()
@@ -61,6 +71,23 @@ class GatedSAE(BaseSAE):
             "aux": self.mse(x_hat_gate, x),
         }
         return self.dense_output(x, x_hat, f, terms)
+
+    def _sparse_forward(self, x: Tensor, code: sparse_ops.Code, sparsity_scale: float) -> SAEOutput:
+        pi_gate = sparse_ops.encode_at(self.sae_in(x), self.W_enc, self.b_gate, code)
+        col = code.col
+        with torch.autocast(x.device.type, enabled=False):
+            # all gates here are open, unless a bf16 GEMM picked one its float32 value shuts
+            gate = pi_gate.relu()
+            pi_mag = self.r_mag.exp()[col] * (pi_gate - self.b_gate[col]) + self.b_mag[col]
+            f = (gate.detach() > 0).to(pi_mag.dtype) * pi_mag.relu()
+            x_hat = sparse_ops.decode(code, f, self.W_dec) + self.b_dec
+            x_hat_gate = sparse_ops.decode(code, gate, self.W_dec.detach()) + self.b_dec.detach()
+        terms = {
+            "mse": self.mse(x_hat, x),
+            "l1": self.cfg.l1_coefficient * sparsity_scale * gate.sum() / x.shape[0],
+            "aux": self.mse(x_hat_gate, x),
+        }
+        return self.sparse_output(x, x_hat, col[f.detach() > 0], terms)
 
     @torch.no_grad()
     def retarget_l0(self, x: Tensor, target_l0: float, coefficient: float) -> float | None:

@@ -10,6 +10,11 @@ The pre-activations get the ordinary gradient of z·H(z − θ) only (as in the 
 θ is trained directly rather than as exp(log θ): Adam moves a parameter by ~lr per step,
 so a log parameterisation barely moves a small initial threshold (SAELens made the same
 change); positivity is kept by clamping after each step.
+
+On a CPU, a batch on which few pre-activations reach θ − ε/2 trains through the sparse
+kernels (`sparse_ops.py`): below that, f, the step function and both straight-through
+kernels are zero, so nothing there has a gradient. The pre-activation loss acts on every
+entry below θ, so a step that applies it trains dense.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stages.sae import sparse_ops
 from stages.sae.base import BaseSAE, SAEOutput, share_cutoffs
 from stages.sae.config import JumpReLUConfig, SAEConfig
 
@@ -110,22 +116,36 @@ class JumpReLUSAE(BaseSAE):
         self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
     ) -> SAEOutput:
         cfg = self.cfg
-        pre = self.pre_acts(x)
-        f = JumpReLUFn.apply(pre, self.threshold, cfg.bandwidth)
-        x_hat = f @ self.W_dec + self.b_dec
-        if cfg.target_l0 is None:  # the paper's estimator: the penalty moves θ only
-            l0 = StepFn.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
-        else:  # a target: the penalty's gradient reaches the encoder too (see init_for_target_l0)
-            l0 = StepFnToPreActs.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
-        penalty = l0
+        # the paper's estimator moves θ only; with a target the penalty's gradient
+        # reaches the encoder too (see init_for_target_l0)
+        step = StepFn if cfg.target_l0 is None else StepFnToPreActs
+        pre_act = cfg.pre_act_coefficient > 0 and dead_mask is not None and bool(dead_mask.any())
+        # every entry whose straight-through window (θ ± ε/2) it reaches, and a margin
+        window = self.threshold.detach() - 0.5 * cfg.bandwidth * (1 + 1e-3)
+        pre = self.fused_pre_acts(x, self.b_enc)
+        code = None if pre_act else self.sparse_code(x, pre, window)
+        if code is not None:
+            z = sparse_ops.encode_at(self.sae_in(x), self.W_enc, self.b_enc, code)
+            th = self.threshold[code.col]
+            with torch.autocast(x.device.type, enabled=False):
+                f = JumpReLUFn.apply(z, th, cfg.bandwidth)
+                x_hat = sparse_ops.decode(code, f, self.W_dec) + self.b_dec
+                penalty = step.apply(z, th, cfg.bandwidth).sum() / x.shape[0]
+            fired = code.col[(z > th).detach()]
+        else:
+            f = JumpReLUFn.apply(pre, self.threshold, cfg.bandwidth)
+            x_hat = f @ self.W_dec + self.b_dec
+            penalty = step.apply(pre, self.threshold, cfg.bandwidth).sum(-1).mean()
         terms = {
             "mse": self.mse(x_hat, x),
             "l0_penalty": cfg.l0_coefficient * sparsity_scale * penalty,
         }
-        if cfg.pre_act_coefficient > 0 and dead_mask is not None and bool(dead_mask.any()):
+        if pre_act:
             terms["pre_act"] = cfg.pre_act_coefficient * pre_act_loss(
                 pre, self.threshold, dead_mask, self.W_dec
             )
+        if code is not None:
+            return self.sparse_output(x, x_hat, fired, terms)
         return self.dense_output(x, x_hat, f, terms)
 
     def lr_scales(self) -> dict[str, float]:

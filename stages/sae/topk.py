@@ -23,6 +23,7 @@ from stages.sae.config import TopKConfig
 from stages.sae.sparse_ops import (
     SparseDecode,
     SparseEncoderGrad,
+    fixed_rows,
     selected_pre_acts,
     topk_sorted,
 )
@@ -53,11 +54,12 @@ def auxk_loss(
         aux_idx = dead_ids[aux_j]
         aux_idx, order = aux_idx.sort(dim=-1)
         aux_vals = aux_vals.gather(-1, order)
+        crow, col = fixed_rows(aux_idx)
         if sparse and aux_vals.dtype != x_c.dtype:  # picked in bf16: exact values
-            aux_vals = selected_pre_acts(x_c, sae.W_enc, sae.b_enc, aux_idx)
+            aux_vals = selected_pre_acts(x_c, sae.W_enc, sae.b_enc, crow, col)
     if sparse:
-        vals = SparseEncoderGrad.apply(x_c, sae.W_enc, sae.b_enc, aux_idx, aux_vals).relu()
-        e_hat = SparseDecode.apply(aux_idx, vals, sae.W_dec)
+        vals = SparseEncoderGrad.apply(x_c, sae.W_enc, sae.b_enc, crow, col, aux_vals.reshape(-1))
+        e_hat = SparseDecode.apply(crow, col, vals.relu(), sae.W_dec)
     else:
         vals = pre.gather(-1, aux_idx).relu()
         f_aux = torch.zeros_like(pre).scatter(-1, aux_idx, vals)
@@ -91,12 +93,16 @@ class TopKSAE(BaseSAE):
                 # the decode, the AuxK term and every gradient stay float32
                 pre = torch.addmm(self.b_enc, x_c, self.W_enc)
                 vals, idx = topk_sorted(pre, cfg.k)
+                crow, col = fixed_rows(idx)
+                vals = vals.reshape(-1)
                 if vals.dtype != x_c.dtype:
-                    vals = selected_pre_acts(x_c, self.W_enc, self.b_enc, idx)
+                    vals = selected_pre_acts(x_c, self.W_enc, self.b_enc, crow, col)
         with torch.autocast(x.device.type, enabled=False) if sparse else contextlib.nullcontext():
             if sparse:
-                vals = SparseEncoderGrad.apply(x_c, self.W_enc, self.b_enc, idx, vals).relu()
-                x_hat = SparseDecode.apply(idx, vals, self.W_dec) + self.b_dec
+                vals = SparseEncoderGrad.apply(x_c, self.W_enc, self.b_enc, crow, col, vals)
+                vals = vals.relu()
+                x_hat = SparseDecode.apply(crow, col, vals, self.W_dec) + self.b_dec
+                vals = vals.view_as(idx)
             else:
                 pre = x_c @ self.W_enc + self.b_enc
                 top, idx = pre.topk(cfg.k, dim=-1, sorted=False)

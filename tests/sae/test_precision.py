@@ -12,7 +12,7 @@ import torch
 
 from stages.compute import CPU, Device
 from stages.sae import ArraySource, build_sae, evaluate_sae, parse_sae_config, train_saes
-from stages.sae.sparse_ops import selected_pre_acts, topk_sorted
+from stages.sae.sparse_ops import fixed_rows, selected_pre_acts, topk_sorted
 from stages.sae.synthetic import SyntheticFeatures, mmcs
 
 BF16 = Device("cpu", "bf16")
@@ -37,11 +37,12 @@ def test_selected_pre_acts_are_the_float32_values_at_the_picked_latents():
     x, w, b = torch.randn(64, 32, generator=g), torch.randn(32, 200, generator=g), torch.randn(200)
     full = x @ w + b
     _, idx = topk_sorted(full, 7)
-    got = selected_pre_acts(x, w, b, idx)
+    crow, col = fixed_rows(idx)
+    got = selected_pre_acts(x, w, b, crow, col)
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got, full.gather(-1, idx), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, full.gather(-1, idx).reshape(-1), rtol=1e-5, atol=1e-5)
     with BF16.autocast():  # autocast does not leak into the SDDMM
-        assert selected_pre_acts(x, w, b, idx).dtype == torch.float32
+        assert selected_pre_acts(x, w, b, crow, col).dtype == torch.float32
 
 
 @pytest.mark.parametrize("sparse", [True, False])

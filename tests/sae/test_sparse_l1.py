@@ -1,0 +1,123 @@
+"""The L1 family's sparse training path (`stages/sae/sparse_ops.py`): the CSR active set,
+and loss terms, firing counts and every gradient equal to dense autograd's."""
+
+import numpy as np
+import pytest
+import torch
+
+from stages.sae import build_sae, sparse_ops, train_saes
+from stages.sae.data import ArraySource
+from stages.sae.synthetic import SyntheticFeatures
+
+D_IN, D_SAE, B = 16, 256, 128
+COEF = {"relu": {"l1_coefficient": 1.0}, "gated": {"l1_coefficient": 0.3},
+        "jumprelu": {"l0_coefficient": 0.1}}  # fmt: skip
+
+
+def test_active_set_is_the_csr_of_the_entries_above_the_floor():
+    pre = torch.tensor([[0.5, -1.0, 2.0, 0.0], [-3.0, -1.0, -2.0, -0.5], [1.0, 1.0, -1.0, 0.1]])
+    sparse_ops_max = sparse_ops.MAX_SPARSE_DENSITY
+    try:
+        sparse_ops.MAX_SPARSE_DENSITY = 1.0
+        code = sparse_ops.active_set(pre)
+        assert code.crow.tolist() == [0, 2, 2, 5]
+        assert code.col.tolist() == [0, 2, 0, 1, 3]
+        assert code.vals.tolist() == pytest.approx([0.5, 2.0, 1.0, 1.0, 0.1])
+        # a floor per column: column 3's floor −1 lets −0.5 and 0.0 in
+        code = sparse_ops.active_set(pre, torch.tensor([0.0, 0.0, 0.0, -1.0]))
+        assert code.col.tolist() == [0, 2, 3, 3, 0, 1, 3]
+        assert code.crow.tolist() == [0, 3, 4, 7]
+        assert sparse_ops.active_set(pre, 5.0) is None  # nothing active
+        sparse_ops.MAX_SPARSE_DENSITY = 0.4  # 5 of 12 entries is 0.42: too dense
+        assert sparse_ops.active_set(pre) is None
+    finally:
+        sparse_ops.MAX_SPARSE_DENSITY = sparse_ops_max
+
+
+def _pair(arch, seed, **kw):
+    """A sparse-kernel SAE and a dense twin with the same random state, its biases
+    lowered so that a few percent of latents fire."""
+    cfg = {"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "n_training_tokens": 4096,
+           "batch_size": B, **COEF[arch], **kw}  # fmt: skip
+    sae, twin = (
+        build_sae({**cfg, "use_sparse_kernels": True}),
+        build_sae({**cfg, "use_sparse_kernels": False}),
+    )
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sae.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for name in ("b_enc", "b_gate"):
+            if hasattr(sae, name):
+                getattr(sae, name).sub_(2.0)
+        if arch == "jumprelu":  # thresholds spread over the pre-activations' upper tail
+            sae.threshold.copy_(torch.rand(D_SAE, generator=g) * 0.5 + 0.02)
+        twin.load_state_dict(sae.state_dict())
+    return sae, twin
+
+
+@pytest.mark.parametrize(
+    "arch,kw",
+    [("relu", {}), ("gated", {}), ("jumprelu", {}), ("jumprelu", {"target_l0": 4.0})],
+    ids=["relu", "gated", "jumprelu", "jumprelu-target"],
+)
+def test_sparse_path_matches_dense_autograd(arch, kw):
+    x = torch.randn(B, D_IN, generator=torch.Generator().manual_seed(7))
+    sae, twin = _pair(arch, seed=1, **kw)
+    bias = sae.b_gate if arch == "gated" else sae.b_enc
+    floor = 0.0
+    if arch == "jumprelu":
+        floor = sae.threshold.detach() - 0.5 * sae.cfg.bandwidth * (1 + 1e-3)
+    code = sae.sparse_code(x, sae.fused_pre_acts(x, bias), floor)
+    assert code is not None, "the state must put this batch on the sparse path"
+    assert 0 < code.col.numel() < 0.05 * B * D_SAE
+    outs = [m(x, 0.7) for m in (sae, twin)]
+    assert torch.equal(outs[0].fire_counts, outs[1].fire_counts)
+    assert float(outs[0].l0) == pytest.approx(float(outs[1].l0), abs=1e-6)
+    assert torch.allclose(outs[0].x_hat, outs[1].x_hat, rtol=1e-5, atol=1e-6)
+    assert set(outs[0].terms) == set(outs[1].terms)
+    for k in outs[0].terms:
+        assert float(outs[0].terms[k]) == pytest.approx(float(outs[1].terms[k]), rel=1e-5), k
+    for out in outs:
+        out.loss.backward()
+    for (name, p), (_, q) in zip(sae.named_parameters(), twin.named_parameters(), strict=True):
+        scale = float(q.grad.abs().max())
+        assert scale > 0, f"{name}: no gradient to compare"
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale), name
+        assert p.grad.stride() == q.grad.stride(), name  # W_enc stays column-major
+
+
+@pytest.mark.parametrize("arch", sorted(COEF))
+def test_dense_batches_stay_on_the_dense_path(arch):
+    """At initialisation about half of all latents fire: far above the sparse path's
+    density limit, so training starts dense."""
+    sae = build_sae({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE,
+                     "n_training_tokens": 4096, **COEF[arch]})  # fmt: skip
+    x = torch.randn(B, D_IN)
+    bias = sae.b_gate if arch == "gated" else sae.b_enc
+    assert sae.sparse_code(x, sae.fused_pre_acts(x, bias)) is None
+
+
+def test_relu_training_takes_the_sparse_path_and_lands_where_dense_does():
+    """A ReLU SAE trained on planted features: its L0 falls below the density limit,
+    after which its steps run sparse; the result is the dense run's to within the noise
+    of a different summation order."""
+    gen = SyntheticFeatures(32, 256, mean_active=4, probability_decay=0.99, seed=0)
+    x = gen.source(98304, chunk_rows=4096).read(0, 98304).astype(np.float32)
+    train, held = ArraySource(x[:81920]), torch.from_numpy(x[81920:])
+    results = {}
+    for sparse in (True, False):
+        cfg = {"architecture": "relu", "d_in": 32, "d_sae": 1024, "n_training_tokens": 81920,
+               "batch_size": 512, "lr": 3e-3, "l1_coefficient": 5.0, "use_sparse_kernels": sparse}  # fmt: skip
+        (r,) = train_saes(train, [cfg], progress=False)
+        with torch.no_grad():
+            f = r.sae.encode(held)
+            fvu = float(((r.sae.decode(f) - held) ** 2).sum() / ((held - held.mean(0)) ** 2).sum())
+        results[sparse] = (fvu, float((f > 0).sum(1).float().mean()), r.sae)
+    (fvu_s, l0_s, sae_s), (fvu_d, l0_d, _) = results[True], results[False]
+    # the trained SAE's batches run sparse (the scale is folded in: raw rows will do)
+    xb = torch.from_numpy(x[:512])
+    assert sae_s.sparse_code(xb, sae_s.fused_pre_acts(xb, sae_s.b_enc)) is not None
+    assert fvu_s < 0.8 and fvu_d < 0.8, (fvu_s, fvu_d)  # it learns (FVU 0.66 here)
+    assert fvu_s == pytest.approx(fvu_d, rel=0.1)
+    assert l0_s == pytest.approx(l0_d, rel=0.15)
