@@ -194,7 +194,8 @@ def l1_family_worker(args: argparse.Namespace, train, ev, t0: float) -> dict[str
         cls, _ = L1_FAMILY[args.arch]
         cfg = cls(**common, n_training_tokens=args.tokens, lr_warmup_steps=0,
                   lr_decay_fraction=0.2, dead_feature_window=args.dead_window,
-                  b_dec_init="geometric_median", target_l0=args.target_l0)  # fmt: skip
+                  b_dec_init="geometric_median", target_l0=args.target_l0,
+                  calibration_runs=args.calibration_runs)  # fmt: skip
         (r,) = train_saes(train, [cfg], progress=False, n_norm_rows=16 * args.batch)
         seconds = time.perf_counter() - t0
         res = evaluate(r.sae.encode, r.sae.decode, ev)
@@ -239,7 +240,8 @@ def l1_family_main(args: argparse.Namespace, path: Path) -> None:
                f"--arch={args.arch}", f"--target-l0={args.target_l0}",
                f"--coefficient={coefficient or 0.0}"] + [
             f"--{k}={getattr(args, k.replace('-', '_'))}"
-            for k in ("d", "n", "batch", "tokens", "train-rows", "lr", "dead-window")]  # fmt: skip
+            for k in ("d", "n", "batch", "tokens", "train-rows", "lr", "dead-window",
+                      "calibration-runs")]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             print(out.stderr[-3000:])
@@ -322,6 +324,14 @@ def main() -> None:
     p.add_argument("--target-l0", type=float, default=32.0, help="L1 family: ours' target")
     p.add_argument("--coefficient", type=float, default=0.0, help="(worker) SAELens' λ")
     p.add_argument("--saelens-runs", type=int, default=3)
+    p.add_argument(
+        "--calibration-runs",
+        type=int,
+        default=0,
+        help="L1 family: ours' short "
+        "runs searching λ before the controller (the study gives relu 3); their "
+        "time counts in ours' tokens/s",
+    )
     p.add_argument(
         "--train-rows",
         type=int,

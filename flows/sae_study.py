@@ -13,7 +13,7 @@ study").
 
 Every architecture × every L0 target × every seed, on one hook of every model: TopK and
 BatchTopK at k = target, relu / gated / jumprelu calibrated to `target_l0` = target
-(stages/sae/calibrate.py). Each seed is one `dvc exp run --queue` of the `saes@<model>`
+(stages/sae/calibrate.py; relu with 3 calibration runs first, `CALIBRATION`). Each seed is one `dvc exp run --queue` of the `saes@<model>`
 stages only (the corpus, LMs and activations come from the DVC cache), with
 `saes.sweep.<model>` set by `-S` to the default sweep plus a group of that seed's SAEs
 (the default's SAEs stay: the other stages' params name them); `dvc queue start` then
@@ -54,6 +54,10 @@ WIDTH_K = 16
 FAMILIES_OUT = "studies/families"
 BASE = {"expansion_factor": 16, "n_training_tokens": 1_000_000, "batch_size": 4096,
         "lr": 0.001}  # fmt: skip
+# relu searches λ with 3 short runs before its controller: started at the configured λ
+# (5), the controller alone overshoots and the SAE collapses (FVU 0.85 at L0 16, 0.31
+# with the search; README, "The SAE study")
+CALIBRATION = {"relu": {"calibration_runs": 3}}
 
 
 def study_saes(seed: int, targets=L0_TARGETS, architectures=ARCHITECTURES) -> list[dict]:
@@ -63,6 +67,7 @@ def study_saes(seed: int, targets=L0_TARGETS, architectures=ARCHITECTURES) -> li
     for arch in architectures:
         for t in targets:
             sparsity = {"k": t} if arch in ("topk", "batchtopk") else {"target_l0": t}
+            sparsity.update(CALIBRATION.get(arch, {}))
             out.append({"architecture": arch, **BASE, **sparsity, "seed": seed,
                         "name": f"{arch}-l0t{t:g}-s{seed}"})  # fmt: skip
     return out

@@ -26,6 +26,14 @@ def test_study_queues_one_valid_sweep_per_seed(tmp_path):
         cfgs = [c for c in p.saes.plan("toy-a")["blocks.3.hook_resid_post"] if c.name]
         assert len(cfgs) == 5 * 3 and {c.seed for c in cfgs} == {seed}
         assert sorted(c.intended_l0 for c in cfgs) == sorted([8.0, 16.0, 32.0] * 5)
+        # relu searches λ with short runs before its controller; the others do not
+        assert {c.architecture: c.calibration_runs for c in cfgs} == {
+            "relu": 3,
+            "gated": 0,
+            "jumprelu": 0,
+            "topk": 0,
+            "batchtopk": 0,
+        }
         # the default sweep is still there, unchanged
         assert p.saes.plan("toy-b") == {
             h: [*cs, *(cfgs if h == "blocks.3.hook_resid_post" else [])]
