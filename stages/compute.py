@@ -10,9 +10,10 @@
   the key, before any work starts.
 - `precision`: `fp32` (everything in float32: the reference, bit-reproducible on one
   machine) or `bf16` (matmuls in bfloat16 under `torch.autocast`; weights, optimiser
-  state, losses, reductions and every stored number stay float32). TopK SAEs on the
-  CPU's sparse kernels use the bf16 encoder GEMM only to pick their k latents; the
-  picked values, the decoder and every gradient stay float32 (`stages/sae/topk.py`).
+  state, losses, reductions and every stored number stay float32). SAEs on the CPU's
+  sparse kernels (TopK always, the L1 family on sparse batches) use the bf16 encoder
+  GEMM only to pick their latents; the picked values, the decoder and every gradient
+  stay float32 (`stages/sae/sparse_ops.py`).
   SAE evaluation is float32 on any setting.
 
 `device` is not a DVC dependency (like the torch thread count, it changes the last
