@@ -134,16 +134,14 @@ class BaseSAE(nn.Module):
         `pre_acts` adds the bias after the product, as inference always has)."""
         return torch.addmm(bias, self.sae_in(x), self.W_enc)
 
-    def sparse_code(
-        self, x: Tensor, pre: Tensor, floor: Tensor | float = 0.0
-    ) -> sparse_ops.Code | None:
+    def sparse_code(self, pre: Tensor, floor: Tensor | float = 0.0) -> sparse_ops.Code | None:
         """For an architecture whose gradients vanish off the entries where its encoder
         pre-activations `pre` (computed for the dense path) exceed `floor`: those entries
         as a sparse code, when sparse kernels apply (a CPU batch, `use_sparse_kernels`)
         and the code is sparse enough to pay (`sparse_ops.active_set`); None means train
         dense, on `pre` as it is. The sparse path recomputes the code's values with
         their own gradient path, so the dense GEMM's graph is simply dropped."""
-        if not (self.cfg.use_sparse_kernels and x.device.type == "cpu"):
+        if not (self.cfg.use_sparse_kernels and pre.device.type == "cpu"):
             return None
         with torch.no_grad():
             return sparse_ops.active_set(pre.detach(), floor)

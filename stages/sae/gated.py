@@ -58,7 +58,7 @@ class GatedSAE(BaseSAE):
         self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
     ) -> SAEOutput:
         pi_gate = self.fused_pre_acts(x, self.b_gate)
-        if (code := self.sparse_code(x, pi_gate)) is not None:
+        if (code := self.sparse_code(pi_gate)) is not None:
             return self._sparse_forward(x, code, sparsity_scale)
         pi_mag = self._magnitudes(x)
         f = (pi_gate > 0).to(pi_mag.dtype) * pi_mag.relu()

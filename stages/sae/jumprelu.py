@@ -123,7 +123,7 @@ class JumpReLUSAE(BaseSAE):
         # every entry whose straight-through window (θ ± ε/2) it reaches, and a margin
         window = self.threshold.detach() - 0.5 * cfg.bandwidth * (1 + 1e-3)
         pre = self.fused_pre_acts(x, self.b_enc)
-        code = None if pre_act else self.sparse_code(x, pre, window)
+        code = None if pre_act else self.sparse_code(pre, window)
         if code is not None:
             z = sparse_ops.encode_at(self.sae_in(x), self.W_enc, self.b_enc, code)
             th = self.threshold[code.col]

@@ -42,7 +42,7 @@ class ReLUSAE(BaseSAE):
         self, x: Tensor, sparsity_scale: float = 1.0, dead_mask: Tensor | None = None
     ) -> SAEOutput:
         pre = self.fused_pre_acts(x, self.b_enc)
-        if (code := self.sparse_code(x, pre)) is not None:
+        if (code := self.sparse_code(pre)) is not None:
             return self._sparse_forward(x, code, sparsity_scale)
         f = pre.relu()
         x_hat = f @ self.W_dec + self.b_dec

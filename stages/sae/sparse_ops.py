@@ -45,10 +45,6 @@ class Code(NamedTuple):
     col: Tensor  # int64 [nnz]
     vals: Tensor  # [nnz]
 
-    @property
-    def rows(self) -> int:
-        return self.crow.shape[0] - 1
-
 
 def fixed_rows(idx: Tensor) -> tuple[Tensor, Tensor]:
     """(crow, col) of a code with k entries per row, `idx [B, k]` sorted within rows."""
@@ -147,7 +143,8 @@ def encode_at(x_c: Tensor, W_enc: Tensor, b_enc: Tensor, code: Code) -> Tensor:
     float32 at the code's entries when a lower-precision GEMM picked them."""
     vals = code.vals
     if vals.dtype != x_c.dtype:
-        vals = selected_pre_acts(x_c, W_enc, b_enc, code.crow, code.col)
+        with torch.no_grad():  # the gradient goes through SparseEncoderGrad alone
+            vals = selected_pre_acts(x_c, W_enc, b_enc, code.crow, code.col)
     with torch.autocast(x_c.device.type, enabled=False):
         return SparseEncoderGrad.apply(x_c, W_enc, b_enc, code.crow, code.col, vals)
 

@@ -20,13 +20,7 @@ from torch import Tensor
 
 from stages.sae.base import BaseSAE, SAEOutput
 from stages.sae.config import TopKConfig
-from stages.sae.sparse_ops import (
-    SparseDecode,
-    SparseEncoderGrad,
-    fixed_rows,
-    selected_pre_acts,
-    topk_sorted,
-)
+from stages.sae.sparse_ops import Code, decode, encode_at, fixed_rows, topk_sorted
 
 
 def auxk_loss(
@@ -54,12 +48,10 @@ def auxk_loss(
         aux_idx = dead_ids[aux_j]
         aux_idx, order = aux_idx.sort(dim=-1)
         aux_vals = aux_vals.gather(-1, order)
-        crow, col = fixed_rows(aux_idx)
-        if sparse and aux_vals.dtype != x_c.dtype:  # picked in bf16: exact values
-            aux_vals = selected_pre_acts(x_c, sae.W_enc, sae.b_enc, crow, col)
-    if sparse:
-        vals = SparseEncoderGrad.apply(x_c, sae.W_enc, sae.b_enc, crow, col, aux_vals.reshape(-1))
-        e_hat = SparseDecode.apply(crow, col, vals.relu(), sae.W_dec)
+    if sparse:  # picked in bf16: encode_at takes the exact values
+        code = Code(*fixed_rows(aux_idx), aux_vals.reshape(-1))
+        vals = encode_at(x_c, sae.W_enc, sae.b_enc, code).relu()
+        e_hat = decode(code, vals, sae.W_dec)
     else:
         vals = pre.gather(-1, aux_idx).relu()
         f_aux = torch.zeros_like(pre).scatter(-1, aux_idx, vals)
@@ -93,15 +85,11 @@ class TopKSAE(BaseSAE):
                 # the decode, the AuxK term and every gradient stay float32
                 pre = torch.addmm(self.b_enc, x_c, self.W_enc)
                 vals, idx = topk_sorted(pre, cfg.k)
-                crow, col = fixed_rows(idx)
-                vals = vals.reshape(-1)
-                if vals.dtype != x_c.dtype:
-                    vals = selected_pre_acts(x_c, self.W_enc, self.b_enc, crow, col)
+                code = Code(*fixed_rows(idx), vals.reshape(-1))
         with torch.autocast(x.device.type, enabled=False) if sparse else contextlib.nullcontext():
             if sparse:
-                vals = SparseEncoderGrad.apply(x_c, self.W_enc, self.b_enc, crow, col, vals)
-                vals = vals.relu()
-                x_hat = SparseDecode.apply(crow, col, vals, self.W_dec) + self.b_dec
+                vals = encode_at(x_c, self.W_enc, self.b_enc, code).relu()  # float32 values
+                x_hat = decode(code, vals, self.W_dec) + self.b_dec
                 vals = vals.view_as(idx)
             else:
                 pre = x_c @ self.W_enc + self.b_enc

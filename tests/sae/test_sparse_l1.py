@@ -68,7 +68,7 @@ def test_sparse_path_matches_dense_autograd(arch, kw):
     floor = 0.0
     if arch == "jumprelu":
         floor = sae.threshold.detach() - 0.5 * sae.cfg.bandwidth * (1 + 1e-3)
-    code = sae.sparse_code(x, sae.fused_pre_acts(x, bias), floor)
+    code = sae.sparse_code(sae.fused_pre_acts(x, bias), floor)
     assert code is not None, "the state must put this batch on the sparse path"
     assert 0 < code.col.numel() < 0.05 * B * D_SAE
     outs = [m(x, 0.7) for m in (sae, twin)]
@@ -95,7 +95,7 @@ def test_dense_batches_stay_on_the_dense_path(arch):
                      "n_training_tokens": 4096, **COEF[arch]})  # fmt: skip
     x = torch.randn(B, D_IN)
     bias = sae.b_gate if arch == "gated" else sae.b_enc
-    assert sae.sparse_code(x, sae.fused_pre_acts(x, bias)) is None
+    assert sae.sparse_code(sae.fused_pre_acts(x, bias)) is None
 
 
 def test_relu_training_takes_the_sparse_path_and_lands_where_dense_does():
@@ -117,7 +117,7 @@ def test_relu_training_takes_the_sparse_path_and_lands_where_dense_does():
     (fvu_s, l0_s, sae_s), (fvu_d, l0_d, _) = results[True], results[False]
     # the trained SAE's batches run sparse (the scale is folded in: raw rows will do)
     xb = torch.from_numpy(x[:512])
-    assert sae_s.sparse_code(xb, sae_s.fused_pre_acts(xb, sae_s.b_enc)) is not None
+    assert sae_s.sparse_code(sae_s.fused_pre_acts(xb, sae_s.b_enc)) is not None
     assert fvu_s < 0.8 and fvu_d < 0.8, (fvu_s, fvu_d)  # it learns (FVU 0.66 here)
     assert fvu_s == pytest.approx(fvu_d, rel=0.1)
     assert l0_s == pytest.approx(l0_d, rel=0.15)
