@@ -110,6 +110,15 @@ def _next_coefficient(
     return math.exp(x0 + step)
 
 
+# per `SAEConfig.l0_control`: the controller's settings for that mode
+CONTROL_MODES: dict[str, dict[str, Any]] = {
+    "trend": {},
+    # the path already holds the slow fall, so a short horizon; λ may move ×1.06 a step,
+    # to follow the first fast fall (λ rose ×1.8 in 16 steps on toy-a)
+    "reference": {"mode": "reference", "horizon": 20.0, "max_log_step": 0.06},
+}
+
+
 @dataclass
 class L0Controller:
     """Dual ascent of log λ on the constraint L0 = `target` (see the module docstring),
@@ -131,6 +140,25 @@ class L0Controller:
     gated SAE collapsed on the toy model: its L0 falls at a speed Adam's learning rate
     sets, whatever λ is, so λ kept rising ×1.105 a step for 140 steps (×8·10⁵) while
     L0 came down from 511, passed the target and went to 0.01, every gate shut.
+
+    Mode "reference" (relu's default, `CONTROL_MODES`) steers onto a path instead of the
+    target: with u = (t + H) / `until_step` and L0₀ the first batch's L0,
+
+        log r(u) = log target + max(s · (1 − u), log(L0₀ / target) · exp(−u / τ))
+
+    (s = `reference_slope`, τ = `reference_tau`), and e = y + H · v − log r(u); with a
+    sparsity warm-up, u counts from its end (`hold_until`), and λ is held until then in
+    both modes (L0 answers the warm-up there; integrating it wound λ up ×14 for a 61-step
+    warm-up, and L0 ended at 5.7 for 16). An L1
+    SAE's L0 at one fixed λ falls fast for the first few % of a run and then keeps
+    falling slowly to its end (toy-a, relu at the λ that lands on 16: L0 77 at 7 % of the
+    run, 26 at 25 %, 17 at the end, log(26 / 17) ≈ 0.4). Steering the batch L0 onto the
+    target itself therefore asks for a λ whose L0 would end far below it: the "trend"
+    controller raised relu's λ all run (5 → 19.6 for 16; L0 stayed above the target
+    until the last 20 steps) and ended at FVU 0.85, where the fixed λ 9.22 ends at L0
+    17.4 with FVU 0.38. On the path, λ settles near the fixed λ (9.3) with FVU 0.43. A
+    gated SAE's L0 answers λ through its gates at once, not by a slow fall: on the path
+    its λ fell to 0.02 and FVU rose from 0.018 to 0.74, so gated keeps "trend".
     """
 
     target: float
@@ -141,6 +169,12 @@ class L0Controller:
     max_log_step: float = 0.02  # at most ×1.02 per step: λ moves no faster than L0 can
     smoothing: float = 0.9  # EMA factor of log L0 and of its trend (~10 steps)
     horizon: float = 60.0  # steps ahead the error is predicted
+    # "reference": track the path `reference_log_l0` instead of the target itself
+    mode: str = "trend"
+    reference_tau: float = 0.05  # the fast first fall's time constant, in runs
+    reference_slope: float = 0.4  # log(L0 / target) the path keeps at the start of the run
+    start_log_l0: float | None = None  # log L0 at `hold_until` (the path's start)
+    hold_until: int = 0  # λ held before this step (the sparsity warm-up); the path starts here
     ema_log_l0: float | None = None
     ema_trend: float = 0.0
     fell: bool = False  # the smoothed L0 has fallen faster than `settled_trend` a step
@@ -156,6 +190,8 @@ class L0Controller:
             return
         y = math.log(max(l0, 1e-2))
         b = self.smoothing
+        if self.start_log_l0 is None and step >= self.hold_until:
+            self.start_log_l0 = y
         if self.ema_log_l0 is None:
             self.ema_log_l0 = y
         else:
@@ -163,9 +199,22 @@ class L0Controller:
             self.ema_log_l0 = b * prev + (1 - b) * y
             self.ema_trend = b * self.ema_trend + (1 - b) * (self.ema_log_l0 - prev)
         self.fell = self.fell or self.ema_trend < -self.settled_trend
-        err = self.ema_log_l0 - math.log(self.target) + self._horizon(step) * self.ema_trend
+        if step < self.hold_until:  # L0 answers the warm-up here, not λ: no wind-up
+            return
+        h = self._horizon(step)
+        err = self.ema_log_l0 + h * self.ema_trend - self.reference_log_l0(step + h)
         delta = self.rate * err
         self.log_multiplier += max(-self.max_log_step, min(self.max_log_step, delta))
+
+    def reference_log_l0(self, step: float) -> float:
+        """log of the L0 the controller steers to at `step`: the target (mode "trend"),
+        or the reference path (mode "reference", see the class docstring)."""
+        lt = math.log(self.target)
+        if self.mode != "reference" or self.start_log_l0 is None:
+            return lt
+        u = (step - self.hold_until) / max(1, self.until_step - self.hold_until)
+        fall = max(0.0, self.start_log_l0 - lt) * math.exp(-u / self.reference_tau)
+        return lt + max(self.reference_slope * max(0.0, 1.0 - u), fall)
 
     @property
     def fall_over(self) -> bool:
@@ -196,6 +245,7 @@ class L0Controller:
             "ema_log_l0": self.ema_log_l0,
             "ema_trend": self.ema_trend,
             "fell": self.fell,
+            "start_log_l0": self.start_log_l0,
         }
 
     def load(self, state: dict[str, float | None]) -> None:
@@ -204,6 +254,8 @@ class L0Controller:
         self.ema_log_l0 = None if e is None else float(e)
         self.ema_trend = float(state.get("ema_trend") or 0.0)
         self.fell = bool(state.get("fell", False))
+        s0 = state.get("start_log_l0")
+        self.start_log_l0 = None if s0 is None else float(s0)
 
 
-__all__ = ["L0Controller", "search_coefficient"]
+__all__ = ["CONTROL_MODES", "L0Controller", "search_coefficient"]

@@ -106,6 +106,11 @@ class SAEConfig(BaseModel):
     l0_control_rate: float = Field(
         default=0.05, ge=0, description="dual-ascent rate on log λ in the full run (0: off)"
     )
+    l0_control: Literal["trend", "reference"] = Field(
+        default="trend",
+        description="the full run's controller steers L0 onto the target (trend) or onto "
+        "a path that reaches it at the end of the run (reference; relu's default)",
+    )
 
     @field_validator("name")
     @classmethod
@@ -251,6 +256,7 @@ class ReLUConfig(SAEConfig):
 
     architecture: Literal["relu"] = "relu"
     sparsity_coefficient: ClassVar[str | None] = "l1_coefficient"
+    l0_control: Literal["trend", "reference"] = "reference"
     l1_coefficient: float = Field(default=5.0, ge=0, description="λ in the update")
     decoder_init_norm: float = Field(default=0.1, gt=0)
 

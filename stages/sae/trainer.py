@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from stages.compute import CPU, Device, numerics
 from stages.io import load_safetensors
 from stages.sae.base import BaseSAE
-from stages.sae.calibrate import L0Controller, search_coefficient
+from stages.sae.calibrate import CONTROL_MODES, L0Controller, search_coefficient
 from stages.sae.config import SAEConfig, parse_sae_config
 from stages.sae.data import (
     ActivationSource,
@@ -150,6 +150,8 @@ class _Run:
                 until_step=cfg.n_steps,
                 rate=cfg.l0_control_rate,
                 decay_steps=math.floor(cfg.lr_decay_fraction * cfg.n_steps),
+                hold_until=cfg.sparsity_warmup_steps,
+                **CONTROL_MODES[cfg.l0_control],
             )  # fmt: skip
             if cfg.target_l0 is not None
             and cfg.l0_control_rate > 0
@@ -614,7 +616,7 @@ def _finish(run: _Run, seconds: float, sample: torch.Tensor) -> TrainResult:
             "search": run.search,
             # the full run: dual ascent from the coefficient the search kept
             "control": None if ctl is None else {
-                "rate": ctl.rate, "until_step": ctl.until_step,
+                "rate": ctl.rate, "until_step": ctl.until_step, "mode": ctl.mode,
                 "start_coefficient": run.cfg.coefficient(),
                 "final_coefficient": run.cfg.coefficient() * ctl.multiplier,
             },

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stages.sae import train_saes
-from stages.sae.calibrate import L0Controller, search_coefficient
+from stages.sae.calibrate import CONTROL_MODES, L0Controller, search_coefficient
 from stages.sae.config import parse_sae_config
 from stages.sae.registry import build_sae
 from stages.sae.synthetic import SyntheticFeatures
@@ -87,6 +87,50 @@ def test_controller_does_not_wind_up_on_a_velocity_limited_plant():
     # gated collapse on the toy model)
     old = L0Controller(16.0, until_step=244, max_log_step=0.1, horizon=0.0, smoothing=0.0)
     assert min(_velocity_limited_plant(old)) < 0.2 * 16
+
+
+def test_reference_path_closed_form():
+    ctl = L0Controller(16.0, until_step=100, **CONTROL_MODES["reference"])
+    assert ctl.reference_log_l0(0) == math.log(16.0)  # no batch seen: no path yet
+    ctl.update(0, 512.0)
+    lt, fall = math.log(16.0), math.log(32.0)
+    assert ctl.reference_log_l0(0) == pytest.approx(lt + fall)  # starts at the first L0
+    assert ctl.reference_log_l0(10) == pytest.approx(lt + fall * math.exp(-0.1 / 0.05))
+    assert ctl.reference_log_l0(50) == pytest.approx(lt + 0.4 * 0.5)  # the slow fall
+    assert ctl.reference_log_l0(100) == pytest.approx(lt)  # on the target at the end
+    ctl2 = L0Controller(16.0, until_step=100, **CONTROL_MODES["reference"])
+    ctl2.load(ctl.state())
+    assert ctl2.reference_log_l0(50) == ctl.reference_log_l0(50)  # resumes on the path
+    trend = L0Controller(16.0, until_step=100)
+    trend.update(0, 512.0)
+    assert trend.reference_log_l0(0) == math.log(16.0)
+
+
+def _slow_fall_plant(ctl: L0Controller, lag: float, steps: int = 244) -> list[float]:
+    # an L1 SAE's L0 at fixed λ: a fast fall (10 % a step) while far above its equilibrium
+    # 46·m^(-1.3), then a slow approach (a share `lag` of the log gap a step), so the run
+    # ends before L0 settles
+    log_l0, traj = math.log(500.0), []
+    for step in range(steps):
+        traj.append(math.exp(log_l0))
+        ctl.update(step, traj[-1])
+        gap = math.log(46.0) - 1.3 * ctl.log_multiplier - log_l0
+        log_l0 += max(-0.1, lag * gap) if gap < -1.0 else lag * gap
+    return traj
+
+
+@pytest.mark.parametrize("lag", [0.02, 0.03])
+def test_reference_path_keeps_lambda_near_the_one_that_lands_on_the_target(lag):
+    # m* = (46 / 16)^(1/1.3): the multiplier whose equilibrium is the target. Steering the
+    # batch L0 onto the target while L0 still falls overshoots it (relu's collapse on the
+    # toy model: λ 19.6 where 9.2 lands on 16); the path lands nearer m*, on the target
+    m_star = (46 / 16) ** (1 / 1.3)
+    ref = L0Controller(16.0, until_step=244, decay_steps=48, **CONTROL_MODES["reference"])
+    trend = L0Controller(16.0, until_step=244, decay_steps=48)
+    traj = _slow_fall_plant(ref, lag)
+    _slow_fall_plant(trend, lag)
+    assert traj[-1] == pytest.approx(16.0, rel=0.10)
+    assert abs(math.log(ref.multiplier / m_star)) < 0.5 * abs(math.log(trend.multiplier / m_star))
 
 
 def test_controller_says_when_the_first_fast_fall_is_over():
@@ -199,6 +243,7 @@ def test_trainer_reaches_the_target_l0_on_held_out_synthetic_rows(arch):
     cal = r.sae.metadata["sparsity_calibration"]
     assert cal["target_l0"] == 6.0 and cal["search"] is None
     assert cal["final_coefficient"] != r.config.coefficient()  # the controller moved λ
+    assert cal["control"]["mode"] == ("reference" if arch == "relu" else "trend")
     if arch == "jumprelu":  # its thresholds moved once, after the first fall of L0
         assert 0 < cal["retarget"]["step"] < r.n_steps and cal["retarget"]["l0"] <= 6.0
     if arch == "gated":  # asked once, after the first fall; L0 was still above 6 then

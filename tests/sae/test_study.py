@@ -27,6 +27,7 @@ def test_study_queues_one_valid_sweep_per_seed(tmp_path):
         assert len(cfgs) == 5 * 3 and {c.seed for c in cfgs} == {seed}
         assert sorted(c.intended_l0 for c in cfgs) == sorted([8.0, 16.0, 32.0] * 5)
         # relu searches λ with short runs before its controller; the others do not
+        assert {c.l0_control for c in cfgs if c.architecture == "relu"} == {"trend"}
         assert {c.architecture: c.calibration_runs for c in cfgs} == {
             "relu": 3,
             "gated": 0,
