@@ -113,9 +113,11 @@ def _next_coefficient(
 # per `SAEConfig.l0_control`: the controller's settings for that mode
 CONTROL_MODES: dict[str, dict[str, Any]] = {
     "trend": {},
-    # the path already holds the slow fall, so a short horizon; λ may move ×1.06 a step,
-    # to follow the first fast fall (λ rose ×1.8 in 16 steps on toy-a)
-    "reference": {"mode": "reference", "horizon": 20.0, "max_log_step": 0.06},
+    # the path already holds the slow fall, so a short horizon. λ may move ×1.06 a step
+    # during the first fast fall (2 τ = 10 % of the run; λ rose ×1.8 in 16 steps on
+    # toy-a), ×1.02 after it: at ×1.06 throughout, on synthetic data whose L0 answers λ
+    # steeply, L0 swung between 12 and 372 every ~50 steps and ended at 9.75 for 32
+    "reference": {"mode": "reference", "horizon": 20.0, "fast_log_step": 0.06},
 }
 
 
@@ -146,7 +148,8 @@ class L0Controller:
 
         log r(u) = log target + max(s · (1 − u), log(L0₀ / target) · exp(−u / τ))
 
-    (s = `reference_slope`, τ = `reference_tau`), and e = y + H · v − log r(u); with a
+    (s = `reference_slope`, τ = `reference_tau`), and e = y + H · v − log r(u), λ moving
+    at most `fast_log_step` a step while u < 2τ, `max_log_step` after; with a
     sparsity warm-up, u counts from its end (`hold_until`), and λ is held until then in
     both modes (L0 answers the warm-up there; integrating it wound λ up ×14 for a 61-step
     warm-up, and L0 ended at 5.7 for 16). An L1
@@ -175,6 +178,7 @@ class L0Controller:
     reference_slope: float = 0.4  # log(L0 / target) the path keeps at the start of the run
     start_log_l0: float | None = None  # log L0 at `hold_until` (the path's start)
     hold_until: int = 0  # λ held before this step (the sparsity warm-up); the path starts here
+    fast_log_step: float = 0.02  # mode "reference": the cap while the path's fast fall lasts
     ema_log_l0: float | None = None
     ema_trend: float = 0.0
     fell: bool = False  # the smoothed L0 has fallen faster than `settled_trend` a step
@@ -204,7 +208,13 @@ class L0Controller:
         h = self._horizon(step)
         err = self.ema_log_l0 + h * self.ema_trend - self.reference_log_l0(step + h)
         delta = self.rate * err
-        self.log_multiplier += max(-self.max_log_step, min(self.max_log_step, delta))
+        cap = self.fast_log_step if self._in_fast_fall(step) else self.max_log_step
+        self.log_multiplier += max(-cap, min(cap, delta))
+
+    def _in_fast_fall(self, step: int) -> bool:
+        """Mode "reference", within 2 τ of the path's start: λ may move `fast_log_step`."""
+        u = (step - self.hold_until) / max(1, self.until_step - self.hold_until)
+        return self.mode == "reference" and u < 2 * self.reference_tau
 
     def reference_log_l0(self, step: float) -> float:
         """log of the L0 the controller steers to at `step`: the target (mode "trend"),

@@ -78,7 +78,12 @@ class GatedSAE(BaseSAE):
         with torch.autocast(x.device.type, enabled=False):
             # all gates here are open, unless a bf16 GEMM picked one its float32 value shuts
             gate = pi_gate.relu()
-            pi_mag = self.r_mag.exp()[col] * (pi_gate - self.b_gate[col]) + self.b_mag[col]
+            # index_select, not t[col]: the latter's backward (index_put_ with accumulate)
+            # adds in a thread-dependent order on CPU, so training was not reproducible
+            r, b_g, b_m = (
+                t.index_select(0, col) for t in (self.r_mag.exp(), self.b_gate, self.b_mag)
+            )
+            pi_mag = r * (pi_gate - b_g) + b_m
             f = (gate.detach() > 0).to(pi_mag.dtype) * pi_mag.relu()
             x_hat = sparse_ops.decode(code, f, self.W_dec) + self.b_dec
             x_hat_gate = sparse_ops.decode(code, gate, self.W_dec.detach()) + self.b_dec.detach()

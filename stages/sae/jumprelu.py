@@ -126,7 +126,7 @@ class JumpReLUSAE(BaseSAE):
         code = None if pre_act else self.sparse_code(pre, window)
         if code is not None:
             z = sparse_ops.encode_at(self.sae_in(x), self.W_enc, self.b_enc, code)
-            th = self.threshold[code.col]
+            th = self.threshold.index_select(0, code.col)  # t[col]'s grad: not reproducible
             with torch.autocast(x.device.type, enabled=False):
                 f = JumpReLUFn.apply(z, th, cfg.bandwidth)
                 x_hat = sparse_ops.decode(code, f, self.W_dec) + self.b_dec

@@ -59,7 +59,8 @@ class ReLUSAE(BaseSAE):
         f = sparse_ops.encode_at(x_c, self.W_enc, self.b_enc, code).relu()
         with torch.autocast(x.device.type, enabled=False):
             x_hat = sparse_ops.decode(code, f, self.W_dec) + self.b_dec
-            weighted = (f * self.W_dec.norm(dim=1)[code.col]).sum() / x.shape[0]
+            norms = self.W_dec.norm(dim=1).index_select(0, code.col)  # t[col]: see gated.py
+            weighted = (f * norms).sum() / x.shape[0]
         terms = {
             "mse": self.mse(x_hat, x),
             "l1": self.cfg.l1_coefficient * sparsity_scale * weighted,

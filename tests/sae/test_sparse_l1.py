@@ -121,3 +121,38 @@ def test_relu_training_takes_the_sparse_path_and_lands_where_dense_does():
     assert fvu_s < 0.8 and fvu_d < 0.8, (fvu_s, fvu_d)  # it learns (FVU 0.66 here)
     assert fvu_s == pytest.approx(fvu_d, rel=0.1)
     assert l0_s == pytest.approx(l0_d, rel=0.15)
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu"])
+def test_sparse_gradients_are_reproducible_on_a_large_batch(arch):
+    # ~100k active entries, enough for CPU kernels to split the work across threads:
+    # picking per-latent parameters with t[col] summed its gradient (index_put_ with
+    # accumulate) in a thread-dependent order, so relu, gated and JumpReLU training was
+    # not bit-reproducible on the sparse path (index_select sums in a fixed order)
+    cfg = {"architecture": arch, "d_in": D_IN, "d_sae": 1024, "n_training_tokens": 4096,
+           "batch_size": 4096, **COEF[arch]}  # fmt: skip
+    sae = build_sae(cfg)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, D_IN, generator=g)
+    with torch.no_grad():
+        for _, p in sae.named_parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        # each latent active on ~2 % of the rows: its encoder bias (relu, gated) or its
+        # threshold (JumpReLU) at its pre-activations' 98th percentile
+        bias = "threshold" if arch == "jumprelu" else ("b_gate" if arch == "gated" else "b_enc")
+        q = sae.fused_pre_acts(x, torch.zeros(1024)).quantile(0.98, dim=0)
+        getattr(sae, bias).copy_(q + sae.cfg.bandwidth if arch == "jumprelu" else -q)
+    grads, threads = [], torch.get_num_threads()
+    torch.set_num_threads(2)  # this folder's tests run on one thread, which hid it
+    try:
+        for _ in range(4):
+            sae.zero_grad(set_to_none=True)
+            out = sae(x)
+            assert 50_000 < int(out.fire_counts.sum()) < 0.05 * 4096 * 1024  # sparse path
+            out.loss.backward()
+            grads.append({n: p.grad.clone() for n, p in sae.named_parameters()})
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        for n, v in grads[0].items():
+            assert torch.equal(v, other[n]), n
