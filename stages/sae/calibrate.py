@@ -159,7 +159,7 @@ class L0Controller:
     target itself therefore asks for a λ whose L0 would end far below it: the "trend"
     controller raised relu's λ all run (5 → 19.6 for 16; L0 stayed above the target
     until the last 20 steps) and ended at FVU 0.85, where the fixed λ 9.22 ends at L0
-    17.4 with FVU 0.38. On the path, λ settles near the fixed λ (9.3) with FVU 0.43. A
+    17.4 with FVU 0.38. On the path, λ settles near the fixed λ (9.2) with FVU 0.43. A
     gated SAE's L0 answers λ through its gates at once, not by a slow fall: on the path
     its λ fell to 0.02 and FVU rose from 0.018 to 0.74, so gated keeps "trend".
     """
