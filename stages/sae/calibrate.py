@@ -152,16 +152,17 @@ class L0Controller:
     at most `fast_log_step` a step while u < 2τ, `max_log_step` after; with a
     sparsity warm-up, u counts from its end (`hold_until`), and λ is held until then in
     both modes (L0 answers the warm-up there; integrating it wound λ up ×14 for a 61-step
-    warm-up, and L0 ended at 5.7 for 16). An L1
-    SAE's L0 at one fixed λ falls fast for the first few % of a run and then keeps
-    falling slowly to its end (toy-a, relu at the λ that lands on 16: L0 77 at 7 % of the
-    run, 26 at 25 %, 17 at the end, log(26 / 17) ≈ 0.4). Steering the batch L0 onto the
-    target itself therefore asks for a λ whose L0 would end far below it: the "trend"
-    controller raised relu's λ all run (5 → 19.6 for 16; L0 stayed above the target
-    until the last 20 steps) and ended at FVU 0.85, where the fixed λ 9.22 ends at L0
-    17.4 with FVU 0.38. On the path, λ settles near the fixed λ (9.2) with FVU 0.43. A
-    gated SAE's L0 answers λ through its gates at once, not by a slow fall: on the path
-    its λ fell to 0.02 and FVU rose from 0.018 to 0.74, so gated keeps "trend".
+    warm-up, and L0 ended at 5.7 for 16).
+
+    Why a path: an L1 SAE's L0 at one fixed λ falls fast for the first few % of a run
+    and then keeps falling slowly to its end (toy-a, relu at the λ that lands on 16: L0
+    77 at 7 % of the run, 26 at 25 %, 17 at the end, log(26 / 17) ≈ 0.4). Steering the
+    batch L0 onto the target itself therefore asks for a λ whose L0 would end far below
+    it: the "trend" controller raised relu's λ all run (5 → 19.6 for 16; L0 stayed above
+    the target until the last 20 steps) and ended at FVU 0.85, where the fixed λ 9.22
+    ends at L0 17.4 with FVU 0.38. On the path, λ settles near the fixed λ (9.2) with FVU
+    0.43. A gated SAE's L0 answers λ through its gates at once, not by a slow fall: on
+    the path its λ fell to 0.02 and FVU rose from 0.018 to 0.74, so gated keeps "trend".
     """
 
     target: float
