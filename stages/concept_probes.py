@@ -2,8 +2,9 @@
 represent a concept, and beyond token identity?
 
 Per hook, one L2-regularised logistic regression per concept (Alain & Bengio 2016,
-"Understanding intermediate layers using linear classifier probes"), all fitted in one
-LBFGS run on standardised activations, positives weighted to balance the classes. Each
+"Understanding intermediate layers using linear classifier probes"), each solved to its
+optimum by Newton's method on standardised activations, positives weighted to balance
+the classes. Each
 probe's threshold is the one that maximises F1 on its training rows; its F1 is then
 measured on held-out rows at the concept's natural prevalence: the rows, labels and F1
 of the lexical baseline (`stages/lexical.py`, the best token-id lookup on the same
@@ -32,32 +33,67 @@ def _standardise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return (x - mu) / sd, mu, sd
 
 
-def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4,
-               max_iter: int = 150) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Logistic regressions of every column of y [n, C] (0/1) on x [n, d], fitted jointly
-    (the losses are independent; LBFGS runs on their sum). Returns (W [d, C], b [C]) acting
-    on raw x. Positives are weighted by (#neg / #pos) per column."""
+def _probe_loss(za: torch.Tensor, w: torch.Tensor, c: torch.Tensor, ny: torch.Tensor,
+                l2: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per column: Σ_rows [c·softplus(−s) + (1 − y)·s] / n + l2·‖w‖² (bias unpenalised),
+    with s = za @ w; and s. This is `binary_cross_entropy_with_logits(s, y, pos_weight)`
+    averaged over rows, written with c = pos_weight·y + 1 − y."""
+    s = za @ w
+    loss = ((c * torch.nn.functional.softplus(-s)).sum(0) + (ny * s).sum(0)) / len(s)
+    return loss + l2 * (w[:-1] ** 2).sum(0), s
+
+
+def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, max_iter: int = 50,
+               tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Logistic regressions of every column of y [n, C] (0/1) on x [n, d] standardised,
+    each minimising the positive-weighted cross-entropy (positives weighted by #neg / #pos)
+    plus l2·‖w‖². Returns (W [d, C], b [C]) acting on raw x.
+
+    Solved by Newton's method (IRLS) with backtracking, every column at once, to
+    convergence (half the Newton decrement below `tol`, typically 10–13 steps): the
+    objective is strictly convex, so the probe is its unique optimum whatever the solver.
+    (LBFGS capped at 150 iterations, used before, stopped 4e-5 to 3e-3 above it in every
+    column of the default run, and a 1e-7 change of its path moved held-out F1 by up to
+    0.025.) Gradients and the loss are float64; each column's Hessian is accumulated in
+    float32, which only changes the step, not the optimum."""
     x, y = x.double(), y.double()
     z, mu, sd = _standardise(x)
+    n, d = z.shape
+    za = torch.cat([z, torch.ones(n, 1, dtype=z.dtype)], 1)
+    za32, zt = za.float(), za.T.contiguous()
     pos = y.sum(0)
-    pos_weight = ((len(y) - pos) / pos.clamp_min(1)).clamp_min(1e-3)
-    w = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(y.shape[1], dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            z @ w + b, y, pos_weight=pos_weight, reduction="none"
-        ).mean(0)
-        total = loss.sum() + l2 * (w * w).sum()
-        total.backward()
-        return total
-
-    with torch.enable_grad():
-        opt.step(closure)
-    w_raw = (w / sd[:, None]).detach()
-    return w_raw, (b - (w * (mu / sd)[:, None]).sum(0)).detach()
+    e = y * ((n - pos) / pos.clamp_min(1)).clamp_min(1e-3)  # pos_weight · y
+    c, ny = e + (1 - y), 1 - y
+    reg = torch.full((d + 1, 1), 2 * l2, dtype=torch.float64)
+    reg[-1] = 0.0
+    w = torch.zeros(d + 1, y.shape[1], dtype=torch.float64)
+    loss, s = _probe_loss(za, w, c, ny, l2)
+    live = torch.ones(y.shape[1], dtype=torch.bool)
+    for _ in range(max_iter):
+        sig = torch.sigmoid(s)
+        g = zt @ (c * sig - e) / n + reg * w
+        r = (c * sig * (1 - sig)).float()
+        h = torch.stack([za32.T @ (za32 * r[:, j : j + 1]) for j in range(r.shape[1])])
+        h = h.double() / n + torch.diag_embed(reg[:, 0].expand(len(h), -1))
+        step = torch.linalg.solve(h + 1e-12 * torch.eye(d + 1, dtype=h.dtype), g.T).T
+        decrement = (g * step).sum(0)
+        live &= decrement / 2 >= tol
+        if not live.any():
+            break
+        step[:, ~live] = 0.0
+        t = torch.ones(y.shape[1], dtype=torch.float64)
+        for _ in range(40):  # Armijo backtracking, column by column
+            new_loss, new_s = _probe_loss(za, w - t * step, c, ny, l2)
+            short = live & (new_loss > loss - 0.25 * t * decrement)
+            if not short.any():
+                break
+            t[short] *= 0.5
+        else:  # no descent along the step (rounding at the optimum): the column stays
+            t[short] = 0.0
+            new_loss, new_s = _probe_loss(za, w - t * step, c, ny, l2)
+        w, loss, s = w - t * step, new_loss, new_s
+    w_raw = w[:-1] / sd[:, None]
+    return w_raw, w[-1] - (w[:-1] * (mu / sd)[:, None]).sum(0)
 
 
 def best_threshold(scores: np.ndarray, label: np.ndarray) -> tuple[float, float]:
