@@ -4,12 +4,11 @@ represent a concept, and beyond token identity?
 Per hook, one L2-regularised logistic regression per concept (Alain & Bengio 2016,
 "Understanding intermediate layers using linear classifier probes"), each solved to its
 optimum by Newton's method on standardised activations, positives weighted to balance
-the classes. Each
-probe's threshold is the one that maximises F1 on its training rows; its F1 is then
-measured on held-out rows at the concept's natural prevalence: the rows, labels and F1
-of the lexical baseline (`stages/lexical.py`, the best token-id lookup on the same
-held-out rows). So `lift = probe F1 - lexical F1`: what the residual stream says about
-the concept that the current token does not.
+the classes. Each probe's threshold is the one that maximises F1 on its training rows;
+its F1 is then measured on held-out rows at the concept's natural prevalence: the rows,
+labels and F1 of the lexical baseline (`stages/lexical.py`, the best token-id lookup on
+the same held-out rows). So `lift = probe F1 - lexical F1`: what the residual stream
+says about the concept that the current token does not.
 
 Controls: the same fit on training labels shuffled across rows (one permutation per
 hook) gives the F1 a probe reaches by chance at that prevalence (`null_f1`); and
