@@ -25,27 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.activations import ActivationStore  # noqa: E402
-from stages.concept_probes import _probe_loss, _split_rows, _standardise, fit_probes  # noqa: E402
-
-
-def _problem(x: torch.Tensor, y: torch.Tensor):
-    """`fit_probes`' problem: standardised rows with a bias column (za), the weights of
-    its loss (c, 1 − y), and the standardisation (mu, sd)."""
-    z, mu, sd = _standardise(x.double())
-    y = y.double()
-    n = len(y)
-    pos = y.sum(0)
-    e = y * ((n - pos) / pos.clamp_min(1)).clamp_min(1e-3)
-    c, ny = e + (1 - y), 1 - y
-    za = torch.cat([z, torch.ones(n, 1, dtype=z.dtype)], 1)
-    return za, c, ny, mu, sd
+from stages.concept_probes import _probe_loss, _split_rows, fit_probes, probe_problem  # noqa: E402
 
 
 def objective(x: torch.Tensor, y: torch.Tensor, w_raw: torch.Tensor, b: torch.Tensor,
               l2: float, grad: bool = False) -> tuple[torch.Tensor, float]:  # fmt: skip
     """Per-column objective of raw-space probes (W [d, C], b [C]), in the standardised
     coordinates `fit_probes` solves in; and the largest |gradient| when `grad`."""
-    za, c, ny, mu, sd = _problem(x, y)
+    za, c, _, ny, mu, sd = probe_problem(x, y)
     w = torch.cat([w_raw * sd[:, None], (b + (w_raw * mu[:, None]).sum(0))[None]], 0)
     w = w.detach().requires_grad_(grad)
     with torch.set_grad_enabled(grad):
@@ -59,7 +46,7 @@ def objective(x: torch.Tensor, y: torch.Tensor, w_raw: torch.Tensor, b: torch.Te
 def lbfgs(x: torch.Tensor, y: torch.Tensor, l2: float, iters: int):
     """The same objective by torch's LBFGS (strong Wolfe), every column at once, as the
     probes were fitted before; returns raw-space (W, b)."""
-    za, c, ny, mu, sd = _problem(x, y)
+    za, c, _, ny, mu, sd = probe_problem(x, y)
     w = torch.zeros(za.shape[1], y.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w], lr=1, max_iter=iters, line_search_fn="strong_wolfe")
 

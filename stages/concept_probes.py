@@ -42,6 +42,19 @@ def _probe_loss(za: torch.Tensor, w: torch.Tensor, c: torch.Tensor, ny: torch.Te
     return loss + l2 * (w[:-1] ** 2).sum(0), s
 
 
+def probe_problem(x: torch.Tensor, y: torch.Tensor):
+    """The probes' problem in float64: standardised rows with a bias column `za`, the
+    loss weights c = pos_weight·y + 1 − y, e = pos_weight·y and 1 − y (positives weighted
+    by #neg / #pos per column), and the standardisation (mu, sd)."""
+    y = y.double()
+    z, mu, sd = _standardise(x.double())
+    n = len(z)
+    za = torch.cat([z, torch.ones(n, 1, dtype=z.dtype)], 1)
+    pos = y.sum(0)
+    e = y * ((n - pos) / pos.clamp_min(1)).clamp_min(1e-3)
+    return za, e + (1 - y), e, 1 - y, mu, sd
+
+
 def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, max_iter: int = 50,
                tol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Logistic regressions of every column of y [n, C] (0/1) on x [n, d] standardised,
@@ -55,14 +68,9 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, max_iter: int
     column of the default run, and a 1e-7 change of its path moved held-out F1 by up to
     0.025.) Gradients and the loss are float64; each column's Hessian is accumulated in
     float32, which only changes the step, not the optimum."""
-    x, y = x.double(), y.double()
-    z, mu, sd = _standardise(x)
-    n, d = z.shape
-    za = torch.cat([z, torch.ones(n, 1, dtype=z.dtype)], 1)
+    za, c, e, ny, mu, sd = probe_problem(x, y)
+    n, d = za.shape[0], za.shape[1] - 1
     za32, zt = za.float(), za.T.contiguous()
-    pos = y.sum(0)
-    e = y * ((n - pos) / pos.clamp_min(1)).clamp_min(1e-3)  # pos_weight · y
-    c, ny = e + (1 - y), 1 - y
     reg = torch.full((d + 1, 1), 2 * l2, dtype=torch.float64)
     reg[-1] = 0.0
     w = torch.zeros(d + 1, y.shape[1], dtype=torch.float64)
