@@ -138,13 +138,24 @@ def deterministic_algorithms() -> Iterator[None]:
     order of the additions and the last bits of the gradient vary run to run (measured:
     17 different gradients in 20 identical calls with 2 threads, and a toy LM's weights
     differing between two identical training runs). The deterministic path costs the
-    toy LM ~13 % of its training speed here and gives the 1-thread run's bits."""
+    toy LM ~13 % of its training speed here and gives the 1-thread run's bits.
+
+    torch's deterministic mode also fills every newly allocated tensor with NaN
+    (`torch.utils.deterministic.fill_uninitialized_memory`), a guard against kernels that
+    read memory before writing it. That is off for the block: no result depends on it (the
+    LM's weights are bit-identical either way, tests/backbone/test_lm_determinism.py),
+    and the fills were ~900 a step, 5-10 % of the toy LM's training time."""
+    import torch.utils.deterministic as det
+
     was = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = det.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
+    det.fill_uninitialized_memory = False
     try:
         yield
     finally:
+        det.fill_uninitialized_memory = fill
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
 

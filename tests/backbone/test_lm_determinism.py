@@ -79,6 +79,20 @@ def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path, pos
     curve = dict(result.loss_curve)
     assert result.steps == 12 and curve[11] < curve[0] - 1.5  # it learned something
     assert runs[0] == runs[1]
+    # the block turns torch's NaN-filling of new tensors off (speed only): with it on,
+    # every new tensor starts as NaN, and training still gives the same bits
+    import torch.utils.deterministic as det
+
+    from stages.models import _train_toy_model
+
+    assert det.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True)
+    try:
+        model = build_toy_model(m, tok)
+        filled = _train_toy_model(model, m, train, held, None, 50)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (_md5(model.state_dict().values()), filled.heldout_loss) == runs[0]
     assert not torch.are_deterministic_algorithms_enabled()
     # rotary: relative positions on queries and keys, no learned position table
     assert ("hook_pos_embed" in model.hook_dict) == (positional == "standard")
