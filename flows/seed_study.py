@@ -6,6 +6,7 @@ the default run (README, "The seed study").
     python -m flows.seed_study --workspace  # run it here (dvc exp run, no queue)
     python -m flows.seed_study --dry-run    # print the dvc commands instead
     python -m flows.seed_study --seeds --untrained 0 1   # the untrained-model control only
+    python -m flows.seed_study --cross-tokenizer 3       # + toy-s3-v768: another vocabulary
 
 The default run has two toy models (toy-a: seed 0, toy-b: seed 1), one pair. Each study
 seed adds a model `toy-s<seed>` with exactly the base model's params (toy-a's: shape,
@@ -27,6 +28,12 @@ formed between models of different seeds only, so `--seeds --untrained 0 1` adds
 untrained vs untrained (toy-u0__toy-u1) and trained vs untrained (toy-a__toy-u1,
 toy-b__toy-u0); the report puts their partner fractions and matched correlations beside
 the trained pairs' (`aggregate.pair_kind`).
+
+`--cross-tokenizer S…` adds per seed a model `toy-s<seed>-v<vocab>`: the base's params
+with that seed and another tokenizer (`--vocab`, default 768: BPE on the same corpus with
+fewer merges, so its tokens split the base's more finely). Its pairs align rows on shared
+character spans (stages/alignment/tokens.py), the path a one-tokenizer pair never takes,
+and the report keeps them in a column of their own beside the seed pairs.
 """
 
 from __future__ import annotations
@@ -43,10 +50,11 @@ from flows.overrides import hydra_value
 SEEDS = (2,)
 BASE = "toy-a"
 NAME = "seed-study"
+CROSS_VOCAB = 768
 
 
-def study_model(seed: int) -> str:
-    return f"toy-s{seed}"
+def study_model(seed: int, vocab: int | None = None) -> str:
+    return f"toy-s{seed}" + (f"-v{vocab}" if vocab is not None else "")
 
 
 def untrained_model(seed: int) -> str:
@@ -103,10 +111,11 @@ def study_sweep(raw: dict[str, Any], p: Any, base: str = BASE) -> list[dict[str,
     return out
 
 
-def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE, untrained=()) -> list[str]:
-    """The `-S` values (Hydra overrides) that add one model per seed (and one untrained
-    model per `untrained` seed) and every pair of models with different seeds.
-    `raw`: params.yaml as plain data."""
+def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE, untrained=(),
+              cross_tokenizer=(), vocab: int = CROSS_VOCAB) -> list[str]:  # fmt: skip
+    """The `-S` values (Hydra overrides) that add one model per seed (one untrained model
+    per `untrained` seed, one model with a `vocab`-token tokenizer per `cross_tokenizer`
+    seed) and every pair of models with different seeds. `raw`: params.yaml as plain data."""
     from stages.config import parse_params
 
     p = parse_params(raw)
@@ -119,6 +128,17 @@ def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE, untrained=()) 
     added += [(untrained_model(s), s, {**base_model, "seed": int(s),
                                        "train": {**base_model.get("train", {}), "tokens": 0}})
               for s in untrained]  # fmt: skip
+    base_vocab = (base_model.get("tokenizer") or {}).get("vocab_size")
+    if cross_tokenizer and vocab == base_vocab:
+        raise ValueError(f"--vocab {vocab}: {base}'s own vocabulary size, expected another")
+    added += [(study_model(s, vocab), s, {**base_model, "seed": int(s),
+                                          "tokenizer": {**base_model.get("tokenizer", {}),
+                                                        "vocab_size": int(vocab)}})
+              for s in cross_tokenizer]  # fmt: skip
+    trained_seeds = [seed for name, seed, _ in added if not name.startswith("toy-u")]
+    if len(set(trained_seeds)) < len(trained_seeds):
+        raise ValueError("--seeds and --cross-tokenizer name one seed twice, expected "
+                         "each seed once")  # fmt: skip
     for name, seed, model in added:
         if name in raw["models"] or (not name.startswith("toy-u") and seed in taken):
             raise ValueError(f"--seeds {seed}: model {taken.get(seed, name)} already has it, "
@@ -145,10 +165,13 @@ def commands(
     queue: bool = True,
     name: str = NAME,
     untrained=(),
+    cross_tokenizer=(),
+    vocab: int = CROSS_VOCAB,
 ) -> list[list[str]]:
     """The dvc commands that run the study: one experiment (queued and started, or run
     in the workspace); every stage is a target, DVC skips those whose inputs did not change."""
-    sets = [a for o in overrides(raw, seeds, base, untrained) for a in ("-S", o)]
+    added = overrides(raw, seeds, base, untrained, cross_tokenizer, vocab)
+    sets = [a for o in added for a in ("-S", o)]
     run = ["dvc", "exp", "run", *(["--queue"] if queue else []), "-n", name, *sets]
     return [run, ["dvc", "queue", "start", "-j", "1"]] if queue else [run]
 
@@ -163,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="trained models to add (none: --seeds alone)")  # fmt: skip
     ap.add_argument("--untrained", type=int, nargs="+", default=[], metavar="SEED",
                     help="untrained control models to add (train.tokens 0), e.g. 0 1")  # fmt: skip
+    ap.add_argument("--cross-tokenizer", type=int, nargs="+", default=[], metavar="SEED",
+                    help="models with another tokenizer (--vocab) to add, e.g. 3")  # fmt: skip
+    ap.add_argument("--vocab", type=int, default=CROSS_VOCAB,
+                    help=f"their vocabulary size (default {CROSS_VOCAB})")  # fmt: skip
     ap.add_argument("--base", default=BASE, help="the toy model whose params are copied")
     ap.add_argument("--name", default=NAME, help="the experiment's name")
     ap.add_argument("--workspace", action="store_true",
@@ -171,10 +198,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     # the project's loader: the same YAML reading (1e-3 is a number) as every stage's
     raw = yaml.load(open(PARAMS_FILE).read(), Loader=_UniqueKeyLoader)  # noqa: S506
-    if not args.seeds and not args.untrained:
-        raise SystemExit("--seeds is empty and no --untrained: nothing to add")
+    if not args.seeds and not args.untrained and not args.cross_tokenizer:
+        raise SystemExit("--seeds is empty and no --untrained or --cross-tokenizer: "
+                         "nothing to add")  # fmt: skip
     for cmd in commands(raw, args.seeds, args.base, not args.workspace, args.name,
-                        args.untrained):  # fmt: skip
+                        args.untrained, args.cross_tokenizer, args.vocab):  # fmt: skip
         print(shlex.join(cmd), flush=True)
         if not args.dry_run:
             subprocess.run(cmd, check=True)

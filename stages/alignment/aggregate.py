@@ -17,6 +17,11 @@ the same numbers as `metrics/alignment/<A>__<B>.json`) and the transfer stage's
   study aligned untrained control models (`python -m flows.seed_study --untrained`:
   models with train.tokens 0 and SAEs of their own), the same measure over those
   pairs (`pair_kind`): untrained vs untrained, trained vs untrained.
+- Tokenizers: trained pairs whose models tokenize differently (the align stage's
+  `token_rule` "char_end": rows paired on shared character spans; the seed study's
+  `--cross-tokenizer`) are their own kind, "cross_tokenizer", in a column of their own,
+  so the seed-pair mean is not mixed with the tokenizer's effect. Their transfer tests
+  join the one family: they are trained pairs too.
 - Transfer: every (pair, concept, hook) test of "the carried vector steers more than
   random directions of its norm" in one Holm (1979) family (`pvalues.holm`), on the
   empirical p (floor 1/(n_random + 1)) and on its normal-tail approximation; the
@@ -74,23 +79,26 @@ class AggregateRow:
     measure: str  # label
     key: str  # scores.json statistic
     where: str  # hook (dense measures) or SAE pair key `<hook>/<sae>`
-    trained: Summary
+    trained: Summary  # trained pairs of one tokenizer
     untrained: Summary | None = None  # untrained A vs untrained B
     trained_vs_untrained: Summary | None = None
+    cross_tokenizer: Summary | None = None  # trained pairs of different tokenizers
     reference: Summary | None = None  # the SAE measure's null / chance level
     reference_label: str | None = None
 
 
-PAIR_KINDS = ("trained", "untrained", "trained_vs_untrained")
+PAIR_KINDS = ("trained", "untrained", "trained_vs_untrained", "cross_tokenizer")
+TRAINED_KINDS = ("trained", "cross_tokenizer")  # pairs of trained models
 
 
-def pair_kind(trained: Mapping[str, bool] | None) -> str:
-    """A pair's kind from its meta.json `trained` (model -> trained?): "trained" when
-    both are (or nothing is recorded), "untrained" when neither is, else
-    "trained_vs_untrained"."""
+def pair_kind(trained: Mapping[str, bool] | None, token_rule: str | None = None) -> str:
+    """A pair's kind from its meta.json `trained` (model -> trained?) and `token_rule`:
+    "trained" when both are trained (or nothing is recorded) and share a tokenization,
+    "cross_tokenizer" when both are trained and their rows pair on character spans
+    (`token_rule` "char_end"), "untrained" when neither is, else "trained_vs_untrained"."""
     flags = list((trained or {}).values())
     if all(flags):
-        return "trained"
+        return "cross_tokenizer" if token_rule == "char_end" else "trained"
     return "untrained" if not any(flags) else "trained_vs_untrained"
 
 
@@ -99,13 +107,13 @@ def universality_rows(
 ) -> list[AggregateRow]:
     """`scores`: pair name -> its flat scores; `kinds`: pair name -> `PAIR_KINDS` entry
     (default: every pair trained). One row per measure and hook (or SAE pair) that a
-    trained pair has, in the order of DENSE_MEASURES then SAE_MEASURES; SAE measures of
-    control pairs fill the untrained columns."""
+    trained pair (of either tokenization) has, in the order of DENSE_MEASURES then
+    SAE_MEASURES; SAE measures of control pairs fill the untrained columns, and the
+    cross-tokenizer pairs' values their own column."""
     kinds = kinds or {}
     by_kind = {k: {n: s for n, s in scores.items() if kinds.get(n, "trained") == k}
                for k in PAIR_KINDS}  # fmt: skip
-    trained_scores = by_kind["trained"]
-    keys = [k for s in trained_scores.values() for k in s]
+    keys = [k for kind in TRAINED_KINDS for s in by_kind[kind].values() for k in s]
     keys = list(dict.fromkeys(keys))  # first-seen order, no repeats
 
     def over(key: str, kind: str = "trained") -> Summary:
@@ -119,7 +127,9 @@ def universality_rows(
                 for side in ("untrained", "trained_vs_untrained"):
                     s = over(f"{control}_{side}/{hook}")
                     ctl[side] = s if s.n else None
-            rows.append(AggregateRow(label, stat, hook, over(f"{stat}/{hook}"), **ctl))
+            cross = over(f"{stat}/{hook}", "cross_tokenizer")
+            rows.append(AggregateRow(label, stat, hook, over(f"{stat}/{hook}"), **ctl,
+                                     cross_tokenizer=cross if cross.n else None))  # fmt: skip
     sae_keys = [k.rsplit("/", 1) for k in keys if k.count("/") >= 2]
     for stat, label, ref, ref_label in SAE_MEASURES:
         for where in dict.fromkeys(w for w, s in sae_keys if s == stat):

@@ -397,11 +397,11 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
     concept and hook in one Holm family (with one pair only its summary: how many vectors
     transfer, with the Wilson interval, and the fraction of the target's own effect; the
     pair's own table lists the tests)."""
-    from stages.alignment.aggregate import pair_kind, transfer_aggregate
+    from stages.alignment.aggregate import TRAINED_KINDS, transfer_aggregate
 
     if not pairs:
         return ""
-    trained = [p for p in pairs if pair_kind(p.meta.get("trained")) == "trained"]
+    trained = [p for p in pairs if _kind(p) in TRAINED_KINDS]
     single = len(trained) <= 1 and len(pairs) == 1
     out = [] if single else _universality_html(pairs)
     transfers = {}  # the control pairs (an untrained model) stay out of the family
@@ -415,29 +415,48 @@ def aggregate_html(pairs: list[AlignedPair], transfer_dir: Path | None = None) -
     return "".join(out) + _transfer_summary_html(agg, len(transfers), with_tests=not single)
 
 
-def _universality_html(pairs: list[AlignedPair]) -> list[str]:
-    from stages.alignment.aggregate import pair_kind, universality_rows
+def _kind(pair: AlignedPair) -> str:
+    from stages.alignment.aggregate import pair_kind
 
-    kinds = {p.path.name: pair_kind(p.meta.get("trained")) for p in pairs}
+    return pair_kind(pair.meta.get("trained"), pair.meta.get("token_rule"))
+
+
+def _universality_html(pairs: list[AlignedPair]) -> list[str]:
+    from stages.alignment.aggregate import universality_rows
+
+    kinds = {p.path.name: _kind(p) for p in pairs}
     names = [f"{p.model_a} vs {p.model_b}" for p in pairs if kinds[p.path.name] == "trained"]
-    controls = [f"{p.model_a} vs {p.model_b}" for p in pairs if kinds[p.path.name] != "trained"]
+    cross = [f"{p.model_a} vs {p.model_b}" for p in pairs
+             if kinds[p.path.name] == "cross_tokenizer"]  # fmt: skip
+    controls = [f"{p.model_a} vs {p.model_b}" for p in pairs
+                if kinds[p.path.name] in ("untrained", "trained_vs_untrained")]  # fmt: skip
     rows = []
     scores = {p.path.name: p.read("scores.json") or {} for p in pairs}
     for r in universality_rows(scores, kinds):
         ref = f"{_mean_sd(r.reference)} <span class='muted'>{e(r.reference_label)}</span>" \
             if r.reference else "–"  # fmt: skip
         rows.append([e(r.measure), f"<code>{e(r.where)}</code>", _mean_sd(r.trained),
+                     *([_mean_sd(r.cross_tokenizer)] if cross else []),
                      _mean_sd(r.untrained), _mean_sd(r.trained_vs_untrained), ref])  # fmt: skip
     thresholds = {(p.meta.get("config") or {}).get("threshold") for p in pairs}
     out = [
         f"<h3>Across {len(names)} model pair{'' if len(names) == 1 else 's'}"
+        + (f", {len(cross)} across tokenizers" if cross else "")
         + (
             f" and {len(controls)} control pair{'' if len(controls) == 1 else 's'}"
             if controls
             else ""
         )
         + "</h3>",  # fmt: skip
-        f"<p class='muted'>Pairs: {e(', '.join(names))}. Mean ± sample sd across the pairs "
+        f"<p class='muted'>Pairs: {e(', '.join(names))}"
+        + (
+            f"; across tokenizers (rows paired on shared character spans, their own "
+            f"column, so that the seed pairs' mean does not mix in the tokenizer's "
+            f"effect): {e(', '.join(cross))}"
+            if cross
+            else ""
+        )
+        + ". Mean ± sample sd across the pairs "
         "(n: pairs with the measure); the pairs share models, so the sd describes the "
         "spread between pairs, it is not a standard error. Controls, per pair and then "
         "averaged the same way: untrained A vs untrained B and trained A vs untrained B "
@@ -459,7 +478,8 @@ def _universality_html(pairs: list[AlignedPair]) -> list[str]:
             [
                 "measure",
                 "hook / SAE pair",
-                "trained pairs",
+                "trained pairs" + (", one tokenizer" if cross else ""),
+                *(["trained, different tokenizers"] if cross else []),
                 "untrained vs untrained",
                 "trained vs untrained",
                 "null / chance",

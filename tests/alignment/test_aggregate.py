@@ -75,6 +75,39 @@ def test_control_pairs_fill_the_sae_measures_untrained_columns():
     assert len(rows) == 6  # the control pairs add no rows of their own
 
 
+def test_cross_tokenizer_pairs_have_their_own_column_and_join_the_transfer_family(tmp_path):
+    """Trained pairs whose rows pair on character spans (token_rule "char_end") are not
+    averaged with the one-tokenizer seed pairs: a column of their own."""
+    assert pair_kind({"a": True, "c": True}, "char_end") == "cross_tokenizer"
+    assert pair_kind({"a": True, "b": True}, "identical") == "trained"
+    assert pair_kind({"a": True, "u": False}, "char_end") == "trained_vs_untrained"
+    kinds = {"a__c": "cross_tokenizer", "b__c": "cross_tokenizer"}
+    rows = {(r.key, r.where): r for r in universality_rows(PAIRS, kinds)}
+    sub = rows[("linear_cka_subsample", H)]
+    assert (sub.trained.mean, sub.trained.n) == (pytest.approx(0.8), 1)
+    assert sub.cross_tokenizer.mean == pytest.approx(0.65) and sub.cross_tokenizer.n == 2
+    assert sub.cross_tokenizer.sd == pytest.approx(0.1 / 2**0.5)
+    partner = rows[("fraction_with_partner", S)]
+    assert partner.trained.mean == pytest.approx(0.30)
+    assert partner.cross_tokenizer.mean == pytest.approx(0.375)
+    assert universality_rows(PAIRS)[0].cross_tokenizer is None
+    # only cross-tokenizer pairs: the rows are still there, the one-tokenizer column empty
+    only = universality_rows({"a__c": PAIRS["a__c"]}, {"a__c": "cross_tokenizer"})
+    assert len(only) == 6 and only[1].trained.n == 0 and only[1].cross_tokenizer.n == 1
+    # the report: its own column, named; the transfer family counts all three pairs
+    align, transfer = tmp_path / "alignment", tmp_path / "transfer"
+    for name, ps in (("a__b", (0.009, 0.04)), ("a__c", (0.03, 0.5)), ("b__c", (0.002, 0.2))):
+        _pair_folder(align, name, PAIRS[name], transfer, _transfer(ps))
+        if name != "a__b":
+            meta = json.loads((align / name / "meta.json").read_text())
+            meta.update(token_rule="char_end", trained={name[0]: True, name[-1]: True})
+            (align / name / "meta.json").write_text(json.dumps(meta))
+    html = aggregate_html(aligned_pairs(align), transfer)
+    assert "Across 1 model pair, 2 across tokenizers" in html
+    assert "trained, different tokenizers" in html and "0.650 ± 0.071" in html
+    assert "single Holm (1979) family of 6" in html
+
+
 def _transfer(ps, own_lo=(0.1, -0.2), frac=(0.5, 2.0), normal=(1e-4, 0.3)):
     rec = {}
     for i, h in enumerate(("blocks.1.hook_resid_post", "blocks.2.hook_resid_post")):
