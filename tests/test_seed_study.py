@@ -110,13 +110,13 @@ def test_untrained_controls_are_models_with_no_training_paired_across_seeds(tmp_
 def test_cross_tokenizer_models_get_another_vocabulary_and_pair_with_every_model(tmp_path):
     raw = _raw()
     p, new = _applied(tmp_path, overrides(raw, seeds=[2], cross_tokenizer=[3]))
-    assert list(p.models) == ["toy-a", "toy-b", "toy-s2", "toy-s3-v768"]
-    m = new["models"]["toy-s3-v768"]
-    assert m == {**raw["models"]["toy-a"], "seed": 3, "tokenizer": {"vocab_size": 768}}
-    assert p.models["toy-s3-v768"].tokenizer.vocab_size == 768
+    assert list(p.models) == ["toy-a", "toy-b", "toy-s2", "toy-s3-v512"]
+    m = new["models"]["toy-s3-v512"]
+    assert m == {**raw["models"]["toy-a"], "seed": 3, "tokenizer": {"vocab_size": 512}}
+    assert p.models["toy-s3-v512"].tokenizer.vocab_size == 512
     # same SAEs (folder names follow d_model, not the vocabulary) and hooks as the others
-    assert p.sae_folders("toy-s3-v768") == {h: ["topk-1024-k16"] for h in HOOKS}
-    assert len(p.align.pairs) == 6 and "toy-s2__toy-s3-v768" in p.align.pairs
+    assert p.sae_folders("toy-s3-v512") == {h: ["topk-1024-k16"] for h in HOOKS}
+    assert len(p.align.pairs) == 6 and "toy-s2__toy-s3-v512" in p.align.pairs
     with pytest.raises(ValueError, match="one seed twice"):
         overrides(raw, seeds=[2], cross_tokenizer=[2])
     with pytest.raises(ValueError, match="--vocab 1024"):
