@@ -29,6 +29,13 @@ untrained vs untrained (toy-u0__toy-u1) and trained vs untrained (toy-a__toy-u1,
 toy-b__toy-u0); the report puts their partner fractions and matched correlations beside
 the trained pairs' (`aggregate.pair_kind`).
 
+Steering transfer is judged in the report as one Holm family over every trained pair,
+concept and hook (m tests). Where the first `n_random` random directions all fall below
+a carried vector, the transfer stage draws on to `align.transfer.extend_to`; the study
+sets that to ⌈m / 0.05⌉ (3 pairs, 3 concepts, 2 hooks: 360), so that a strong
+transfer's empirical p can survive the family's correction, which the default cap of
+4 × n_random (floor 1/129; 18 tests × 1/129 = 0.14) cannot.
+
 `--cross-tokenizer S…` adds per seed a model `toy-s<seed>-v<vocab>`: the base's params
 with that seed and another tokenizer (`--vocab`, default 512: BPE on the same corpus with
 fewer merges, so its tokens split the base's more finely: 1.38 times as many tokens a
@@ -44,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import math
 import shlex
 import subprocess
 import sys
@@ -55,6 +63,7 @@ SEEDS = (2,)
 BASE = "toy-a"
 NAME = "seed-study"
 CROSS_VOCAB = 512
+TRANSFER_ALPHA = 0.05  # the report's transfer family (stages/alignment/aggregate.py)
 
 
 def study_model(seed: int, vocab: int | None = None) -> str:
@@ -156,10 +165,33 @@ def overrides(raw: dict[str, Any], seeds=SEEDS, base: str = BASE, untrained=(),
     seed_of = {n: m.get("seed") for n, m in raw["models"].items()}
     seed_of |= {name: seed for name, seed, _ in added}
     have = {frozenset((v["a"], v["b"])) for v in (raw["align"]["pairs"] or {}).values()}
+    pairs = [tuple(sorted(p)) for p in have]
     for a, b in itertools.combinations(seed_of, 2):
         if frozenset((a, b)) not in have and seed_of[a] != seed_of[b]:
             out.append(f"+align.pairs.{a}__{b}={hydra_value({'a': a, 'b': b})}")
+            pairs.append((a, b))
+    extend = transfer_draws(raw, p, base, [pr for pr in pairs
+                                           if not any(m.startswith("toy-u") for m in pr)])  # fmt: skip
+    if extend is not None:
+        out.append(f"++align.transfer.extend_to={extend}")
     return out
+
+
+def transfer_draws(raw: dict[str, Any], p: Any, base: str, trained_pairs: list,
+                   alpha: float = TRANSFER_ALPHA) -> int | None:  # fmt: skip
+    """The random-direction draws a strong transfer needs so that the report's one Holm
+    family over every trained pair, concept and hook (`aggregate.transfer_aggregate`, m
+    tests at `alpha`) can reject on the empirical p: m / (draws + 1) < alpha. None when
+    the pipeline's own cap (`align.transfer.extend_to`, default 4 × n_random) already
+    allows it, or when nothing is steered."""
+    steering = ((raw.get("steering") or {}).get("models") or {}).get(base) or {}
+    m = len(trained_pairs) * len(steering.get("sets") or []) * len(steering.get("hooks") or [])
+    if m == 0:
+        return None
+    tp = p.align.transfer
+    have = 4 * tp.n_random if tp.extend_to is None else tp.extend_to
+    need = math.ceil(m / alpha)
+    return need if need > have else None
 
 
 def commands(

@@ -42,7 +42,7 @@ def test_transfer(alignment, vectors_a, vectors_b, saes_a, saes_b, model_b, sets
 
     return transfer_steering(alignment, vectors_a, vectors_b, saes_a, saes_b, model_b, sets,
                              mults, method=tp.method, k=tp.k, min_correlation=tp.min_correlation,
-                             n_random=tp.n_random, seed=seed)  # fmt: skip
+                             n_random=tp.n_random, extend_to=tp.extend_to, seed=seed)  # fmt: skip
 
 
 def read_vectors(folder: Path) -> dict:

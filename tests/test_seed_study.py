@@ -90,7 +90,7 @@ def test_commands_queue_or_workspace():
     assert q[0][:6] == ["dvc", "exp", "run", "--queue", "-n", "seed-study"]
     assert q[1] == ["dvc", "queue", "start", "-j", "1"]
     w = commands(_raw(), queue=False)
-    assert len(w) == 1 and "--queue" not in w[0] and w[0].count("-S") == 6
+    assert len(w) == 1 and "--queue" not in w[0] and w[0].count("-S") == 7
 
 
 def test_untrained_controls_are_models_with_no_training_paired_across_seeds(tmp_path):
@@ -121,3 +121,20 @@ def test_cross_tokenizer_models_get_another_vocabulary_and_pair_with_every_model
         overrides(raw, seeds=[2], cross_tokenizer=[2])
     with pytest.raises(ValueError, match="--vocab 1024"):
         overrides(raw, seeds=[], cross_tokenizer=[3], vocab=1024)
+
+
+def test_the_study_plans_transfer_draws_for_its_holm_family(tmp_path):
+    """m trained pairs × concepts × hooks tests in one Holm family at 0.05: a strong
+    transfer's empirical p (floor 1 / (extend_to + 1)) must go below 0.05 / m."""
+    raw = _raw()
+    p, new = _applied(tmp_path, overrides(raw, seeds=[2]))
+    assert p.align.transfer.extend_to == 360  # 3 pairs × 3 sets × 2 hooks = 18 tests
+    assert 18 / (p.align.transfer.extend_to + 1) < 0.05 <= 18 / p.align.transfer.extend_to
+    assert new["align"]["transfer"]["n_random"] == raw["align"]["transfer"]["n_random"]
+    (tmp_path / "6").mkdir(), (tmp_path / "u").mkdir()
+    p6, _ = _applied(tmp_path / "6", overrides(raw, seeds=[2], cross_tokenizer=[3]))
+    assert p6.align.transfer.extend_to == 720  # 6 pairs: 36 tests
+    # untrained control pairs stay out of the family: 1 trained pair, 6 tests, and the
+    # default cap (4 × 32 = 128 draws, 6 / 129 < 0.05) already suffices
+    pu, _ = _applied(tmp_path / "u", overrides(raw, seeds=[], untrained=[0, 1]))
+    assert pu.align.transfer.extend_to is None

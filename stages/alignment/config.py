@@ -23,7 +23,15 @@ from typing import (
     get_type_hints,
 )
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 
 from stages.layout import why_unsafe
 from stages.models_config import a_model
@@ -166,6 +174,16 @@ class SteeringTransfer(StrictModel):
     min_correlation: Annotated[float, Field(ge=-1, le=1)] | None = None
     # the null: random directions of B's own vector's norm (p-value floor 1 / (n + 1))
     n_random: Annotated[int, Field(ge=2)] = 32
+    # where none of the first n_random reaches the carried vector, draw on to this many in
+    # all (None: 4 × n_random); a study plans it for its family (flows/seed_study.py)
+    extend_to: Annotated[int, Field(ge=2)] | None = None
+
+    @model_validator(mode="after")
+    def _extend_at_least_n_random(self):
+        if self.extend_to is not None and self.extend_to < self.n_random:
+            raise ValueError(f"extend_to = {self.extend_to}: expected at least n_random "
+                             f"({self.n_random}), or null")  # fmt: skip
+        return self
 
 
 class AlignParams(StrictModel):

@@ -251,6 +251,7 @@ def transfer_steering(
     k: int | None = None,
     min_correlation: float | None = None,
     n_random: int = 32,
+    extend_to: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Every concept steered in both models (`vectors_*`: concept -> hook -> vector): A's
@@ -261,7 +262,9 @@ def transfer_steering(
     `<hook_a>~<hook_b>` where the alignment paired different hooks)."""
     matched = read_hungarian(alignment_dir)
     out: dict[str, Any] = {"method": method, "k": k, "min_correlation": min_correlation,
-                           "n_random": n_random, "multipliers": list(multipliers),
+                           "n_random": n_random,
+                           "extend_to": 4 * n_random if extend_to is None else extend_to,
+                           "multipliers": list(multipliers),
                            "concepts": {}}  # fmt: skip
     for concept in sorted(set(vectors_a) & set(vectors_b)):
         if concept not in sets:
@@ -278,7 +281,8 @@ def transfer_steering(
             vt = transfer_vector(va[hook_a], sa, sb, matches, k, method=method,
                                  min_score=min_correlation)  # fmt: skip
             test = evaluate_transfer(model_b, sets[concept], hook_b, vb[hook_b], vt,
-                                     multipliers, n_random=n_random, seed=seed)  # fmt: skip
+                                     multipliers, n_random=n_random, extend_to=extend_to,
+                                     seed=seed)  # fmt: skip
             if hook_a == hook_b:
                 rows[hook_a] = {"sae_a": name_a, "sae_b": name_b, **test.to_dict()}
             else:  # keyed as the alignment keys its SAE pairs

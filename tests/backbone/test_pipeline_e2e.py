@@ -338,6 +338,7 @@ def test_steering_alignment_and_report_outputs(project):
     transfer = json.loads((root / "data/transfer/tiny-a__tiny-b/transfer.json").read_text())
     row = transfer["concepts"]["past_vs_present"]["blocks.0.hook_resid_post"]
     assert {"own", "transferred", "random"} <= set(row) and row["random"]["n"] == 32
+    assert (transfer["n_random"], transfer["extend_to"]) == (32, 128)  # extend_to null: 4 × 32
     rnd = row["random"]["slopes"]  # the null: 32 directions, p counts those at or above
     assert (
         row["p_vs_random"] == (1 + sum(r >= row["transferred"]["steerability"] for r in rnd)) / 33
