@@ -491,6 +491,15 @@ def _universality_html(pairs: list[AlignedPair]) -> list[str]:
     return out
 
 
+def _floors(agg) -> str:
+    """The tests' p floors: 1/(n_random + 1), and 1/(extend_to + 1) where a test drew on
+    (its first n_random random directions all below the carried vector)."""
+    floors = sorted({t.p_floor for t in agg.tests if math.isfinite(t.p_floor)}, reverse=True)
+    if len(floors) <= 1:
+        return fmt(floors[0]) if floors else "–"
+    return f"{fmt(floors[0])} ({', '.join(fmt(f) for f in floors[1:])} where the draws went on)"
+
+
 def _transfer_summary_html(agg, n_pairs: int, with_tests: bool) -> str:
     lo, hi = agg.interval
     nlo, nhi = agg.interval_normal
@@ -501,7 +510,7 @@ def _transfer_summary_html(agg, n_pairs: int, with_tests: bool) -> str:
         f"for each pair A__B) is one test in a single Holm (1979) family of {agg.m}: the "
         f"carried vector's steerability against random directions of its norm. A vector "
         f"transfers when its Holm-adjusted p ≤ {fmt(agg.alpha, 2)}; interval: Wilson 95 %. "
-        f"The empirical p has floor {fmt(agg.tests[0].p_floor)}, so over {agg.m} tests no "
+        f"The empirical p has floor {_floors(agg)}, so over {agg.m} tests no "
         f"Holm p can fall below {fmt(agg.best_possible_holm)}: "
         + (
             "the empirical column cannot reject anything at this family size, and the "

@@ -106,6 +106,14 @@ def test_cross_tokenizer_pairs_have_their_own_column_and_join_the_transfer_famil
     assert "Across 1 model pair, 2 across tokenizers" in html
     assert "trained, different tokenizers" in html and "0.650 ± 0.071" in html
     assert "single Holm (1979) family of 6" in html
+    assert "has floor 0.030, so over 6 tests" in html  # one floor: every test drew 32
+    # a test whose null drew on (to extend_to) has the lower floor; the text names both
+    t = json.loads((transfer / "a__b" / "transfer.json").read_text())
+    t["concepts"]["tense"]["blocks.1.hook_resid_post"]["p_floor"] = 1 / 721
+    (transfer / "a__b" / "transfer.json").write_text(json.dumps(t))
+    html = aggregate_html(aligned_pairs(align), transfer)
+    assert "has floor 0.030 (0.001 where the draws went on), so over 6 tests" in html
+    assert "Holm p can fall below 0.008" in html  # 6 / 721
 
 
 def _transfer(ps, own_lo=(0.1, -0.2), frac=(0.5, 2.0), normal=(1e-4, 0.3)):
