@@ -11,7 +11,11 @@ What it adds to a plain `dvc repro`:
 - one Prefect server for the whole run (started on 127.0.0.1 if none answers, stopped
   afterwards), so each stage's flow costs ~1 s instead of ~10 s of server start-up;
 - one MLflow parent run, passed to every stage through FEATURE_ATLAS_PARENT_RUN_ID;
-- the `dvc repro` output streamed into the Prefect flow run's logs.
+- the `dvc repro` output streamed into the Prefect flow run's logs;
+- with no targets, two stages at a time on a machine with two cores or more
+  (`-j N` sets how many, `-j 1` is one plain `dvc repro`): the stale stages, each a
+  Prefect task running `dvc repro --single-item` once what it depends on has finished
+  (flows/parallel.py), on `cores // N` torch threads each (`--threads T` to choose).
 """
 
 from __future__ import annotations
@@ -30,16 +34,25 @@ from flows.common import checkout_port, health_ok, project_root, setup_env
 
 setup_env()
 
-from prefect import flow, get_run_logger  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-USAGE = """usage: atlas run [dvc repro args]   (or: python -m flows.pipeline [dvc repro args])
+from flows.parallel import Relay, default_jobs, plan, run_plan, run_stage, threads_per_job  # noqa: E402
+
+_RELAY: Relay | None = None  # the parallel run's output relay (one run per process)
+
+USAGE = """usage: atlas run [-j N] [--threads T] [dvc repro args]
+       (or: python -m flows.pipeline ...)
 
 `dvc repro` of this project through Prefect, with one MLflow parent run. Targets and
 flags pass to `dvc repro` unchanged (e.g. `atlas run lm@toy-a -f`, `atlas run --dry`);
-see `dvc repro --help` for them. `atlas run serve`: a deployment the Prefect UI can
-trigger (needs `atlas ui prefect` running)."""
+see `dvc repro --help` for them. With none, the stale stages run N at a time (default 2
+on a machine with two cores or more; `-j 1`: one `dvc repro`), each on T torch threads
+(default cores // N). `atlas run serve`: a deployment the Prefect UI can trigger (needs
+`atlas ui prefect` running)."""
 
 
 @contextlib.contextmanager
@@ -90,10 +103,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@task(name="stage", task_run_name="{name}", cache_policy=NO_CACHE)
+def stage(name: str, env: dict, force: bool = False) -> int:
+    """One stage through `dvc repro --single-item` (flows/parallel.py); its exit code."""
+    return run_stage(name, env, _RELAY, force)
+
+
 @flow(name="pipeline")
-def pipeline(args: list[str] | None = None) -> int | State:
-    """`dvc repro <args>` in the working directory, with a parent MLflow run; returns 0,
-    or a Failed state naming DVC's exit code."""
+def pipeline(args: list[str] | None = None, jobs: int = 1, threads: int | None = None,
+             force: bool = False) -> int | State:  # fmt: skip
+    """`dvc repro <args>` in the working directory, with a parent MLflow run, or with
+    `jobs` > 1 (and no args) the stale stages (all of them with `force`) `jobs` at a
+    time; returns 0, or a Failed state naming DVC's exit code or the failed stages."""
     # stages.tracking first: it configures MLflow (telemetry off) before its import
     from stages.tracking import (
         EXPERIMENT,
@@ -122,19 +143,13 @@ def pipeline(args: list[str] | None = None) -> int | State:
     # when the venv is not activated (e.g. `.venv/bin/atlas run`).
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     env = {**os.environ, "FEATURE_ATLAS_PARENT_RUN_ID": run_id, "PATH": path}
-    cmd = [sys.executable, "-m", "dvc", "repro", *(args or [])]
-    logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
+    if threads and jobs == 1:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    assert proc.stdout is not None
-    try:
-        relay(proc.stdout.fileno(), _api_only(logger))
-        code = proc.wait()
-    except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=30)
-        ml.MlflowClient().set_terminated(run_id, "KILLED")
-        raise
+    if jobs > 1:
+        code, message = _parallel(logger, ml, run_id, env, jobs, threads, force)
+    else:
+        code, message = _sequential(logger, ml, run_id, env, args or []), None
     status = "FINISHED" if code == 0 else "FAILED"
     client = ml.MlflowClient()
     client.log_metric(run_id, "wall_s", time.perf_counter() - t0)
@@ -142,8 +157,52 @@ def pipeline(args: list[str] | None = None) -> int | State:
     if code:
         # DVC has printed why. A failed state rather than an exception: the run still
         # shows as failed in Prefect, without a traceback that buries DVC's message.
-        return Failed(message=f"dvc repro exited with {code}")
+        return Failed(message=message or f"dvc repro exited with {code}")
     return code
+
+
+def _sequential(logger, ml, run_id: str, env: dict, args: list[str]) -> int:
+    cmd = [sys.executable, "-m", "dvc", "repro", *args]
+    logger.info("running %s (MLflow parent run %s)", " ".join(cmd), run_id)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdout is not None
+    try:
+        relay(proc.stdout.fileno(), _api_only(logger))
+        return proc.wait()
+    except KeyboardInterrupt:  # Ctrl-C reached dvc and its stage too: let them stop
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=30)
+        ml.MlflowClient().set_terminated(run_id, "KILLED")
+        raise
+
+
+def _parallel(logger, ml, run_id: str, env: dict, jobs: int, threads: int | None,
+              force: bool) -> tuple[int, str | None]:  # fmt: skip
+    global _RELAY
+    from dvc.exceptions import DvcException
+
+    try:
+        p = plan(Path.cwd(), force=force)
+    except (DvcException, ValueError) as e:  # e.g. not a DVC repository, a broken dvc.yaml
+        print(f"ERROR: {e}", flush=True)
+        return 1, f"dvc status: {e}"
+    if not p.order:
+        print("Data and pipelines are up to date.", flush=True)
+        return 0, None
+    threads = threads or threads_per_job(jobs)
+    logger.info("running %d stages %d at a time, %d torch thread(s) each (MLflow "
+                "parent run %s): %s", len(p.order), jobs, threads, run_id,
+                ", ".join(p.order))  # fmt: skip
+    _RELAY = Relay(_api_only(logger))
+    try:
+        failed = run_plan(p, lambda name, e: stage.submit(name, e, force), env, threads, jobs,
+                          _RELAY)  # fmt: skip
+    except KeyboardInterrupt:
+        ml.MlflowClient().set_terminated(run_id, "KILLED")
+        raise
+    if failed:
+        return 1, f"stage(s) failed: {', '.join(failed)}"
+    return 0, None
 
 
 def _api_only(run_logger):
@@ -199,13 +258,45 @@ def _drain_prefect() -> None:
         EventsWorker.drain_all()
 
 
+def parse_jobs(argv: list[str]) -> tuple[int, int | None, bool, list[str]]:
+    """(jobs, threads, force, the rest) from `-j N` / `--jobs N`, `--threads T` and
+    `-f` / `--force` in `argv`. Without -j: two jobs on two cores or more when nothing
+    but -f is asked for; any other dvc repro targets or flags (`lm@toy-a -f`) mean one
+    plain `dvc repro` (with -f passed on)."""
+    rest, jobs, threads, force = [], None, None, False
+    it = iter(argv)
+    for a in it:
+        key, _, value = a.partition("=")
+        if key in ("-j", "--jobs", "--threads"):
+            value = value or next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ValueError(f"atlas run {key} {value!r}: expected an integer >= 1")
+            if key == "--threads":
+                threads = int(value)
+            else:
+                jobs = int(value)
+        elif a in ("-f", "--force"):
+            force = True
+        else:
+            rest.append(a)
+    if rest and jobs not in (None, 1):
+        raise ValueError(f"atlas run -j {jobs} runs the whole pipeline; with dvc repro "
+                         f"arguments ({' '.join(rest)}) use -j 1")  # fmt: skip
+    if jobs is None:
+        jobs = 1 if rest else default_jobs()
+    if force and jobs == 1:
+        rest.append("--force")
+    return jobs, threads, force and jobs > 1, rest
+
+
 def main(argv: list[str]) -> int:
     if {"-h", "--help"} & set(argv):  # not worth a Prefect server and an MLflow run
         print(USAGE)
         return 0
     try:
+        jobs, threads, force, argv = parse_jobs(argv)
         root = project_root()
-    except FileNotFoundError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     # The project's folder for everything: dvc repro (which runs the stages there), the
@@ -233,7 +324,10 @@ def main(argv: list[str]) -> int:
     # Prefect read its settings at import; point this process at the server too.
     with prefect_server() as url, temporary_settings(updates={PREFECT_API_URL: url}):
         try:
-            pipeline(argv)
+            flow_run = pipeline
+            if jobs > 1:
+                flow_run = pipeline.with_options(task_runner=ThreadPoolTaskRunner(max_workers=jobs))
+            flow_run(argv, jobs=jobs, threads=threads, force=force)
         except (FailedRun, RuntimeError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

@@ -62,12 +62,16 @@ def test_run_hands_dvc_repro_flags_over_and_runs_in_the_project(project, monkeyp
     import flows.pipeline
 
     seen = []
-    monkeypatch.setattr(flows.pipeline, "pipeline", lambda a: seen.append((Path.cwd(), a)))
+    monkeypatch.setattr(flows.pipeline, "pipeline",
+                        lambda a, **kw: seen.append((Path.cwd(), a, kw)))  # fmt: skip
     assert atlas("run", "lm@tiny-a", "-f", "--dry") == 0
-    assert seen == [(project, ["lm@tiny-a", "-f", "--dry"])]
+    one = {"jobs": 1, "threads": None, "force": False}  # targets: one plain dvc repro
+    assert seen == [(project, ["lm@tiny-a", "--dry", "--force"], one)]
     assert f"atlas run: dvc repro in {project}" in capsys.readouterr().out
     assert atlas("run", "--help") == 0 and len(seen) == 1  # help starts nothing
-    assert "usage: atlas run [dvc repro args]" in capsys.readouterr().out
+    assert "usage: atlas run [-j N] [--threads T] [dvc repro args]" in capsys.readouterr().out
+    assert atlas("run", "-j", "0") == 2 and len(seen) == 1
+    assert "error: atlas run -j '0': expected an integer >= 1" in capsys.readouterr().err
 
 
 def test_commands_outside_a_project_say_so(tmp_path, monkeypatch, capsys):
@@ -276,7 +280,9 @@ def test_run_prints_each_line_once_and_ends_with_the_report(prefect_api, tmp_pat
     env = scratch_project_env(root, prefect_api)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, env=env,
                    check=True)  # fmt: skip
-    p = subprocess.run([sys.executable, "-m", "flows.cli", "run"], cwd=root, env=env,
+    # -j 1: one `dvc repro`, its output relayed as it comes (two at a time prefixes each
+    # finished line with its stage instead: test_parallel.py)
+    p = subprocess.run([sys.executable, "-m", "flows.cli", "run", "-j", "1"], cwd=root, env=env,
                        capture_output=True, text=False, timeout=300)  # fmt: skip
     out, err = p.stdout.decode(), p.stderr.decode()
     assert p.returncode == 0, (out + err)[-3000:]

@@ -392,3 +392,42 @@ def test_the_dask_path_gives_the_local_paths_bytes(tiny_pipeline, tmp_path):
     status = _run(["dvc", "status"], root, env).stdout
     assert "Data and pipelines are up to date" in status, status
     assert not (tmp_path / "net.log").exists() or not (tmp_path / "net.log").read_text()
+
+
+def test_atlas_run_two_at_a_time_gives_dvc_repros_bytes(tiny_pipeline, tmp_path):
+    """`atlas run -j 2` (flows/parallel.py) on a copy of the session's `dvc repro` run,
+    after a change to the steering flow's code: DVC's status makes the steering stages
+    and what reads them stale (steering, decompose, transfer, report). The two steering
+    stages run side by side, each through its own `dvc repro --single-item`, at the torch
+    thread count the reference ran with (`--threads`), and write the reference's bytes;
+    so DVC finds the stages after them unchanged and skips them. dvc.lock holds every
+    stage with the reference's outputs, and DVC finds the pipeline up to date."""
+    root = tmp_path / "p"
+    env = copy_project(tiny_pipeline, root, tmp_path / "net.log", mlflow=False)
+    with open(root / "flows/steering.py", "a") as f:
+        f.write("# a comment: the code changed, not what it computes\n")
+    threads = _run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                   root, env).stdout.strip()  # fmt: skip
+    out = _run([sys.executable, "-m", "flows.cli", "run", "-j", "2", "--threads", threads],
+               root, env)  # fmt: skip
+    said = out.stdout + out.stderr
+    assert "running 6 stages 2 at a time" in said, said[-3000:]
+    ran = sorted(ln.split("'")[1] for ln in said.splitlines() if "] Running stage '" in ln)
+    assert ran == ["steering@tiny-a", "steering@tiny-b"], said[-3000:]
+    skipped = sorted(ln.split("'")[1] for ln in said.splitlines()
+                     if "didn't change, skipping" in ln)  # fmt: skip
+    assert skipped == ["decompose@tiny-a", "decompose@tiny-b", "report",
+                       "transfer@tiny-a__tiny-b"], said[-3000:]  # fmt: skip
+    # side by side: the second steering stage started before the first one finished
+    lines = said.splitlines()
+    starts = [i for i, ln in enumerate(lines) if "] Running stage 'steering@" in ln]
+    ends = [i for i, ln in enumerate(lines) if ln.startswith("[steering@") and "finished in" in ln]
+    assert len(starts) == 2 and len(ends) == 2 and starts[1] < ends[0], said[-3000:]
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(tiny_pipeline["lock"]["stages"])
+    again, first = out_md5s(lock), out_md5s(tiny_pipeline["lock"])
+    differ = {p: (first[p], md5) for p, md5 in again.items() if first[p] != md5}
+    files = differing_files(tiny_pipeline["root"], root, list(differ)) if differ else []
+    assert not differ, f"outputs differ from dvc repro's: {differ}; files: {files}"
+    status = _run(["dvc", "status"], root, env).stdout
+    assert "Data and pipelines are up to date" in status, status
