@@ -77,6 +77,7 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             # its UI finds its API on this port (`--port` alone leaves it at Prefect's 4200)
             env={"PREFECT_UI_API_URL": url, **os.environ},
+            preexec_fn=_die_with_parent(),
         )  # fmt: skip
     try:
         deadline = time.time() + 60
@@ -93,6 +94,21 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
             proc.wait(timeout=10)
         if proc.poll() is None:
             proc.kill()
+
+
+def _die_with_parent():
+    """A preexec_fn (Linux) that has the server sent SIGTERM when `atlas run` dies. A
+    SIGTERM to `atlas run` ends it inside Prefect's own handler, and a kill -9 ends it at
+    once: neither runs the `finally` that stops the server, which stayed behind. libc is
+    loaded here, in the parent: the child runs only the call (nothing that takes a lock)."""
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux / glibc: the finally alone, as before
+        return None
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _free_port() -> int:

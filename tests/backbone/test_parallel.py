@@ -123,3 +123,40 @@ def test_atlas_run_two_at_a_time_overlaps_writes_every_stage_and_stops_on_failur
     assert "exited with 3" in said and "[c] failed (exit code " in said, said[-3000:]
     assert "[atlas run] not started: d" in said, said[-3000:]
     assert r.stderr.strip().splitlines()[-1] == "error: stage(s) failed: c", r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_atlas_runs_prefect_server_goes_when_atlas_run_is_killed(tmp_path):
+    """kill -9 to `atlas run` itself (not its stages): the Prefect server it started for
+    the run stops too (PR_SET_PDEATHSIG), instead of staying behind on its port."""
+    import os
+    import signal
+    import time
+
+    from flows.common import checkout_port, health_ok
+    from tests.backbone.test_cli import scratch_project_env
+
+    root = tmp_path / "p"
+    env = scratch_project_env(root, {"home": str(tmp_path / "prefect"), "url": ""})
+    env.pop("PREFECT_API_URL")  # atlas run starts its own server
+    spec = yaml.safe_load(yaml.safe_dump(DVC_YAML))
+    spec["stages"]["a"]["cmd"] = STAGE.format(sleep=120, out="a.txt", code=0)
+    _project(root, env)
+    (root / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    url = f"http://127.0.0.1:{checkout_port(tmp_path / 'prefect')}/api"
+    log = open(tmp_path / "run.log", "w")
+    p = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", "-j", "2"], cwd=root, env=env,
+                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while "Running stage 'a'" not in (tmp_path / "run.log").read_text():
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()
+            time.sleep(0.5)
+        assert health_ok(url)
+        p.kill()
+        deadline = time.time() + 20
+        while health_ok(url) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not health_ok(url), "the Prefect server outlived atlas run"
+    finally:
+        os.killpg(p.pid, signal.SIGKILL)  # the stage it left running
