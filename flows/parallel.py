@@ -83,6 +83,13 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // jobs)
 
 
+def last_state(raw: bytes) -> str | None:
+    """A finished line as it last looked: a progress bar redrawn with carriage returns is
+    its final redraw; None for a blank line."""
+    states = [s for s in raw.decode(errors="replace").split("\r") if s.strip()]
+    return states[-1].rstrip() if states else None
+
+
 class Relay:
     """Each stage's output to stdout, line by line with its name in front, and to a
     logger; the unfinished line (a progress bar's redraws) kept for the heartbeat."""
@@ -111,9 +118,8 @@ class Relay:
         self.partial.pop(name, None)
 
     def _line(self, name: str, raw: bytes) -> None:
-        states = [s for s in raw.decode(errors="replace").split("\r") if s.strip()]
-        if states:
-            self.emit(name, states[-1].rstrip())
+        if (line := last_state(raw)) is not None:
+            self.emit(name, line)
 
     def heartbeat(self, running: list[str]) -> None:
         for name in running:

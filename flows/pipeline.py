@@ -40,7 +40,15 @@ from prefect.exceptions import FailedRun  # noqa: E402
 from prefect.states import Failed, State  # noqa: E402
 from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from flows.parallel import Relay, default_jobs, plan, run_plan, run_stage, threads_per_job  # noqa: E402
+from flows.parallel import (  # noqa: E402
+    Relay,
+    default_jobs,
+    last_state,
+    plan,
+    run_plan,
+    run_stage,
+    threads_per_job,
+)
 
 _RELAY: Relay | None = None  # the parallel run's output relay (one run per process)
 
@@ -257,9 +265,8 @@ def relay(fd: int, logger, out: BinaryIO | None = None) -> None:
 
 
 def _log_line(logger, raw: bytes) -> None:
-    states = [s for s in raw.decode(errors="replace").split("\r") if s.strip()]
-    if states:
-        logger.info(states[-1].rstrip())
+    if (line := last_state(raw)) is not None:
+        logger.info(line)
 
 
 def _drain_prefect() -> None:
