@@ -279,6 +279,38 @@ def test_gram_form_null_draws_equal_recomputation_to_float32_accuracy(metric):
         assert statistic(p) != exact  # the float32 path did run (else this proves nothing)
 
 
+def _topk_code(rng, n: int, d: int, k: int) -> np.ndarray:
+    """A TopK-like code: k of d latents fire per row, frequent latents more often."""
+    freq = 1.0 / np.arange(1, d + 1) ** 0.8
+    x = np.zeros((n, d))
+    for i in range(n):
+        x[i, rng.choice(d, k, replace=False, p=freq / freq.sum())] = rng.random(k) + 0.1
+    return x
+
+
+@pytest.mark.parametrize("d_y", [90, 200])  # the feature form's width, and the Gram form's
+def test_sparse_codes_score_null_draws_through_sparse_products(d_y):
+    """Sparse codes (SAE latents) score a permutation as ‖XᵀY_p‖² − 2n aᵀb_p + n²‖μ_x‖²‖μ_y‖²
+    from sparse copies: in float64, equal to rescoring y[p] densely up to rounding; the
+    observed value is the dense forms' own."""
+    from stages.alignment.similarity import _sparse_cross_norm
+
+    rng = np.random.default_rng(9)
+    n = 256
+    x = _topk_code(rng, n, 200, 4)
+    y = np.concatenate([x[:, :d_y // 2], _topk_code(rng, n, d_y - d_y // 2, 2)], axis=1)
+    assert _sparse_cross_norm(x, y, n, 200, d_y) is not None  # the sparse form runs here
+    statistic = SIMILARITY["linear_cka"].prepare(x, y)
+    assert statistic(None) == linear_cka(x, y)
+    for _ in range(3):
+        p = rng.permutation(n)
+        exact = SIMILARITY["linear_cka"].prepare(x, y[p])(None)
+        assert statistic(p) == pytest.approx(exact, rel=1e-12)
+    # dense inputs keep the dense forms: 2.5 r_x r_y against min(n, d_x d_y / 128)
+    dense = rng.standard_normal((n, 200))
+    assert _sparse_cross_norm(dense, y, n, 200, d_y) is None
+
+
 @pytest.mark.parametrize("metric", METRICS)
 def test_permutation_test_separates_related_from_unrelated(metric):
     rng = np.random.default_rng(7)
