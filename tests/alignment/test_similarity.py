@@ -298,7 +298,7 @@ def test_sparse_codes_score_null_draws_through_sparse_products(d_y):
     rng = np.random.default_rng(9)
     n = 256
     x = _topk_code(rng, n, 200, 4)
-    y = np.concatenate([x[:, :d_y // 2], _topk_code(rng, n, d_y - d_y // 2, 2)], axis=1)
+    y = np.concatenate([x[:, : d_y // 2], _topk_code(rng, n, d_y - d_y // 2, 2)], axis=1)
     assert _sparse_cross_norm(x, y, n, 200, d_y) is not None  # the sparse form runs here
     statistic = SIMILARITY["linear_cka"].prepare(x, y)
     assert statistic(None) == linear_cka(x, y)
