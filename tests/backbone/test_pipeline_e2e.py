@@ -24,7 +24,8 @@ from tests.backbone.conftest import TINY, copy_project, differing_files, out_md5
 from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.slow
+# one xdist worker runs every test that reads the session's tiny pipeline (built once)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +194,8 @@ def test_mlflow_runs_carry_provenance(project):
         t = by_name[stage][-1][1]
         assert (t["compute.device"], t["compute.precision"]) == ("cpu", "fp32"), t
         assert int(t["torch.num_threads"]) >= 1
+    report = by_name["report"][-1][3]  # its wall time, not the sum of its parts and itself
+    assert report["seconds"] == report["seconds.total"] > report["seconds.dashboards_compute"]
     prov = _run([sys.executable, "-m", "flows.cli", "provenance", run_id], root, env)
     out = json.loads(prov.stdout)
     assert (
