@@ -55,7 +55,9 @@ def _ui(which: str, port: int | None) -> int:
         return 0
     if shared:  # the environment names a running server: its UI is the one to open
         var, url = shared
-        if not health_ok(url + ("/api" if which == "prefect" else "")):
+        # one try, not a poll: 3 s, as for MLFLOW_TRACKING_URI below (a loaded machine's
+        # server can take longer than health_ok's default 0.3 s, a polling interval, to answer)
+        if not health_ok(url + ("/api" if which == "prefect" else ""), timeout=3):
             print(f"error: {var} points at {url}, which does not answer; start that "
                   f"server or unset {var}", file=sys.stderr)  # fmt: skip
             return 1
