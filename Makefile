@@ -22,9 +22,12 @@ browser:
 run: install
 	$(BIN)/atlas run
 
+# Two pytest workers (pytest-xdist), one BLAS thread each (tests/conftest.py); the tests
+# that share the tiny pipeline run on one worker (xdist_group "tiny_pipeline").
+TEST_WORKERS ?= 2
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
 
 # The developer loop: everything but the end-to-end tests marked `slow` (CI runs all).
 test-fast: install

@@ -13,11 +13,22 @@ Each test gets a fresh, empty bucket on one moto server per session, bound to
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+
+# `make test` runs two pytest workers (pytest-xdist) on this 2-core machine. Each worker,
+# and every stage process its tests start, keeps to one BLAS / OpenMP thread, set before
+# torch is imported: two processes of two spinning OpenMP threads each on two cores run
+# several times slower than one thread each (measured: LM training 3.2 -> 0.5 steps/s).
+# Tests that need another count set it themselves (torch.set_num_threads); a test that
+# compares bytes compares runs made under the same setting.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 
 @dataclass(frozen=True)

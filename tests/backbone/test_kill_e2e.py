@@ -37,7 +37,8 @@ import yaml
 from tests.backbone.conftest import copy_project, out_md5s
 from tests.backbone.conftest import run as _run
 
-pytestmark = pytest.mark.slow
+# one xdist worker runs every test that reads the session's tiny pipeline (built once)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]
 
 
 def _attempts(net_log: Path) -> list[str]:
