@@ -22,12 +22,12 @@ browser:
 run: install
 	$(BIN)/atlas run
 
-# Two pytest workers (pytest-xdist), one BLAS thread each (tests/conftest.py); the tests
-# that share the tiny pipeline run on one worker (xdist_group "tiny_pipeline").
+# Two pytest workers (pytest-xdist), one BLAS thread each; the tests that share the tiny
+# pipeline run on one of them (tests/conftest.py). TEST_WORKERS=0: one process, as before.
 TEST_WORKERS ?= 2
 test: install browser
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS)
 
 # The developer loop: everything but the end-to-end tests marked `slow` (CI runs all).
 test-fast: install

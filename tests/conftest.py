@@ -31,6 +31,26 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
         os.environ.setdefault(_var, "1")
 
 
+# The test modules that read the session's tiny pipeline (tests/backbone/conftest.py
+# `tiny_pipeline`, ~6 min to build): one worker runs them all, so it is built once.
+SHARED_PIPELINE = ("tests/backbone/test_kill_e2e.py", "tests/backbone/test_pipeline_e2e.py")
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's scheduler with every test its own unit of work, except the modules
+    of SHARED_PIPELINE, which are one unit (the largest, so it is sent first). xdist's
+    own `--dist loadgroup` does not group under pytest 9: it renames `item._nodeid`,
+    which pytest 9's node ids no longer read."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedPipelineScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "tiny_pipeline" if nodeid.split("::", 1)[0] in SHARED_PIPELINE else nodeid
+
+    return SharedPipelineScheduling(config, log)
+
+
 @dataclass(frozen=True)
 class S3:
     """Where a test's bucket lives and how to reach it."""

@@ -37,8 +37,9 @@ import yaml
 from tests.backbone.conftest import copy_project, out_md5s
 from tests.backbone.conftest import run as _run
 
-# one xdist worker runs every test that reads the session's tiny pipeline (built once)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]
+# one xdist worker runs this module and the other that reads the session's tiny
+# pipeline, so it is built once (tests/conftest.py, SHARED_PIPELINE)
+pytestmark = pytest.mark.slow
 
 
 def _attempts(net_log: Path) -> list[str]:

@@ -24,8 +24,9 @@ from tests.backbone.conftest import TINY, copy_project, differing_files, out_md5
 from tests.backbone.conftest import run as _run
 
 REPO = Path(__file__).resolve().parents[2]
-# one xdist worker runs every test that reads the session's tiny pipeline (built once)
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_pipeline")]
+# one xdist worker runs this module and the other that reads the session's tiny
+# pipeline, so it is built once (tests/conftest.py, SHARED_PIPELINE)
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
