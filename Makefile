@@ -32,7 +32,7 @@ test: install browser
 # The developer loop: everything but the end-to-end tests marked `slow` (CI runs all).
 test-fast: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -p no:cacheprovider -m "not slow"
+	$(BIN)/python -m pytest -p no:cacheprovider -n $(TEST_WORKERS) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
