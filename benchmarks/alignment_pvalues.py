@@ -2,8 +2,8 @@
 
 Per permutation, at `align.config.n_samples` rows (2048): each similarity measure on a
 toy model's width (d 64), and the subspace CKA on SAE latents (700 matched latents of a
-TopK k 16 code; its n² Gram gather, in float32 as the stage runs it, and in float64 as it
-ran before). Then the default family (4 hook pairs × 5 measures + 4 SAE pairs × 2
+TopK k 16 code: from sparse products, as the stage runs it, against its n² Gram gather in
+float32 and in float64, as it ran before). Then the default family (4 hook pairs × 5 measures + 4 SAE pairs × 2
 subspace CKAs = 28 tests), every effect strong, at fixed `n_permutations` (100) and with
 the caps `pvalues.holm_caps` plans for `family_alpha` 0.01 and 0.05: draws, seconds
 (per-permutation cost × draws) and the Holm floor each reaches. The data are synthetic
@@ -21,7 +21,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from stages.alignment.pvalues import holm, holm_caps, p_floor
-from stages.alignment.similarity import SIMILARITY, _permuted
+from stages.alignment.similarity import SIMILARITY, _permuted, _permuted_vdot
 from stages.alignment.stream import CAP_ORDER
 
 
@@ -59,10 +59,12 @@ def main() -> None:
         kc, lc = za - za.mean(0), zb - zb.mean(0)
         k64, l64 = kc @ kc.T, lc @ lc.T
         ms64 = per_permutation_ms(lambda p: np.vdot(k64, _permuted(l64, p)), n, args.draws, rng)
+        ms32 = per_permutation_ms(_permuted_vdot(k64, l64), n, args.draws, rng)
     print(f"ms per permutation at n = {n} (1 BLAS thread):")
     for metric in CAP_ORDER:
         print(f"  {metric:>14}: {ms[metric]:7.2f}")
-    print(f"  subspace_cka float64 gather (before): {ms64:.2f}")
+    print(f"  subspace_cka float32 Gram gather (before the sparse form): {ms32:.2f}")
+    print(f"  subspace_cka float64 Gram gather (before that): {ms64:.2f}")
 
     # the default family: CAP_ORDER's measures over 4 hook pairs; subspace: 4 SAE pairs × 2
     count = {m: (8 if m == "subspace_cka" else 4) for m in CAP_ORDER}
