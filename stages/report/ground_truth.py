@@ -188,13 +188,20 @@ def quality_vs_probing(group: list[SAERef], k: str = "k1") -> dict[str, float]:
     if n < 3:
         return {"n": float(n), "rho": math.nan, "p": math.nan}
     x, y = np.array(pts, dtype=float).T
+    ry = stats.rankdata(y)
+    ry -= ry.mean()
 
-    def rho(a: np.ndarray) -> float:
-        return float(stats.spearmanr(a, y).statistic)
+    def rho(a: np.ndarray, axis: int = -1) -> np.ndarray:
+        # Spearman's ρ = Pearson's r of the (average) ranks, for a batch of pairings at
+        # once (all 7! = 5,040 of the default hook's 7 SAEs in one call; scipy.stats.spearmanr
+        # per pairing took ~3 s a hook)
+        ra = stats.rankdata(a, axis=axis)
+        ra -= ra.mean(axis=axis, keepdims=True)
+        return (ra * ry).sum(axis) / np.sqrt((ra * ra).sum(axis) * (ry @ ry))
 
-    res = stats.permutation_test((x,), rho, permutation_type="pairings",
+    res = stats.permutation_test((x,), rho, permutation_type="pairings", vectorized=True,
                                  n_resamples=9999 if n > 8 else np.inf, random_state=0)  # fmt: skip
-    return {"n": float(n), "rho": rho(x), "p": float(res.pvalue)}
+    return {"n": float(n), "rho": float(res.statistic), "p": float(res.pvalue)}
 
 
 def _finite(v: object) -> bool:

@@ -449,6 +449,19 @@ def test_quality_against_probing_rank_correlation_and_exact_permutation_p():
     q = quality_vs_probing(shuffled, "k20")
     # ranks (1,2,3,4) vs (2,4,1,3): ρ = 1 - 6·(1+4+4+1)/(4·15) = 0
     assert q["rho"] == pytest.approx(0.0) and q["p"] == pytest.approx(1.0)
+    # ties, n = 7 (the default hook's SAEs): ρ and the exact p of scipy's own spearmanr,
+    # which the batched ranks replace
+    import numpy as np
+    from scipy import stats
+
+    fvu, f1 = [0.3, 0.1, 0.2, 0.5, 0.4, 0.7, 0.6], [0.4, 0.6, 0.6, 0.3, 0.5, 0.2, 0.45]
+    q = quality_vs_probing(
+        [_sae_ref(i, fvu=a, f1=b) for i, (a, b) in enumerate(zip(fvu, f1, strict=True))]
+    )
+    ref = stats.permutation_test((np.array(fvu),),
+                                 lambda a: stats.spearmanr(a, f1).statistic,
+                                 permutation_type="pairings", n_resamples=np.inf)  # fmt: skip
+    assert q["rho"] == pytest.approx(ref.statistic, abs=1e-12) and q["p"] == ref.pvalue
     group[0].metrics["fvu"] = float("nan")
     assert quality_vs_probing(group[:3], "k1")["n"] == 2
     assert math.isnan(quality_vs_probing(group[:3], "k1")["rho"])
