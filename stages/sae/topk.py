@@ -49,7 +49,7 @@ def auxk_loss(
         aux_idx, order = aux_idx.sort(dim=-1)
         aux_vals = aux_vals.gather(-1, order)
     if sparse:  # picked in bf16: encode_at takes the exact values
-        code = Code(*fixed_rows(aux_idx), aux_vals.reshape(-1))
+        code = Code(*fixed_rows(aux_idx), aux_vals.reshape(-1), {})
         vals = encode_at(x_c, sae.W_enc, sae.b_enc, code).relu()
         e_hat = decode(code, vals, sae.W_dec)
     else:
@@ -85,7 +85,7 @@ class TopKSAE(BaseSAE):
                 # the decode, the AuxK term and every gradient stay float32
                 pre = torch.addmm(self.b_enc, x_c, self.W_enc)
                 vals, idx = topk_sorted(pre, cfg.k)
-                code = Code(*fixed_rows(idx), vals.reshape(-1))
+                code = Code(*fixed_rows(idx), vals.reshape(-1), {})
         with torch.autocast(x.device.type, enabled=False) if sparse else contextlib.nullcontext():
             if sparse:
                 vals = encode_at(x_c, self.W_enc, self.b_enc, code).relu()  # float32 values

@@ -162,3 +162,41 @@ def test_sparse_gradients_are_reproducible_on_a_large_batch(arch):
     for other in grads[1:]:
         for n, v in grads[0].items():
             assert torch.equal(v, other[n]), n
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_transposed_products_are_torchs_own_transpose_bit_for_bit(threads):
+    # Sᵀ @ dense through the pattern's transpose (built once per code, kept in its memo)
+    # instead of torch's S.t() @ dense, which converts the transpose back to CSR on every
+    # call: the same sums in the same order, so the same bits (the SAE weights and every
+    # stage after them stay byte-identical); rows and columns without entries included
+    g = torch.Generator().manual_seed(0)
+    b, n, d = 3000, 700, 48
+    pre = torch.randn(b, n, generator=g)
+    pre[::7] = -10.0  # empty rows
+    pre[:, ::11] = -10.0  # empty columns
+    code = sparse_ops.active_set(pre, 2.0)  # ~2 % of the entries
+    assert code is not None and code.memo == {}
+    dense = torch.randn(b, d, generator=g)
+    values = torch.randn(code.col.shape, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref = sparse_ops._csr(code.crow, code.col, values, n).t() @ dense
+        got = sparse_ops.transposed_product(code.crow, code.col, values, n, dense, code.memo)
+        kept = code.memo["t"]
+        again = sparse_ops.transposed_product(code.crow, code.col, values, n, dense, code.memo)
+        plain = sparse_ops.transposed_product(code.crow, code.col, values, n, dense, None)
+    finally:
+        torch.set_num_threads(before)
+    assert ref.shape == (n, d) and ref.abs().sum() > 0
+    assert torch.equal(got, ref) and torch.equal(again, ref) and torch.equal(plain, ref)
+    assert code.memo["t"] is kept  # built once, reused
+    crow_t, col_t, perm = kept
+    assert crow_t.tolist() == torch.cat([torch.zeros(1, dtype=torch.int64),
+                                         torch.bincount(code.col, minlength=n).cumsum(0)]).tolist()  # fmt: skip
+    # within each transposed row the original rows ascend (the stable order)
+    for j in range(0, n, 97):
+        rows = col_t[crow_t[j] : crow_t[j + 1]]
+        assert torch.all(rows[1:] > rows[:-1])
+    assert torch.equal(code.col[perm], torch.repeat_interleave(torch.arange(n), crow_t.diff()))
