@@ -76,11 +76,13 @@ def machine() -> str:
     )
 
 
-def gemm_rate(b: int, d: int, n: int, repeats: int = 5) -> float:
-    """Best-of float32 GEMM rate (FLOP/s) at the SAE encoder's shape [b, d] @ [d, n]."""
+def gemm_rate(b: int, d: int, n: int, repeats: int = 50) -> float:
+    """Best-of float32 GEMM rate (FLOP/s) at the SAE encoder's shape [b, d] @ [d, n]:
+    the best of 50 calls (~2-6 ms each at the toy shape) after 3 warm-up calls."""
     x, w = torch.randn(b, d), torch.randn(d, n)
     out = torch.empty(b, n)
-    torch.mm(x, w, out=out)
+    for _ in range(3):
+        torch.mm(x, w, out=out)
     best = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
@@ -151,6 +153,15 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
 
     train = SliceSource(full, 0, args.train_rows)
     ev = held_out(path, args.train_rows)
+    # the GEMM rate in this process, just before and just after the fit: on this VM it
+    # moved between 82 and 161 GFLOP/s at the toy shape within an hour
+    rate_before = gemm_rate(args.batch, args.d, args.n)
+    res = _fit(args, train, ev)
+    res["gemm_rate"] = [rate_before, gemm_rate(args.batch, args.d, args.n)]
+    return res
+
+
+def _fit(args: argparse.Namespace, train, ev) -> dict[str, float]:
     common = dict(d_in=args.d, d_sae=args.n, k=args.k, lr=args.lr, batch_size=args.batch)
     t0 = time.perf_counter()
     if args.arch != "topk":
@@ -279,21 +290,34 @@ def l1_family_main(args: argparse.Namespace, path: Path) -> None:
                    "SAELens dominates" if behind else "neither dominates")  # fmt: skip
         print(f"  against SAELens at λ {r['coefficient']:.4g} (L0 {r['l0']:.2f}, FVU "
               f"{r['fvu']:.4f}): {verdict}")  # fmt: skip
-    gemm_report(args, {"ours": ours["tokens_per_s"], "saelens": mean_speed})
+    gemm_report(args, {"ours": ours, "saelens": theirs})
 
 
-def gemm_report(args: argparse.Namespace, speeds: dict[str, float]) -> None:
-    """Each trainer's rate in dense-equivalent SAE FLOPs against this machine's GEMM."""
-    rate = gemm_rate(args.batch, args.d, args.n)
+def gemm_report(args: argparse.Namespace, runs: dict[str, dict | list[dict]]) -> float:
+    """Each trainer's rate in dense-equivalent SAE FLOPs against the GEMM rate its own
+    process measured just before and just after its fit (the higher of the two, so the
+    share is the conservative one; a kind with several runs: each run against its own).
+    Returns the highest rate seen."""
     dense_flops = 12 * args.d * args.n  # 6 x (2 d n): forward + backward, enc + dec
-    print(f"float32 GEMM rate at [{args.batch}x{args.d}]@[{args.d}x{args.n}]: "
-          f"{rate / 1e9:.1f} GFLOP/s")  # fmt: skip
-    for kind, tps in speeds.items():
+    print(f"float32 GEMM rate at [{args.batch}x{args.d}]@[{args.d}x{args.n}], best of 50 "
+          f"calls, measured in each trainer's process before and after its fit:")  # fmt: skip
+    top = 0.0
+    for kind, rs in runs.items():
+        shares, rates = [], []
+        for r in rs if isinstance(rs, list) else [rs]:
+            rate = max(r["gemm_rate"])
+            rates += r["gemm_rate"]
+            shares.append(100 * dense_flops * r["tokens_per_s"] / rate)
+        top = max(top, *rates)
+        tps = sum(r["tokens_per_s"] for r in (rs if isinstance(rs, list) else [rs])) / len(shares)
         print(
-            f"  {kind:10s}: dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
-            f"{dense_flops * tps / 1e9:.1f} GFLOP/s = {100 * dense_flops * tps / rate:.0f} % "
-            "of the GEMM rate (target >= 50 %)"
+            f"  {kind:10s}: GEMM {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s; "
+            f"dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
+            f"{dense_flops * tps / 1e9:.1f} GFLOP/s = "
+            + "/".join(f"{x:.0f}" for x in shares)
+            + " % of the GEMM rate (target >= 50 %)"
         )
+    return top
 
 
 def loader_rate(path: Path, n_rows: int, batch: int, n_batches: int) -> float:
@@ -411,8 +435,7 @@ def main() -> None:
                 f"{ours['tokens_per_s'] / results['ours-dense']['tokens_per_s']:.2f}x"
             )
 
-        gemm_report(args, {kind: results[kind]["tokens_per_s"] for kind in kinds})
-        rate = gemm_rate(args.batch, args.d, args.n)
+        rate = gemm_report(args, results)
         # ours: the dense encoder GEMM + five k-sparse products (decode, its two grads, the
         # encoder weight grad and input grad); AuxK adds k_aux-sparse ones while latents are dead
         executed = 2 * args.d * args.n + 10 * args.k * args.d
