@@ -154,7 +154,7 @@ def worker(args: argparse.Namespace) -> dict[str, float]:
     train = SliceSource(full, 0, args.train_rows)
     ev = held_out(path, args.train_rows)
     # the GEMM rate in this process, just before and just after the fit: on this VM it
-    # moved between 82 and 161 GFLOP/s at the toy shape within an hour
+    # moved between 77 and 173 GFLOP/s at the toy shape within an hour
     rate_before = gemm_rate(args.batch, args.d, args.n)
     res = _fit(args, train, ev)
     res["gemm_rate"] = [rate_before, gemm_rate(args.batch, args.d, args.n)]
@@ -303,13 +303,11 @@ def gemm_report(args: argparse.Namespace, runs: dict[str, dict | list[dict]]) ->
           f"calls, measured in each trainer's process before and after its fit:")  # fmt: skip
     top = 0.0
     for kind, rs in runs.items():
-        shares, rates = [], []
-        for r in rs if isinstance(rs, list) else [rs]:
-            rate = max(r["gemm_rate"])
-            rates += r["gemm_rate"]
-            shares.append(100 * dense_flops * r["tokens_per_s"] / rate)
+        rs = rs if isinstance(rs, list) else [rs]
+        rates = [x for r in rs for x in r["gemm_rate"]]
+        shares = [100 * dense_flops * r["tokens_per_s"] / max(r["gemm_rate"]) for r in rs]
         top = max(top, *rates)
-        tps = sum(r["tokens_per_s"] for r in (rs if isinstance(rs, list) else [rs])) / len(shares)
+        tps = sum(r["tokens_per_s"] for r in rs) / len(rs)
         print(
             f"  {kind:10s}: GEMM {min(rates) / 1e9:.0f}-{max(rates) / 1e9:.0f} GFLOP/s; "
             f"dense-equivalent SAE FLOPs/token {dense_flops / 1e6:.1f} M -> "
