@@ -122,7 +122,7 @@ class SparseDecode(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        crow: Tensor, col: Tensor, vals: Tensor, W_dec: Tensor, memo: dict | None = None
+        crow: Tensor, col: Tensor, vals: Tensor, W_dec: Tensor, memo: dict | None
     ) -> Tensor:
         return F.embedding_bag(col, W_dec, crow[:-1], per_sample_weights=vals, mode="sum")
 
@@ -153,7 +153,7 @@ class SparseEncoderGrad(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         x_c: Tensor, W_enc: Tensor, b_enc: Tensor, crow: Tensor, col: Tensor, vals: Tensor,
-        memo: dict | None = None,
+        memo: dict | None,
     ) -> Tensor:  # fmt: skip
         return vals.clone()
 
