@@ -37,7 +37,10 @@ def _set(d: dict, key: str, value: str) -> None:
     *path, last = key.split(".")
     for k in path:
         d = d.setdefault(k, {})
-    d[last] = json.loads(value) if value[:1] in "0123456789-[{tf" else value
+    try:  # numbers, true / false, lists and objects as JSON; anything else as a string
+        d[last] = json.loads(value)
+    except json.JSONDecodeError:
+        d[last] = value
 
 
 def main() -> None:

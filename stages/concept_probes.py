@@ -80,7 +80,10 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-4, max_iter: int
         sig = torch.sigmoid(s)
         g = zt @ (c * sig - e) / n + reg * w
         r = (c * sig * (1 - sig)).float()
-        h = torch.stack([za32.T @ (za32 * r[:, j : j + 1]) for j in range(r.shape[1])])
+        # a converged column keeps its w (its step is zeroed below): no Hessian for it
+        h = torch.eye(d + 1).repeat(r.shape[1], 1, 1)
+        for j in live.nonzero().flatten().tolist():
+            h[j] = za32.T @ (za32 * r[:, j : j + 1])
         h = h.double() / n + torch.diag_embed(reg[:, 0].expand(len(h), -1))
         step = torch.linalg.solve(h + 1e-12 * torch.eye(d + 1, dtype=h.dtype), g.T).T
         decrement = (g * step).sum(0)

@@ -273,6 +273,16 @@ def _train_toy_model(model, m, train, heldout, ckpt_dir, ckpt_every) -> TrainRes
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(0.9, 0.99), weight_decay=t.weight_decay
     )
+    if t.engine == "fused":
+        from stages.lm_fused import fused_loss
+
+        def loss_of(tokens):
+            return fused_loss(model, tokens)
+    else:
+
+        def loss_of(tokens):
+            return model(tokens, return_type="loss")
+
     start, curve = 0, []
     if ckpt_dir is not None and (ckpt_dir / "state.json").exists():
         start, curve = _load_checkpoint(ckpt_dir, model, opt)
@@ -284,7 +294,7 @@ def _train_toy_model(model, m, train, heldout, ckpt_dir, ckpt_every) -> TrainRes
         for group in opt.param_groups:
             group["lr"] = _lr(step, steps, t.warmup_steps, t.lr)
         idx = torch.from_numpy(order[step * t.batch_size : (step + 1) * t.batch_size])
-        loss = model(data[idx], return_type="loss")
+        loss = loss_of(data[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
