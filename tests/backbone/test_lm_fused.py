@@ -74,7 +74,15 @@ def _md5(model) -> str:
     ).hexdigest()
 
 
-def test_fused_training_learns_reproducibly_and_matches_the_hooked_engine(tmp_path):
+@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_fused_training_learns_reproducibly_and_matches_the_hooked_engine(tmp_path, threads):
     from stages.config import CorpusParams, ToyModel
     from stages.corpus import build_toy_corpus
     from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
