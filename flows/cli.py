@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from flows.common import (
+    ONE_SHOT_TIMEOUT,
     NotAProjectError,
     checkout_port,
     health_ok,
@@ -57,7 +58,7 @@ def _ui(which: str, port: int | None) -> int:
         var, url = shared
         # one try, not a poll: 3 s, as for MLFLOW_TRACKING_URI below (a loaded machine's
         # server can take longer than health_ok's default 0.3 s, a polling interval, to answer)
-        if not health_ok(url + ("/api" if which == "prefect" else ""), timeout=3):
+        if not health_ok(url + ("/api" if which == "prefect" else ""), timeout=ONE_SHOT_TIMEOUT):
             print(f"error: {var} points at {url}, which does not answer; start that "
                   f"server or unset {var}", file=sys.stderr)  # fmt: skip
             return 1
@@ -146,7 +147,7 @@ def _provenance(run_id: str) -> int:
     uri = tracking_uri()
     # Checked first because MLflow itself retries an absent server for over a minute,
     # silently, and creates a missing sqlite store (12 s) just to find no run in it.
-    if is_tracking_server(uri) and not health_ok(uri.rstrip("/"), timeout=3):
+    if is_tracking_server(uri) and not health_ok(uri.rstrip("/"), timeout=ONE_SHOT_TIMEOUT):
         print(f"error: MLFLOW_TRACKING_URI points at {uri}, which does not answer; start "
               "that server or unset MLFLOW_TRACKING_URI", file=sys.stderr)  # fmt: skip
         return 1

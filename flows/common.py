@@ -94,9 +94,15 @@ def own_prefect_url(home: Path) -> str | None:
     """The API URL of this checkout's own server when it runs: on checkout_port(home),
     with `home` as its PREFECT_HOME. A server of another checkout there is not it."""
     url = f"http://127.0.0.1:{checkout_port(home)}/api"
-    if not health_ok(url):
+    if not health_ok(url, timeout=ONE_SHOT_TIMEOUT):
         return None
     return url if server_home(url) == Path(home).resolve() else None
+
+
+# a decision taken on one health check waits this long: a busy server (a stage's import
+# storm on a 2-core machine) can take seconds to answer, and a slow answer read as "not
+# running" would start a second server on its port; polls keep health_ok's short default
+ONE_SHOT_TIMEOUT = 3.0
 
 
 def health_ok(api_url: str, timeout: float = 0.3) -> bool:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from flows.common import checkout_port, health_ok, project_root, setup_env
+from flows.common import ONE_SHOT_TIMEOUT, checkout_port, health_ok, project_root, setup_env
 
 setup_env()
 
@@ -73,7 +73,8 @@ def prefect_server(port: int | None = None) -> Iterator[str]:
         return
     if port is None:
         port = checkout_port(Path(os.environ["PREFECT_HOME"]))
-        if health_ok(f"http://127.0.0.1:{port}/api"):  # not ours (setup_env)
+        # something answers on the checkout's port, yet setup_env found no server of ours
+        if health_ok(f"http://127.0.0.1:{port}/api", timeout=ONE_SHOT_TIMEOUT):
             port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
