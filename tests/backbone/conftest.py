@@ -130,6 +130,24 @@ def tiny() -> dict:
     return copy.deepcopy(TINY)
 
 
+@pytest.fixture
+def toy_windows(tmp_path):
+    """(tokenizer, train windows, held-out windows) of a 200-document toy corpus, 64-token
+    windows, a 1,000-token BPE vocabulary: what the LM training tests train on."""
+    from stages.config import CorpusParams
+    from stages.corpus import build_toy_corpus
+    from stages.models import train_tokenizer, windows_for
+
+    corpus = build_toy_corpus(CorpusParams.model_validate({"toy": {"n_docs": 200, "seed": 0}}))
+    (tmp_path / "tok").mkdir()
+    tok = train_tokenizer(corpus.texts, 1000, tmp_path / "tok")
+    split = np.array(corpus.splits)
+    texts, ids = np.array(corpus.texts, dtype=object), np.array(corpus.doc_ids)
+    train, held = (windows_for(tok, list(texts[split == s]), list(ids[split == s]), 64)
+                   for s in ("train", "heldout"))  # fmt: skip
+    return tok, train, held
+
+
 def run(cmd: list[str], cwd: Path, env: dict, check: bool = True) -> subprocess.CompletedProcess:
     p = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     if check and p.returncode:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -47,18 +46,13 @@ def test_embedding_backward_is_deterministic_inside_the_block(two_threads):
 
 
 @pytest.mark.parametrize("positional", ["standard", "rotary"])
-def test_toy_lm_training_twice_gives_the_same_weights(two_threads, tmp_path, positional):
-    from stages.config import CorpusParams, ToyModel
-    from stages.corpus import build_toy_corpus
-    from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
+def test_toy_lm_training_twice_gives_the_same_weights(
+    two_threads, tmp_path, toy_windows, positional
+):
+    from stages.config import ToyModel
+    from stages.models import build_toy_model, train_toy_model
 
-    corpus = build_toy_corpus(CorpusParams.model_validate({"toy": {"n_docs": 200, "seed": 0}}))
-    (tmp_path / "tok").mkdir()
-    tok = train_tokenizer(corpus.texts, 1000, tmp_path / "tok")
-    split = np.array(corpus.splits)
-    texts, ids = np.array(corpus.texts, dtype=object), np.array(corpus.doc_ids)
-    train, held = (windows_for(tok, list(texts[split == s]), list(ids[split == s]), 64)
-                   for s in ("train", "heldout"))  # fmt: skip
+    tok, train, held = toy_windows
     m = ToyModel.model_validate({
         "source": "toy", "tokenizer": {"vocab_size": 1000},
         "train": {"seq_len": 64, "batch_size": 32, "tokens": 32 * 63 * 12, "warmup_steps": 2},

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 
@@ -82,18 +81,11 @@ def threads(request):
     torch.set_num_threads(before)
 
 
-def test_fused_training_learns_reproducibly_and_matches_the_hooked_engine(tmp_path, threads):
-    from stages.config import CorpusParams, ToyModel
-    from stages.corpus import build_toy_corpus
-    from stages.models import build_toy_model, train_tokenizer, train_toy_model, windows_for
+def test_fused_training_learns_reproducibly_and_matches_the_hooked_engine(toy_windows, threads):
+    from stages.config import ToyModel
+    from stages.models import build_toy_model, train_toy_model
 
-    corpus = build_toy_corpus(CorpusParams.model_validate({"toy": {"n_docs": 200, "seed": 0}}))
-    (tmp_path / "tok").mkdir()
-    tok = train_tokenizer(corpus.texts, 1000, tmp_path / "tok")
-    split = np.array(corpus.splits)
-    texts, ids = np.array(corpus.texts, dtype=object), np.array(corpus.doc_ids)
-    train, held = (windows_for(tok, list(texts[split == s]), list(ids[split == s]), 64)
-                   for s in ("train", "heldout"))  # fmt: skip
+    tok, train, held = toy_windows
     spec = {"source": "toy", "tokenizer": {"vocab_size": 1000},
             "train": {"seq_len": 64, "batch_size": 16, "tokens": 16 * 63 * 20, "warmup_steps": 2},
             "arch": {"n_layers": 2, "d_model": 64, "n_heads": 4, "d_mlp": 128, "n_ctx": 64,
