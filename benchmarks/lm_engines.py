@@ -40,6 +40,7 @@ def main() -> None:
     from benchmarks.lm_world import gemm_gflops
     from stages.compute import deterministic_algorithms
     from stages.config import load_params
+    from stages.layout import Layout
     from stages.lm_fused import fused_loss
     from stages.models import load_tokenizer, seed_everything, toy_config
 
@@ -47,9 +48,11 @@ def main() -> None:
     t = m.train
     from transformer_lens import HookedTransformer
 
-    folder = Path("data/models") / args.model  # the trained tokenizer's vocabulary when
-    vocab = len(load_tokenizer(folder)) if (folder / "tokenizer.json").exists() else None
-    vocab = vocab or m.tokenizer.vocab_size  # there is one (BPE may stop short of vocab_size)
+    # the trained tokenizer's vocabulary where the lm stage has run: BPE may stop short of
+    # vocab_size (the default corpus runs out of merges)
+    folder = Layout().model(args.model)
+    has_tokenizer = (folder / "tokenizer.json").exists()
+    vocab = len(load_tokenizer(folder)) if has_tokenizer else m.tokenizer.vocab_size
     seed_everything(m.seed)
     base = HookedTransformer(toy_config(m, vocab))
     gen = torch.Generator().manual_seed(0)
