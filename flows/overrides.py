@@ -7,6 +7,10 @@ does either (https://hydra.cc/docs/advanced/override_grammar/basic/). JSON is *n
 grammar: a dict key may not be quoted (`{"a": 1}` fails to parse; `{a: 1}` parses), so
 `hydra_value` writes dicts with bare keys and every string quoted (an unquoted `1e-3` or
 `true` would turn into a number or a bool).
+
+`run_dvc` prints such commands as a user would type them and runs them with this
+interpreter's DVC, so that a study started as `.venv/bin/python -m flows.sae_study` works
+without the virtual environment on PATH.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
+import subprocess
+import sys
 
 # characters a bare dict key may hold in Hydra's grammar (ID, INT, FLOAT, '.', '-', ...)
 _BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -44,3 +51,19 @@ def hydra_value(v: object) -> str:
             parts.append(f"{k}: {hydra_value(x)}")
         return "{" + ", ".join(parts) + "}"
     raise ValueError(f"hydra_value: {type(v).__name__} value {v!r}, expected plain data")
+
+
+def run_dvc(cmds: list[list[str]], dry_run: bool = False) -> None:
+    """Print each `dvc ...` command and, unless `dry_run`, run it as `python -m dvc ...`
+    with this interpreter (the `dvc` on PATH may be another environment's, or none). A
+    command that fails stops the rest with one line naming it and its exit code."""
+    for cmd in cmds:
+        if cmd[:1] != ["dvc"]:
+            raise ValueError(f"run_dvc: {shlex.join(cmd)!r} is not a dvc command")
+        print(shlex.join(cmd), flush=True)
+        if dry_run:
+            continue
+        rc = subprocess.run([sys.executable, "-m", *cmd]).returncode
+        if rc:
+            raise SystemExit(f"error: `{shlex.join(cmd[:4])} ...` exited with {rc} "
+                             "(its output is above); the commands after it did not run")  # fmt: skip

@@ -38,11 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import subprocess
 import sys
 
-from flows.overrides import hydra_value
+from flows.overrides import hydra_value, run_dvc
 
 ARCHITECTURES = ("topk", "batchtopk", "relu", "gated", "jumprelu")
 L0_TARGETS = (8, 16, 32)
@@ -192,10 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         cmds = commands(sweeps, args.seeds, args.hook, args.jobs, args.widths,
                         queue=not args.workspace, together=args.together)  # fmt: skip
-    for cmd in cmds:
-        print(shlex.join(cmd))
-        if not args.dry_run:
-            subprocess.run(cmd, check=True)
+    run_dvc(cmds, args.dry_run)
     return 0
 
 

@@ -52,12 +52,10 @@ from __future__ import annotations
 import argparse
 import itertools
 import math
-import shlex
-import subprocess
 import sys
 from typing import Any
 
-from flows.overrides import hydra_value
+from flows.overrides import hydra_value, run_dvc
 
 SEEDS = (2,)
 BASE = "toy-a"
@@ -237,11 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.seeds and not args.untrained and not args.cross_tokenizer:
         raise SystemExit("--seeds is empty and no --untrained or --cross-tokenizer: "
                          "nothing to add")  # fmt: skip
-    for cmd in commands(raw, args.seeds, args.base, not args.workspace, args.name,
-                        args.untrained, args.cross_tokenizer, args.vocab):  # fmt: skip
-        print(shlex.join(cmd), flush=True)
-        if not args.dry_run:
-            subprocess.run(cmd, check=True)
+    run_dvc(commands(raw, args.seeds, args.base, not args.workspace, args.name,
+                     args.untrained, args.cross_tokenizer, args.vocab), args.dry_run)  # fmt: skip
     return 0
 
 

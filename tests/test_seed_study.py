@@ -2,6 +2,7 @@
 params.yaml by DVC's own Hydra override code, give params that the pipeline's schema
 accepts, with one more toy model (toy-a's params, another seed) and every pair."""
 
+import importlib.metadata
 import itertools
 import shutil
 
@@ -10,7 +11,7 @@ import yaml
 from dvc.exceptions import InvalidArgumentError
 from dvc.utils.hydra import apply_overrides
 
-from flows.overrides import hydra_value
+from flows.overrides import hydra_value, run_dvc
 from flows.seed_study import commands, overrides
 from stages.config import PARAMS_FILE, _UniqueKeyLoader, load_params
 
@@ -138,3 +139,27 @@ def test_the_study_plans_transfer_draws_for_its_holm_family(tmp_path):
     # default cap (4 × 32 = 128 draws, 6 / 129 < 0.05) already suffices
     pu, _ = _applied(tmp_path / "u", overrides(raw, seeds=[], untrained=[0, 1]))
     assert pu.align.transfer.extend_to is None
+
+
+def test_run_dvc_runs_this_interpreters_dvc_without_it_on_path(monkeypatch, capfd):
+    monkeypatch.setenv("PATH", "")  # a venv that is not activated: no `dvc` to find
+    run_dvc([["dvc", "--version"]])
+    out = capfd.readouterr().out.splitlines()
+    assert out[0] == "dvc --version"  # the command as a user would type it
+    assert out[1] == importlib.metadata.version("dvc")
+
+
+def test_run_dvc_stops_at_a_failing_command_with_one_line(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)  # not a DVC repository: `dvc exp run` fails
+    with pytest.raises(SystemExit) as e:
+        run_dvc([["dvc", "exp", "run", "-n", "x"], ["dvc", "--version"]])
+    msg = str(e.value.code)
+    assert msg.startswith("error: `dvc exp run -n ...` exited with ") and "\n" not in msg
+    assert "dvc --version" not in capfd.readouterr().out  # the rest did not run
+
+
+def test_run_dvc_dry_run_prints_only_and_refuses_other_commands(capfd):
+    run_dvc([["dvc", "no-such-command", "--flag"]], dry_run=True)
+    assert capfd.readouterr().out == "dvc no-such-command --flag\n"
+    with pytest.raises(ValueError, match="is not a dvc command"):
+        run_dvc([["rm", "-rf", "data"]])
