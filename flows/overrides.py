@@ -9,18 +9,21 @@ grammar: a dict key may not be quoted (`{"a": 1}` fails to parse; `{a: 1}` parse
 `true` would turn into a number or a bool).
 
 `run_dvc` prints such commands as a user would type them and runs them with this
-interpreter's DVC, so that a study started as `.venv/bin/python -m flows.sae_study` works
-without the virtual environment on PATH.
+interpreter's DVC and this interpreter's folder first on PATH (as `atlas run` does), so
+that a study started as `.venv/bin/python -m flows.sae_study` works without the virtual
+environment activated: the stages' `python -m flows.<stage>` is then this interpreter.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 # characters a bare dict key may hold in Hydra's grammar (ID, INT, FLOAT, '.', '-', ...)
 _BARE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -55,15 +58,19 @@ def hydra_value(v: object) -> str:
 
 def run_dvc(cmds: list[list[str]], dry_run: bool = False) -> None:
     """Print each `dvc ...` command and, unless `dry_run`, run it as `python -m dvc ...`
-    with this interpreter (the `dvc` on PATH may be another environment's, or none). A
-    command that fails stops the rest with one line naming it and its exit code."""
+    with this interpreter, its folder first on PATH for the stages' commands (the `dvc`
+    and `python` on PATH may be another environment's, or none). A command that fails
+    stops the rest with one line naming it and its exit code."""
+    path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     for cmd in cmds:
         if cmd[:1] != ["dvc"]:
             raise ValueError(f"run_dvc: {shlex.join(cmd)!r} is not a dvc command")
         print(shlex.join(cmd), flush=True)
         if dry_run:
             continue
-        rc = subprocess.run([sys.executable, "-m", *cmd]).returncode
+        rc = subprocess.run(
+            [sys.executable, "-m", *cmd], env={**os.environ, "PATH": path}
+        ).returncode
         if rc:
             raise SystemExit(f"error: `{shlex.join(cmd[:4])} ...` exited with {rc} "
                              "(its output is above); the commands after it did not run")  # fmt: skip

@@ -141,12 +141,21 @@ def test_the_study_plans_transfer_draws_for_its_holm_family(tmp_path):
     assert pu.align.transfer.extend_to is None
 
 
-def test_run_dvc_runs_this_interpreters_dvc_without_it_on_path(monkeypatch, capfd):
-    monkeypatch.setenv("PATH", "")  # a venv that is not activated: no `dvc` to find
+def test_run_dvc_runs_this_interpreters_dvc_without_it_on_path(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("PATH", "")  # a venv that is not activated: no `dvc`, no `python`
     run_dvc([["dvc", "--version"]])
     out = capfd.readouterr().out.splitlines()
     assert out[0] == "dvc --version"  # the command as a user would type it
     assert out[1] == importlib.metadata.version("dvc")
+    # a stage's `python -m ...` is this interpreter too (it can import dvc)
+    monkeypatch.chdir(tmp_path)
+    run_dvc([["dvc", "init", "--no-scm", "-q"]])
+    (tmp_path / "dvc.yaml").write_text(
+        "stages:\n  s:\n    cmd: python -c \"import dvc; open('out', 'w').write('ok')\"\n"
+        "    outs: [out]\n"
+    )
+    run_dvc([["dvc", "repro", "-q"]])
+    assert (tmp_path / "out").read_text() == "ok"
 
 
 def test_run_dvc_stops_at_a_failing_command_with_one_line(tmp_path, monkeypatch, capfd):
